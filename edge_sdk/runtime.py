@@ -1,0 +1,310 @@
+"""Local inference on a GGUF model through llama.cpp, with LoRA adapter hot-swap.
+
+`EdgeModel` is the only place that imports llama-cpp-python. Adapters are GGUF LoRA files
+applied with llama.cpp's adapter API (`llama_adapter_lora_init` + `llama_set_adapters_lora`),
+so a new global adapter replaces the old one without reloading the base weights: the swap costs
+the adapter's size, not the model's.
+
+Thread safety: generations are serialised by one lock. An adapter swap needs that lock too,
+and is refused with `RuntimeBusyError` while a generation (or an unfinished stream) holds it,
+unless the caller asks to wait.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.errors import InvalidAdapterError, InvalidModelError, RuntimeBusyError
+from edge_sdk.models.identity import ModelIdentity, field_value, inspect_model, open_gguf
+from edge_sdk.models.store import DEFAULT_MODEL, resolve
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling settings; the defaults are greedy and therefore reproducible."""
+
+    max_tokens: int = 128
+    """Upper bound on generated tokens."""
+    temperature: float = 0.0
+    """0 means greedy decoding."""
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.0
+    """1.0 disables it, so greedy output is the model's own argmax."""
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"`max_tokens` should be a positive integer, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"`temperature` should be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` should be in (0, 1], got {self.top_p}")
+
+    def completion_kwargs(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repeat_penalty": self.repeat_penalty,
+            "stop": list(self.stop) or None,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class _LoadedAdapter:
+    path: Path
+    handle: Any  # llama_adapter_lora_p
+    scale: float
+
+
+class EdgeModel:
+    """A GGUF model served locally by llama.cpp, whose LoRA adapter can be swapped live.
+
+    Args:
+        model: a model name (`smollm2-135m`, `gemma3-270m`) or a path to a `.gguf` file.
+        n_ctx: context window in tokens.
+        n_threads: CPU threads; defaults to all cores (llama-cpp-python's default is half).
+        adapter: a GGUF LoRA adapter to load at start.
+        verbose: let llama.cpp print its own logs.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] = DEFAULT_MODEL,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        adapter: str | os.PathLike[str] | None = None,
+        adapter_scale: float = 1.0,
+        verbose: bool = False,
+    ) -> None:
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        self.path = resolve(model)
+        threads = n_threads or os.cpu_count() or 1
+        started = time.perf_counter()
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(self.path),
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=verbose,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise self._explain_load_failure(exc) from None
+        self.load_seconds = time.perf_counter() - started
+        log.info("loaded %s in %.2f s", self.path.name, self.load_seconds)
+        self._lock = threading.Lock()
+        self._adapter: _LoadedAdapter | None = None
+        self._identity: ModelIdentity | None = None
+        self._base_shapes: dict[str, tuple[int, ...]] | None = None
+        if adapter is not None:
+            self.load_adapter(adapter, scale=adapter_scale)
+
+    # ----------------------------------------------------------------- identity
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The base model's openness report (sha256, licence, ...), computed once."""
+        if self._identity is None:
+            self._identity = inspect_model(self.path)
+        return self._identity
+
+    @property
+    def adapter_path(self) -> Path | None:
+        """The GGUF LoRA adapter being served, or None for the bare base model."""
+        return self._adapter.path if self._adapter else None
+
+    def _explain_load_failure(self, exc: Exception) -> Exception:
+        # llama.cpp's own message is generic; our GGUF check names the real reason when it can.
+        reader = open_gguf(self.path)  # raises InvalidModelError for non-GGUF or truncated files
+        arch = field_value(reader, "general.architecture")
+        hint = f" (architecture {arch!r} may be unsupported by this llama.cpp build)" if arch else ""
+        return InvalidModelError(f"{self.path}: llama.cpp could not load the model{hint}: {exc}")
+
+    # ---------------------------------------------------------------- inference
+
+    @contextmanager
+    def _generating(self) -> Iterator[None]:
+        with self._lock:
+            yield
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._llm.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    def generate(
+        self, prompt: str, config: GenerationConfig | None = None, *, stream: bool = False, **overrides: Any
+    ) -> str | Iterator[str]:
+        """Complete `prompt`. With `stream=True`, return an iterator of text pieces."""
+        cfg = _config(config, overrides)
+        if stream:
+            return self._stream(lambda: self._llm.create_completion(prompt, stream=True, **cfg.completion_kwargs()),
+                                lambda chunk: chunk["choices"][0].get("text", ""))
+        with self._generating():
+            out = self._llm.create_completion(prompt, **cfg.completion_kwargs())
+        return str(out["choices"][0]["text"])
+
+    def chat(
+        self, messages: Sequence[Message], config: GenerationConfig | None = None, *, stream: bool = False,
+        **overrides: Any,
+    ) -> str | Iterator[str]:
+        """Answer a conversation rendered with the model's own chat template."""
+        cfg = _config(config, overrides)
+        kwargs = cfg.completion_kwargs()
+        msgs = [dict(m) for m in messages]
+        if stream:
+            return self._stream(
+                lambda: self._llm.create_chat_completion(msgs, stream=True, **kwargs),  # type: ignore[arg-type]
+                lambda chunk: chunk["choices"][0]["delta"].get("content") or "",
+            )
+        with self._generating():
+            out = self._llm.create_chat_completion(msgs, **kwargs)  # type: ignore[arg-type]
+        return str(out["choices"][0]["message"]["content"] or "")
+
+    def _stream(self, start: Any, text_of: Any) -> Iterator[str]:
+        # The lock is held until the stream is exhausted or closed, so a swap cannot change
+        # the adapter under a half-finished answer.
+        def pieces() -> Iterator[str]:
+            with self._generating():
+                for chunk in start():
+                    piece = text_of(chunk)
+                    if piece:
+                        yield piece
+
+        return pieces()
+
+    def next_token_logits(self, prompt: str | Sequence[int]) -> np.ndarray:
+        """Logits (vocab,) for the token after `prompt`, evaluated from an empty cache."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise ValueError("`prompt` should contain at least one token, got none")
+        with self._generating():
+            self._llm.reset()
+            self._llm.eval(tokens)
+            ptr = self._llama_cpp.llama_get_logits_ith(self._llm.ctx, -1)
+            logits = np.ctypeslib.as_array(ptr, shape=(self._llm.n_vocab(),)).copy()
+            self._llm.reset()
+        return logits
+
+    # ------------------------------------------------------------------ adapters
+
+    def load_adapter(self, path: str | os.PathLike[str], *, scale: float = 1.0, wait: float = 0.0) -> None:
+        """Serve a GGUF LoRA adapter from now on, replacing the current one.
+
+        The adapter is checked against the base (architecture, tensor shapes) before llama.cpp
+        reads it. `wait` is how long to wait for a running generation; after that the swap is
+        refused with `RuntimeBusyError`.
+        """
+        adapter_path = Path(path)
+        self._check_adapter(adapter_path)
+        with self._swap_lock(wait):
+            handle = self._llama_cpp.llama_adapter_lora_init(self._llm.model, str(adapter_path).encode())
+            if not handle:
+                raise InvalidAdapterError(f"{adapter_path}: llama.cpp refused the adapter")
+            try:
+                self._activate(handle, scale)
+            except Exception:
+                self._llama_cpp.llama_adapter_lora_free(handle)
+                raise
+            old, self._adapter = self._adapter, _LoadedAdapter(adapter_path, handle, scale)
+            if old is not None:
+                self._llama_cpp.llama_adapter_lora_free(old.handle)
+        log.info("serving adapter %s (scale %.3g)", adapter_path, scale)
+
+    def remove_adapter(self, *, wait: float = 0.0) -> None:
+        """Go back to the bare base model."""
+        with self._swap_lock(wait):
+            if self._adapter is None:
+                return
+            self._activate(None, 0.0)
+            self._llama_cpp.llama_adapter_lora_free(self._adapter.handle)
+            self._adapter = None
+        log.info("adapter removed")
+
+    @contextmanager
+    def _swap_lock(self, wait: float) -> Iterator[None]:
+        acquired = self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)
+        if not acquired:
+            raise RuntimeBusyError(
+                f"cannot swap the adapter of {self.path.name}: a generation is running"
+                + (f" (waited {wait:g} s)" if wait > 0 else "")
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _activate(self, handle: Any, scale: float) -> None:
+        lc = self._llama_cpp
+        if handle is None:
+            rc = lc.llama_set_adapters_lora(self._llm.ctx, None, 0, None)
+        else:
+            handles = (lc.llama_adapter_lora_p_ctypes * 1)(handle)
+            scales = (ctypes.c_float * 1)(scale)
+            rc = lc.llama_set_adapters_lora(self._llm.ctx, handles, 1, scales)
+        if rc != 0:
+            raise InvalidAdapterError(f"llama.cpp could not activate the adapter (code {rc})")
+        # The KV cache holds activations computed with the previous adapter: drop it.
+        self._llm.reset()
+
+    def _check_adapter(self, adapter_path: Path) -> None:
+        from edge_sdk.adapters.gguf_lora import check_adapter_compatible
+
+        check_adapter_compatible(adapter_path, self.path)
+
+    # ----------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        """Free the model and any adapter; safe to call twice."""
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        if self._adapter is not None:
+            self._llama_cpp.llama_set_adapters_lora(llm.ctx, None, 0, None)
+            self._llama_cpp.llama_adapter_lora_free(self._adapter.handle)
+            self._adapter = None
+        llm.close()
+        self._llm = None
+
+    def __enter__(self) -> EdgeModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _config(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
+    base = config or GenerationConfig()
+    if not overrides:
+        return base
+    from dataclasses import replace
+
+    if "stop" in overrides and overrides["stop"] is not None:
+        overrides["stop"] = tuple(overrides["stop"])
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
