@@ -1,0 +1,146 @@
+"""EdgeModel on a tiny generated model and on the real SmolLM2, including adapter hot-swap."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_sdk.adapters.gguf_lora import BaseModelInfo, write_gguf_lora
+from edge_sdk.errors import AdapterMismatchError, InvalidModelError, RuntimeBusyError
+from edge_sdk.models import naming
+from edge_sdk.runtime import EdgeModel, GenerationConfig
+from tests.tiny_models import TinySpec, write_tiny_gguf
+
+
+def random_adapter(path: Path, base: Path, *, rank: int = 4, seed: int = 0, targets=("q_proj", "v_proj", "down_proj"),
+                   scale: float = 0.05) -> Path:
+    """A random LoRA adapter (B non-zero) shaped for `base`."""
+    info = BaseModelInfo.from_gguf(base)
+    rng = np.random.default_rng(seed)
+    n_layer = 1 + max(int(name.split(".")[1]) for name in info.tensor_shapes if name.startswith("blk."))
+    tensors: dict[str, np.ndarray] = {}
+    for layer in range(n_layer):
+        for target in targets:
+            out_f, in_f = info.tensor_shapes[naming.gguf_stem(layer, target) + ".weight"]
+            key = naming.hf_module(layer, target)
+            tensors[key + ".lora_A"] = (rng.standard_normal((rank, in_f)) * scale).astype(np.float32)
+            tensors[key + ".lora_B"] = (rng.standard_normal((out_f, rank)) * scale).astype(np.float32)
+    return write_gguf_lora(path, tensors, alpha=2.0 * rank, base=info)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_gguf: Path):
+    with EdgeModel(tiny_gguf, n_ctx=256) as m:
+        yield m
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="`max_tokens` should be a positive integer, got 0"):
+        GenerationConfig(max_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationConfig(temperature=-1)
+
+
+def test_tiny_generate_stream_and_chat(tiny_model: EdgeModel) -> None:
+    text = tiny_model.generate("hello world", max_tokens=8)
+    assert isinstance(text, str)
+    assert "".join(tiny_model.generate("hello world", max_tokens=8, stream=True)) == text
+    assert isinstance(tiny_model.chat([{"role": "user", "content": "hello"}], max_tokens=4), str)
+
+
+def test_tiny_hot_swap_and_restore(tiny_model: EdgeModel, tiny_gguf: Path, tmp_path: Path) -> None:
+    base = tiny_model.next_token_logits("hello world the")
+    a1 = random_adapter(tmp_path / "a1.gguf", tiny_gguf, seed=1, scale=0.5)
+    tiny_model.load_adapter(a1)
+    assert tiny_model.adapter_path == a1
+    with_a1 = tiny_model.next_token_logits("hello world the")
+    assert np.abs(with_a1 - base).max() > 1e-3
+    tiny_model.remove_adapter()
+    assert tiny_model.adapter_path is None
+    np.testing.assert_array_equal(tiny_model.next_token_logits("hello world the"), base)
+
+
+def test_swap_refused_while_generating(tiny_model: EdgeModel, tiny_gguf: Path, tmp_path: Path) -> None:
+    adapter = random_adapter(tmp_path / "a.gguf", tiny_gguf)
+    stream = tiny_model.generate("hello", max_tokens=64, stream=True)
+    next(iter(stream))  # a generation is now running
+    with pytest.raises(RuntimeBusyError, match="a generation is running"):
+        tiny_model.load_adapter(adapter)
+    with pytest.raises(RuntimeBusyError):
+        tiny_model.remove_adapter()
+    # With `wait`, the swap goes through once the stream ends in another thread.
+    threading.Timer(0.2, stream.close).start()
+    t0 = time.perf_counter()
+    tiny_model.load_adapter(adapter, wait=10)
+    assert time.perf_counter() - t0 >= 0.1
+    assert tiny_model.adapter_path == adapter
+    tiny_model.remove_adapter()
+
+
+def test_wrong_base_adapter_refused_before_llama_cpp(tiny_model: EdgeModel, tmp_path: Path, monkeypatch) -> None:
+    other = write_tiny_gguf(tmp_path / "other.gguf", spec=TinySpec(d_model=32, n_head=2, n_kv_head=1, d_ff=64))
+    wrong_shapes = random_adapter(tmp_path / "wrong.gguf", other)
+    gemma_like = write_tiny_gguf(tmp_path / "g.gguf", arch="gemma3")
+    wrong_arch = random_adapter(tmp_path / "wrong-arch.gguf", gemma_like)
+
+    import llama_cpp
+
+    def boom(*args, **kwargs):
+        raise AssertionError("llama.cpp must not see a mismatched adapter")
+
+    monkeypatch.setattr(llama_cpp, "llama_adapter_lora_init", boom)
+    with pytest.raises(AdapterMismatchError, match=r"wrong\.gguf: .*attn_q"):
+        tiny_model.load_adapter(wrong_shapes)
+    with pytest.raises(AdapterMismatchError, match=r"wrong-arch\.gguf: .*'gemma3'.*'llama'"):
+        tiny_model.load_adapter(wrong_arch)
+    assert tiny_model.adapter_path is None
+
+
+def test_unsupported_architecture_is_one_clear_error(tmp_path: Path) -> None:
+    weird = write_tiny_gguf(tmp_path / "weird.gguf", arch="notanarch")
+    with pytest.raises(InvalidModelError, match=r"weird\.gguf: llama\.cpp could not load.*'notanarch'"):
+        EdgeModel(weird, n_ctx=256)
+
+
+# ------------------------------------------------------------------ the real embedded model
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path: Path):
+    with EdgeModel(smollm2_path, n_ctx=512) as m:
+        yield m
+
+
+def test_real_greedy_generation_is_reproducible(smollm2: EdgeModel) -> None:
+    first = smollm2.generate("The capital of France is", max_tokens=16)
+    second = smollm2.generate("The capital of France is", max_tokens=16)
+    assert first == second
+    assert "Paris" in first
+    answer = smollm2.chat([{"role": "user", "content": "What is 2+2?"}], max_tokens=24)
+    assert "4" in answer
+
+
+def test_real_hot_swap_changes_and_restores_logits(smollm2: EdgeModel, smollm2_path: Path, tmp_path: Path) -> None:
+    prompt = "Federated learning keeps data on the device because"
+    base = smollm2.next_token_logits(prompt)
+    a1 = random_adapter(tmp_path / "a1.gguf", smollm2_path, rank=8, seed=1)
+    a2 = random_adapter(tmp_path / "a2.gguf", smollm2_path, rank=4, seed=2)
+    t0 = time.perf_counter()
+    smollm2.load_adapter(a1)
+    swap_s = time.perf_counter() - t0
+    l1 = smollm2.next_token_logits(prompt)
+    smollm2.load_adapter(a2)  # replace without removing
+    l2 = smollm2.next_token_logits(prompt)
+    smollm2.load_adapter(a1)
+    l1_again = smollm2.next_token_logits(prompt)
+    smollm2.remove_adapter()
+    restored = smollm2.next_token_logits(prompt)
+    assert np.abs(l1 - base).max() > 1e-2
+    assert np.abs(l2 - l1).max() > 1e-2
+    np.testing.assert_array_equal(l1_again, l1)
+    np.testing.assert_array_equal(restored, base)
+    assert swap_s < 2.0  # adapter-sized work, not a model reload
