@@ -1,0 +1,545 @@
+"""Tensor codecs: parse a codec string, encode float tensors, decode untrusted encoded tensors.
+
+A codec is a pipeline of up to three stages, always applied in this order:
+
+    delta      x - reference                (the last global adapter the client received)
+    topk:F     keep the ceil(F * n) largest-magnitude entries (indices + values)
+    <values>   fp32 | fp16 | bf16 | int8[:B] | int4[:B] | nf4[:B]   (B = block size, default 64)
+
+written as e.g. "delta+topk:0.01+int8". Lossy pipelines can run with error feedback (Seide et
+al. 2014; Karimireddy et al. 2019, arXiv:1901.09847): what a message failed to carry stays on the
+device in `UpdateEncoder.residual` and is added to the next update, so nothing is lost for good.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.wire import _quant
+from edge_sdk.wire._errors import (
+    InvalidFieldError,
+    LimitExceededError,
+    MissingReferenceError,
+    NonFiniteError,
+    ShapeMismatchError,
+    UnknownCodecError,
+)
+from edge_sdk.wire._fields import (
+    check_key,
+    get,
+    get_bool,
+    get_bytes,
+    get_int,
+    get_str,
+)
+from edge_sdk.wire.limits import DEFAULT_LIMITS, DecodeLimits
+
+logger = logging.getLogger(__name__)
+
+VALUE_FORMATS = _quant.VALUE_FORMATS
+CODEC_NAMES = ("delta", "topk") + VALUE_FORMATS + ("zlib",)
+DEFAULT_BLOCK = 64
+DEFAULT_TOPK_FRACTION = 0.01
+MAX_BLOCK = 1 << 16
+_INDEX_WIDTHS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """A parsed codec pipeline. `str(spec)` is its canonical string, e.g. "delta+topk:0.01+int8:64"."""
+
+    values: str = "fp32"
+    """Value format of the transmitted numbers: fp32, fp16, bf16, int8, int4 or nf4."""
+    topk: float | None = None
+    """Fraction of entries kept per tensor (0 < topk <= 1), or None for dense tensors."""
+    delta: bool = False
+    """Whether tensors are sent as differences to the last received global adapter."""
+    block: int = DEFAULT_BLOCK
+    """Elements per absmax block of int8/int4/nf4 (ignored by the float formats)."""
+    deflate: bool = False
+    """Whether the whole message body is zlib-compressed (lossless; envelope flag bit 0).
+    Quantized codes are not uniformly distributed (int4 codes carry ~3.5 bits of entropy),
+    and tensor keys repeat, so this buys 10-15% on top of a 4-bit value format."""
+
+    def __post_init__(self) -> None:
+        if self.values not in VALUE_FORMATS:
+            raise ValueError(
+                f"`values` should be one of {', '.join(VALUE_FORMATS)}, got {self.values!r}"
+            )
+        if self.topk is not None and (
+            isinstance(self.topk, bool)
+            or not isinstance(self.topk, (int, float))
+            or not 0.0 < self.topk <= 1.0
+        ):
+            raise ValueError(f"`topk` should be a fraction in (0, 1], got {self.topk!r}")
+        if (
+            isinstance(self.block, bool)
+            or not isinstance(self.block, int)
+            or not 1 <= self.block <= MAX_BLOCK
+        ):
+            raise ValueError(
+                f"`block` should be an integer in [1, {MAX_BLOCK}], got {self.block!r}"
+            )
+        if self.topk is not None:
+            object.__setattr__(self, "topk", float(self.topk))
+
+    @property
+    def lossy(self) -> bool:
+        return self.values != "fp32" or self.topk is not None
+
+    @property
+    def blockwise(self) -> bool:
+        return self.values in _quant.BLOCK_FORMATS
+
+    def __str__(self) -> str:
+        stages = ["delta"] if self.delta else []
+        if self.topk is not None:
+            stages.append(f"topk:{self.topk!r}")
+        stages.append(f"{self.values}:{self.block}" if self.blockwise else self.values)
+        if self.deflate:
+            stages.append("zlib")
+        return "+".join(stages)
+
+
+def parse_codec(codec: str | CodecSpec) -> CodecSpec:
+    """ "delta+topk:0.01+int8" -> CodecSpec. Raises `UnknownCodecError` naming what was expected."""
+    if isinstance(codec, CodecSpec):
+        return codec
+    if not isinstance(codec, str):
+        raise TypeError(f"codec should be a str or CodecSpec, got {type(codec).__name__}")
+    expected = f"stages joined by '+' from {', '.join(CODEC_NAMES)} (e.g. 'delta+topk:0.01+int8')"
+    if not codec or len(codec) > 128:
+        raise UnknownCodecError(
+            f"expected a codec string of 1-128 chars, {expected}; got {codec[:128]!r}"
+        )
+    fields: dict[str, Any] = {}
+    seen: set[str] = set()
+    for stage in codec.strip().lower().split("+"):
+        name, _, param = stage.strip().partition(":")
+        if name not in CODEC_NAMES:
+            raise UnknownCodecError(
+                f"unknown codec stage {name!r} in {codec!r}; expected {expected}"
+            )
+        kind = "values" if name in VALUE_FORMATS else name
+        if kind in seen:
+            raise UnknownCodecError(
+                f"codec {codec!r} has more than one {kind!r} stage; expected {expected}"
+            )
+        seen.add(kind)
+        try:
+            if name == "delta":
+                if param:
+                    raise ValueError("delta takes no parameter")
+                fields["delta"] = True
+            elif name == "topk":
+                fields["topk"] = float(param) if param else DEFAULT_TOPK_FRACTION
+            elif name == "zlib":
+                if param:
+                    raise ValueError("zlib takes no parameter")
+                fields["deflate"] = True
+            else:
+                fields["values"] = name
+                if param:
+                    if name in _quant.FLOAT_FORMATS:
+                        raise ValueError(f"{name} takes no parameter")
+                    fields["block"] = int(param)
+            spec_for_check = CodecSpec(**fields)
+        except ValueError as exc:
+            raise UnknownCodecError(
+                f"bad parameter in codec stage {stage!r} of {codec!r}: {exc}"
+            ) from None
+    return spec_for_check
+
+
+@dataclass(frozen=True, eq=True)
+class EncodedTensor:
+    """One tensor as it travels: its shape, value format, payload bytes and codec side data.
+
+    Construction checks that every length agrees with the shape (raising `WireError`s), so an
+    instance is always safe to `decode`.
+    """
+
+    shape: tuple[int, ...]
+    values: str
+    data: bytes
+    block: int | None = None
+    scales: bytes | None = None
+    scale_dtype: str | None = None
+    """"f16" or "f32": how `scales` are stored."""
+    nnz: int | None = None
+    """Number of transmitted entries of a sparse (top-k) tensor; None for dense tensors."""
+    indices: bytes | None = None
+    """Gap-coded flat indices of a sparse tensor, `index_width` bytes each, little-endian."""
+    index_width: int | None = None
+    delta: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(self.shape))
+        self._check("tensor")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def sparse(self) -> bool:
+        return self.nnz is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes: data + scales + indices (the msgpack framing adds ~60 bytes)."""
+        return len(self.data) + len(self.scales or b"") + len(self.indices or b"")
+
+    def _check(self, where: str) -> None:
+        for d in self.shape:
+            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+                raise InvalidFieldError(
+                    f"{where}.shape: expected non-negative integers, got {self.shape!r}"
+                )
+        if self.values not in VALUE_FORMATS:
+            raise UnknownCodecError(
+                f"{where}.values: expected one of {', '.join(VALUE_FORMATS)}, got {self.values!r}"
+            )
+        n = self.numel
+        if self.sparse:
+            if self.indices is None or self.index_width not in _INDEX_WIDTHS:
+                raise InvalidFieldError(
+                    f"{where}: a sparse tensor needs `idx` and `idxw` in {_INDEX_WIDTHS}"
+                )
+            if not 0 <= self.nnz <= n:  # type: ignore[operator]
+                raise ShapeMismatchError(
+                    f"{where}.nnz: expected 0..{n} for shape {self.shape}, got {self.nnz}"
+                )
+            if len(self.indices) != self.nnz * self.index_width:  # type: ignore[operator]
+                raise ShapeMismatchError(
+                    f"{where}.idx: expected {self.nnz} x {self.index_width} bytes, got {len(self.indices)}"
+                )
+            idx = _quant.decode_gaps(self.indices, self.index_width)  # type: ignore[arg-type]
+            if idx.size and (idx[-1] >= n or (idx.size > 1 and np.any(np.diff(idx) <= 0))):
+                raise ShapeMismatchError(
+                    f"{where}.idx: expected strictly increasing indices below {n}"
+                )
+        elif self.indices is not None or self.index_width is not None:
+            raise InvalidFieldError(f"{where}: `idx`/`idxw` given without `nnz`")
+        m = self.nnz if self.sparse else n
+        want = _quant.payload_len(self.values, m)  # type: ignore[arg-type]
+        if len(self.data) != want:
+            raise ShapeMismatchError(
+                f"{where}.data: expected {want} bytes for {m} {self.values} values of shape {self.shape}, "
+                f"got {len(self.data)}"
+            )
+        if self.values in _quant.BLOCK_FORMATS:
+            self._check_blocks(where, m)  # type: ignore[arg-type]
+        else:
+            if self.block is not None or self.scales is not None or self.scale_dtype is not None:
+                raise InvalidFieldError(f"{where}: {self.values} takes no `block`/`scales`/`sdt`")
+            if not np.isfinite(_quant.decode_values(self.data, self.values, m, None, None)).all():  # type: ignore[arg-type]
+                raise NonFiniteError(f"{where}.data: expected finite {self.values} values")
+
+    def _check_blocks(self, where: str, m: int) -> None:
+        if (
+            isinstance(self.block, bool)
+            or not isinstance(self.block, int)
+            or not 1 <= self.block <= MAX_BLOCK
+        ):
+            raise InvalidFieldError(
+                f"{where}.block: expected an integer in [1, {MAX_BLOCK}], got {self.block!r}"
+            )
+        if self.scale_dtype not in _quant.SCALE_ITEMSIZE or self.scales is None:
+            raise InvalidFieldError(
+                f"{where}: {self.values} needs `scales` and `sdt` in ('f16', 'f32')"
+            )
+        nb = _quant.num_blocks(m, self.block)
+        want = nb * _quant.SCALE_ITEMSIZE[self.scale_dtype]
+        if len(self.scales) != want:
+            raise ShapeMismatchError(
+                f"{where}.scales: expected {want} bytes for {nb} blocks, got {len(self.scales)}"
+            )
+        scales = _quant.decode_scales(self.scales, self.scale_dtype)
+        if not np.isfinite(scales).all():
+            raise NonFiniteError(f"{where}.scales: expected finite scales")
+        if np.any(scales < 0):
+            raise InvalidFieldError(f"{where}.scales: expected non-negative absmax scales")
+        if self.values != "int8" and m % 2 and self.data[-1] >> 4:
+            raise InvalidFieldError(
+                f"{where}.data: expected a zero padding nibble after an odd count"
+            )
+
+    def payload(self) -> np.ndarray:
+        """The transmitted quantity as dense float32 of `shape` (before adding a delta reference)."""
+        m = self.nnz if self.sparse else self.numel
+        scales = (
+            None
+            if self.scales is None
+            else _quant.decode_scales(self.scales, self.scale_dtype or "f32")
+        )
+        vals = _quant.decode_values(self.data, self.values, m, self.block, scales)  # type: ignore[arg-type]
+        if self.sparse:
+            dense = np.zeros(self.numel, dtype=np.float32)
+            dense[_quant.decode_gaps(self.indices, self.index_width)] = vals  # type: ignore[arg-type]
+            vals = dense
+        return vals.reshape(self.shape)
+
+    def decode(self, reference: np.ndarray | None = None, *, name: str = "tensor") -> np.ndarray:
+        """Dense float32 tensor; `reference` (same shape) is required for delta-coded tensors."""
+        out = self.payload()
+        if self.delta:
+            if reference is None:
+                raise MissingReferenceError(f"{name}: delta-coded, expected its reference tensor")
+            ref = np.asarray(reference, dtype=np.float32)
+            if ref.shape != self.shape:
+                raise ShapeMismatchError(
+                    f"{name}: expected a reference of shape {self.shape}, got {ref.shape}"
+                )
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = ref + out
+        if not np.isfinite(out).all():
+            raise NonFiniteError(f"{name}: decoding produced non-finite values")
+        return out
+
+    def to_obj(self) -> dict[str, Any]:
+        """The msgpack map of this tensor (see docs/wire-format.md, "Encoded tensor")."""
+        obj: dict[str, Any] = {"shape": list(self.shape), "values": self.values, "data": self.data}
+        if self.block is not None:
+            obj.update(block=self.block, scales=self.scales, sdt=self.scale_dtype)
+        if self.sparse:
+            obj.update(nnz=self.nnz, idx=self.indices, idxw=self.index_width)
+        if self.delta:
+            obj["delta"] = True
+        return obj
+
+    @classmethod
+    def from_obj(cls, obj: Any, where: str, limits: DecodeLimits = DEFAULT_LIMITS) -> EncodedTensor:
+        """Validate an untrusted decoded map; raises only `WireError`s."""
+        if not isinstance(obj, dict):
+            raise InvalidFieldError(f"{where}: expected a map, got {type(obj).__name__}")
+        shape = get(obj, "shape", where)
+        if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+            raise InvalidFieldError(
+                f"{where}.shape: expected a list of at most {limits.max_ndim} integers"
+            )
+        for d in shape:
+            if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= limits.max_elements:
+                raise InvalidFieldError(
+                    f"{where}.shape: expected integers in [0, {limits.max_elements}], got {shape}"
+                )
+        if math.prod(shape) > limits.max_elements:
+            raise LimitExceededError(
+                f"{where}: {math.prod(shape)} elements exceed max_elements={limits.max_elements}"
+            )
+        values = get_str(obj, "values", where, 16)
+        blockwise = values in _quant.BLOCK_FORMATS
+        sparse = "nnz" in obj
+        return cls(
+            shape=tuple(shape),
+            values=values,
+            data=get_bytes(obj, "data", where),
+            block=get_int(obj, "block", where, 1, MAX_BLOCK) if blockwise else None,
+            scales=get_bytes(obj, "scales", where) if blockwise else None,
+            scale_dtype=get_str(obj, "sdt", where, 8) if blockwise else None,
+            nnz=get_int(obj, "nnz", where, 0, limits.max_elements) if sparse else None,
+            indices=get_bytes(obj, "idx", where) if sparse else None,
+            index_width=get_int(obj, "idxw", where, 1, 8) if sparse else None,
+            delta=get_bool(obj, "delta", where, default=False),
+        )
+
+    def matches(self, spec: CodecSpec) -> bool:
+        """Whether this tensor is encoded the way `spec` says (block sizes may differ per tensor)."""
+        return (
+            self.values == spec.values
+            and self.sparse == (spec.topk is not None)
+            and self.delta == spec.delta
+        )
+
+
+def _as_float32(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected a real numeric array, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise NonFiniteError(
+            f"{name}: {int((~np.isfinite(arr)).sum())} non-finite values; refusing to encode"
+        )
+    return arr
+
+
+def encode_tensor(
+    x: Any,
+    codec: str | CodecSpec,
+    *,
+    reference: np.ndarray | None = None,
+    residual: np.ndarray | None = None,
+    name: str = "tensor",
+    with_residual: bool = True,
+) -> tuple[EncodedTensor, np.ndarray | None]:
+    """Encode one tensor. Returns (encoded, new residual = intended - transmitted, float32).
+
+    `with_residual=False` skips decoding the payload again and returns None as the residual.
+    """
+    spec = parse_codec(codec)
+    arr = _as_float32(x, name)
+    target = arr
+    if spec.delta:
+        if reference is None:
+            raise MissingReferenceError(f"{name}: codec {spec} needs a reference tensor")
+        ref = np.asarray(reference, dtype=np.float32)
+        if ref.shape != arr.shape:
+            raise ValueError(
+                f"{name}: reference shape {ref.shape} differs from tensor shape {arr.shape}"
+            )
+        target = arr - ref
+    if residual is not None:
+        target = target + residual
+    flat = np.ascontiguousarray(target, dtype=np.float32).reshape(-1)
+    sparse: dict[str, Any] = {}
+    if spec.topk is not None:
+        k = min(flat.size, max(1, math.ceil(spec.topk * flat.size))) if flat.size else 0
+        # argpartition is O(n); sorting only the k survivors keeps gaps non-negative.
+        idx = (
+            np.sort(np.argpartition(-np.abs(flat), k - 1)[:k])
+            if 0 < k < flat.size
+            else np.arange(k)
+        )
+        vals = flat[idx]
+        gap_bytes, width = _quant.encode_gaps(idx)
+        sparse = {"nnz": int(k), "indices": gap_bytes, "index_width": width}
+    else:
+        vals = flat
+    if (
+        spec.values == "fp16"
+        and vals.size
+        and float(np.abs(vals).max()) > float(np.finfo(np.float16).max)
+    ):
+        raise ValueError(
+            f"{name}: values up to {float(np.abs(vals).max()):.3g} overflow fp16; use bf16 or fp32"
+        )
+    data, scales, scale_dtype = _quant.encode_values(vals, spec.values, spec.block)
+    try:
+        enc = EncodedTensor(
+            shape=arr.shape,
+            values=spec.values,
+            data=data,
+            block=spec.block if spec.blockwise else None,
+            scales=scales,
+            scale_dtype=scale_dtype,
+            delta=spec.delta,
+            **sparse,
+        )
+    except NonFiniteError as exc:  # bf16 rounding of values near float32 max
+        raise ValueError(f"{name}: values overflow {spec.values}: {exc}") from None
+    return enc, (target - enc.payload()) if with_residual else None
+
+
+class UpdateEncoder:
+    """Stateful device-side encoder: holds the error-feedback residual and the delta reference.
+
+    `encode` commits the new residual immediately. To retry a failed upload, resend the same
+    bytes (updates are idempotent by `update_id`) rather than encoding again; persist the
+    encoder with `save` together with the outbox so a restart does not lose the residual.
+    """
+
+    def __init__(
+        self,
+        codec: str | CodecSpec,
+        *,
+        error_feedback: bool | None = None,
+        residual: Mapping[str, np.ndarray] | None = None,
+        reference: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        self.codec = parse_codec(codec)
+        # Error feedback is what makes top-k converge; other lossy codecs may opt in.
+        self.error_feedback = (
+            self.codec.topk is not None if error_feedback is None else bool(error_feedback)
+        )
+        self.residual: dict[str, np.ndarray] = {
+            k: np.asarray(v, dtype=np.float32).copy() for k, v in (residual or {}).items()
+        }
+        self.reference: dict[str, np.ndarray] | None = None
+        if reference is not None:
+            self.set_reference(reference)
+
+    def set_reference(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Remember the dense tensors of the last global adapter received (`GlobalAdapter.dense_tensors()`)."""
+        self.reference = {k: np.asarray(v, dtype=np.float32).copy() for k, v in tensors.items()}
+
+    def reset(self) -> None:
+        self.residual.clear()
+
+    def encode(
+        self, tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, EncodedTensor]:
+        """Encode every tensor with this encoder's codec; `reference` overrides the stored one."""
+        ref = reference if reference is not None else self.reference
+        if self.codec.delta and ref is None:
+            raise MissingReferenceError(
+                f"codec {self.codec} needs a reference: call set_reference() first"
+            )
+        out: dict[str, EncodedTensor] = {}
+        new_residual: dict[str, np.ndarray] = {}
+        for key, value in tensors.items():
+            check_key(key, "tensors", DEFAULT_LIMITS)
+            if self.codec.delta and key not in ref:  # type: ignore[operator]
+                raise MissingReferenceError(f"{key}: no reference tensor for codec {self.codec}")
+            res = self.residual.get(key) if self.error_feedback else None
+            if res is not None and res.shape != np.shape(value):
+                logger.warning(
+                    "dropping residual of %s: shape %s -> %s", key, res.shape, np.shape(value)
+                )
+                res = None
+            enc, leftover = encode_tensor(
+                value,
+                self.codec,
+                reference=ref[key] if self.codec.delta else None,  # type: ignore[index]
+                residual=res,
+                name=key,
+                with_residual=self.error_feedback,
+            )
+            out[key] = enc
+            if leftover is not None:
+                new_residual[key] = leftover
+        if self.error_feedback:
+            self.residual.update(new_residual)
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write codec, residual and reference to one .npz file, atomically."""
+        arrays: dict[str, np.ndarray] = {
+            "codec": np.array(str(self.codec)),
+            "error_feedback": np.array(self.error_feedback),
+        }
+        arrays.update({f"residual:{k}": v for k, v in self.residual.items()})
+        arrays.update({f"reference:{k}": v for k, v in (self.reference or {}).items()})
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> UpdateEncoder:
+        """Inverse of `save` (never unpickles)."""
+        with np.load(path, allow_pickle=False) as npz:
+            residual = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("residual:")}
+            reference = {
+                k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("reference:")
+            }
+            enc = cls(
+                str(npz["codec"]), error_feedback=bool(npz["error_feedback"]), residual=residual
+            )
+        if reference:
+            enc.set_reference(reference)
+        return enc
