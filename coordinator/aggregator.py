@@ -1,0 +1,428 @@
+"""One aggregation step: the current global adapter + a stream of client adapters -> the next.
+
+Clients train from a global version (their base) and send their whole adapter after local
+training. The server works with deltas against that base, which is what makes asynchronous
+(stale) updates meaningful (FedBuff applies each delta to the *current* model):
+
+    naive / frozen-a:  Δᵢ = θᵢ - θ_base(i) on the factor tensors (A and B, or B only)
+                       θ' = θ + η · Σ wᵢ·cᵢ·Δᵢ / Σ wᵢ      (or a FedAdam step on that mean)
+    exact:             ΔWᵢ = sᵢ·Bᵢ·Aᵢ - s·B_b·A_b   (s = alpha/r, per layer, never dense)
+                       W' = s·B·A + η · Σ wᵢ·cᵢ·ΔWᵢ / Σ wᵢ, re-projected to rank r
+
+cᵢ ≤ 1 is the clipping coefficient. With η = 1 and every client on the current version, the
+exact mode gives exactly the best rank-r approximation of Σ wᵢ·sᵢ·Bᵢ·Aᵢ / Σ wᵢ.
+
+Memory: the mean modes hold one float64 sum of the adapter; the exact mode holds, per layer,
+a factored sum of rank ≤ 2·max_rank (`LowRankSum`). Both are O(adapter) for any number of
+updates. The robust statistics (trimmed mean, median) keep every delta, O(clients × adapter),
+and are offered for the factor modes only (a coordinate of the dense B·A is not available
+without forming it).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from coordinator.aggregation import (
+    FedAdamConfig,
+    LowRankSum,
+    Tensors,
+    WeightedMean,
+    clip_coefficient,
+    coordinate_median,
+    fedadam_step,
+    fill_dead_ranks,
+    frozen_a_matrix,
+    lora_scale,
+    lowrank_norm,
+    reproject,
+    tensors_norm,
+    trimmed_mean,
+)
+from coordinator.privacy import DpConfig, epsilon_spent, privatize_sum
+
+log = logging.getLogger(__name__)
+
+MODES = ("naive", "frozen-a", "exact")
+ROBUST = ("mean", "trimmed-mean", "median")
+
+Shapes = dict[str, tuple[int, int]]
+"""HF module path (`model.layers.0.self_attn.q_proj`) -> (out_features, in_features)."""
+
+
+def a_key(module: str) -> str:
+    return f"{module}.lora_A"
+
+
+def b_key(module: str) -> str:
+    return f"{module}.lora_B"
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How client adapters are combined."""
+
+    mode: str = "exact"
+    """`naive`, `frozen-a` or `exact` (see the module docstring of `coordinator.aggregation`)."""
+    rank: int = 8
+    """r of the global adapter."""
+    alpha: float = 16.0
+    """LoRA alpha of the global adapter; its scale is alpha / r."""
+    a_seed: int = 0
+    """Seed of the initial (and, in frozen-a, the fixed) A matrices: `frozen_a_matrix`."""
+    server_lr: float = 1.0
+    """η: how far the server moves along the averaged delta (1.0 = plain FedAvg)."""
+    robust: str = "mean"
+    """`mean` (weighted, streaming), `trimmed-mean` or `median` (coordinate-wise, unweighted)."""
+    trim_ratio: float = 0.1
+    """Fraction cut from each end per coordinate for `trimmed-mean`."""
+    clip_norm: float | None = None
+    """Per-update L2 bound on the delta (over all its tensors); None = no clipping."""
+    fedadam: FedAdamConfig | None = None
+    """Server optimizer; None = plain server learning rate."""
+    dp: DpConfig | None = None
+    """Central DP (clip at dp.clip_norm, uniform weights, Gaussian noise); None = off."""
+    max_client_rank: int = 64
+    """Largest rank accepted from a client in exact mode (other modes need rank == r)."""
+    exact_max_rank: int = 0
+    """Rank kept by the streaming factored sum between compressions; 0 = 4·r."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"`mode` should be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.rank <= 0:
+            raise ValueError(f"`rank` should be a positive integer, got {self.rank}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"`alpha` should be > 0, got {self.alpha}")
+        if self.a_seed < 0:
+            raise ValueError(f"`a_seed` should be >= 0, got {self.a_seed}")
+        if not self.server_lr > 0:
+            raise ValueError(f"`server_lr` should be > 0, got {self.server_lr}")
+        if self.robust not in ROBUST:
+            raise ValueError(f"`robust` should be one of {', '.join(ROBUST)}, got {self.robust!r}")
+        if not 0.0 <= self.trim_ratio < 0.5:
+            raise ValueError(f"`trim_ratio` should be in [0, 0.5), got {self.trim_ratio}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"`clip_norm` should be > 0 or None, got {self.clip_norm}")
+        if self.max_client_rank < self.rank:
+            raise ValueError(
+                f"`max_client_rank` should be >= rank={self.rank}, got {self.max_client_rank}"
+            )
+        if self.exact_max_rank < 0 or (0 < self.exact_max_rank < self.rank):
+            raise ValueError(
+                f"`exact_max_rank` should be 0 or >= rank={self.rank}, got {self.exact_max_rank}"
+            )
+        if self.mode == "exact":
+            for name, value, off in (
+                ("robust", self.robust, "mean"),
+                ("fedadam", self.fedadam, None),
+                ("dp", self.dp, None),
+            ):
+                if value != off:
+                    raise ValueError(
+                        f"`{name}`={value!r} needs per-coordinate factor tensors; "
+                        "use mode 'naive' or 'frozen-a' with it"
+                    )
+        if self.dp is not None:
+            if self.robust != "mean":
+                raise ValueError(
+                    f"`dp` needs robust='mean' (a bounded-sensitivity sum), got {self.robust!r}"
+                )
+            if self.clip_norm is not None:
+                raise ValueError("`clip_norm` and `dp` are exclusive: DP clips at `dp.clip_norm`")
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.rank)
+
+    @property
+    def sum_rank(self) -> int:
+        return self.exact_max_rank or 4 * self.rank
+
+    def update_keys(self, shapes: Shapes) -> list[str]:
+        """The tensors a client update must carry: B only in frozen-a, else A and B."""
+        keys: list[str] = []
+        for module in shapes:
+            if self.mode != "frozen-a":
+                keys.append(a_key(module))
+            keys.append(b_key(module))
+        return keys
+
+    def expected_shape(self, key: str, shapes: Shapes, rank: int) -> tuple[int, int]:
+        module, _, kind = key.rpartition(".")
+        out_dim, in_dim = shapes[module]
+        return (rank, in_dim) if kind == "lora_A" else (out_dim, rank)
+
+
+def initial_adapter(config: AggregationConfig, shapes: Shapes) -> Tensors:
+    """Version 0, as PEFT initialises LoRA: A = `frozen_a_matrix(a_seed)`, B = 0 (so B·A = 0).
+
+    Every mode starts from the same seeded A; in frozen-a it never changes.
+    """
+    tensors: Tensors = {}
+    for module, (out_dim, in_dim) in shapes.items():
+        tensors[a_key(module)] = frozen_a_matrix(
+            config.a_seed, (config.rank, in_dim), a_key(module)
+        )
+        tensors[b_key(module)] = np.zeros((out_dim, config.rank), dtype=np.float32)
+    return tensors
+
+
+@dataclass
+class Contribution:
+    """One decoded client update, as the aggregator sees it."""
+
+    update_id: str
+    tensors: Mapping[str, np.ndarray]
+    """The client's adapter after local training (A and B, or B only in frozen-a)."""
+    weight: float
+    """From the strategy (num_examples × staleness discount); uniform under DP."""
+    base_version: int
+    scale: float
+    """The client's alpha / r (exact mode weighs Bᵢ·Aᵢ by it)."""
+
+
+@dataclass
+class ServerState:
+    """What the aggregator carries across versions: FedAdam moments and the DP ledger."""
+
+    m: Tensors | None = None
+    v: Tensors | None = None
+    dp_aggregations: int = 0
+
+    def to_bytes(self) -> bytes:
+        arrays: dict[str, np.ndarray] = {"dp_aggregations": np.array(self.dp_aggregations)}
+        for prefix, tensors in (("m/", self.m), ("v/", self.v)):
+            for key, value in (tensors or {}).items():
+                arrays[prefix + key] = value
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | None) -> ServerState:
+        if not data:
+            return cls()
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            m = {k[2:]: npz[k] for k in npz.files if k.startswith("m/")}
+            v = {k[2:]: npz[k] for k in npz.files if k.startswith("v/")}
+            return cls(m=m or None, v=v or None, dp_aggregations=int(npz["dp_aggregations"]))
+
+
+@dataclass
+class Outcome:
+    tensors: Tensors
+    """The new global adapter, float32, the same keys and shapes as the current one."""
+    state: ServerState
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def aggregate(
+    config: AggregationConfig,
+    shapes: Shapes,
+    current: Mapping[str, np.ndarray],
+    contributions: Iterable[Contribution],
+    base: Callable[[int], Mapping[str, np.ndarray]],
+    state: ServerState,
+    rng: np.random.Generator | None = None,
+) -> Outcome:
+    """Fold `contributions` (consumed once, lazily) into the next global adapter.
+
+    `base(v)` returns the global adapter of version v (the service caches decoded versions).
+    Raises `ValueError` when no contribution has positive weight.
+    """
+    if config.mode == "exact":
+        return _aggregate_exact(config, shapes, current, contributions, base, state)
+    return _aggregate_factors(config, shapes, current, contributions, base, state, rng)
+
+
+def _aggregate_factors(
+    config: AggregationConfig,
+    shapes: Shapes,
+    current: Mapping[str, np.ndarray],
+    contributions: Iterable[Contribution],
+    base: Callable[[int], Mapping[str, np.ndarray]],
+    state: ServerState,
+    rng: np.random.Generator | None,
+) -> Outcome:
+    keys = config.update_keys(shapes)
+    clip = config.dp.clip_norm if config.dp is not None else config.clip_norm
+    mean = WeightedMean()
+    kept: list[Tensors] = []  # robust statistics only: O(clients × adapter)
+    norms: list[float] = []
+    clipped = 0
+    for item in contributions:
+        if item.weight <= 0:
+            continue
+        reference = base(item.base_version)
+        delta = {
+            k: np.asarray(item.tensors[k], np.float64) - np.asarray(reference[k], np.float64)
+            for k in keys
+        }
+        norm = tensors_norm(delta)
+        norms.append(norm)
+        if clip is not None:
+            coef = clip_coefficient(norm, clip)
+            if coef < 1.0:
+                clipped += 1
+                delta = {k: v * coef for k, v in delta.items()}
+        if config.robust == "mean":
+            mean.add(delta, 1.0 if config.dp is not None else item.weight)
+        else:
+            kept.append(delta)
+    if not norms:
+        raise ValueError("no contribution with positive weight")
+
+    stats: dict[str, Any] = {"mode": config.mode, "robust": config.robust, "updates": len(norms)}
+    if config.robust == "mean":
+        avg = mean.mean()
+        stats["total_weight"] = mean.total_weight
+    else:
+        avg = {}
+        for key in keys:
+            stacked = np.stack([d[key] for d in kept])  # (n, *shape)
+            avg[key] = (
+                coordinate_median(stacked)
+                if config.robust == "median"
+                else trimmed_mean(stacked, config.trim_ratio)
+            )
+    new_state = ServerState(m=state.m, v=state.v, dp_aggregations=state.dp_aggregations)
+    if config.dp is not None:
+        generator = rng if rng is not None else np.random.default_rng()
+        summed = {k: v * len(norms) for k, v in avg.items()}
+        avg = privatize_sum(summed, len(norms), config.dp, generator)
+        new_state.dp_aggregations += 1
+        stats["dp_epsilon"] = epsilon_spent(
+            config.dp.noise_multiplier, new_state.dp_aggregations, config.dp.delta
+        )
+        stats["dp_delta"] = config.dp.delta
+
+    params = {k: current[k] for k in keys}
+    if config.fedadam is not None:
+        stepped, new_state.m, new_state.v = fedadam_step(
+            params, avg, state.m, state.v, config.fedadam
+        )
+    else:
+        stepped = {k: np.asarray(params[k], np.float64) + config.server_lr * avg[k] for k in keys}
+    new = {k: np.asarray(v, dtype=np.float32) for k, v in current.items()}
+    for key in keys:
+        new[key] = stepped[key].astype(np.float32)
+    stats.update(_norm_stats(norms, clipped, tensors_norm(avg)))
+    return Outcome(tensors=new, state=new_state, stats=stats)
+
+
+def _aggregate_exact(
+    config: AggregationConfig,
+    shapes: Shapes,
+    current: Mapping[str, np.ndarray],
+    contributions: Iterable[Contribution],
+    base: Callable[[int], Mapping[str, np.ndarray]],
+    state: ServerState,
+) -> Outcome:
+    s = config.scale
+    sums = {
+        m: LowRankSum(out_dim, in_dim, config.sum_rank) for m, (out_dim, in_dim) in shapes.items()
+    }
+    total_weight = 0.0
+    norms: list[float] = []
+    clipped = 0
+    # Σ over clients on base b of cᵢ·(Aᵢ - A_b), per layer (r, in): see `_client_factors`.
+    shared: dict[int, dict[str, np.ndarray]] = {}
+    for item in contributions:
+        if item.weight <= 0:
+            continue
+        reference = base(item.base_version)
+        factors = {m: _client_factors(item, reference, m, s, config.rank) for m in shapes}
+        norm = math.sqrt(sum(lowrank_norm(bm, am) ** 2 for bm, am, _ in factors.values()))
+        norms.append(norm)
+        coef = 1.0
+        if config.clip_norm is not None:
+            coef = clip_coefficient(norm, config.clip_norm)
+            clipped += coef < 1.0
+        c = item.weight * coef
+        for module, (bm, am, split) in factors.items():
+            if split is None:
+                sums[module].add(bm, am, c)
+            else:
+                b_own, a_own, a_delta = split
+                sums[module].add(b_own, a_own, c)
+                acc = shared.setdefault(item.base_version, {})
+                acc[module] = acc.get(module, 0.0) + c * a_delta
+        total_weight += item.weight
+    for version, per_module in shared.items():
+        reference = base(version)
+        for module, a_sum in per_module.items():
+            sums[module].add(s * np.asarray(reference[b_key(module)], np.float64), a_sum)
+    if not norms:
+        raise ValueError("no contribution with positive weight")
+
+    new: Tensors = {}
+    discarded = 0.0
+    kept_energy = 0.0
+    step = config.server_lr / total_weight
+    for module in shapes:
+        d_b, d_a = sums[module].stacked()  # the delta sum, (out, k), (k, in)
+        discarded += sums[module].discarded
+        b_cur = np.asarray(current[b_key(module)], np.float64)
+        a_cur = np.asarray(current[a_key(module)], np.float64)
+        # W' = s·B·A + step·ΔB·ΔA, then back to PEFT factors with B·A = W'/s.
+        b_new, a_new, spectrum = reproject(
+            np.hstack([s * b_cur, step * d_b]), np.vstack([a_cur, d_a]), config.rank
+        )
+        kept_energy += float(np.sum(spectrum**2))
+        b_new, a_new = fill_dead_ranks(b_new / s, a_new, config.a_seed, a_key(module), atol=1e-12)
+        new[b_key(module)] = b_new.astype(np.float32)
+        new[a_key(module)] = a_new.astype(np.float32)
+    stats: dict[str, Any] = {
+        "mode": "exact",
+        "robust": "mean",
+        "updates": len(norms),
+        "total_weight": total_weight,
+        # Upper bound on ||error||_F / ||W'||_F from compressing the streaming sum.
+        "truncation_rel_error": math.sqrt(discarded) * step / math.sqrt(kept_energy)
+        if kept_energy > 0
+        else 0.0,
+    }
+    stats.update(_norm_stats(norms, clipped, None))
+    return Outcome(
+        tensors=new, state=ServerState(dp_aggregations=state.dp_aggregations), stats=stats
+    )
+
+
+def _client_factors(
+    item: Contribution, reference: Mapping[str, np.ndarray], module: str, s: float, rank: int
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+    """ΔWᵢ = sᵢ·Bᵢ·Aᵢ - s·B_b·A_b for one layer as factors (B (out, k), A (k, in)), never dense.
+
+    For a client of the global rank it is split as (sᵢ·Bᵢ - s·B_b)·Aᵢ + s·B_b·(Aᵢ - A_b): the
+    first term is the client's own rank-r part; the second shares B_b with every client on the
+    same base, so its A-parts are summed densely and enter the factored sum once per base
+    version. That halves the rank streamed per client (r instead of 2r). Returns the stacked
+    rank-2r factors (for the norm) and the split, or None for another rank.
+    """
+    b_i = item.scale * np.asarray(item.tensors[b_key(module)], np.float64)  # (out, rᵢ)
+    a_i = np.asarray(item.tensors[a_key(module)], np.float64)  # (rᵢ, in)
+    b_b = s * np.asarray(reference[b_key(module)], np.float64)  # (out, r)
+    a_b = np.asarray(reference[a_key(module)], np.float64)  # (r, in)
+    if a_i.shape[0] != rank:
+        return np.hstack([b_i, -b_b]), np.vstack([a_i, a_b]), None
+    b_own, a_delta = b_i - b_b, a_i - a_b
+    return np.hstack([b_own, b_b]), np.vstack([a_i, a_delta]), (b_own, a_i, a_delta)
+
+
+def _norm_stats(norms: list[float], clipped: int, avg_norm: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "delta_norm_mean": float(np.mean(norms)),
+        "delta_norm_max": float(np.max(norms)),
+        "clipped": int(clipped),
+    }
+    if avg_norm is not None:
+        out["avg_delta_norm"] = avg_norm
+    return out

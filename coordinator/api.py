@@ -1,0 +1,215 @@
+"""HTTP handlers and middleware of the REST API (the routes are listed in `add_routes`).
+
+Every failure is answered by `error_middleware` as JSON, `{"error": {"code", "message"}}`,
+never with a traceback: coordinator errors keep their status and code, aiohttp's own HTTP
+errors (404, 405, 413) are wrapped, and anything unexpected is logged and becomes a bare 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from coordinator.auth import RateLimiter, bearer_token, retry_after_header
+from coordinator.config import CoordinatorConfig
+from coordinator.core import Coordinator
+from coordinator.errors import AuthError, BadRequestError, CoordinatorError, RateLimitedError
+from coordinator.metrics import Metrics
+from edge_sdk.wire import CONTENT_TYPE
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Runtime:
+    """Per-app mutable state that is not the coordinator itself."""
+
+    ingest: ThreadPoolExecutor
+    aggregation: ThreadPoolExecutor
+    client_limiter: RateLimiter
+    join_limiter: RateLimiter
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    tls_fingerprint: str | None = None
+    advertised_name: str | None = None
+
+
+CONFIG = web.AppKey("config", CoordinatorConfig)
+COORDINATOR = web.AppKey("coordinator", Coordinator)
+METRICS = web.AppKey("metrics", Metrics)
+RUNTIME = web.AppKey("runtime", Runtime)
+SPEC = web.AppKey("openapi", dict)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    route = (
+        request.match_info.route.resource.canonical
+        if request.match_info.route.resource
+        else "unmatched"
+    )
+    try:
+        response = await handler(request)
+    except CoordinatorError as exc:
+        headers: dict[str, str] = {}
+        if isinstance(exc, RateLimitedError):
+            headers["Retry-After"] = retry_after_header(exc.retry_after)
+        if isinstance(exc, AuthError):
+            headers["WWW-Authenticate"] = 'Bearer realm="fedlm"'
+        if exc.status >= 500:
+            log.error("%s %s: %s", request.method, request.path, exc)
+        response = json_error(exc.status, exc.code, str(exc), headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_") if exc.reason else "http_error"
+        response = json_error(
+            exc.status,
+            code,
+            exc.text or exc.reason or code,
+            {k: v for k, v in exc.headers.items() if k.lower() == "allow"},
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the contract: no traceback on the wire, whatever failed
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        response = json_error(500, "internal_error", "internal server error")
+    metrics.requests.labels(route=route, status=str(response.status)).inc()
+    return response
+
+
+async def _in_thread(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
+async def _client(request: web.Request) -> str:
+    """Authenticate the bearer token and apply the client's rate limit; returns its id."""
+    coordinator = request.app[COORDINATOR]
+    client_id = coordinator.authenticate(bearer_token(request.headers.get("Authorization")))
+    wait = request.app[RUNTIME].client_limiter.check(client_id)
+    if wait > 0:
+        raise RateLimitedError(f"rate limit exceeded for client {client_id}", wait)
+    return client_id
+
+
+async def join(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    wait = runtime.join_limiter.check(request.remote or "unknown")
+    if wait > 0:
+        raise RateLimitedError("too many join attempts from this address", wait)
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequestError('expected a JSON object {"join_token": ..., "name": ...}') from None
+    if not isinstance(body, dict) or not isinstance(body.get("join_token"), str):
+        raise BadRequestError("expected a JSON object with a string `join_token`")
+    name = body.get("name", "device")
+    if not isinstance(name, str) or not 0 < len(name) <= 128:
+        raise BadRequestError("`name` should be a string of 1-128 characters")
+    result = await _in_thread(
+        runtime.ingest, request.app[COORDINATOR].join, body["join_token"], name
+    )
+    return web.json_response(result)
+
+
+async def task(request: web.Request) -> web.Response:
+    await _client(request)
+    config = request.app[COORDINATOR].task_config()
+    if CONTENT_TYPE in request.headers.get("Accept", ""):
+        return web.Response(body=config.to_bytes(), content_type=CONTENT_TYPE)
+    return web.json_response(config.to_json_dict())
+
+
+async def adapter(request: web.Request) -> web.Response:
+    await _client(request)
+    coordinator = request.app[COORDINATOR]
+    body, etag, version = coordinator.current_adapter()
+    headers = {"ETag": etag, "X-Fedlm-Version": str(version), "Cache-Control": "no-cache"}
+    candidates = [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]
+    if etag in candidates or "*" in candidates:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type=CONTENT_TYPE, headers=headers)
+
+
+async def updates(request: web.Request) -> web.Response:
+    client_id = await _client(request)
+    app = request.app
+    metrics = app[METRICS]
+    if request.content_type != CONTENT_TYPE:
+        metrics.updates_rejected.labels(code="unsupported_media_type").inc()
+        raise BadRequestError(
+            f"expected Content-Type {CONTENT_TYPE}, got {request.content_type}",
+            code="unsupported_media_type",
+            status=415,
+        )
+    try:
+        body = await request.read()  # aiohttp enforces client_max_size (413)
+        ack = await _in_thread(app[RUNTIME].ingest, app[COORDINATOR].submit, client_id, body)
+    except CoordinatorError as exc:
+        metrics.updates_rejected.labels(code=exc.code).inc()
+        raise
+    except web.HTTPRequestEntityTooLarge:
+        metrics.updates_rejected.labels(code="too_large").inc()
+        raise
+    metrics.updates_accepted.inc()
+    metrics.update_bytes.inc(len(body))
+    app[RUNTIME].wake.set()
+    return web.json_response(ack, status=202)
+
+
+async def status(request: web.Request) -> web.Response:
+    await _client(request)
+    runtime = request.app[RUNTIME]
+    result = await _in_thread(runtime.ingest, request.app[COORDINATOR].status)
+    result["tls_fingerprint"] = runtime.tls_fingerprint
+    result["mdns_name"] = runtime.advertised_name
+    return web.json_response(result)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    metrics, coordinator = request.app[METRICS], request.app[COORDINATOR]
+    metrics.global_version.set(coordinator.version)
+    metrics.pending_updates.set(coordinator.pending_count)
+    metrics.clients.set(coordinator.storage.count_clients())
+    metrics.dp_epsilon.set(coordinator.epsilon_spent())
+    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    coordinator = request.app[COORDINATOR]
+    return web.json_response({"status": "ok", "version": coordinator.version, "time": time.time()})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SPEC])
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/join", join)
+    app.router.add_get("/v1/task", task)
+    app.router.add_get("/v1/adapter", adapter)
+    app.router.add_post("/v1/updates", updates)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi)

@@ -1,0 +1,112 @@
+"""The coordinator's configuration: one dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.aggregator import AggregationConfig, Shapes
+from coordinator.strategies import FedAvg, FedBuff
+from edge_sdk.models.naming import LORA_TARGETS
+from edge_sdk.wire import parse_codec
+
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything a coordinator needs; the CLI builds one from its flags."""
+
+    model_sha256: str
+    """sha256 of the base model's GGUF; updates for another model are refused."""
+    shapes: Shapes
+    """(out, in) of every LoRA target layer (`coordinator.shapes.shapes_from_gguf`)."""
+    db_path: Path
+    """SQLite database file (created on first start, resumed afterwards)."""
+    targets: tuple[str, ...] = LORA_TARGETS
+    """LoRA target projections (must match the keys of `shapes`)."""
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    strategy: FedAvg | FedBuff = field(default_factory=FedBuff)
+    codec: str = "delta+fp16"
+    """Codec the task asks clients to use (any valid codec is accepted on ingest)."""
+    global_codec: str = "fp32"
+    """Value format of the served global adapter (fp32 keeps deltas exact)."""
+    local_steps: int = 20
+    """Task: local optimizer steps per round on a device."""
+    batch_size: int = 4
+    """Task: local batch size."""
+    seq_len: int = 256
+    """Task: training sequence length in tokens."""
+    lr: float = 2e-4
+    """Task: local learning rate."""
+    max_rounds: int | None = None
+    """Stop accepting updates once this many global versions were published; None = never."""
+    join_token: str = ""
+    """Shared enrollment secret; must be non-empty (the CLI generates one when not given)."""
+    host: str = "127.0.0.1"
+    port: int = 8750
+    """TCP port; 0 picks a free one."""
+    tls: bool = False
+    """Serve HTTPS with a self-signed certificate kept next to the database."""
+    mdns: bool = True
+    """Advertise on mDNS."""
+    mdns_interfaces: tuple[str, ...] | None = None
+    """IPv4 addresses to advertise on; None = loopback for a loopback bind, else every interface."""
+    max_body_bytes: int = 64 * _MIB
+    """Largest accepted request body (also the wire decoder's `max_bytes`)."""
+    rate_per_s: float = 5.0
+    """Per-client sustained request rate (token bucket)."""
+    rate_burst: int = 20
+    """Per-client burst size."""
+    tick_s: float = 1.0
+    """How often deadlines are checked."""
+    ingest_workers: int = 2
+    """Threads that decode and validate updates (numpy releases the GIL)."""
+
+    def __post_init__(self) -> None:
+        if len(self.model_sha256) != 64 or any(
+            c not in "0123456789abcdef" for c in self.model_sha256
+        ):
+            raise ValueError(
+                f"`model_sha256` should be 64 lowercase hex digits, got {self.model_sha256!r}"
+            )
+        if not self.shapes:
+            raise ValueError("`shapes` should name at least one target layer")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(
+                f"`targets` should be some of {', '.join(LORA_TARGETS)}, got {self.targets!r}"
+            )
+        for module, dims in self.shapes.items():
+            if module.rsplit(".", 1)[-1] not in self.targets:
+                raise ValueError(f"`shapes` has {module!r}, which is not in targets {self.targets}")
+            if len(dims) != 2 or min(dims) <= 0:
+                raise ValueError(f"`shapes[{module!r}]` should be (out, in) > 0, got {dims!r}")
+        parse_codec(self.codec)
+        global_spec = parse_codec(self.global_codec)
+        if global_spec.delta or global_spec.topk is not None:
+            raise ValueError(
+                f"`global_codec` should be a dense value format, got {self.global_codec!r}"
+            )
+        for name in ("local_steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` should be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"`lr` should be > 0, got {self.lr}")
+        if self.max_rounds is not None and self.max_rounds < 1:
+            raise ValueError(f"`max_rounds` should be >= 1 or None, got {self.max_rounds}")
+        if len(self.join_token) < 8:
+            raise ValueError("`join_token` should have at least 8 characters")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"`port` should be in 0..65535, got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"`max_body_bytes` should be >= 1024, got {self.max_body_bytes}")
+        if not self.rate_per_s > 0:
+            raise ValueError(f"`rate_per_s` should be > 0, got {self.rate_per_s}")
+        if self.rate_burst < 1:
+            raise ValueError(f"`rate_burst` should be >= 1, got {self.rate_burst}")
+        if not self.tick_s > 0:
+            raise ValueError(f"`tick_s` should be > 0, got {self.tick_s}")
+        if self.ingest_workers < 1:
+            raise ValueError(f"`ingest_workers` should be >= 1, got {self.ingest_workers}")

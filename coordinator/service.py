@@ -1,0 +1,252 @@
+"""The aiohttp service, built by composition: typed `web.AppKey` state and `cleanup_ctx` steps.
+
+    app = build_app(config)                  # what aiohttp's test utilities can serve
+    async with Service(config) as service:   # bound socket + TLS + mDNS: what the CLI runs
+        print(service.url)
+
+Start-up order (clean-up runs in reverse): open the database and the task, start the worker
+threads, start the aggregation loop, advertise on mDNS. So the advert disappears first on
+shutdown, an aggregation in flight finishes (its commit is atomic either way), and the
+database closes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+
+from aiohttp import web
+
+import edge_sdk
+from coordinator import api
+from coordinator.advertise import Advertiser, lan_addresses, txt_properties
+from coordinator.auth import RateLimiter
+from coordinator.config import CoordinatorConfig
+from coordinator.core import Coordinator
+from coordinator.metrics import Metrics
+from coordinator.openapi import build_spec
+from coordinator.storage import SQLiteStorage
+from coordinator.tls import TlsMaterial, ensure_self_signed
+from edge_sdk.wire import PROTOCOL_VERSION
+
+log = logging.getLogger(__name__)
+
+_PORT = web.AppKey("advertised_port", int)
+
+
+def build_app(
+    config: CoordinatorConfig,
+    *,
+    advertised_port: int | None = None,
+    tls_fingerprint: str | None = None,
+    coordinator_factory: Callable[[CoordinatorConfig, SQLiteStorage], Coordinator] = Coordinator,
+) -> web.Application:
+    """The application; mDNS runs only when `advertised_port` is given and `config.mdns` is on."""
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[api.error_middleware])
+    app[api.CONFIG] = config
+    app[api.METRICS] = Metrics()
+    app[api.SPEC] = build_spec(edge_sdk.__version__)
+    if advertised_port is not None:
+        app[_PORT] = advertised_port
+    app[api.RUNTIME] = api.Runtime(
+        ingest=ThreadPoolExecutor(config.ingest_workers, thread_name_prefix="fedlm-ingest"),
+        aggregation=ThreadPoolExecutor(1, thread_name_prefix="fedlm-aggregate"),
+        client_limiter=RateLimiter(config.rate_per_s, config.rate_burst),
+        join_limiter=RateLimiter(1.0, 10),
+        tls_fingerprint=tls_fingerprint,
+    )
+
+    async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+        storage = SQLiteStorage(config.db_path)
+        try:
+            app[api.COORDINATOR] = await asyncio.get_running_loop().run_in_executor(
+                app[api.RUNTIME].ingest, coordinator_factory, config, storage
+            )
+            yield
+        finally:
+            storage.close()
+
+    async def executors_ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        runtime = app[api.RUNTIME]
+        # wait=True: an aggregation in flight finishes before the database closes.
+        await asyncio.get_running_loop().run_in_executor(None, runtime.aggregation.shutdown, True)
+        await asyncio.get_running_loop().run_in_executor(None, runtime.ingest.shutdown, True)
+
+    async def aggregation_ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_aggregation_loop(app), name="fedlm-aggregation")
+        app[api.RUNTIME].wake.set()  # resume a round that was due before a restart
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def mdns_ctx(app: web.Application) -> AsyncIterator[None]:
+        if not config.mdns or _PORT not in app:
+            yield
+            return
+        coordinator = app[api.COORDINATOR]
+        interfaces = list(config.mdns_interfaces) if config.mdns_interfaces is not None else None
+        if interfaces is None and config.host not in ("0.0.0.0", ""):
+            interfaces = [config.host]
+        addresses = interfaces or lan_addresses() or ["127.0.0.1"]
+        advertiser = Advertiser(
+            instance=f"fedlm-{coordinator.task_id[-8:]}-{uuid.uuid4().hex[:6]}",
+            port=app[_PORT],
+            properties=txt_properties(
+                PROTOCOL_VERSION, config.model_sha256, coordinator.task_id, True, tls_fingerprint
+            ),
+            addresses=addresses,
+            interfaces=interfaces,
+        )
+        await advertiser.start()
+        app[api.RUNTIME].advertised_name = advertiser.name
+        try:
+            yield
+        finally:
+            await advertiser.close()
+
+    app.cleanup_ctx.extend([storage_ctx, executors_ctx, aggregation_ctx, mdns_ctx])
+    api.add_routes(app)
+    return app
+
+
+async def _aggregation_loop(app: web.Application) -> None:
+    """Aggregate when woken by an accepted update, or every `tick_s` for deadlines."""
+    config, runtime, metrics = app[api.CONFIG], app[api.RUNTIME], app[api.METRICS]
+    coordinator = app[api.COORDINATOR]
+    loop = asyncio.get_running_loop()
+    while True:
+        # asyncio.wait, not wait_for: Python 3.11's wait_for can swallow a cancellation that
+        # races with its timeout, which would hang shutdown.
+        waiter = asyncio.ensure_future(runtime.wake.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=config.tick_s)
+        finally:
+            waiter.cancel()
+        runtime.wake.clear()
+        # In the aggregation thread: due() takes the state lock, which ingest holds across fsync.
+        if not await loop.run_in_executor(runtime.aggregation, coordinator.due):
+            continue
+        try:
+            version = await loop.run_in_executor(runtime.aggregation, coordinator.aggregate)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # keep serving; the pending updates stay stored
+            log.exception("aggregation failed; the pending updates are kept and retried")
+            await asyncio.sleep(config.tick_s)
+            continue
+        if version is not None:
+            metrics.aggregations.inc()
+            metrics.aggregation_seconds.observe(
+                float(coordinator.last_aggregation.get("seconds", 0.0))
+            )
+            runtime.wake.set()  # more may already be due (FedBuff under load)
+
+
+class Service:
+    """A running coordinator: socket bound first (so port 0 is known before mDNS), then the app.
+
+    An async context manager; `close()` is idempotent.
+    """
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.tls: TlsMaterial | None = None
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._sock: socket.socket | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def app(self) -> web.Application:
+        assert self._runner is not None, "Service is not started"
+        return self._runner.app
+
+    @property
+    def coordinator(self) -> Coordinator:
+        return self.app[api.COORDINATOR]
+
+    async def start(self) -> None:
+        config = self.config
+        if config.tls:
+            tls_dir = config.db_path.with_name(config.db_path.name + ".tls")
+            self.tls = await asyncio.get_running_loop().run_in_executor(
+                None, ensure_self_signed, tls_dir
+            )
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((config.host, config.port))
+        self.port = self._sock.getsockname()[1]
+        app = build_app(
+            config,
+            advertised_port=self.port,
+            tls_fingerprint=self.tls.fingerprint if self.tls else None,
+        )
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=5.0
+        )
+        try:
+            await self._runner.setup()
+            site = web.SockSite(
+                self._runner,
+                self._sock,
+                ssl_context=self.tls.server_context() if self.tls else None,
+            )
+            await site.start()
+        except BaseException:
+            await self.close()
+            raise
+        log.info("coordinator listening on %s", self.url)
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def serve(
+    config: CoordinatorConfig, on_ready: Callable[[Service], None] | None = None
+) -> None:
+    """Run until SIGINT/SIGTERM (the CLI's entry point)."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # Windows
+            loop.add_signal_handler(sig, stop.set)
+    async with Service(config) as service:
+        if on_ready is not None:
+            on_ready(service)
+        await stop.wait()
+        log.info("shutting down")

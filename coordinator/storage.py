@@ -1,0 +1,477 @@
+"""Durable coordinator state behind a small interface, with SQLite (WAL) as the embedded default.
+
+What is stored: the client registry (token hashes only), every accepted update as its raw wire
+bytes until it is aggregated (its id is kept afterwards so that a retry is still a duplicate),
+the global adapter versions (recent bodies), the strategy state as JSON, and opaque blobs for
+server-optimizer state.
+
+Durability: `add_update` returns only after its transaction is committed with
+`synchronous=FULL`, so the service acknowledges an update only once it survives `kill -9` or
+a power cut. `commit_aggregation` writes the new version, consumes the aggregated updates and
+saves the strategy state in one transaction: a crash leaves either the old round (updates still
+pending) or the new one, never a mix.
+
+A server database (PostgreSQL) would implement the same `Storage` protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from coordinator.errors import DuplicateUpdateError, StorageError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS updates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    update_id TEXT NOT NULL UNIQUE,
+    client_id TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL,
+    num_tokens INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    size INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'aggregated', 'dropped')),
+    aggregated_into INTEGER,
+    body BLOB
+);
+CREATE INDEX IF NOT EXISTS updates_pending ON updates (status, seq);
+CREATE TABLE IF NOT EXISTS globals (
+    version INTEGER PRIMARY KEY,
+    created_at REAL NOT NULL,
+    etag TEXT NOT NULL,
+    stats TEXT NOT NULL,
+    body BLOB
+);
+CREATE TABLE IF NOT EXISTS strategy_state (id INTEGER PRIMARY KEY CHECK (id = 0), value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, data BLOB NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """Metadata of one stored update (the body is fetched separately, one at a time)."""
+
+    update_id: str
+    client_id: str
+    base_version: int
+    num_examples: int
+    num_tokens: int
+    rank: int
+    received_at: float
+    size: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GlobalRecord:
+    """One global adapter version."""
+
+    version: int
+    created_at: float
+    etag: str
+    stats: dict[str, Any]
+    body: bytes | None
+
+
+class Storage(Protocol):
+    """What the coordinator needs from a database. Every write is durable when it returns."""
+
+    def close(self) -> None: ...
+
+    def get_meta(self, key: str) -> str | None: ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    def add_client(self, client_id: str, name: str, token_hash: str) -> None: ...
+
+    def client_for_token(self, token_hash: str) -> str | None: ...
+
+    def count_clients(self) -> int: ...
+
+    def add_update(self, record: UpdateRecord, body: bytes) -> None: ...
+
+    def has_update(self, update_id: str) -> bool: ...
+
+    def pending_updates(self) -> list[UpdateRecord]: ...
+
+    def iter_update_bodies(self, update_ids: Sequence[str]) -> Iterator[tuple[str, bytes]]: ...
+
+    def latest_global(self) -> GlobalRecord | None: ...
+
+    def global_body(self, version: int) -> bytes | None: ...
+
+    def commit_aggregation(
+        self,
+        new_global: GlobalRecord,
+        aggregated_ids: Sequence[str],
+        dropped_ids: Sequence[str],
+        strategy_state: Mapping[str, Any],
+        blobs: Mapping[str, bytes],
+        keep_global_bodies_from: int,
+    ) -> None: ...
+
+    def drop_updates(self, update_ids: Sequence[str]) -> None: ...
+
+    def strategy_state(self) -> dict[str, Any]: ...
+
+    def set_strategy_state(self, state: Mapping[str, Any]) -> None: ...
+
+    def get_blob(self, name: str) -> bytes | None: ...
+
+    def update_counts(self) -> dict[str, int]: ...
+
+    def recent_metrics(self, limit: int) -> list[dict[str, Any]]: ...
+
+
+class SQLiteStorage:
+    """`Storage` on one SQLite file in WAL mode; safe to use from several threads.
+
+    Each thread gets its own connection (sqlite3 connections must not be shared); writers are
+    serialised by SQLite's lock with a busy timeout. Use as a context manager, or call
+    `close()`; closing twice is safe.
+    """
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self._busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            self._conn().executescript(_SCHEMA)
+            with self._write() as conn:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),),
+                    )
+                elif row[0] != str(SCHEMA_VERSION):
+                    raise StorageError(
+                        f"{self.path}: schema version {row[0]}, this build reads {SCHEMA_VERSION}"
+                    )
+        except StorageError:
+            self.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise StorageError(f"{self.path}: not a usable coordinator database ({exc})") from exc
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StorageError(f"{self.path}: storage is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # check_same_thread=False only so that close() may close every thread's connection;
+            # in use, each connection stays with the thread that opened it.
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: the WAL is fsynced at every commit, so a committed update survives power loss.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _write(self) -> _Transaction:
+        return _Transaction(self._conn())
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+            self._closed = True
+        for conn in connections:
+            conn.close()
+
+    def __enter__(self) -> SQLiteStorage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- meta -------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    # -- clients ----------------------------------------------------------------------------
+
+    def add_client(self, client_id: str, name: str, token_hash: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO clients (client_id, name, token_hash, created_at) VALUES (?, ?, ?, ?)",
+                (client_id, name, token_hash, time.time()),
+            )
+
+    def client_for_token(self, token_hash: str) -> str | None:
+        row = (
+            self._conn()
+            .execute("SELECT client_id FROM clients WHERE token_hash = ?", (token_hash,))
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def count_clients(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM clients").fetchone()[0])
+
+    # -- updates ----------------------------------------------------------------------------
+
+    def add_update(self, record: UpdateRecord, body: bytes) -> None:
+        """Store a pending update durably; `DuplicateUpdateError` if its id was ever seen."""
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT INTO updates (update_id, client_id, base_version, num_examples, "
+                    "num_tokens, rank, received_at, size, metrics, status, body) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                    (
+                        record.update_id,
+                        record.client_id,
+                        record.base_version,
+                        record.num_examples,
+                        record.num_tokens,
+                        record.rank,
+                        record.received_at,
+                        record.size,
+                        json.dumps(record.metrics),
+                        sqlite3.Binary(body),
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            if "update_id" in str(exc):
+                raise DuplicateUpdateError(
+                    f"update {record.update_id!r} was already received"
+                ) from exc
+            raise StorageError(f"cannot store update {record.update_id!r}: {exc}") from exc
+
+    def has_update(self, update_id: str) -> bool:
+        row = (
+            self._conn()
+            .execute("SELECT 1 FROM updates WHERE update_id = ?", (update_id,))
+            .fetchone()
+        )
+        return row is not None
+
+    def pending_updates(self) -> list[UpdateRecord]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT update_id, client_id, base_version, num_examples, num_tokens, rank, "
+                "received_at, size, metrics FROM updates WHERE status = 'pending' ORDER BY seq"
+            )
+            .fetchall()
+        )
+        return [
+            UpdateRecord(
+                update_id=r[0],
+                client_id=r[1],
+                base_version=int(r[2]),
+                num_examples=int(r[3]),
+                num_tokens=int(r[4]),
+                rank=int(r[5]),
+                received_at=float(r[6]),
+                size=int(r[7]),
+                metrics=json.loads(r[8]),
+            )
+            for r in rows
+        ]
+
+    def iter_update_bodies(self, update_ids: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+        """Bodies one at a time, so that aggregation holds one update in memory, not all."""
+        conn = self._conn()
+        for update_id in update_ids:
+            row = conn.execute(
+                "SELECT body FROM updates WHERE update_id = ?", (update_id,)
+            ).fetchone()
+            if row is None or row[0] is None:
+                raise StorageError(f"update {update_id!r} has no stored body")
+            yield update_id, bytes(row[0])
+
+    def update_counts(self) -> dict[str, int]:
+        rows = (
+            self._conn().execute("SELECT status, COUNT(*) FROM updates GROUP BY status").fetchall()
+        )
+        counts = {"pending": 0, "aggregated": 0, "dropped": 0}
+        counts.update({str(s): int(n) for s, n in rows})
+        return counts
+
+    def recent_metrics(self, limit: int) -> list[dict[str, Any]]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT update_id, client_id, base_version, num_examples, received_at, metrics "
+                "FROM updates ORDER BY seq DESC LIMIT ?",
+                (limit,),
+            )
+            .fetchall()
+        )
+        return [
+            {
+                "update_id": r[0],
+                "client_id": r[1],
+                "base_version": int(r[2]),
+                "num_examples": int(r[3]),
+                "received_at": float(r[4]),
+                "metrics": json.loads(r[5]),
+            }
+            for r in rows
+        ]
+
+    # -- global adapters --------------------------------------------------------------------
+
+    def latest_global(self) -> GlobalRecord | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT version, created_at, etag, stats, body FROM globals ORDER BY version DESC LIMIT 1"
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return GlobalRecord(
+            int(row[0]), float(row[1]), row[2], json.loads(row[3]), row[4] and bytes(row[4])
+        )
+
+    def global_body(self, version: int) -> bytes | None:
+        row = (
+            self._conn()
+            .execute("SELECT body FROM globals WHERE version = ?", (version,))
+            .fetchone()
+        )
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def commit_aggregation(
+        self,
+        new_global: GlobalRecord,
+        aggregated_ids: Sequence[str],
+        dropped_ids: Sequence[str],
+        strategy_state: Mapping[str, Any],
+        blobs: Mapping[str, bytes],
+        keep_global_bodies_from: int,
+    ) -> None:
+        """Publish a version and consume its updates atomically (see the module docstring).
+
+        Bodies of consumed updates and of global versions older than `keep_global_bodies_from`
+        are dropped to bound the file; their rows stay for duplicate detection and history.
+        """
+        if new_global.body is None:
+            raise ValueError("`new_global.body` must hold the encoded adapter")
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO globals (version, created_at, etag, stats, body) VALUES (?, ?, ?, ?, ?)",
+                (
+                    new_global.version,
+                    new_global.created_at,
+                    new_global.etag,
+                    json.dumps(new_global.stats),
+                    sqlite3.Binary(new_global.body),
+                ),
+            )
+            for status, ids in (("aggregated", aggregated_ids), ("dropped", dropped_ids)):
+                conn.executemany(
+                    "UPDATE updates SET status = ?, aggregated_into = ?, body = NULL "
+                    "WHERE update_id = ? AND status = 'pending'",
+                    [(status, new_global.version, uid) for uid in ids],
+                )
+            conn.execute(
+                "UPDATE globals SET body = NULL WHERE version < ? AND version <> ?",
+                (keep_global_bodies_from, new_global.version),
+            )
+            self._put_state(conn, strategy_state)
+            for name, data in blobs.items():
+                conn.execute(
+                    "INSERT INTO blobs (name, data) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET data = excluded.data",
+                    (name, sqlite3.Binary(data)),
+                )
+
+    def drop_updates(self, update_ids: Sequence[str]) -> None:
+        """Retire pending updates that no aggregation will use (e.g. too stale)."""
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE updates SET status = 'dropped', body = NULL WHERE update_id = ? AND status = 'pending'",
+                [(uid,) for uid in update_ids],
+            )
+
+    # -- strategy state and blobs -----------------------------------------------------------
+
+    def strategy_state(self) -> dict[str, Any]:
+        row = self._conn().execute("SELECT value FROM strategy_state WHERE id = 0").fetchone()
+        return {} if row is None else dict(json.loads(row[0]))
+
+    def set_strategy_state(self, state: Mapping[str, Any]) -> None:
+        with self._write() as conn:
+            self._put_state(conn, state)
+
+    @staticmethod
+    def _put_state(conn: sqlite3.Connection, state: Mapping[str, Any]) -> None:
+        conn.execute(
+            "INSERT INTO strategy_state (id, value) VALUES (0, ?) "
+            "ON CONFLICT(id) DO UPDATE SET value = excluded.value",
+            (json.dumps(dict(state)),),
+        )
+
+    def get_blob(self, name: str) -> bytes | None:
+        row = self._conn().execute("SELECT data FROM blobs WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+
+class _Transaction:
+    """`BEGIN IMMEDIATE` … `COMMIT` (or `ROLLBACK` on error) on an autocommit connection.
+
+    IMMEDIATE takes the write lock up front, so two writers never deadlock on lock upgrade.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._conn.execute("BEGIN IMMEDIATE")
+        return self._conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._conn.execute("COMMIT")
+        else:
+            self._conn.execute("ROLLBACK")

@@ -1,0 +1,195 @@
+"""When to aggregate, which updates to admit, and how much each one weighs.
+
+A strategy is a small protocol (after Flower's `Strategy`, without its class tree): it never
+touches tensors. The LoRA math lives in `coordinator.aggregation` / `coordinator.aggregator`.
+
+- `FedAvg`: synchronous rounds. Round v is open while global version v is current; it accepts
+  one update per client trained from version v, and closes when `clients_per_round` updates
+  are in, or at the deadline if at least `min_clients` are in (otherwise it waits on: the
+  deadline is soft, a round never closes empty). Weights: number of examples.
+- `FedBuff`: asynchronous, buffered (Nguyen et al., AISTATS 2022). Any update whose staleness
+  s = current version - base version is at most `max_staleness` is buffered; every
+  `buffer_size` updates are aggregated, each weighted by num_examples · (1 + s)^-exponent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from coordinator.aggregation import staleness_weight
+from coordinator.errors import ConflictError, StaleUpdateError, UpdateRejectedError
+from coordinator.storage import UpdateRecord
+
+
+class Strategy(Protocol):
+    """The contract between the service and a strategy."""
+
+    name: str
+
+    def admit(
+        self,
+        update: UpdateRecord,
+        version: int,
+        pending: Sequence[UpdateRecord],
+        one_per_client: bool,
+    ) -> None:
+        """Raise `ConflictError`/`UpdateRejectedError` if `update` may not join the buffer now."""
+
+    def due(
+        self, pending: Sequence[UpdateRecord], version: int, round_started_at: float, now: float
+    ) -> bool:
+        """Whether the pending updates should be aggregated now."""
+
+    def weight(self, update: UpdateRecord, version: int) -> float:
+        """The update's aggregation weight at `version`; 0.0 drops it."""
+
+    def keep_versions(self) -> int:
+        """How many recent global versions an update may be based on (bodies kept for deltas)."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able settings, for /v1/status and the task."""
+
+
+def _check_base(update: UpdateRecord, version: int) -> None:
+    if update.base_version > version:
+        raise UpdateRejectedError(
+            f"update {update.update_id!r} claims base version {update.base_version}, "
+            f"but the newest version is {version}",
+            code="unknown_base_version",
+        )
+
+
+def _check_one_per_client(update: UpdateRecord, pending: Sequence[UpdateRecord], what: str) -> None:
+    if any(p.client_id == update.client_id for p in pending):
+        raise ConflictError(
+            f"client {update.client_id!r} already has an update in {what}", code="already_submitted"
+        )
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """Synchronous rounds with a minimum number of clients and a (soft) deadline."""
+
+    clients_per_round: int = 2
+    """Close the round as soon as this many updates are in."""
+    min_clients: int = 1
+    """At the deadline, close the round if at least this many updates are in."""
+    deadline_s: float = 600.0
+    """Seconds after a round opens when it may close with fewer than `clients_per_round`."""
+    name: str = "fedavg"
+
+    def __post_init__(self) -> None:
+        if self.clients_per_round < 1:
+            raise ValueError(f"`clients_per_round` should be >= 1, got {self.clients_per_round}")
+        if not 1 <= self.min_clients <= self.clients_per_round:
+            raise ValueError(
+                f"`min_clients` should be in [1, clients_per_round={self.clients_per_round}], "
+                f"got {self.min_clients}"
+            )
+        if not self.deadline_s > 0:
+            raise ValueError(f"`deadline_s` should be > 0, got {self.deadline_s}")
+
+    def admit(
+        self,
+        update: UpdateRecord,
+        version: int,
+        pending: Sequence[UpdateRecord],
+        one_per_client: bool,
+    ) -> None:
+        _check_base(update, version)
+        if update.base_version != version:
+            raise StaleUpdateError(
+                f"round {version} is open; update {update.update_id!r} was trained from "
+                f"version {update.base_version} (fetch /v1/adapter and train again)"
+            )
+        _check_one_per_client(update, pending, f"round {version}")
+
+    def due(
+        self, pending: Sequence[UpdateRecord], version: int, round_started_at: float, now: float
+    ) -> bool:
+        current = [p for p in pending if p.base_version == version]
+        if len(current) >= self.clients_per_round:
+            return True
+        return now - round_started_at >= self.deadline_s and len(current) >= self.min_clients
+
+    def weight(self, update: UpdateRecord, version: int) -> float:
+        return float(update.num_examples) if update.base_version == version else 0.0
+
+    def keep_versions(self) -> int:
+        return 1
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "clients_per_round": self.clients_per_round,
+            "min_clients": self.min_clients,
+            "deadline_s": self.deadline_s,
+        }
+
+
+@dataclass(frozen=True)
+class FedBuff:
+    """Buffered asynchronous aggregation with polynomial staleness weights."""
+
+    buffer_size: int = 4
+    """K: aggregate whenever this many updates are buffered."""
+    max_staleness: int = 8
+    """Updates based on a version more than this many versions old are refused."""
+    staleness_exponent: float = 0.5
+    """a in the weight (1 + s)^-a; 0.5 gives 1/√(1+s)."""
+    name: str = "fedbuff"
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1:
+            raise ValueError(f"`buffer_size` should be >= 1, got {self.buffer_size}")
+        if self.max_staleness < 0:
+            raise ValueError(f"`max_staleness` should be >= 0, got {self.max_staleness}")
+        if self.staleness_exponent < 0:
+            raise ValueError(f"`staleness_exponent` should be >= 0, got {self.staleness_exponent}")
+
+    def staleness(self, update: UpdateRecord, version: int) -> int:
+        return version - update.base_version
+
+    def admit(
+        self,
+        update: UpdateRecord,
+        version: int,
+        pending: Sequence[UpdateRecord],
+        one_per_client: bool,
+    ) -> None:
+        _check_base(update, version)
+        staleness = self.staleness(update, version)
+        if staleness > self.max_staleness:
+            raise StaleUpdateError(
+                f"update {update.update_id!r} is {staleness} versions old "
+                f"(max_staleness={self.max_staleness}); fetch /v1/adapter and train again"
+            )
+        if one_per_client:
+            _check_one_per_client(update, pending, "the current buffer")
+
+    def due(
+        self, pending: Sequence[UpdateRecord], version: int, round_started_at: float, now: float
+    ) -> bool:
+        return len(pending) >= self.buffer_size
+
+    def weight(self, update: UpdateRecord, version: int) -> float:
+        staleness = self.staleness(update, version)
+        if staleness < 0 or staleness > self.max_staleness:
+            return 0.0
+        return float(update.num_examples) * staleness_weight(staleness, self.staleness_exponent)
+
+    def keep_versions(self) -> int:
+        return self.max_staleness + 1
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "buffer_size": self.buffer_size,
+            "max_staleness": self.max_staleness,
+            "staleness_exponent": self.staleness_exponent,
+        }
+
+
+STRATEGIES = ("fedavg", "fedbuff")

@@ -1,0 +1,204 @@
+"""`fedlm coordinator`: run the LAN coordinator for one model (also `python -m coordinator`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edge_sdk.models.naming import LORA_TARGETS
+
+if TYPE_CHECKING:
+    from coordinator.config import CoordinatorConfig
+
+JOIN_TOKEN_ENV = "FEDLM_JOIN_TOKEN"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "coordinator",
+        help="run the federated coordinator on this machine (REST API + mDNS)",
+        description="Aggregate LoRA adapter updates from devices on the LAN. "
+        f"The join token comes from --join-token, else ${JOIN_TOKEN_ENV}, else it is generated "
+        "and printed once.",
+    )
+    p.add_argument(
+        "--model", default="smollm2-135m", help="model name or .gguf path (default: smollm2-135m)"
+    )
+    p.add_argument(
+        "--host", default="0.0.0.0", help="address to listen on (default: all interfaces)"
+    )
+    p.add_argument(
+        "--port", type=int, default=8750, help="TCP port; 0 picks a free one (default: 8750)"
+    )
+    p.add_argument(
+        "--db", default="fedlm-coordinator.sqlite", help="SQLite database (resumed if it exists)"
+    )
+    p.add_argument("--strategy", choices=("fedavg", "fedbuff"), default="fedbuff")
+    p.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=2,
+        help="fedavg: close a round at this many updates",
+    )
+    p.add_argument(
+        "--min-clients", type=int, default=1, help="fedavg: close at the deadline with this many"
+    )
+    p.add_argument(
+        "--deadline", type=float, default=600.0, help="fedavg: round deadline in seconds"
+    )
+    p.add_argument("--buffer-size", type=int, default=4, help="fedbuff: aggregate every K updates")
+    p.add_argument("--max-staleness", type=int, default=8, help="fedbuff: refuse older updates")
+    p.add_argument("--lora-mode", choices=("naive", "frozen-a", "exact"), default="exact")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--targets", default=",".join(LORA_TARGETS), help="comma-separated LoRA targets")
+    p.add_argument("--a-seed", type=int, default=0, help="seed of the initial / frozen A matrices")
+    p.add_argument("--codec", default="delta+fp16", help="codec clients are asked to use")
+    p.add_argument(
+        "--exact-max-rank",
+        type=int,
+        default=0,
+        help="exact mode: rank kept by the streaming sum between folds (default 4·rank)",
+    )
+    p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument(
+        "--fedadam", action="store_true", help="FedAdam server optimizer (naive/frozen-a)"
+    )
+    p.add_argument("--robust", choices=("mean", "trimmed-mean", "median"), default="mean")
+    p.add_argument("--trim-ratio", type=float, default=0.1)
+    p.add_argument("--clip-norm", type=float, default=None, help="per-update L2 clip of the delta")
+    p.add_argument(
+        "--dp-noise", type=float, default=None, help="central DP noise multiplier (enables DP)"
+    )
+    p.add_argument("--dp-clip", type=float, default=1.0, help="central DP clip norm")
+    p.add_argument("--dp-delta", type=float, default=1e-5)
+    p.add_argument("--local-steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--max-rounds", type=int, default=None)
+    p.add_argument(
+        "--join-token",
+        default=None,
+        help=f"enrollment secret (default: ${JOIN_TOKEN_ENV} or generated)",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="HTTPS with a self-signed certificate (fingerprint in mDNS)",
+    )
+    p.add_argument("--no-mdns", action="store_true", help="do not advertise on mDNS")
+    p.add_argument(
+        "--mdns-interface",
+        action="append",
+        default=None,
+        help="IPv4 address to advertise on (repeatable)",
+    )
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest accepted update")
+    p.add_argument("--rate", type=float, default=5.0, help="per-client requests per second")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=_run)
+
+
+def _config(args: argparse.Namespace, join_token: str) -> CoordinatorConfig:
+    from coordinator.aggregation import FedAdamConfig
+    from coordinator.aggregator import AggregationConfig
+    from coordinator.config import CoordinatorConfig
+    from coordinator.privacy import DpConfig
+    from coordinator.shapes import shapes_from_gguf
+    from coordinator.strategies import FedAvg, FedBuff
+    from edge_sdk.models.identity import model_sha256
+    from edge_sdk.models.store import resolve
+
+    path = resolve(args.model)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    strategy = (
+        FedAvg(args.clients_per_round, args.min_clients, args.deadline)
+        if args.strategy == "fedavg"
+        else FedBuff(args.buffer_size, args.max_staleness)
+    )
+    aggregation = AggregationConfig(
+        mode=args.lora_mode,
+        rank=args.rank,
+        alpha=args.alpha,
+        a_seed=args.a_seed,
+        server_lr=args.server_lr,
+        exact_max_rank=args.exact_max_rank,
+        robust=args.robust,
+        trim_ratio=args.trim_ratio,
+        clip_norm=args.clip_norm,
+        fedadam=FedAdamConfig() if args.fedadam else None,
+        dp=DpConfig(args.dp_noise, args.dp_clip, args.dp_delta)
+        if args.dp_noise is not None
+        else None,
+    )
+    return CoordinatorConfig(
+        model_sha256=model_sha256(path),
+        shapes=shapes_from_gguf(path, targets),
+        db_path=Path(args.db),
+        targets=targets,
+        aggregation=aggregation,
+        strategy=strategy,
+        codec=args.codec,
+        local_steps=args.local_steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        max_rounds=args.max_rounds,
+        join_token=join_token,
+        host=args.host,
+        port=args.port,
+        tls=args.tls,
+        mdns=not args.no_mdns,
+        mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        rate_per_s=args.rate,
+        rate_burst=max(1, int(4 * args.rate)),
+    )
+
+
+def _single_threaded_blas() -> None:
+    """One BLAS thread: the coordinator's matrices are small (k ≤ 2·max_rank), and OpenBLAS's
+    thread pool costs far more than it saves on them (30x slower on a busy 2-core machine);
+    parallelism comes from the ingest threads instead. Must run before numpy is imported."""
+    if "numpy" in sys.modules:
+        logging.getLogger(__name__).debug("numpy already imported; BLAS threads unchanged")
+        return
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+
+
+def _run(args: argparse.Namespace) -> int:
+    _single_threaded_blas()
+    from coordinator.auth import generate_token
+    from coordinator.service import Service, serve
+
+    logging.getLogger("coordinator").setLevel(args.log_level.upper())
+    join_token = args.join_token or os.environ.get(JOIN_TOKEN_ENV) or ""
+    generated = not join_token
+    if generated:
+        join_token = generate_token()
+    try:
+        config = _config(args, join_token)
+    except ValueError as exc:  # a flag value the config refuses: a usage error, not a crash
+        print(f"fedlm coordinator: error: {exc}", file=sys.stderr)
+        return 2
+
+    def ready(service: Service) -> None:
+        coordinator = service.coordinator
+        print(
+            f"fedlm coordinator {service.url}  task {coordinator.task_id}  version {coordinator.version}",
+            flush=True,
+        )
+        if service.tls is not None:
+            print(f"TLS certificate sha256 fingerprint: {service.tls.fingerprint}", flush=True)
+        if generated:
+            print(f"join token (shown once): {join_token}", flush=True)
+
+    asyncio.run(serve(config, ready))
+    return 0
