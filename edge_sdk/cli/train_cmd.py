@@ -1,0 +1,103 @@
+"""`fedlm train` (LoRA/QLoRA on local data) and `fedlm convert-adapter` (PEFT -> GGUF LoRA)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edge_sdk.models.naming import LORA_TARGETS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a LoRA adapter on local data (QLoRA on the model's own GGUF)",
+        description="Train a LoRA adapter on a JSONL (chat / prompt+completion / text) or plain "
+        "text file. Writes adapter_model.safetensors + adapter_config.json (PEFT) and "
+        "adapter.gguf (llama.cpp) into --out.",
+    )
+    p.add_argument("model", help="model name (see `fedlm models`) or path to a .gguf file")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="training data file(s)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--steps", type=int, default=200, metavar="N", help="optimizer steps (200)")
+    p.add_argument("--rank", type=int, default=8, metavar="R", help="LoRA rank (8)")
+    p.add_argument("--alpha", type=float, default=None, metavar="A", help="LoRA alpha (2 x rank)")
+    p.add_argument("--dropout", type=float, default=0.0, metavar="P", help="LoRA dropout (0)")
+    p.add_argument("--targets", default=",".join(LORA_TARGETS), metavar="LIST",
+                   help="comma-separated projections to adapt (all)")
+    p.add_argument("--seq-len", type=int, default=256, metavar="L", help="tokens per sequence (256)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="sequences per micro-batch (1)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per step (1)")
+    p.add_argument("--lr", type=float, default=2e-4, metavar="LR", help="peak learning rate (2e-4)")
+    p.add_argument("--warmup", type=int, default=10, metavar="N", help="warmup steps (10)")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="held-out share (0.1)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="evaluate every N steps (0: before and after only)")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="checkpoint every N steps (50; 0 disables)")
+    p.add_argument("--precision", choices=("nf4", "bf16", "fp32"), default="nf4",
+                   help="frozen base precision (nf4 = QLoRA)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed data lines")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    c = sub.add_parser("convert-adapter", help="convert a PEFT LoRA directory to a GGUF LoRA")
+    c.add_argument("peft_dir", help="directory with adapter_config.json + adapter_model.safetensors")
+    c.add_argument("--model", required=True, help="base model name or .gguf path it was trained for")
+    c.add_argument("--out", required=True, metavar="FILE", help="GGUF file to write")
+    c.add_argument("--f16", action="store_true", help="store tensors as F16 (default F32)")
+    c.set_defaults(func=_convert)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from edge_sdk.training.trainer import TrainConfig, run
+
+    try:
+        config = TrainConfig(
+            steps=args.steps, rank=args.rank,
+            alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+            dropout=args.dropout, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            lr=args.lr, warmup=args.warmup, seed=args.seed, val_fraction=args.val_fraction,
+            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+            precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
+        )
+    except ValueError as exc:
+        print(f"fedlm train: error: {exc}", file=sys.stderr)
+        return 2
+    bar = not args.no_progress and sys.stderr.isatty()
+    every = max(1, args.steps // 10)
+
+    def log_line(record: dict[str, float]) -> None:
+        # Without a terminal (logs, CI) a bar is noise: print a line every 10% instead.
+        step = int(record["step"])
+        if step % every == 0 or step == args.steps:
+            extra = f", eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+            print(f"step {step}/{args.steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                  f"{record['tokens_per_s']:.0f} tokens/s{extra}", file=sys.stderr, flush=True)
+
+    out = run(args.model, args.data, args.out, config, resume=args.resume,
+              skip_bad=args.skip_bad, progress=bar, model_name=args.model,
+              on_step=None if bar or args.no_progress else log_line)
+    m = out.result.metrics
+    print(f"data: {out.data_summary}")
+    print(f"trained {m.steps} steps, {m.num_tokens} tokens in {m.seconds:.1f} s "
+          f"({m.tokens_per_s:.0f} tokens/s); final train loss {m.train_loss:.4f}")
+    if m.eval_loss is not None:
+        before = f"{m.eval_loss_before:.4f} -> " if m.eval_loss_before is not None else ""
+        print(f"eval loss {before}{m.eval_loss:.4f} (perplexity {m.perplexity:.2f})")
+    print(f"wrote {out.gguf_path} and {out.peft_dir / 'adapter_model.safetensors'} "
+          f"(+ adapter_config.json, metrics.json)")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from edge_sdk.adapters.peft import peft_to_gguf
+    from edge_sdk.models import resolve
+
+    path = peft_to_gguf(args.peft_dir, resolve(args.model), args.out, dtype="f16" if args.f16 else "f32")
+    print(f"wrote {path}")
+    return 0

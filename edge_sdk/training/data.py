@@ -1,0 +1,473 @@
+"""Training data: parse, tokenize with the model's vocabulary, mask, split, pack, batch.
+
+Formats (one file may mix the JSONL kinds line by line):
+
+- JSONL chat, `{"messages": [{"role": "user", "content": "..."}, ...]}`: rendered with the
+  GGUF's chat template; loss on the assistant turns only (content and end-of-turn marker);
+- JSONL instruction, `{"prompt": "...", "completion": "..."}`: rendered as one user/assistant
+  exchange when the model has a chat template, else `prompt + completion + EOS`; loss on the
+  completion only;
+- JSONL text, `{"text": "..."}`, and plain text files (any other suffix; paragraphs split on
+  blank lines): loss on every token.
+
+Assistant spans are found on the rendered text: the template renders the conversation up to
+assistant turn i with the generation prompt (P_i) and through turn i (F_i); the span is
+[len(P_i), len(F_i)) of the full rendering. The whole rendering is tokenized once and span
+boundaries are mapped to tokens by tokenizing the prefixes, so the prompt part is tokenized
+exactly as inference tokenizes that prompt.
+
+Examples are split into train/validation by a seeded shuffle, truncated to `seq_len` (plain
+text is cut into `seq_len` chunks instead, so nothing is lost), and greedily packed into
+sequences of exactly `seq_len` tokens without splitting an example. Labels follow the Hugging
+Face convention (aligned with the inputs, -100 where unscored); the model shifts them.
+The order of training sequences is a pure function of (seed, epoch), so a resumed run only needs
+to know how many sequences it has consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.training.errors import DataFormatError, EmptyDatasetError, TokenizerError
+from edge_sdk.training.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label of unscored positions (PyTorch / Hugging Face convention)."""
+
+JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
+_ROLES = ("system", "user", "assistant", "tool")
+_MAX_WARNINGS = 5
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How examples become training sequences."""
+
+    seq_len: int = 256
+    """Tokens per training sequence; longer examples are truncated (plain text: chunked)."""
+    val_fraction: float = 0.1
+    """Share of the examples held out for evaluation (at least one when there are two or more)."""
+    seed: int = 0
+    """Seeds the validation split, the packing order and the per-epoch sequence order."""
+    skip_bad: bool = False
+    """Skip and count malformed lines instead of failing on the first one."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(f"`seq_len` should be an integer >= 2, got {self.seq_len!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"`val_fraction` should be in [0, 1), got {self.val_fraction!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"`seed` should be an integer, got {self.seed!r}")  # noqa: TRY004
+
+
+@dataclass
+class Example:
+    """One tokenized example."""
+
+    input_ids: np.ndarray
+    """(n,) int64 token ids."""
+    loss_mask: np.ndarray
+    """(n,) bool: True where the token is a training target."""
+    source: str
+    """`file:line` (or `file:paragraph N`) it came from, for messages."""
+
+
+@dataclass
+class DataStats:
+    """What parsing and packing did; reported by the trainer."""
+
+    files: int = 0
+    examples: int = 0
+    skipped_bad: int = 0
+    truncated: int = 0
+    dropped_no_target: int = 0
+    """Examples with no scored token left after truncation."""
+    formats: dict[str, int] = field(default_factory=dict)
+    train_examples: int = 0
+    val_examples: int = 0
+    train_sequences: int = 0
+    val_sequences: int = 0
+    train_tokens: int = 0
+    """Non-padding tokens in the training sequences."""
+    train_target_tokens: int = 0
+    """Scored tokens in the training sequences."""
+    val_target_tokens: int = 0
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _bad(where: str, why: str) -> DataFormatError:
+    return DataFormatError(f"{where}: {why}")
+
+
+def _check_text(value: Any, where: str, name: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(where, f"`{name}` should be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _bad(where, f"`{name}` is empty")
+    return value
+
+
+def _parse_record(record: Any, where: str) -> tuple[str, Any]:
+    """(kind, payload) of one JSON line; `DataFormatError` naming `where` when malformed."""
+    if not isinstance(record, dict):
+        raise _bad(where, f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise _bad(where, "`messages` should be a non-empty list")
+        clean = []
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise _bad(where, f"messages[{j}] should be an object with `role` and `content`")
+            if m["role"] not in _ROLES:
+                raise _bad(where, f"messages[{j}].role {m['role']!r} is not one of {', '.join(_ROLES)}")
+            if not isinstance(m["content"], str):
+                raise _bad(where, f"messages[{j}].content should be a string")
+            clean.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in clean):
+            raise _bad(where, "the conversation has no non-empty assistant message to learn from")
+        return "chat", clean
+    if "prompt" in record or "completion" in record:
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str):
+            raise _bad(where, "`prompt` should be a string")
+        return "instruction", (prompt, _check_text(record.get("completion"), where, "completion"))
+    if "text" in record:
+        return "text", _check_text(record["text"], where, "text")
+    keys = ", ".join(sorted(map(str, record))) or "none"
+    raise _bad(where, f"expected `messages`, `prompt`+`completion` or `text`; got keys: {keys}")
+
+
+def _skip_or_raise(err: DataFormatError, stats: DataStats, skip_bad: bool) -> None:
+    if not skip_bad:
+        raise err
+    stats.skipped_bad += 1
+    if stats.skipped_bad <= _MAX_WARNINGS:
+        logger.warning("skipping %s", err)
+
+
+def iter_records(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[str, Any, str]]:
+    """(kind, payload, where) for every record of one file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataFormatError(f"{path}: cannot read ({exc.strerror})") from exc
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise DataFormatError(f"{path}:{line}: not valid UTF-8 text") from exc
+        # Paragraphs (blank-line separated) are the examples of a plain text file.
+        for n, para in enumerate(p for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()):
+            yield "text", para.strip("\n"), f"{path}:paragraph {n + 1}"
+        return
+    for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
+        where = f"{path}:{lineno}"
+        if not line_bytes.strip():
+            continue
+        try:
+            kind, payload = _parse_record(json.loads(line_bytes.decode("utf-8")), where)
+        except (UnicodeDecodeError, json.JSONDecodeError, DataFormatError) as exc:
+            err = exc if isinstance(exc, DataFormatError) else _bad(where, f"invalid JSON ({exc})")
+            _skip_or_raise(err, stats, skip_bad)
+            continue
+        yield kind, payload, where
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def _assistant_spans(tok: Tokenizer, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the [start, end) character spans of its assistant turns."""
+    if not tok.has_chat_template:
+        raise DataFormatError(
+            f"{where}: chat records need the model's chat template, and this model has none; "
+            "use prompt/completion or text records"
+        )
+    full = tok.render_chat(messages, add_generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = tok.render_chat(messages[:i], add_generation_prompt=True) if i else ""
+        through = tok.render_chat(messages[: i + 1], add_generation_prompt=False)
+        if not (full.startswith(through) and through.startswith(prefix)):
+            raise DataFormatError(
+                f"{where}: the chat template does not render this conversation incrementally, "
+                "so assistant turns cannot be located"
+            )
+        if len(through) > len(prefix):
+            spans.append((len(prefix), len(through)))
+    return full, spans
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _tokenize_spans(
+    tok: Tokenizer, text: str, spans: list[tuple[int, int]], *, add_bos: bool
+) -> tuple[list[int], list[bool]]:
+    """Tokenize `text` once and mark the tokens of the character `spans` as scored.
+
+    The token index of a character boundary c is found by tokenizing text[:c] (what inference
+    tokenizes as a prompt) and matching it against the whole: tokenizing pieces separately
+    would differ (SentencePiece vocabularies prefix every call with a space). Where a token
+    straddles a boundary, it belongs to the side that the common prefix gives it.
+    """
+    ids = tok.encode(text, add_bos=add_bos)
+    cache: dict[int, int] = {0: 0 if not (add_bos and tok.bos_id is not None) else 1, len(text): len(ids)}
+
+    def token_index(c: int) -> int:
+        if c not in cache:
+            cache[c] = _common_prefix(tok.encode(text[:c], add_bos=add_bos), ids)
+        return cache[c]
+
+    mask = [False] * len(ids)
+    for start, end in spans:
+        for t in range(token_index(start), token_index(end)):
+            mask[t] = True
+    return ids, mask
+
+
+def tokenize_record(tok: Tokenizer, kind: str, payload: Any, where: str) -> list[Example]:
+    """Token ids and loss mask of one record."""
+    if kind == "instruction" and tok.has_chat_template:
+        prompt, completion = payload
+        kind, payload = "chat", [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": completion},
+        ]
+    if kind == "chat":
+        # The template writes its own BOS when the model wants one (llama-cpp-python adds none).
+        full, spans = _assistant_spans(tok, payload, where)
+        ids, mask = _tokenize_spans(tok, full, spans, add_bos=False)
+    elif kind == "instruction":
+        prompt, completion = payload
+        text = prompt + completion
+        ids, mask = _tokenize_spans(tok, text, [(len(prompt), len(text))], add_bos=True)
+        ids, mask = ids + [tok.eos_id], mask + [True]
+    elif kind == "text":
+        ids = tok.encode(payload, add_bos=True) + [tok.eos_id]
+        # BOS is never a prediction target: nothing predicts the start of a document.
+        mask = [not (i == 0 and tok.bos_id is not None and t == tok.bos_id) for i, t in enumerate(ids)]
+    else:  # pragma: no cover - _parse_record only yields the kinds above
+        raise AssertionError(kind)
+    return [Example(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), where)]
+
+
+def _fit(example: Example, kind: str, seq_len: int, stats: DataStats) -> list[Example]:
+    """Truncate (or, for plain text, chunk) an example to at most `seq_len` tokens."""
+    n = len(example.input_ids)
+    if n <= seq_len:
+        return [example]
+    if kind == "text":
+        return [
+            Example(example.input_ids[s : s + seq_len], example.loss_mask[s : s + seq_len], example.source)
+            for s in range(0, n, seq_len)
+        ]
+    stats.truncated += 1
+    return [Example(example.input_ids[:seq_len], example.loss_mask[:seq_len], example.source)]
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack(examples: Sequence[Example], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy packing into (n, seq_len) input ids and labels, never splitting an example.
+
+    Sequences are filled in the given order; an example that does not fit starts the next one.
+    Padding has label `IGNORE_INDEX`. The first token of every example is unscored as well:
+    it would be predicted from the previous example, which says nothing about it.
+    """
+    rows_ids: list[np.ndarray] = []
+    rows_labels: list[np.ndarray] = []
+    cur_ids: list[np.ndarray] = []
+    cur_labels: list[np.ndarray] = []
+    used = 0
+
+    def flush() -> None:
+        nonlocal used, cur_ids, cur_labels
+        if not cur_ids:
+            return
+        ids = np.full(seq_len, pad_id, dtype=np.int64)
+        labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+        ids[:used] = np.concatenate(cur_ids)
+        labels[:used] = np.concatenate(cur_labels)
+        rows_ids.append(ids)
+        rows_labels.append(labels)
+        cur_ids, cur_labels, used = [], [], 0
+
+    for ex in examples:
+        n = len(ex.input_ids)
+        if n > seq_len:
+            raise ValueError(f"{ex.source}: example of {n} tokens exceeds seq_len {seq_len}")
+        if used + n > seq_len:
+            flush()
+        labels = np.where(ex.loss_mask, ex.input_ids, IGNORE_INDEX)
+        labels[0] = IGNORE_INDEX
+        cur_ids.append(ex.input_ids)
+        cur_labels.append(labels)
+        used += n
+    flush()
+    if not rows_ids:
+        return np.zeros((0, seq_len), np.int64), np.zeros((0, seq_len), np.int64)
+    return np.stack(rows_ids), np.stack(rows_labels)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class Dataset:
+    """Packed train and validation sequences, ready to batch."""
+
+    train_ids: np.ndarray
+    """(N, seq_len) int64."""
+    train_labels: np.ndarray
+    """(N, seq_len) int64, `IGNORE_INDEX` where unscored."""
+    val_ids: np.ndarray
+    """(M, seq_len) int64; M may be 0 (then there is no evaluation)."""
+    val_labels: np.ndarray
+    seed: int
+    stats: DataStats
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.train_ids.shape[1])
+
+    def train_order(self, epoch: int) -> np.ndarray:
+        """Permutation of the training sequences for one epoch: a pure function of (seed, epoch)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.train_ids))
+
+    def train_batch(self, position: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `batch_size` sequences after `position` sequences have been consumed.
+
+        Positions run across epochs: sequence k is `train_order(k // N)[k % N]`. Returns
+        (ids, labels), each (batch_size, seq_len).
+        """
+        n = len(self.train_ids)
+        orders: dict[int, np.ndarray] = {}
+        rows = []
+        for k in range(position, position + batch_size):
+            epoch, offset = divmod(k, n)
+            if epoch not in orders:
+                orders[epoch] = self.train_order(epoch)
+            rows.append(orders[epoch][offset])
+        idx = np.asarray(rows)
+        return self.train_ids[idx], self.train_labels[idx]
+
+    def val_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Validation sequences in fixed order, `batch_size` at a time."""
+        for s in range(0, len(self.val_ids), batch_size):
+            yield self.val_ids[s : s + batch_size], self.val_labels[s : s + batch_size]
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train indexes, val indexes) over n examples."""
+    n_val = 0 if n < 2 or val_fraction == 0 else max(1, round(n * val_fraction))
+    order = np.random.default_rng([seed, 0x5EED]).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def build_dataset(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    tokenizer: Tokenizer,
+    config: DataConfig | None = None,
+) -> Dataset:
+    """Parse, tokenize, split and pack the files at `paths` (see the module docstring)."""
+    config = config or DataConfig()
+    path_list = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+    if not path_list:
+        raise EmptyDatasetError("no data files given")
+    stats = DataStats(files=len(path_list))
+    # Each record keeps its chunks together so the split never puts half a document in val.
+    records: list[list[Example]] = []
+    for path in path_list:
+        if path.is_dir():
+            raise DataFormatError(f"{path}: is a directory; pass data files")
+        for kind, payload, where in iter_records(path, stats, config.skip_bad):
+            try:
+                examples = tokenize_record(tokenizer, kind, payload, where)
+            except (DataFormatError, TokenizerError) as exc:
+                # A record the template cannot render is a bad line too (e.g. roles that do not
+                # alternate, for templates that insist).
+                err = exc if isinstance(exc, DataFormatError) else _bad(where, str(exc))
+                _skip_or_raise(err, stats, config.skip_bad)
+                continue
+            stats.formats[kind] = stats.formats.get(kind, 0) + 1
+            chunks: list[Example] = []
+            for ex in examples:
+                chunks.extend(_fit(ex, kind, config.seq_len, stats))
+            kept = [c for c in chunks if c.loss_mask[1:].any()]
+            stats.dropped_no_target += len(chunks) - len(kept)
+            if kept:
+                records.append(kept)
+    stats.examples = len(records)
+    if not records:
+        names = ", ".join(str(p) for p in path_list)
+        detail = f" ({stats.skipped_bad} malformed lines skipped)" if stats.skipped_bad else ""
+        raise EmptyDatasetError(f"no usable training examples in {names}{detail}")
+    if stats.truncated:
+        logger.warning("%d examples were longer than seq_len=%d and were truncated",
+                       stats.truncated, config.seq_len)
+
+    train_idx, val_idx = _split(len(records), config.val_fraction, config.seed)
+    stats.train_examples, stats.val_examples = len(train_idx), len(val_idx)
+    rng = np.random.default_rng([config.seed, 1])
+    # Pack in a seeded shuffled order so sequences mix sources; each record stays contiguous.
+    train_ex = [ex for i in rng.permutation(train_idx) for ex in records[i]]
+    val_ex = [ex for i in val_idx for ex in records[i]]
+    pad = tokenizer.eos_id
+    train_ids, train_labels = pack(train_ex, config.seq_len, pad)
+    val_ids, val_labels = pack(val_ex, config.seq_len, pad)
+    stats.train_sequences, stats.val_sequences = len(train_ids), len(val_ids)
+    stats.train_tokens = int(sum(len(e.input_ids) for e in train_ex))
+    stats.train_target_tokens = int((train_labels != IGNORE_INDEX).sum())
+    stats.val_target_tokens = int((val_labels != IGNORE_INDEX).sum())
+    if not len(val_ids):
+        logger.warning("no validation split (%d example(s)); eval loss will not be reported",
+                       len(records))
+    logger.info("data: %d examples -> %d train / %d val sequences of %d tokens",
+                len(records), len(train_ids), len(val_ids), config.seq_len)
+    return Dataset(train_ids, train_labels, val_ids, val_labels, config.seed, stats)
+
+
+def describe(stats: DataStats) -> str:
+    """One line for logs and the CLI."""
+    formats = ", ".join(f"{n} {k}" for k, n in sorted(stats.formats.items()))
+    parts = [
+        f"{stats.examples} examples ({formats})",
+        f"{stats.train_sequences} train / {stats.val_sequences} val sequences",
+        f"{stats.train_target_tokens} train target tokens",
+    ]
+    if stats.skipped_bad:
+        parts.append(f"{stats.skipped_bad} malformed lines skipped")
+    if stats.truncated:
+        parts.append(f"{stats.truncated} truncated")
+    if stats.dropped_no_target:
+        parts.append(f"{stats.dropped_no_target} dropped (nothing to learn after truncation)")
+    return "; ".join(parts)
+
+
+def as_mapping(stats: DataStats) -> Mapping[str, Any]:
+    """Plain dict of the stats (for metrics.json)."""
+    return dict(stats.__dict__)
