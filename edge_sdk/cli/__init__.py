@@ -19,6 +19,11 @@ from edge_sdk.errors import FedlmError
 _COMMAND_MODULES = (
     "edge_sdk.cli.models_cmd",
     "edge_sdk.cli.generate_cmd",
+    "edge_sdk.cli.train_cmd",
+    "edge_sdk.cli.coordinator_cmd",
+    "edge_sdk.cli.join_cmd",
+    "edge_sdk.cli.ledger_cmd",
+    "edge_sdk.cli.demo_cmd",
 )
 
 EXIT_USAGE = 2

@@ -1,0 +1,57 @@
+"""Errors of the federated client: one base class, one subclass per kind of failure.
+
+All are `FedlmError`s, so `fedlm join` prints them as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+from edge_sdk.errors import FedlmError
+
+
+class ClientError(FedlmError):
+    """Base class of every error the federated client raises on purpose."""
+
+
+class DiscoveryError(ClientError):
+    """No usable coordinator was found on mDNS (the message says what was seen and why ignored)."""
+
+
+class VerificationError(ClientError):
+    """A check that must pass before any training failed (model, licence or TLS identity)."""
+
+
+class ModelMismatchError(VerificationError):
+    """The coordinator's task trains another base model than the local file (sha256 differs)."""
+
+
+class LicenceRefusedError(VerificationError):
+    """The local base model's licence class is refused by the client's policy."""
+
+
+class TlsPinError(VerificationError):
+    """The coordinator's TLS certificate does not have the advertised SHA-256 fingerprint."""
+
+
+class TransportError(ClientError):
+    """The coordinator stayed unreachable (or kept failing) after every retry."""
+
+
+class ProtocolError(ClientError):
+    """The coordinator answered with bytes that are not a valid message of the wire protocol."""
+
+
+class RequestRejectedError(ClientError):
+    """The coordinator answered a request with a 4xx error; `status` and `code` say which."""
+
+    def __init__(self, message: str, *, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class AuthenticationError(RequestRejectedError):
+    """The join token or the stored client token was refused (HTTP 401)."""
+
+
+class StateError(ClientError):
+    """The client's state directory is unusable: locked by another client, or a file is corrupt."""

@@ -1,0 +1,646 @@
+"""The federation loop of a device: `FederatedClient`.
+
+    verify the local model (sha256, licence policy) -> find the coordinator (mDNS or a URL)
+    -> join (token kept 0600) -> task -> resend an unacknowledged update, if any ->
+    repeat: pull the global adapter (ETag) -> hot-swap it into the runtime -> train locally
+            from it -> encode with the task's codec (residual kept on disk) -> push (same id
+            on every resend) -> wait for the next version
+    until the task ends, `max_rounds` updates were accepted, or `stop()` is called.
+
+Crash safety: the round's base adapter and a training checkpoint are on disk while training
+(a restart resumes the round from the checkpoint); an encoded update is on disk before the
+first byte is sent and is deleted only when the coordinator acknowledged it, or answered that
+it already has it (409 duplicate_update), so an update is never lost and never counted twice.
+
+Threads: training runs in a worker thread (`asyncio.to_thread`); `stop()` may be called from
+any thread or a signal handler. It interrupts training at the next optimizer step (the last
+checkpoint stays) and any backoff wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge_sdk.client.controls import LocalDpConfig, apply_memory_cap, apply_thread_cap, privatize
+from edge_sdk.client.discovery import discover
+from edge_sdk.client.errors import (
+    AuthenticationError,
+    ClientError,
+    DiscoveryError,
+    LicenceRefusedError,
+    ModelMismatchError,
+    RequestRejectedError,
+)
+from edge_sdk.client.state import ClientState, Credentials, PendingUpdate, RoundMarker
+from edge_sdk.client.transport import RetryConfig, StopRequested, Transport
+from edge_sdk.models.licence import LicenceClass
+from edge_sdk.wire import AdapterUpdate, GlobalAdapter, TaskConfig, WireError
+
+if TYPE_CHECKING:
+    import aiohttp
+    import torch
+
+    from edge_sdk.models.identity import ModelIdentity
+    from edge_sdk.runtime import EdgeModel
+    from edge_sdk.training.data import Dataset
+    from edge_sdk.training.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+JOIN_TOKEN_ENV = "FEDLM_JOIN_TOKEN"
+
+
+def _default_name() -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:64] or "device"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything a device needs to take part in a federation."""
+
+    model: str
+    """Model name (`smollm2-135m`) or path to the local base GGUF."""
+    data: tuple[str, ...]
+    """Local training data files (JSONL chat / prompt+completion / text, or plain text)."""
+    state_dir: Path
+    """Token, codec residual, pending update, checkpoints, adapters and the outbox ledger."""
+    coordinator_url: str | None = None
+    """Skip discovery and use this base URL (http://host:port or https://...)."""
+    coordinator_name: str | None = None
+    """With discovery: choose the offer with this instance name (or task id)."""
+    tls_fingerprint: str | None = None
+    """With `coordinator_url` over https: the certificate's SHA-256 to pin (hex)."""
+    join_token: str | None = None
+    """Enrollment secret; needed only until the client has a token in `state_dir`."""
+    name: str = field(default_factory=_default_name)
+    """Device name shown to the coordinator's operator."""
+    max_rounds: int | None = None
+    """Stop after this many accepted updates of this client; None = until the task ends."""
+    refuse_licences: frozenset[LicenceClass] = frozenset({LicenceClass.UNKNOWN})
+    """Licence classes of the base model this device will not train on."""
+    threads: int | None = None
+    """Cap on torch's training threads; None = torch's default."""
+    memory_limit_mb: int | None = None
+    """Cap on the process's address space (RLIMIT_AS); None = no cap. Process-wide."""
+    local_dp: LocalDpConfig | None = None
+    """Clip + Gaussian noise on the update before it leaves the device; None = off."""
+    precision: str = "nf4"
+    """Frozen base precision for training: nf4 (QLoRA), bf16 or fp32."""
+    checkpoint_every: int = 5
+    """Training checkpoint interval in optimizer steps (what a crash can lose at most)."""
+    eval_batches: int = 4
+    """Validation batches evaluated before and after each round (0: the whole split)."""
+    seed: int = 0
+    """Seeds the validation split; each round's data order derives from it and the round."""
+    skip_bad: bool = False
+    """Skip malformed data lines instead of failing."""
+    discovery_timeout_s: float = 3.0
+    """How long to listen for mDNS adverts."""
+    discovery_interfaces: tuple[str, ...] | None = None
+    """IPv4 addresses to browse on; None = every interface."""
+    poll_interval_s: float = 2.0
+    """How often to ask for a new global version while waiting for one."""
+    final_wait_s: float = 30.0
+    """After the last update: how long to wait for the version it feeds into (to serve it)."""
+    retrain_after_s: float | None = None
+    """Train again from the same version after waiting this long for a new one (async tasks)."""
+    schedule_poll_s: float = 30.0
+    """How often to ask the schedule hook again after it said "not now"."""
+    swap_wait_s: float = 5.0
+    """How long a hot-swap waits for a running generation before trying again later."""
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
+        if isinstance(self.data, (str, os.PathLike)):
+            object.__setattr__(self, "data", (str(self.data),))
+        object.__setattr__(self, "data", tuple(str(d) for d in self.data))
+        if not self.data:
+            raise ValueError("`data` should name at least one training file, got none")
+        if self.coordinator_url is not None and not self.coordinator_url.startswith(("http://", "https://")):
+            raise ValueError(f"`coordinator_url` should start with http:// or https://, got {self.coordinator_url!r}")
+        if not self.name or len(self.name) > 128:
+            raise ValueError(f"`name` should be 1-128 characters, got {self.name!r}")
+        if self.max_rounds is not None and (isinstance(self.max_rounds, bool) or self.max_rounds < 1):
+            raise ValueError(f"`max_rounds` should be a positive integer or None, got {self.max_rounds!r}")
+        object.__setattr__(self, "refuse_licences", frozenset(LicenceClass(c) for c in self.refuse_licences))
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"`threads` should be >= 1, got {self.threads!r}")
+        if self.precision not in ("nf4", "bf16", "fp32"):
+            raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"`checkpoint_every` should be >= 1, got {self.checkpoint_every!r}")
+        if self.eval_batches < 0:
+            raise ValueError(f"`eval_batches` should be >= 0, got {self.eval_batches!r}")
+        for name in ("discovery_timeout_s", "poll_interval_s", "schedule_poll_s", "swap_wait_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` should be > 0 seconds, got {getattr(self, name)!r}")
+        if self.final_wait_s < 0:
+            raise ValueError(f"`final_wait_s` should be >= 0, got {self.final_wait_s!r}")
+        if self.retrain_after_s is not None and not self.retrain_after_s > 0:
+            raise ValueError(f"`retrain_after_s` should be > 0 or None, got {self.retrain_after_s!r}")
+
+
+@dataclass
+class RoundReport:
+    """One local round: what was trained and what the coordinator said."""
+
+    round: int
+    base_version: int
+    update_id: str
+    steps: int
+    resumed_from_step: int
+    """0 for a fresh round; k when training continued from a checkpoint at step k."""
+    train_loss: float
+    update_bytes: int
+    outcome: str
+    """How the coordinator settled the update: accepted, duplicate, stale or task_complete."""
+    seconds: float
+
+
+@dataclass
+class RunSummary:
+    """How a `run()` ended."""
+
+    coordinator: str
+    task_id: str
+    client_id: str
+    reason: str
+    """`task_complete`, `max_rounds`, or `stopped`."""
+    rounds: list[RoundReport]
+    global_version: int
+    """Newest global version received."""
+    adapter_path: Path | None
+    """GGUF LoRA of that version (what the runtime serves when one is attached)."""
+
+
+class _Interrupted(Exception):
+    """Raised from the training step callback when `stop()` was called."""
+
+
+def _round_seed(seed: int, client_id: str, round_no: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{client_id}:{round_no}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class FederatedClient:
+    """A device in a federation. `run()` blocks; `await run_async()` inside an event loop.
+
+    Args:
+        config: see `ClientConfig`.
+        runtime: an `EdgeModel` of the same base model; every new global adapter is hot-swapped
+            into it, so the app's inference improves as the federation learns.
+        schedule: called before each round; return False to wait (e.g. the device is busy or
+            on battery). It is asked again every `config.schedule_poll_s` seconds.
+        trace_configs: aiohttp trace configs for the HTTP session (inspection, tests).
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        runtime: EdgeModel | None = None,
+        schedule: Callable[[], bool] | None = None,
+        trace_configs: Sequence[aiohttp.TraceConfig] | None = None,
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.schedule = schedule
+        self.state = ClientState(config.state_dir)
+        self._trace_configs = trace_configs
+        self._stop_flag = threading.Event()
+        self._stop_async: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._identity: ModelIdentity | None = None
+        self._dataset: Dataset | None = None
+        self._model: torch.nn.Module | None = None
+        self._model_key: tuple[Any, ...] | None = None
+        self._served: tuple[int, Path] | None = None
+        self._global: GlobalAdapter | None = None
+        self._global_version = -1
+        self._etag: str | None = None
+        self.rounds: list[RoundReport] = []
+
+    # -- control ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to stop after saving; safe from any thread or a signal handler."""
+        self._stop_flag.set()
+        loop, event = self._loop, self._stop_async
+        if loop is not None and event is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(event.set)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_flag.is_set()
+
+    def run(self) -> RunSummary:
+        return asyncio.run(self.run_async())
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._stop_async is not None
+        try:
+            await asyncio.wait_for(self._stop_async.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # -- verification -----------------------------------------------------------------------
+
+    def verify_model(self) -> ModelIdentity:
+        """The local model's identity, if its licence class is allowed (no network involved)."""
+        from edge_sdk.models.identity import inspect_model
+
+        identity = inspect_model(self.config.model)
+        if identity.licence_class in self.config.refuse_licences:
+            raise LicenceRefusedError(
+                f"{Path(identity.path).name}: licence {identity.licence or '(none)'} is of class "
+                f"{identity.licence_class.value}, which this client's policy refuses "
+                f"(refused: {', '.join(sorted(c.value for c in self.config.refuse_licences))})"
+            )
+        self._identity = identity
+        return identity
+
+    async def _find_coordinator(self, sha256: str) -> tuple[str, str | None]:
+        cfg = self.config
+        if cfg.coordinator_url is not None:
+            return cfg.coordinator_url.rstrip("/"), cfg.tls_fingerprint
+        report = await discover(
+            sha256, name=cfg.coordinator_name, timeout_s=cfg.discovery_timeout_s,
+            interfaces=cfg.discovery_interfaces,
+        )  # fmt: skip
+        if report.chosen is None:
+            raise DiscoveryError("; ".join(report.explain()) + " (use --coordinator URL to skip discovery)")
+        return report.chosen.url, report.chosen.tls_fingerprint
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run_async(self) -> RunSummary:
+        """Run until the task ends, `max_rounds` updates were accepted, or `stop()`."""
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        self._stop_async = asyncio.Event()
+        if self._stop_flag.is_set():
+            self._stop_async.set()
+        apply_thread_cap(cfg.threads)
+        apply_memory_cap(cfg.memory_limit_mb)
+        identity = await asyncio.to_thread(self.verify_model)
+        with self.state:
+            url, fingerprint = await self._find_coordinator(identity.sha256)
+            log.info("coordinator %s%s", url, f" (TLS pinned {fingerprint[:16]}…)" if fingerprint else "")
+            async with Transport(
+                url, self.state.ledger, tls_fingerprint=fingerprint, retry=cfg.retry,
+                stop=self._stop_async, trace_configs=self._trace_configs,
+            ) as transport:  # fmt: skip
+                try:
+                    return await self._federate(transport, identity)
+                except StopRequested:
+                    creds = self.state.credentials(url)
+                    return self._summary(url, creds, "", "stopped")
+
+    async def _credentials(self, transport: Transport) -> Credentials:
+        creds = self.state.credentials(transport.base_url)
+        if creds is not None:
+            transport.token = creds.token
+            return creds
+        token = self.config.join_token or os.environ.get(JOIN_TOKEN_ENV)
+        if not token:
+            raise ClientError(
+                f"not enrolled at {transport.base_url}: give the join token (--join-token or ${JOIN_TOKEN_ENV})"
+            )
+        transport.token = None
+        joined = await transport.join(token, self.config.name)
+        creds = Credentials(transport.base_url, joined["client_id"], joined["token"], joined["task_id"], self.config.name)
+        self.state.save_credentials(creds)
+        transport.token = creds.token
+        log.info("joined %s as %s", transport.base_url, creds.client_id)
+        return creds
+
+    async def _task(self, transport: Transport) -> tuple[Credentials, TaskConfig]:
+        creds = await self._credentials(transport)
+        try:
+            task = await transport.task()
+        except AuthenticationError:
+            # The coordinator forgot us (new database): enroll again if we can.
+            log.warning("the coordinator refused the stored token; joining again")
+            self.state.forget_credentials()
+            creds = await self._credentials(transport)
+            task = await transport.task()
+        assert self._identity is not None
+        if task.model_sha256 != self._identity.sha256:
+            raise ModelMismatchError(
+                f"the task {task.task_id} trains model {task.model_sha256[:16]}…, the local model "
+                f"{Path(self._identity.path).name} is {self._identity.sha256[:16]}…; refusing to train"
+            )
+        return creds, task
+
+    def _summary(self, url: str, creds: Credentials | None, task_id: str, reason: str) -> RunSummary:
+        return RunSummary(
+            coordinator=url, task_id=task_id, client_id=creds.client_id if creds else "",
+            reason=reason, rounds=list(self.rounds), global_version=self._global_version,
+            adapter_path=self._served[1] if self._served else None,
+        )  # fmt: skip
+
+    async def _federate(self, transport: Transport, identity: ModelIdentity) -> RunSummary:
+        cfg, state = self.config, self.state
+        creds, task = await self._task(transport)
+        log.info("task %s: %s, %d local steps, codec %s", task.task_id, task.lora.mode, task.local_steps, task.codec)
+        stored = state.global_adapter()
+        if stored is not None and self._load_global(stored[0], stored[1], stored[2], task) is not None:
+            await self._swap()  # serve what we had before the restart, right away
+
+        pending = state.pending()
+        if pending is not None:
+            if pending.task_id == task.task_id:
+                log.info("resending unacknowledged update %s", pending.update_id)
+                outcome = await self._push(transport, pending, task)
+                if outcome == "task_complete":
+                    return await self._finish(transport, creds, task, "task_complete")
+            else:
+                state.clear_pending()
+
+        last_base = state.last_base(task.task_id)  # never train twice from one version
+        waited_since = time.monotonic()
+        while not self.stopping:
+            done = state.rounds_done(task.task_id)
+            if cfg.max_rounds is not None and done >= cfg.max_rounds:
+                return await self._finish(transport, creds, task, "max_rounds", last_base)
+            fresh = await self._pull(transport, task)
+            if fresh:
+                await self._swap()
+                waited_since = time.monotonic()
+            if task.max_rounds is not None and self._global_version >= task.max_rounds:
+                return await self._finish(transport, creds, task, "task_complete")
+            if self._global_version <= last_base:
+                retrain = cfg.retrain_after_s is not None and time.monotonic() - waited_since >= cfg.retrain_after_s
+                if not retrain:
+                    await self._sleep(cfg.poll_interval_s)
+                    continue
+            if self.schedule is not None and not self.schedule():
+                log.info("schedule says not now; asking again in %.0f s", cfg.schedule_poll_s)
+                await self._sleep(cfg.schedule_poll_s)
+                continue
+            report = await self._round(transport, creds, task, done + 1)
+            if report is None:
+                break  # stopped during training; the checkpoint stays for the next start
+            last_base = report.base_version
+            waited_since = time.monotonic()
+            if report.outcome == "task_complete":
+                return await self._finish(transport, creds, task, "task_complete")
+        return self._summary(transport.base_url, creds, task.task_id, "stopped")
+
+    async def _finish(
+        self, transport: Transport, creds: Credentials, task: TaskConfig, reason: str, last_base: int = -1
+    ) -> RunSummary:
+        """Serve the newest adapter before returning (waiting a little for the one we fed)."""
+        deadline = time.monotonic() + (self.config.final_wait_s if reason == "max_rounds" else 0.0)
+        while not self.stopping:
+            if await self._pull(transport, task):
+                await self._swap()
+            if self._global_version > last_base or time.monotonic() >= deadline:
+                break
+            await self._sleep(min(self.config.poll_interval_s, max(0.0, deadline - time.monotonic())))
+        log.info("done (%s): %d rounds, serving global version %d", reason, len(self.rounds), self._global_version)
+        return self._summary(transport.base_url, creds, task.task_id, reason)
+
+    # -- global adapter ---------------------------------------------------------------------
+
+    def _load_global(self, body: bytes, version: int, etag: str, task: TaskConfig) -> GlobalAdapter | None:
+        try:
+            adapter = GlobalAdapter.from_bytes(body)
+        except WireError as exc:
+            log.warning("ignoring an undecodable global adapter (%s)", exc)
+            return None
+        if adapter.lora.targets != task.lora.targets or adapter.lora.rank != task.lora.rank:
+            log.warning("ignoring a global adapter whose LoRA spec differs from the task's")
+            return None
+        self._global, self._global_version, self._etag = adapter, adapter.version, etag
+        return adapter
+
+    async def _pull(self, transport: Transport, task: TaskConfig) -> bool:
+        """Fetch the global adapter if it changed; True when a newer version arrived."""
+        resp = await transport.adapter(self._etag)
+        if resp.body is None:
+            return False
+        previous = self._global_version
+        if self._load_global(resp.body, resp.version, resp.etag, task) is None:
+            return False
+        self.state.save_global(resp.body, self._global_version, resp.etag, task.task_id)
+        if self._global_version != previous:
+            log.info("global adapter version %d", self._global_version)
+        return self._global_version > previous
+
+    async def _swap(self) -> None:
+        """Write the current global adapter as GGUF LoRA and hot-swap it into the runtime."""
+        adapter = self._global
+        if adapter is None or (self._served is not None and self._served[0] == adapter.version):
+            return
+        from edge_sdk.adapters.gguf_lora import BaseModelInfo, write_gguf_lora
+        from edge_sdk.errors import RuntimeBusyError
+
+        assert self._identity is not None
+        path = self.state.adapter_gguf_path(adapter.version)
+        base = BaseModelInfo.from_gguf(self._identity.path, sha256=self._identity.sha256)
+        await asyncio.to_thread(write_gguf_lora, path, adapter.dense_tensors(), alpha=adapter.lora.alpha, base=base)
+        if self.runtime is not None:
+            try:
+                await asyncio.to_thread(self.runtime.load_adapter, path, wait=self.config.swap_wait_s)
+            except RuntimeBusyError as exc:
+                log.info("hot-swap postponed: %s", exc)
+                return
+            log.info("runtime now serves global version %d", adapter.version)
+        self._served = (adapter.version, path)
+        self.state.prune_adapters(keep=path)
+
+    # -- one round --------------------------------------------------------------------------
+
+    def _train_config(self, task: TaskConfig, seed: int) -> TrainConfig:
+        from edge_sdk.training.trainer import TrainConfig
+
+        return TrainConfig(
+            steps=task.local_steps, rank=task.lora.rank, alpha=task.lora.alpha,
+            targets=task.lora.targets, seq_len=task.seq_len, batch_size=task.batch_size,
+            lr=task.lr, warmup=0, min_lr_ratio=1.0,  # constant lr: a round is a slice of one run
+            seed=seed, eval_batches=self.config.eval_batches,
+            checkpoint_every=self.config.checkpoint_every, precision=self.config.precision,
+            freeze_a=task.lora.mode == "frozen-a",
+        )  # fmt: skip
+
+    def _prepare(self, task: TaskConfig) -> None:
+        """Tokenize the data and load the trainable model once per task shape (worker thread)."""
+        from edge_sdk.training.data import DataConfig, build_dataset
+        from edge_sdk.training.tokenizer import load_tokenizer
+        from edge_sdk.training.trainer import load_for_training
+
+        assert self._identity is not None
+        if self._dataset is None or self._dataset.seq_len != task.seq_len:
+            tokenizer = load_tokenizer(self._identity.path)
+            self._dataset = build_dataset(
+                list(self.config.data), tokenizer,
+                DataConfig(seq_len=task.seq_len, seed=self.config.seed, skip_bad=self.config.skip_bad),
+            )  # fmt: skip
+        key = (task.lora.rank, task.lora.alpha, task.lora.targets, task.lora.mode)
+        if self._model is None or self._model_key != key:
+            self._model = load_for_training(self._identity.path, self._train_config(task, 0))
+            self._model_key = key
+
+    def _fit(
+        self, task: TaskConfig, marker: RoundMarker, base: GlobalAdapter, resume: bool
+    ) -> tuple[dict[str, np.ndarray], Any, int] | None:
+        """Train one round in this (worker) thread; None when interrupted by `stop()`."""
+        from edge_sdk.training.errors import CheckpointError
+        from edge_sdk.training.trainer import fit
+
+        self._prepare(task)
+        assert self._dataset is not None and self._model is not None
+        config = self._train_config(task, marker.seed)
+        # Same packed sequences and split every round; the order differs per round.
+        dataset = dataclasses.replace(self._dataset, seed=marker.seed)
+        first_step: list[int] = []
+
+        def on_step(record: dict[str, float]) -> None:
+            if not first_step:
+                first_step.append(int(record["step"]))
+            if self._stop_flag.is_set():
+                raise _Interrupted
+
+        kwargs: dict[str, Any] = {
+            "init_adapter": base.dense_tensors(), "checkpoint_path": self.state.checkpoint_path,
+            "base_id": f"{task.model_sha256}:{task.task_id}:{marker.base_version}", "on_step": on_step,
+        }  # fmt: skip
+        try:
+            try:
+                result = fit(self._model, dataset, config, resume=resume, **kwargs)
+            except CheckpointError as exc:
+                if not resume:
+                    raise
+                log.warning("cannot resume the round (%s); training it afresh", exc)
+                first_step.clear()
+                result = fit(self._model, dataset, config, resume=False, **kwargs)
+        except _Interrupted:
+            log.info("training interrupted; the last checkpoint is kept")
+            return None
+        resumed_from = first_step[0] - 1 if first_step else config.steps
+        return result.adapter, result.metrics, resumed_from
+
+    def _resumable(self, task: TaskConfig, round_no: int) -> tuple[RoundMarker, GlobalAdapter] | None:
+        """The interrupted round on disk, if its base is still acceptable to the task's strategy."""
+        marker, body = self.state.round_marker(), self.state.base_body()
+        if marker is None or body is None or marker.task_id != task.task_id or marker.round != round_no:
+            return None
+        if not self.state.checkpoint_path.exists():
+            return None
+        try:
+            base = GlobalAdapter.from_bytes(body)
+        except WireError:
+            return None
+        strategy = task.extra.get("strategy", {}) if isinstance(task.extra.get("strategy"), dict) else {}
+        max_staleness = int(strategy.get("max_staleness", 0)) if strategy.get("name") == "fedbuff" else 0
+        if self._global_version - base.version > max_staleness:
+            log.info("the interrupted round trained from version %d, now too old; starting afresh", base.version)
+            return None
+        return marker, base
+
+    async def _round(
+        self, transport: Transport, creds: Credentials, task: TaskConfig, round_no: int
+    ) -> RoundReport | None:
+        assert self._global is not None
+        started = time.perf_counter()
+        resumable = self._resumable(task, round_no)
+        if resumable is not None:
+            marker, base = resumable
+            log.info("round %d: resuming from the checkpoint (base version %d)", round_no, base.version)
+        else:
+            base = self._global
+            marker = RoundMarker(task.task_id, base.version, round_no, _round_seed(self.config.seed, creds.client_id, round_no))
+            self.state.start_round(marker, base.to_bytes())
+            log.info("round %d: training %d steps from global version %d", round_no, task.local_steps, base.version)
+        trained = await asyncio.to_thread(self._fit, task, marker, base, resumable is not None)
+        if trained is None:
+            return None
+        adapter, metrics, resumed_from = trained
+        pending = self._encode(task, creds, base, adapter, metrics, marker)
+        self.state.finish_round()
+        outcome = await self._push(transport, pending, task)
+        report = RoundReport(
+            round=round_no, base_version=base.version, update_id=pending.update_id, steps=metrics.steps,
+            resumed_from_step=resumed_from, train_loss=float(metrics.train_loss),
+            update_bytes=len(pending.body), outcome=outcome, seconds=time.perf_counter() - started,
+        )  # fmt: skip
+        self.rounds.append(report)
+        return report
+
+    def _encode(
+        self, task: TaskConfig, creds: Credentials, base: GlobalAdapter, adapter: Mapping[str, np.ndarray],
+        metrics: Any, marker: RoundMarker,
+    ) -> PendingUpdate:
+        """The wire update of a trained adapter; on disk (pending) before anything is sent."""
+        base_dense = base.dense_tensors()
+        # The coordinator wants the whole adapter after training: B only when A is frozen.
+        keys = sorted(k for k in adapter if task.lora.mode != "frozen-a" or k.endswith(".lora_B"))
+        tensors = {k: np.asarray(adapter[k], np.float32) for k in keys}
+        if self.config.local_dp is not None:
+            rng = np.random.default_rng([marker.seed, 0xD9])
+            tensors, _ = privatize(tensors, base_dense, self.config.local_dp, rng)
+        encoder = self.state.load_encoder(task.codec)
+        encoder.set_reference(base_dense)
+        report = {"train_loss": float(metrics.train_loss)}
+        if metrics.eval_loss is not None:
+            report["eval_loss"] = float(metrics.eval_loss)
+        update = AdapterUpdate.build(
+            client_id=creds.client_id, base_version=base.version, model_sha256=task.model_sha256,
+            lora=task.lora, tensors=tensors, num_examples=int(metrics.num_examples),
+            num_tokens=int(metrics.num_tokens), metrics=report, encoder=encoder,
+            update_id=f"{creds.client_id}-r{marker.round}-{uuid.uuid4().hex[:12]}",
+        )  # fmt: skip
+        pending = PendingUpdate(update.update_id, base.version, task.task_id, update.to_bytes())
+        self.state.save_pending(pending)  # first: a crash now resends it rather than losing it
+        self.state.save_encoder(encoder)
+        return pending
+
+    async def _push(self, transport: Transport, pending: PendingUpdate, task: TaskConfig) -> str:
+        """Send a pending update until it is settled; returns the outcome.
+
+        `accepted` (202) and `duplicate` (the coordinator already has this id) count as
+        delivered; `stale`, `refused` drop it; `task_complete` ends the run.
+        """
+        while True:
+            try:
+                ack = await transport.push(pending.body)
+            except RequestRejectedError as exc:
+                if exc.code == "duplicate_update":
+                    outcome = "duplicate"
+                elif exc.code == "round_closed":  # FedAvg is aggregating: send again shortly
+                    log.info("round closing; resending %s shortly", pending.update_id)
+                    await self._sleep(self.config.poll_interval_s)
+                    if self.stopping:
+                        raise StopRequested("stopped while waiting to resend") from None
+                    continue
+                elif exc.code == "task_complete":
+                    outcome = "task_complete"
+                elif exc.status == 409:  # stale_update, already_submitted: trained for nothing
+                    outcome = "stale"
+                else:
+                    self.state.clear_pending()
+                    raise
+                log.info("update %s: %s (%s)", pending.update_id, outcome, exc.code)
+            else:
+                outcome = "accepted"
+                log.info("update %s accepted (pending %s)", pending.update_id, ack.get("pending"))
+            self.state.clear_pending()
+            done = self.state.rounds_done(task.task_id) + (outcome in ("accepted", "duplicate"))
+            self.state.set_progress(task.task_id, done, pending.base_version)
+            return outcome

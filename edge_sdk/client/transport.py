@@ -1,0 +1,336 @@
+"""HTTP to the coordinator: bearer token, ETags, TLS pinning, retries, and the outbox ledger.
+
+Every attempt of every request is written to the ledger *before* its bytes are handed to
+aiohttp. Retries (tenacity: exponential backoff with jitter, at least the server's
+`Retry-After`) cover connection failures, timeouts, 5xx and 429; a 4xx answer is final and
+raised as `RequestRejectedError` with the coordinator's error code.
+
+TLS on a LAN has no CA: when the mDNS advert carries a certificate fingerprint, the connection
+is accepted only if the server's DER certificate hashes (SHA-256) to it. aiohttp's
+`Fingerprint` does exactly that check on the live connection (and disables CA/hostname
+verification, which a self-signed certificate would fail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from edge_sdk.client.errors import (
+    AuthenticationError,
+    ProtocolError,
+    RequestRejectedError,
+    TlsPinError,
+    TransportError,
+)
+from edge_sdk.client.ledger import Ledger, describe_update
+from edge_sdk.wire import CONTENT_TYPE, AdapterUpdate, TaskConfig, WireError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """How hard the client tries before a request fails with `TransportError`."""
+
+    attempts: int = 8
+    """Tries per request, the first included."""
+    initial_s: float = 0.5
+    """First backoff; it doubles per retry (plus jitter) up to `max_s`."""
+    max_s: float = 30.0
+    """Longest backoff between two tries."""
+    jitter_s: float = 0.5
+    """Uniform random extra wait in [0, jitter_s] so that clients do not retry in lockstep."""
+    timeout_s: float = 120.0
+    """Whole-request timeout (connect + send + read) of one try."""
+    connect_timeout_s: float = 5.0
+    """TCP (and TLS) connect timeout of one try."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ValueError(f"`attempts` should be a positive integer, got {self.attempts!r}")
+        for name in ("initial_s", "max_s", "timeout_s", "connect_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` should be a positive number of seconds, got {value!r}")
+        if not (math.isfinite(self.jitter_s) and self.jitter_s >= 0):
+            raise ValueError(f"`jitter_s` should be >= 0, got {self.jitter_s!r}")
+
+
+class StopRequested(Exception):
+    """Raised inside a backoff wait when the owner asked to stop (not an error)."""
+
+
+class _Retryable(Exception):
+    """A failure worth another try; `retry_after` is the server's hint in seconds."""
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: Mapping[str, str]
+    """Case-insensitive (a `CIMultiDict`)."""
+    body: bytes
+
+
+@dataclass(frozen=True)
+class AdapterResponse:
+    """GET /v1/adapter: `body` is None when the server answered 304 (our ETag is current)."""
+
+    body: bytes | None
+    etag: str
+    version: int
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 1.0  # an HTTP date: rare on a LAN; back off a little
+
+
+def _error_of(status: int, body: bytes) -> tuple[str, str]:
+    """(code, message) of the coordinator's JSON error body, tolerating anything else."""
+    try:
+        err = json.loads(body.decode("utf-8"))["error"]
+        return str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"http_{status}", body[:200].decode("utf-8", "replace")
+
+
+class Transport:
+    """One coordinator's REST API. An async context manager; `close()` is idempotent."""
+
+    def __init__(
+        self,
+        base_url: str,
+        ledger: Ledger,
+        *,
+        token: str | None = None,
+        tls_fingerprint: str | None = None,
+        retry: RetryConfig | None = None,
+        stop: asyncio.Event | None = None,
+        trace_configs: Sequence[aiohttp.TraceConfig] | None = None,
+    ) -> None:
+        base_url = base_url.rstrip("/")
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"`base_url` should start with http:// or https://, got {base_url!r}")
+        if tls_fingerprint is not None:
+            fp = tls_fingerprint.replace(":", "").lower()
+            if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+                raise ValueError(f"`tls_fingerprint` should be 64 hex digits (SHA-256), got {tls_fingerprint!r}")
+            if not base_url.startswith("https://"):
+                raise TlsPinError(f"{base_url}: a TLS fingerprint is pinned, but the URL is not https")
+            tls_fingerprint = fp
+        self.base_url = base_url
+        self.ledger = ledger
+        self.token = token
+        self.tls_fingerprint = tls_fingerprint
+        self.retry = retry or RetryConfig()
+        self._stop = stop
+        # initial_s * 2**(n-1) + U(0, jitter_s), capped at max_s.
+        self._backoff = wait_exponential_jitter(
+            multiplier=self.retry.initial_s, max=self.retry.max_s, jitter=self.retry.jitter_s
+        )
+        self._trace_configs = list(trace_configs or [])
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def _ssl(self) -> aiohttp.Fingerprint | bool:
+        if self.tls_fingerprint is not None:
+            return aiohttp.Fingerprint(bytes.fromhex(self.tls_fingerprint))
+        return True  # https without a pin: ordinary CA verification; http: unused
+
+    async def __aenter__(self) -> Transport:
+        self._ensure_session()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(
+                    total=self.retry.timeout_s, sock_connect=self.retry.connect_timeout_s
+                ),
+                trace_configs=self._trace_configs,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # -- the retried request ----------------------------------------------------------------
+
+    async def _sleep(self, seconds: float) -> None:
+        if self._stop is None:
+            await asyncio.sleep(seconds)
+            return
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            return
+        raise StopRequested("stop requested while waiting to retry")
+
+    def _wait(self, state: RetryCallState) -> float:
+        backoff = self._backoff(state)
+        exc = state.outcome.exception() if state.outcome is not None else None
+        hint = exc.retry_after if isinstance(exc, _Retryable) else 0.0
+        return max(backoff, min(hint, self.retry.max_s))
+
+    @staticmethod
+    def _before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning("coordinator request failed (%s); try %d in %.1f s", exc, state.attempt_number + 1, wait)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: str,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        detail: Mapping[str, Any] | None = None,
+        ok: tuple[int, ...] = (200,),
+    ) -> Response:
+        """Send with retries; every try is ledgered first. Returns a response whose status is in `ok`."""
+        url = f"{self.base_url}{path}"
+        send_headers = dict(headers or {})
+        if self.token is not None:
+            send_headers["Authorization"] = f"Bearer {self.token}"
+        if content_type is not None:
+            send_headers["Content-Type"] = content_type
+        session = self._ensure_session()
+        attempt = 0
+
+        async def once() -> Response:
+            nonlocal attempt
+            attempt += 1
+            self.ledger.record(
+                method=method, url=url, kind=kind, body=body, content_type=content_type,
+                attempt=attempt, detail=detail,
+            )  # fmt: skip
+            try:
+                async with session.request(
+                    method, url, data=body if body else None, headers=send_headers, ssl=self._ssl()
+                ) as resp:
+                    data = await resp.read()
+                    status, resp_headers = resp.status, CIMultiDict(resp.headers)
+            except aiohttp.ServerFingerprintMismatch as exc:
+                raise TlsPinError(
+                    f"{self.base_url} presented a certificate with SHA-256 {exc.got.hex()}, "
+                    f"expected the advertised {self.tls_fingerprint}"
+                ) from None
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise TlsPinError(f"{self.base_url}: certificate refused ({exc})") from None
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise _Retryable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+            if status in ok:
+                return Response(status, resp_headers, data)
+            code, message = _error_of(status, data)
+            if status == 429 or status >= 500:
+                raise _Retryable(f"{method} {url}: HTTP {status} {code}", _retry_after(resp_headers.get("Retry-After")))
+            error_cls = AuthenticationError if status == 401 else RequestRejectedError
+            raise error_cls(f"{method} {path}: HTTP {status} {code}: {message}", status=status, code=code)
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.retry.attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(_Retryable),
+            sleep=self._sleep,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        try:
+            return await retrying(once)
+        except _Retryable as exc:
+            raise TransportError(f"coordinator unreachable after {attempt} tries: {exc}") from None
+
+    # -- the API ----------------------------------------------------------------------------
+
+    async def join(self, join_token: str, name: str) -> dict[str, str]:
+        """POST /v1/join; returns {"client_id", "token", "task_id"}."""
+        body = json.dumps({"join_token": join_token, "name": name}).encode()
+        resp = await self.request(
+            "POST", "/v1/join", kind="join", body=body, content_type="application/json",
+            detail={"name": name, "join_token": "(secret, not recorded)"},
+        )  # fmt: skip
+        try:
+            obj = json.loads(resp.body)
+            result = {k: str(obj[k]) for k in ("client_id", "token", "task_id")}
+        except (ValueError, KeyError, TypeError):
+            raise ProtocolError("POST /v1/join: the answer lacks client_id, token or task_id") from None
+        return result
+
+    async def task(self) -> TaskConfig:
+        resp = await self.request("GET", "/v1/task", kind="task", headers={"Accept": CONTENT_TYPE})
+        try:
+            if resp.headers.get("Content-Type", "").startswith(CONTENT_TYPE):
+                return TaskConfig.from_bytes(resp.body)
+            return TaskConfig.from_json_dict(json.loads(resp.body))
+        except (WireError, ValueError) as exc:
+            raise ProtocolError(f"GET /v1/task: not a valid task ({exc})") from None
+
+    async def adapter(self, etag: str | None = None) -> AdapterResponse:
+        """GET /v1/adapter with If-None-Match; a 304 comes back with `body=None`."""
+        headers = {"If-None-Match": etag} if etag else {}
+        resp = await self.request("GET", "/v1/adapter", kind="adapter", headers=headers, ok=(200, 304))
+        try:
+            version = int(resp.headers.get("X-Fedlm-Version", "-1"))
+        except ValueError:
+            version = -1
+        return AdapterResponse(
+            None if resp.status == 304 else resp.body, resp.headers.get("ETag", ""), version
+        )
+
+    async def push(self, body: bytes, update: AdapterUpdate | None = None) -> dict[str, Any]:
+        """POST /v1/updates with the exact bytes given (a resend reuses them, hence the id)."""
+        if update is None:
+            try:
+                update = AdapterUpdate.from_bytes(body)
+            except WireError as exc:
+                raise ValueError(f"`body` is not an encoded AdapterUpdate ({exc})") from None
+        resp = await self.request(
+            "POST", "/v1/updates", kind="update", body=body, content_type=CONTENT_TYPE,
+            detail=describe_update(update), ok=(200, 202),
+        )  # fmt: skip
+        try:
+            return dict(json.loads(resp.body))
+        except (ValueError, TypeError):
+            raise ProtocolError("POST /v1/updates: the acknowledgement is not JSON") from None
+
+    async def status(self) -> dict[str, Any]:
+        resp = await self.request("GET", "/v1/status", kind="status")
+        try:
+            return dict(json.loads(resp.body))
+        except (ValueError, TypeError):
+            raise ProtocolError("GET /v1/status: the answer is not JSON") from None

@@ -1,0 +1,150 @@
+"""The transport against the real coordinator on 127.0.0.1: ledger-before-send, retries, TLS pins."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from coordinator.service import Service
+from edge_sdk.client import (
+    AuthenticationError,
+    Ledger,
+    RequestRejectedError,
+    RetryConfig,
+    TlsPinError,
+    Transport,
+    TransportError,
+)
+from tests.client.helpers import FAST_RETRY, JOIN_TOKEN, coordinator_config
+from tests.tiny_models import write_tiny_gguf
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_every_try_is_ledgered_before_it_is_sent(tmp_path: Path, model: Path) -> None:
+    async def scenario() -> None:
+        ledger = Ledger(tmp_path / "outbox.jsonl")
+        seen_at_send: list[int] = []
+
+        async def on_start(session: object, ctx: object, params: aiohttp.TraceRequestStartParams) -> None:
+            seen_at_send.append(len(ledger.entries()))  # what the ledger held as the request left
+
+        trace = aiohttp.TraceConfig()
+        trace.on_request_start.append(on_start)
+        async with Service(coordinator_config(tmp_path, model)) as service:
+            async with Transport(service.url, ledger, retry=FAST_RETRY, trace_configs=[trace]) as t:
+                joined = await t.join(JOIN_TOKEN, "dev-1")
+                t.token = joined["token"]
+                task = await t.task()
+                first = await t.adapter()
+                second = await t.adapter(first.etag)
+                status = await t.status()
+        assert task.task_id == joined["task_id"] and status["clients"] == 1
+        assert first.body is not None and first.version == 0
+        assert second.body is None and second.etag == first.etag  # 304 Not Modified
+        entries = ledger.entries()
+        assert [e.kind for e in entries] == ["join", "task", "adapter", "adapter", "status"]
+        assert seen_at_send == [1, 2, 3, 4, 5]
+        assert JOIN_TOKEN not in (tmp_path / "outbox.jsonl").read_text()
+        assert entries[0].detail["name"] == "dev-1"
+
+    asyncio.run(scenario())
+
+
+def test_errors_are_typed_and_not_retried(tmp_path: Path, model: Path) -> None:
+    async def scenario() -> None:
+        ledger = Ledger(tmp_path / "outbox.jsonl")
+        async with Service(coordinator_config(tmp_path, model)) as service:
+            async with Transport(service.url, ledger, retry=FAST_RETRY) as t:
+                with pytest.raises(AuthenticationError) as auth:
+                    await t.join("not-the-token", "dev")
+                assert auth.value.status == 401 and auth.value.code == "unauthorized"
+                t.token = "bogus"
+                with pytest.raises(AuthenticationError):
+                    await t.task()
+                joined = await t.join(JOIN_TOKEN, "dev")
+                t.token = joined["token"]
+                with pytest.raises(RequestRejectedError) as bad:
+                    await t.request("POST", "/v1/updates", kind="update", body=b"FDLMjunk",
+                                    content_type="application/x-fedlm+msgpack", ok=(202,))
+                assert bad.value.status == 400
+        assert [e.attempt for e in ledger.entries()] == [1, 1, 1, 1]  # 4xx: one try each
+
+    asyncio.run(scenario())
+
+
+def test_retries_with_backoff_until_the_coordinator_comes_up(tmp_path: Path, model: Path) -> None:
+    port = _free_port()
+
+    async def scenario() -> None:
+        ledger = Ledger(tmp_path / "outbox.jsonl")
+        config = coordinator_config(tmp_path, model, port=port)
+
+        async def start_late() -> Service:
+            await asyncio.sleep(0.8)
+            service = Service(config)
+            await service.start()
+            return service
+
+        starter = asyncio.create_task(start_late())
+        async with Transport(f"http://127.0.0.1:{port}", ledger, retry=FAST_RETRY) as t:
+            joined = await t.join(JOIN_TOKEN, "dev")
+        service = await starter
+        await service.close()
+        assert joined["client_id"].startswith("c-")
+        attempts = [e.attempt for e in ledger.entries()]
+        assert attempts[0] == 1 and attempts[-1] == len(attempts) > 1  # refused, then retried
+
+        quick = RetryConfig(attempts=3, initial_s=0.01, max_s=0.02, jitter_s=0.0)
+        with pytest.raises(TransportError, match="after 3 tries"):
+            async with Transport(f"http://127.0.0.1:{port}", ledger, retry=quick) as t:
+                await t.task()
+
+    asyncio.run(scenario())
+
+
+def test_stop_interrupts_a_backoff_wait(tmp_path: Path) -> None:
+    from edge_sdk.client.transport import StopRequested
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        slow = RetryConfig(attempts=10, initial_s=30.0, max_s=30.0, jitter_s=0.0)
+        async with Transport(f"http://127.0.0.1:{_free_port()}", Ledger(tmp_path / "l.jsonl"), retry=slow, stop=stop) as t:
+            asyncio.get_running_loop().call_later(0.3, stop.set)
+            with pytest.raises(StopRequested):
+                await asyncio.wait_for(t.task(), timeout=10)
+
+    asyncio.run(scenario())
+
+
+def test_tls_fingerprint_is_pinned(tmp_path: Path, model: Path) -> None:
+    async def scenario() -> None:
+        ledger = Ledger(tmp_path / "outbox.jsonl")
+        async with Service(coordinator_config(tmp_path, model, tls=True)) as service:
+            assert service.tls is not None
+            async with Transport(service.url, ledger, tls_fingerprint=service.tls.fingerprint, retry=FAST_RETRY) as t:
+                joined = await t.join(JOIN_TOKEN, "dev")
+            assert joined["token"]
+            wrong = "00" * 32
+            async with Transport(service.url, ledger, tls_fingerprint=wrong, retry=FAST_RETRY) as t:
+                with pytest.raises(TlsPinError, match=service.tls.fingerprint):
+                    await t.join(JOIN_TOKEN, "dev")
+        with pytest.raises(TlsPinError, match="not https"):
+            Transport("http://127.0.0.1:1", ledger, tls_fingerprint=wrong)
+
+    asyncio.run(scenario())
