@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_sdk.adapters.seeded import frozen_a_matrix
 from edge_sdk.models.naming import LORA_TARGETS, parse_hf_module
 from edge_sdk.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -193,16 +194,13 @@ def seeded_adapter(
 ) -> dict[str, np.ndarray]:
     """Seeded LoRA init for module paths -> (out, in): A ~ U(±1/sqrt(in)) like PEFT, B = 0.
 
-    Each module draws from its own generator keyed by (seed, layer, target), so the value of a
-    module's A is the same whatever else is adapted, on any machine: federated clients that
-    freeze A get identical A from a shared seed.
+    A comes from `frozen_a_matrix`, keyed by the tensor name: the same bits as the
+    coordinator's version 0 on any machine, whatever else is adapted.
     """
     out: dict[str, np.ndarray] = {}
     for path, (n_out, n_in) in shapes.items():
-        layer, target = parse_hf_module(path)
-        rng = np.random.default_rng([seed, layer, LORA_TARGETS.index(target), 0x10AA])
-        bound = 1.0 / math.sqrt(n_in)
-        out[f"{path}.lora_A"] = rng.uniform(-bound, bound, size=(rank, n_in)).astype(np.float32)
+        parse_hf_module(path)  # only LoRA target paths
+        out[f"{path}.lora_A"] = frozen_a_matrix(seed, (rank, n_in), f"{path}.lora_A")
         out[f"{path}.lora_B"] = np.zeros((n_out, rank), dtype=np.float32)
     return out
 
