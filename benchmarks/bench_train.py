@@ -1,0 +1,206 @@
+"""QLoRA training speed, memory and load time: fedlm-edge vs HF transformers + peft + bitsandbytes.
+
+Both stacks train the same configuration on the same GGUF, each in its own subprocess so that
+peak RSS is clean: SmolLM2-135M, sequence 256, batch 1, LoRA r=8 / alpha=16 on all seven
+projections of every block, frozen NF4 base (bitsandbytes `Linear4bit`, blocks of 64, fp32
+compute), AdamW on the adapter, no gradient checkpointing, no dropout.
+
+HF transformers refuses to combine a GGUF file with a `BitsAndBytesConfig` ("You cannot
+combine Quantization and loading a model from a GGUF file"), so its QLoRA baseline is built
+the way that config would build it: `from_pretrained(dir, gguf_file=...)` in fp32, then every
+decoder `nn.Linear` is replaced by an NF4 `bnb.nn.Linear4bit` holding the same weight, then
+`peft.get_peft_model`. The HF fp32-LoRA figure (`--hf-fp32`) skips the replacement.
+
+Run: `.venv/bin/python benchmarks/bench_train.py [--steps 8] [--json out.json]`
+(needs the `bench` extra: transformers, peft). Results go into BENCHMARKS.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _batch(vocab: int, seq_len: int, seed: int) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, seq_len), generator=g)
+
+
+def _time_steps(step: Any, steps: int, warmup: int) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    import bitsandbytes  # noqa: F401 - imported by load_model; timed here as for HF
+    import torch
+
+    from edge_sdk.models import resolve
+    from edge_sdk.models.loader import load_model
+    from edge_sdk.training.lora import LoraConfig, lora_parameters
+
+    import_s = time.perf_counter() - t0
+    path = resolve(args.model)
+    t0 = time.perf_counter()
+    model = load_model(path, precision=args.precision, lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank))
+    load_s = time.perf_counter() - t0
+    model.train()
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    ids = _batch(model.config.vocab_size, args.seq_len, args.seed)
+
+    def step() -> None:
+        loss = model(ids, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = _time_steps(step, args.steps, args.warmup)
+    return {"import_s": import_s, "load_s": load_s, "step_s": times}
+
+
+def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    import bitsandbytes as bnb
+    import peft
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from edge_sdk.models import resolve
+
+    import_s = time.perf_counter() - t0
+    path = resolve(args.model)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+    if args.stack == "hf":
+        # What BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+        # bnb_4bit_compute_dtype=float32) does to a non-GGUF checkpoint: every Linear except
+        # lm_head becomes a Linear4bit quantized from the loaded weight.
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and not (name == "" and child_name == "lm_head"):
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=False, module=q)
+                    if child.bias is not None:
+                        q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                    q = q.to("cpu")  # quantizes
+                    setattr(module, child_name, q)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets,
+                          task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, cfg)
+    load_s = time.perf_counter() - t0
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = _batch(model.config.vocab_size, args.seq_len, args.seed)
+
+    def step() -> None:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = _time_steps(step, args.steps, args.warmup)
+    return {"import_s": import_s, "load_s": load_s, "step_s": times}
+
+
+def run_worker(stack: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", stack, "--model", args.model, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
+           "--seed", str(args.seed), "--precision", "fp32" if stack == "ours-fp32" else "nf4"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    # Both stacks get the same OpenMP setting: on a loaded machine, spinning OpenMP workers
+    # make every small op wait for a descheduled thread (measured 0.14 ms -> 31 ms per op).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if stack == "ours-lowmem":
+        env["FEDLM_LOW_MEMORY"] = "1"
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{stack} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(stack: str, runs: list[dict[str, Any]], seq_len: int) -> dict[str, Any]:
+    """Pool the rounds of one stack: median and best step, best load, worst peak RSS."""
+    steps = [t for r in runs for t in r["step_s"]]
+    med, best = statistics.median(steps), min(steps)
+    return {
+        "stack": stack, "rounds": len(runs), "step_s": steps, "median_step_s": med, "best_step_s": best,
+        "tokens_per_s": seq_len / med, "best_tokens_per_s": seq_len / best,
+        "load_s": min(r["load_s"] for r in runs), "import_s": min(r["import_s"] for r in runs),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per stack (median reported)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="subprocess runs per stack, alternating")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="nf4", help=argparse.SUPPRESS)
+    ap.add_argument("--stacks", default="ours,hf,ours-lowmem",
+                    help="comma list of: ours, ours-lowmem (FEDLM_LOW_MEMORY=1), ours-fp32, hf, hf-fp32")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        args.stack = args.worker
+        result = worker_hf(args) if args.worker.startswith("hf") else worker_ours(args)
+        result["peak_rss_mb"] = _peak_rss_mb()
+        print(json.dumps(result))
+        return 0
+
+    stacks = args.stacks.split(",")
+    # Rounds alternate the stacks (ours, hf, ours, hf, ...) so that a busy spell on a shared
+    # machine hits both rather than one.
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in stacks}
+    for _ in range(args.rounds):
+        for s in stacks:
+            runs[s].append(run_worker(s, args))
+    results = {s: summarize(s, r, args.seq_len) for s, r in runs.items()}
+    for r in results.values():
+        print(f"{r['stack']:10s} {r['tokens_per_s']:7.1f} tok/s (best {r['best_tokens_per_s']:6.1f})  "
+              f"step {r['median_step_s']:.2f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
+              f"load {r['load_s']:5.2f} s (+ imports {r['import_s']:.2f} s)")
+    if "ours" in results and "hf" in results:
+        ours, hf = results["ours"], results["hf"]
+        print(f"ratios ours/hf: tokens/s {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x median, "
+              f"{ours['best_tokens_per_s'] / hf['best_tokens_per_s']:.2f}x best  "
+              f"peak RSS {ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x  load {ours['load_s'] / hf['load_s']:.3f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""GGUF → trainable torch model: read, dequantize, re-quantize to NF4 (or keep bf16/fp32).
+
+The file is memory-mapped by `gguf.GGUFReader`; every tensor is dequantized with
+`gguf.quants.dequantize` only when its module is built and is dropped right after, so peak
+memory is the final model plus one fp32 tensor, never the whole fp32 model.
+
+Name mapping (GGUF → module path in `edge_sdk.models.transformer`):
+
+    token_embd.weight              model.embed_tokens.weight
+    output_norm.weight             model.norm.weight
+    output.weight                  lm_head.weight            (absent when tied)
+    blk.{i}.attn_norm              model.layers.{i}.attn_norm
+    blk.{i}.attn_q|k|v|output      model.layers.{i}.self_attn.q|k|v|o_proj
+    blk.{i}.attn_q_norm|k_norm     model.layers.{i}.self_attn.q_norm|k_norm
+    blk.{i}.post_attention_norm    model.layers.{i}.post_attn_norm
+    blk.{i}.ffn_norm               model.layers.{i}.ffn_norm
+    blk.{i}.ffn_gate|up|down       model.layers.{i}.mlp.gate|up|down_proj
+    blk.{i}.post_ffw_norm          model.layers.{i}.post_ffn_norm
+
+llama.cpp's converter permutes the rows of Q and K of `llama` models so that its "normal"
+RoPE (adjacent channel pairs) equals HF's rotate-half RoPE (`permute` in convert_hf_to_gguf.py).
+`unpermute_qk` undoes that here; export re-applies `permute_qk` to the rows of `lora_B`.
+gemma3 and qwen2/3 use llama.cpp's NEOX RoPE and are stored unpermuted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_sdk.errors import InvalidModelError, ModelNotFoundError, UnsupportedArchitectureError
+from edge_sdk.models.config import SUPPORTED_ARCHS, ModelConfig
+from edge_sdk.models.naming import LORA_TARGETS, gguf_stem, hf_module
+from edge_sdk.models.transformer import Transformer
+
+if TYPE_CHECKING:
+    import gguf
+
+    from edge_sdk.training.lora import LoraConfig
+
+log = logging.getLogger(__name__)
+
+PRECISIONS: tuple[str, ...] = ("nf4", "bf16", "fp32")
+"""Frozen-base precisions `load_model` accepts."""
+
+NF4_BLOCKSIZE = 64
+"""Weights per NF4 absmax block (bitsandbytes' and QLoRA's default)."""
+
+PERMUTED_ARCHS: frozenset[str] = frozenset({"llama"})
+"""Architectures whose GGUF Q/K rows are permuted by llama.cpp's converter."""
+
+# Norm tensors per block: GGUF suffix -> module path inside the block.
+_BLOCK_NORMS = {
+    "attn_norm": "attn_norm",
+    "ffn_norm": "ffn_norm",
+    "post_attention_norm": "post_attn_norm",
+    "post_ffw_norm": "post_ffn_norm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+_DEQUANT_ROWS = 4096
+_FLOAT_TYPES = frozenset({0, 1, 30})  # GGMLQuantizationType F32, F16, BF16: views, no temporaries
+
+
+# -- Q/K permutation ---------------------------------------------------------------------------
+
+
+def permute_qk(w: ArrayT, n_head: int) -> ArrayT:
+    """HF row order → llama.cpp row order for a Q or K projection (rows = n_head * head_dim).
+
+    Works on any array whose first axis is the output rows: a weight (out, in), a bias (out,),
+    or a LoRA `B` (out, r). Within each head, rows [0..hd/2) and [hd/2..hd) (the two rotate-half
+    halves) are interleaved into adjacent pairs. Use n_kv_head for K.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"cannot permute {rows} rows into {n_head} heads of even width")
+    rest = tuple(w.shape[1:])
+    x = w.reshape(n_head, 2, rows // n_head // 2, *rest)  # (nh, 2, hd/2, ...)
+    x = x.swapaxes(1, 2) if isinstance(x, np.ndarray) else x.transpose(1, 2)  # (nh, hd/2, 2, ...)
+    return x.reshape(w.shape)
+
+
+def unpermute_qk(w: ArrayT, n_head: int) -> ArrayT:
+    """Inverse of `permute_qk`: llama.cpp row order → HF row order."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"cannot unpermute {rows} rows from {n_head} heads of even width")
+    rest = tuple(w.shape[1:])
+    x = w.reshape(n_head, rows // n_head // 2, 2, *rest)  # (nh, hd/2, 2, ...)
+    x = x.swapaxes(1, 2) if isinstance(x, np.ndarray) else x.transpose(1, 2)  # (nh, 2, hd/2, ...)
+    return x.reshape(w.shape)
+
+
+# -- GGUF reading ------------------------------------------------------------------------------
+
+
+def _open(path: str | os.PathLike[str]) -> gguf.GGUFReader:
+    # FastGGUFReader: the gguf package's reader with vectorised array parsing (the stock one
+    # spends seconds walking the tokenizer arrays element by element).
+    from edge_sdk.models.gguf_meta import read_gguf
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelNotFoundError(f"no such GGUF file: {p}")
+    try:
+        return read_gguf(p)
+    except Exception as exc:  # gguf raises ValueError/struct.error/... on garbage
+        raise InvalidModelError(f"{p} is not a readable GGUF file: {exc}") from exc
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """GGUF key/values as Python values; large tokenizer arrays are left out (their length kept)."""
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and len(field.data) > 1024:
+            meta[key + ".__len__"] = len(field.data)
+            continue
+        try:
+            meta[key] = field.contents()
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:  # a value type we do not need
+            log.debug("skipping GGUF key %s: %s", key, exc)
+    if "tokenizer.ggml.tokens" not in meta and "tokenizer.ggml.tokens.__len__" in meta:
+        meta["tokenizer.ggml.tokens"] = range(meta["tokenizer.ggml.tokens.__len__"])
+    return meta
+
+
+def read_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """The `ModelConfig` of a GGUF file, without loading any tensor."""
+    reader = _open(path)
+    return ModelConfig.from_gguf_fields(read_metadata(reader), {t.name for t in reader.tensors})
+
+
+def dequantize_tensor(tensor: Any) -> np.ndarray:
+    """A GGUF reader tensor as float32, numpy axis order (a 2-D weight is (out, in)).
+
+    Q8_0/Q4_0/Q4_1 go through a C kernel (native/dequant.py), everything else through
+    `gguf.quants.dequantize`; both give the same values.
+    """
+    from native.dequant import dequantize
+
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    raw = tensor.data
+    if raw.ndim == 2 and raw.shape[0] > _DEQUANT_ROWS and tensor.tensor_type not in _FLOAT_TYPES:
+        # Row chunks: gguf's numpy dequantization makes several full-size temporaries, which
+        # for a 49k x 576 embedding would be the load's memory peak.
+        out = np.empty(shape, dtype=np.float32)
+        flat = out.reshape(raw.shape[0], -1)
+        for r in range(0, raw.shape[0], _DEQUANT_ROWS):
+            flat[r : r + _DEQUANT_ROWS] = dequantize(raw[r : r + _DEQUANT_ROWS], tensor.tensor_type)
+        return out
+    data = dequantize(raw, tensor.tensor_type)
+    # F32 tensors come back as read-only views of the memory map: copy those, so the model
+    # never aliases the file.
+    return np.require(data, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]).reshape(shape)
+
+
+# -- module construction -----------------------------------------------------------------------
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str) -> nn.Module:
+    """A frozen linear layer holding `weight` (out, in) fp32 in the requested precision."""
+    out_f, in_f = weight.shape
+    if precision == "nf4":
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import QuantState, get_4bit_type
+
+        from native.nf4 import quantize_nf4
+
+        # Same bytes as Params4bit._quantize, ~16x faster (see native/nf4.py).
+        # compress_statistics=False: no double quantization of the absmax; it would save
+        # 0.4 bit per weight but cost a second dequantization on every forward and backward.
+        packed, absmax = quantize_nf4(weight, NF4_BLOCKSIZE)
+        state = QuantState(absmax=absmax, shape=weight.shape, dtype=torch.float32, blocksize=NF4_BLOCKSIZE,
+                           code=get_4bit_type("nf4", device="cpu"), quant_type="nf4")
+        layer = bnb.nn.Linear4bit(
+            in_f, out_f, bias=bias is not None, compute_dtype=torch.float32,
+            compress_statistics=False, quant_type="nf4", device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            packed, requires_grad=False, quant_state=state, blocksize=NF4_BLOCKSIZE, compress_statistics=False,
+            quant_type="nf4", module=layer, bnb_quantized=True,
+        )
+        layer.quant_state = state
+        if bias is not None:
+            layer.bias = _frozen(bias)
+        return layer
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    layer = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+    layer.weight = _frozen(weight.to(dtype))
+    if bias is not None:
+        layer.bias = _frozen(bias.to(dtype))
+    return layer
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def _set_param(root: nn.Module, path: str, value: torch.Tensor) -> None:
+    module_path, _, name = path.rpartition(".")
+    module = root.get_submodule(module_path)
+    current = getattr(module, name)
+    if tuple(current.shape) != tuple(value.shape):
+        raise InvalidModelError(f"tensor for {path} has shape {tuple(value.shape)}, expected {tuple(current.shape)}")
+    setattr(module, name, _frozen(value))
+
+
+def _iter_progress(items: list[int], enabled: bool, desc: str) -> Iterator[int]:
+    if not enabled:
+        yield from items
+        return
+    from tqdm import tqdm
+
+    yield from tqdm(items, desc=desc, unit="layer")
+
+
+def return_freed_memory_to_os() -> None:
+    """Make glibc serve allocations of 128 KiB and more with mmap, so freeing returns them.
+
+    glibc raises its mmap threshold (up to 32 MiB) after large blocks are freed, after which
+    per-step activations come from the heap and fragment it. Measured on SmolLM2 QLoRA
+    training (seq 256): peak RSS 1.29 GB by default, 0.94 GB with a fixed threshold, but steps
+    ~20% slower, since every activation is then page-faulted in afresh. Not the default:
+    `load_model` calls it when FEDLM_LOW_MEMORY=1, for devices where memory is the limit.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(128 * 1024))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        pass
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    precision: str = "nf4",
+    lora: LoraConfig | None = None,
+    gradient_checkpointing: bool = False,
+    progress: bool = False,
+) -> Transformer:
+    """Build a frozen base model from a GGUF file, optionally with LoRA adapters attached.
+
+    precision: 'nf4' (QLoRA: bitsandbytes NF4 blocks of 64, fp32 compute), 'bf16' or 'fp32'.
+    The embedding / tied output projection is kept in fp32 (bf16 for 'bf16'): LoRA does not
+    touch it and quantizing it costs accuracy on every logit.
+    Raises `UnsupportedArchitectureError` for a family without an implementation,
+    `InvalidModelError` for an inconsistent file, `ValueError` for a bad `precision`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` should be one of {PRECISIONS}, got {precision!r}")
+    t0 = time.perf_counter()
+    if os.environ.get("FEDLM_LOW_MEMORY") == "1":
+        return_freed_memory_to_os()
+    reader = _open(path)
+    meta = read_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedArchitectureError(
+            f"architecture {arch!r} is not supported for training; supported: {', '.join(SUPPORTED_ARCHS)}"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    config = ModelConfig.from_gguf_fields(meta, set(tensors))
+    if "rope_freqs.weight" in tensors:
+        raise UnsupportedArchitectureError("per-frequency RoPE factors (`rope_freqs.weight`, Llama 3.1+) are not supported yet")
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with torch.device("meta"):
+        model = Transformer(config, compute_dtype=compute_dtype)
+
+    used: set[str] = set()
+    # One worker dequantizes the next block's tensors (numpy releases the GIL) while this
+    # thread quantizes the current one; at most two blocks of fp32 are alive at a time.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlm-dequant")
+    pending: dict[str, Future[np.ndarray]] = {}
+    submitted: set[str] = set()
+
+    def prefetch(layer: int) -> None:
+        if layer < config.n_layer:
+            for name, tensor in tensors.items():
+                if name.startswith(f"blk.{layer}.") and name not in submitted:
+                    submitted.add(name)
+                    pending[name] = pool.submit(dequantize_tensor, tensor)
+
+    def take(name: str, *, required: bool = True) -> torch.Tensor | None:
+        t = tensors.get(name)
+        if t is None:
+            if required:
+                raise InvalidModelError(f"GGUF lacks tensor {name!r} needed by {arch}")
+            return None
+        used.add(name)
+        fut = pending.pop(name, None)
+        return torch.from_numpy(fut.result() if fut is not None else dequantize_tensor(t))
+
+    dense_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    prefetch(0)
+    emb = take("token_embd.weight")
+    assert emb is not None
+    model.model["embed_tokens"].weight = _frozen(emb.to(dense_dtype))
+    del emb
+    _set_param(model, "model.norm.weight", take("output_norm.weight"))  # type: ignore[arg-type]
+    if not config.tie_embeddings:
+        out = take("output.weight")
+        assert out is not None
+        model.lm_head.weight = _frozen(out.to(dense_dtype))  # type: ignore[union-attr]
+
+    try:
+        _build_blocks(model, config, take, prefetch, precision, progress)
+    finally:
+        for fut in pending.values():
+            fut.cancel()
+        pool.shutdown(wait=True)
+
+    leftover = sorted(set(tensors) - used)
+    if leftover:
+        log.warning("ignored %d GGUF tensors not used by %s: %s", len(leftover), arch, ", ".join(leftover[:8]))
+    meta_left = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta_left:
+        raise InvalidModelError(f"GGUF did not provide: {', '.join(meta_left[:8])}")
+
+    model.requires_grad_(False)
+    model.gradient_checkpointing = gradient_checkpointing
+    if lora is not None:
+        from edge_sdk.training.lora import apply_lora
+
+        apply_lora(model, lora)
+    log.info("loaded %s (%s, %d layers) as %s in %.2f s", Path(path).name, arch, config.n_layer,
+             precision, time.perf_counter() - t0)
+    return model
+
+
+def _build_blocks(
+    model: Transformer, config: ModelConfig, take: Callable[..., torch.Tensor | None],
+    prefetch: Callable[[int], None], precision: str, progress: bool,
+) -> None:
+    """Fill every decoder block of a meta-device `model`, one block at a time."""
+    permuted = config.arch in PERMUTED_ARCHS
+    prefetch(0)
+    for i in _iter_progress(list(range(config.n_layer)), progress, "loading"):
+        prefetch(i + 1)
+        for target in LORA_TARGETS:
+            stem = gguf_stem(i, target)
+            w = take(stem + ".weight")
+            b = take(stem + ".bias", required=False)
+            assert w is not None
+            if permuted and target in ("q_proj", "k_proj"):
+                heads = config.n_head if target == "q_proj" else config.n_kv_head
+                w = unpermute_qk(w, heads)
+                b = unpermute_qk(b, heads) if b is not None else None
+            _set_module(model, hf_module(i, target), _make_linear(w, b, precision))
+        block = model.model["layers"][i]
+        for suffix, module_path in _BLOCK_NORMS.items():
+            try:
+                block.get_submodule(module_path)
+            except AttributeError:  # this family has no such norm (the attribute is None)
+                continue
+            value = take(f"blk.{i}.{suffix}.weight")
+            _set_param(block, f"{module_path}.weight", value)  # type: ignore[arg-type]
+
+
+# -- F32 copy for parity checks ------------------------------------------------------------------
+
+
+def write_f32_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Write `dst`: `src` with every tensor dequantized to F32 and all metadata kept.
+
+    llama.cpp multiplies quantized weights by quantized activations, so comparing a torch
+    forward against the quantized file measures llama.cpp's rounding more than our model. On
+    the F32 copy llama.cpp runs plain fp32 matmuls. Only `general.file_type` changes (to
+    ALL_F32), because it describes the tensors. Tensors are streamed one at a time.
+    """
+    import gguf
+
+    reader = _open(src)
+    arch = str(reader.fields["general.architecture"].contents())
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment"):
+            continue
+        value = field.contents()
+        if key == "general.file_type":
+            value = int(gguf.LlamaFileType.ALL_F32)
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for t in reader.tensors:
+        shape = [int(d) for d in reversed(t.shape.tolist())]
+        writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4,
+                               raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(dequantize_tensor(t))
+    writer.close()
+    os.replace(tmp, dst)
+    return dst
+
+
+def cached_f32_copy(src: str | os.PathLike[str]) -> Path:
+    """`write_f32_copy` of `src` under the fedlm cache (`f32/`), made once per source file."""
+    from edge_sdk.models.store import cache_dir
+
+    src = Path(src)
+    st = src.stat()
+    dst = cache_dir() / "f32" / f"{src.stem}-{st.st_size}-{int(st.st_mtime)}.f32.gguf"
+    if not dst.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        log.info("writing an F32 copy of %s to %s", src.name, dst)
+        write_f32_copy(src, dst)
+    return dst

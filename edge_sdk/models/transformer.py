@@ -1,0 +1,319 @@
+"""A lean decoder-only transformer covering llama, gemma3, qwen2 and qwen3, in one file.
+
+Reads top to bottom: RMSNorm → RoPE → attention → MLP → block → model → loss. Family
+differences are switches on `ModelConfig` (see `edge_sdk.models.config`), not subclasses.
+
+The module tree mirrors Hugging Face's (`model.layers.{i}.self_attn.q_proj`, ...), so the
+LoRA tensors that `edge_sdk.training.lora` attaches are named exactly as in
+`edge_sdk.models.naming` and PEFT without any renaming.
+
+Weights are expected in Hugging Face layout: the loader undoes llama.cpp's Q/K row permutation
+for llama, so RoPE here is always the "rotate half" (NEOX) form. All norms are computed in fp32,
+like llama.cpp, and the logits are returned in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from edge_sdk.models.config import ModelConfig
+
+IGNORE_INDEX = -100
+"""Label value that is not scored (same convention as Hugging Face / PyTorch)."""
+
+# Tokens per chunk of the fused output-projection + cross-entropy is chosen so that one chunk
+# of logits holds about this many fp32 elements (4M elements = 16 MiB, ~85 tokens of a 49k
+# vocabulary). The loss is computed when every activation is alive, so its temporaries (logits,
+# softmax: 2-3 chunks) land on the step's memory peak; larger chunks measured no faster.
+_CE_CHUNK_ELEMENTS = 1 << 22
+
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, computed in fp32.
+
+    Gemma stores its norm weights as (1 + w) already in the GGUF (the converter adds the 1), so
+    one formula serves every family.
+    """
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_cache(
+    positions: torch.Tensor, dim: int, base: float, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, dim) for the rotate-half RoPE form (Su et al. 2021, §3.4.2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (dim/2,)
+    angles = (positions.double() / scale)[:, None] * inv_freq[None, :]  # (T, dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] channels of x (B, nh, T, hd); the rest pass through."""
+    rd = cos.shape[-1]
+    xr, xp = x[..., :rd], x[..., rd:]
+    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (xr.float() * cos + rotated.float() * sin).to(x.dtype)
+    return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention, optionally with q/k norms and a sliding window."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.scale = config.softmax_scale
+        self.window = config.sliding_window if config.is_local(layer) else None
+        self.q_proj = nn.Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.q_dim, config.d_model, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa: dict[str, bool] = {}
+        if self.n_kv_head != self.n_head:
+            if _SDPA_GQA:  # torch >= 2.5 shares kv heads inside SDPA, without copies
+                gqa = {"enable_gqa": True}
+            else:
+                rep = self.n_head // self.n_kv_head
+                k = k.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
+                v = v.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
+        if self.window is not None and T > self.window:
+            # Query t sees keys s with t - window < s <= t (llama.cpp's LLAMA_SWA_TYPE_STANDARD).
+            pos = torch.arange(T, device=x.device)
+            diff = pos[:, None] - pos[None, :]  # (T, T): query minus key position
+            mask = (diff >= 0) & (diff < self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, **gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, **gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU (silu) or GeGLU (tanh-approximated gelu)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.gelu = config.activation == "gelu_tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)  # (B, T, d_ff)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * self.up_proj(x))  # (B, T, d_model)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; Gemma adds a norm on each branch output ("sandwich")."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.local = config.is_local(layer)
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+        self.post_attn_norm = RMSNorm(config.d_model, config.norm_eps) if config.sandwich_norm else None
+        self.post_ffn_norm = RMSNorm(config.d_model, config.norm_eps) if config.sandwich_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        a = self.self_attn(self.attn_norm(x), cos, sin)
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
+        x = x + a
+        m = self.mlp(self.ffn_norm(x))
+        if self.post_ffn_norm is not None:
+            m = self.post_ffn_norm(m)
+        return x + m
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model.
+
+    `forward(input_ids)` returns logits (B, T, V) in fp32. `forward(input_ids, labels)` returns
+    the cross-entropy loss instead, computed chunk by chunk without materialising the logits
+    (see `fused_linear_cross_entropy`). `labels` is aligned with `input_ids` (Hugging Face
+    convention): the shift happens inside, position t is scored on predicting `labels[:, t+1]`,
+    and `IGNORE_INDEX` (-100) labels are not scored.
+    """
+
+    def __init__(self, config: ModelConfig, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        self.compute_dtype = compute_dtype
+        """dtype of the activations between blocks (float32, or bfloat16 for a bf16 base)."""
+        self.gradient_checkpointing = False
+        """When True (and training), each block's activations are recomputed in backward."""
+        self.model = nn.ModuleDict(
+            dict(  # noqa: C408 - keyword form mirrors HF's module names
+                embed_tokens=nn.Embedding(config.vocab_size, config.d_model),
+                layers=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                norm=RMSNorm(config.d_model, config.norm_eps),
+            )
+        )
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(V, d_model): the output projection (the embedding when tied)."""
+        return self.model["embed_tokens"].weight if self.lm_head is None else self.lm_head.weight
+
+    def _rope(self, T: int, device: torch.device, local: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        pos = torch.arange(T, device=device)
+        dim = c.rope_dim or c.head_dim
+        if local and c.rope_base_local is not None:
+            return rope_cache(pos, dim, c.rope_base_local)  # local layers are not scaled
+        return rope_cache(pos, dim, c.rope_base, c.rope_scale)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (B, T, d_model) in `compute_dtype`."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids should have shape (B, T), got {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        if T > self.config.context_length:
+            raise ValueError(f"sequence length {T} exceeds the model's context length {self.config.context_length}")
+        x = self.model["embed_tokens"](input_ids).to(self.compute_dtype)  # (B, T, d)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
+        ropes = {False: self._rope(T, x.device, local=False)}
+        if any(self.config.local_layers):
+            ropes[True] = self._rope(T, x.device, local=True)
+        for block in self.model["layers"]:
+            cos, sin = ropes[block.local and True in ropes]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        return self.model["norm"](x)
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """Logits (B, T, V) fp32 when `labels` is None, else the loss (see the class docstring).
+
+        `reduction` is 'mean' (over scored tokens) or 'sum' (for accumulating across batches).
+        """
+        h = self.hidden_states(input_ids)  # (B, T, d)
+        if labels is None:
+            logits = (h @ self.output_weight.to(h.dtype).T).float()  # (B, T, V)
+            cap = self.config.final_logit_softcap
+            return cap * torch.tanh(logits / cap) if cap else logits
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"`reduction` should be 'mean' or 'sum', got {reduction!r}")
+        h = h[:, :-1].reshape(-1, h.shape[-1])  # (B*(T-1), d)
+        targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+        scored = targets != IGNORE_INDEX
+        n_scored = int(scored.sum())
+        if n_scored < targets.numel():
+            # Only scored positions go through the output projection: with prompt tokens
+            # masked (chat / instruction data) this skips their share of the V-wide matmuls.
+            idx = scored.nonzero().squeeze(1)
+            h, targets = h.index_select(0, idx), targets.index_select(0, idx)  # (n_scored, d), (n_scored,)
+        total = fused_linear_cross_entropy(h, self.output_weight, targets, self.config.final_logit_softcap)
+        if reduction == "sum":
+            return total
+        return total / max(n_scored, 1)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Sum of CE(h @ W^T, targets) with d(loss)/dh computed during the forward pass.
+
+    The output weight is frozen (LoRA never trains it), so the only gradient needed is the one
+    for h, which is (softmax - onehot) @ W per chunk: (n, V) @ (V, d). Computing it in forward,
+    chunk by chunk, means the (N, V) logits and their gradient are never held in memory at once
+    (N * V * 4 bytes = 50 MB per 256 tokens for a 49k vocabulary, several copies in autograd).
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None):  # type: ignore[override]
+        N, _ = h.shape
+        V = weight.shape[0]
+        chunk = max(1, _CE_CHUNK_ELEMENTS // V)
+        w = weight.to(h.dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        for s in range(0, N, chunk):
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
+            raw = (hc @ w.T).float()  # (n, V)
+            logits = softcap * torch.tanh(raw / softcap) if softcap else raw
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            valid = tc != IGNORE_INDEX
+            safe = tc.clamp(min=0)
+            picked = logits.gather(1, safe[:, None]).squeeze(1)  # (n,)
+            total += ((lse - picked) * valid).sum()
+            if grad_h is not None:
+                g = torch.softmax(logits, dim=-1)  # (n, V): d(lse)/d(logits)
+                g[torch.arange(len(tc), device=h.device), safe] -= 1.0
+                g *= valid[:, None]
+                if softcap:
+                    g *= 1.0 - (logits / softcap) ** 2  # d(cap*tanh(r/cap))/dr
+                grad_h[s : s + chunk] = (g.to(h.dtype) @ w).to(h.dtype)  # (n, d)
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None
+
+
+def fused_linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = None
+) -> torch.Tensor:
+    """Summed cross-entropy of logits `h @ weight.T` (optionally soft-capped) against `targets`.
+
+    h: (N, d), weight: (V, d), targets: (N,) with `IGNORE_INDEX` for unscored positions.
+    A trainable `weight` falls back to the plain (memory-hungry) autograd path.
+    """
+    if weight.requires_grad:
+        logits = (h @ weight.to(h.dtype).T).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return _FusedLinearCE.apply(h, weight, targets, softcap)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit parameters count their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        if shape is not None:
+            n = math.prod(shape)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

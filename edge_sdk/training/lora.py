@@ -1,0 +1,336 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) on the frozen linear layers of a `Transformer`.
+
+`LoRALinear` wraps a frozen base projection (fp32/bf16 `nn.Linear` or bitsandbytes NF4
+`Linear4bit`) and adds `scale * B(A(dropout(x)))` with A (r, in) and B (out, r), scale = alpha/r.
+B starts at zero, so a fresh adapter reproduces the base exactly.
+
+Tensor names follow `edge_sdk.models.naming` (and PEFT without its `base_model.model.` prefix
+and `.weight` suffix): `model.layers.{i}.self_attn.q_proj.lora_A` (r, in), `...lora_B` (out, r).
+They are the parameter names inside the model, so `lora_state_dict` is a filter, not a rename.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_sdk.errors import AdapterMismatchError
+from edge_sdk.models.naming import LORA_TARGETS, hf_module, parse_hf_module
+
+
+@dataclass
+class LoraConfig:
+    """What adapter to attach and how it is scaled."""
+
+    rank: int = 8
+    """r: the inner width of B·A."""
+    alpha: float = 16.0
+    """Scale numerator: the update is (alpha / rank) · B·A."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training (the base path never sees it)."""
+    targets: tuple[str, ...] = LORA_TARGETS
+    """Projections that get an adapter; default: all attention and MLP projections."""
+    layers: tuple[int, ...] | None = None
+    """Block indices to adapt; None means every block."""
+    freeze_a: bool = False
+    """Train B only, A fixed (the federated 'frozen-a' mode: A comes from a shared seed)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"`rank` should be a positive integer, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"`alpha` should be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` should be in [0, 1), got {self.dropout!r}")
+        self.targets = tuple(self.targets)
+        if not self.targets:
+            raise ValueError("`targets` should name at least one projection, got an empty list")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"`targets` has unknown modules {unknown}; expected a subset of {list(LORA_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"`targets` lists a module twice: {list(self.targets)}")
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            if any(not isinstance(i, int) or i < 0 for i in self.layers):
+                raise ValueError(f"`layers` should be non-negative integers, got {list(self.layers)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scale · B·A·dropout(x). Only `lora_A` / `lora_B` can require grad."""
+
+    def __init__(
+        self, base: nn.Module, in_features: int, out_features: int, rank: int, alpha: float,
+        dropout: float = 0.0, freeze_a: bool = False,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.scale = rank, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features), requires_grad=not freeze_a)  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))  # (out, r)
+        self.enabled = True
+        """False bypasses the adapter (the output is the base's)."""
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A ~ kaiming-uniform(a=sqrt(5)) like nn.Linear and PEFT; B = 0."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=sqrt(5)) on fan_in
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+            self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
+        state = getattr(self.base.weight, "quant_state", None)
+        if state is not None and isinstance(self.dropout, nn.Identity) and x.dtype == torch.float32:
+            bias = getattr(self.base, "bias", None)
+            return _MergedNF4LoRA.apply(x, self.lora_A, self.lora_B, self.scale, self.base.weight, state, bias)
+        y = self.base(x)
+        a = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T  # (..., r)
+        return y + (a @ self.lora_B.T * self.scale).to(y.dtype)  # (..., out)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale · B·A, (out, in): what merging adds to the base weight."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight (out, in) as fp32 (NF4 is dequantized)."""
+        return dense_weight(self.base)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, scale={self.scale:g}"
+
+
+_scratch = threading.local()
+
+
+def _bnb_cpu_lib() -> Any:
+    """bitsandbytes' CPU library when it has the NF4 → fp32 kernel, else None."""
+    try:
+        from bitsandbytes.cextension import lib
+    except ImportError:
+        return None
+    return lib if hasattr(lib, "cdequantize_blockwise_cpu_nf4_fp32") else None
+
+
+def _dequantize_scratch(weight: torch.Tensor, state: Any) -> torch.Tensor:
+    """fp32 (out, in) dequantization of an NF4 weight into a per-thread, per-shape buffer.
+
+    Every NF4 layer dequantizes twice per step (forward and backward); with a fresh tensor
+    each time that is ~0.9 GB of short-lived allocations per SmolLM2 step. The buffer is only
+    valid until the next call: callers use it and drop it before returning.
+    """
+    shape = tuple(state.shape)
+    lib = _bnb_cpu_lib()
+    if (lib is None or weight.device.type != "cpu" or state.quant_type != "nf4" or state.nested
+            or len(shape) != 2 or shape[1] % 2 or weight.dtype != torch.uint8):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, state).float()
+    bufs: dict[tuple[int, ...], torch.Tensor] = _scratch.__dict__.setdefault("bufs", {})
+    buf = bufs.get(shape)
+    if buf is None:
+        buf = bufs[shape] = torch.empty(shape, dtype=torch.float32)
+    absmax = state.absmax.float().contiguous()
+    lib.cdequantize_blockwise_cpu_nf4_fp32(
+        ctypes.c_void_p(weight.data.data_ptr()), ctypes.c_void_p(absmax.data_ptr()),
+        ctypes.c_void_p(buf.data_ptr()), ctypes.c_longlong(state.blocksize),
+        ctypes.c_longlong(shape[0]), ctypes.c_longlong(shape[1]),
+    )
+    return buf
+
+
+class _MergedNF4LoRA(torch.autograd.Function):
+    """y = x (W + s·B·A)^T + bias, for a frozen NF4 W, in one matmul each way.
+
+    An NF4 layer dequantizes W on every forward and backward anyway; adding s·B·A to that
+    fresh fp32 copy costs out·in·r multiply-adds (about r / tokens of the main matmul) and
+    replaces the four rank-r matmuls and the extra (tokens, out) add of the unmerged form.
+    Backward recomputes the merged W instead of keeping it (which would hold the whole model
+    in fp32 during the step), and derives the adapter's gradients from x and g directly:
+    dB = s·gᵀ(xAᵀ), dA = s·(gB)ᵀx.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, scale, weight, state, bias):  # type: ignore[no-untyped-def,override]
+        w = _dequantize_scratch(weight, state)  # (out, in)
+        w.addmm_(lora_B, lora_A, alpha=scale)  # W + s·B·A
+        ctx.save_for_backward(x, lora_A, lora_B)
+        ctx.scale, ctx.weight, ctx.state = scale, weight, state
+        return torch.nn.functional.linear(x, w, bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
+        x, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scale
+        grad_x = grad_a = grad_b = None
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        if ctx.needs_input_grad[0]:
+            w = _dequantize_scratch(ctx.weight, ctx.state)
+            w.addmm_(lora_B, lora_A, alpha=s)
+            grad_x = g @ w  # (..., in)
+        # Operand orders below are chosen for CPU BLAS: a GEMM with 8 output columns runs
+        # 2-4x slower than the same product with 8 output rows (measured on (256, 1536) x r=8).
+        if ctx.needs_input_grad[2]:
+            xa = x2 @ lora_A.T  # (N, r)
+            grad_b = (xa.T @ g2).T.mul_(s)  # ((r, N) @ (N, out))^T -> (out, r)
+        if ctx.needs_input_grad[1]:
+            gb = (lora_B.T @ g2.T).T  # ((r, out) @ (out, N))^T -> (N, r)
+            grad_a = (gb.T @ x2).mul_(s)  # (r, N) @ (N, in) -> (r, in)
+        return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a plain or bitsandbytes 4-bit linear layer, as fp32."""
+    w = linear.weight
+    state = getattr(w, "quant_state", None)
+    if state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data, state).float()
+    return w.detach().float()
+
+
+def _in_out(linear: nn.Module) -> tuple[int, int]:
+    return int(linear.in_features), int(linear.out_features)  # type: ignore[arg-type]
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(module path, LoRALinear) pairs, e.g. ('model.layers.0.self_attn.q_proj', ...)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig, generator: torch.Generator | None = None) -> nn.Module:
+    """Wrap the configured projections of `model` in `LoRALinear` (in place) and return it.
+
+    Every other parameter is frozen. `generator` seeds A's init for reproducible runs.
+    """
+    n_layer = model.config.n_layer  # type: ignore[union-attr]
+    layers = range(n_layer) if cfg.layers is None else cfg.layers
+    bad = [i for i in layers if i >= n_layer]
+    if bad:
+        raise ValueError(f"`layers` {bad} out of range for a model with {n_layer} blocks")
+    model.requires_grad_(False)
+    for i in layers:
+        for target in cfg.targets:
+            path = hf_module(i, target)
+            parent_path, _, attr = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            base = getattr(parent, attr)
+            if isinstance(base, LoRALinear):
+                raise ValueError(f"{path} already has a LoRA adapter")  # noqa: TRY004 - a state error, not a type
+            fan_in, fan_out = _in_out(base)
+            lora = LoRALinear(base, fan_in, fan_out, cfg.rank, cfg.alpha, cfg.dropout, cfg.freeze_a)
+            lora.reset_parameters(generator)
+            setattr(parent, attr, lora)
+    return model
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters that train (B, and A unless frozen), in a stable order."""
+    return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B) if p.requires_grad]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors keyed per `edge_sdk.models.naming` (detached, fp32, on CPU)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, m in lora_modules(model):
+        out[f"{path}.lora_A"] = m.lora_A.detach().float().cpu().clone()
+        out[f"{path}.lora_B"] = m.lora_B.detach().float().cpu().clone()
+    return out
+
+
+def load_lora_state_dict(
+    model: nn.Module, tensors: Mapping[str, Any], strict: bool = True
+) -> None:
+    """Copy adapter tensors (numpy arrays or torch tensors) into the model's LoRA layers.
+
+    `strict`: every LoRA layer of the model must be covered and no key may be unknown.
+    Shapes must match exactly; a mismatch raises `AdapterMismatchError`.
+    """
+    modules = dict(lora_modules(model))
+    seen: set[str] = set()
+    for key, value in tensors.items():
+        path, _, kind = key.rpartition(".")
+        if kind not in ("lora_A", "lora_B"):
+            raise AdapterMismatchError(f"adapter key {key!r} does not end in .lora_A or .lora_B")
+        parse_hf_module(path)  # ValueError for a non-target path
+        if path not in modules:
+            if strict:
+                raise AdapterMismatchError(f"adapter has {key!r} but the model has no LoRA layer at {path}")
+            continue
+        t = torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+        param = getattr(modules[path], kind)
+        if tuple(t.shape) != tuple(param.shape):
+            raise AdapterMismatchError(f"{key}: shape {tuple(t.shape)} != expected {tuple(param.shape)}")
+        if not torch.isfinite(t).all():
+            raise AdapterMismatchError(f"{key}: contains NaN or infinite values")
+        with torch.no_grad():
+            param.copy_(t.to(param.dtype))
+        seen.add(key)
+    if strict:
+        missing = [f"{p}.{k}" for p in modules for k in ("lora_A", "lora_B") if f"{p}.{k}" not in seen]
+        if missing:
+            raise AdapterMismatchError(f"adapter lacks {len(missing)} tensors, e.g. {missing[0]}")
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every adapter on or off (off reproduces the base model)."""
+    for _, m in lora_modules(model):
+        m.enabled = enabled
+
+
+def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """W + scale·B·A (out, in), fp32, per adapted module path: for checks and dense export."""
+    return {path: m.base_weight() + m.delta_weight().detach().float() for path, m in lora_modules(model)}
+
+
+def max_merge_error(model: nn.Module, x: torch.Tensor) -> float:
+    """max |LoRALinear(x) - x @ (W + scale·B·A)^T| over all adapted layers, for input x (..., in).
+
+    Only modules whose in_features match x's width are checked. NF4 layers use their
+    dequantized weight, which is exactly what the 4-bit matmul multiplies by.
+    """
+    worst = 0.0
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            if m.in_features != x.shape[-1]:
+                continue
+            w = m.base_weight() + m.delta_weight().float()
+            bias = getattr(m.base, "bias", None)
+            ref = x.float() @ w.T + (bias.float() if bias is not None else 0.0)
+            worst = max(worst, (m(x.to(torch.float32)).float() - ref).abs().max().item())
+    return worst
+
+
+__all__ = [
+    "LoRALinear",
+    "LoraConfig",
+    "apply_lora",
+    "dense_weight",
+    "load_lora_state_dict",
+    "lora_modules",
+    "lora_parameters",
+    "lora_state_dict",
+    "max_merge_error",
+    "merged_weights",
+    "set_lora_enabled",
+]

@@ -1,0 +1,122 @@
+"""The torch model itself: llama.cpp agreement on tiny models of every family, the fused loss,
+gradient checkpointing and the sliding window."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_sdk.models.loader import load_model
+from edge_sdk.models.transformer import apply_rope, fused_linear_cross_entropy, rope_cache
+from tests.models.tiny_families import FamilySpec, write_family_gguf
+
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing")
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2", "qwen3"])
+def test_tiny_family_matches_llama_cpp(tmp_path: Path, arch: str) -> None:
+    """Random weights make every wiring mistake visible: a wrong Q/K permutation (llama), RoPE
+    base, sliding-window edge (gemma3: window 5 over 24 tokens), bias or norm changes the logits."""
+    from llama_cpp import Llama
+
+    path = write_family_gguf(tmp_path / f"{arch}.gguf", arch, spec=FamilySpec(n_layer=3))
+    ids = [1] + [int(i) for i in np.random.default_rng(1).integers(5, 290, size=23)]
+    llm = Llama(str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
+    llm.eval(ids)
+    ref = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    with torch.no_grad():
+        ours = load_model(path, precision="fp32")(torch.tensor([ids]))[0].numpy()
+    # llama.cpp keeps K/V in f16, which explains differences of a few 1e-3 on logits of size ~5.
+    assert np.abs(ref - ours).max() < 0.03
+    assert (ref.argmax(-1) == ours.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_fused_cross_entropy_matches_autograd(softcap: float | None) -> None:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g)
+    t = torch.randint(0, 50, (37,), generator=g)
+    t[::5] = -100
+    loss = fused_linear_cross_entropy(h, w, t, softcap)
+    loss.backward()
+    grad = h.grad.clone()
+    h.grad = None
+    logits = h @ w.T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    ref = torch.nn.functional.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad, h.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_cross_entropy_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge_sdk.models.transformer as tr
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(23, 8, generator=g, requires_grad=True)
+    w = torch.randn(40, 8, generator=g)
+    t = torch.randint(0, 40, (23,), generator=g)
+    whole = fused_linear_cross_entropy(h, w, t)
+    (gw,) = torch.autograd.grad(whole, h)
+    monkeypatch.setattr(tr, "_CE_CHUNK_ELEMENTS", 40 * 4)  # 4 tokens per chunk: 6 chunks
+    chunked = fused_linear_cross_entropy(h, w, t)
+    (gc,) = torch.autograd.grad(chunked, h)
+    torch.testing.assert_close(whole, chunked)
+    torch.testing.assert_close(gw, gc)
+
+
+def test_gradient_checkpointing_same_grads(tmp_path: Path) -> None:
+    from edge_sdk.training.lora import LoraConfig, lora_parameters
+
+    path = write_family_gguf(tmp_path / "g.gguf", "gemma3")
+    ids = torch.from_numpy(np.random.default_rng(0).integers(5, 290, size=(2, 12)))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = load_model(path, precision="fp32", lora=LoraConfig(rank=4), gradient_checkpointing=ckpt)
+        for p in lora_parameters(model):  # non-zero B so that A gets a gradient too
+            torch.nn.init.normal_(p, std=0.02)
+        model.train()
+        model(ids, ids).backward()
+        grads.append([p.grad.clone() for p in lora_parameters(model)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_rope_rotates_pairs_half_apart() -> None:
+    cos, sin = rope_cache(torch.arange(3), 4, base=10000.0)
+    x = torch.zeros(1, 1, 3, 6)
+    x[..., 0] = 1.0  # first channel of pair (0, 2)
+    y = apply_rope(x, cos, sin)
+    # Position p rotates pair (0, 2) by angle p * base^0 = p radians; channels 4, 5 pass through.
+    torch.testing.assert_close(y[0, 0, :, 0], torch.cos(torch.arange(3.0)))
+    torch.testing.assert_close(y[0, 0, :, 2], torch.sin(torch.arange(3.0)))
+    assert y[..., 4:].abs().max() == 0
+
+
+def test_sliding_window_limits_attention(tmp_path: Path) -> None:
+    """Changing a token outside every window of a later query leaves that query's logits alone."""
+    path = write_family_gguf(tmp_path / "g.gguf", "gemma3", spec=FamilySpec(n_layer=1, sliding_window=4))
+    model = load_model(path, precision="fp32")
+    ids = torch.from_numpy(np.random.default_rng(0).integers(5, 290, size=(1, 12)))
+    changed = ids.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % 290
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    # One local layer, window 4: position 5 still sees 2, position 6 no longer does.
+    assert (a[0, 5] - b[0, 5]).abs().max() > 1e-4
+    torch.testing.assert_close(a[0, 6:], b[0, 6:])
+
+
+def test_rejects_sequences_beyond_context(tmp_path: Path) -> None:
+    path = write_family_gguf(tmp_path / "l.gguf", "llama", spec=FamilySpec(context_length=8))
+    model = load_model(path, precision="fp32")
+    with pytest.raises(ValueError, match="context length 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))

@@ -1,0 +1,193 @@
+"""LoRA layers: config validation, what trains, base reproduction, merging, state dict naming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_sdk.errors import AdapterMismatchError
+from edge_sdk.models.loader import load_model
+from edge_sdk.models.naming import LORA_TARGETS, hf_module
+from edge_sdk.training.lora import (
+    LoraConfig,
+    LoRALinear,
+    apply_lora,
+    load_lora_state_dict,
+    lora_modules,
+    lora_parameters,
+    lora_state_dict,
+    max_merge_error,
+    merged_weights,
+    set_lora_enabled,
+)
+from tests.models.tiny_families import write_family_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_family_gguf(tmp_path_factory.mktemp("lora") / "llama.gguf", "llama")
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(5, 290, size=(2, 10)))
+
+
+def _randomize_b(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, "`rank` should be a positive integer, got 0"),
+        ({"rank": 2.5}, "`rank` should be a positive integer, got 2.5"),
+        ({"alpha": -1.0}, "`alpha` should be a positive number, got -1.0"),
+        ({"dropout": 1.0}, r"`dropout` should be in \[0, 1\), got 1.0"),
+        ({"targets": ("q_proj", "lm_head")}, "`targets` has unknown modules \\['lm_head'\\]"),
+        ({"targets": ()}, "`targets` should name at least one projection"),
+        ({"targets": ("q_proj", "q_proj")}, "`targets` lists a module twice"),
+        ({"layers": (-1,)}, "`layers` should be non-negative integers"),
+    ],
+)
+def test_config_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**kwargs)
+
+
+def test_defaults_target_every_projection() -> None:
+    cfg = LoraConfig()
+    assert cfg.targets == LORA_TARGETS and cfg.scale == cfg.alpha / cfg.rank
+
+
+@pytest.mark.parametrize("precision", ["fp32", "nf4"])
+def test_only_adapter_trains(tiny_path: Path, precision: str) -> None:
+    model = load_model(tiny_path, precision=precision, lora=LoraConfig(rank=4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    assert len(trainable) == 2 * len(LORA_TARGETS) * model.config.n_layer
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype.is_floating_point}
+    opt = torch.optim.SGD(lora_parameters(model), lr=0.5)
+    for _ in range(2):  # the first step moves only B (A's grad is B^T·…, zero while B = 0)
+        model(_ids(), _ids()).backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if n not in before:
+            continue
+        changed = not torch.equal(before[n], p.detach())
+        assert changed == n.endswith((".lora_A", ".lora_B")), n
+
+
+def test_zero_b_and_disabled_adapter_reproduce_base(tiny_path: Path) -> None:
+    base = load_model(tiny_path, precision="fp32")
+    with torch.no_grad():
+        ref = base(_ids())
+        apply_lora(base, LoraConfig(rank=4, dropout=0.1))
+        base.train()  # dropout active: still exact, since B = 0
+        torch.testing.assert_close(base(_ids()), ref, rtol=0, atol=0)
+        _randomize_b(base)
+        assert (base(_ids()) - ref).abs().max() > 1e-3
+        set_lora_enabled(base, False)
+        torch.testing.assert_close(base(_ids()), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "nf4"])
+def test_merged_weight_equals_base_plus_scaled_ba(tiny_path: Path, precision: str) -> None:
+    model = load_model(tiny_path, precision=precision, lora=LoraConfig(rank=4, alpha=8))
+    _randomize_b(model)
+    x = torch.randn(3, 7, model.config.d_model)
+    assert max_merge_error(model, x) < 1e-4
+    merged = merged_weights(model)
+    q = model.get_submodule(hf_module(0, "q_proj"))
+    assert isinstance(q, LoRALinear)
+    expected = q.base_weight() + 2.0 * q.lora_B.detach() @ q.lora_A.detach()
+    torch.testing.assert_close(merged[hf_module(0, "q_proj")], expected)
+    # A model whose base weight *is* the merged weight gives the same logits.
+    if precision == "fp32":
+        dense = load_model(tiny_path, precision="fp32")
+        with torch.no_grad():
+            for path, w in merged.items():
+                dense.get_submodule(path).weight.copy_(w)
+            torch.testing.assert_close(dense(_ids()), model(_ids()), rtol=1e-4, atol=1e-4)
+
+
+def test_state_dict_names_shapes_and_round_trip(tiny_path: Path) -> None:
+    cfg = LoraConfig(rank=3, targets=("q_proj", "down_proj"))
+    model = load_model(tiny_path, precision="fp32", lora=cfg)
+    _randomize_b(model, seed=3)
+    sd = lora_state_dict(model)
+    shapes = model.config.target_shapes()
+    assert len(sd) == 2 * 2 * model.config.n_layer
+    for i in range(model.config.n_layer):
+        for t in cfg.targets:
+            out_f, in_f = shapes[t]
+            assert sd[f"{hf_module(i, t)}.lora_A"].shape == (3, in_f)
+            assert sd[f"{hf_module(i, t)}.lora_B"].shape == (out_f, 3)
+    other = load_model(tiny_path, precision="fp32", lora=cfg)
+    load_lora_state_dict(other, {k: v.numpy() for k, v in sd.items()})  # numpy is accepted
+    with torch.no_grad():
+        torch.testing.assert_close(other(_ids()), model(_ids()))
+    # The returned tensors are copies: changing them does not touch the model.
+    sd[f"{hf_module(0, 'q_proj')}.lora_B"].zero_()
+    assert lora_state_dict(model)[f"{hf_module(0, 'q_proj')}.lora_B"].abs().sum() > 0
+
+
+def test_load_state_dict_rejects_mismatches(tiny_path: Path) -> None:
+    model = load_model(tiny_path, precision="fp32", lora=LoraConfig(rank=2, targets=("v_proj",)))
+    sd = lora_state_dict(model)
+    key = f"{hf_module(0, 'v_proj')}.lora_A"
+    with pytest.raises(AdapterMismatchError, match="shape"):
+        load_lora_state_dict(model, {**sd, key: torch.zeros(5, 64)})
+    with pytest.raises(AdapterMismatchError, match="NaN"):
+        load_lora_state_dict(model, {**sd, key: torch.full_like(sd[key], float("nan"))})
+    with pytest.raises(AdapterMismatchError, match="lacks"):
+        load_lora_state_dict(model, {k: v for k, v in sd.items() if k != key})
+    with pytest.raises(AdapterMismatchError, match="no LoRA layer"):
+        load_lora_state_dict(model, {**sd, f"{hf_module(0, 'q_proj')}.lora_A": torch.zeros(2, 64)})
+    load_lora_state_dict(model, {f"{hf_module(0, 'q_proj')}.lora_A": torch.zeros(2, 64)}, strict=False)
+
+
+def test_frozen_a_trains_b_only(tiny_path: Path) -> None:
+    g = torch.Generator().manual_seed(42)
+    model = load_model(tiny_path, precision="fp32")
+    apply_lora(model, LoraConfig(rank=4, freeze_a=True), generator=g)
+    params = lora_parameters(model)
+    assert params and all(p.shape[1] == 4 for p in params)  # only B (out, r)
+    g2 = torch.Generator().manual_seed(42)
+    again = apply_lora(load_model(tiny_path, precision="fp32"), LoraConfig(rank=4, freeze_a=True), generator=g2)
+    a1, a2 = lora_state_dict(model), lora_state_dict(again)
+    assert all(torch.equal(a1[k], a2[k]) for k in a1)  # a shared seed gives the same A everywhere
+
+
+def test_apply_twice_and_bad_layers(tiny_path: Path) -> None:
+    model = load_model(tiny_path, precision="fp32", lora=LoraConfig(rank=2))
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        apply_lora(model, LoraConfig(rank=2))
+    with pytest.raises(ValueError, match="out of range"):
+        apply_lora(load_model(tiny_path, precision="fp32"), LoraConfig(layers=(99,)))
+
+
+def test_merged_nf4_path_matches_unmerged_gradients(tiny_path: Path) -> None:
+    """The NF4 fast path (W + s·B·A in one matmul, custom backward) against plain autograd."""
+    model = load_model(tiny_path, precision="nf4", lora=LoraConfig(rank=4, alpha=8))
+    _randomize_b(model)
+    layer = model.get_submodule(hf_module(1, "up_proj"))
+    assert isinstance(layer, LoRALinear)
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    got = (y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+
+    x2 = x.detach().clone().requires_grad_(True)
+    a = layer.lora_A.detach().clone().requires_grad_(True)
+    b = layer.lora_B.detach().clone().requires_grad_(True)
+    ref_y = x2 @ layer.base_weight().T + (x2 @ a.T) @ b.T * layer.scale
+    (ref_y * torch.linspace(-1, 1, ref_y.shape[-1])).sum().backward()
+    for ours, ref in zip(got, (ref_y.detach(), x2.grad, a.grad, b.grad)):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
