@@ -36,45 +36,14 @@ import numpy as np
 from edge_sdk.errors import AdapterMismatchError, InvalidAdapterError, InvalidModelError
 from edge_sdk.models import naming
 from edge_sdk.models.gguf_meta import read_gguf
+from edge_sdk.models.qk_order import PERMUTED_ARCHS, permute_qk, unpermute_qk
 
 logger = logging.getLogger(__name__)
-
-PERMUTED_ARCHS: frozenset[str] = frozenset({"llama"})
-"""Architectures whose Q/K rows llama.cpp's converter permutes (convert_hf_to_gguf LlamaModel)."""
 
 _SUFFIX_A = ".lora_a"
 _SUFFIX_B = ".lora_b"
 _KEY_BASE_SHA = "fedlm.base_model.sha256"
 _DTYPES: dict[str, type[np.floating[Any]]] = {"f32": np.float32, "f16": np.float16}
-
-
-# --------------------------------------------------------------------------- Q/K permutation
-
-
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF row order -> llama.cpp rope order for a Q/K weight or a lora_B, shape (out, ...).
-
-    Within each head the HF layout holds the two rotary halves one after the other
-    [x0..x(d/2-1), y0..y(d/2-1)]; llama.cpp interleaves them [x0, y0, x1, y1, ...].
-    """
-    out = w.shape[0]
-    if n_head <= 0 or out % (2 * n_head):
-        raise ValueError(f"cannot permute {out} rows into {n_head} heads of even size")
-    # (n_head, 2, d/2, ...) -> (n_head, d/2, 2, ...)
-    return np.ascontiguousarray(
-        w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
-
-
-def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of `permute_rows`: llama.cpp rope order -> HF row order."""
-    out = w.shape[0]
-    if n_head <= 0 or out % (2 * n_head):
-        raise ValueError(f"cannot unpermute {out} rows from {n_head} heads of even size")
-    # (n_head, d/2, 2, ...) -> (n_head, 2, d/2, ...)
-    return np.ascontiguousarray(
-        w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
 
 
 def _qk_heads(target: str, n_head: int, n_kv_head: int) -> int | None:
@@ -242,7 +211,7 @@ def write_gguf_lora(
                 )
         heads = _qk_heads(target, info.n_head, info.n_kv_head) if permute else None
         if heads is not None:
-            b = permute_rows(b, heads)
+            b = np.ascontiguousarray(permute_qk(b, heads))
         out_tensors.append((stem + _SUFFIX_A, np.ascontiguousarray(a, dtype=np_dtype)))
         out_tensors.append((stem + _SUFFIX_B, np.ascontiguousarray(b, dtype=np_dtype)))
 
@@ -409,7 +378,7 @@ def read_gguf_lora(
                     f"{p}: no head counts in the file; pass base= to undo the Q/K permutation"
                 )
             try:
-                b = unpermute_rows(b, heads)
+                b = np.ascontiguousarray(unpermute_qk(b, heads))
             except ValueError as exc:
                 raise AdapterMismatchError(f"{p}: {name}: {exc}") from None
         module = naming.hf_module(layer, target)

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from torch import nn
 from edge_sdk.errors import InvalidModelError, ModelNotFoundError, UnsupportedArchitectureError
 from edge_sdk.models.config import SUPPORTED_ARCHS, ModelConfig
 from edge_sdk.models.naming import LORA_TARGETS, gguf_stem, hf_module
+from edge_sdk.models.qk_order import PERMUTED_ARCHS, permute_qk, unpermute_qk  # noqa: F401 (re-export)
 from edge_sdk.models.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -57,9 +58,6 @@ PRECISIONS: tuple[str, ...] = ("nf4", "bf16", "fp32")
 NF4_BLOCKSIZE = 64
 """Weights per NF4 absmax block (bitsandbytes' and QLoRA's default)."""
 
-PERMUTED_ARCHS: frozenset[str] = frozenset({"llama"})
-"""Architectures whose GGUF Q/K rows are permuted by llama.cpp's converter."""
-
 # Norm tensors per block: GGUF suffix -> module path inside the block.
 _BLOCK_NORMS = {
     "attn_norm": "attn_norm",
@@ -70,40 +68,12 @@ _BLOCK_NORMS = {
     "attn_k_norm": "self_attn.k_norm",
 }
 
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 _DEQUANT_ROWS = 4096
 _FLOAT_TYPES = frozenset({0, 1, 30})  # GGMLQuantizationType F32, F16, BF16: views, no temporaries
 
 
 # -- Q/K permutation ---------------------------------------------------------------------------
-
-
-def permute_qk(w: ArrayT, n_head: int) -> ArrayT:
-    """HF row order → llama.cpp row order for a Q or K projection (rows = n_head * head_dim).
-
-    Works on any array whose first axis is the output rows: a weight (out, in), a bias (out,),
-    or a LoRA `B` (out, r). Within each head, rows [0..hd/2) and [hd/2..hd) (the two rotate-half
-    halves) are interleaved into adjacent pairs. Use n_kv_head for K.
-    """
-    rows = w.shape[0]
-    if rows % (2 * n_head):
-        raise ValueError(f"cannot permute {rows} rows into {n_head} heads of even width")
-    rest = tuple(w.shape[1:])
-    x = w.reshape(n_head, 2, rows // n_head // 2, *rest)  # (nh, 2, hd/2, ...)
-    x = x.swapaxes(1, 2) if isinstance(x, np.ndarray) else x.transpose(1, 2)  # (nh, hd/2, 2, ...)
-    return x.reshape(w.shape)
-
-
-def unpermute_qk(w: ArrayT, n_head: int) -> ArrayT:
-    """Inverse of `permute_qk`: llama.cpp row order → HF row order."""
-    rows = w.shape[0]
-    if rows % (2 * n_head):
-        raise ValueError(f"cannot unpermute {rows} rows from {n_head} heads of even width")
-    rest = tuple(w.shape[1:])
-    x = w.reshape(n_head, rows // n_head // 2, 2, *rest)  # (nh, hd/2, 2, ...)
-    x = x.swapaxes(1, 2) if isinstance(x, np.ndarray) else x.transpose(1, 2)  # (nh, 2, hd/2, ...)
-    return x.reshape(w.shape)
 
 
 # -- GGUF reading ------------------------------------------------------------------------------

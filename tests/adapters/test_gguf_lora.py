@@ -11,12 +11,11 @@ import pytest
 from edge_sdk.adapters.gguf_lora import (
     BaseModelInfo,
     check_adapter_compatible,
-    permute_rows,
     read_gguf_lora,
-    unpermute_rows,
     write_gguf_lora,
 )
 from edge_sdk.errors import AdapterMismatchError, InvalidAdapterError
+from edge_sdk.models.qk_order import permute_qk, unpermute_qk
 from tests.adapters.base_stub import N_HEAD, N_KV, TARGET_SHAPES, random_adapter, write_base_stub
 
 Q_B = "model.layers.0.self_attn.q_proj.lora_B"
@@ -26,15 +25,15 @@ K_B = "model.layers.0.self_attn.k_proj.lora_B"
 def test_permute_matches_rope_interleaving() -> None:
     # One head of 8 rows: HF halves [x0..x3 | y0..y3] become llama.cpp pairs [x0 y0 x1 y1 ...].
     w = np.arange(8, dtype=np.float32)[:, None]
-    assert permute_rows(w, 1)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert permute_qk(w, 1)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
     rng = np.random.default_rng(0)
     b = rng.standard_normal((32, 4))
-    np.testing.assert_array_equal(unpermute_rows(permute_rows(b, 4), 4), b)
+    np.testing.assert_array_equal(unpermute_qk(permute_qk(b, 4), 4), b)
     # Permuting B's rows permutes the delta B @ A the same way, which is why A is left alone.
     a = rng.standard_normal((4, 16))
-    np.testing.assert_allclose(permute_rows(b, 4) @ a, permute_rows(b @ a, 4))
+    np.testing.assert_allclose(permute_qk(b, 4) @ a, permute_qk(b @ a, 4))
     with pytest.raises(ValueError, match="heads"):
-        permute_rows(b, 3)
+        permute_qk(b, 3)
 
 
 def test_written_file_has_llama_cpp_layout(tmp_path: Path, llama_base: Path) -> None:
@@ -53,9 +52,9 @@ def test_written_file_has_llama_cpp_layout(tmp_path: Path, llama_base: Path) -> 
     assert by_name["blk.1.ffn_down.weight.lora_a"].shape.tolist() == [48, 4]
     assert by_name["blk.1.ffn_down.weight.lora_b"].shape.tolist() == [4, 32]
     # Q/K lora_B rows are permuted for llama, lora_A and V are not.
-    np.testing.assert_array_equal(np.asarray(q_b.data), permute_rows(tensors[Q_B], N_HEAD))
+    np.testing.assert_array_equal(np.asarray(q_b.data), permute_qk(tensors[Q_B], N_HEAD))
     k_b = np.asarray(by_name["blk.0.attn_k.weight.lora_b"].data)
-    np.testing.assert_array_equal(k_b, permute_rows(tensors[K_B], N_KV))
+    np.testing.assert_array_equal(k_b, permute_qk(tensors[K_B], N_KV))
     np.testing.assert_array_equal(
         np.asarray(q_a.data), tensors["model.layers.0.self_attn.q_proj.lora_A"]
     )
@@ -188,13 +187,3 @@ def test_check_rejects_non_lora_adapter_and_nan(tmp_path: Path, llama_base: Path
         read_gguf_lora(tmp_path / "nan.gguf")
 
 
-def test_permutation_agrees_with_the_model_loader() -> None:
-    """The loader undoes llama.cpp's Q/K permutation on weights; the export must redo the same."""
-    loader = pytest.importorskip("edge_sdk.models.loader")
-    from edge_sdk.adapters import gguf_lora
-
-    assert gguf_lora.PERMUTED_ARCHS == loader.PERMUTED_ARCHS
-    b = np.random.default_rng(0).standard_normal((48, 3)).astype(np.float32)
-    for heads in (1, 3, 6):
-        np.testing.assert_array_equal(permute_rows(b, heads), loader.permute_qk(b, heads))
-        np.testing.assert_array_equal(unpermute_rows(b, heads), loader.unpermute_qk(b, heads))

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_sdk.adapters.gguf_lora import unpermute_rows, write_gguf_lora
+from edge_sdk.adapters.gguf_lora import write_gguf_lora
+from edge_sdk.models.qk_order import unpermute_qk
 
 llama_cpp = pytest.importorskip("llama_cpp")
 torch = pytest.importorskip("torch")
@@ -123,7 +124,7 @@ def test_adapter_effect_matches_between_torch_and_llama_cpp(tmp_path: Path, engi
     qk = {k: v for k, v in adapter.items() if is_qk(k)}
     cfg = engines.model.config
     unpermuted = {
-        k: unpermute_rows(v, cfg.n_head if ".q_proj." in k else cfg.n_kv_head) if k.endswith("lora_B") else v
+        k: unpermute_qk(v, cfg.n_head if ".q_proj." in k else cfg.n_kv_head) if k.endswith("lora_B") else v
         for k, v in qk.items()
     }
     wrong = write_gguf_lora(tmp_path / "wrong.gguf", unpermuted, alpha=ALPHA, base=engines.path)

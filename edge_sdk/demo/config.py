@@ -1,0 +1,113 @@
+"""The demo's one configuration: task design, local schedule, federation, and presets.
+
+The defaults were chosen by the in-process experiment recorded in BENCHMARKS.md ("Federated
+demo (issue 7)"); `python -m edge_sdk.demo.simulate` reproduces it. With 4 clients owning one
+rule family each (90/10 skew) and 16 local steps per client in total, 8 rounds x 2 steps
+closed 102% of the base -> centralized exact-match gap (4 rounds x 4 steps: 85%, client drift).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from edge_sdk.demo.tasks import TaskConfig
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything `run_demo` needs besides where to write."""
+
+    model: str = "smollm2-135m"
+    """Base model name or GGUF path."""
+    clients: int = 4
+    """Federated clients (one data partition each)."""
+    rounds: int = 8
+    """Global versions to publish (synchronous-equivalent rounds)."""
+    local_steps: int = 2
+    """Optimizer steps per client per round."""
+    batch_size: int = 2
+    """Sequences per step (centralized uses clients x this: the federation's compute)."""
+    seq_len: int = 64
+    """Tokens per packed training sequence."""
+    lr: float = 3e-3
+    """Peak local learning rate (per round: short warmup, cosine decay)."""
+    warmup: int = 1
+    """Warmup steps of each local round."""
+    rank: int = 8
+    """LoRA rank on every attention and MLP projection."""
+    alpha: float = 16.0
+    """LoRA alpha."""
+    mode: str = "exact"
+    """Coordinator LoRA aggregation: exact, frozen-a or naive."""
+    server_lr: float = 1.0
+    """Server step on the averaged delta."""
+    codec: str = "delta+int4+zlib"
+    """Client update codec (the wire format's codec string)."""
+    families_per_client: int = 1
+    """Task families each client owns."""
+    train_per_client: int = 120
+    """Training examples per client."""
+    eval_per_family: int = 16
+    """Held-out examples per family."""
+    own_fraction: float = 0.9
+    """Share of a client's data from its own families (non-IID skew)."""
+    seed: int = 0
+    """Seeds the data, the adapter init and every run."""
+    precision: str = "nf4"
+    """Frozen base precision of every torch run: nf4 (QLoRA), bf16 or fp32."""
+    threads: int | None = None
+    """torch threads of the in-process runs; None keeps torch's default (all cores). On a busy
+    machine 1 is several times faster than 2 (measured: BENCHMARKS.md)."""
+    greedy_eval: bool = True
+    """Also score base and federated adapters by greedy decoding in llama.cpp."""
+
+    def __post_init__(self) -> None:
+        for name in ("clients", "rounds", "local_steps", "batch_size", "seq_len", "rank",
+                     "train_per_client", "eval_per_family", "families_per_client"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` should be a positive integer, got {value!r}")
+        if self.seq_len < 16:
+            raise ValueError(f"`seq_len` should be >= 16, got {self.seq_len!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"`threads` should be a positive integer or None, got {self.threads!r}")
+        if self.warmup < 0:
+            raise ValueError(f"`warmup` should be >= 0, got {self.warmup!r}")
+        for name in ("lr", "alpha", "server_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` should be a positive number, got {value!r}")
+        if self.precision not in ("nf4", "bf16", "fp32"):
+            raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")
+        if self.mode not in ("exact", "frozen-a", "naive"):
+            raise ValueError(f"`mode` should be exact, frozen-a or naive, got {self.mode!r}")
+        from edge_sdk.wire import parse_codec
+
+        parse_codec(self.codec)
+        self.task_config()  # validates the data fields together
+
+    @property
+    def total_local_steps(self) -> int:
+        """Steps each client trains over the whole federation (= a local-only run's steps)."""
+        return self.rounds * self.local_steps
+
+    def task_config(self) -> TaskConfig:
+        return TaskConfig(clients=self.clients, families_per_client=self.families_per_client,
+                          train_per_client=self.train_per_client, eval_per_family=self.eval_per_family,
+                          own_fraction=self.own_fraction, seed=self.seed)
+
+    def replace(self, **changes: object) -> DemoConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def full(cls) -> DemoConfig:
+        """`fedlm demo`: the measured configuration (<= 10 minutes on 2 cores)."""
+        return cls()
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        """`fedlm demo --quick` (<= 3 minutes on 2 cores): fewer rounds and examples."""
+        return cls(rounds=3, train_per_client=60, eval_per_family=8, greedy_eval=False)

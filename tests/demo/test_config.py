@@ -1,0 +1,31 @@
+"""DemoConfig: presets and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_sdk.demo.config import DemoConfig
+
+
+def test_presets_keep_the_steps_per_client_of_their_schedule() -> None:
+    full, quick = DemoConfig.full(), DemoConfig.quick()
+    assert full.total_local_steps == full.rounds * full.local_steps == 16
+    assert quick.total_local_steps < full.total_local_steps
+    assert quick.task_config().num_families == 4
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("rounds", 0), ("local_steps", -1), ("lr", 0.0), ("mode", "mean"), ("seq_len", 8),
+     ("threads", 0), ("precision", "int8"), ("own_fraction", 2.0)],
+)
+def test_bad_values_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        DemoConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_bad_codec_is_refused() -> None:
+    from edge_sdk.wire import WireError
+
+    with pytest.raises((ValueError, WireError)):
+        DemoConfig(codec="delta+int3")
