@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedlm generate smollm2-135m "Write a haiku about federated learning."
+	$(VENV)/bin/fedlm demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
