@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="federate a QLoRA adapter across simulated clients and report what it gained",
         description="Generate non-IID instruction data for N clients (or use --data DIR), train "
-        "local-only and centralized baselines, federate an adapter, and report eval loss, exact "
+        "local-only and centralized baselines, federate an adapter (a coordinator advertised by mDNS "
+        "on 127.0.0.1 and N `fedlm join` processes that discover it), and report eval loss, exact "
         "match, bytes sent and wall time (report.json, a plot and both adapter formats in --out).",
     )
     p.add_argument("--clients", type=int, metavar="N", help="number of clients (4)")
@@ -24,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="MODEL", help="base model name or .gguf path (smollm2-135m)")
     p.add_argument("--seed", type=int, metavar="S", help="seed of data and training (0)")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: all cores; 1 on a busy machine)")
+    p.add_argument("--in-process", action="store_true",
+                   help="simulate the federation in this process instead of coordinator + client processes")
     p.set_defaults(func=_demo)
 
 
@@ -34,6 +37,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from edge_sdk.demo.config import DemoConfig
     from edge_sdk.demo.errors import DemoConfigError
+    from edge_sdk.demo.network import NetworkFederation
     from edge_sdk.demo.report import render
     from edge_sdk.demo.run import FULL_BUDGET_S, QUICK_BUDGET_S, run_demo
 
@@ -61,9 +65,16 @@ def _demo(args: argparse.Namespace) -> int:
         elif event == "version":
             console.print(f"{clock}   global version {fields['version']}: eval loss {fields['eval_loss']:.3f}, "
                           f"exact match {fields['exact_match']:.1%}")
+        elif event == "federation":  # from the client processes' ledgers
+            losses = ", ".join("-" if x is None else f"{x:.3f}" for x in fields["client_loss"])
+            sent = ", ".join(f"{b / 1024:.0f}" for b in fields["bytes_sent"])
+            console.print(f"{clock}   round {fields['version']}/{fields['rounds']}: client train loss [{losses}], "
+                          f"KiB sent [{sent}]")
 
+    # Client processes get one torch thread each: N of them share the machine's cores.
+    federation = None if args.in_process else NetworkFederation(work_dir=out / "federation", progress=progress)
     with console.status("running the federated demo ..."):
-        report = run_demo(config, out, data_dir=args.data, progress=progress,
+        report = run_demo(config, out, data_dir=args.data, progress=progress, federation=federation,
                           budget_s=QUICK_BUDGET_S if args.quick else FULL_BUDGET_S)
     render(report, console)
     return 0

@@ -10,8 +10,9 @@ Phases (each timed into `report["wall_time_s"]`):
    clients x the batch: the federation's compute);
 4. federated: a `Federation` backend returns the global adapter of every version and the
    bytes each client sent. `InProcessFederation` runs the coordinator's aggregation on
-   locally trained, wire-encoded updates in this process; the multi-process backend
-   (coordinator advertised by mDNS + `fedlm join` clients) plugs in through the same protocol;
+   locally trained, wire-encoded updates in this process; `edge_sdk.demo.network.NetworkFederation`
+   (what `fedlm demo` uses) runs a coordinator advertised by mDNS and `fedlm join` client
+   processes that discover it;
 5. evaluation of every version (eval loss curve), export of the final adapter (PEFT + GGUF),
    greedy exact match through llama.cpp, one chat exchange, report.json + plot + table.
 """
