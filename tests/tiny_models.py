@@ -48,6 +48,21 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
+def add_tiny_tokenizer(w: gguf.GGUFWriter) -> int:
+    """Write the tiny SentencePiece-style vocabulary into `w`; returns the vocabulary size."""
+    tokens, scores, types = _vocab()
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    return len(tokens)
+
+
 def write_tiny_gguf(
     path: Path | str,
     *,
@@ -61,8 +76,7 @@ def write_tiny_gguf(
     """Write a tiny random model of `arch`'s llama-style layout and return its path."""
     path = Path(path)
     rng = np.random.default_rng(seed)
-    tokens, scores, types = _vocab()
-    vocab = len(tokens)
+    vocab = len(_vocab()[0])
     kv_dim = spec.n_kv_head * spec.head_dim
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -80,15 +94,7 @@ def write_tiny_gguf(
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
+    add_tiny_tokenizer(w)
     if chat_template is not None:
         w.add_chat_template(chat_template)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tests.tiny_models import _vocab
+from tests.tiny_models import _vocab, add_tiny_tokenizer
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,7 @@ def write_family_gguf(
     """Write a tiny random `arch` model; `tied` defaults to the family's habit (gemma3: tied)."""
     path = Path(path)
     rng = np.random.default_rng(seed)
-    tokens, scores, types = _vocab()
-    vocab = len(tokens)
+    vocab = len(_vocab()[0])
     q_dim, kv_dim = spec.n_head * spec.head_dim, spec.n_kv_head * spec.head_dim
     tied = arch == "gemma3" if tied is None else tied
 
@@ -63,15 +62,7 @@ def write_family_gguf(
     w.add_vocab_size(vocab)
     if arch == "gemma3":
         w.add_sliding_window(spec.sliding_window)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
+    add_tiny_tokenizer(w)
 
     def rand(*shape: int, scale: float = 0.1) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
