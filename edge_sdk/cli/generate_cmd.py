@@ -43,13 +43,20 @@ def _print_stream(pieces) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     with _open(args) as model:
-        opts = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, stream=True)
+        opts = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed, "stream": True}
         if args.chat:
             _print_stream(model.chat([{"role": "user", "content": args.prompt}], **opts))
         else:
             sys.stdout.write(args.prompt)
             _print_stream(model.generate(args.prompt, **opts))
     return 0
+
+
+def _tee(pieces, sink: list[str]):
+    """Yield the stream's pieces while keeping them, for the chat history."""
+    for piece in pieces:
+        sink.append(piece)
+        yield piece
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -69,13 +76,8 @@ def _chat(args: argparse.Namespace) -> int:
             if interactive:
                 sys.stdout.write("model> ")
             answer: list[str] = []
-
-            def tee(pieces):
-                for piece in pieces:
-                    answer.append(piece)
-                    yield piece
-
-            _print_stream(tee(model.chat(history, max_tokens=args.max_tokens,
-                                         temperature=args.temperature, seed=args.seed, stream=True)))
+            pieces = model.chat(history, max_tokens=args.max_tokens, temperature=args.temperature,
+                                seed=args.seed, stream=True)
+            _print_stream(_tee(pieces, answer))
             history.append({"role": "assistant", "content": "".join(answer)})
     return 0

@@ -11,7 +11,7 @@ from tests.tiny_models import TinySpec, write_tiny_gguf
 
 
 def fedlm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge_sdk.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "edge_sdk.cli", *args], capture_output=True, text=True, check=False, timeout=300)
 
 
 def test_inspect_json_real_model(smollm2_path: Path) -> None:
@@ -53,3 +53,19 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, tiny_gguf: Path) -> Non
         assert "Traceback" not in out.stderr
         lines = [line for line in out.stderr.splitlines() if line.startswith("fedlm: error:")]
         assert len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_chat_reads_turns_from_stdin_and_keeps_history(tiny_gguf: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_sdk.cli", "chat", str(tiny_gguf), "--max-tokens", "4", "--n-ctx", "256"],
+        input="hello\nthe world\n", capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 2  # one answer line per user turn
+
+
+def test_generate_prints_prompt_and_greedy_continuation(tiny_gguf: Path) -> None:
+    first = fedlm("generate", str(tiny_gguf), "hello world", "--max-tokens", "6", "--n-ctx", "256")
+    second = fedlm("generate", str(tiny_gguf), "hello world", "--max-tokens", "6", "--n-ctx", "256")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("hello world") and first.stdout == second.stdout
