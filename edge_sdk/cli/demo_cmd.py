@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--clients", type=int, metavar="N", help="number of clients (4)")
     p.add_argument("--rounds", type=int, metavar="R", help="global versions to publish")
-    p.add_argument("--quick", action="store_true", help="the short preset (<= 3 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="the short preset (about 3.5 minutes on 2 cores; target 3)")
     p.add_argument("--out", metavar="DIR", help="run directory (default: ./fedlm-demo-<time>)")
     p.add_argument("--data", metavar="DIR", help="one JSONL per client (+ optional eval.jsonl)")
     p.add_argument("--model", metavar="MODEL", help="base model name or .gguf path (smollm2-135m)")
