@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,10 @@ def client_config(state_dir: Path, model: Path, data: Path, **overrides: Any) ->
     }
     values.update(overrides)
     return ClientConfig(**values)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for restarting a server on it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

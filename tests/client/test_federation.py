@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 import sqlite3
 import stat
 import threading
@@ -23,21 +22,10 @@ from edge_sdk.client import (
     LicenceRefusedError,
     ModelMismatchError,
 )
-from tests.client.helpers import CANARY, client_config, coordinator_config, write_data
+from tests.client.helpers import CANARY, client_config, coordinator_config, free_port, write_data
 from tests.tiny_models import write_tiny_gguf
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Capture:
@@ -123,7 +111,7 @@ def _db_updates(db: Path) -> list[tuple[str, str, str]]:
 def test_licence_policy_refuses_before_anything_is_sent(tmp_path: Path) -> None:
     unlicensed = write_tiny_gguf(tmp_path / "nolicence.gguf", licence=None)
     data = write_data(tmp_path / "data.jsonl")
-    config = client_config(tmp_path / "state", unlicensed, data, coordinator_url=f"http://127.0.0.1:{_free_port()}")
+    config = client_config(tmp_path / "state", unlicensed, data, coordinator_url=f"http://127.0.0.1:{free_port()}")
     client = FederatedClient(config)
     with pytest.raises(LicenceRefusedError, match="class unknown"):
         client.run()
@@ -219,7 +207,7 @@ def test_three_clients_with_mdns_and_a_coordinator_restart(tmp_path: Path, model
     from edge_sdk.runtime import EdgeModel
 
     rounds = 3
-    port = _free_port()
+    port = free_port()
     config = coordinator_config(
         tmp_path, model, port=port, mdns=True, strategy=FedBuff(buffer_size=3, max_staleness=4), max_rounds=rounds
     )

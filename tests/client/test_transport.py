@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import aiohttp
@@ -19,21 +18,9 @@ from edge_sdk.client import (
     Transport,
     TransportError,
 )
-from tests.client.helpers import FAST_RETRY, JOIN_TOKEN, coordinator_config
-from tests.tiny_models import write_tiny_gguf
+from tests.client.helpers import FAST_RETRY, JOIN_TOKEN, coordinator_config, free_port
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_every_try_is_ledgered_before_it_is_sent(tmp_path: Path, model: Path) -> None:
@@ -89,7 +76,7 @@ def test_errors_are_typed_and_not_retried(tmp_path: Path, model: Path) -> None:
 
 
 def test_retries_with_backoff_until_the_coordinator_comes_up(tmp_path: Path, model: Path) -> None:
-    port = _free_port()
+    port = free_port()
 
     async def scenario() -> None:
         ledger = Ledger(tmp_path / "outbox.jsonl")
@@ -124,7 +111,7 @@ def test_stop_interrupts_a_backoff_wait(tmp_path: Path) -> None:
     async def scenario() -> None:
         stop = asyncio.Event()
         slow = RetryConfig(attempts=10, initial_s=30.0, max_s=30.0, jitter_s=0.0)
-        async with Transport(f"http://127.0.0.1:{_free_port()}", Ledger(tmp_path / "l.jsonl"), retry=slow, stop=stop) as t:
+        async with Transport(f"http://127.0.0.1:{free_port()}", Ledger(tmp_path / "l.jsonl"), retry=slow, stop=stop) as t:
             asyncio.get_running_loop().call_later(0.3, stop.set)
             with pytest.raises(StopRequested):
                 await asyncio.wait_for(t.task(), timeout=10)
