@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--clients", type=int, metavar="N", help="number of clients (4)")
     p.add_argument("--rounds", type=int, metavar="R", help="global versions to publish")
-    p.add_argument("--quick", action="store_true", help="the short preset (about 3.5 minutes on 2 cores; target 3)")
+    p.add_argument("--quick", action="store_true", help="the short preset (about 2.5 minutes on 2 idle cores)")
     p.add_argument("--out", metavar="DIR", help="run directory (default: ./fedlm-demo-<time>)")
     p.add_argument("--data", metavar="DIR", help="one JSONL per client (+ optional eval.jsonl)")
     p.add_argument("--model", metavar="MODEL", help="base model name or .gguf path (smollm2-135m)")
@@ -34,9 +34,11 @@ def _demo(args: argparse.Namespace) -> int:
     import logging
 
     from rich.console import Console
+    from rich.live import Live
 
     from edge_sdk.demo.config import DemoConfig
     from edge_sdk.demo.errors import DemoConfigError
+    from edge_sdk.demo.live import DemoView
     from edge_sdk.demo.network import NetworkFederation
     from edge_sdk.demo.report import render
     from edge_sdk.demo.run import FULL_BUDGET_S, QUICK_BUDGET_S, run_demo
@@ -55,8 +57,12 @@ def _demo(args: argparse.Namespace) -> int:
         logging.getLogger("edge_sdk.training.data").setLevel(logging.ERROR)
     console = Console()
     start = time.perf_counter()
+    view = DemoView(config.clients, config.rounds)
 
     def progress(event: str, fields: dict[str, Any]) -> None:
+        view(event, fields)
+        # A few lines stay in the scrollback (and in a piped log, where the live table only
+        # shows at the end); per-client detail lives in the table.
         clock = f"[dim]{time.perf_counter() - start:6.1f}s[/dim]"
         if event == "phase":
             console.print(f"{clock} {fields['name']} done in {fields['seconds']:.1f} s")
@@ -65,15 +71,10 @@ def _demo(args: argparse.Namespace) -> int:
         elif event == "version":
             console.print(f"{clock}   global version {fields['version']}: eval loss {fields['eval_loss']:.3f}, "
                           f"exact match {fields['exact_match']:.1%}")
-        elif event == "federation":  # from the client processes' ledgers
-            losses = ", ".join("-" if x is None else f"{x:.3f}" for x in fields["client_loss"])
-            sent = ", ".join(f"{b / 1024:.0f}" for b in fields["bytes_sent"])
-            console.print(f"{clock}   round {fields['version']}/{fields['rounds']}: client train loss [{losses}], "
-                          f"KiB sent [{sent}]")
 
     # Client processes get one torch thread each: N of them share the machine's cores.
     federation = None if args.in_process else NetworkFederation(work_dir=out / "federation", progress=progress)
-    with console.status("running the federated demo ..."):
+    with Live(view, console=console, refresh_per_second=2):
         report = run_demo(config, out, data_dir=args.data, progress=progress, federation=federation,
                           budget_s=QUICK_BUDGET_S if args.quick else FULL_BUDGET_S)
     render(report, console)

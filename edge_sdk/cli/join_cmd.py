@@ -82,8 +82,11 @@ def _join(args: argparse.Namespace) -> int:
         print(f"fedlm join: error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("edge_sdk.client").setLevel(logging.INFO if not args.verbose else logging.DEBUG)
+    # A client runs for hours: each log line carries its time (the CLI's default format does not).
     if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig()
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     client = FederatedClient(config)
     interrupted = False
 

@@ -378,6 +378,7 @@ class NetworkFederation:
         watcher.start()
         seen = version
         all_exited_at: float | None = None
+        reported_at = 0.0
         try:
             while True:
                 try:
@@ -390,7 +391,11 @@ class NetworkFederation:
                     seen = item[0]
                     versions.append(item[1])
                     on_version(seen, item[1])
+                # The ledgers are small files: re-reading them each second keeps the live
+                # view's per-client updates, loss and bytes current between versions.
+                if item is not None or time.monotonic() - reported_at >= 1.0:
                     self._report(seen, config, state_dirs)
+                    reported_at = time.monotonic()
                 if coordinator.poll() is not None:
                     raise FederationError(
                         f"the coordinator exited with code {coordinator.returncode}: "
@@ -427,9 +432,9 @@ class NetworkFederation:
             return
         ledgers = [read_client_ledger(d) for d in state_dirs]
         self.progress("federation", {
-            "version": version, "rounds": config.rounds,
-            "client_loss": [x.loss.get(version - 1) for x in ledgers],
-            "bytes_sent": [x.bytes_sent for x in ledgers], "updates": [x.updates for x in ledgers],
+            "version": version, "rounds": config.rounds, "updates": [x.updates for x in ledgers],
+            "latest_loss": [x.loss[max(x.loss)] if x.loss else None for x in ledgers],
+            "bytes_sent": [x.bytes_sent for x in ledgers],
         })  # fmt: skip
 
 

@@ -57,7 +57,10 @@ FULL_BUDGET_S = 600.0
 QUICK_BUDGET_S = 180.0
 
 Progress = Callable[[str, dict[str, Any]], None]
-"""`(event, fields)`: "phase" {name}, "version" {version, client_loss, bytes_sent}, ..."""
+"""`(event, fields)`, in run order: "phase" {name, seconds} after each of `live.PHASES`;
+"score" {arm, eval_loss, exact_match} for base and centralized; "local" {client, exact_match};
+"version" {version, eval_loss, exact_match}; from the network federation, about each second,
+"federation" {version, rounds, updates, latest_loss, bytes_sent} (lists, one item per client)."""
 
 
 class Federation(Protocol):
@@ -157,6 +160,7 @@ def run_demo(
     lap("load")
 
     base = evaluator.score(None)
+    note("score", arm="base", eval_loss=base.eval_loss, exact_match=base.exact_match)
     steps = config.total_local_steps
     local: list[EvalScores] = []
     for c, ds in enumerate(datasets):
@@ -167,6 +171,7 @@ def run_demo(
     central_run = train_run(model, pooled, config, init, steps, seed=config.seed * 1000 + 99,
                             batch_size=config.batch_size * config.clients)
     central = evaluator.score(central_run.adapter)
+    note("score", arm="centralized", eval_loss=central.eval_loss, exact_match=central.exact_match)
     lap("centralized")
 
     curve: list[tuple[int, EvalScores]] = []
