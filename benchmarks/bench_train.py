@@ -64,7 +64,8 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     import_s = time.perf_counter() - t0
     path = resolve(args.model)
     t0 = time.perf_counter()
-    model = load_model(path, precision=args.precision, lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank))
+    model = load_model(path, precision=args.precision, lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank),
+                       gradient_checkpointing=args.stack == "ours-ckpt")
     load_s = time.perf_counter() - t0
     model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
@@ -128,6 +129,59 @@ def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     return {"import_s": import_s, "load_s": load_s, "step_s": times}
 
 
+def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The fp32 compute floor of one step: the base model's GEMMs and attention, timed alone.
+
+    Whatever the stack, a LoRA step on a frozen base must run, per block, each projection
+    forward (x Wᵀ) and backward into its input (g W), attention forward and backward, and the
+    tied output projection both ways for the loss. These are timed here one by one at the
+    step's exact shapes (medians), with nothing else: no dequantization, norms, activations,
+    rank-r products, softmax or optimizer. Layer 0's q/k/v need no input gradient (the
+    embedding is frozen). The sum is a generous lower bound on any fp32 step on this machine.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from edge_sdk.models import resolve
+    from edge_sdk.models.loader import read_config
+
+    cfg = read_config(resolve(args.model))
+    t = args.seq_len
+
+    def median_s(fn: Any, reps: int = 15) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    gemm_s: dict[str, float] = {}
+    for name, (out_f, in_f) in cfg.target_shapes().items():
+        x, w, g = torch.randn(t, in_f), torch.randn(out_f, in_f), torch.randn(t, out_f)
+        fwd = median_s(lambda x=x, w=w: F.linear(x, w))
+        bwd = median_s(lambda g=g, w=w: g @ w)
+        no_input_grad = 1 if name in ("q_proj", "k_proj", "v_proj") else 0  # layer 0
+        gemm_s[name] = cfg.n_layer * fwd + (cfg.n_layer - no_input_grad) * bwd
+    h, emb, gl = torch.randn(t, cfg.d_model), torch.randn(cfg.vocab_size, cfg.d_model), torch.randn(t, cfg.vocab_size)
+    gemm_s["output"] = median_s(lambda: F.linear(h, emb), 5) + median_s(lambda: gl @ emb, 5)
+
+    q = torch.randn(1, cfg.n_head, t, cfg.head_dim, requires_grad=True)
+    k = torch.randn(1, cfg.n_kv_head, t, cfg.head_dim, requires_grad=True)
+    v = torch.randn(1, cfg.n_kv_head, t, cfg.head_dim, requires_grad=True)
+    go = torch.randn(1, cfg.n_head, t, cfg.head_dim)
+
+    def attention() -> None:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_head != cfg.n_kv_head)
+        o.backward(go)
+
+    attention_s = cfg.n_layer * median_s(attention)
+    floor = sum(gemm_s.values()) + attention_s
+    return {"import_s": 0.0, "load_s": 0.0, "step_s": [floor], "gemm_s": gemm_s, "attention_s": attention_s}
+
+
 def run_worker(stack: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", stack, "--model", args.model, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
@@ -137,7 +191,7 @@ def run_worker(stack: str, args: argparse.Namespace) -> dict[str, Any]:
     # Both stacks get the same OpenMP setting: on a loaded machine, spinning OpenMP workers
     # make every small op wait for a descheduled thread (measured 0.14 ms -> 31 ms per op).
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if stack == "ours-lowmem":
+    if stack in ("ours-lowmem", "ours-ckpt"):
         env["FEDLM_LOW_MEMORY"] = "1"
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
@@ -168,14 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", default="nf4", help=argparse.SUPPRESS)
     ap.add_argument("--stacks", default="ours,hf,ours-lowmem",
-                    help="comma list of: ours, ours-lowmem (FEDLM_LOW_MEMORY=1), ours-fp32, hf, hf-fp32")
+                    help="comma list of: ours, ours-lowmem (FEDLM_LOW_MEMORY=1), ours-ckpt (that + gradient "
+                         "checkpointing), ours-fp32, hf, hf-fp32, "
+                         "floor (the step's fp32 GEMMs + attention timed alone)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
         args.stack = args.worker
-        result = worker_hf(args) if args.worker.startswith("hf") else worker_ours(args)
+        worker = worker_hf if args.worker.startswith("hf") else worker_floor if args.worker == "floor" else worker_ours
+        result = worker(args)
         result["peak_rss_mb"] = _peak_rss_mb()
         print(json.dumps(result))
         return 0
@@ -197,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratios ours/hf: tokens/s {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x median, "
               f"{ours['best_tokens_per_s'] / hf['best_tokens_per_s']:.2f}x best  "
               f"peak RSS {ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x  load {ours['load_s'] / hf['load_s']:.3f}x")
+    if "floor" in results and "hf" in results:
+        floor, hf = results["floor"], results["hf"]
+        parts = runs["floor"][-1]
+        print(f"floor: GEMMs {sum(parts['gemm_s'].values()):.2f} s + attention {parts['attention_s']:.2f} s "
+              f"= {floor['median_step_s']:.2f} s per step; no fp32 step can beat "
+              f"{floor['tokens_per_s'] / hf['tokens_per_s']:.2f}x HF's tokens/s on this machine")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
