@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,9 @@ from coordinator.aggregator import AggregationConfig, Shapes
 from coordinator.strategies import FedAvg, FedBuff
 from edge_sdk.models.naming import LORA_TARGETS
 from edge_sdk.wire import parse_codec
+
+# An mDNS instance label: kept to safe characters so it also works as a file or log token.
+_MDNS_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
 
 _MIB = 1 << 20
 
@@ -53,6 +57,9 @@ class CoordinatorConfig:
     """Advertise on mDNS."""
     mdns_interfaces: tuple[str, ...] | None = None
     """IPv4 addresses to advertise on; None = loopback for a loopback bind, else every interface."""
+    mdns_name: str | None = None
+    """mDNS instance name (clients can pick it with `--coordinator-name`); None = a fresh
+    `fedlm-<task>-<random>` each start."""
     max_body_bytes: int = 64 * _MIB
     """Largest accepted request body (also the wire decoder's `max_bytes`)."""
     rate_per_s: float = 5.0
@@ -98,6 +105,10 @@ class CoordinatorConfig:
             raise ValueError(f"`max_rounds` should be >= 1 or None, got {self.max_rounds}")
         if len(self.join_token) < 8:
             raise ValueError("`join_token` should have at least 8 characters")
+        if self.mdns_name is not None and not _MDNS_NAME.fullmatch(self.mdns_name):
+            raise ValueError(
+                f"`mdns_name` should be 1-63 letters, digits, '-' or '_', got {self.mdns_name!r}"
+            )
         if not 0 <= self.port < 65536:
             raise ValueError(f"`port` should be in 0..65535, got {self.port}")
         if self.max_body_bytes < 1024:

@@ -97,7 +97,7 @@ def build_app(
             interfaces = [config.host]
         addresses = interfaces or lan_addresses() or ["127.0.0.1"]
         advertiser = Advertiser(
-            instance=f"fedlm-{coordinator.task_id[-8:]}-{uuid.uuid4().hex[:6]}",
+            instance=config.mdns_name or f"fedlm-{coordinator.task_id[-8:]}-{uuid.uuid4().hex[:6]}",
             port=app[_PORT],
             properties=txt_properties(
                 PROTOCOL_VERSION, config.model_sha256, coordinator.task_id, True, tls_fingerprint

@@ -94,6 +94,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-mdns", action="store_true", help="do not advertise on mDNS")
     p.add_argument(
+        "--mdns-name",
+        metavar="NAME",
+        help="mDNS instance name, for `fedlm join --coordinator-name` (default: fedlm-<task>-<random>)",
+    )
+    p.add_argument(
         "--mdns-interface",
         action="append",
         default=None,
@@ -156,6 +161,7 @@ def _config(args: argparse.Namespace, join_token: str) -> CoordinatorConfig:
         tls=args.tls,
         mdns=not args.no_mdns,
         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,
+        mdns_name=args.mdns_name,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         rate_per_s=args.rate,
         rate_burst=max(1, int(4 * args.rate)),

@@ -151,14 +151,16 @@ class NetworkFederation:
     """Bound on the whole federation, from the coordinator's start to the last version."""
     startup_timeout_s: float = 120.0
     """How long the coordinator may take to listen (it hashes the model first)."""
-    discovery_timeout_s: float = 3.0
-    """Each client's mDNS listening time."""
+    discovery_timeout_s: float = 120.0
+    """The longest a client browses mDNS for the demo's coordinator. Clients start alongside
+    the coordinator and look for its instance name, so the browse ends as soon as the advert
+    resolves (an unnamed browse would always last this long)."""
     poll_s: float = 0.5
     """Status polling interval of the observer."""
     grace_s: float = 10.0
     """Between SIGTERM and SIGKILL when stopping a process."""
     progress: Progress | None = None
-    """`("federation", {version, rounds, client_loss, bytes_sent, updates})` on every change."""
+    """`("federation", {version, rounds, updates, latest_loss, bytes_sent})` about each second."""
     pids: list[int] = field(default_factory=list)
     """Process ids started by the last `run` (all stopped when it returns)."""
 
@@ -274,6 +276,7 @@ class NetworkFederation:
         for stale in work.glob("coordinator.sqlite*"):  # a fresh task, not a resumed one
             stale.unlink()
         join_token = secrets.token_urlsafe(24)
+        instance = f"fedlm-demo-{secrets.token_hex(4)}"  # this run's coordinator among any others
         self.pids = []
         procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
         t0 = time.perf_counter()
@@ -287,15 +290,11 @@ class NetworkFederation:
                  "--server-lr", str(config.server_lr), "--codec", config.codec,
                  "--local-steps", str(config.local_steps), "--batch-size", str(config.batch_size),
                  "--seq-len", str(config.seq_len), "--lr", str(config.lr), "--max-rounds", str(config.rounds),
-                 "--mdns-interface", LOOPBACK, "--rate", "50"],
+                 "--mdns-interface", LOOPBACK, "--mdns-name", instance, "--rate", "50"],
                 coordinator_log, self._env(None) | {JOIN_TOKEN_ENV: join_token}, procs,
             )  # fmt: skip
-            url = self._wait_ready(coordinator, coordinator_log)
-            logger.info("coordinator listening at %s (clients will find it by mDNS)", url)
-            api = _Coordinator(url, timeout_s=30.0)
-            api.join(join_token, "demo-observer")
-            v0, initial = api.adapter()
-            versions: list[Tensors] = [initial]
+            # Clients start at once, so their imports and model checks overlap the
+            # coordinator's start-up; each then waits for the advert to appear.
             state_dirs = [work / f"client-{c}" for c in range(config.clients)]
             clients = []
             for c, (data, state_dir) in enumerate(zip(client_paths, state_dirs, strict=True)):
@@ -304,9 +303,18 @@ class NetworkFederation:
                     ["join", config.model, "--data", str(data), "--state-dir", str(state_dir),
                      "--name", f"demo-client-{c}", "--threads", str(self.client_threads),
                      "--max-rounds", str(config.rounds), "--precision", config.precision,
-                     "--discovery-timeout", str(self.discovery_timeout_s), "--interface", LOOPBACK],
+                     "--coordinator-name", instance, "--discovery-timeout", str(self.discovery_timeout_s),
+                     "--interface", LOOPBACK],
                     work / f"client-{c}.log", self._env(self.client_threads) | {JOIN_TOKEN_ENV: join_token}, procs,
                 ))  # fmt: skip
+            url = self._wait_ready(coordinator, coordinator_log)
+            logger.info("coordinator listening at %s (clients find it by mDNS)", url)
+            api = _Coordinator(url, timeout_s=30.0)
+            api.join(join_token, "demo-observer")
+            v0, initial = api.adapter()
+            if v0 != 0:  # a client would need to load, train and upload within the observer's join
+                raise FederationError(f"the observer joined at global version {v0}, not 0")
+            versions: list[Tensors] = [initial]
             self._follow(
                 api,
                 v0,

@@ -84,3 +84,33 @@ def test_txt_carries_the_tls_fingerprint_and_close_is_idempotent() -> None:
     asyncio.run(scenario())
     with pytest.raises(ValueError, match="addresses"):
         Advertiser("x", 9, props, [])
+
+
+def test_a_chosen_instance_name_is_advertised_and_found_without_waiting_out_the_browse(
+    tmp_path: Path,
+) -> None:
+    from edge_sdk.client.discovery import discover
+
+    config = make_config(
+        tmp_path, mdns=True, mdns_interfaces=("127.0.0.1",), mdns_name="kitchen-coordinator"
+    )
+
+    async def scenario() -> None:
+        async with Service(config) as service:
+            assert service.app[api.RUNTIME].advertised_name.startswith("kitchen-coordinator.")
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            report = await discover(
+                SHA, name="kitchen-coordinator", timeout_s=60.0, interfaces=["127.0.0.1"]
+            )
+            # The named browse returns once the advert resolves, not after its 60 s budget.
+            assert loop.time() - start < 30.0
+            assert report.chosen is not None and report.chosen.port == service.port
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "dot.ted", "x" * 64])
+def test_instance_names_are_validated(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ValueError, match="`mdns_name`"):
+        make_config(tmp_path, mdns_name=bad)

@@ -93,7 +93,8 @@ def test_a_coordinator_that_cannot_start_is_reported_and_nothing_is_left(tmp_pat
     fed = NetworkFederation(work_dir=tmp_path / "fed", startup_timeout_s=60.0)
     with pytest.raises(FederationError, match="coordinator exited"):
         fed.run(None, [], data, config, lambda v, adapter: None)
-    assert len(fed.pids) == 1 and all(_gone(pid) for pid in fed.pids)
+    # The clients start alongside the coordinator; all three are stopped with their groups.
+    assert len(fed.pids) == 3 and all(_gone(pid) and _group_gone(pid) for pid in fed.pids)
 
 
 def test_config_is_validated() -> None:
