@@ -223,6 +223,17 @@ def return_freed_memory_to_os() -> None:
         pass
 
 
+def _rope_factors(factors: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Check `rope_freqs.weight` (one positive divisor per rotated frequency) and return it fp32."""
+    want = (config.rope_dim or config.head_dim) // 2
+    factors = factors.reshape(-1).float()
+    if factors.numel() != want or not bool(torch.isfinite(factors).all()) or bool((factors <= 0).any()):
+        raise InvalidModelError(
+            f"`rope_freqs.weight` should hold {want} positive factors, got shape {tuple(factors.shape)}"
+        )
+    return factors
+
+
 def load_model(
     path: str | os.PathLike[str],
     precision: str = "nf4",
@@ -252,8 +263,6 @@ def load_model(
         )
     tensors = {t.name: t for t in reader.tensors}
     config = ModelConfig.from_gguf_fields(meta, set(tensors))
-    if "rope_freqs.weight" in tensors:
-        raise UnsupportedArchitectureError("per-frequency RoPE factors (`rope_freqs.weight`, Llama 3.1+) are not supported yet")
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     with torch.device("meta"):
         model = Transformer(config, compute_dtype=compute_dtype)
@@ -294,6 +303,9 @@ def load_model(
         assert out is not None
         model.lm_head.weight = _frozen(out.to(dense_dtype))  # type: ignore[union-attr]
 
+    factors = take("rope_freqs.weight", required=False)
+    if factors is not None:
+        model.rope_freq_factors = _rope_factors(factors, config)
     try:
         _build_blocks(model, config, take, prefetch, precision, progress)
     finally:

@@ -54,10 +54,17 @@ class RMSNorm(nn.Module):
 
 
 def rope_cache(
-    positions: torch.Tensor, dim: int, base: float, scale: float = 1.0
+    positions: torch.Tensor, dim: int, base: float, scale: float = 1.0,
+    freq_factors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, dim) for the rotate-half RoPE form (Su et al. 2021, §3.4.2)."""
+    """cos, sin of shape (T, dim) for the rotate-half RoPE form (Su et al. 2021, §3.4.2).
+
+    `freq_factors` (dim/2,) divides each frequency, as llama.cpp does with a GGUF's
+    `rope_freqs.weight` (Llama 3.1+ long-context scaling baked into per-frequency factors).
+    """
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (dim/2,)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.to(torch.float64)
     angles = (positions.double() / scale)[:, None] * inv_freq[None, :]  # (T, dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, dim)
     return angles.cos().float(), angles.sin().float()
@@ -182,6 +189,10 @@ class Transformer(nn.Module):
             )
         )
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.rope_freq_factors: torch.Tensor | None
+        """(rope_dim/2,) divisors of the global layers' RoPE frequencies, or None (the loader
+        sets them from `rope_freqs.weight`)."""
+        self.register_buffer("rope_freq_factors", None, persistent=False)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -194,7 +205,7 @@ class Transformer(nn.Module):
         dim = c.rope_dim or c.head_dim
         if local and c.rope_base_local is not None:
             return rope_cache(pos, dim, c.rope_base_local)  # local layers are not scaled
-        return rope_cache(pos, dim, c.rope_base, c.rope_scale)
+        return rope_cache(pos, dim, c.rope_base, c.rope_scale, self.rope_freq_factors)
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (B, T, d_model) in `compute_dtype`."""

@@ -36,6 +36,27 @@ def test_tiny_family_matches_llama_cpp(tmp_path: Path, arch: str) -> None:
     assert (ref.argmax(-1) == ours.argmax(-1)).all()
 
 
+@needs_llama_cpp
+def test_rope_frequency_factors_match_llama_cpp(tmp_path: Path) -> None:
+    """Llama 3.1+ GGUFs carry `rope_freqs.weight`; llama.cpp divides each RoPE frequency by it."""
+    from llama_cpp import Llama
+
+    path = write_family_gguf(tmp_path / "llama31.gguf", "llama", rope_freqs=True)
+    ids = [1] + [int(i) for i in np.random.default_rng(2).integers(5, 290, size=31)]
+    llm = Llama(str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
+    llm.eval(ids)
+    ref = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    model = load_model(path, precision="fp32")
+    assert model.rope_freq_factors is not None and model.rope_freq_factors.shape == (8,)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].numpy()
+        model.rope_freq_factors = None  # what ignoring the factors would compute
+        ignored = model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(ref - ours).max() < 0.03
+    assert (ref.argmax(-1) == ours.argmax(-1)).all()
+    assert np.abs(ref - ignored).max() > 10 * np.abs(ref - ours).max()
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_fused_cross_entropy_matches_autograd(softcap: float | None) -> None:
     g = torch.Generator().manual_seed(0)

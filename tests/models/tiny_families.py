@@ -38,8 +38,12 @@ def write_family_gguf(
     seed: int = 0,
     quant: gguf.GGMLQuantizationType | None = None,
     tied: bool | None = None,
+    rope_freqs: bool = False,
 ) -> Path:
-    """Write a tiny random `arch` model; `tied` defaults to the family's habit (gemma3: tied)."""
+    """Write a tiny random `arch` model; `tied` defaults to the family's habit (gemma3: tied).
+
+    `rope_freqs` adds Llama 3.1-style per-frequency RoPE divisors (`rope_freqs.weight`).
+    """
     path = Path(path)
     rng = np.random.default_rng(seed)
     vocab = len(_vocab()[0])
@@ -77,6 +81,8 @@ def write_family_gguf(
             w.add_tensor(name, gguf.quants.quantize(arr, quant), raw_dtype=quant)
 
     w.add_tensor("token_embd.weight", rand(vocab, spec.d_model, scale=0.5))
+    if rope_freqs:  # divisors from 1 (high frequencies kept) to 40 (low ones slowed)
+        w.add_tensor("rope_freqs.weight", np.geomspace(1.0, 40.0, spec.head_dim // 2).astype(np.float32))
     for i in range(spec.n_layer):
         b = f"blk.{i}"
         w.add_tensor(f"{b}.attn_norm.weight", norm(spec.d_model))
