@@ -302,7 +302,7 @@ class NetworkFederation:
                 clients.append(self._spawn(
                     ["join", config.model, "--data", str(data), "--state-dir", str(state_dir),
                      "--name", f"demo-client-{c}", "--threads", str(self.client_threads),
-                     "--max-rounds", str(config.rounds), "--precision", config.precision,
+                     "--max-rounds", str(config.rounds), "--precision", config.precision, "--seed", str(config.seed),
                      "--coordinator-name", instance, "--discovery-timeout", str(self.discovery_timeout_s),
                      "--interface", LOOPBACK],
                     work / f"client-{c}.log", self._env(self.client_threads) | {JOIN_TOKEN_ENV: join_token}, procs,

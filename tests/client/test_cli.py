@@ -82,3 +82,15 @@ def test_join_usage_errors_exit_2(tmp_path: Path) -> None:
     assert missing.returncode == 2 and missing.stderr.startswith("fedlm: error:")
     no_state = _fedlm("ledger", "--state-dir", str(tmp_path / "nothing"))
     assert no_state.returncode == 2 and "no client state directory" in no_state.stderr
+
+
+def test_join_flags_reach_the_client_config(tmp_path: Path) -> None:
+    from edge_sdk.cli import build_parser
+    from edge_sdk.cli.join_cmd import _config
+
+    data = write_data(tmp_path / "data.jsonl")
+    args = build_parser().parse_args(["join", "m.gguf", "--data", str(data), "--seed", "7",
+                                      "--coordinator-name", "kitchen", "--discovery-timeout", "30"])
+    config = _config(args)
+    assert (config.seed, config.coordinator_name, config.discovery_timeout_s) == (7, "kitchen", 30.0)
+    assert _config(build_parser().parse_args(["join", "m.gguf", "--data", str(data)])).seed == 0
