@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dp-noise", type=float, default=1.0, metavar="SIGMA",
                    help="local DP: noise multiplier (std = SIGMA * C; default 1.0; needs --dp-clip)")
     p.add_argument("--precision", choices=("nf4", "bf16", "fp32"), default="nf4", help="frozen base precision")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="share of the local data held out to report a validation loss (0.1; 0: none)")
+    p.add_argument("--poll-interval", type=float, default=2.0, metavar="S",
+                   help="how often to ask for a new global version while waiting (2 s)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seeds the validation split and, with the round number, each round's data order (0)")
     p.add_argument("--discovery-timeout", type=float, default=3.0, metavar="S", help="mDNS listening time (3 s)")
@@ -68,6 +72,8 @@ def _config(args: argparse.Namespace) -> Any:  # -> ClientConfig (lazy import ke
         local_dp=LocalDpConfig(args.dp_clip, args.dp_noise) if args.dp_clip is not None else None,
         precision=args.precision,
         seed=args.seed,
+        val_fraction=args.val_fraction,
+        poll_interval_s=args.poll_interval,
         discovery_timeout_s=args.discovery_timeout,
         discovery_interfaces=tuple(args.interface) if args.interface else None,
         **extra,

@@ -104,6 +104,9 @@ class ClientConfig:
     """Training checkpoint interval in optimizer steps (what a crash can lose at most)."""
     eval_batches: int = 4
     """Validation batches evaluated before and after each round (0: the whole split)."""
+    val_fraction: float = 0.1
+    """Share of the local examples held out for that validation loss; 0 trains on all of them
+    and reports no eval loss (e.g. when the federation is evaluated centrally)."""
     seed: int = 0
     """Seeds the validation split; each round's data order derives from it and the round."""
     skip_bad: bool = False
@@ -146,6 +149,8 @@ class ClientConfig:
             raise ValueError(f"`checkpoint_every` should be >= 1, got {self.checkpoint_every!r}")
         if self.eval_batches < 0:
             raise ValueError(f"`eval_batches` should be >= 0, got {self.eval_batches!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"`val_fraction` should be in [0, 1), got {self.val_fraction!r}")
         for name in ("discovery_timeout_s", "poll_interval_s", "schedule_poll_s", "swap_wait_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` should be > 0 seconds, got {getattr(self, name)!r}")
@@ -490,7 +495,8 @@ class FederatedClient:
             tokenizer = load_tokenizer(self._identity.path)
             self._dataset = build_dataset(
                 list(self.config.data), tokenizer,
-                DataConfig(seq_len=task.seq_len, seed=self.config.seed, skip_bad=self.config.skip_bad),
+                DataConfig(seq_len=task.seq_len, val_fraction=self.config.val_fraction, seed=self.config.seed,
+                           skip_bad=self.config.skip_bad),
             )  # fmt: skip
         key = (task.lora.rank, task.lora.alpha, task.lora.targets, task.lora.mode)
         if self._model is None or self._model_key != key:

@@ -303,6 +303,9 @@ class NetworkFederation:
                     ["join", config.model, "--data", str(data), "--state-dir", str(state_dir),
                      "--name", f"demo-client-{c}", "--threads", str(self.client_threads),
                      "--max-rounds", str(config.rounds), "--precision", config.precision, "--seed", str(config.seed),
+                     # The demo scores a central held-out set: clients train on all their data
+                     # (as the local-only baselines do) and look for new versions often.
+                     "--val-fraction", "0", "--poll-interval", str(self.poll_s),
                      "--coordinator-name", instance, "--discovery-timeout", str(self.discovery_timeout_s),
                      "--interface", LOOPBACK],
                     work / f"client-{c}.log", self._env(self.client_threads) | {JOIN_TOKEN_ENV: join_token}, procs,

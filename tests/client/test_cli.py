@@ -90,7 +90,12 @@ def test_join_flags_reach_the_client_config(tmp_path: Path) -> None:
 
     data = write_data(tmp_path / "data.jsonl")
     args = build_parser().parse_args(["join", "m.gguf", "--data", str(data), "--seed", "7",
-                                      "--coordinator-name", "kitchen", "--discovery-timeout", "30"])
+                                      "--coordinator-name", "kitchen", "--discovery-timeout", "30",
+                                      "--val-fraction", "0", "--poll-interval", "0.5"])
     config = _config(args)
     assert (config.seed, config.coordinator_name, config.discovery_timeout_s) == (7, "kitchen", 30.0)
-    assert _config(build_parser().parse_args(["join", "m.gguf", "--data", str(data)])).seed == 0
+    assert (config.val_fraction, config.poll_interval_s) == (0.0, 0.5)
+    default = _config(build_parser().parse_args(["join", "m.gguf", "--data", str(data)]))
+    assert (default.seed, default.val_fraction, default.poll_interval_s) == (0, 0.1, 2.0)
+    with pytest.raises(ValueError, match="`val_fraction`"):
+        _config(build_parser().parse_args(["join", "m.gguf", "--data", str(data), "--val-fraction", "1"]))
