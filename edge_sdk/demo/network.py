@@ -360,12 +360,14 @@ class NetworkFederation:
         # (the demo scores every version) cannot make the observer miss one.
         found: queue.Queue[tuple[int, Tensors] | BaseException] = queue.Queue()
         stop = threading.Event()
+        published = [version]  # the coordinator's newest version, as the watcher last saw it
 
         def watch() -> None:
             last = version
             try:
                 while not stop.is_set() and last < config.rounds:
                     current = int(api.status()["version"])
+                    published[0] = current
                     if current > last:
                         got, tensors = api.adapter()
                         if got > last + 1:
@@ -419,9 +421,15 @@ class NetworkFederation:
                     all_exited_at = None
                 elif all_exited_at is None:
                     all_exited_at = time.monotonic()
-                elif time.monotonic() - all_exited_at > 5.0 + 4 * self.poll_s:
-                    # No client is left to move the task on (the observer had time to see
-                    # a version published just before the last one exited).
+                elif (
+                    time.monotonic() - all_exited_at > 5.0 + 4 * self.poll_s
+                    and published[0] < config.rounds
+                    and found.empty()
+                ):
+                    # No client is left to move the task on (the watcher had time to see a
+                    # version published just before the last one exited). When the clients
+                    # finished the task, the loop instead drains the versions still queued
+                    # behind a slow `on_version`.
                     raise FederationError(
                         f"every client exited at global version {seen} of {config.rounds}: "
                         + "; ".join(

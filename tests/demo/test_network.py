@@ -85,6 +85,30 @@ def test_two_clients_two_rounds_over_processes(tiny_gguf: Path, tmp_path: Path) 
     assert all(_gone(pid) and _group_gone(pid) for pid in fed.pids)
 
 
+@pytest.mark.slow
+def test_versions_queued_behind_a_slow_observer_are_all_delivered(tiny_gguf: Path, tmp_path: Path) -> None:
+    """Clients can finish the task while `on_version` is still busy with an early version: the
+    federation must then deliver the queued versions, not report the clients as stuck."""
+    import time
+
+    config = DemoConfig(model=str(tiny_gguf), clients=2, rounds=4, local_steps=1, batch_size=2, seq_len=128,
+                        train_per_client=8, eval_per_family=1, precision="fp32", codec="delta+int8",
+                        greedy_eval=False)  # fmt: skip
+    paths, _ = write_task_data(generate(config.task_config()), tmp_path / "data")
+    seen: list[int] = []
+
+    def slow_observer(version: int, adapter: dict[str, np.ndarray]) -> None:
+        seen.append(version)
+        # Each version takes longer than the grace after the last client exits (7 s), and the
+        # tiny clients publish the next ones meanwhile: two or more versions queue up.
+        time.sleep(8.0)
+
+    fed = NetworkFederation(work_dir=tmp_path / "fed", timeout_s=400.0)
+    fed.run(None, [], paths, config, slow_observer)
+    assert seen[0] == 1 and seen[-1] == 4
+    assert all(_gone(pid) for pid in fed.pids)
+
+
 def test_a_coordinator_that_cannot_start_is_reported_and_nothing_is_left(tmp_path: Path) -> None:
     config = DemoConfig(
         model=str(tmp_path / "missing.gguf"), clients=2, rounds=1, greedy_eval=False
