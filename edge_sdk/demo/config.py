@@ -109,5 +109,5 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        """`fedlm demo --quick` (150-154 s measured on 2 idle cores; target 180 s): fewer rounds and examples."""
+        """`fedlm demo --quick` (130 s measured on 2 idle cores; target 180 s): fewer rounds and examples."""
         return cls(rounds=3, train_per_client=60, eval_per_family=8, greedy_eval=False)
