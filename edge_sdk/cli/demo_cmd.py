@@ -41,7 +41,7 @@ def _demo(args: argparse.Namespace) -> int:
     from edge_sdk.demo.live import DemoView
     from edge_sdk.demo.network import NetworkFederation
     from edge_sdk.demo.report import render
-    from edge_sdk.demo.run import FULL_BUDGET_S, QUICK_BUDGET_S, run_demo
+    from edge_sdk.demo.run import FULL_BUDGET_S, QUICK_BUDGET_S, InProcessFederation, run_demo
 
     config = DemoConfig.quick() if args.quick else DemoConfig.full()
     changes: dict[str, Any] = {k: v for k, v in (("clients", args.clients), ("rounds", args.rounds),
@@ -73,7 +73,8 @@ def _demo(args: argparse.Namespace) -> int:
                           f"exact match {fields['exact_match']:.1%}")
 
     # Client processes get one torch thread each: N of them share the machine's cores.
-    federation = None if args.in_process else NetworkFederation(work_dir=out / "federation", progress=progress)
+    federation = (InProcessFederation(progress=progress) if args.in_process
+                  else NetworkFederation(work_dir=out / "federation", progress=progress))
     with Live(view, console=console, refresh_per_second=2):
         report = run_demo(config, out, data_dir=args.data, progress=progress, federation=federation,
                           budget_s=QUICK_BUDGET_S if args.quick else FULL_BUDGET_S)

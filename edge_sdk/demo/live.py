@@ -18,6 +18,12 @@ from rich.table import Table
 PHASES = ("data", "load", "local_only", "centralized", "federated", "evaluate_export")
 """`run_demo`'s phases in order; each ends with a "phase" event."""
 
+Progress = Callable[[str, dict[str, Any]], None]
+"""`(event, fields)`, in run order: "phase" {name, seconds} after each of `PHASES`; "score"
+{arm, eval_loss, exact_match} for base and centralized; "local" {client, exact_match};
+"federation" {version, rounds, updates, latest_loss, bytes_sent} (lists, one item per client)
+as client updates are sent; "version" {version, eval_loss, exact_match}."""
+
 _PHASE_TITLES = {
     "data": "preparing data", "load": "loading the model", "local_only": "training local-only baselines",
     "centralized": "training the centralized reference", "federated": "federating",
@@ -101,4 +107,4 @@ class DemoView:
         return table
 
 
-__all__ = ["PHASES", "DemoView"]
+__all__ = ["PHASES", "DemoView", "Progress"]

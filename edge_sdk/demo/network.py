@@ -42,6 +42,7 @@ import numpy as np
 
 from edge_sdk.demo.config import DemoConfig
 from edge_sdk.demo.errors import FederationError
+from edge_sdk.demo.live import Progress
 from edge_sdk.demo.simulate import FederationRecord
 from edge_sdk.errors import FedlmError
 
@@ -52,7 +53,6 @@ JOIN_TOKEN_ENV = "FEDLM_JOIN_TOKEN"
 _READY = re.compile(r"fedlm coordinator (https?://\S+)")
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
-Progress = Callable[[str, dict[str, Any]], None]
 Tensors = dict[str, np.ndarray]
 
 

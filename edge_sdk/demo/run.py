@@ -33,6 +33,7 @@ import numpy as np
 from edge_sdk.demo.config import DemoConfig
 from edge_sdk.demo.errors import DemoDataError, FederationError
 from edge_sdk.demo.evaluate import EvalScores, GreedyEvaluator, TeacherForcedEvaluator
+from edge_sdk.demo.live import Progress
 from edge_sdk.demo.report import PLOT_NAME, build_report, chat_exchange, plot_curve, write_report
 from edge_sdk.demo.simulate import (
     FederationRecord,
@@ -56,13 +57,6 @@ logger = logging.getLogger(__name__)
 FULL_BUDGET_S = 600.0
 QUICK_BUDGET_S = 180.0
 
-Progress = Callable[[str, dict[str, Any]], None]
-"""`(event, fields)`, in run order: "phase" {name, seconds} after each of `live.PHASES`;
-"score" {arm, eval_loss, exact_match} for base and centralized; "local" {client, exact_match};
-"version" {version, eval_loss, exact_match}; from the network federation, about each second,
-"federation" {version, rounds, updates, latest_loss, bytes_sent} (lists, one item per client)."""
-
-
 class Federation(Protocol):
     """Where the federated adapter comes from (in-process simulation or real processes)."""
 
@@ -78,10 +72,12 @@ class InProcessFederation:
     """The coordinator's aggregation over wire-encoded client updates, without the network."""
 
     name: str = "in-process"
+    progress: Progress | None = None
+    """Receives a "federation" event after each client update."""
 
     def run(self, model: Any, datasets: Sequence[Any], client_paths: Sequence[Path], config: DemoConfig,
             on_version: Callable[[int, dict[str, np.ndarray]], None]) -> FederationRecord:
-        return simulate_federation(model, datasets, config, on_version=on_version)
+        return simulate_federation(model, datasets, config, on_version=on_version, progress=self.progress)
 
 
 def _user_data(data_dir: Path, out: Path) -> tuple[list[Path], list[Example], list[list[str]]]:

@@ -28,6 +28,7 @@ import numpy as np
 
 from edge_sdk.demo.config import DemoConfig
 from edge_sdk.demo.evaluate import EvalScores, TeacherForcedEvaluator
+from edge_sdk.demo.live import Progress
 
 if TYPE_CHECKING:  # torch loads lazily
     import torch
@@ -130,8 +131,12 @@ class FederationRecord:
 def simulate_federation(
     model: torch.nn.Module, datasets: Sequence[Dataset], config: DemoConfig, *,
     on_version: Callable[[int, Tensors], None] | None = None,
+    progress: Progress | None = None,
 ) -> FederationRecord:
-    """Rounds of local training + the coordinator's aggregation, in this process."""
+    """Rounds of local training + the coordinator's aggregation, in this process.
+
+    `progress` gets a "federation" event after each client's update, like the network
+    federation's (see `edge_sdk.demo.live.Progress`)."""
     from coordinator.aggregator import Contribution, ServerState, aggregate
     from edge_sdk.training.trainer import adapter_shapes
     from edge_sdk.wire import AdapterUpdate, LoraSpec, UpdateEncoder
@@ -144,6 +149,7 @@ def simulate_federation(
     sent = [0] * len(datasets)
     fp32 = [0] * len(datasets)
     losses: list[list[float]] = []
+    latest: list[float | None] = [None] * len(datasets)
     state = ServerState()
     tokens, t0 = 0, time.perf_counter()
     targets = tuple(sorted({k.split(".")[-2] for k in current}))
@@ -165,6 +171,12 @@ def simulate_federation(
             )
             body = msg.to_bytes()
             sent[c] += len(body)
+            latest[c] = run.train_loss
+            if progress is not None:
+                progress("federation", {
+                    "version": rnd, "rounds": config.rounds, "updates": [rnd + (i <= c) for i in range(len(datasets))],
+                    "latest_loss": list(latest), "bytes_sent": list(sent),
+                })  # fmt: skip
             # The reference is what plain federated LoRA sends: the whole adapter (A and B) in fp32.
             fp32[c] += sum(int(np.asarray(v).size) * 4 for v in run.adapter.values())
             decoded = AdapterUpdate.from_bytes(body).dense_tensors({k: current[k] for k in keys})

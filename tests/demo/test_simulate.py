@@ -48,8 +48,15 @@ def test_one_client_exact_round_reproduces_its_update(setup) -> None:  # type: i
 
 def test_int4_deltas_shrink_the_updates_and_still_move_the_adapter(setup) -> None:  # type: ignore[no-untyped-def]
     config, datasets, model = setup
-    fed = simulate_federation(model, datasets, config.replace(codec="delta+int4", rounds=2))
+    events: list[tuple[str, dict]] = []
+    fed = simulate_federation(model, datasets, config.replace(codec="delta+int4", rounds=2),
+                              progress=lambda event, fields: events.append((event, fields)))
     assert len(fed.versions) == 3 and len(fed.bytes_sent) == 2
+    # One "federation" event per client update, counting what the live view shows.
+    assert [e for e, _ in events] == ["federation"] * 4
+    assert [f["updates"] for _, f in events] == [[1, 0], [1, 1], [2, 1], [2, 2]]
+    assert events[-1][1]["bytes_sent"] == fed.bytes_sent
+    assert events[-1][1]["latest_loss"] == list(fed.client_loss[-1])
     assert all(f / s > 4.0 for s, f in zip(fed.bytes_sent, fed.fp32_bytes))
     assert any(np.abs(v).max() > 0 for k, v in fed.versions[-1].items() if k.endswith("lora_B"))
     assert all(np.isfinite(x) for r in fed.client_loss for x in r)
