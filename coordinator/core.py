@@ -25,6 +25,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,16 @@ _RECENT = 20
 def etag_of(body: bytes) -> str:
     return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
+
+@contextmanager
+def _wire_errors_as_http() -> Iterator[None]:
+    """Wire errors as API errors: unusable values are a rejected update, bad bytes a bad request."""
+    try:
+        yield
+    except (NonFiniteError, ShapeMismatchError) as exc:  # well-formed bytes, unusable values
+        raise UpdateRejectedError(str(exc)[:500], code=ErrorMessage.from_exception(exc).code) from None
+    except WireError as exc:
+        raise BadRequestError(str(exc)[:500], code=ErrorMessage.from_exception(exc).code) from None
 
 class Coordinator:
     """Task state over a `Storage`; see the module docstring for the ingest contract."""
@@ -278,16 +289,8 @@ class Coordinator:
             )
 
     def _decode(self, body: bytes) -> AdapterUpdate:
-        try:
+        with _wire_errors_as_http():
             return AdapterUpdate.from_bytes(body, self._limits)
-        except (NonFiniteError, ShapeMismatchError) as exc:  # well-formed bytes, unusable values
-            raise UpdateRejectedError(
-                str(exc)[:500], code=ErrorMessage.from_exception(exc).code
-            ) from None
-        except WireError as exc:
-            raise BadRequestError(
-                str(exc)[:500], code=ErrorMessage.from_exception(exc).code
-            ) from None
 
     def _validate(self, client_id: str, update: AdapterUpdate, size: int) -> UpdateRecord:
         cfg, agg = self.config, self.config.aggregation
@@ -331,16 +334,8 @@ class Coordinator:
             if any(t.delta for t in update.tensors.values())
             else None
         )
-        try:
+        with _wire_errors_as_http():
             dense = update.dense_tensors(reference)
-        except (NonFiniteError, ShapeMismatchError) as exc:
-            raise UpdateRejectedError(
-                str(exc)[:500], code=ErrorMessage.from_exception(exc).code
-            ) from None
-        except WireError as exc:
-            raise BadRequestError(
-                str(exc)[:500], code=ErrorMessage.from_exception(exc).code
-            ) from None
         for key, value in dense.items():
             if not np.isfinite(value).all():
                 raise UpdateRejectedError(f"{key}: non-finite values", code="wire.non_finite")
