@@ -35,7 +35,9 @@ import numpy as np
 
 from edge_sdk.errors import AdapterMismatchError, InvalidAdapterError, InvalidModelError
 from edge_sdk.models import naming
-from edge_sdk.models.gguf_meta import read_gguf
+from edge_sdk.models import gguf_limits as L
+from edge_sdk.models.gguf_check import FLOAT, INT, STR, architecture, open_model, refuse, value
+from edge_sdk.models.gguf_meta import GGUFFile, GGUFTensor, quote, read_gguf, show_path
 from edge_sdk.models.qk_order import PERMUTED_ARCHS, permute_qk, unpermute_qk
 
 logger = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ class BaseModelInfo:
         return info
 
 
-def _field(reader: gguf.GGUFReader, key: str) -> Any:
+def _field(reader: GGUFFile, key: str) -> Any:
     f = reader.get_field(key)
     return None if f is None else f.contents()
 
@@ -108,20 +110,15 @@ def _field(reader: gguf.GGUFReader, key: str) -> Any:
 def _read_base(path: str, size: int, mtime_ns: int) -> BaseModelInfo:
     # size and mtime_ns are only part of the cache key: a rewritten file is read again.
     del size, mtime_ns
-    try:
-        reader = read_gguf(path)
-    except Exception as exc:  # GGUFReader raises ValueError/OSError/IndexError on bad files
-        raise InvalidModelError(f"{path}: not a readable GGUF model ({exc})") from exc
-    arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
-    if not isinstance(arch, str) or not arch:
-        raise InvalidModelError(f"{path}: GGUF has no general.architecture")
-    n_head = _field(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch))
-    n_kv = _field(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch))
+    reader = open_model(path)  # container, key types and hyper-parameters checked
+    arch = architecture(reader)
+    n_head = value(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch), INT)
+    n_kv = value(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), INT)
     if not isinstance(n_head, int) or n_head <= 0:
-        raise InvalidModelError(f"{path}: GGUF has no valid {arch}.attention.head_count")
+        raise InvalidModelError(f"{show_path(path)}: GGUF has no valid {arch}.attention.head_count")
     n_kv = n_kv if isinstance(n_kv, int) and n_kv > 0 else n_head
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
-    name = _field(reader, gguf.Keys.General.NAME)
+    shapes = {t.name: t.np_shape for t in reader.tensors}
+    name = value(reader, gguf.Keys.General.NAME, STR)
     return BaseModelInfo(
         arch=arch,
         n_head=n_head,
@@ -275,34 +272,57 @@ class GgufLora:
         return tuple(t for t in naming.LORA_TARGETS if t in found)
 
 
-def _open_adapter(path: Path) -> gguf.GGUFReader:
-    """Open and validate the container and the metadata llama.cpp insists on."""
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise InvalidAdapterError(f"{path}: cannot read adapter ({exc.strerror})") from exc
-    try:
-        reader = read_gguf(path)
-    except Exception as exc:  # bad magic, truncated header: ValueError, IndexError, ...
-        raise InvalidAdapterError(
-            f"{path}: not a GGUF file, or truncated or corrupt ({exc})"
-        ) from exc
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise InvalidAdapterError(f"{path}: truncated (tensor {t.name} runs past the end)")
-    gtype = _field(reader, gguf.Keys.General.TYPE)
+def _open_adapter(path: Path) -> GGUFFile:
+    """Open and validate the container and the metadata llama.cpp insists on.
+
+    llama.cpp reads `general.type`, `general.architecture` and `adapter.type` as strings and
+    `adapter.lora.alpha` as a FLOAT32 with a GGML_ASSERT on the type: any other type aborts the
+    process, so each is checked here. Tensor types are limited to `ADAPTER_TENSOR_TYPES`.
+    """
+    reader = read_gguf(path, error=InvalidAdapterError, tensor_types=L.ADAPTER_TENSOR_TYPES)
+    gtype = value(reader, gguf.Keys.General.TYPE, STR)
     if gtype != gguf.GGUFType.ADAPTER:
-        raise InvalidAdapterError(f"{path}: general.type is {gtype!r}, expected 'adapter'")
-    atype = _field(reader, gguf.Keys.Adapter.TYPE)
+        shown = quote(gtype) if gtype is not None else "missing"
+        raise refuse(reader, f"general.type is {shown}, expected 'adapter'")
+    atype = value(reader, gguf.Keys.Adapter.TYPE, STR)
     if atype != "lora":
-        raise InvalidAdapterError(f"{path}: adapter.type is {atype!r}, expected 'lora'")
-    arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
-    if not isinstance(arch, str) or not arch:
-        raise InvalidAdapterError(f"{path}: no general.architecture")
+        shown = quote(atype) if atype is not None else "missing"
+        raise refuse(reader, f"adapter.type is {shown}, expected 'lora'")
+    architecture(reader)
+    value(reader, gguf.Keys.General.NAME, STR)
+    alpha_field = reader.get_field(gguf.Keys.Adapter.LORA_ALPHA)
+    if alpha_field is not None:
+        if alpha_field.type != gguf.GGUFValueType.FLOAT32:
+            raise refuse(reader, f"adapter.lora.alpha should be a FLOAT32, got {alpha_field.type.name}"
+                         + (" array" if alpha_field.is_array else ""))
+        alpha = value(reader, gguf.Keys.Adapter.LORA_ALPHA, FLOAT)  # refuses NaN and inf
+        if not 0.0 <= alpha <= L.MAX_LORA_ALPHA:
+            raise refuse(reader, f"adapter.lora.alpha is {alpha:g}, should be 0 to {L.MAX_LORA_ALPHA}")
     return reader
 
 
-def _tensor_pairs(path: Path, reader: gguf.GGUFReader) -> dict[str, dict[str, Any]]:
+def _all_finite(t: GGUFTensor) -> bool:
+    """True when every value of `t` is finite, whatever its type (BF16, Q8_0 block scales, ...).
+
+    Dequantized in row chunks of about `FINITE_CHECK_ELEMENTS` values, so a large tensor never
+    costs more than a few MB of float32 at once.
+    """
+    raw = t.data
+    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        flat = raw.reshape(-1)
+        step = L.FINITE_CHECK_ELEMENTS
+        return all(bool(np.isfinite(flat[i : i + step]).all()) for i in range(0, flat.size, step))
+    rows = raw.reshape(-1, raw.shape[-1])
+    per_row = max(1, t.n_elements // max(1, rows.shape[0]))
+    step = max(1, L.FINITE_CHECK_ELEMENTS // per_row)
+    for r in range(0, rows.shape[0], step):
+        values = gguf.quants.dequantize(rows[r : r + step], t.tensor_type)
+        if not np.isfinite(values).all():
+            return False
+    return True
+
+
+def _tensor_pairs(path: Path, reader: GGUFFile) -> dict[str, dict[str, Any]]:
     """{base tensor name: {"a": ReaderTensor, "b": ReaderTensor}} with every pair complete."""
     pairs: dict[str, dict[str, Any]] = {}
     for t in reader.tensors:
@@ -313,26 +333,25 @@ def _tensor_pairs(path: Path, reader: gguf.GGUFReader) -> dict[str, dict[str, An
         elif t.name.endswith("_norm.weight"):
             continue  # llama.cpp skips these too
         else:
-            raise InvalidAdapterError(f"{path}: tensor {t.name} is neither .lora_a nor .lora_b")
+            raise refuse(reader, f"tensor {quote(t.name)} is neither .lora_a nor .lora_b")
     if not pairs:
-        raise InvalidAdapterError(f"{path}: adapter holds no LoRA tensors")
+        raise refuse(reader, "adapter holds no LoRA tensors")
     for name, pair in pairs.items():
         if set(pair) != {"a", "b"}:
-            raise InvalidAdapterError(f"{path}: tensor {name} lacks its lora_{'ab'[('a' in pair)]}")
+            raise refuse(reader, f"tensor {quote(name)} lacks its lora_{'ab'[('a' in pair)]}")
         # numpy order: A (r, in), B (out, r)
-        a_shape = tuple(reversed(pair["a"].shape.tolist()))
-        b_shape = tuple(reversed(pair["b"].shape.tolist()))
+        a_shape = pair["a"].np_shape
+        b_shape = pair["b"].np_shape
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise InvalidAdapterError(
-                f"{path}: {name} lora_a {a_shape} and lora_b {b_shape} are not (r, in), (out, r)"
+            raise refuse(
+                reader, f"{quote(name)} lora_a {a_shape} and lora_b {b_shape} are not (r, in), (out, r)"
             )
     return pairs
 
 
-def _dequant(t: Any) -> np.ndarray:
-    shape = tuple(reversed(t.shape.tolist()))
+def _dequant(t: GGUFTensor) -> np.ndarray:
     data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-    return np.asarray(data, dtype=np.float32).reshape(shape)
+    return np.asarray(data, dtype=np.float32).reshape(t.np_shape)
 
 
 def read_gguf_lora(
@@ -344,19 +363,16 @@ def read_gguf_lora(
     for adapters converted elsewhere, from `base`.
     """
     p = Path(path)
+    shown = show_path(p)
     reader = _open_adapter(p)
     pairs = _tensor_pairs(p, reader)
-    arch: str = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    arch = architecture(reader)
     alpha = _field(reader, gguf.Keys.Adapter.LORA_ALPHA)
-    metadata = {
-        k: f.contents()
-        for k, f in reader.fields.items()
-        if not k.startswith("GGUF.") and f.types and f.types[0] != gguf.GGUFValueType.ARRAY
-    }
+    metadata = {k: f.contents() for k, f in reader.fields.items() if not f.is_array}
     info = _as_base(base) if base is not None else None
-    n_head = info.n_head if info else _field(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch))
-    n_kv = info.n_kv_head if info else _field(
-        reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch)
+    n_head = info.n_head if info else value(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch), INT)
+    n_kv = info.n_kv_head if info else value(
+        reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), INT
     )
     n_kv = n_kv or n_head
 
@@ -367,29 +383,29 @@ def read_gguf_lora(
         try:
             layer, target = naming.parse_gguf_stem(stem)
         except ValueError:
-            raise InvalidAdapterError(f"{p}: {name} is not a supported LoRA target") from None
+            raise InvalidAdapterError(f"{shown}: {quote(name)} is not a supported LoRA target") from None
         a, b = _dequant(pair["a"]), _dequant(pair["b"])
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
-            raise InvalidAdapterError(f"{p}: {name} holds NaN or inf")
+            raise InvalidAdapterError(f"{shown}: {quote(name)} holds NaN or inf")
         if arch in PERMUTED_ARCHS and target in ("q_proj", "k_proj"):
             heads = _qk_heads(target, n_head or 0, n_kv or 0)
-            if not heads:
+            if not heads or heads < 0:
                 raise InvalidAdapterError(
-                    f"{p}: no head counts in the file; pass base= to undo the Q/K permutation"
+                    f"{shown}: no head counts in the file; pass base= to undo the Q/K permutation"
                 )
             try:
                 b = np.ascontiguousarray(unpermute_qk(b, heads))
             except ValueError as exc:
-                raise AdapterMismatchError(f"{p}: {name}: {exc}") from None
+                raise AdapterMismatchError(f"{shown}: {quote(name)}: {exc}") from None
         module = naming.hf_module(layer, target)
         tensors[module + ".lora_A"] = a
         tensors[module + ".lora_B"] = b
         ranks.add(a.shape[0])
     if len(ranks) != 1:
-        raise InvalidAdapterError(f"{p}: mixed LoRA ranks {sorted(ranks)} are not supported")
+        raise InvalidAdapterError(f"{shown}: mixed LoRA ranks {sorted(ranks)} are not supported")
     rank = ranks.pop()
-    if not isinstance(alpha, float) or not np.isfinite(alpha):
-        raise InvalidAdapterError(f"{p}: adapter.lora.alpha missing or not a number")
+    if not isinstance(alpha, float):  # type, range and finiteness are checked by _open_adapter
+        raise InvalidAdapterError(f"{shown}: adapter.lora.alpha is missing")
     # llama.cpp treats alpha == 0 as "no scaling" (scale 1); keep that meaning explicit.
     if alpha == 0.0:
         alpha = float(rank)
@@ -404,34 +420,38 @@ def check_adapter_compatible(
 ) -> None:
     """Raise unless llama.cpp can apply this adapter to this base model.
 
-    `InvalidAdapterError`: not a GGUF, not `general.type=adapter`, not `adapter.type=lora`,
-    truncated, incomplete pairs, non-finite values. `AdapterMismatchError`: the architecture
-    differs, a tensor is missing in the base, or shapes disagree. Reads metadata and shapes only,
-    plus the adapter's (small) data for the finiteness check; the base's facts are cached.
+    `InvalidAdapterError`: not a GGUF, a bad container (see `gguf_meta`), not
+    `general.type=adapter`, not `adapter.type=lora`, an alpha that is not a finite FLOAT32 in
+    [0, MAX_LORA_ALPHA], a tensor type outside `ADAPTER_TENSOR_TYPES`, incomplete pairs, or a
+    NaN/inf anywhere (BF16 values and Q8_0 block scales included). `AdapterMismatchError`: the
+    architecture differs, a tensor is missing in the base, or shapes disagree. Reads the
+    adapter's (small) data for the finiteness check; the base's facts are cached.
     """
     p = Path(adapter_path)
+    shown = show_path(p)
     reader = _open_adapter(p)
     pairs = _tensor_pairs(p, reader)
     info = _as_base(base_model_path)
-    base_desc = base_model_path if not isinstance(base_model_path, BaseModelInfo) else info.name
-    arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    base_desc = (
+        show_path(base_model_path) if not isinstance(base_model_path, BaseModelInfo) else quote(info.name)
+    )
+    arch = architecture(reader)
     if arch != info.arch:
         raise AdapterMismatchError(
-            f"{p}: adapter is for architecture {arch!r}, base model {base_desc} is {info.arch!r}"
+            f"{shown}: adapter is for architecture {quote(arch)}, base model {base_desc} is {quote(info.arch)}"
         )
     for name, pair in sorted(pairs.items()):
         want = info.tensor_shapes.get(name)
         if want is None:
-            raise AdapterMismatchError(f"{p}: tensor {name} does not exist in base model {base_desc}")
-        a_shape = tuple(reversed(pair["a"].shape.tolist()))  # (r, in)
-        b_shape = tuple(reversed(pair["b"].shape.tolist()))  # (out, r)
+            raise AdapterMismatchError(f"{shown}: tensor {quote(name)} does not exist in base model {base_desc}")
+        a_shape = pair["a"].np_shape  # (r, in)
+        b_shape = pair["b"].np_shape  # (out, r)
         if len(want) != 2 or want != (b_shape[0], a_shape[1]):
             raise AdapterMismatchError(
-                f"{p}: tensor {name}: adapter lora_a {a_shape} x lora_b {b_shape} gives "
+                f"{shown}: tensor {quote(name)}: adapter lora_a {a_shape} x lora_b {b_shape} gives "
                 f"{(b_shape[0], a_shape[1])}, base model {base_desc} has {want}"
             )
         for half in ("a", "b"):
             t = pair[half]
-            plain = t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-            if plain and not np.isfinite(np.asarray(t.data)).all():
-                raise InvalidAdapterError(f"{p}: tensor {t.name} holds NaN or inf")
+            if not _all_finite(t):
+                raise InvalidAdapterError(f"{shown}: tensor {quote(t.name)} holds NaN or inf")

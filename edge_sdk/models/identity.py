@@ -21,7 +21,8 @@ from typing import Any
 from gguf import LlamaFileType
 
 from edge_sdk.errors import InvalidModelError, ModelNotFoundError
-from edge_sdk.models.gguf_meta import FastGGUFReader, read_gguf
+from edge_sdk.models.gguf_check import INT, STR, open_model, value
+from edge_sdk.models.gguf_meta import GGUFFile, quote, show_path
 from edge_sdk.models.licence import LicenceClass, classify
 from edge_sdk.models.store import cache_dir, resolve
 
@@ -114,32 +115,21 @@ _PROVENANCE_KEYS = ("organization", "basename", "finetune", "size_label", "licen
                     "license.link", "url", "repo_url", "source.url", "source.repo_url")
 
 
-def open_gguf(path: Path) -> FastGGUFReader:
-    """Open and sanity-check a GGUF model file; `InvalidModelError` names the file and reason."""
-    try:
-        with path.open("rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise ModelNotFoundError(f"{path}: cannot read ({exc.strerror})") from None
-    if magic != b"GGUF":
-        raise InvalidModelError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    try:
-        reader = read_gguf(path)
-    except (ValueError, KeyError, IndexError, OverflowError, TypeError) as exc:
-        raise InvalidModelError(f"{path}: corrupt or truncated GGUF ({exc})") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise InvalidModelError(
-                f"{path}: truncated GGUF (tensor {t.name} ends at byte {end}, file has {size})"
-            )
-    return reader
+def open_gguf(path: Path) -> GGUFFile:
+    """Open and check a GGUF model file (`gguf_check.open_model`); errors name the file and reason."""
+    return open_model(path)
 
 
-def field_value(reader: FastGGUFReader, key: str) -> Any:
+def field_value(reader: GGUFFile, key: str) -> Any:
     f = reader.fields.get(key)
     return None if f is None else f.contents()
+
+
+def _display(v: Any) -> Any:
+    """A provenance value as shown: strings quoted-safe and cut, arrays refused upstream."""
+    if isinstance(v, str) and (len(v) > 200 or not v.isprintable()):
+        return quote(v, 200)[1:-1]
+    return v
 
 
 def _file_type_name(value: Any) -> str | None:
@@ -154,32 +144,37 @@ def _file_type_name(value: Any) -> str | None:
 def inspect_model(model: str | os.PathLike[str]) -> ModelIdentity:
     """The openness report of a model name or GGUF path."""
     path = resolve(model)
-    reader = open_gguf(path)
-    arch = field_value(reader, "general.architecture")
-    if not isinstance(arch, str) or not arch:
-        raise InvalidModelError(f"{path}: missing general.architecture")
-    gtype = field_value(reader, "general.type")
-    if gtype is not None and gtype != "model":
-        raise InvalidModelError(f"{path}: general.type is {gtype!r}, expected 'model'")
+    reader = open_gguf(path)  # container, key types and shapes checked
+    arch = value(reader, "general.architecture", STR, required=True)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = field_value(reader, f"{arch}.vocab_size")
+    vocab = value(reader, f"{arch}.vocab_size", INT)
     if vocab is None and tokens is not None:
-        vocab = len(tokens.data)
-    licence = field_value(reader, "general.license")
-    extra = {k: v for k in _PROVENANCE_KEYS if (v := field_value(reader, f"general.{k}")) is not None}
+        vocab = tokens.count
+    licence = value(reader, "general.license", STR)
+    extra = {}
+    for k in _PROVENANCE_KEYS:
+        field = reader.fields.get(f"general.{k}")
+        if field is None:
+            continue
+        if field.is_array:
+            raise InvalidModelError(
+                f"{show_path(path)}: general.{k} should be a single value, got an array of {field.count}"
+            )
+        extra[k] = _display(field.contents())
+    name = value(reader, "general.name", STR)
     return ModelIdentity(
         path=str(path),
         sha256=model_sha256(path),
         size_bytes=path.stat().st_size,
-        name=field_value(reader, "general.name"),
+        name=_display(name) if name is not None else None,
         architecture=arch,
         parameter_count=sum(int(t.n_elements) for t in reader.tensors),
         quantization=dict(Counter(t.tensor_type.name for t in reader.tensors).most_common()),
-        file_type=_file_type_name(field_value(reader, "general.file_type")),
-        context_length=field_value(reader, f"{arch}.context_length"),
+        file_type=_file_type_name(value(reader, "general.file_type", INT)),
+        context_length=value(reader, f"{arch}.context_length", INT),
         vocab_size=int(vocab) if vocab is not None else None,
         has_chat_template="tokenizer.chat_template" in reader.fields,
-        licence=licence if isinstance(licence, str) else None,
-        licence_class=classify(licence if isinstance(licence, str) else None),
+        licence=_display(licence) if licence is not None else None,
+        licence_class=classify(licence),
         extra=extra,
     )

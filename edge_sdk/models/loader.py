@@ -1,6 +1,6 @@
 """GGUF → trainable torch model: read, dequantize, re-quantize to NF4 (or keep bf16/fp32).
 
-The file is memory-mapped by `gguf.GGUFReader`; every tensor is dequantized with
+The file is memory-mapped and checked by `gguf_check.open_model`; every tensor is dequantized with
 `gguf.quants.dequantize` only when its module is built and is dropped right after, so peak
 memory is the final model plus one fp32 tensor, never the whole fp32 model.
 
@@ -41,13 +41,12 @@ from torch import nn
 
 from edge_sdk.errors import InvalidModelError, ModelNotFoundError, UnsupportedArchitectureError
 from edge_sdk.models.config import SUPPORTED_ARCHS, ModelConfig
+from edge_sdk.models.gguf_meta import GGUFFile, show_path
 from edge_sdk.models.naming import LORA_TARGETS, gguf_stem, hf_module
 from edge_sdk.models.qk_order import PERMUTED_ARCHS, permute_qk, unpermute_qk  # noqa: F401 (re-export)
 from edge_sdk.models.transformer import Transformer
 
 if TYPE_CHECKING:
-    import gguf
-
     from edge_sdk.training.lora import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -79,31 +78,25 @@ _FLOAT_TYPES = frozenset({0, 1, 30})  # GGMLQuantizationType F32, F16, BF16: vie
 # -- GGUF reading ------------------------------------------------------------------------------
 
 
-def _open(path: str | os.PathLike[str]) -> gguf.GGUFReader:
-    # FastGGUFReader: the gguf package's reader with vectorised array parsing (the stock one
-    # spends seconds walking the tokenizer arrays element by element).
-    from edge_sdk.models.gguf_meta import read_gguf
+def _open(path: str | os.PathLike[str]) -> GGUFFile:
+    # The project's one validating reader: container, key types, hyper-parameters and tensor
+    # shapes are checked before torch allocates anything (see gguf_check).
+    from edge_sdk.models.gguf_check import open_model
 
     p = Path(path)
     if not p.is_file():
-        raise ModelNotFoundError(f"no such GGUF file: {p}")
-    try:
-        return read_gguf(p)
-    except Exception as exc:  # gguf raises ValueError/struct.error/... on garbage
-        raise InvalidModelError(f"{p} is not a readable GGUF file: {exc}") from exc
+        raise ModelNotFoundError(f"no such GGUF file: {show_path(p)}")
+    return open_model(p)
 
 
-def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """GGUF key/values as Python values; large tokenizer arrays are left out (their length kept)."""
+def read_metadata(reader: GGUFFile) -> dict[str, Any]:
+    """GGUF key/values as Python values; large arrays are left out (their length kept)."""
     meta: dict[str, Any] = {}
     for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and len(field.data) > 1024:
-            meta[key + ".__len__"] = len(field.data)
+        if field.is_array and field.count > 1024:
+            meta[key + ".__len__"] = field.count
             continue
-        try:
-            meta[key] = field.contents()
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:  # a value type we do not need
-            log.debug("skipping GGUF key %s: %s", key, exc)
+        meta[key] = field.contents()
     if "tokenizer.ggml.tokens" not in meta and "tokenizer.ggml.tokens.__len__" in meta:
         meta["tokenizer.ggml.tokens"] = range(meta["tokenizer.ggml.tokens.__len__"])
     return meta
@@ -112,7 +105,16 @@ def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
 def read_config(path: str | os.PathLike[str]) -> ModelConfig:
     """The `ModelConfig` of a GGUF file, without loading any tensor."""
     reader = _open(path)
-    return ModelConfig.from_gguf_fields(read_metadata(reader), {t.name for t in reader.tensors})
+    return _config(reader)
+
+
+def _config(reader: GGUFFile) -> ModelConfig:
+    # The checks in gguf_check make every value here well typed; ModelConfig's own ValueError
+    # (a combination it cannot run) still names the file.
+    try:
+        return ModelConfig.from_gguf_fields(read_metadata(reader), {t.name for t in reader.tensors})
+    except ValueError as exc:
+        raise InvalidModelError(f"{show_path(reader.path)}: {exc}") from None
 
 
 def dequantize_tensor(tensor: Any) -> np.ndarray:
@@ -262,7 +264,7 @@ def load_model(
             f"architecture {arch!r} is not supported for training; supported: {', '.join(SUPPORTED_ARCHS)}"
         )
     tensors = {t.name: t for t in reader.tensors}
-    config = ModelConfig.from_gguf_fields(meta, set(tensors))
+    config = _config(reader)
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     with torch.device("meta"):
         model = Transformer(config, compute_dtype=compute_dtype)

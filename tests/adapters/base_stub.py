@@ -23,7 +23,10 @@ TARGET_SHAPES = {
 
 
 def write_base_stub(path: Path, arch: str = "llama", n_layer: int = N_LAYER) -> Path:
-    """A GGUF with the metadata and projection weights of a tiny model (not runnable)."""
+    """A GGUF with the metadata, norms and projection weights of a tiny model (no vocabulary).
+
+    Complete enough for the model checks (`gguf_check.check_model`): hyper-parameters and the
+    shapes of every block tensor agree."""
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(path, arch)
     w.add_type(gguf.GGUFType.MODEL)
@@ -31,7 +34,13 @@ def write_base_stub(path: Path, arch: str = "llama", n_layer: int = N_LAYER) -> 
     w.add_head_count(N_HEAD)
     w.add_head_count_kv(N_KV)
     w.add_block_count(n_layer)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(D_FF)
+    w.add_context_length(64)
+    w.add_tensor("output_norm.weight", np.ones(D, np.float32))
     for layer in range(n_layer):
+        w.add_tensor(f"blk.{layer}.attn_norm.weight", np.ones(D, np.float32))
+        w.add_tensor(f"blk.{layer}.ffn_norm.weight", np.ones(D, np.float32))
         for target, shape in TARGET_SHAPES.items():
             w.add_tensor(naming.gguf_stem(layer, target) + ".weight", rng.standard_normal(shape).astype(np.float32))
     w.write_header_to_file()

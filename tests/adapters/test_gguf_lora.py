@@ -126,7 +126,7 @@ def test_check_rejects_other_architecture(tmp_path: Path, llama_base: Path, gemm
 def test_check_rejects_missing_tensor_and_shapes(tmp_path: Path, llama_base: Path) -> None:
     deep_base = write_base_stub(tmp_path / "deep.gguf", n_layer=3)
     path = write_gguf_lora(tmp_path / "a.gguf", random_adapter(n_layer=3), alpha=8.0, base=deep_base)
-    with pytest.raises(AdapterMismatchError, match=r"tensor blk\.2\.\w+\.weight does not exist in base model"):
+    with pytest.raises(AdapterMismatchError, match=r"tensor 'blk\.2\.\w+\.weight' does not exist in base model"):
         check_adapter_compatible(path, llama_base)
 
     # Same names, other width: an adapter for a model with d_model 64.

@@ -67,7 +67,7 @@ def test_llama_cpp_and_checker_both_reject_foreign_adapter(
     tiny = BaseModelInfo.from_gguf(tiny_gguf)
     assert tiny.arch == "llama"
     path = write_gguf_lora(tmp_path / "tiny.gguf", _adapter_for(tiny, 1, 2), alpha=4.0, base=tiny_gguf)
-    with pytest.raises(AdapterMismatchError, match=r"tensor blk\.0\.\w+\.weight: adapter lora_a"):
+    with pytest.raises(AdapterMismatchError, match=r"tensor 'blk\.0\.\w+\.weight': adapter lora_a"):
         check_adapter_compatible(path, smollm2_path)
     llm = _load(smollm2_path)
     assert not llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode())

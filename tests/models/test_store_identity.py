@@ -122,10 +122,13 @@ def test_fast_reader_matches_gguf_reader(smollm2_path: Path) -> None:
     fast = read_gguf(smollm2_path)
     fast_s = time.perf_counter() - t0
     slow = GGUFReader(smollm2_path)
-    assert list(fast.fields) == list(slow.fields)
-    for key in slow.fields:
+    keys = [k for k in slow.fields if not k.startswith("GGUF.")]  # gguf's pseudo-keys
+    assert list(fast.fields) == keys
+    for key in keys:
         assert fast.fields[key].contents() == slow.fields[key].contents(), key
     assert [(t.name, t.shape.tolist(), t.data_offset) for t in fast.tensors] == [
         (t.name, t.shape.tolist(), t.data_offset) for t in slow.tensors
     ]
-    assert fast_s < 5.0  # the stock reader takes ~8 s here; ours well under 1 s when idle
+    for a, b in zip(fast.tensors, slow.tensors):
+        assert a.data.shape == b.data.shape and a.data.dtype == b.data.dtype, a.name
+    assert fast_s < 2.0  # the stock reader takes ~8 s here; ours ~0.05 s when idle
