@@ -12,6 +12,7 @@ unless the caller asks to wait.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import os
@@ -26,12 +27,82 @@ from typing import Any
 import numpy as np
 
 from edge_sdk.errors import InvalidAdapterError, InvalidModelError, RuntimeBusyError
-from edge_sdk.models.identity import ModelIdentity, field_value, inspect_model, open_gguf
+from edge_sdk.models.gguf_meta import show_path
+from edge_sdk.models.identity import ModelIdentity, inspect_model
 from edge_sdk.models.store import DEFAULT_MODEL, resolve
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
+
+
+class LlamaLog:
+    """llama.cpp's recent log lines, kept so that a refusal can quote llama.cpp's own reason.
+
+    llama-cpp-python hides llama.cpp's log when `verbose=False` (and then reports only "Failed
+    to load model from file"). This installs a `llama_log_set` callback that keeps the lines
+    logged inside `capture()` and passes every line on to llama-cpp-python's own callback, so
+    `verbose=True` prints as before.
+    """
+
+    WARN, ERROR, CONT = 3, 4, 5
+    """ggml_log_level values (ggml.h; llama-cpp-python's _logger.py still lists older ones)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._lines: collections.deque[tuple[int, str]] | None = None
+        self._callback: Any = None
+        self._forward: Any = None
+
+    def _install(self) -> None:
+        if self._callback is not None:
+            return
+        import llama_cpp
+        from llama_cpp import _logger
+
+        self._forward = _logger.llama_log_callback
+        last_level = [0]
+
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: Any) -> None:
+            lines = self._lines
+            if lines is not None:
+                # level 5 continues the previous line's level (ggml_log_level CONT)
+                lvl = last_level[0] if level == self.CONT else level
+                lines.append((lvl, text.decode("utf-8", errors="replace")))
+            if level != self.CONT:
+                last_level[0] = level
+            self._forward(level, text, user_data)
+
+        self._callback = callback  # kept alive: llama.cpp holds only the C pointer
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+    @contextmanager
+    def capture(self) -> Iterator[collections.deque[tuple[int, str]]]:
+        """Keep (level, text) of what llama.cpp logs meanwhile (the last 200 pieces)."""
+        self._install()
+        with self._lock:
+            outer = self._lines
+            self._lines = lines = collections.deque(maxlen=200)
+            try:
+                yield lines
+            finally:
+                self._lines = outer
+
+    @staticmethod
+    def reason(lines: collections.deque[tuple[int, str]], limit: int = 300) -> str:
+        """llama.cpp's error (else warning) lines, joined on one escaped line and cut."""
+        for wanted in (LlamaLog.ERROR, LlamaLog.WARN):
+            text = "".join(t for lvl, t in lines if lvl == wanted).strip()
+            if text:
+                one = "; ".join(part.strip() for part in text.splitlines() if part.strip())
+                one = "".join(c if c.isprintable() else " " for c in one)
+                return one if len(one) <= limit else one[:limit] + "..."
+        return ""
+
+
+llama_log = LlamaLog()
+"""The process's one llama.cpp log hook (llama.cpp has a single global log callback)."""
 
 
 @dataclass(frozen=True)
@@ -100,21 +171,32 @@ class EdgeModel:
     ) -> None:
         import llama_cpp
 
+        from edge_sdk.models.chat_template import model_templates
+        from edge_sdk.models.gguf_check import open_model
+
         self._llama_cpp = llama_cpp
         self.path = resolve(model)
+        # Checked before llama.cpp sees the file: a header, hyper-parameter or template that
+        # would crash, hang or blow up llama.cpp is refused here with its reason.
+        templates = model_templates(open_model(self.path))
         threads = n_threads or os.cpu_count() or 1
         started = time.perf_counter()
-        try:
-            self._llm = llama_cpp.Llama(
-                model_path=str(self.path),
-                n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=verbose,
-            )
-        except (ValueError, RuntimeError) as exc:
-            raise self._explain_load_failure(exc) from None
+        with llama_log.capture() as lines:
+            try:
+                self._llm = llama_cpp.Llama(
+                    model_path=str(self.path),
+                    n_ctx=n_ctx,
+                    n_batch=n_batch,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    verbose=verbose,
+                )
+            except (ValueError, RuntimeError) as exc:
+                reason = LlamaLog.reason(lines) or str(exc)
+                raise InvalidModelError(
+                    f"{show_path(self.path)}: llama.cpp refused the model: {reason}"
+                ) from None
+        self._use_budgeted_templates(templates)
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s in %.2f s", self.path.name, self.load_seconds)
         self._lock = threading.Lock()
@@ -138,12 +220,22 @@ class EdgeModel:
         """The GGUF LoRA adapter being served, or None for the bare base model."""
         return self._adapter.path if self._adapter else None
 
-    def _explain_load_failure(self, exc: Exception) -> Exception:
-        # llama.cpp's own message is generic; our GGUF check names the real reason when it can.
-        reader = open_gguf(self.path)  # raises InvalidModelError for non-GGUF or truncated files
-        arch = field_value(reader, "general.architecture")
-        hint = f" (architecture {arch!r} may be unsupported by this llama.cpp build)" if arch else ""
-        return InvalidModelError(f"{self.path}: llama.cpp could not load the model{hint}: {exc}")
+    def _use_budgeted_templates(self, templates: dict[str, str]) -> None:
+        """Render the model's chat templates within the operation/time/output budget.
+
+        llama-cpp-python compiled each template into a plain sandboxed `Jinja2ChatFormatter`;
+        replace them with `BudgetedChatFormatter`s of the same templates and tokens.
+        """
+        from edge_sdk.models.chat_template import budgeted_formatter
+
+        if not templates:
+            return
+        eos, bos = self._llm.token_eos(), self._llm.token_bos()
+        eos_text = self._llm._model.token_get_text(eos) if eos != -1 else ""
+        bos_text = self._llm._model.token_get_text(bos) if bos != -1 else ""
+        for name, template in templates.items():
+            formatter = budgeted_formatter(template, eos_text, bos_text, stop_token_ids=[eos])
+            self._llm._chat_handlers[name] = formatter.to_chat_handler()
 
     # ---------------------------------------------------------------- inference
 
@@ -224,9 +316,11 @@ class EdgeModel:
         adapter_path = Path(path)
         self._check_adapter(adapter_path)
         with self._swap_lock(wait):
-            handle = self._llama_cpp.llama_adapter_lora_init(self._llm.model, str(adapter_path).encode())
+            with llama_log.capture() as lines:
+                handle = self._llama_cpp.llama_adapter_lora_init(self._llm.model, str(adapter_path).encode())
             if not handle:
-                raise InvalidAdapterError(f"{adapter_path}: llama.cpp refused the adapter")
+                reason = LlamaLog.reason(lines) or "no reason logged"
+                raise InvalidAdapterError(f"{show_path(adapter_path)}: llama.cpp refused the adapter: {reason}")
             try:
                 self._activate(handle, scale)
             except Exception:

@@ -28,6 +28,18 @@ _COMMAND_MODULES = (
 )
 
 EXIT_USAGE = 2
+MAX_ERROR_CHARS = 1000
+"""An error line is cut here: a message must never carry a whole hostile string."""
+
+
+def one_line(message: str) -> str:
+    """`message` as one printable line: control characters escaped, cut to MAX_ERROR_CHARS.
+
+    Messages quote what they take from files (`gguf_meta.quote`); this is the last guard, so
+    that no file name or value can forge a second line (a fake "Traceback", a fake prompt).
+    """
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    return safe if len(safe) <= MAX_ERROR_CHARS else safe[:MAX_ERROR_CHARS] + "..."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FedlmError as exc:
-        print(f"fedlm: error: {exc}", file=sys.stderr)
+        print(f"fedlm: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fedlm: interrupted", file=sys.stderr)

@@ -69,38 +69,45 @@ class LlamaCppTokenizer:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         try:
             import llama_cpp
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError as exc:  # pragma: no cover - a hard dependency
             raise TokenizerError(f"llama-cpp-python is required for tokenization ({exc})") from exc
+        from edge_sdk.models.chat_template import budgeted_formatter, model_templates
+        from edge_sdk.models.gguf_check import open_model
+        from edge_sdk.models.gguf_meta import show_path
+        from edge_sdk.runtime import LlamaLog, llama_log
+
         self.path = Path(path)
+        # Checked before llama.cpp reads it (InvalidModelError names the file and the reason).
+        templates = model_templates(open_model(self.path))
         try:
-            with _native_stderr_silenced():
+            with _native_stderr_silenced(), llama_log.capture() as lines:
                 self._llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
-            raise TokenizerError(f"{self.path}: cannot load the vocabulary ({exc})") from exc
+            reason = LlamaLog.reason(lines) or str(exc)
+            raise TokenizerError(
+                f"{show_path(self.path)}: llama.cpp refused the vocabulary: {reason}"
+            ) from None
         meta: dict[str, str] = dict(self._llm.metadata)
         bos, eos = self._llm.token_bos(), self._llm.token_eos()
         if eos < 0:
-            raise TokenizerError(f"{self.path}: the vocabulary has no end-of-sequence token")
+            raise TokenizerError(f"{show_path(self.path)}: the vocabulary has no end-of-sequence token")
         self.eos_id: int = eos
         # llama.cpp adds BOS on `add_bos=True` only when the vocab says so; mirror that here so
         # that `bos_id is None` means "plain text starts without BOS".
         add_bos = meta.get("tokenizer.ggml.add_bos_token", "true" if bos >= 0 else "false")
         self.bos_id: int | None = bos if bos >= 0 and add_bos.lower() == "true" else None
         self.vocab_size: int = self._llm.n_vocab()
-        self.chat_template: str | None = meta.get("tokenizer.chat_template") or None
+        self.chat_template: str | None = templates.get("chat_template.default") or None
         self.has_chat_template = self.chat_template is not None
         self._formatters: dict[bool, Any] = {}
         if self.chat_template is not None:
             model = self._llm._model
             bos_text = model.token_get_text(bos) if bos >= 0 else ""
             eos_text = model.token_get_text(eos)
+            # Rendered within the operation/time/output budget of edge_sdk.models.chat_template.
             for gen in (False, True):
-                self._formatters[gen] = Jinja2ChatFormatter(
-                    template=self.chat_template,
-                    eos_token=eos_text,
-                    bos_token=bos_text,
-                    add_generation_prompt=gen,
+                self._formatters[gen] = budgeted_formatter(
+                    self.chat_template, eos_text, bos_text, add_generation_prompt=gen
                 )
 
     def encode(self, text: str, *, add_bos: bool) -> list[int]:
@@ -114,10 +121,17 @@ class LlamaCppTokenizer:
     def render_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
         if not self._formatters:
             raise TokenizerError(f"{self.path}: the model has no chat template")
+        from edge_sdk.models.chat_template import ChatTemplateError
+        from edge_sdk.models.gguf_meta import quote, show_path
+
         try:
             result = self._formatters[add_generation_prompt](messages=[dict(m) for m in messages])
+        except ChatTemplateError as exc:  # over the budget: the template, not this example
+            raise ChatTemplateError(f"{show_path(self.path)}: {exc}") from None
         except Exception as exc:  # jinja2 errors and the template's raise_exception()
-            raise TokenizerError(f"{self.path}: chat template failed to render ({exc})") from exc
+            raise TokenizerError(
+                f"{show_path(self.path)}: chat template failed to render ({quote(str(exc), 200)})"
+            ) from exc
         return str(result.prompt)
 
 

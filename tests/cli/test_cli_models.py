@@ -43,7 +43,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, tiny_gguf: Path) -> Non
         (("inspect", str(trunc)), "trunc.gguf: "),
         (("generate", str(notgguf), "hi"), "notgguf.gguf: not a GGUF file"),
         (("generate", str(trunc), "hi"), "trunc.gguf: "),
-        (("generate", str(weird), "hi"), "weird.gguf: llama.cpp could not load the model (architecture 'notanarch'"),
+        (("generate", str(weird), "hi"), "weird.gguf: llama.cpp refused the model: "),
         (("generate", str(tiny_gguf), "hi", "--adapter", str(wrong_adapter)), "wrong-adapter.gguf: tensor 'blk.0."),
         (("generate", str(tiny_gguf), "hi", "--adapter", str(notgguf)), "notgguf.gguf: "),
     ]

@@ -102,7 +102,7 @@ def test_wrong_base_adapter_refused_before_llama_cpp(tiny_model: EdgeModel, tmp_
 
 def test_unsupported_architecture_is_one_clear_error(tmp_path: Path) -> None:
     weird = write_tiny_gguf(tmp_path / "weird.gguf", arch="notanarch")
-    with pytest.raises(InvalidModelError, match=r"weird\.gguf: llama\.cpp could not load.*'notanarch'"):
+    with pytest.raises(InvalidModelError, match=r"weird\.gguf: llama\.cpp refused the model: .*unknown model architecture: 'notanarch'"):
         EdgeModel(weird, n_ctx=256)
 
 
