@@ -275,15 +275,24 @@ class EdgeModel:
                 lambda: self._llm.create_chat_completion(msgs, stream=True, **kwargs),  # type: ignore[arg-type]
                 lambda chunk: chunk["choices"][0]["delta"].get("content") or "",
             )
-        with self._generating():
+        with self._generating(), self._template_errors():
             out = self._llm.create_chat_completion(msgs, **kwargs)  # type: ignore[arg-type]
         return str(out["choices"][0]["message"]["content"] or "")
+
+    @contextmanager
+    def _template_errors(self) -> Iterator[None]:
+        from edge_sdk.models.chat_template import ChatTemplateError
+
+        try:
+            yield
+        except ChatTemplateError as exc:  # name the model whose template is over budget
+            raise ChatTemplateError(f"{show_path(self.path)}: {exc}") from None
 
     def _stream(self, start: Any, text_of: Any) -> Iterator[str]:
         # The lock is held until the stream is exhausted or closed, so a swap cannot change
         # the adapter under a half-finished answer.
         def pieces() -> Iterator[str]:
-            with self._generating():
+            with self._generating(), self._template_errors():
                 for chunk in start():
                     piece = text_of(chunk)
                     if piece:
