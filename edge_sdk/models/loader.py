@@ -41,7 +41,7 @@ from torch import nn
 
 from edge_sdk.errors import InvalidModelError, ModelNotFoundError, UnsupportedArchitectureError
 from edge_sdk.models.config import SUPPORTED_ARCHS, ModelConfig
-from edge_sdk.models.gguf_meta import GGUFFile, show_path
+from edge_sdk.models.gguf_meta import GGUFFile, quote, show_path
 from edge_sdk.models.naming import LORA_TARGETS, gguf_stem, hf_module
 from edge_sdk.models.qk_order import PERMUTED_ARCHS, permute_qk, unpermute_qk  # noqa: F401 (re-export)
 from edge_sdk.models.transformer import Transformer
@@ -291,7 +291,11 @@ def load_model(
             return None
         used.add(name)
         fut = pending.pop(name, None)
-        return torch.from_numpy(fut.result() if fut is not None else dequantize_tensor(t))
+        values = fut.result() if fut is not None else dequantize_tensor(t)
+        # A NaN or inf weight would make every logit NaN; the file is refused instead.
+        if not np.isfinite(values).all():
+            raise InvalidModelError(f"{show_path(path)}: tensor {quote(name)} holds NaN or inf")
+        return torch.from_numpy(values)
 
     dense_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     prefetch(0)
