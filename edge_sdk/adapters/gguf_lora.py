@@ -34,9 +34,10 @@ import gguf
 import numpy as np
 
 from edge_sdk.errors import AdapterMismatchError, InvalidAdapterError, InvalidModelError
-from edge_sdk.models import naming
 from edge_sdk.models import gguf_limits as L
-from edge_sdk.models.gguf_check import FLOAT, INT, STR, architecture, open_model, refuse, value
+from edge_sdk.models import naming
+from edge_sdk.models.gguf_check import FLOAT, INT, STR, architecture, open_model, refuse
+from edge_sdk.models.gguf_check import value as meta_value
 from edge_sdk.models.gguf_meta import GGUFFile, GGUFTensor, quote, read_gguf, show_path
 from edge_sdk.models.qk_order import PERMUTED_ARCHS, permute_qk, unpermute_qk
 
@@ -112,13 +113,13 @@ def _read_base(path: str, size: int, mtime_ns: int) -> BaseModelInfo:
     del size, mtime_ns
     reader = open_model(path)  # container, key types and hyper-parameters checked
     arch = architecture(reader)
-    n_head = value(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch), INT)
-    n_kv = value(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), INT)
+    n_head = meta_value(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch), INT)
+    n_kv = meta_value(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), INT)
     if not isinstance(n_head, int) or n_head <= 0:
         raise InvalidModelError(f"{show_path(path)}: GGUF has no valid {arch}.attention.head_count")
     n_kv = n_kv if isinstance(n_kv, int) and n_kv > 0 else n_head
     shapes = {t.name: t.np_shape for t in reader.tensors}
-    name = value(reader, gguf.Keys.General.NAME, STR)
+    name = meta_value(reader, gguf.Keys.General.NAME, STR)
     return BaseModelInfo(
         arch=arch,
         n_head=n_head,
@@ -280,22 +281,22 @@ def _open_adapter(path: Path) -> GGUFFile:
     process, so each is checked here. Tensor types are limited to `ADAPTER_TENSOR_TYPES`.
     """
     reader = read_gguf(path, error=InvalidAdapterError, tensor_types=L.ADAPTER_TENSOR_TYPES)
-    gtype = value(reader, gguf.Keys.General.TYPE, STR)
+    gtype = meta_value(reader, gguf.Keys.General.TYPE, STR)
     if gtype != gguf.GGUFType.ADAPTER:
         shown = quote(gtype) if gtype is not None else "missing"
         raise refuse(reader, f"general.type is {shown}, expected 'adapter'")
-    atype = value(reader, gguf.Keys.Adapter.TYPE, STR)
+    atype = meta_value(reader, gguf.Keys.Adapter.TYPE, STR)
     if atype != "lora":
         shown = quote(atype) if atype is not None else "missing"
         raise refuse(reader, f"adapter.type is {shown}, expected 'lora'")
     architecture(reader)
-    value(reader, gguf.Keys.General.NAME, STR)
+    meta_value(reader, gguf.Keys.General.NAME, STR)
     alpha_field = reader.get_field(gguf.Keys.Adapter.LORA_ALPHA)
     if alpha_field is not None:
         if alpha_field.type != gguf.GGUFValueType.FLOAT32:
             raise refuse(reader, f"adapter.lora.alpha should be a FLOAT32, got {alpha_field.type.name}"
                          + (" array" if alpha_field.is_array else ""))
-        alpha = value(reader, gguf.Keys.Adapter.LORA_ALPHA, FLOAT)  # refuses NaN and inf
+        alpha = meta_value(reader, gguf.Keys.Adapter.LORA_ALPHA, FLOAT)  # refuses NaN and inf
         if not 0.0 <= alpha <= L.MAX_LORA_ALPHA:
             raise refuse(reader, f"adapter.lora.alpha is {alpha:g}, should be 0 to {L.MAX_LORA_ALPHA}")
     return reader
@@ -370,8 +371,8 @@ def read_gguf_lora(
     alpha = _field(reader, gguf.Keys.Adapter.LORA_ALPHA)
     metadata = {k: f.contents() for k, f in reader.fields.items() if not f.is_array}
     info = _as_base(base) if base is not None else None
-    n_head = info.n_head if info else value(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch), INT)
-    n_kv = info.n_kv_head if info else value(
+    n_head = info.n_head if info else meta_value(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch), INT)
+    n_kv = info.n_kv_head if info else meta_value(
         reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), INT
     )
     n_kv = n_kv or n_head

@@ -73,13 +73,17 @@ class _Budget:
             return
         self.last_check = now
         if now - self.start > L.TEMPLATE_MAX_SECONDS:
-            raise ChatTemplateError(f"chat template takes more than {L.TEMPLATE_MAX_SECONDS:g} s to render")
+            raise ChatTemplateError(
+                f"chat template takes more than {L.TEMPLATE_MAX_SECONDS:g} s to render"
+            )
         if self.rss0 and _rss_bytes() - self.rss0 > 8 * L.TEMPLATE_MAX_OUTPUT_CHARS:
             raise ChatTemplateError("chat template uses too much memory to render")
 
     def size(self, n: int) -> None:
         if n > L.TEMPLATE_MAX_OUTPUT_CHARS:
-            raise ChatTemplateError(f"chat template builds a value of {n} items (limit {L.TEMPLATE_MAX_OUTPUT_CHARS})")
+            raise ChatTemplateError(
+                f"chat template builds a value of {n} items (limit {L.TEMPLATE_MAX_OUTPUT_CHARS})"
+            )
 
 
 class BudgetedEnvironment(ImmutableSandboxedEnvironment):
@@ -125,11 +129,11 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
 
         return wrapped
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        __self.budget.tick()
-        out = super().call(__context, __obj, *args, **kwargs)
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self.budget.tick()
+        out = super().call(context, obj, *args, **kwargs)
         if isinstance(out, (str, list, tuple)):
-            __self.budget.size(len(out))
+            self.budget.size(len(out))
         return out
 
     def getattr(self, obj: Any, attribute: str) -> Any:
@@ -146,11 +150,20 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
                     self.budget.size(len(seq) * max(n, 0))
-        elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, type(left)):
+        elif (
+            operator == "+"
+            and isinstance(left, (str, list, tuple))
+            and isinstance(right, type(left))
+        ):
             self.budget.size(len(left) + len(right))
-        elif operator == "**" and isinstance(right, (int, float)) and right > 64:
-            if isinstance(left, (int, float)) and abs(left) > 1:
-                raise ChatTemplateError(f"chat template computes a power of {right!r}")
+        elif (
+            operator == "**"
+            and isinstance(right, (int, float))
+            and right > 64
+            and isinstance(left, (int, float))
+            and abs(left) > 1
+        ):
+            raise ChatTemplateError(f"chat template computes a power of {right!r}")
         return super().call_binop(context, operator, left, right)
 
 
@@ -209,7 +222,11 @@ class _BudgetedTemplate:
 
 
 def budgeted_formatter(
-    template: str, eos_token: str, bos_token: str, *, add_generation_prompt: bool = True,
+    template: str,
+    eos_token: str,
+    bos_token: str,
+    *,
+    add_generation_prompt: bool = True,
     stop_token_ids: list[int] | None = None,
 ) -> Any:
     """A `Jinja2ChatFormatter` for `template` that renders within the budget."""

@@ -171,6 +171,8 @@ class ModelConfig:
 
         d_model = int(get("embedding_length", required=True))
         n_head = int(get("attention.head_count", required=True))
+        if n_head <= 0:  # gguf_check refuses this first; kept so that no path divides by zero
+            raise InvalidModelError(f"`{arch}.attention.head_count` should be positive, got {n_head}")
         n_kv_head = int(get("attention.head_count_kv", n_head))
         head_dim = int(get("attention.key_length", d_model // n_head))
         n_layer = int(get("block_count", required=True))

@@ -39,13 +39,18 @@ from edge_sdk.models.gguf_meta import (
     show_path,
 )
 
-
 _ARCH_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 # Kinds of value a key may hold.
 STR, INT, FLOAT, BOOL, INT_OR_INTS, STRS, FLOATS, INTS = (
-    "a string", "an integer", "a number", "a boolean", "an integer or an integer array",
-    "an array of strings", "an array of numbers", "an array of integers",
+    "a string",
+    "an integer",
+    "a number",
+    "a boolean",
+    "an integer or an integer array",
+    "an array of strings",
+    "an array of numbers",
+    "an array of integers",
 )
 
 GENERAL_KEYS: dict[str, str] = {
@@ -186,17 +191,28 @@ def check_model(f: GGUFFile) -> None:
     n_layer = get("block_count")
     if n_layer is not None:
         _positive(f, f"{arch}.block_count", n_layer, L.MAX_LAYERS)
-    for key, limit in (("context_length", L.MAX_CONTEXT_LENGTH), ("embedding_length", L.MAX_WIDTH),
-                       ("vocab_size", L.MAX_VOCAB), ("attention.key_length", L.MAX_WIDTH),
-                       ("attention.value_length", L.MAX_WIDTH), ("rope.dimension_count", L.MAX_WIDTH),
-                       ("attention.sliding_window", L.MAX_CONTEXT_LENGTH),
-                       ("attention.sliding_window_pattern", L.MAX_LAYERS)):
+    for key, limit in (
+        ("context_length", L.MAX_CONTEXT_LENGTH),
+        ("embedding_length", L.MAX_WIDTH),
+        ("vocab_size", L.MAX_VOCAB),
+        ("attention.key_length", L.MAX_WIDTH),
+        ("attention.value_length", L.MAX_WIDTH),
+        ("rope.dimension_count", L.MAX_WIDTH),
+        ("attention.sliding_window", L.MAX_CONTEXT_LENGTH),
+        ("attention.sliding_window_pattern", L.MAX_LAYERS),
+    ):
         v = get(key)
         if v is not None:
             _positive(f, f"{arch}.{key}", v, limit)
-    ff = _scalar_or_layers(f, f"{arch}.feed_forward_length", get("feed_forward_length", INT_OR_INTS), n_layer)
-    heads = _scalar_or_layers(f, f"{arch}.attention.head_count", get("attention.head_count", INT_OR_INTS), n_layer)
-    kv = _scalar_or_layers(f, f"{arch}.attention.head_count_kv", get("attention.head_count_kv", INT_OR_INTS), n_layer)
+    ff = _scalar_or_layers(
+        f, f"{arch}.feed_forward_length", get("feed_forward_length", INT_OR_INTS), n_layer
+    )
+    heads = _scalar_or_layers(
+        f, f"{arch}.attention.head_count", get("attention.head_count", INT_OR_INTS), n_layer
+    )
+    kv = _scalar_or_layers(
+        f, f"{arch}.attention.head_count_kv", get("attention.head_count_kv", INT_OR_INTS), n_layer
+    )
     # Per-layer lists may hold 0 (a layer without attention or MLP); a scalar may not.
     if ff is not None:
         _positive(f, f"{arch}.feed_forward_length", ff, L.MAX_WIDTH, zero=len(ff) > 1)
@@ -206,17 +222,28 @@ def check_model(f: GGUFFile) -> None:
         _positive(f, f"{arch}.attention.head_count_kv", kv, L.MAX_HEADS, zero=len(kv) > 1)
         for h, k in zip(heads or [], kv if len(kv) > 1 else kv * len(heads or [])):
             if k and h % k:
-                raise refuse(f, f"{arch}.attention.head_count {h} is not a multiple of head_count_kv {k}")
+                raise refuse(
+                    f, f"{arch}.attention.head_count {h} is not a multiple of head_count_kv {k}"
+                )
     d_model = get("embedding_length")
     if d_model is not None and heads and get("attention.key_length") is None:
         for h in heads:
             if h and d_model % h:
-                raise refuse(f, f"{arch}.attention.head_count {h} does not divide embedding_length {d_model}")
+                raise refuse(
+                    f, f"{arch}.attention.head_count {h} does not divide embedding_length {d_model}"
+                )
     scaling = get("rope.scaling.type", STR)
     if scaling is not None and scaling not in L.ROPE_SCALING_TYPES:
-        raise refuse(f, f"{arch}.rope.scaling.type is {quote(scaling)}, not one of {L.ROPE_SCALING_TYPES}")
-    for key in ("rope.freq_base", "rope.freq_base_swa", "attention.layer_norm_rms_epsilon",
-                "attention.layer_norm_epsilon", "rope.scaling.factor"):
+        raise refuse(
+            f, f"{arch}.rope.scaling.type is {quote(scaling)}, not one of {L.ROPE_SCALING_TYPES}"
+        )
+    for key in (
+        "rope.freq_base",
+        "rope.freq_base_swa",
+        "attention.layer_norm_rms_epsilon",
+        "attention.layer_norm_epsilon",
+        "rope.scaling.factor",
+    ):
         v = get(key, FLOAT)
         if v is not None and float(v) < 0:
             raise refuse(f, f"{arch}.{key} is {v}, should not be negative")
@@ -224,7 +251,10 @@ def check_model(f: GGUFFile) -> None:
     if n_expert is not None and not 0 <= n_expert <= L.MAX_EXPERTS:
         raise refuse(f, f"{arch}.expert_count is {n_expert}, should be 0 to {L.MAX_EXPERTS}")
     if n_used is not None and not 0 <= n_used <= (n_expert or 0):
-        raise refuse(f, f"{arch}.expert_used_count is {n_used}, should be 0 to expert_count ({n_expert or 0})")
+        raise refuse(
+            f,
+            f"{arch}.expert_used_count is {n_used}, should be 0 to expert_count ({n_expert or 0})",
+        )
     n_vocab = _check_tokenizer(f)
     _check_blocks(f, n_layer)
     if arch in SUPPORTED_ARCHS:
@@ -277,8 +307,12 @@ def expected_shapes(f: GGUFFile, arch: str, n_vocab: int | None) -> dict[str, tu
             raise refuse(f, f"{arch}.{key} per layer is not supported for {arch}")
         return int(v)
 
-    d, n_layer, n_head, ff = req("embedding_length"), req("block_count"), req("attention.head_count"), req(
-        "feed_forward_length")
+    d, n_layer, n_head, ff = (
+        req("embedding_length"),
+        req("block_count"),
+        req("attention.head_count"),
+        req("feed_forward_length"),
+    )
     n_kv = value(f, f"{arch}.attention.head_count_kv", INT_OR_INTS)
     if isinstance(n_kv, list):
         raise refuse(f, f"{arch}.attention.head_count_kv per layer is not supported for {arch}")
@@ -292,24 +326,26 @@ def expected_shapes(f: GGUFFile, arch: str, n_vocab: int | None) -> dict[str, tu
         shapes["output.weight?"] = (vocab, d)
     for i in range(n_layer):
         b = f"blk.{i}"
-        shapes.update({
-            f"{b}.attn_norm.weight": (d,),
-            f"{b}.attn_q.weight": (n_head * head_k, d),
-            f"{b}.attn_k.weight": (n_kv * head_k, d),
-            f"{b}.attn_v.weight": (n_kv * head_v, d),
-            f"{b}.attn_output.weight": (d, n_head * head_v),
-            f"{b}.ffn_norm.weight": (d,),
-            f"{b}.ffn_gate.weight": (ff, d),
-            f"{b}.ffn_up.weight": (ff, d),
-            f"{b}.ffn_down.weight": (d, ff),
-            f"{b}.attn_q.bias?": (n_head * head_k,),
-            f"{b}.attn_k.bias?": (n_kv * head_k,),
-            f"{b}.attn_v.bias?": (n_kv * head_v,),
-            f"{b}.attn_q_norm.weight?": (head_k,),
-            f"{b}.attn_k_norm.weight?": (head_k,),
-            f"{b}.post_attention_norm.weight?": (d,),
-            f"{b}.post_ffw_norm.weight?": (d,),
-        })
+        shapes.update(
+            {
+                f"{b}.attn_norm.weight": (d,),
+                f"{b}.attn_q.weight": (n_head * head_k, d),
+                f"{b}.attn_k.weight": (n_kv * head_k, d),
+                f"{b}.attn_v.weight": (n_kv * head_v, d),
+                f"{b}.attn_output.weight": (d, n_head * head_v),
+                f"{b}.ffn_norm.weight": (d,),
+                f"{b}.ffn_gate.weight": (ff, d),
+                f"{b}.ffn_up.weight": (ff, d),
+                f"{b}.ffn_down.weight": (d, ff),
+                f"{b}.attn_q.bias?": (n_head * head_k,),
+                f"{b}.attn_k.bias?": (n_kv * head_k,),
+                f"{b}.attn_v.bias?": (n_kv * head_v,),
+                f"{b}.attn_q_norm.weight?": (head_k,),
+                f"{b}.attn_k_norm.weight?": (head_k,),
+                f"{b}.post_attention_norm.weight?": (d,),
+                f"{b}.post_ffw_norm.weight?": (d,),
+            }
+        )
     return shapes
 
 

@@ -24,6 +24,7 @@ against them, value types of known keys) is checked in `edge_sdk.models.gguf_che
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import struct
@@ -163,7 +164,9 @@ class GGUFTensor:
     @property
     def data(self) -> np.ndarray:
         """A read-only numpy view of the tensor's bytes (typed for F32/F16/..., else uint8 blocks)."""
-        raw = np.frombuffer(self._buffer, dtype=np.uint8, count=self.n_bytes, offset=self.data_offset)
+        raw = np.frombuffer(
+            self._buffer, dtype=np.uint8, count=self.n_bytes, offset=self.data_offset
+        )
         dtype = _PLAIN_DTYPES.get(self.tensor_type)
         if dtype is not None:
             return raw.view(dtype).reshape(self.np_shape)
@@ -174,8 +177,15 @@ class GGUFFile:
     """A GGUF file whose container has been validated (see the module docstring)."""
 
     def __init__(
-        self, path: Path, buffer: Any, version: int, fields: dict[str, GGUFField],
-        tensors: list[GGUFTensor], alignment: int, data_offset: int, error: type[FedlmError],
+        self,
+        path: Path,
+        buffer: Any,
+        version: int,
+        fields: dict[str, GGUFField],
+        tensors: list[GGUFTensor],
+        alignment: int,
+        data_offset: int,
+        error: type[FedlmError],
     ) -> None:
         self.path = path
         self.error = error
@@ -209,9 +219,13 @@ def read_gguf(
             size = os.fstat(f.fileno()).st_size
             head = f.read(_HEADER.size)
             if head[:4] != _MAGIC:
-                raise error(f"{show_path(p)}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+                raise error(
+                    f"{show_path(p)}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')"
+                )
             if len(head) < _HEADER.size:
-                raise error(f"{show_path(p)}: truncated GGUF (the {size}-byte file ends inside the header)")
+                raise error(
+                    f"{show_path(p)}: truncated GGUF (the {size}-byte file ends inside the header)"
+                )
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as exc:
         raise error(f"{show_path(p)}: cannot read ({exc.strerror or exc})") from None
@@ -225,7 +239,11 @@ class _Parser:
     """Walks the header once; every `_need` is checked before the bytes are touched."""
 
     def __init__(
-        self, path: Path, buf: Any, tensor_types: frozenset[GGMLQuantizationType], error: type[FedlmError]
+        self,
+        path: Path,
+        buf: Any,
+        tensor_types: frozenset[GGMLQuantizationType],
+        error: type[FedlmError],
     ) -> None:
         self.path = path
         self.error = error
@@ -238,7 +256,9 @@ class _Parser:
 
     def _need(self, offs: int, n: int, what: str) -> None:
         if offs + n > self.size:
-            raise _Refused(f"truncated GGUF ({what} at byte {offs} needs {n} bytes, the file has {self.size})")
+            raise _Refused(
+                f"truncated GGUF ({what} at byte {offs} needs {n} bytes, the file has {self.size})"
+            )
         if offs + n > L.MAX_METADATA_BYTES and what != "tensor data":
             raise _Refused(f"header is larger than {L.MAX_METADATA_BYTES >> 20} MiB")
 
@@ -303,7 +323,9 @@ class _Parser:
             if align_field.type != GGUFValueType.UINT32 or not (
                 0 < value <= L.MAX_ALIGNMENT and value & (value - 1) == 0
             ):
-                raise _Refused(f"general.alignment should be a UINT32 power of two up to {L.MAX_ALIGNMENT}")
+                raise _Refused(
+                    f"general.alignment should be a UINT32 power of two up to {L.MAX_ALIGNMENT}"
+                )
             alignment = value
         infos = []
         names: set[str] = set()
@@ -315,7 +337,9 @@ class _Parser:
             infos.append(info)
         data_offset = offs + (-offs) % alignment
         tensors = self._tensors(infos, data_offset, alignment)
-        return GGUFFile(self.path, self.buf, version, fields, tensors, alignment, data_offset, self.error)
+        return GGUFFile(
+            self.path, self.buf, version, fields, tensors, alignment, data_offset, self.error
+        )
 
     def _field(self, key: str, offs: int) -> tuple[GGUFField, int]:
         start = offs
@@ -331,20 +355,30 @@ class _Parser:
             if vtype == GGUFValueType.BOOL:
                 value = bool(value)
             return GGUFField(key, vtype, start, _value=value), offs + st.size
-        itype = self._value_type(self._u32(offs, f"array type of {quote(key)}"), f"array {quote(key)}")
+        itype = self._value_type(
+            self._u32(offs, f"array type of {quote(key)}"), f"array {quote(key)}"
+        )
         count = self._u64(offs + 4, f"array length of {quote(key)}")
         offs += 12
         if itype == GGUFValueType.ARRAY:
             # Depth limit L.MAX_ARRAY_DEPTH = 1: nested arrays are refused, never walked.
-            raise _Refused(f"key {quote(key)} holds an array of arrays (not supported, nor by llama.cpp)")
+            raise _Refused(
+                f"key {quote(key)} holds an array of arrays (not supported, nor by llama.cpp)"
+            )
         item_size = 8 if itype == GGUFValueType.STRING else _SCALARS[itype][1].itemsize
         if count > L.MAX_ARRAY_ELEMENTS:
-            raise _Refused(f"array {quote(key)} claims {count} elements, more than the limit of {L.MAX_ARRAY_ELEMENTS}")
+            raise _Refused(
+                f"array {quote(key)} claims {count} elements, more than the limit of {L.MAX_ARRAY_ELEMENTS}"
+            )
         if count * item_size > self.size - offs:
-            raise _Refused(f"truncated or corrupt GGUF: array {quote(key)} claims {count} elements past the end of the file")
+            raise _Refused(
+                f"truncated or corrupt GGUF: array {quote(key)} claims {count} elements past the end of the file"
+            )
         self.elements += count
         if self.elements > L.MAX_METADATA_ELEMENTS:
-            raise _Refused(f"metadata arrays hold more than {L.MAX_METADATA_ELEMENTS} elements together")
+            raise _Refused(
+                f"metadata arrays hold more than {L.MAX_METADATA_ELEMENTS} elements together"
+            )
         if itype != GGUFValueType.STRING:
             dtype = _SCALARS[itype][1]
             self._need(offs, count * dtype.itemsize, f"array {quote(key)}")
@@ -365,7 +399,9 @@ class _Parser:
                 raise _Refused(f"truncated GGUF (string {i} of {quote(key)} runs past the end)")
             n = unpack(buf, offs)[0]
             if n > limit or offs + 8 + n > end_of_header:
-                raise _Refused(f"string {i} of {quote(key)} is {n} bytes long (limit {limit}, or the end of the file)")
+                raise _Refused(
+                    f"string {i} of {quote(key)} is {n} bytes long (limit {limit}, or the end of the file)"
+                )
             try:
                 str(buf[offs + 8 : offs + 8 + n], "utf-8")
             except UnicodeDecodeError:
@@ -394,7 +430,9 @@ class _Parser:
         rel_offset = self._u64(offs + 4, what)
         return (name, dims, raw_type, rel_offset), offs + 12
 
-    def _tensors(self, infos: list[tuple[str, list[int], int, int]], data_offset: int, alignment: int) -> list[GGUFTensor]:
+    def _tensors(
+        self, infos: list[tuple[str, list[int], int, int]], data_offset: int, alignment: int
+    ) -> list[GGUFTensor]:
         tensors = []
         spans = []
         data_size = self.size - data_offset
@@ -406,10 +444,14 @@ class _Parser:
                 raise _Refused(f"{what} has unknown type {raw_type}") from None
             if ttype not in self.tensor_types or ttype not in GGML_QUANT_SIZES:
                 allowed = ", ".join(sorted(t.name for t in self.tensor_types))
-                raise _Refused(f"{what} has type {ttype.name}, not one of the allowed types ({allowed})")
+                raise _Refused(
+                    f"{what} has type {ttype.name}, not one of the allowed types ({allowed})"
+                )
             block, type_size = GGML_QUANT_SIZES[ttype]
             if dims[0] % block:
-                raise _Refused(f"{what}: row length {dims[0]} is not a multiple of {ttype.name}'s block of {block}")
+                raise _Refused(
+                    f"{what}: row length {dims[0]} is not a multiple of {ttype.name}'s block of {block}"
+                )
             n_elements = 1
             for d in dims:  # Python ints: no silent wrap-around
                 n_elements *= d
@@ -420,13 +462,23 @@ class _Parser:
                     "lies past the end of the file"
                 )
             if rel % alignment:
-                raise _Refused(f"{what} starts at data offset {rel}, not a multiple of the alignment {alignment}")
+                raise _Refused(
+                    f"{what} starts at data offset {rel}, not a multiple of the alignment {alignment}"
+                )
             spans.append((rel, rel + n_bytes, name))
-            tensors.append(GGUFTensor(
-                name, ttype, np.array(dims, dtype=np.uint64), n_elements, n_bytes, data_offset + rel, self.buf,
-            ))
+            tensors.append(
+                GGUFTensor(
+                    name,
+                    ttype,
+                    np.array(dims, dtype=np.uint64),
+                    n_elements,
+                    n_bytes,
+                    data_offset + rel,
+                    self.buf,
+                )
+            )
         spans.sort()
-        for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        for (_, end, a), (begin, _, b) in itertools.pairwise(spans):
             if begin < end:
                 raise _Refused(f"tensors {quote(a)} and {quote(b)} overlap in the file")
         return tensors

@@ -17,8 +17,19 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from edge_sdk.models.gguf_meta import read_gguf
 
 V = GGUFValueType
-_FMT = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
-        V.FLOAT32: "<f", V.BOOL: "<B", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
+_FMT = {
+    V.UINT8: "<B",
+    V.INT8: "<b",
+    V.UINT16: "<H",
+    V.INT16: "<h",
+    V.UINT32: "<I",
+    V.INT32: "<i",
+    V.FLOAT32: "<f",
+    V.BOOL: "<B",
+    V.UINT64: "<Q",
+    V.INT64: "<q",
+    V.FLOAT64: "<d",
+}
 
 
 def s(text: str | bytes) -> bytes:
@@ -34,10 +45,18 @@ def scalar(vtype: V, value: object) -> bytes:
     return struct.pack("<I", vtype) + struct.pack(_FMT[vtype], value)
 
 
-def array(item: V, items: list[object] | None = None, *, count: int | None = None, raw: bytes | None = None) -> bytes:
+def array(
+    item: V,
+    items: list[object] | None = None,
+    *,
+    count: int | None = None,
+    raw: bytes | None = None,
+) -> bytes:
     """Type tag ARRAY + item type + count + items; `count` may lie about `items`."""
     if raw is None:
-        raw = b"".join(s(x) if item == V.STRING else struct.pack(_FMT[item], x) for x in (items or []))  # type: ignore[arg-type]
+        raw = b"".join(
+            s(x) if item == V.STRING else struct.pack(_FMT[item], x) for x in (items or [])
+        )  # type: ignore[arg-type]
     n = len(items or []) if count is None else count
     return struct.pack("<IIQ", V.ARRAY, item, n) + raw
 
@@ -65,8 +84,12 @@ class TensorInfo:
     """Relative to the start of the data section."""
 
     def pack(self) -> bytes:
-        return (s(self.name) + struct.pack("<I", len(self.dims)) + struct.pack(f"<{len(self.dims)}Q", *self.dims)
-                + struct.pack("<IQ", self.type, self.offset))
+        return (
+            s(self.name)
+            + struct.pack("<I", len(self.dims))
+            + struct.pack(f"<{len(self.dims)}Q", *self.dims)
+            + struct.pack("<IQ", self.type, self.offset)
+        )
 
 
 @dataclass
@@ -88,8 +111,15 @@ class Parts:
         f = read_gguf(path)
         buf = bytes(f.data[:])
         starts = [fl.offset - 8 - len(k.encode()) for k, fl in f.fields.items()]
-        infos = [TensorInfo(t.name.encode(), [int(d) for d in t.shape], int(t.tensor_type), t.data_offset - f.data_offset)
-                 for t in f.tensors]
+        infos = [
+            TensorInfo(
+                t.name.encode(),
+                [int(d) for d in t.shape],
+                int(t.tensor_type),
+                t.data_offset - f.data_offset,
+            )
+            for t in f.tensors
+        ]
         end = buf.find(s(infos[0].name), starts[-1]) if infos else f.data_offset
         bounds = [*starts, end]
         kvs = [(k, buf[bounds[i] : bounds[i + 1]]) for i, k in enumerate(f.fields)]
@@ -113,9 +143,13 @@ class Parts:
         return next(t for t in self.tensors if t.name == name.encode())
 
     def build(self) -> bytes:
-        head = struct.pack("<4sIQQ", b"GGUF", self.version,
-                           len(self.tensors) if self.n_tensors is None else self.n_tensors,
-                           len(self.kvs) if self.n_kv is None else self.n_kv)
+        head = struct.pack(
+            "<4sIQQ",
+            b"GGUF",
+            self.version,
+            len(self.tensors) if self.n_tensors is None else self.n_tensors,
+            len(self.kvs) if self.n_kv is None else self.n_kv,
+        )
         body = head + b"".join(r for _, r in self.kvs) + b"".join(t.pack() for t in self.tensors)
         body += b"\x00" * ((-len(body)) % self.alignment)
         return body + self.data
@@ -125,11 +159,22 @@ class Parts:
         return path
 
 
-def header_only(kvs: list[bytes], *, n_kv: int | None = None, tensors: list[TensorInfo] = (), data: bytes = b"",
-                n_tensors: int | None = None) -> bytes:
+def header_only(
+    kvs: list[bytes],
+    *,
+    n_kv: int | None = None,
+    tensors: list[TensorInfo] = (),
+    data: bytes = b"",
+    n_tensors: int | None = None,
+) -> bytes:
     """A whole file from raw key/value records and tensor infos."""
-    head = struct.pack("<4sIQQ", b"GGUF", 3, len(tensors) if n_tensors is None else n_tensors,
-                       len(kvs) if n_kv is None else n_kv)
+    head = struct.pack(
+        "<4sIQQ",
+        b"GGUF",
+        3,
+        len(tensors) if n_tensors is None else n_tensors,
+        len(kvs) if n_kv is None else n_kv,
+    )
     body = head + b"".join(kvs) + b"".join(t.pack() for t in tensors)
     return body + b"\x00" * ((-len(body)) % 32) + data
 
@@ -137,7 +182,9 @@ def header_only(kvs: list[bytes], *, n_kv: int | None = None, tensors: list[Tens
 Q = GGMLQuantizationType
 
 
-def pack_tensors(tensors: list[tuple[str, int, list[int], bytes]], alignment: int = 32) -> tuple[list[TensorInfo], bytes]:
+def pack_tensors(
+    tensors: list[tuple[str, int, list[int], bytes]], alignment: int = 32
+) -> tuple[list[TensorInfo], bytes]:
     """(name, ggml type, ggml dims, raw bytes) -> tensor infos and the aligned data section."""
     infos, data = [], b""
     for name, ttype, dims, raw in tensors:
@@ -148,8 +195,14 @@ def pack_tensors(tensors: list[tuple[str, int, list[int], bytes]], alignment: in
 
 
 def lora_file(
-    shapes: dict[str, tuple[int, int]], *, rank: int = 2, arch: str = "llama", alpha: bytes | None = None,
-    encode=None, general_type: bytes | None = None, seed: int = 0,
+    shapes: dict[str, tuple[int, int]],
+    *,
+    rank: int = 2,
+    arch: str = "llama",
+    alpha: bytes | None = None,
+    encode=None,
+    general_type: bytes | None = None,
+    seed: int = 0,
 ) -> bytes:
     """A LoRA adapter for base tensors `shapes` ({name: (out, in)}), tensors made by `encode`.
 

@@ -8,7 +8,6 @@ signal), a hang as `timed_out`, a blow-up as `max_rss` over the budget.
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -23,11 +22,27 @@ LOADER_TIME_BUDGET_S = 30.0
 """The training loader imports torch (3-5 s alone, more on a busy 2-core machine)."""
 RSS_BUDGET = 1 << 30
 """Peak resident memory per command and file (1 GiB)."""
-_AS_LIMIT = 3 << 30  # address space: above the RSS budget, since torch and llama.cpp map more than they touch
+_AS_LIMIT = (
+    3 << 30
+)  # address space: above the RSS budget, since torch and llama.cpp map more than they touch
 
 # The training loader as `fedlm train` runs it: tokenizer (vocab + chat template), then the
 # torch model, then one forward pass, whose logits must be finite.
-LOADER = """
+# Set in the child itself: a preexec_fn is unsafe while other threads run (the fuzzer's pool).
+_PRELUDE = f"""
+resource.setrlimit(resource.RLIMIT_AS, ({_AS_LIMIT}, {_AS_LIMIT}))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+"""
+_CLI = (
+    _PRELUDE
+    + """
+import runpy
+runpy.run_module("edge_sdk.cli", run_name="__main__", alter_sys=True)
+"""
+)
+LOADER = (
+    _PRELUDE
+    + """
 import sys
 import torch
 from edge_sdk.cli import one_line
@@ -48,6 +63,7 @@ except FedlmError as exc:
     print(f"fedlm: error: {one_line(str(exc))}", file=sys.stderr)
     sys.exit(2)
 """
+)
 
 
 @dataclass
@@ -79,19 +95,17 @@ class Outcome:
         return f"exit {self.returncode}: {self.stderr[-600:]!r}"
 
 
-def _limits() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (_AS_LIMIT, _AS_LIMIT))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
 def run(*args: str, timeout: float | None = None, loader: bool = False) -> Outcome:
     """`fedlm ARGS` (or the training loader on ARGS[0]) in a child process."""
     timeout = timeout or (LOADER_TIME_BUDGET_S if loader else TIME_BUDGET_S)
-    cmd = [sys.executable, "-c", LOADER, *args] if loader else [sys.executable, "-m", "edge_sdk.cli", *args]
+    cmd = (
+        [sys.executable, "-c", LOADER, *args]
+        if loader
+        else [sys.executable, "-m", "edge_sdk.cli", *args]
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            preexec_fn=_limits, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     killed: list[bool] = []
 
     def kill() -> None:
@@ -102,8 +116,10 @@ def run(*args: str, timeout: float | None = None, loader: bool = False) -> Outco
     peak = [0]
     timer = threading.Timer(timeout, kill)
     chunks: dict[str, bytes] = {}
-    readers = [threading.Thread(target=lambda n=n, f=f: chunks.__setitem__(n, f.read()))
-               for n, f in (("out", proc.stdout), ("err", proc.stderr))]
+    readers = [
+        threading.Thread(target=lambda n=n, f=f: chunks.__setitem__(n, f.read()))
+        for n, f in (("out", proc.stdout), ("err", proc.stderr))
+    ]
     timer.start()
     for r in readers:
         r.start()
@@ -115,8 +131,15 @@ def run(*args: str, timeout: float | None = None, loader: bool = False) -> Outco
         r.join()
     proc.stdout.close()
     proc.stderr.close()
-    return Outcome(tuple(args), proc.returncode, chunks["out"].decode(errors="replace"),
-                   chunks["err"].decode(errors="replace"), time.perf_counter() - t0, peak[0], bool(killed))
+    return Outcome(
+        tuple(args),
+        proc.returncode,
+        chunks["out"].decode(errors="replace"),
+        chunks["err"].decode(errors="replace"),
+        time.perf_counter() - t0,
+        peak[0],
+        bool(killed),
+    )
 
 
 def _vm_hwm(pid: int) -> int:

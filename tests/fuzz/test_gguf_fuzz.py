@@ -38,11 +38,45 @@ CASES = int(os.environ.get("FEDLM_FUZZ_CASES", "16"))
 SEED = int(os.environ.get("FEDLM_FUZZ_SEED", "1"))
 WORKERS = 2
 
-_HPARAMS = ("block_count", "attention.head_count", "attention.head_count_kv", "embedding_length",
-            "feed_forward_length", "context_length", "vocab_size", "rope.dimension_count",
-            "attention.key_length", "rope.freq_base", "attention.layer_norm_rms_epsilon",
-            "expert_count", "expert_used_count", "rope.scaling.type", "rope.scaling.factor")
-_INTS = (0, 1, 2, 3, 4, 7, 16, 32, 63, 64, 65, 128, 299, 511, 512, 513, 1000, 2**31 - 1, 2**31, 2**32 - 1)
+_HPARAMS = (
+    "block_count",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "embedding_length",
+    "feed_forward_length",
+    "context_length",
+    "vocab_size",
+    "rope.dimension_count",
+    "attention.key_length",
+    "rope.freq_base",
+    "attention.layer_norm_rms_epsilon",
+    "expert_count",
+    "expert_used_count",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+)
+_INTS = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    7,
+    16,
+    32,
+    63,
+    64,
+    65,
+    128,
+    299,
+    511,
+    512,
+    513,
+    1000,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+)
 _TEMPLATES = (
     "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
     "{{ 'x' * 100000000 }}",
@@ -56,18 +90,35 @@ _TEMPLATES = (
 
 
 def _random_value(rng: random.Random) -> bytes:
-    kind = rng.choice(("int", "float", "str", "badstr", "arr", "liearr", "nested", "strarr", "bool"))
+    kind = rng.choice(
+        ("int", "float", "str", "badstr", "arr", "liearr", "nested", "strarr", "bool")
+    )
     if kind == "int":
         t = rng.choice((V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64))
-        fmt = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
-               V.UINT64: "<Q", V.INT64: "<q"}[t]
+        fmt = {
+            V.UINT8: "<B",
+            V.INT8: "<b",
+            V.UINT16: "<H",
+            V.INT16: "<h",
+            V.UINT32: "<I",
+            V.INT32: "<i",
+            V.UINT64: "<Q",
+            V.INT64: "<q",
+        }[t]
         size = struct.calcsize(fmt) * 8
         lo, hi = (-(2 ** (size - 1)), 2 ** (size - 1) - 1) if fmt[1].islower() else (0, 2**size - 1)
-        return scalar(t, max(lo, min(hi, rng.choice((0, 1, -1, 7, 512, 1000, 2**31, -(2**31), hi)))))
+        return scalar(
+            t, max(lo, min(hi, rng.choice((0, 1, -1, 7, 512, 1000, 2**31, -(2**31), hi))))
+        )
     if kind == "float":
-        return scalar(rng.choice((V.FLOAT32, V.FLOAT64)), rng.choice((0.0, -1.0, 1e30, float("nan"), float("inf"), 3.5)))
+        return scalar(
+            rng.choice((V.FLOAT32, V.FLOAT64)),
+            rng.choice((0.0, -1.0, 1e30, float("nan"), float("inf"), 3.5)),
+        )
     if kind == "str":
-        return scalar(V.STRING, "".join(rng.choice("ab\n\x00é'\"") for _ in range(rng.randrange(0, 200))))
+        return scalar(
+            V.STRING, "".join(rng.choice("ab\n\x00é'\"") for _ in range(rng.randrange(0, 200)))
+        )
     if kind == "badstr":
         return scalar(V.STRING, bytes(rng.randrange(256) for _ in range(rng.randrange(1, 20))))
     if kind == "arr":
@@ -85,8 +136,24 @@ def _mutate(parts: Parts, rng: random.Random, arch: str = "llama") -> list[str]:
     """Apply 1-3 structural mutations in place; returns what was done (for the failure report)."""
     done = []
     for _ in range(rng.randint(1, 3)):
-        op = rng.choice(("kv", "hparam", "hparam", "drop", "dup", "counts", "dims", "dims", "type",
-                         "offset", "name", "data", "template", "tokens"))
+        op = rng.choice(
+            (
+                "kv",
+                "hparam",
+                "hparam",
+                "drop",
+                "dup",
+                "counts",
+                "dims",
+                "dims",
+                "type",
+                "offset",
+                "name",
+                "data",
+                "template",
+                "tokens",
+            )
+        )
         if op == "kv" and parts.kvs:
             key = rng.choice(parts.kvs)[0]
             parts.set(key, _random_value(rng))
@@ -139,31 +206,59 @@ def _mutate(parts: Parts, rng: random.Random, arch: str = "llama") -> list[str]:
             done.append(f"type {t.name!r} {t.type}")
         elif op == "offset" and len(parts.tensors) > 1:
             t = rng.choice(parts.tensors)
-            t.offset = rng.choice((rng.choice(parts.tensors).offset, t.offset + 1, t.offset + 32, 2**40,
-                                   len(parts.data)))
+            t.offset = rng.choice(
+                (
+                    rng.choice(parts.tensors).offset,
+                    t.offset + 1,
+                    t.offset + 32,
+                    2**40,
+                    len(parts.data),
+                )
+            )
             done.append(f"offset {t.name!r}")
         elif op == "name" and parts.tensors:
             t = rng.choice(parts.tensors)
-            t.name = rng.choice((b"", b"x" * 100, b"a\nTraceback", b"\xff\xfe", rng.choice(parts.tensors).name,
-                                 t.name + b".lora_a", b"blk.99999999.attn_q.weight", b"blk.x.attn_q.weight"))
+            t.name = rng.choice(
+                (
+                    b"",
+                    b"x" * 100,
+                    b"a\nTraceback",
+                    b"\xff\xfe",
+                    rng.choice(parts.tensors).name,
+                    t.name + b".lora_a",
+                    b"blk.99999999.attn_q.weight",
+                    b"blk.x.attn_q.weight",
+                )
+            )
             done.append("name")
         elif op == "data" and parts.data:
             data = bytearray(parts.data)
             for _ in range(rng.randint(1, 4)):
                 pos = rng.randrange(0, max(1, len(data) - 4)) & ~3
-                data[pos : pos + 4] = struct.pack("<f", rng.choice((float("nan"), float("inf"), 1e38)))
+                data[pos : pos + 4] = struct.pack(
+                    "<f", rng.choice((float("nan"), float("inf"), 1e38))
+                )
             parts.data = bytes(data)
             done.append("data")
         elif op == "template":
             parts.set("tokenizer.chat_template", scalar(V.STRING, rng.choice(_TEMPLATES)))
             done.append("template")
         elif op == "tokens":
-            key = rng.choice(("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.tokens",
-                              "tokenizer.ggml.scores", "tokenizer.ggml.token_type"))
+            key = rng.choice(
+                (
+                    "tokenizer.ggml.bos_token_id",
+                    "tokenizer.ggml.eos_token_id",
+                    "tokenizer.ggml.tokens",
+                    "tokenizer.ggml.scores",
+                    "tokenizer.ggml.token_type",
+                )
+            )
             if key.endswith("_id"):
                 parts.set(key, scalar(V.UINT32, rng.choice((299, 300, 2**31, 2**32 - 1))))
             else:
-                parts.set(key, array(V.STRING, ["a", "b"]) if rng.random() < 0.5 else _random_value(rng))
+                parts.set(
+                    key, array(V.STRING, ["a", "b"]) if rng.random() < 0.5 else _random_value(rng)
+                )
             done.append(f"tokens {key}")
     return done
 
@@ -188,7 +283,9 @@ def _bytes_of(parts: Parts, rng: random.Random) -> tuple[bytes, list[str]]:
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("fuzz-seeds")
     model = write_tiny_gguf(d / "model.gguf")
-    adapter = random_adapter(d / "adapter.gguf", model, rank=4, targets=("q_proj", "v_proj", "down_proj"))
+    adapter = random_adapter(
+        d / "adapter.gguf", model, rank=4, targets=("q_proj", "v_proj", "down_proj")
+    )
     return model, adapter
 
 
@@ -201,7 +298,9 @@ def _check(out: Outcome, what: str, valid: Callable[[Outcome], bool]) -> str | N
 
 def _inspect_valid(out: Outcome) -> bool:
     report = json.loads(out.stdout)
-    return isinstance(report.get("architecture"), str) and isinstance(report.get("parameter_count"), int)
+    return isinstance(report.get("architecture"), str) and isinstance(
+        report.get("parameter_count"), int
+    )
 
 
 def _fuzz(tmp: Path, seed_file: Path, n: int, kind: str) -> list[str]:
@@ -217,13 +316,35 @@ def _fuzz(tmp: Path, seed_file: Path, n: int, kind: str) -> list[str]:
         desc = f"{kind} case {i} (FEDLM_FUZZ_SEED={SEED}): {done + more}"
         if kind == "model":
             jobs.append((desc, ("inspect", str(path), "--json"), False, _inspect_valid))
-            jobs.append((desc, ("generate", str(path), "hello", "--max-tokens", "2", "--n-ctx", "64"), False,
-                         lambda o: o.stdout.startswith("hello")))
+            jobs.append(
+                (
+                    desc,
+                    ("generate", str(path), "hello", "--max-tokens", "2", "--n-ctx", "64"),
+                    False,
+                    lambda o: o.stdout.startswith("hello"),
+                )
+            )
             if i % 4 == 0:
                 jobs.append((desc, (str(path),), True, lambda o: o.stdout.strip() == "ok"))
         else:
-            jobs.append((desc, ("generate", str(model or tmp / "base.gguf"), "hello", "--adapter", str(path),
-                                "--max-tokens", "2", "--n-ctx", "64"), False, lambda o: o.stdout.startswith("hello")))
+            jobs.append(
+                (
+                    desc,
+                    (
+                        "generate",
+                        str(model or tmp / "base.gguf"),
+                        "hello",
+                        "--adapter",
+                        str(path),
+                        "--max-tokens",
+                        "2",
+                        "--n-ctx",
+                        "64",
+                    ),
+                    False,
+                    lambda o: o.stdout.startswith("hello"),
+                )
+            )
     failures = []
     with ThreadPoolExecutor(WORKERS) as pool:
         outs = pool.map(lambda job: (job, run(*job[1], loader=job[2])), jobs)
@@ -258,4 +379,3 @@ def test_mutator_changes_files(seeds: tuple[Path, Path]) -> None:
         changed += _bytes_of(parts, rng)[0] != original
     assert changed >= 18
     assert Parts.of(seeds[0]).build() == original  # taking apart and rebuilding is exact
-

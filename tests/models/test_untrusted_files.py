@@ -74,16 +74,22 @@ def _q8_0(a: np.ndarray) -> tuple[int, bytes]:
 # -- 1. alpha stored as FLOAT64 or STRING: SIGABRT in llama.cpp -----------------------------------
 
 
-@pytest.mark.parametrize("alpha", [scalar(V.FLOAT64, 16.0), scalar(V.STRING, "16"), array(V.FLOAT32, [16.0])])
+@pytest.mark.parametrize(
+    "alpha", [scalar(V.FLOAT64, 16.0), scalar(V.STRING, "16"), array(V.FLOAT32, [16.0])]
+)
 def test_d01_alpha_of_wrong_type_refused(tmp_path: Path, tiny: Path, shapes, alpha: bytes) -> None:
     path = _write(tmp_path / "alpha.gguf", lora_file(shapes, alpha=alpha))
-    with pytest.raises(InvalidAdapterError, match=r"alpha\.gguf: adapter\.lora\.alpha should be a FLOAT32"):
+    with pytest.raises(
+        InvalidAdapterError, match=r"alpha\.gguf: adapter\.lora\.alpha should be a FLOAT32"
+    ):
         check_adapter_compatible(path, tiny)
 
 
 def test_d01_alpha_float64_through_cli_no_abort(tmp_path: Path, tiny: Path, shapes) -> None:
     path = _write(tmp_path / "alpha64.gguf", lora_file(shapes, alpha=scalar(V.FLOAT64, 16.0)))
-    out = run("generate", str(tiny), "hi", "--adapter", str(path), "--max-tokens", "2", "--n-ctx", "64")
+    out = run(
+        "generate", str(tiny), "hi", "--adapter", str(path), "--max-tokens", "2", "--n-ctx", "64"
+    )
     _one_line_exit_2(out, "alpha64.gguf: adapter.lora.alpha should be a FLOAT32, got FLOAT64")
 
 
@@ -91,11 +97,20 @@ def test_d01_alpha_float64_through_cli_no_abort(tmp_path: Path, tiny: Path, shap
 
 
 @pytest.mark.parametrize("dtype,qtype", [("<i4", Q.I32), ("<f8", Q.F64)])
-def test_d02_integer_and_f64_lora_tensors_refused(tmp_path: Path, tiny: Path, shapes, dtype, qtype) -> None:
-    path = _write(tmp_path / "int.gguf", lora_file(shapes, encode=lambda a: (int(qtype), a.astype(dtype).tobytes())))
-    with pytest.raises(InvalidAdapterError, match=rf"has type {qtype.name}, not one of the allowed types"):
+def test_d02_integer_and_f64_lora_tensors_refused(
+    tmp_path: Path, tiny: Path, shapes, dtype, qtype
+) -> None:
+    path = _write(
+        tmp_path / "int.gguf",
+        lora_file(shapes, encode=lambda a: (int(qtype), a.astype(dtype).tobytes())),
+    )
+    with pytest.raises(
+        InvalidAdapterError, match=rf"has type {qtype.name}, not one of the allowed types"
+    ):
         check_adapter_compatible(path, tiny)
-    out = run("generate", str(tiny), "hi", "--adapter", str(path), "--max-tokens", "2", "--n-ctx", "64")
+    out = run(
+        "generate", str(tiny), "hi", "--adapter", str(path), "--max-tokens", "2", "--n-ctx", "64"
+    )
     _one_line_exit_2(out, f"has type {qtype.name}")
 
 
@@ -103,8 +118,14 @@ def test_d02_integer_and_f64_lora_tensors_refused(tmp_path: Path, tiny: Path, sh
 
 
 def test_d03_block_count_past_llama_max_layers_refused(tmp_path: Path, tiny: Path) -> None:
-    path = Parts.of(tiny).set("llama.block_count", scalar(V.UINT32, 1000)).write(tmp_path / "deep.gguf")
-    with pytest.raises(InvalidModelError, match=r"deep\.gguf: 'llama\.block_count' is 1000, should be 1 to 512"):
+    path = (
+        Parts.of(tiny)
+        .set("llama.block_count", scalar(V.UINT32, 1000))
+        .write(tmp_path / "deep.gguf")
+    )
+    with pytest.raises(
+        InvalidModelError, match=r"deep\.gguf: 'llama\.block_count' is 1000, should be 1 to 512"
+    ):
         inspect_model(path)
     out = run("generate", str(path), "hi", "--max-tokens", "2", "--n-ctx", "64")
     _one_line_exit_2(out, "deep.gguf: 'llama.block_count' is 1000, should be 1 to 512")
@@ -149,7 +170,9 @@ def test_d04_nan_in_bf16_refused(tmp_path: Path, tiny: Path, shapes) -> None:
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_d04_nonfinite_q8_0_block_scale_refused(tmp_path: Path, tiny: Path, shapes, bad: float) -> None:
+def test_d04_nonfinite_q8_0_block_scale_refused(
+    tmp_path: Path, tiny: Path, shapes, bad: float
+) -> None:
     def enc(a: np.ndarray) -> tuple[int, bytes]:
         t, raw = _q8_0(a)
         return t, np.array([bad], "<f2").tobytes() + raw[2:]  # the first block's f16 scale
@@ -160,7 +183,9 @@ def test_d04_nonfinite_q8_0_block_scale_refused(tmp_path: Path, tiny: Path, shap
 
 
 @pytest.mark.parametrize("alpha", [math.nan, math.inf, -math.inf, 1e30, -1.0])
-def test_d04_alpha_nonfinite_or_out_of_range_refused(tmp_path: Path, tiny: Path, shapes, alpha: float) -> None:
+def test_d04_alpha_nonfinite_or_out_of_range_refused(
+    tmp_path: Path, tiny: Path, shapes, alpha: float
+) -> None:
     path = _write(tmp_path / "alpha.gguf", lora_file(shapes, alpha=scalar(V.FLOAT32, alpha)))
     with pytest.raises(InvalidAdapterError, match=r"adapter\.lora\.alpha"):
         check_adapter_compatible(path, tiny)
@@ -170,19 +195,31 @@ def test_d04_alpha_nonfinite_or_out_of_range_refused(tmp_path: Path, tiny: Path,
 
 
 def test_d05_string_past_the_end_refused(tmp_path: Path) -> None:
-    rec = kv("general.architecture", scalar(V.STRING, "llama")) + s("general.name") + struct.pack("<IQ", V.STRING, 1000)
+    rec = (
+        kv("general.architecture", scalar(V.STRING, "llama"))
+        + s("general.name")
+        + struct.pack("<IQ", V.STRING, 1000)
+    )
     path = _write(tmp_path / "cut.gguf", header_only([rec], n_kv=2) + b"short")
-    with pytest.raises(InvalidModelError, match=r"cut\.gguf: truncated GGUF \(value of 'general\.name'"):
+    with pytest.raises(
+        InvalidModelError, match=r"cut\.gguf: truncated GGUF \(value of 'general\.name'"
+    ):
         inspect_model(path)
 
 
-@pytest.mark.parametrize("dims,reason", [([], "0 dimensions"), ([64, 299, 1, 1, 1], "5 dimensions"),
-                                         ([64, 0], "a zero dimension")])
-def test_d05_bad_dimensions_refused(tmp_path: Path, tiny: Path, dims: list[int], reason: str) -> None:
+@pytest.mark.parametrize(
+    "dims,reason",
+    [([], "0 dimensions"), ([64, 299, 1, 1, 1], "5 dimensions"), ([64, 0], "a zero dimension")],
+)
+def test_d05_bad_dimensions_refused(
+    tmp_path: Path, tiny: Path, dims: list[int], reason: str
+) -> None:
     parts = Parts.of(tiny)
     parts.tensor("token_embd.weight").dims = dims
     path = parts.write(tmp_path / "dims.gguf")
-    with pytest.raises(InvalidModelError, match=rf"dims\.gguf: tensor 'token_embd\.weight' has {reason}"):
+    with pytest.raises(
+        InvalidModelError, match=rf"dims\.gguf: tensor 'token_embd\.weight' has {reason}"
+    ):
         inspect_model(path)
 
 
@@ -211,21 +248,38 @@ def test_d06_nested_arrays_refused_without_recursion(tmp_path: Path, tiny: Path)
 @pytest.mark.parametrize("key", ["general.name", "general.architecture"])
 def test_d07_invalid_utf8_refused(tmp_path: Path, tiny: Path, key: str) -> None:
     path = Parts.of(tiny).set(key, scalar(V.STRING, b"\xff\xfe\x80")).write(tmp_path / "utf8.gguf")
-    with pytest.raises(InvalidModelError, match=rf"utf8\.gguf: value of '{key}' at byte \d+ is not valid UTF-8"):
+    with pytest.raises(
+        InvalidModelError, match=rf"utf8\.gguf: value of '{key}' at byte \d+ is not valid UTF-8"
+    ):
         inspect_model(path)
 
 
 def test_d07_adapter_general_type_invalid_utf8_refused(tmp_path: Path, tiny: Path, shapes) -> None:
-    path = _write(tmp_path / "t.gguf", lora_file(shapes, general_type=scalar(V.STRING, b"adap\xfeter")))
+    path = _write(
+        tmp_path / "t.gguf", lora_file(shapes, general_type=scalar(V.STRING, b"adap\xfeter"))
+    )
     with pytest.raises(InvalidAdapterError, match="not valid UTF-8"):
         check_adapter_compatible(path, tiny)
 
 
-@pytest.mark.parametrize("key,value,reason", [
-    ("general.file_type", array(V.UINT32, [1, 2]), "'general.file_type' should be an integer, got an array"),
-    ("llama.vocab_size", scalar(V.STRING, "299"), "'llama.vocab_size' should be an integer, got a STRING"),
-])
-def test_d07_wrong_value_types_refused(tmp_path: Path, tiny: Path, key: str, value: bytes, reason: str) -> None:
+@pytest.mark.parametrize(
+    "key,value,reason",
+    [
+        (
+            "general.file_type",
+            array(V.UINT32, [1, 2]),
+            "'general.file_type' should be an integer, got an array",
+        ),
+        (
+            "llama.vocab_size",
+            scalar(V.STRING, "299"),
+            "'llama.vocab_size' should be an integer, got a STRING",
+        ),
+    ],
+)
+def test_d07_wrong_value_types_refused(
+    tmp_path: Path, tiny: Path, key: str, value: bytes, reason: str
+) -> None:
     path = Parts.of(tiny).set(key, value).write(tmp_path / "types.gguf")
     with pytest.raises(InvalidModelError, match=reason):
         inspect_model(path)
@@ -235,11 +289,16 @@ def test_d07_wrong_value_types_refused(tmp_path: Path, tiny: Path, key: str, val
 # -- 8. train: head_count 0, context_length 0, a relabelled linear weight ----------------------
 
 
-@pytest.mark.parametrize("key,reason", [
-    ("llama.attention.head_count", "'llama.attention.head_count' is 0, should be 1"),
-    ("llama.context_length", "'llama.context_length' is 0, should be 1"),
-])
-def test_d08_zero_hyper_parameters_refused_before_torch(tmp_path: Path, tiny: Path, key: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    "key,reason",
+    [
+        ("llama.attention.head_count", "'llama.attention.head_count' is 0, should be 1"),
+        ("llama.context_length", "'llama.context_length' is 0, should be 1"),
+    ],
+)
+def test_d08_zero_hyper_parameters_refused_before_torch(
+    tmp_path: Path, tiny: Path, key: str, reason: str
+) -> None:
     path = Parts.of(tiny).set(key, scalar(V.UINT32, 0)).write(tmp_path / "zero.gguf")
     with pytest.raises(InvalidModelError, match=reason):
         read_config(path)
@@ -252,8 +311,11 @@ def test_d08_relabelled_linear_weight_refused(tmp_path: Path, tiny: Path) -> Non
     down = parts.tensor("blk.0.ffn_down.weight")
     down.dims = list(reversed(down.dims))  # (in, out) relabelled as (out, in): same bytes
     path = parts.write(tmp_path / "swap.gguf")
-    with pytest.raises(InvalidModelError, match=r"tensor 'blk\.0\.ffn_down\.weight' has shape \(128, 64\), "
-                                                r"the metadata gives \(64, 128\)"):
+    with pytest.raises(
+        InvalidModelError,
+        match=r"tensor 'blk\.0\.ffn_down\.weight' has shape \(128, 64\), "
+        r"the metadata gives \(64, 128\)",
+    ):
         load_model(path, precision="fp32")
 
 
@@ -269,29 +331,48 @@ def _refused_quickly(path: Path, match: str) -> None:
 
 def test_d09_million_kv_pairs(tmp_path: Path) -> None:
     rec = kv("k", scalar(V.UINT8, 1))
-    path = _write(tmp_path / "kv.gguf", header_only([kv("general.architecture", scalar(V.STRING, "llama"))]
-                                                    + [rec] * 1_000_000, n_kv=1_000_001))
-    _refused_quickly(path, r"kv\.gguf: header claims 1000001 metadata keys, more than the limit of 4096")
+    path = _write(
+        tmp_path / "kv.gguf",
+        header_only(
+            [kv("general.architecture", scalar(V.STRING, "llama"))] + [rec] * 1_000_000,
+            n_kv=1_000_001,
+        ),
+    )
+    _refused_quickly(
+        path, r"kv\.gguf: header claims 1000001 metadata keys, more than the limit of 4096"
+    )
 
 
 def test_d09_million_tensor_infos(tmp_path: Path) -> None:
     info = TensorInfo(b"t", [32], int(Q.F32), 0)
-    path = _write(tmp_path / "ti.gguf", header_only([kv("general.architecture", scalar(V.STRING, "llama"))],
-                                                    tensors=[info] * 1_000_000))
+    path = _write(
+        tmp_path / "ti.gguf",
+        header_only(
+            [kv("general.architecture", scalar(V.STRING, "llama"))], tensors=[info] * 1_000_000
+        ),
+    )
     _refused_quickly(path, r"header claims 1000000 tensors, more than the limit of 65536")
 
 
 def test_d09_array_of_a_million_empty_arrays(tmp_path: Path) -> None:
     raw = struct.pack("<IQ", V.UINT8, 0) * 1_000_000
     rec = kv("general.arrays", struct.pack("<IIQ", V.ARRAY, V.ARRAY, 1_000_000) + raw)
-    path = _write(tmp_path / "arr.gguf", header_only([kv("general.architecture", scalar(V.STRING, "llama")), rec]))
+    path = _write(
+        tmp_path / "arr.gguf",
+        header_only([kv("general.architecture", scalar(V.STRING, "llama")), rec]),
+    )
     _refused_quickly(path, "holds an array of arrays")
 
 
 def test_d09_millions_of_empty_tokens(tmp_path: Path) -> None:
     rec = kv("tokenizer.ggml.tokens", array(V.STRING, count=2_500_000, raw=b"\x00" * 8 * 2_500_000))
-    path = _write(tmp_path / "tok.gguf", header_only([kv("general.architecture", scalar(V.STRING, "llama")), rec]))
-    _refused_quickly(path, r"'tokenizer\.ggml\.tokens' claims 2500000 elements, more than the limit")
+    path = _write(
+        tmp_path / "tok.gguf",
+        header_only([kv("general.architecture", scalar(V.STRING, "llama")), rec]),
+    )
+    _refused_quickly(
+        path, r"'tokenizer\.ggml\.tokens' claims 2500000 elements, more than the limit"
+    )
     out = run("inspect", str(path))
     _one_line_exit_2(out, "claims 2500000 elements")
     assert out.max_rss < 200 << 20
@@ -301,7 +382,9 @@ def test_d09_largest_allowed_token_list_is_cheap(tmp_path: Path) -> None:
     # At the limit (1M tokens, 12 MB): read in well under the budget.
     n = L.MAX_ARRAY_ELEMENTS
     rec = kv("tokenizer.ggml.tokens", array(V.STRING, count=n, raw=s("ab") * n))
-    path = _write(tmp_path / "big.gguf", header_only([kv("general.architecture", scalar(V.STRING, "x")), rec]))
+    path = _write(
+        tmp_path / "big.gguf", header_only([kv("general.architecture", scalar(V.STRING, "x")), rec])
+    )
     out = run("inspect", str(path), "--json")
     assert out.problem() is None and out.returncode == 0, out.stderr
     assert out.seconds < 8 and out.max_rss < 400 << 20
@@ -317,7 +400,9 @@ def test_d10_hostile_chat_template_refused_within_budget(tmp_path: Path) -> None
     path = write_tiny_gguf(tmp_path / "loops.gguf", chat_template=NESTED_LOOPS)
     tok = load_tokenizer(path)
     t0 = time.perf_counter()
-    with pytest.raises(ChatTemplateError, match=r"loops\.gguf: chat template exceeds \d+ operations"):
+    with pytest.raises(
+        ChatTemplateError, match=r"loops\.gguf: chat template exceeds \d+ operations"
+    ):
         tok.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert time.perf_counter() - t0 < L.TEMPLATE_MAX_SECONDS + 1
     out = run("generate", str(path), "hi", "--chat", "--max-tokens", "2", "--n-ctx", "64")
@@ -351,12 +436,20 @@ def test_d11_tensor_name_with_newline_is_quoted(tmp_path: Path, tiny: Path, shap
 
 
 def test_d11_huge_architecture_string_gives_a_short_message(tmp_path: Path, tiny: Path) -> None:
-    path = Parts.of(tiny).set("general.architecture", scalar(V.STRING, "a" * (16 << 20))).write(tmp_path / "a.gguf")
+    path = (
+        Parts.of(tiny)
+        .set("general.architecture", scalar(V.STRING, "a" * (16 << 20)))
+        .write(tmp_path / "a.gguf")
+    )
     with pytest.raises(InvalidModelError, match="more than the limit") as info:
         inspect_model(path)
     assert len(str(info.value)) < 300
     # Within the limit, but not a name: quoted and cut to MAX_DISPLAY_CHARS.
-    path = Parts.of(tiny).set("general.architecture", scalar(V.STRING, "a\n" * 5000)).write(tmp_path / "b.gguf")
+    path = (
+        Parts.of(tiny)
+        .set("general.architecture", scalar(V.STRING, "a\n" * 5000))
+        .write(tmp_path / "b.gguf")
+    )
     with pytest.raises(InvalidModelError, match=r"is not an architecture name") as info:
         inspect_model(path)
     assert len(str(info.value)) < 300 and "\n" not in str(info.value)
@@ -372,7 +465,9 @@ def test_d12_llama_cpp_refusal_quotes_llama_cpp(tmp_path: Path) -> None:
     assert "unknown model architecture: 'notanarch'" in out.error_lines()[0]
 
 
-def test_d12_llama_cpp_adapter_refusal_quotes_llama_cpp(tmp_path: Path, tiny: Path, shapes, monkeypatch) -> None:
+def test_d12_llama_cpp_adapter_refusal_quotes_llama_cpp(
+    tmp_path: Path, tiny: Path, shapes, monkeypatch
+) -> None:
     # An adapter our checks pass but llama.cpp refuses: a `_norm.weight` tensor of the wrong
     # rank is skipped by both; make llama.cpp see a tensor pair for a missing base tensor by
     # checking against a base info that (wrongly) lists it.
@@ -381,5 +476,7 @@ def test_d12_llama_cpp_adapter_refusal_quotes_llama_cpp(tmp_path: Path, tiny: Pa
     path = _write(tmp_path / "ghost.gguf", lora_file({"blk.0.ghost.weight": (64, 64)}))
     with EdgeModel(tiny, n_ctx=64) as m:
         monkeypatch.setattr(m, "_check_adapter", lambda p: None)
-        with pytest.raises(InvalidAdapterError, match=r"ghost\.gguf: llama\.cpp refused the adapter: .*ghost"):
+        with pytest.raises(
+            InvalidAdapterError, match=r"ghost\.gguf: llama\.cpp refused the adapter: .*ghost"
+        ):
             m.load_adapter(path)
