@@ -100,6 +100,9 @@ class EdgeModel:
     ) -> None:
         import llama_cpp
 
+        from edge_sdk import _llama_log
+
+        _llama_log.install()  # llama.cpp warnings go to logging, not the terminal
         self._llama_cpp = llama_cpp
         self.path = resolve(model)
         threads = n_threads or os.cpu_count() or 1
@@ -221,7 +224,7 @@ class EdgeModel:
         reads it. `wait` is how long to wait for a running generation; after that the swap is
         refused with `RuntimeBusyError`.
         """
-        adapter_path = Path(path)
+        adapter_path = _adapter_file(Path(path))
         self._check_adapter(adapter_path)
         with self._swap_lock(wait):
             handle = self._llama_cpp.llama_adapter_lora_init(self._llm.model, str(adapter_path).encode())
@@ -251,9 +254,10 @@ class EdgeModel:
     def _swap_lock(self, wait: float) -> Iterator[None]:
         acquired = self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)
         if not acquired:
+            waited = f" and did not finish within wait={wait:g} s" if wait > 0 else ""
             raise RuntimeBusyError(
-                f"cannot swap the adapter of {self.path.name}: a generation is running"
-                + (f" (waited {wait:g} s)" if wait > 0 else "")
+                f"cannot swap the adapter of {self.path.name}: a generation is running{waited}; "
+                "finish or close the stream first, or pass wait=SECONDS to wait for it"
             )
         try:
             yield
@@ -297,6 +301,24 @@ class EdgeModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _adapter_file(path: Path) -> Path:
+    """`path` itself, or a one-line hint when it is the directory `fedlm train` wrote."""
+    if not path.is_dir():
+        return path
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if ggufs:
+        pick = "adapter.gguf" if "adapter.gguf" in ggufs else ggufs[0]
+        raise InvalidAdapterError(
+            f"{path}: is a directory; pass the GGUF adapter inside it: {path / pick}"
+        )
+    if (path / "adapter_config.json").is_file():
+        raise InvalidAdapterError(
+            f"{path}: is a PEFT directory, not a GGUF adapter; convert it with "
+            f"`fedlm convert-adapter {path} --model MODEL --out adapter.gguf`"
+        )
+    raise InvalidAdapterError(f"{path}: is a directory; pass a GGUF LoRA adapter file (.gguf)")
 
 
 def _config(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:

@@ -72,6 +72,9 @@ class LlamaCppTokenizer:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError as exc:  # pragma: no cover - a hard dependency
             raise TokenizerError(f"llama-cpp-python is required for tokenization ({exc})") from exc
+        from edge_sdk import _llama_log
+
+        _llama_log.install()  # its warnings reach sys.stderr from Python, past the fd-2 silencing
         self.path = Path(path)
         try:
             with _native_stderr_silenced():
