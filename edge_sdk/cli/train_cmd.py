@@ -12,8 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a LoRA adapter on local data (QLoRA on the model's own GGUF)",
-        description="Train a LoRA adapter on a JSONL (chat / prompt+completion / text) or plain "
-        "text file. Writes adapter_model.safetensors + adapter_config.json (PEFT) and "
+        description="Train a LoRA adapter on JSONL (chat / prompt+completion / text), a .json "
+        "array of the same objects, .csv/.tsv with prompt,completion or text columns, or plain "
+        "text. Writes adapter_model.safetensors + adapter_config.json (PEFT) and "
         "adapter.gguf (llama.cpp) into --out.",
     )
     p.add_argument("model", help="model name (see `fedlm models`) or path to a .gguf file")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_sdk._docfields import document_fields
 from edge_sdk.adapters.seeded import frozen_a_matrix
 from edge_sdk.models.naming import LORA_TARGETS, parse_hf_module
 from edge_sdk.training.checkpoint import (
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("nf4", "bf16", "fp32")
 
 
+@document_fields
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that shapes a training run."""

@@ -156,3 +156,23 @@ def _read_line(stream: Any, deadline: float) -> str:
         assert chunk, f"the process closed the pipe; got {buf!r}"
         buf += chunk
     return buf.decode()
+
+
+def test_readme_training_example_runs(
+    tmp_path: Path, tiny_gguf: Path, data: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The README's Python training example, as written, on the tiny model (2 fp32 steps)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- example:training-api -->\n```python\n", 1)[1].split("```", 1)[0]
+    assert "TrainConfig(steps=100," in block and '"smollm2-135m"' in block
+    code = block.replace('"smollm2-135m"', repr(str(tiny_gguf))).replace(
+        "TrainConfig(steps=100,", "TrainConfig(steps=2, precision='fp32', checkpoint_every=0,"
+    )
+    lines = [line for line in data.read_text().splitlines() if line != "{broken"]
+    (tmp_path / "my.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md:training-api", "exec"), {})  # noqa: S102 - our own README
+    out = capsys.readouterr().out
+    assert "8 examples" in out and "->" in out and "lora_A" in out
+    assert (tmp_path / "out" / "adapter.gguf").is_file()
