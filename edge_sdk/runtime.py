@@ -12,7 +12,6 @@ unless the caller asks to wait.
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_sdk._llama_log import LlamaLog, llama_log
 from edge_sdk.errors import InvalidAdapterError, InvalidModelError, RuntimeBusyError
 from edge_sdk.models.gguf_meta import show_path
 from edge_sdk.models.identity import ModelIdentity, inspect_model
@@ -34,75 +34,6 @@ from edge_sdk.models.store import DEFAULT_MODEL, resolve
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
-
-
-class LlamaLog:
-    """llama.cpp's recent log lines, kept so that a refusal can quote llama.cpp's own reason.
-
-    llama-cpp-python hides llama.cpp's log when `verbose=False` (and then reports only "Failed
-    to load model from file"). This installs a `llama_log_set` callback that keeps the lines
-    logged inside `capture()` and passes every line on to llama-cpp-python's own callback, so
-    `verbose=True` prints as before.
-    """
-
-    WARN, ERROR, CONT = 3, 4, 5
-    """ggml_log_level values (ggml.h; llama-cpp-python's _logger.py still lists older ones)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._lines: collections.deque[tuple[int, str]] | None = None
-        self._callback: Any = None
-        self._forward: Any = None
-
-    def _install(self) -> None:
-        if self._callback is not None:
-            return
-        import llama_cpp
-        from llama_cpp import _logger
-
-        self._forward = _logger.llama_log_callback
-        last_level = [0]
-
-        @llama_cpp.llama_log_callback
-        def callback(level: int, text: bytes, user_data: Any) -> None:
-            lines = self._lines
-            if lines is not None:
-                # level 5 continues the previous line's level (ggml_log_level CONT)
-                lvl = last_level[0] if level == self.CONT else level
-                lines.append((lvl, text.decode("utf-8", errors="replace")))
-            if level != self.CONT:
-                last_level[0] = level
-            self._forward(level, text, user_data)
-
-        self._callback = callback  # kept alive: llama.cpp holds only the C pointer
-        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-
-    @contextmanager
-    def capture(self) -> Iterator[collections.deque[tuple[int, str]]]:
-        """Keep (level, text) of what llama.cpp logs meanwhile (the last 200 pieces)."""
-        self._install()
-        with self._lock:
-            outer = self._lines
-            self._lines = lines = collections.deque(maxlen=200)
-            try:
-                yield lines
-            finally:
-                self._lines = outer
-
-    @staticmethod
-    def reason(lines: collections.deque[tuple[int, str]], limit: int = 300) -> str:
-        """llama.cpp's error (else warning) lines, joined on one escaped line and cut."""
-        for wanted in (LlamaLog.ERROR, LlamaLog.WARN):
-            text = "".join(t for lvl, t in lines if lvl == wanted).strip()
-            if text:
-                one = "; ".join(part.strip() for part in text.splitlines() if part.strip())
-                one = "".join(c if c.isprintable() else " " for c in one)
-                return one if len(one) <= limit else one[:limit] + "..."
-        return ""
-
-
-llama_log = LlamaLog()
-"""The process's one llama.cpp log hook (llama.cpp has a single global log callback)."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +105,7 @@ class EdgeModel:
         from edge_sdk.models.chat_template import model_templates
         from edge_sdk.models.gguf_check import open_model
 
+        llama_log.install()  # llama.cpp warnings go to logging, not the terminal
         self._llama_cpp = llama_cpp
         self.path = resolve(model)
         # Checked before llama.cpp sees the file: a header, hyper-parameter or template that
@@ -322,7 +254,7 @@ class EdgeModel:
         reads it. `wait` is how long to wait for a running generation; after that the swap is
         refused with `RuntimeBusyError`.
         """
-        adapter_path = Path(path)
+        adapter_path = _adapter_file(Path(path))
         self._check_adapter(adapter_path)
         with self._swap_lock(wait):
             with llama_log.capture() as lines:
@@ -354,9 +286,10 @@ class EdgeModel:
     def _swap_lock(self, wait: float) -> Iterator[None]:
         acquired = self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)
         if not acquired:
+            waited = f" and did not finish within wait={wait:g} s" if wait > 0 else ""
             raise RuntimeBusyError(
-                f"cannot swap the adapter of {self.path.name}: a generation is running"
-                + (f" (waited {wait:g} s)" if wait > 0 else "")
+                f"cannot swap the adapter of {self.path.name}: a generation is running{waited}; "
+                "finish or close the stream first, or pass wait=SECONDS to wait for it"
             )
         try:
             yield
@@ -400,6 +333,24 @@ class EdgeModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _adapter_file(path: Path) -> Path:
+    """`path` itself, or a one-line hint when it is the directory `fedlm train` wrote."""
+    if not path.is_dir():
+        return path
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if ggufs:
+        pick = "adapter.gguf" if "adapter.gguf" in ggufs else ggufs[0]
+        raise InvalidAdapterError(
+            f"{path}: is a directory; pass the GGUF adapter inside it: {path / pick}"
+        )
+    if (path / "adapter_config.json").is_file():
+        raise InvalidAdapterError(
+            f"{path}: is a PEFT directory, not a GGUF adapter; convert it with "
+            f"`fedlm convert-adapter {path} --model MODEL --out adapter.gguf`"
+        )
+    raise InvalidAdapterError(f"{path}: is a directory; pass a GGUF LoRA adapter file (.gguf)")
 
 
 def _config(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--targets", default=",".join(LORA_TARGETS), help="comma-separated LoRA targets")
     p.add_argument("--a-seed", type=int, default=0, help="seed of the initial / frozen A matrices")
-    p.add_argument("--codec", default="delta+fp16", help="codec clients are asked to use")
+    p.add_argument("--codec", default="delta+int4+zlib", help="codec clients are asked to use")
     p.add_argument(
         "--exact-max-rank",
         type=int,

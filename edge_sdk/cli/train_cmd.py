@@ -12,8 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a LoRA adapter on local data (QLoRA on the model's own GGUF)",
-        description="Train a LoRA adapter on a JSONL (chat / prompt+completion / text) or plain "
-        "text file. Writes adapter_model.safetensors + adapter_config.json (PEFT) and "
+        description="Train a LoRA adapter on JSONL (chat / prompt+completion / text), a .json "
+        "array of the same objects, .csv/.tsv with prompt,completion or text columns, or plain "
+        "text. Writes adapter_model.safetensors + adapter_config.json (PEFT) and "
         "adapter.gguf (llama.cpp) into --out.",
     )
     p.add_argument("model", help="model name (see `fedlm models`) or path to a .gguf file")
@@ -52,8 +53,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_convert)
 
 
+def _line_buffered() -> None:
+    """Flush every line even when stdout/stderr are a pipe or a file, not a terminal.
+
+    Python block-buffers a redirected stdout, so `fedlm train > log` showed nothing until the
+    run ended; a log that is read while training runs needs each line when it is printed.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # absent on some test doubles
+        if reconfigure is not None and not stream.isatty():
+            reconfigure(line_buffering=True)
+
+
 def _train(args: argparse.Namespace) -> int:
     from edge_sdk.training.trainer import TrainConfig, run
+
+    _line_buffered()
 
     try:
         config = TrainConfig(
@@ -81,9 +96,9 @@ def _train(args: argparse.Namespace) -> int:
 
     out = run(args.model, args.data, args.out, config, resume=args.resume,
               skip_bad=args.skip_bad, progress=bar, model_name=args.model,
-              on_step=None if bar or args.no_progress else log_line)
+              on_step=None if bar or args.no_progress else log_line,
+              on_data=lambda summary: print(f"data: {summary}", flush=True))
     m = out.result.metrics
-    print(f"data: {out.data_summary}")
     print(f"trained {m.steps} steps, {m.num_tokens} tokens in {m.seconds:.1f} s "
           f"({m.tokens_per_s:.0f} tokens/s); final train loss {m.train_loss:.4f}")
     if m.eval_loss is not None:

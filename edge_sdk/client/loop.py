@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_sdk._docfields import document_fields
 from edge_sdk.client.controls import LocalDpConfig, apply_memory_cap, apply_thread_cap, privatize
 from edge_sdk.client.discovery import discover
 from edge_sdk.client.errors import (
@@ -68,6 +69,7 @@ def _default_name() -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:64] or "device"
 
 
+@document_fields
 @dataclass(frozen=True)
 class ClientConfig:
     """Everything a device needs to take part in a federation."""
@@ -126,6 +128,7 @@ class ClientConfig:
     swap_wait_s: float = 5.0
     """How long a hot-swap waits for a running generation before trying again later."""
     retry: RetryConfig = field(default_factory=RetryConfig)
+    """Backoff and attempts of the requests to the coordinator."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())

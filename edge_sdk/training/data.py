@@ -7,8 +7,18 @@ Formats (one file may mix the JSONL kinds line by line):
 - JSONL instruction, `{"prompt": "...", "completion": "..."}`: rendered as one user/assistant
   exchange when the model has a chat template, else `prompt + completion + EOS`; loss on the
   completion only;
-- JSONL text, `{"text": "..."}`, and plain text files (any other suffix; paragraphs split on
-  blank lines): loss on every token.
+- JSONL text, `{"text": "..."}`, and plain text files (`.txt`, `.md` or any other suffix;
+  paragraphs split on blank lines): loss on every token.
+
+Files whose format is obvious from the suffix are read as that format, never as plain text:
+
+- `.json`: one JSON array of the JSONL objects above (or one such object). A `.json` file
+  that holds one object per line is JSONL under another name and is read as such;
+- `.csv` / `.tsv`: a header row naming `prompt` and `completion` columns, or a `text` column;
+  each later row is one example. Other columns are refused with the columns found.
+
+Anything else that looks like JSON (a plain-text file whose first line is a JSONL object) is
+refused with a hint to rename it, because training on JSON syntax is never what was meant.
 
 Assistant spans are found on the rendered text: the template renders the conversation up to
 assistant turn i with the generation prompt (P_i) and through turn i (F_i); the span is
@@ -26,6 +36,8 @@ to know how many sequences it has consumed.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -45,6 +57,12 @@ IGNORE_INDEX = -100
 """Label of unscored positions (PyTorch / Hugging Face convention)."""
 
 JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
+JSON_SUFFIXES = (".json",)
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+_RECORD_KEYS = frozenset({"messages", "prompt", "completion", "text"})
+_RECORD_HELP = (
+    'one object per line: {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}'
+)
 _ROLES = ("system", "user", "assistant", "tool")
 _MAX_WARNINGS = 5
 
@@ -159,22 +177,132 @@ def _skip_or_raise(err: DataFormatError, stats: DataStats, skip_bad: bool) -> No
         logger.warning("skipping %s", err)
 
 
+def _utf8(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # a BOM (Excel, Notepad) is not part of the data
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}:{line}: not valid UTF-8 text") from exc
+
+
+def _looks_like_jsonl(text: str) -> bool:
+    """Whether the first non-blank line is a JSON object with a JSONL record's keys."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        return False
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and bool(_RECORD_KEYS & set(record))
+
+
+def _iter_json(path: Path, text: str, stats: DataStats, skip_bad: bool) -> Iterator[tuple[str, Any, str]]:
+    """A .json file: an array of JSONL records, one record, or JSONL under a .json name."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if _looks_like_jsonl(text):
+            yield from _iter_jsonl(path, text.encode("utf-8"), stats, skip_bad)
+            return
+        raise DataFormatError(
+            f"{path}: invalid JSON ({exc}); a .json data file holds one array of records, "
+            f"or use .jsonl with {_RECORD_HELP}"
+        ) from None
+    if not isinstance(doc, (list, dict)):
+        raise DataFormatError(
+            f"{path}: expected a JSON array of records, got a JSON {type(doc).__name__}; "
+            f"use a .jsonl file with {_RECORD_HELP}"
+        )
+    if isinstance(doc, dict) and not _RECORD_KEYS & set(doc):
+        keys = ", ".join(sorted(map(str, doc))[:8]) or "none"
+        raise DataFormatError(
+            f"{path}: a JSON object with keys {keys} is not a list of training records; "
+            f"pass a JSON array or a .jsonl file with {_RECORD_HELP}"
+        )
+    for i, record in enumerate(doc if isinstance(doc, list) else [doc]):
+        where = f"{path}:[{i}]"
+        try:
+            kind, payload = _parse_record(record, where)
+        except DataFormatError as err:
+            _skip_or_raise(err, stats, skip_bad)
+            continue
+        yield kind, payload, where
+
+
+def _iter_table(
+    path: Path, text: str, delimiter: str, stats: DataStats, skip_bad: bool
+) -> Iterator[tuple[str, Any, str]]:
+    """A .csv/.tsv file with a header naming `prompt`+`completion` or `text` columns."""
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = [h.strip().lower() for h in next(rows)]
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        raise DataFormatError(f"{path}:1: not a readable {path.suffix} header ({exc})") from None
+    if "prompt" in header and "completion" in header:
+        cols, kind = (header.index("prompt"), header.index("completion")), "instruction"
+    elif "text" in header:
+        cols, kind = (header.index("text"),), "text"
+    else:
+        found = ", ".join(repr(h) for h in header[:8]) or "none"
+        raise DataFormatError(
+            f"{path}: a {path.suffix} data file needs a header row with `prompt` and "
+            f"`completion` columns or a `text` column, got columns {found}; or convert it to "
+            f"JSONL with {_RECORD_HELP}"
+        )
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataFormatError(f"{path}:{rows.line_num}: not valid {path.suffix} ({exc})") from None
+        where = f"{path}:{rows.line_num}"
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            if len(row) < len(header):
+                raise _bad(where, f"expected {len(header)} columns as in the header, got {len(row)}")
+            if kind == "text":
+                payload: Any = _check_text(row[cols[0]], where, "text")
+            else:
+                payload = _parse_record({"prompt": row[cols[0]], "completion": row[cols[1]]}, where)[1]
+        except DataFormatError as err:
+            _skip_or_raise(err, stats, skip_bad)
+            continue
+        yield kind, payload, where
+
+
 def iter_records(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple[str, Any, str]]:
     """(kind, payload, where) for every record of one file."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataFormatError(f"{path}: cannot read ({exc.strerror})") from exc
-    if path.suffix.lower() not in JSONL_SUFFIXES:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise DataFormatError(f"{path}:{line}: not valid UTF-8 text") from exc
-        # Paragraphs (blank-line separated) are the examples of a plain text file.
-        for n, para in enumerate(p for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()):
-            yield "text", para.strip("\n"), f"{path}:paragraph {n + 1}"
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        yield from _iter_jsonl(path, raw, stats, skip_bad)
         return
+    text = _utf8(raw, path)
+    if suffix in JSON_SUFFIXES:
+        yield from _iter_json(path, text, stats, skip_bad)
+        return
+    if suffix in TABLE_SUFFIXES:
+        yield from _iter_table(path, text, TABLE_SUFFIXES[suffix], stats, skip_bad)
+        return
+    if _looks_like_jsonl(text):
+        raise DataFormatError(
+            f"{path}: holds JSON records but is not named .jsonl, so it would be trained on as "
+            f"plain text; rename it to {path.with_suffix('.jsonl').name}"
+        )
+    # Paragraphs (blank-line separated) are the examples of a plain text file.
+    for n, para in enumerate(p for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()):
+        yield "text", para.strip("\n"), f"{path}:paragraph {n + 1}"
+
+
+def _iter_jsonl(path: Path, raw: bytes, stats: DataStats, skip_bad: bool) -> Iterator[tuple[str, Any, str]]:
     for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
         where = f"{path}:{lineno}"
         if not line_bytes.strip():

@@ -71,11 +71,12 @@ class LlamaCppTokenizer:
             import llama_cpp
         except ImportError as exc:  # pragma: no cover - a hard dependency
             raise TokenizerError(f"llama-cpp-python is required for tokenization ({exc})") from exc
+        from edge_sdk._llama_log import LlamaLog, llama_log
         from edge_sdk.models.chat_template import budgeted_formatter, model_templates
         from edge_sdk.models.gguf_check import open_model
         from edge_sdk.models.gguf_meta import show_path
-        from edge_sdk.runtime import LlamaLog, llama_log
 
+        llama_log.install()  # its warnings reach sys.stderr from Python, past the fd-2 silencing
         self.path = Path(path)
         # Checked before llama.cpp reads it (InvalidModelError names the file and the reason).
         templates = model_templates(open_model(self.path))

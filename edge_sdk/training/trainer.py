@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_sdk._docfields import document_fields
 from edge_sdk.adapters.seeded import frozen_a_matrix
 from edge_sdk.models.naming import LORA_TARGETS, parse_hf_module
 from edge_sdk.training.checkpoint import (
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("nf4", "bf16", "fp32")
 
 
+@document_fields
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that shapes a training run."""
@@ -472,11 +474,13 @@ def run(
     progress: bool = False,
     model_name: str | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    on_data: Callable[[str], None] | None = None,
 ) -> RunOutput:
     """`fedlm train`: resolve, tokenize, load, fit with checkpoints, export both adapter formats.
 
     `out_dir` receives `adapter_model.safetensors` + `adapter_config.json` (PEFT),
-    `adapter.gguf` (llama.cpp), `metrics.json` and `checkpoint.pt`.
+    `adapter.gguf` (llama.cpp), `metrics.json` and `checkpoint.pt`. `on_data` receives the
+    one-line data summary as soon as the data is read, before the model loads.
     """
     from edge_sdk.adapters.export import export_adapter
     from edge_sdk.adapters.gguf_lora import BaseModelInfo
@@ -498,6 +502,8 @@ def run(
     dataset = build_dataset(data, tokenizer, config.data_config(skip_bad))
     summary = describe(dataset.stats)
     logger.info("data: %s", summary)
+    if on_data is not None:
+        on_data(summary)
     # The file's sha256 (cached by the identity module) names the base in the checkpoint
     # fingerprint and in both adapter files.
     base_sha = model_sha256(model_path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +52,11 @@ DEFAULT_BLOCK = 64
 DEFAULT_TOPK_FRACTION = 0.01
 MAX_BLOCK = 1 << 16
 _INDEX_WIDTHS = (1, 2, 4)
+# Numbers a decoder accepts in codec strings (docs/wire-format.md, section 4.1): ASCII decimal
+# digits only. Python's float()/int() would also take "0.0_1", "4_0", " 4", "infinity" or
+# non-ASCII digits, which another implementation would not, so a message could mean two things.
+_FRACTION_SPELLING = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e-?[0-9]+)?")
+_BLOCK_SPELLING = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,10 @@ def parse_codec(codec: str | CodecSpec) -> CodecSpec:
                     raise ValueError("delta takes no parameter")
                 fields["delta"] = True
             elif name == "topk":
+                if param and not _FRACTION_SPELLING.fullmatch(param):
+                    raise ValueError(
+                        f"fraction {param!r} should be a decimal such as 0.01 or 2e-05"
+                    )
                 fields["topk"] = float(param) if param else DEFAULT_TOPK_FRACTION
             elif name == "zlib":
                 if param:
@@ -151,6 +161,8 @@ def parse_codec(codec: str | CodecSpec) -> CodecSpec:
                 if param:
                     if name in _quant.FLOAT_FORMATS:
                         raise ValueError(f"{name} takes no parameter")
+                    if not _BLOCK_SPELLING.fullmatch(param):
+                        raise ValueError(f"block {param!r} should be decimal digits such as 64")
                     fields["block"] = int(param)
             spec_for_check = CodecSpec(**fields)
         except ValueError as exc:
@@ -338,7 +350,9 @@ class EncodedTensor:
             )
         values = get_str(obj, "values", where, 16)
         blockwise = values in _quant.BLOCK_FORMATS
-        sparse = "nnz" in obj
+        # Optional fields may be absent or nil (docs/wire-format.md, section 1): a nil `nnz`
+        # is a dense tensor, as an absent one is.
+        sparse = obj.get("nnz") is not None
         return cls(
             shape=tuple(shape),
             values=values,

@@ -46,7 +46,10 @@ LORA_MODES = ("naive", "frozen-a", "exact")
 MAX_RANK = 65536
 _ID_MAX = 128
 _ERROR_CODE = re.compile(r"[a-z0-9_.\-]{1,64}")
-_U64 = (1 << 64) - 1
+# Every wire integer ("uint" in docs/wire-format.md) is at most 2^63 - 1, so it fits a signed
+# 64-bit integer (SQLite INTEGER, Java long): a uint64 such as num_tokens = 2^64 - 1 would
+# otherwise decode here and then fail inside the coordinator's ledger.
+_UINT_MAX = (1 << 63) - 1
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -63,8 +66,9 @@ def _check_id(value: Any, name: str) -> str:
 
 
 def _check_count(value: Any, name: str, lo: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= _U64:
-        raise ValueError(f"`{name}` should be an integer >= {lo}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= _UINT_MAX:
+        top = " and at most 2**63 - 1" if isinstance(value, int) and value > lo else ""
+        raise ValueError(f"`{name}` should be an integer >= {lo}{top}, got {value!r}")
     return value
 
 
@@ -361,11 +365,11 @@ class AdapterUpdate(_Message):
             w,
             client_id=get_str(body, "client_id", w, _ID_MAX),
             update_id=get_str(body, "update_id", w, _ID_MAX),
-            base_version=get_int(body, "base_version", w, 0, _U64),
+            base_version=get_int(body, "base_version", w, 0, _UINT_MAX),
             model_sha256=get_str(body, "model_sha256", w, 64),
             lora=LoraSpec.from_obj(get(body, "lora", w), f"{w}.lora"),
-            num_examples=get_int(body, "num_examples", w, 0, _U64),
-            num_tokens=get_int(body, "num_tokens", w, 0, _U64),
+            num_examples=get_int(body, "num_examples", w, 0, _UINT_MAX),
+            num_tokens=get_int(body, "num_tokens", w, 0, _UINT_MAX),
             metrics=metrics,
             codec=str(spec),
             tensors=_tensors_from_obj(get(body, "tensors", w), limits),
@@ -434,7 +438,7 @@ class GlobalAdapter(_Message):
         return _construct(
             cls,
             w,
-            version=get_int(body, "version", w, 0, _U64),
+            version=get_int(body, "version", w, 0, _UINT_MAX),
             lora=LoraSpec.from_obj(get(body, "lora", w), f"{w}.lora"),
             codec=str(parse_codec(get_str(body, "codec", w, 128))),
             metadata=check_json_like(
@@ -523,7 +527,9 @@ class TaskConfig(_Message):
             raise UnsupportedVersionError(
                 f"expected protocol_version {PROTOCOL_VERSION}, got {version!r}"
             )
-        return cls._from_body(check_json_like(obj, "TaskConfig", limits), limits)
+        # depth=-1: the object is the message itself, so `extra` counts its nesting from 0 as
+        # in the msgpack form (docs/wire-format.md, section 3.3).
+        return cls._from_body(check_json_like(obj, "TaskConfig", limits, depth=-1), limits)
 
     @classmethod
     def _from_body(cls, body: dict[str, Any], limits: DecodeLimits) -> TaskConfig:
@@ -535,12 +541,12 @@ class TaskConfig(_Message):
             model_sha256=get_str(body, "model_sha256", w, 64),
             lora=LoraSpec.from_obj(get(body, "lora", w), f"{w}.lora"),
             codec=str(parse_codec(get_str(body, "codec", w, 128))),
-            local_steps=get_int(body, "local_steps", w, 1, _U64),
-            batch_size=get_int(body, "batch_size", w, 1, _U64),
-            seq_len=get_int(body, "seq_len", w, 1, _U64),
+            local_steps=get_int(body, "local_steps", w, 1, _UINT_MAX),
+            batch_size=get_int(body, "batch_size", w, 1, _UINT_MAX),
+            seq_len=get_int(body, "seq_len", w, 1, _UINT_MAX),
             lr=get_float(body, "lr", w),
             max_rounds=get_opt_int(body, "max_rounds", w, lo=1),
-            global_version=get_int(body, "global_version", w, 0, _U64, default=0),
+            global_version=get_int(body, "global_version", w, 0, _UINT_MAX, default=0),
             extra=check_json_like(get_map(body, "extra", w, default={}), f"{w}.extra", limits),
         )
 

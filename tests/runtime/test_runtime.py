@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -10,7 +11,12 @@ import numpy as np
 import pytest
 
 from edge_sdk.adapters.gguf_lora import BaseModelInfo, write_gguf_lora
-from edge_sdk.errors import AdapterMismatchError, InvalidModelError, RuntimeBusyError
+from edge_sdk.errors import (
+    AdapterMismatchError,
+    InvalidAdapterError,
+    InvalidModelError,
+    RuntimeBusyError,
+)
 from edge_sdk.models import naming
 from edge_sdk.runtime import EdgeModel, GenerationConfig
 from tests.tiny_models import TinySpec, write_tiny_gguf
@@ -144,3 +150,75 @@ def test_real_hot_swap_changes_and_restores_logits(smollm2: EdgeModel, smollm2_p
     np.testing.assert_array_equal(l1_again, l1)
     np.testing.assert_array_equal(restored, base)
     assert swap_s < 2.0  # adapter-sized work, not a model reload
+
+
+# --------------------------------------------------------------------------- first-use errors
+
+
+def test_busy_error_says_how_to_wait(tiny_model: EdgeModel, tiny_gguf: Path, tmp_path: Path) -> None:
+    adapter = random_adapter(tmp_path / "a.gguf", tiny_gguf)
+    stream = iter(tiny_model.generate("hello", max_tokens=64, stream=True))
+    next(stream)
+    try:
+        with pytest.raises(RuntimeBusyError) as exc:
+            tiny_model.load_adapter(adapter)
+        assert str(exc.value) == (
+            f"cannot swap the adapter of {tiny_gguf.name}: a generation is running; finish or "
+            "close the stream first, or pass wait=SECONDS to wait for it"
+        )
+        with pytest.raises(RuntimeBusyError, match=r"did not finish within wait=0\.05 s; .*wait=SECONDS"):
+            tiny_model.load_adapter(adapter, wait=0.05)
+    finally:
+        stream.close()
+    assert tiny_model.adapter_path is None
+
+
+def test_adapter_directory_gets_a_hint(tiny_model: EdgeModel, tiny_gguf: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    random_adapter(run_dir / "adapter.gguf", tiny_gguf)
+    (run_dir / "other.gguf").write_bytes(b"")
+    with pytest.raises(InvalidAdapterError) as exc:
+        tiny_model.load_adapter(run_dir)
+    assert str(exc.value) == (
+        f"{run_dir}: is a directory; pass the GGUF adapter inside it: {run_dir / 'adapter.gguf'}"
+    )
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    (peft_dir / "adapter_config.json").write_text("{}")
+    with pytest.raises(InvalidAdapterError, match=r"is a PEFT directory.*`fedlm convert-adapter "):
+        tiny_model.load_adapter(peft_dir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InvalidAdapterError, match=r"empty: is a directory; pass a GGUF LoRA adapter file"):
+        tiny_model.load_adapter(empty)
+    assert tiny_model.adapter_path is None
+
+
+def test_llama_cpp_warnings_stay_off_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """llama.cpp warns that a tiny model has no training context (and Gemma 3 about its SWA
+    cache) on every load; without verbose=True that belongs in logging, not on sys.stderr."""
+    from edge_sdk.training.tokenizer import load_tokenizer
+
+    tiny = write_tiny_gguf(tmp_path / "fresh.gguf")
+    with caplog.at_level(logging.DEBUG, logger="edge_sdk.llama_cpp"):
+        load_tokenizer(tiny)
+    assert capsys.readouterr().err == ""
+    # ... but it is still there for whoever turns debug logging on (`fedlm -v`).
+    assert any(
+        r.getMessage().startswith("[warning] llama_context: n_ctx_seq (512) > n_ctx_train (0)")
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records][:5]
+
+
+def test_gemma3_loads_without_log_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    from edge_sdk.models.store import SOURCES
+
+    if not SOURCES["gemma3-270m"].installed():
+        pytest.skip("gemma3-270m package not installed")
+    with EdgeModel("gemma3-270m", n_ctx=256) as m:
+        m.generate("hi", max_tokens=2)
+    err = capfd.readouterr().err
+    assert "llama_kv_cache_iswa" not in err and err == "", err

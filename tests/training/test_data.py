@@ -215,3 +215,107 @@ def test_config_validation() -> None:
         DataConfig(seq_len=1)
     with pytest.raises(ValueError, match="val_fraction"):
         DataConfig(val_fraction=1.0)
+
+
+# --------------------------------------------------------------------------- .json / .csv files
+# A user's first data file is often a JSON array or a spreadsheet export. Reading either as
+# plain text trained on its syntax ("1 examples (1 text)"); now each is read as what it
+# obviously is, or refused with a one-line error that names the file and the fix.
+
+_PAIRS = [{"prompt": f"hello {w}", "completion": f"{w} world"} for w in "abcd"]
+
+
+def _formats(path: Path, tok: LlamaCppTokenizer) -> dict[str, int]:
+    return build_dataset(path, tok, DataConfig(seq_len=64, val_fraction=0.0)).stats.formats
+
+
+def test_json_array_of_records_is_read_as_records(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(_PAIRS + [{"text": "some text"}], indent=2))
+    assert _formats(path, tok) == {"instruction": 4, "text": 1}
+    same = tmp_path / "d.jsonl"
+    _jsonl(same, _PAIRS + [{"text": "some text"}])
+    a = build_dataset(path, tok, DataConfig(seq_len=64, val_fraction=0.0))
+    b = build_dataset(same, tok, DataConfig(seq_len=64, val_fraction=0.0))
+    assert (a.train_ids == b.train_ids).all() and (a.train_labels == b.train_labels).all()
+
+
+def test_json_single_record_and_jsonl_named_json(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(_PAIRS[0], indent=2))
+    assert _formats(one, tok) == {"instruction": 1}
+    lines = _jsonl(tmp_path / "lines.json", _PAIRS)  # JSONL under a .json name
+    assert _formats(lines, tok) == {"instruction": 4}
+
+
+def test_json_bad_record_names_its_index(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([_PAIRS[0], {"question": "q", "answer": "a"}]))
+    with pytest.raises(DataFormatError, match=r"d\.json:\[1\]: expected `messages`.*got keys: answer, question"):
+        _formats(path, tok)
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ('{"data": [1, 2]}', r"d\.json: a JSON object with keys data is not a list of training records; "
+                             r"pass a JSON array or a \.jsonl file"),
+        ('"just a string"', r"d\.json: expected a JSON array of records, got a JSON str"),
+        ("[1, 2", r"d\.json: invalid JSON \(.*\); a \.json data file holds one array of records"),
+    ],
+)
+def test_json_that_is_not_records_is_refused(tmp_path: Path, tok: LlamaCppTokenizer,
+                                              content: str, match: str) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(content)
+    with pytest.raises(DataFormatError, match=match) as exc:
+        _formats(path, tok)
+    assert "\n" not in str(exc.value)
+
+
+def test_csv_with_prompt_completion_header(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text('id,prompt,completion\n1,hello a,"a, world"\n2,"multi\nline",b world\n\n3,x,y\n')
+    ds = build_dataset(path, tok, DataConfig(seq_len=64, val_fraction=0.0))
+    assert ds.stats.formats == {"instruction": 3}
+    scored = [tok.decode([int(i) for i, lab in zip(ds.train_ids[r], ds.train_labels[r]) if lab != IGNORE_INDEX])
+              for r in range(len(ds.train_ids))]
+    assert any("a, world" in s for s in scored)  # the quoted comma stays inside the field
+
+
+def test_tsv_with_text_header(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
+    path = tmp_path / "d.tsv"
+    path.write_text("text\tsource\nfirst document\tweb\nsecond document\tbook\n")
+    assert _formats(path, tok) == {"text": 2}
+
+
+def test_csv_without_known_columns_is_refused(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("question,answer\nwhat,this\n")
+    with pytest.raises(DataFormatError, match=(
+        r"d\.csv: a \.csv data file needs a header row with `prompt` and `completion` columns "
+        r"or a `text` column, got columns 'question', 'answer'; or convert it to JSONL")):
+        _formats(path, tok)
+
+
+def test_csv_short_row_names_the_line_and_can_be_skipped(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,completion\nhello,world\nonly one cell\nhi,there\n")
+    with pytest.raises(DataFormatError, match=r"d\.csv:3: expected 2 columns as in the header, got 1"):
+        _formats(path, tok)
+    ds = build_dataset(path, tok, DataConfig(seq_len=64, val_fraction=0.0, skip_bad=True))
+    assert ds.stats.skipped_bad == 1 and ds.stats.formats == {"instruction": 2}
+
+
+def test_jsonl_records_in_a_text_file_are_refused(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
+    path = _jsonl(tmp_path / "d.txt", _PAIRS)
+    with pytest.raises(DataFormatError, match=(
+        r"d\.txt: holds JSON records but is not named \.jsonl, so it would be trained on as "
+        r"plain text; rename it to d\.jsonl")):
+        _formats(path, tok)
+
+
+def test_plain_text_with_braces_is_still_text(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
+    path = tmp_path / "code.txt"
+    path.write_text("{ not json at all }\n\nint main() { return 0; }\n")
+    assert _formats(path, tok) == {"text": 2}
