@@ -105,6 +105,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except asyncio.CancelledError:
         raise
+    except ConnectionError:  # the peer left, or the connection guard closed it mid-body
+        log.debug("%s %s: connection lost", request.method, printable(request.path))
+        response = json_error(400, "connection_lost", "the connection closed mid-request")
     except Exception:  # the contract: no traceback on the wire, whatever failed
         log.exception("unhandled error in %s %s", request.method, printable(request.path))
         response = json_error(500, "internal_error", "internal server error")

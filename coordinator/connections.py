@@ -136,9 +136,15 @@ class _GuardedProtocol(asyncio.Protocol):
             self._arm(self._guard.limits.body_timeout_s, "request body not complete")
 
     def request_finished(self) -> None:
-        """The handler returned; aiohttp's keep-alive timeout covers the next request head."""
-        self._cancel()
-        self._content = None
+        """The handler returned; aiohttp's keep-alive timeout covers the next request head.
+
+        A body the handler did not read (a 401 or 413 answered early) keeps its deadline:
+        aiohttp then reads and discards it for up to `lingering_time` (10 s), which must not
+        outlast `body_timeout_s`.
+        """
+        if self._content is None or self._content.is_eof():
+            self._cancel()
+            self._content = None
 
     def _arm(self, seconds: float, reason: str) -> None:
         self._cancel()
