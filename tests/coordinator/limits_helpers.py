@@ -16,10 +16,13 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Service
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class ServiceThread:
@@ -42,7 +45,7 @@ class ServiceThread:
     def call(self, coro: Any, timeout: float = 60.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def __enter__(self) -> ServiceThread:
+    def __enter__(self) -> Self:
         self._thread.start()
         self.call(self.service.start())
         return self
@@ -90,7 +93,7 @@ class HealthPoller:
             self._stop.wait(self.interval_s)
         conn.close()
 
-    def __enter__(self) -> HealthPoller:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
