@@ -64,7 +64,7 @@ def build_app(
         ),
         on_close=lambda reason: metrics.connections_closed.labels(reason=reason).inc(),
     )
-    app[api.SPEC] = build_spec(edge_sdk.__version__)
+    app[api.SPEC] = build_spec(edge_sdk.__version__, api.JOIN_MAX_BYTES)
     if advertised_port is not None:
         app[_PORT] = advertised_port
     app[api.RUNTIME] = api.Runtime(
