@@ -107,9 +107,14 @@ def build_spec(version: str, join_max_bytes: int = 4096) -> dict[str, Any]:
                         "`client_list` the enrolled devices."
                     ),
                     "required": [
-                        "task_id", "version", "round", "view", "clients", "updates",
+                        "task_id",
+                        "version",
+                        "round",
+                        "view",
+                        "clients",
+                        "updates",
                         "recent_updates",
-                    ],  # fmt: skip
+                    ],
                     "properties": {
                         "task_id": {"type": "string"},
                         "version": {"type": "integer"},

@@ -19,8 +19,8 @@ from tests.coordinator.helpers import JOIN_TOKEN, make_config
 from tests.coordinator.limits_helpers import ServiceThread
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from schemathesis.checks import (  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
     response_headers_conformance,
