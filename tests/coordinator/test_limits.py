@@ -441,3 +441,16 @@ def test_limit_settings_are_validated(tmp_path: Path) -> None:
             make_config(tmp_path, **{field: value})
     with pytest.raises(ValueError, match="--operator-token"):
         make_config(tmp_path, operator_token="short")
+
+
+def test_a_tls_handshake_that_never_starts_is_closed_within_the_header_timeout(
+    tmp_path: Path,
+) -> None:
+    """asyncio's own TLS handshake timeout is 60 s; the service bounds it by the header timeout."""
+    with ServiceThread(make_config(tmp_path, tls=True, header_timeout_s=1.0)) as st:
+        assert st.url.startswith("https://")
+        silent = [_connect(st.port, b"") for _ in range(10)]
+        closed = wait_closed(silent, timeout_s=5.0)
+        for s in silent:
+            s.close()
+    assert len(closed) == 10 and max(closed.values()) <= 2.5, closed.values()
