@@ -29,7 +29,13 @@ from coordinator.auth import (
 from coordinator.config import CoordinatorConfig
 from coordinator.connections import GUARD
 from coordinator.core import Coordinator
-from coordinator.errors import AuthError, BadRequestError, CoordinatorError, RateLimitedError
+from coordinator.errors import (
+    AuthError,
+    BadRequestError,
+    BusyError,
+    CoordinatorError,
+    RateLimitedError,
+)
 from coordinator.metrics import Metrics
 from edge_sdk.wire import CONTENT_TYPE
 
@@ -55,6 +61,10 @@ class Runtime:
     advertised_name: str | None = None
     operator_token_hash: str | None = None
     """sha256 of the operator token (the token itself is never kept here); None = no view."""
+    inflight_clients: set[str] = field(default_factory=set)
+    """Clients with an update being received or checked (at most one each)."""
+    inflight_bytes: int = 0
+    """Bytes reserved by the updates in flight (bounded by `max_inflight_body_bytes`)."""
 
 
 CONFIG = web.AppKey("config", CoordinatorConfig)
@@ -211,14 +221,30 @@ async def updates(request: web.Request) -> web.Response:
             code="unsupported_media_type",
             status=415,
         )
-    limit = app[CONFIG].max_body_bytes
+    config, runtime = app[CONFIG], app[RUNTIME]
+    limit = config.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         # Refused on the declared size, before a byte of the body is read.
         metrics.updates_rejected.labels(code="too_large").inc()
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    reserved = limit if request.content_length is None else request.content_length
     try:
-        body = await request.read()  # aiohttp enforces client_max_size (413) on chunked bodies
-        ack = await _in_thread(app[RUNTIME].ingest, app[COORDINATOR].submit, client_id, body)
+        if client_id in runtime.inflight_clients:
+            raise RateLimitedError(
+                f"an update from client {client_id} is still being received or checked", 1.0
+            )
+        if runtime.inflight_bytes + reserved > config.max_inflight_body_bytes:
+            raise BusyError(
+                f"{runtime.inflight_bytes} bytes of updates are being checked; retry shortly", 2.0
+            )
+        runtime.inflight_clients.add(client_id)
+        runtime.inflight_bytes += reserved
+        try:
+            body = await request.read()  # aiohttp enforces client_max_size (413) when chunked
+            ack = await _in_thread(runtime.ingest, app[COORDINATOR].submit, client_id, body)
+        finally:
+            runtime.inflight_clients.discard(client_id)
+            runtime.inflight_bytes -= reserved
     except CoordinatorError as exc:
         metrics.updates_rejected.labels(code=exc.code).inc()
         raise

@@ -88,6 +88,11 @@ class CoordinatorConfig:
     max_connections: int = 512
     """Open connections in all; the next one is answered 503 and closed (a process's default
     limit of open files is often 1024, which the database and mDNS share)."""
+    max_inflight_body_bytes: int = 256 * _MIB
+    """Update bytes being received or checked at once, over all clients (a body without a
+    Content-Length reserves `max_body_bytes`); beyond it an update is answered 503 with
+    Retry-After. Each client may also have only one update in flight (a second one is 429),
+    so an enrolled device cannot hold 32 connections x 64 MiB of bodies in memory."""
     operator_token: str = ""
     """Bearer token of the operator's read-only view of `/v1/status` (every client's updates);
     empty = no operator view over HTTP. Kept in memory only; the CLI generates one when not
@@ -150,6 +155,11 @@ class CoordinatorConfig:
         for name in ("max_connections_per_address", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` should be >= 1, got {getattr(self, name)}")
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"`max_inflight_body_bytes` should be >= max_body_bytes ({self.max_body_bytes}), "
+                f"got {self.max_inflight_body_bytes}"
+            )
         if self.operator_token and len(self.operator_token) < 16:
             raise ValueError(
                 "`operator_token` (--operator-token, $FEDLM_OPERATOR_TOKEN) should have at "

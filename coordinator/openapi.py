@@ -237,6 +237,7 @@ def build_spec(version: str, join_max_bytes: int = 4096) -> dict[str, Any]:
                         "415": _ERROR,
                         "422": _ERROR,
                         "429": _ERROR,
+                        "503": _ERROR,
                     },
                 }
             },

@@ -105,6 +105,11 @@ class HealthPoller:
     def worst_ms(self) -> float:
         return 1000 * max(self.latencies)
 
+    def describe(self) -> str:
+        """The slowest answers, for a failure message."""
+        top = sorted(self.latencies, reverse=True)[:5]
+        return f"{len(self.latencies)} polls, slowest ms: {[round(1000 * t, 1) for t in top]}"
+
 
 def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
