@@ -18,16 +18,34 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from coordinator.auth import RateLimiter, bearer_token, retry_after_header
+from coordinator.auth import (
+    RateLimiter,
+    bearer_token,
+    hash_token,
+    printable,
+    retry_after_header,
+    tokens_equal,
+)
 from coordinator.config import CoordinatorConfig
+from coordinator.connections import GUARD
 from coordinator.core import Coordinator
-from coordinator.errors import AuthError, BadRequestError, CoordinatorError, RateLimitedError
+from coordinator.errors import (
+    AuthError,
+    BadRequestError,
+    BusyError,
+    CoordinatorError,
+    RateLimitedError,
+)
 from coordinator.metrics import Metrics
 from edge_sdk.wire import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+JOIN_MAX_BYTES = 4096
+"""Largest /v1/join body: a join token and a device name take well under 1 KiB. Parsing 4 KiB
+of JSON takes microseconds, so it is done on the loop; nothing larger is ever read."""
 
 
 @dataclass
@@ -41,6 +59,12 @@ class Runtime:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     tls_fingerprint: str | None = None
     advertised_name: str | None = None
+    operator_token_hash: str | None = None
+    """sha256 of the operator token (the token itself is never kept here); None = no view."""
+    inflight_clients: set[str] = field(default_factory=set)
+    """Clients with an update being received or checked (at most one each)."""
+    inflight_bytes: int = 0
+    """Bytes reserved by the updates in flight (bounded by `max_inflight_body_bytes`)."""
 
 
 CONFIG = web.AppKey("config", CoordinatorConfig)
@@ -77,7 +101,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if isinstance(exc, AuthError):
             headers["WWW-Authenticate"] = 'Bearer realm="fedlm"'
         if exc.status >= 500:
-            log.error("%s %s: %s", request.method, request.path, exc)
+            log.error("%s %s: %s", request.method, printable(request.path), exc)
         response = json_error(exc.status, exc.code, str(exc), headers)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -91,8 +115,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except asyncio.CancelledError:
         raise
+    except ConnectionError:  # the peer left, or the connection guard closed it mid-body
+        log.debug("%s %s: connection lost", request.method, printable(request.path))
+        response = json_error(400, "connection_lost", "the connection closed mid-request")
     except Exception:  # the contract: no traceback on the wire, whatever failed
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception("unhandled error in %s %s", request.method, printable(request.path))
         response = json_error(500, "internal_error", "internal server error")
     metrics.requests.labels(route=route, status=str(response.status)).inc()
     return response
@@ -112,23 +139,55 @@ async def _client(request: web.Request) -> str:
     return client_id
 
 
+def _too_large(size: int | None, limit: int) -> BadRequestError:
+    got = f"{size} bytes" if size is not None else "more"
+    return BadRequestError(
+        f"request body of {got} exceeds this endpoint's {limit} bytes",
+        code="request_entity_too_large",
+        status=413,
+    )
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes:
+    """The body, read only while it stays within `limit` bytes (413 as soon as it does not).
+
+    A declared Content-Length over the limit is refused before a byte of the body is read; a
+    chunked body is read up to limit + 1 bytes and no further.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(request.content_length, limit)
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise _too_large(None, limit)
+    return b"".join(chunks)
+
+
 async def join(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     wait = runtime.join_limiter.check(request.remote or "unknown")
     if wait > 0:
         raise RateLimitedError("too many join attempts from this address", wait)
+    raw = await _read_capped(request, JOIN_MAX_BYTES)
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, or 4 KiB of '['
         raise BadRequestError('expected a JSON object {"join_token": ..., "name": ...}') from None
     if not isinstance(body, dict) or not isinstance(body.get("join_token"), str):
         raise BadRequestError("expected a JSON object with a string `join_token`")
     name = body.get("name", "device")
-    if not isinstance(name, str) or not 0 < len(name) <= 128:
-        raise BadRequestError("`name` should be a string of 1-128 characters")
-    result = await _in_thread(
-        runtime.ingest, request.app[COORDINATOR].join, body["join_token"], name
-    )
+    if not isinstance(name, str):
+        raise BadRequestError("`name` should be a string")
+    coordinator = request.app[COORDINATOR]
+    # The token is checked here, before any thread, database or token work is queued.
+    coordinator.check_join_token(body["join_token"])
+    result = await _in_thread(runtime.ingest, coordinator.join, body["join_token"], name)
     return web.json_response(result)
 
 
@@ -162,9 +221,30 @@ async def updates(request: web.Request) -> web.Response:
             code="unsupported_media_type",
             status=415,
         )
+    config, runtime = app[CONFIG], app[RUNTIME]
+    limit = config.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        # Refused on the declared size, before a byte of the body is read.
+        metrics.updates_rejected.labels(code="too_large").inc()
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    reserved = limit if request.content_length is None else request.content_length
     try:
-        body = await request.read()  # aiohttp enforces client_max_size (413)
-        ack = await _in_thread(app[RUNTIME].ingest, app[COORDINATOR].submit, client_id, body)
+        if client_id in runtime.inflight_clients:
+            raise RateLimitedError(
+                f"an update from client {client_id} is still being received or checked", 1.0
+            )
+        if runtime.inflight_bytes + reserved > config.max_inflight_body_bytes:
+            raise BusyError(
+                f"{runtime.inflight_bytes} bytes of updates are being checked; retry shortly", 2.0
+            )
+        runtime.inflight_clients.add(client_id)
+        runtime.inflight_bytes += reserved
+        try:
+            body = await request.read()  # aiohttp enforces client_max_size (413) when chunked
+            ack = await _in_thread(runtime.ingest, app[COORDINATOR].submit, client_id, body)
+        finally:
+            runtime.inflight_clients.discard(client_id)
+            runtime.inflight_bytes -= reserved
     except CoordinatorError as exc:
         metrics.updates_rejected.labels(code=exc.code).inc()
         raise
@@ -177,10 +257,17 @@ async def updates(request: web.Request) -> web.Response:
     return web.json_response(ack, status=202)
 
 
+def _is_operator(request: web.Request) -> bool:
+    expected = request.app[RUNTIME].operator_token_hash
+    token = bearer_token(request.headers.get("Authorization"))
+    return expected is not None and token is not None and tokens_equal(hash_token(token), expected)
+
+
 async def status(request: web.Request) -> web.Response:
-    await _client(request)
+    """A client sees its own updates and counts of the rest; the operator token sees all."""
+    viewer = None if _is_operator(request) else await _client(request)
     runtime = request.app[RUNTIME]
-    result = await _in_thread(runtime.ingest, request.app[COORDINATOR].status)
+    result = await _in_thread(runtime.ingest, request.app[COORDINATOR].status, viewer)
     result["tls_fingerprint"] = runtime.tls_fingerprint
     result["mdns_name"] = runtime.advertised_name
     return web.json_response(result)
@@ -192,6 +279,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
     metrics.pending_updates.set(coordinator.pending_count)
     metrics.clients.set(coordinator.storage.count_clients())
     metrics.dp_epsilon.set(coordinator.epsilon_spent())
+    metrics.connections_open.set(request.app[GUARD].open_connections)
     return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
 
 

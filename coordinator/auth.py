@@ -34,6 +34,27 @@ def tokens_equal(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
+MAX_NAME_LEN = 64
+"""Longest stored device name, in characters."""
+
+
+def printable(text: str, max_len: int = 200) -> str:
+    """`text` made safe for one log line or a status field.
+
+    Every character that `str.isprintable` rejects (newlines, other control characters, ANSI
+    escapes' ESC, bidi overrides and other format characters) becomes '?', so a hostile value
+    cannot forge a log line or reorder what an operator reads; the text is cut at `max_len`.
+    """
+    head = "".join(c if c.isprintable() else "?" for c in text[:max_len])
+    return head + "…" if len(text) > max_len else head
+
+
+def device_name(name: str) -> str:
+    """The name a device gave at enrollment, as it is logged and stored (see `printable`)."""
+    clean = "".join(c if c.isprintable() else "?" for c in name[:MAX_NAME_LEN]).strip()
+    return clean or "device"
+
+
 def bearer_token(header: str | None) -> str | None:
     """The token of an `Authorization: Bearer <token>` header, or None."""
     if not header:

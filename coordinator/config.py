@@ -72,6 +72,33 @@ class CoordinatorConfig:
     """How often deadlines are checked."""
     ingest_workers: int = 2
     """Threads that decode and validate updates (numpy releases the GIL)."""
+    header_timeout_s: float = 10.0
+    """A new connection must deliver a complete request head within this many seconds (and a
+    TLS handshake must finish within it). A real client sends its head in one packet, in
+    milliseconds even on poor WiFi; 10 s tolerates a stalled link, not a slowloris."""
+    body_timeout_s: float = 60.0
+    """A started request's body must arrive in full, and a response the peer stopped reading
+    must resume, within this many seconds. 60 s carries a 64 MiB body at >= 1.1 MB/s and a
+    typical 1-5 MB update at WiFi speed with a wide margin."""
+    keepalive_timeout_s: float = 30.0
+    """An idle keep-alive connection is closed after this many seconds without a complete
+    request head (aiohttp's own default is 3630 s). Longer than aiohttp clients' 15 s idle
+    time, so the client, not the server, closes a pooled connection first."""
+    max_connections_per_address: int = 32
+    """Open connections one peer address may hold; the next one is answered 429 and closed. A
+    device's client uses one or two; the network demo runs ~10 processes on 127.0.0.1."""
+    max_connections: int = 512
+    """Open connections in all; the next one is answered 503 and closed (a process's default
+    limit of open files is often 1024, which the database and mDNS share)."""
+    max_inflight_body_bytes: int = 256 * _MIB
+    """Update bytes being received or checked at once, over all clients (a body without a
+    Content-Length reserves `max_body_bytes`); beyond it an update is answered 503 with
+    Retry-After. Each client may also have only one update in flight (a second one is 429),
+    so an enrolled device cannot hold 32 connections x 64 MiB of bodies in memory."""
+    operator_token: str = ""
+    """Bearer token of the operator's read-only view of `/v1/status` (every client's updates);
+    empty = no operator view over HTTP. Kept in memory only; the CLI generates one when not
+    given and prints it once."""
 
     def __post_init__(self) -> None:
         if len(self.model_sha256) != 64 or any(
@@ -123,3 +150,20 @@ class CoordinatorConfig:
             raise ValueError(f"`tick_s` should be > 0, got {self.tick_s}")
         if self.ingest_workers < 1:
             raise ValueError(f"`ingest_workers` should be >= 1, got {self.ingest_workers}")
+        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"`{name}` should be a finite number > 0, got {value}")
+        for name in ("max_connections_per_address", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` should be >= 1, got {getattr(self, name)}")
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"`max_inflight_body_bytes` should be >= max_body_bytes ({self.max_body_bytes}), "
+                f"got {self.max_inflight_body_bytes}"
+            )
+        if self.operator_token and len(self.operator_token) < 16:
+            raise ValueError(
+                "`operator_token` (--operator-token, $FEDLM_OPERATOR_TOKEN) should have at "
+                f"least 16 characters, got {len(self.operator_token)}"
+            )

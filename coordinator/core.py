@@ -37,7 +37,7 @@ from coordinator.aggregator import (
     aggregate,
     initial_adapter,
 )
-from coordinator.auth import generate_token, hash_token, tokens_equal
+from coordinator.auth import device_name, generate_token, hash_token, tokens_equal
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import (
     AuthError,
@@ -55,8 +55,10 @@ from edge_sdk.wire import (
     DecodeLimits,
     ErrorMessage,
     GlobalAdapter,
+    InvalidMetricsError,
     LoraSpec,
     NonFiniteError,
+    OutOfRangeError,
     ShapeMismatchError,
     TaskConfig,
     WireError,
@@ -66,6 +68,7 @@ log = logging.getLogger(__name__)
 
 _SERVER_STATE_BLOB = "server_state"
 _RECENT = 20
+_CLIENT_LIST = 200
 
 
 def etag_of(body: bytes) -> str:
@@ -77,7 +80,8 @@ def _wire_errors_as_http() -> Iterator[None]:
     """Wire errors as API errors: unusable values are a rejected update, bad bytes a bad request."""
     try:
         yield
-    except (NonFiniteError, ShapeMismatchError) as exc:  # well-formed bytes, unusable values
+    # Well-formed bytes with unusable values: 422, which clients do not retry (a 5xx they would).
+    except (NonFiniteError, ShapeMismatchError, OutOfRangeError, InvalidMetricsError) as exc:
         raise UpdateRejectedError(str(exc)[:500], code=ErrorMessage.from_exception(exc).code) from None
     except WireError as exc:
         raise BadRequestError(str(exc)[:500], code=ErrorMessage.from_exception(exc).code) from None
@@ -233,10 +237,19 @@ class Coordinator:
 
     # -- clients ----------------------------------------------------------------------------
 
-    def join(self, join_token: str, name: str) -> dict[str, str]:
-        """Enroll a device; returns its client id and bearer token (shown once, stored hashed)."""
+    def check_join_token(self, join_token: str) -> None:
+        """`AuthError` unless `join_token` is the task's (constant time; cheap enough for the loop)."""
         if not tokens_equal(join_token, self.config.join_token):
             raise AuthError("invalid join token")
+
+    def join(self, join_token: str, name: str) -> dict[str, str]:
+        """Enroll a device; returns its client id and bearer token (shown once, stored hashed).
+
+        The name is the device's own choice: it is made printable and cut to MAX_NAME_LEN
+        before it is logged or stored (`coordinator.auth.device_name`).
+        """
+        self.check_join_token(join_token)
+        name = device_name(name)
         client_id = f"c-{secrets.token_hex(8)}"
         token = generate_token()
         self.storage.add_client(client_id, name, hash_token(token))
@@ -512,7 +525,12 @@ class Coordinator:
 
     # -- status -----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self, viewer: str | None = None) -> dict[str, Any]:
+        """The task's state as `viewer` (a client id) may see it; None is the operator's view.
+
+        A client sees its own recent updates (ids, metrics) and only counts of everyone
+        else's; the operator also sees every client's recent updates and the enrolled devices.
+        """
         with self._lock:
             pending = list(self._pending)
             version, started = self.version, self.round_started_at
@@ -536,8 +554,13 @@ class Coordinator:
             "clients": self.storage.count_clients(),
             "updates": self.storage.update_counts(),
             "last_aggregation": self.last_aggregation,
-            "recent_updates": self.storage.recent_metrics(_RECENT),
+            "view": "operator" if viewer is None else "client",
+            "recent_updates": self.storage.recent_metrics(_RECENT, client_id=viewer),
         }
+        if viewer is None:
+            out["client_list"] = self.storage.client_summaries(_CLIENT_LIST)
+        else:
+            out["client_id"] = viewer
         if agg.dp is not None:
             out["privacy"] = {
                 "aggregations": self._server_state.dp_aggregations,

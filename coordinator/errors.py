@@ -56,6 +56,13 @@ class RateLimitedError(CoordinatorError):
         self.retry_after = retry_after
 
 
+class BusyError(RateLimitedError):
+    """The coordinator holds as many update bodies in memory as it may; retry after a while."""
+
+    status = 503
+    code = "busy"
+
+
 class UpdateRejectedError(CoordinatorError):
     """An update is well-formed bytes but not acceptable: wrong model, shapes, LoRA spec, NaN."""
 

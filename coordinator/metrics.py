@@ -39,6 +39,15 @@ class Metrics:
             "fedlm_pending_updates", "Updates waiting for aggregation", registry=r
         )
         self.clients = Gauge("fedlm_clients", "Enrolled clients", registry=r)
+        self.connections_open = Gauge(
+            "fedlm_connections_open", "Open HTTP connections (admitted by the guard)", registry=r
+        )
+        self.connections_closed = Counter(
+            "fedlm_connections_closed",
+            "Connections closed or refused by the guard: timeouts and caps, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.dp_epsilon = Gauge(
             "fedlm_dp_epsilon", "Central DP epsilon spent so far (0 without DP)", registry=r
         )

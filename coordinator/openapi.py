@@ -13,7 +13,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def build_spec(version: str) -> dict[str, Any]:
+def build_spec(version: str, join_max_bytes: int = 4096) -> dict[str, Any]:
     """The OpenAPI document; `version` is the package version."""
     wire = {
         "type": "string",
@@ -29,11 +29,25 @@ def build_spec(version: str) -> dict[str, Any]:
             "description": (
                 "Federated LoRA coordinator. Binary bodies use the fedlm wire format "
                 f"({CONTENT_TYPE}, protocol version {PROTOCOL_VERSION}). Every 4xx/5xx "
-                "answer is a JSON error object."
+                "answer is a JSON error object. Connection limits apply before any request "
+                "is read: a connection beyond the per-address cap is answered 429 and one "
+                "beyond the total cap 503 (code `too_many_connections`), and a connection "
+                "whose request head or body does not arrive in time is closed."
             ),
         },
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a client's token from POST /v1/join",
+                },
+                "operator": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the operator token (`fedlm coordinator --operator-token`)",
+                },
+            },
             "schemas": {
                 "Error": {
                     "type": "object",
@@ -51,18 +65,90 @@ def build_spec(version: str) -> dict[str, Any]:
                 },
                 "JoinRequest": {
                     "type": "object",
+                    "description": f"At most {join_max_bytes} bytes of JSON (else 413).",
                     "required": ["join_token"],
                     "properties": {
                         "join_token": {"type": "string"},
-                        "name": {"type": "string", "maxLength": 128},
+                        "name": {
+                            "type": "string",
+                            "description": "device name; stored and logged printable only "
+                            "(control characters become '?'), cut to 64 characters",
+                        },
                     },
                 },
                 "JoinResponse": {
                     "type": "object",
+                    "required": ["client_id", "token", "task_id"],
                     "properties": {
                         "client_id": {"type": "string"},
                         "token": {"type": "string", "description": "bearer token, shown once"},
                         "task_id": {"type": "string"},
+                    },
+                },
+                "RecentUpdate": {
+                    "type": "object",
+                    "required": ["update_id", "client_id", "base_version", "num_examples"],
+                    "properties": {
+                        "update_id": {"type": "string"},
+                        "client_id": {"type": "string"},
+                        "base_version": {"type": "integer"},
+                        "num_examples": {"type": "integer"},
+                        "received_at": {"type": "number"},
+                        "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
+                    },
+                },
+                "Status": {
+                    "type": "object",
+                    "description": (
+                        "With a client token (`view: client`), `recent_updates` holds only that "
+                        "client's updates and other clients appear only in the counts "
+                        "(`clients`, `pending_clients`, `updates`). With the operator token "
+                        "(`view: operator`), `recent_updates` holds every client's and "
+                        "`client_list` the enrolled devices."
+                    ),
+                    "required": [
+                        "task_id",
+                        "version",
+                        "round",
+                        "view",
+                        "clients",
+                        "updates",
+                        "recent_updates",
+                    ],
+                    "properties": {
+                        "task_id": {"type": "string"},
+                        "version": {"type": "integer"},
+                        "round": {"type": "integer"},
+                        "view": {"enum": ["client", "operator"]},
+                        "client_id": {"type": "string", "description": "client view only"},
+                        "clients": {"type": "integer"},
+                        "pending": {"type": "integer"},
+                        "pending_clients": {"type": "integer"},
+                        "updates": {
+                            "type": "object",
+                            "additionalProperties": {"type": "integer"},
+                        },
+                        "recent_updates": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/RecentUpdate"},
+                        },
+                        "client_list": {
+                            "type": "array",
+                            "description": "operator view only",
+                            "items": {
+                                "type": "object",
+                                "required": ["client_id", "name"],
+                                "properties": {
+                                    "client_id": {"type": "string"},
+                                    "name": {"type": "string"},
+                                    "joined_at": {"type": "number"},
+                                    "updates": {"type": "integer"},
+                                    "pending": {"type": "integer"},
+                                },
+                            },
+                        },
+                        "tls_fingerprint": {"type": ["string", "null"]},
+                        "mdns_name": {"type": ["string", "null"]},
                     },
                 },
                 "UpdateAck": {
@@ -95,6 +181,7 @@ def build_spec(version: str) -> dict[str, Any]:
                         "200": _json({"$ref": "#/components/schemas/JoinResponse"}, "enrolled"),
                         "400": _ERROR,
                         "401": _ERROR,
+                        "413": _ERROR,
                         "429": _ERROR,
                     },
                 }
@@ -113,6 +200,7 @@ def build_spec(version: str) -> dict[str, Any]:
                             },
                         },
                         "401": _ERROR,
+                        "429": _ERROR,
                     },
                 }
             },
@@ -130,6 +218,7 @@ def build_spec(version: str) -> dict[str, Any]:
                         },
                         "304": {"description": "unchanged since the ETag"},
                         "401": _ERROR,
+                        "429": _ERROR,
                     },
                 }
             },
@@ -148,14 +237,19 @@ def build_spec(version: str) -> dict[str, Any]:
                         "415": _ERROR,
                         "422": _ERROR,
                         "429": _ERROR,
+                        "503": _ERROR,
                     },
                 }
             },
             "/v1/status": {
                 "get": {
-                    "summary": "Rounds, clients, versions, recent metrics.",
-                    "security": bearer,
-                    "responses": {"200": _json({"type": "object"}, "status"), "401": _ERROR},
+                    "summary": "Rounds, clients, versions, recent metrics (scoped to the caller).",
+                    "security": [{"bearer": []}, {"operator": []}],
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/Status"}, "status"),
+                        "401": _ERROR,
+                        "429": _ERROR,
+                    },
                 }
             },
             "/metrics": {

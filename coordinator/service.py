@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +25,9 @@ from types import TracebackType
 from aiohttp import web
 
 import edge_sdk
-from coordinator import api
+from coordinator import api, connections
 from coordinator.advertise import Advertiser, lan_addresses, txt_properties
-from coordinator.auth import RateLimiter
+from coordinator.auth import RateLimiter, hash_token
 from coordinator.config import CoordinatorConfig
 from coordinator.core import Coordinator
 from coordinator.metrics import Metrics
@@ -48,10 +49,22 @@ def build_app(
     coordinator_factory: Callable[[CoordinatorConfig, SQLiteStorage], Coordinator] = Coordinator,
 ) -> web.Application:
     """The application; mDNS runs only when `advertised_port` is given and `config.mdns` is on."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[api.error_middleware])
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[connections.track_requests, api.error_middleware],
+    )
     app[api.CONFIG] = config
-    app[api.METRICS] = Metrics()
-    app[api.SPEC] = build_spec(edge_sdk.__version__)
+    metrics = app[api.METRICS] = Metrics()
+    app[connections.GUARD] = connections.ConnectionGuard(
+        connections.ConnectionLimits(
+            header_timeout_s=config.header_timeout_s,
+            body_timeout_s=config.body_timeout_s,
+            max_per_address=config.max_connections_per_address,
+            max_total=config.max_connections,
+        ),
+        on_close=lambda reason: metrics.connections_closed.labels(reason=reason).inc(),
+    )
+    app[api.SPEC] = build_spec(edge_sdk.__version__, api.JOIN_MAX_BYTES)
     if advertised_port is not None:
         app[_PORT] = advertised_port
     app[api.RUNTIME] = api.Runtime(
@@ -60,6 +73,7 @@ def build_app(
         client_limiter=RateLimiter(config.rate_per_s, config.rate_burst),
         join_limiter=RateLimiter(1.0, 10),
         tls_fingerprint=tls_fingerprint,
+        operator_token_hash=hash_token(config.operator_token) if config.operator_token else None,
     )
 
     async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -150,6 +164,39 @@ async def _aggregation_loop(app: web.Application) -> None:
             runtime.wake.set()  # more may already be due (FedBuff under load)
 
 
+class _GuardedSockSite(web.SockSite):
+    """`web.SockSite` whose connections go through the `ConnectionGuard` (timeouts and caps).
+
+    Only `start` differs: the same `create_server` call as aiohttp's, with the guard's wrapper
+    around the protocol factory, and the TLS handshake bounded by the header timeout (asyncio's
+    default is 60 s).
+    """
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        sock: socket.socket,
+        guard: connections.ConnectionGuard,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context)
+        self._guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        handshake = self._guard.limits.header_timeout_s if self._ssl_context else None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._guard.protocol_factory(server),
+            sock=self._sock,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=handshake,
+        )
+
+
 class Service:
     """A running coordinator: socket bound first (so port 0 is known before mDNS), then the app.
 
@@ -198,13 +245,18 @@ class Service:
             tls_fingerprint=self.tls.fingerprint if self.tls else None,
         )
         self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=5.0
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=5.0,
+            keepalive_timeout=config.keepalive_timeout_s,
         )
         try:
             await self._runner.setup()
-            site = web.SockSite(
+            site = _GuardedSockSite(
                 self._runner,
                 self._sock,
+                app[connections.GUARD],
                 ssl_context=self.tls.server_context() if self.tls else None,
             )
             await site.start()

@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS updates (
     body BLOB
 );
 CREATE INDEX IF NOT EXISTS updates_pending ON updates (status, seq);
+CREATE INDEX IF NOT EXISTS updates_by_client ON updates (client_id, seq);
 CREATE TABLE IF NOT EXISTS globals (
     version INTEGER PRIMARY KEY,
     created_at REAL NOT NULL,
@@ -141,7 +142,9 @@ class Storage(Protocol):
 
     def update_counts(self) -> dict[str, int]: ...
 
-    def recent_metrics(self, limit: int) -> list[dict[str, Any]]: ...
+    def recent_metrics(self, limit: int, client_id: str | None = None) -> list[dict[str, Any]]: ...
+
+    def client_summaries(self, limit: int) -> list[dict[str, Any]]: ...
 
 
 class SQLiteStorage:
@@ -335,13 +338,15 @@ class SQLiteStorage:
         counts.update({str(s): int(n) for s, n in rows})
         return counts
 
-    def recent_metrics(self, limit: int) -> list[dict[str, Any]]:
+    def recent_metrics(self, limit: int, client_id: str | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` updates, of every client or only of `client_id`."""
+        where, args = ("WHERE client_id = ? ", (client_id, limit)) if client_id else ("", (limit,))
         rows = (
             self._conn()
             .execute(
                 "SELECT update_id, client_id, base_version, num_examples, received_at, metrics "
-                "FROM updates ORDER BY seq DESC LIMIT ?",
-                (limit,),
+                f"FROM updates {where}ORDER BY seq DESC LIMIT ?",
+                args,
             )
             .fetchall()
         )
@@ -353,6 +358,30 @@ class SQLiteStorage:
                 "num_examples": int(r[3]),
                 "received_at": float(r[4]),
                 "metrics": json.loads(r[5]),
+            }
+            for r in rows
+        ]
+
+    def client_summaries(self, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` enrolled clients with their update counts (the operator's view)."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT c.client_id, c.name, c.created_at, COUNT(u.seq), "
+                "COALESCE(SUM(u.status = 'pending'), 0) "
+                "FROM clients c LEFT JOIN updates u ON u.client_id = c.client_id "
+                "GROUP BY c.client_id ORDER BY c.created_at DESC LIMIT ?",
+                (limit,),
+            )
+            .fetchall()
+        )
+        return [
+            {
+                "client_id": r[0],
+                "name": r[1],
+                "joined_at": float(r[2]),
+                "updates": int(r[3]),
+                "pending": int(r[4]),
             }
             for r in rows
         ]

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
 
 JOIN_TOKEN_ENV = "FEDLM_JOIN_TOKEN"
+OPERATOR_TOKEN_ENV = "FEDLM_OPERATOR_TOKEN"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -88,6 +89,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"enrollment secret (default: ${JOIN_TOKEN_ENV} or generated)",
     )
     p.add_argument(
+        "--operator-token",
+        default=None,
+        help="read-only operator token: GET /v1/status with it shows every client's updates "
+        f"(default: ${OPERATOR_TOKEN_ENV} or generated and printed once)",
+    )
+    p.add_argument(
         "--tls",
         action="store_true",
         help="HTTPS with a self-signed certificate (fingerprint in mDNS)",
@@ -110,7 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _config(args: argparse.Namespace, join_token: str) -> CoordinatorConfig:
+def _config(
+    args: argparse.Namespace, join_token: str, operator_token: str = ""
+) -> CoordinatorConfig:
     from coordinator.aggregation import FedAdamConfig
     from coordinator.aggregator import AggregationConfig
     from coordinator.config import CoordinatorConfig
@@ -156,6 +165,7 @@ def _config(args: argparse.Namespace, join_token: str) -> CoordinatorConfig:
         lr=args.lr,
         max_rounds=args.max_rounds,
         join_token=join_token,
+        operator_token=operator_token,
         host=args.host,
         port=args.port,
         tls=args.tls,
@@ -189,8 +199,12 @@ def _run(args: argparse.Namespace) -> int:
     generated = not join_token
     if generated:
         join_token = generate_token()
+    operator_token = args.operator_token or os.environ.get(OPERATOR_TOKEN_ENV) or ""
+    operator_generated = not operator_token
+    if operator_generated:
+        operator_token = generate_token()
     try:
-        config = _config(args, join_token)
+        config = _config(args, join_token, operator_token)
     except ValueError as exc:  # a flag value the config refuses: a usage error, not a crash
         print(f"fedlm coordinator: error: {exc}", file=sys.stderr)
         return 2
@@ -205,6 +219,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"TLS certificate sha256 fingerprint: {service.tls.fingerprint}", flush=True)
         if generated:
             print(f"join token (shown once): {join_token}", flush=True)
+        if operator_generated:
+            print(f"operator token (shown once; for GET /v1/status): {operator_token}", flush=True)
 
     asyncio.run(serve(config, ready))
     return 0

@@ -42,6 +42,14 @@ class InvalidFieldError(WireError):
     """A field has the wrong type or a value out of its allowed range."""
 
 
+class OutOfRangeError(InvalidFieldError):
+    """An integer is outside its field's range; every integer fits a signed 64-bit (SQLite) one."""
+
+
+class InvalidMetricsError(InvalidFieldError):
+    """An update's metrics break the protocol's bounds: too many, a bad name, or not finite."""
+
+
 class InvalidKeyError(InvalidFieldError):
     """A tensor, metric or metadata key is empty, too long, or uses characters outside the charset."""
 

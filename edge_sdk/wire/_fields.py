@@ -10,16 +10,25 @@ from typing import Any
 from edge_sdk.wire._errors import (
     InvalidFieldError,
     InvalidKeyError,
+    InvalidMetricsError,
     LimitExceededError,
     MissingFieldError,
     NonFiniteError,
+    OutOfRangeError,
 )
-from edge_sdk.wire.limits import DecodeLimits
+from edge_sdk.wire.limits import (
+    INT_MAX,
+    INT_MIN,
+    MAX_METRIC_NAME_LEN,
+    MAX_METRICS,
+    DecodeLimits,
+)
 
 # Keys of tensors, metrics and metadata: dotted module paths and simple identifiers.
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:/\-]+")
 KEY_CHARSET = "A-Z a-z 0-9 _ . : / -"
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+METRIC_NAME_PATTERN = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_METRIC_NAME_LEN}}}")
 
 _MISSING = object()
 
@@ -61,21 +70,25 @@ def get_int(
     name: str,
     where: str,
     lo: int = 0,
-    hi: int = (1 << 63) - 1,
+    hi: int = INT_MAX,
     default: Any = _MISSING,
 ) -> int:
+    """An integer in [lo, hi]; `hi` never exceeds INT_MAX (every integer fits a signed 64-bit)."""
     value = get(obj, name, where, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidFieldError(f"{where}.{name}: expected an integer, got {_describe(value)}")
+    hi = min(hi, INT_MAX)
     if not lo <= value <= hi:
-        raise InvalidFieldError(f"{where}.{name}: expected an integer in [{lo}, {hi}], got {value}")
+        raise OutOfRangeError(f"{where}.{name}: expected an integer in [{lo}, {hi}], got {value}")
     return value
 
 
-def get_opt_int(obj: Mapping[str, Any], name: str, where: str, lo: int = 0) -> int | None:
+def get_opt_int(
+    obj: Mapping[str, Any], name: str, where: str, lo: int = 0, hi: int = INT_MAX
+) -> int | None:
     if obj.get(name) is None:
         return None
-    return get_int(obj, name, where, lo=lo)
+    return get_int(obj, name, where, lo=lo, hi=hi)
 
 
 def as_float(value: Any, where: str) -> float:
@@ -105,6 +118,32 @@ def get_bytes(obj: Mapping[str, Any], name: str, where: str) -> bytes:
             f"{where}.{name}: expected binary (msgpack bin), got {_describe(value)}"
         )
     return value
+
+
+def check_metrics(metrics: Any, where: str) -> dict[str, float]:
+    """An update's metrics: at most MAX_METRICS finite numbers under short [A-Za-z0-9_.-] names.
+
+    Metrics are stored with every update and shown by the coordinator's status, so they are
+    bounded far below the generic container limits; every failure is `InvalidMetricsError`.
+    """
+    if not isinstance(metrics, Mapping):
+        raise InvalidMetricsError(f"{where}: expected a map, got {_describe(metrics)}")
+    if len(metrics) > MAX_METRICS:
+        raise InvalidMetricsError(
+            f"{where}: {len(metrics)} entries exceed the protocol's {MAX_METRICS}"
+        )
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not METRIC_NAME_PATTERN.fullmatch(key):
+            shown = key[:MAX_METRIC_NAME_LEN] if isinstance(key, str) else _describe(key)
+            raise InvalidMetricsError(
+                f"{where}: name {shown!r} should be 1-{MAX_METRIC_NAME_LEN} chars of [A-Za-z0-9_.-]"
+            )
+        try:
+            out[key] = as_float(value, f"{where}.{key}")
+        except (InvalidFieldError, NonFiniteError) as exc:  # not a number, or NaN/inf
+            raise InvalidMetricsError(str(exc)) from None
+    return out
 
 
 def check_key(key: Any, where: str, limits: DecodeLimits) -> str:
@@ -139,8 +178,8 @@ def check_json_like(value: Any, where: str, limits: DecodeLimits, depth: int = 0
             )
         return value
     if isinstance(value, int):
-        if not -(1 << 63) <= value < 1 << 64:
-            raise InvalidFieldError(f"{where}: integer {value} outside the 64-bit range")
+        if not INT_MIN <= value <= INT_MAX:
+            raise OutOfRangeError(f"{where}: integer {value} outside the signed 64-bit range")
         return value
     if isinstance(value, float):
         return as_float(value, where)

@@ -6,6 +6,16 @@ from dataclasses import dataclass
 
 _MIB = 1 << 20
 
+# Protocol bounds, the same for every decoder (not tunable like `DecodeLimits`):
+INT_MIN = -(1 << 63)
+INT_MAX = (1 << 63) - 1
+"""Every integer of every message fits a signed 64-bit integer: what SQLite's INTEGER, JSON
+consumers that parse into int64 and most languages' default integer hold."""
+MAX_METRICS = 64
+"""Most entries of an update's `metrics` map (a device reports a few losses, not a dataset)."""
+MAX_METRIC_NAME_LEN = 64
+"""Longest metric name; names use only [A-Za-z0-9_.-]."""
+
 
 @dataclass(frozen=True)
 class DecodeLimits:

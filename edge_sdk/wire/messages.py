@@ -29,9 +29,9 @@ from edge_sdk.wire._errors import (
 from edge_sdk.wire._fields import (
     KEY_PATTERN,
     SHA256_PATTERN,
-    as_float,
     check_json_like,
     check_key,
+    check_metrics,
     get,
     get_float,
     get_int,
@@ -40,16 +40,12 @@ from edge_sdk.wire._fields import (
     get_str,
 )
 from edge_sdk.wire.codecs import CodecSpec, EncodedTensor, UpdateEncoder, encode_tensor, parse_codec
-from edge_sdk.wire.limits import DEFAULT_LIMITS, DecodeLimits
+from edge_sdk.wire.limits import DEFAULT_LIMITS, INT_MAX, DecodeLimits
 
 LORA_MODES = ("naive", "frozen-a", "exact")
 MAX_RANK = 65536
 _ID_MAX = 128
 _ERROR_CODE = re.compile(r"[a-z0-9_.\-]{1,64}")
-# Every wire integer ("uint" in docs/wire-format.md) is at most 2^63 - 1, so it fits a signed
-# 64-bit integer (SQLite INTEGER, Java long): a uint64 such as num_tokens = 2^64 - 1 would
-# otherwise decode here and then fail inside the coordinator's ledger.
-_UINT_MAX = (1 << 63) - 1
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -66,9 +62,13 @@ def _check_id(value: Any, name: str) -> str:
 
 
 def _check_count(value: Any, name: str, lo: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= _UINT_MAX:
-        top = " and at most 2**63 - 1" if isinstance(value, int) and value > lo else ""
-        raise ValueError(f"`{name}` should be an integer >= {lo}{top}, got {value!r}")
+    # INT_MAX, not 2^64-1: whatever is encoded must also decode and fit a SQLite INTEGER.
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"`{name}` should be an integer >= {lo}, got {value!r}")
+    if value > INT_MAX:
+        raise ValueError(
+            f"`{name}` should be at most 2^63-1 (a signed 64-bit integer), got {value}"
+        )
     return value
 
 
@@ -276,10 +276,10 @@ class AdapterUpdate(_Message):
             raise TypeError(f"`lora` should be a LoraSpec, got {type(self.lora).__name__}")
         _check_count(self.num_examples, "num_examples")
         _check_count(self.num_tokens, "num_tokens")
-        metrics = {
-            check_key(k, "metrics", DEFAULT_LIMITS): as_float(v, f"metrics.{k}")
-            for k, v in self.metrics.items()
-        }
+        try:
+            metrics = check_metrics(self.metrics, "metrics")
+        except WireError as exc:
+            raise ValueError(str(exc)) from None
         object.__setattr__(self, "metrics", metrics)
         spec = parse_codec(self.codec)
         object.__setattr__(self, "codec", str(spec))
@@ -352,24 +352,18 @@ class AdapterUpdate(_Message):
     @classmethod
     def _from_body(cls, body: dict[str, Any], limits: DecodeLimits) -> AdapterUpdate:
         w = "AdapterUpdate"
-        metrics = get_map(body, "metrics", w)
-        if len(metrics) > limits.max_container_len:
-            raise LimitExceededError(f"{w}.metrics: more than max_container_len entries")
-        metrics = {
-            check_key(k, f"{w}.metrics", limits): as_float(v, f"{w}.metrics.{k}")
-            for k, v in metrics.items()
-        }
+        metrics = check_metrics(get(body, "metrics", w), f"{w}.metrics")
         spec = parse_codec(get_str(body, "codec", w, 128))
         return _construct(
             cls,
             w,
             client_id=get_str(body, "client_id", w, _ID_MAX),
             update_id=get_str(body, "update_id", w, _ID_MAX),
-            base_version=get_int(body, "base_version", w, 0, _UINT_MAX),
+            base_version=get_int(body, "base_version", w, 0, INT_MAX),
             model_sha256=get_str(body, "model_sha256", w, 64),
             lora=LoraSpec.from_obj(get(body, "lora", w), f"{w}.lora"),
-            num_examples=get_int(body, "num_examples", w, 0, _UINT_MAX),
-            num_tokens=get_int(body, "num_tokens", w, 0, _UINT_MAX),
+            num_examples=get_int(body, "num_examples", w, 0, INT_MAX),
+            num_tokens=get_int(body, "num_tokens", w, 0, INT_MAX),
             metrics=metrics,
             codec=str(spec),
             tensors=_tensors_from_obj(get(body, "tensors", w), limits),
@@ -438,7 +432,7 @@ class GlobalAdapter(_Message):
         return _construct(
             cls,
             w,
-            version=get_int(body, "version", w, 0, _UINT_MAX),
+            version=get_int(body, "version", w, 0, INT_MAX),
             lora=LoraSpec.from_obj(get(body, "lora", w), f"{w}.lora"),
             codec=str(parse_codec(get_str(body, "codec", w, 128))),
             metadata=check_json_like(
@@ -541,12 +535,12 @@ class TaskConfig(_Message):
             model_sha256=get_str(body, "model_sha256", w, 64),
             lora=LoraSpec.from_obj(get(body, "lora", w), f"{w}.lora"),
             codec=str(parse_codec(get_str(body, "codec", w, 128))),
-            local_steps=get_int(body, "local_steps", w, 1, _UINT_MAX),
-            batch_size=get_int(body, "batch_size", w, 1, _UINT_MAX),
-            seq_len=get_int(body, "seq_len", w, 1, _UINT_MAX),
+            local_steps=get_int(body, "local_steps", w, 1, INT_MAX),
+            batch_size=get_int(body, "batch_size", w, 1, INT_MAX),
+            seq_len=get_int(body, "seq_len", w, 1, INT_MAX),
             lr=get_float(body, "lr", w),
             max_rounds=get_opt_int(body, "max_rounds", w, lo=1),
-            global_version=get_int(body, "global_version", w, 0, _UINT_MAX, default=0),
+            global_version=get_int(body, "global_version", w, 0, INT_MAX, default=0),
             extra=check_json_like(get_map(body, "extra", w, default={}), f"{w}.extra", limits),
         )
 
