@@ -131,6 +131,9 @@ class FederationRecord:
     """Time spent in the coordinator's `aggregate` (all versions)."""
     clipped: int = 0
     """Updates the coordinator's clip scaled down (all versions)."""
+    norm_ratio_max: float = 0.0
+    """Largest effect norm / the clip's reference (lower median) over every version: the
+    smallest clip multiplier that would have left every update of this run unclipped."""
 
 
 def simulate_federation(
@@ -157,7 +160,7 @@ def simulate_federation(
     latest: list[float | None] = [None] * len(datasets)
     state = ServerState()
     tokens, t0 = 0, time.perf_counter()
-    aggregation_s, clipped = 0.0, 0
+    aggregation_s, clipped, norm_ratio_max = 0.0, 0, 0.0
     targets = tuple(sorted({k.split(".")[-2] for k in current}))
     for rnd in range(config.rounds):
         contributions = []
@@ -195,6 +198,9 @@ def simulate_federation(
         outcome = aggregate(agg, shapes, current, contributions, lambda v: versions[v], state)
         aggregation_s += time.perf_counter() - t_agg
         clipped += int(outcome.stats.get("clipped", 0))
+        reference = outcome.stats["clip"]["reference"]
+        if reference:
+            norm_ratio_max = max(norm_ratio_max, outcome.stats["delta_norm_max"] / reference)
         state = outcome.state
         current = outcome.tensors
         versions.append(current)
@@ -203,7 +209,7 @@ def simulate_federation(
         if on_version is not None:
             on_version(rnd + 1, current)
     return FederationRecord(versions, sent, fp32, losses, tokens, time.perf_counter() - t0,
-                            aggregation_s, clipped)
+                            aggregation_s, clipped, norm_ratio_max)
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -267,7 +273,8 @@ def experiment(config: DemoConfig, work_dir: Path, *, arms: Sequence[str] = ARMS
         train_tokens += fed.tokens
         out["federated"] = curve[-1] | {"train_s": round(fed.seconds, 1),
                                         "aggregation_s": round(fed.aggregation_s, 2),
-                                        "clipped": fed.clipped}
+                                        "clipped": fed.clipped,
+                                        "norm_ratio_max": round(fed.norm_ratio_max, 3)}
         out["curve"] = [{k: c[k] for k in ("version", "loss", "em")} for c in curve]
         out["bytes_ratio"] = round(sum(fed.fp32_bytes) / max(1, sum(fed.bytes_sent)), 2)
         out["bytes_sent"] = fed.bytes_sent
