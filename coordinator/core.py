@@ -262,7 +262,7 @@ class Coordinator:
     def clip_policy(self) -> dict[str, Any]:
         """The per-update bound on an update's effect, as the task states it to devices."""
         agg = self.config.aggregation
-        last = self.last_aggregation.get("clip") if hasattr(self, "last_aggregation") else None
+        last = self.last_aggregation.get("clip")
         policy: dict[str, Any] = {
             "norm": "frobenius of s·B·A - base" if agg.mode == "exact" else "l2 of factor delta",
             "fixed": agg.dp.clip_norm if agg.dp is not None else agg.clip_norm,
@@ -469,7 +469,8 @@ class Coordinator:
             snapshot, version, current = list(self._pending), self.version, self._current
         try:
             weights = {r.update_id: strategy.weight(r, version, self.weight_cap) for r in snapshot}
-            drops = {r.update_id: "stale" for r in snapshot if weights[r.update_id] <= 0}
+            # Weight 0: too stale for the strategy, or no examples; not an attack, logged at INFO.
+            drops = {r.update_id: "zero_weight" for r in snapshot if weights[r.update_id] <= 0}
             used = [r for r in snapshot if weights[r.update_id] > 0]
             started = time.perf_counter()
             outcome, used = self._aggregate_isolating(used, weights, current, drops)
@@ -548,6 +549,11 @@ class Coordinator:
             except ContributionError as exc:
                 drops[item.update_id] = "non_finite_effect"
                 log.debug("%s", exc)
+            except Exception as exc:
+                if isinstance(exc, _INFRASTRUCTURE_ERRORS):
+                    raise
+                drops[item.update_id] = "aggregation_failed"
+                log.debug("effect of %s: %s: %s", item.update_id, type(exc).__name__, exc)
         return norms
 
     def _attempt(
@@ -605,7 +611,7 @@ class Coordinator:
     ) -> None:
         clients = {r.update_id: r.client_id for r in snapshot}
         for update_id, reason in drops.items():
-            level = logging.INFO if reason == "stale" else logging.WARNING
+            level = logging.INFO if reason == "zero_weight" else logging.WARNING
             log.log(
                 level, "dropped update %s of client %s at version %d: %s",
                 update_id, clients.get(update_id, "?"), version, reason,

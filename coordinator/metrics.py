@@ -28,7 +28,7 @@ class Metrics:
         )
         self.updates_dropped = Counter(
             "fedlm_updates_dropped",
-            "Stored updates dropped at aggregation, by reason (stale, non_finite_effect, "
+            "Stored updates dropped at aggregation, by reason (zero_weight, non_finite_effect, "
             "aggregation_failed, lora_mismatch, undecodable)",
             ["reason"],
             registry=r,
