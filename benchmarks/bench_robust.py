@@ -36,21 +36,24 @@ ROOT = Path(__file__).resolve().parents[1]
 CODE = Path(sys.argv[sys.argv.index("--code") + 1]).resolve() if "--code" in sys.argv else ROOT
 sys.path.insert(0, str(CODE / "benchmarks"))
 
-from bench_coordinator import ALPHA, RANK, make_updates, rss_mb, smollm2_shapes  # noqa: E402
+from bench_coordinator import ALPHA, RANK, make_updates, rss_mb, smollm2_shapes
 
-from coordinator.aggregator import AggregationConfig  # noqa: E402
-from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.core import Coordinator  # noqa: E402
-from coordinator.storage import SQLiteStorage, UpdateRecord  # noqa: E402
-from coordinator.strategies import FedBuff  # noqa: E402
+from coordinator.aggregator import AggregationConfig
+from coordinator.config import CoordinatorConfig
+from coordinator.core import Coordinator
+from coordinator.storage import SQLiteStorage, UpdateRecord
+from coordinator.strategies import FedBuff
 
 CONFIGS = {
     "exact, no clip": {"mode": "exact", "clip_multiplier": None},
     "exact, clip (default)": {"mode": "exact"},
     "naive, no clip": {"mode": "naive", "clip_multiplier": None},
     "naive, clip (default)": {"mode": "naive"},
-    "naive, trimmed-mean 0.25 + clip": {"mode": "naive", "robust": "trimmed-mean",
-                                        "trim_ratio": 0.25},
+    "naive, trimmed-mean 0.25 + clip": {
+        "mode": "naive",
+        "robust": "trimmed-mean",
+        "trim_ratio": 0.25,
+    },
     "naive, median + clip": {"mode": "naive", "robust": "median"},
 }
 
@@ -120,9 +123,19 @@ def main() -> None:
                     )  # fmt: skip
                     runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             best = min(runs, key=lambda r: r["cpu_s"])
-            print(json.dumps({"config": name, "code": args.code or "this", "n": n,
-                              "runs": len(runs), **best,
-                              "cpu_s_all": [r["cpu_s"] for r in runs]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "config": name,
+                        "code": args.code or "this",
+                        "n": n,
+                        "runs": len(runs),
+                        **best,
+                        "cpu_s_all": [r["cpu_s"] for r in runs],
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

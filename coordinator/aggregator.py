@@ -135,7 +135,9 @@ class AggregationConfig:
             raise ValueError(f"`robust` should be one of {', '.join(ROBUST)}, got {self.robust!r}")
         if not 0.0 <= self.trim_ratio < 0.5:
             raise ValueError(f"`trim_ratio` should be in [0, 0.5), got {self.trim_ratio}")
-        if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+        if self.clip_norm is not None and not (
+            self.clip_norm > 0 and math.isfinite(self.clip_norm)
+        ):
             raise ValueError(f"`clip_norm` should be > 0 or None, got {self.clip_norm}")
         if self.clip_multiplier is not None and not (
             self.clip_multiplier >= 1.0 and math.isfinite(self.clip_multiplier)
@@ -412,9 +414,7 @@ def aggregate(
     if config.mode == "exact":
         outcome = _aggregate_exact(config, shapes, current, contributions, base, state, clip)
     else:
-        outcome = _aggregate_factors(
-            config, shapes, current, contributions, base, state, rng, clip
-        )
+        outcome = _aggregate_factors(config, shapes, current, contributions, base, state, rng, clip)
     for key, value in outcome.tensors.items():
         if not np.isfinite(value).all():
             raise AggregationError(f"the aggregated {key} is not finite")

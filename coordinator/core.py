@@ -724,8 +724,7 @@ class Coordinator:
                 )
                 if clients < strategy.min_updates:
                     message += (
-                        f"; only {clients} enrolled: enroll another device or lower "
-                        "--min-updates"
+                        f"; only {clients} enrolled: enroll another device or lower --min-updates"
                     )
             elif deadline is not None:
                 message += f", or publishes the {out['pending']} it has in {deadline:g} s"

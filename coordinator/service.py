@@ -146,7 +146,9 @@ async def _aggregation_loop(app: web.Application) -> None:
             # by the coordinator itself. Back off so a broken disk does not burn a core.
             failures += 1
             delay = min(60.0, config.tick_s * 2**failures)
-            log.exception("aggregation failed; the pending updates are kept, retry in %.0f s", delay)
+            log.exception(
+                "aggregation failed; the pending updates are kept, retry in %.0f s", delay
+            )
             await asyncio.sleep(delay)
             continue
         failures = 0

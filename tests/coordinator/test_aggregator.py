@@ -258,15 +258,15 @@ def _effect(config, before, after) -> float:
         return float(
             np.sqrt(
                 sum(
-                    np.sum((_product(after, m, config.scale) - _product(before, m, config.scale)) ** 2)
+                    np.sum(
+                        (_product(after, m, config.scale) - _product(before, m, config.scale)) ** 2
+                    )
                     for m in SHAPES
                 )
             )
         )
     keys = config.update_keys(SHAPES)
-    return float(
-        np.sqrt(sum(np.sum((after[k].astype(np.float64) - before[k]) ** 2) for k in keys))
-    )
+    return float(np.sqrt(sum(np.sum((after[k].astype(np.float64) - before[k]) ** 2) for k in keys)))
 
 
 def test_lower_median_and_the_adaptive_bound() -> None:
@@ -294,8 +294,10 @@ def test_one_huge_update_moves_the_adapter_by_at_most_the_bound_in_every_mode(mo
     keys = config.update_keys(SHAPES)
 
     def trained(scale: float) -> dict[str, np.ndarray]:
-        return {k: current[k] + rng.normal(0, 0.01, current[k].shape).astype(np.float32) * scale
-                for k in keys}
+        return {
+            k: current[k] + rng.normal(0, 0.01, current[k].shape).astype(np.float32) * scale
+            for k in keys
+        }
 
     honest = [trained(1.0) for _ in range(3)]
     attacker = trained(1.0)
@@ -310,8 +312,11 @@ def test_one_huge_update_moves_the_adapter_by_at_most_the_bound_in_every_mode(mo
     honest_norms = [effect_norm(config, SHAPES, c, current) for c in contributions[:3]]
     assert clip["bound"] <= 2.0 * max(honest_norms) + 1e-12  # the attacker did not lift it
     assert _effect(config, current, outcome.tensors) <= clip["bound"] * (1 + 1e-5)
-    unclipped = _run(AggregationConfig(mode=mode, rank=4, alpha=8.0, a_seed=2,
-                                       clip_multiplier=None), current, contributions)
+    unclipped = _run(
+        AggregationConfig(mode=mode, rank=4, alpha=8.0, a_seed=2, clip_multiplier=None),
+        current,
+        contributions,
+    )
     assert _effect(config, current, unclipped.tensors) > 100 * clip["bound"]  # what it stopped
 
 
@@ -345,8 +350,9 @@ def test_norm_history_is_kept_and_survives_the_state_blob() -> None:
     current = initial_adapter(config, SHAPES)
     state = ServerState()
     for version in range(3):
-        contributions = [Contribution(f"u{version}{i}", _random_adapter(rng, 2), 1.0, 0, 1.0)
-                         for i in range(2)]
+        contributions = [
+            Contribution(f"u{version}{i}", _random_adapter(rng, 2), 1.0, 0, 1.0) for i in range(2)
+        ]
         state = _run(config, current, contributions, state=state).state
     assert len(state.norm_history) == 3  # the last clip_history norms
     restored = ServerState.from_bytes(state.to_bytes())

@@ -53,7 +53,10 @@ def test_fedbuff_partial_buffer_publishes_after_max_wait_once_min_updates_are_in
     full = [*two, _rec("c", "c3", at=125.0), _rec("d", "c4", at=126.0)]
     assert strategy.due(full, 0, 0.0, now=126.0)  # a full buffer does not wait
     assert strategy.waiting(one, 0, 0.0, 110.0) == {
-        "pending": 1, "more": 3, "min_more": 1, "deadline_in_s": 20.0
+        "pending": 1,
+        "more": 3,
+        "min_more": 1,
+        "deadline_in_s": 20.0,
     }
     assert strategy.waiting([], 0, 0.0, 110.0)["deadline_in_s"] is None
     assert strategy.describe()["min_updates"] == 2 and strategy.describe()["max_wait_s"] == 30.0

@@ -42,13 +42,40 @@ def test_two_devices_with_the_default_strategy_finish_two_rounds(
 ) -> None:
     coordinator = subprocess.Popen(
         [
-            sys.executable, "-m", "edge_sdk.cli", "coordinator", "--model", str(tiny_gguf),
-            "--host", "127.0.0.1", "--port", "0", "--no-mdns", "--db", str(tmp_path / "c.sqlite"),
-            "--join-token", JOIN_TOKEN, "--targets", "q_proj,v_proj", "--local-steps", "3",
-            "--batch-size", "2", "--seq-len", "32", "--lr", "0.01", "--max-rounds", "2",
-        ],  # fmt: skip  (strategy and aggregation: the defaults)
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO,
-    )  # fmt: skip
+            sys.executable,
+            "-m",
+            "edge_sdk.cli",
+            "coordinator",
+            "--model",
+            str(tiny_gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-mdns",
+            "--db",
+            str(tmp_path / "c.sqlite"),
+            "--join-token",
+            JOIN_TOKEN,
+            "--targets",
+            "q_proj,v_proj",
+            "--local-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--lr",
+            "0.01",
+            "--max-rounds",
+            "2",
+        ],  # strategy and aggregation: the defaults
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+    )
     coordinator_out: list[str] = []
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(
@@ -71,14 +98,34 @@ def test_two_devices_with_the_default_strategy_finish_two_rounds(
             devices.append(
                 subprocess.Popen(
                     [
-                        sys.executable, "-m", "edge_sdk.cli", "join", str(tiny_gguf),
-                        "--data", str(data), "--coordinator", url, "--join-token", JOIN_TOKEN,
-                        "--state-dir", str(tmp_path / name), "--name", name,
-                        "--precision", "fp32", "--threads", "1", "--poll-interval", "0.5",
+                        sys.executable,
+                        "-m",
+                        "edge_sdk.cli",
+                        "join",
+                        str(tiny_gguf),
+                        "--data",
+                        str(data),
+                        "--coordinator",
+                        url,
+                        "--join-token",
+                        JOIN_TOKEN,
+                        "--state-dir",
+                        str(tmp_path / name),
+                        "--name",
+                        name,
+                        "--precision",
+                        "fp32",
+                        "--threads",
+                        "1",
+                        "--poll-interval",
+                        "0.5",
                     ],
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=_env(),
                     cwd=REPO,
-                )  # fmt: skip
+                )
             )
         outputs = [device.communicate(timeout=330)[0] for device in devices]
     finally:
