@@ -355,3 +355,19 @@ def test_status_and_task_state_the_clip_and_the_weight_cap(tmp_path: Path) -> No
         assert status["aggregation"]["max_weight_examples"] == 80
         spec = LoraSpec(8, 16.0, TARGETS, "exact", 0)
         assert task.lora == spec and task.model_sha256 == SHA
+
+
+def test_fedavg_says_what_its_round_waits_for(tmp_path: Path) -> None:
+    from coordinator.strategies import FedAvg
+
+    now = [500.0]
+    strategy = FedAvg(clients_per_round=3, min_clients=2, deadline_s=60.0)
+    coordinator, storage = _open(tmp_path, clock=lambda: now[0], strategy=strategy)
+    with storage:
+        ((cid, _),) = _submit_from_new_clients(coordinator, np.random.default_rng(7), 1)
+        now[0] += 20.0
+        assert coordinator.waiting()["message"] == (
+            "round 1 waits for 2 more updates (clients-per-round 3, 1 clients enrolled); "
+            "at the deadline (in 40 s) it closes once 2 are in"
+        )
+        assert coordinator.waiting()["deadline_in_s"] == 40.0
