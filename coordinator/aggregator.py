@@ -9,8 +9,16 @@ training. The server works with deltas against that base, which is what makes as
     exact:             ΔWᵢ = sᵢ·Bᵢ·Aᵢ - s·B_b·A_b   (s = alpha/r, per layer, never dense)
                        W' = s·B·A + η · Σ wᵢ·cᵢ·ΔWᵢ / Σ wᵢ, re-projected to rank r
 
-cᵢ ≤ 1 is the clipping coefficient. With η = 1 and every client on the current version, the
-exact mode gives exactly the best rank-r approximation of Σ wᵢ·sᵢ·Bᵢ·Aᵢ / Σ wᵢ.
+cᵢ ≤ 1 is the clipping coefficient: it scales the update's *effect* (Δᵢ over the factor tensors
+in naive / frozen-a, the dense ΔWᵢ in exact, by Frobenius norm, never formed) to norm ≤ C. The
+bound C is on by default (`clip_bound`): C = c · m with m the lower median of the effect norms
+of this aggregation's updates and of the last `clip_history` aggregated ones, optionally capped
+by a fixed `clip_norm`; under DP it is `dp.clip_norm`. The weights wᵢ / Σ wᵢ sum to 1, so the
+averaged step has norm ≤ C: one version moves the global adapter by at most η·C in the factor
+modes (plain server step), and s·B·A by at most η·C before the exact mode's rank-r
+re-projection (from version 0, where B = 0, after it too; in general the re-projection at most
+doubles it, Eckart-Young). With η = 1 and every client on the current version, the exact mode
+gives exactly the best rank-r approximation of Σ wᵢ·cᵢ·sᵢ·Bᵢ·Aᵢ / Σ wᵢ.
 
 Memory: the mean modes hold one float64 sum of the adapter; the exact mode holds, per layer,
 a factored sum of rank ≤ 2·max_rank (`LowRankSum`). Both are O(adapter) for any number of
@@ -24,7 +32,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +43,6 @@ from coordinator.aggregation import (
     LowRankSum,
     Tensors,
     WeightedMean,
-    clip_coefficient,
     coordinate_median,
     fedadam_step,
     fill_dead_ranks,
@@ -46,12 +53,16 @@ from coordinator.aggregation import (
     tensors_norm,
     trimmed_mean,
 )
+from coordinator.errors import AggregationError, ContributionError
 from coordinator.privacy import DpConfig, epsilon_spent, privatize_sum
 
 log = logging.getLogger(__name__)
 
 MODES = ("naive", "frozen-a", "exact")
 ROBUST = ("mean", "trimmed-mean", "median")
+
+MAX_SCALE = 1024.0
+"""Largest LoRA scale alpha / r a task may use (PEFT tasks use 0.1-16; rsLoRA up to ~64)."""
 
 Shapes = dict[str, tuple[int, int]]
 """HF module path (`model.layers.0.self_attn.q_proj`) -> (out_features, in_features)."""
@@ -84,7 +95,18 @@ class AggregationConfig:
     trim_ratio: float = 0.1
     """Fraction cut from each end per coordinate for `trimmed-mean`."""
     clip_norm: float | None = None
-    """Per-update L2 bound on the delta (over all its tensors); None = no clipping."""
+    """Fixed per-update bound on the norm of the update's effect (see `clip_bound`); None = no
+    fixed bound. With `clip_multiplier` set too, the smaller of the two bounds applies."""
+    clip_multiplier: float | None = 2.0
+    """c of the adaptive bound c · m, m = lower median of the effect norms of the updates being
+    aggregated and of the last `clip_history` aggregated updates. On by default; None = off.
+    Ignored under `dp` (a data-dependent bound would break DP's sensitivity)."""
+    clip_history: int = 16
+    """How many effect norms of earlier aggregated updates join the adaptive reference (so a
+    buffer of one update is still clipped against its predecessors); 0 = this buffer only."""
+    max_weight_examples: int | None = None
+    """Cap on `num_examples` used as an update's weight; None = the task's local_steps ×
+    batch_size (the examples one local round trains on), resolved by the coordinator."""
     fedadam: FedAdamConfig | None = None
     """Server optimizer; None = plain server learning rate."""
     dp: DpConfig | None = None
@@ -101,6 +123,10 @@ class AggregationConfig:
             raise ValueError(f"`rank` should be a positive integer, got {self.rank}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ValueError(f"`alpha` should be > 0, got {self.alpha}")
+        if self.alpha / self.rank > MAX_SCALE:
+            raise ValueError(
+                f"`alpha` / `rank` should be at most {MAX_SCALE:g}, got {self.alpha}/{self.rank}"
+            )
         if self.a_seed < 0:
             raise ValueError(f"`a_seed` should be >= 0, got {self.a_seed}")
         if not self.server_lr > 0:
@@ -109,8 +135,22 @@ class AggregationConfig:
             raise ValueError(f"`robust` should be one of {', '.join(ROBUST)}, got {self.robust!r}")
         if not 0.0 <= self.trim_ratio < 0.5:
             raise ValueError(f"`trim_ratio` should be in [0, 0.5), got {self.trim_ratio}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
+        if self.clip_norm is not None and not (
+            self.clip_norm > 0 and math.isfinite(self.clip_norm)
+        ):
             raise ValueError(f"`clip_norm` should be > 0 or None, got {self.clip_norm}")
+        if self.clip_multiplier is not None and not (
+            self.clip_multiplier >= 1.0 and math.isfinite(self.clip_multiplier)
+        ):
+            raise ValueError(
+                f"`clip_multiplier` should be >= 1 or None, got {self.clip_multiplier}"
+            )
+        if self.clip_history < 0:
+            raise ValueError(f"`clip_history` should be >= 0, got {self.clip_history}")
+        if self.max_weight_examples is not None and self.max_weight_examples < 1:
+            raise ValueError(
+                f"`max_weight_examples` should be >= 1 or None, got {self.max_weight_examples}"
+            )
         if self.max_client_rank < self.rank:
             raise ValueError(
                 f"`max_client_rank` should be >= rank={self.rank}, got {self.max_client_rank}"
@@ -183,7 +223,7 @@ class Contribution:
     tensors: Mapping[str, np.ndarray]
     """The client's adapter after local training (A and B, or B only in frozen-a)."""
     weight: float
-    """From the strategy (num_examples × staleness discount); uniform under DP."""
+    """From the strategy (capped num_examples × staleness discount); uniform under DP."""
     base_version: int
     scale: float
     """The client's alpha / r (exact mode weighs Bᵢ·Aᵢ by it)."""
@@ -191,14 +231,19 @@ class Contribution:
 
 @dataclass
 class ServerState:
-    """What the aggregator carries across versions: FedAdam moments and the DP ledger."""
+    """What the aggregator carries across versions: FedAdam moments, the DP ledger, and the
+    effect norms of the last aggregated updates (the adaptive clip's history)."""
 
     m: Tensors | None = None
     v: Tensors | None = None
     dp_aggregations: int = 0
+    norm_history: tuple[float, ...] = ()
 
     def to_bytes(self) -> bytes:
-        arrays: dict[str, np.ndarray] = {"dp_aggregations": np.array(self.dp_aggregations)}
+        arrays: dict[str, np.ndarray] = {
+            "dp_aggregations": np.array(self.dp_aggregations),
+            "norm_history": np.asarray(self.norm_history, dtype=np.float64),
+        }
         for prefix, tensors in (("m/", self.m), ("v/", self.v)):
             for key, value in (tensors or {}).items():
                 arrays[prefix + key] = value
@@ -213,7 +258,15 @@ class ServerState:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             m = {k[2:]: npz[k] for k in npz.files if k.startswith("m/")}
             v = {k[2:]: npz[k] for k in npz.files if k.startswith("v/")}
-            return cls(m=m or None, v=v or None, dp_aggregations=int(npz["dp_aggregations"]))
+            # Blobs written before the adaptive clip have no history: start it empty.
+            history = npz["norm_history"] if "norm_history" in npz.files else np.zeros(0)
+            finite = [float(x) for x in np.ravel(history) if math.isfinite(float(x)) and x >= 0]
+            return cls(
+                m=m or None,
+                v=v or None,
+                dp_aggregations=int(npz["dp_aggregations"]),
+                norm_history=tuple(finite),
+            )
 
 
 @dataclass
@@ -224,6 +277,113 @@ class Outcome:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+# -------------------------------------------------------------------------------------------
+# Clipping: the bound, and each update's effect norm
+# -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClipBound:
+    """The per-update bound one aggregation applies, and where it came from."""
+
+    bound: float | None
+    """Largest norm of one update's effect after clipping; None = not clipped."""
+    source: str
+    """`off`, `fixed` (clip_norm), `adaptive` (c · lower median), or `dp` (dp.clip_norm)."""
+    reference: float | None = None
+    """m, the lower median the adaptive bound was computed from (None when not adaptive)."""
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"bound": self.bound, "source": self.source, "reference": self.reference}
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The ⌈n/2⌉-th smallest value: with fewer than half of the values hostile, it lies between
+    two honest values; with exactly half (one attacker of two), it is at most an honest one."""
+    if not values:
+        raise ValueError("no values to take the median of")
+    return float(sorted(values)[(len(values) - 1) // 2])
+
+
+def clip_bound(
+    config: AggregationConfig, norms: Sequence[float], history: Sequence[float] = ()
+) -> ClipBound:
+    """The bound for an aggregation of updates with effect `norms` (see the module docstring).
+
+    `history` holds the effect norms of earlier aggregated updates (`ServerState.norm_history`);
+    only its last `config.clip_history` values count.
+    """
+    if config.dp is not None:
+        return ClipBound(config.dp.clip_norm, "dp")
+    fixed = config.clip_norm
+    if config.clip_multiplier is None:
+        return ClipBound(fixed, "fixed") if fixed is not None else ClipBound(None, "off")
+    recent = list(history)[-config.clip_history :] if config.clip_history else []
+    reference = lower_median([*norms, *recent])
+    adaptive = config.clip_multiplier * reference
+    if fixed is not None and fixed < adaptive:
+        return ClipBound(fixed, "fixed", reference)
+    return ClipBound(adaptive, "adaptive", reference)
+
+
+def _clip_coef(norm: float, bound: float | None) -> float:
+    if bound is None or norm <= bound:
+        return 1.0
+    # bound 0 (at least half of the reference norms were 0): the update moves nothing.
+    return bound / norm if bound > 0 else 0.0
+
+
+def _check_contribution(item: Contribution) -> None:
+    if not (item.weight >= 0 and math.isfinite(item.weight)):
+        raise ContributionError(item.update_id, f"weight {item.weight} is not finite")
+    if not (item.scale > 0 and math.isfinite(item.scale) and item.scale <= MAX_SCALE):
+        raise ContributionError(item.update_id, f"LoRA scale {item.scale} is not usable")
+
+
+def effect_norm(
+    config: AggregationConfig,
+    shapes: Shapes,
+    item: Contribution,
+    reference: Mapping[str, np.ndarray],
+) -> float:
+    """Norm of what `item` would change in the global adapter, in the mode's parametrisation.
+
+    naive / frozen-a: ‖θᵢ - θ_base‖ over the factor tensors the mode averages; exact:
+    ‖sᵢ·Bᵢ·Aᵢ - s·B_b·A_b‖_F over every layer, from the factors (never dense). Raises
+    `ContributionError` when it is not finite (e.g. an alpha of 1e300 on finite tensors).
+    """
+    _check_contribution(item)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if config.mode == "exact":
+            total = 0.0
+            for module in shapes:
+                bm, am, _ = _client_factors(item, reference, module, config.scale, config.rank)
+                total += lowrank_norm(bm, am) ** 2
+            norm = math.sqrt(total) if math.isfinite(total) else math.inf
+        else:
+            norm = tensors_norm(_factor_delta(config, shapes, item, reference))
+    if not math.isfinite(norm):
+        raise ContributionError(item.update_id, "the norm of its effect is not finite")
+    return norm
+
+
+def _factor_delta(
+    config: AggregationConfig,
+    shapes: Shapes,
+    item: Contribution,
+    reference: Mapping[str, np.ndarray],
+) -> Tensors:
+    return {
+        k: np.asarray(item.tensors[k], np.float64) - np.asarray(reference[k], np.float64)
+        for k in config.update_keys(shapes)
+    }
+
+
+# -------------------------------------------------------------------------------------------
+# One aggregation
+# -------------------------------------------------------------------------------------------
+
+
 def aggregate(
     config: AggregationConfig,
     shapes: Shapes,
@@ -232,15 +392,40 @@ def aggregate(
     base: Callable[[int], Mapping[str, np.ndarray]],
     state: ServerState,
     rng: np.random.Generator | None = None,
+    *,
+    clip: ClipBound | None = None,
 ) -> Outcome:
-    """Fold `contributions` (consumed once, lazily) into the next global adapter.
+    """Fold `contributions` into the next global adapter.
 
     `base(v)` returns the global adapter of version v (the service caches decoded versions).
-    Raises `ValueError` when no contribution has positive weight.
+    `clip` is the bound to apply; a streaming caller (the coordinator) measures every update's
+    `effect_norm` first and passes `clip_bound(...)`, so the contributions are consumed once,
+    lazily. Without it the bound is computed here, which holds the contributions in memory.
+
+    Raises `ContributionError` naming an update whose effect or weight is not finite,
+    `AggregationError` when the result is not finite, and `ValueError` when no contribution
+    has positive weight.
     """
+    if clip is None:
+        items = [c for c in contributions if c.weight > 0]
+        norms = [effect_norm(config, shapes, c, base(c.base_version)) for c in items]
+        clip = clip_bound(config, norms, state.norm_history) if items else ClipBound(None, "off")
+        contributions = items
     if config.mode == "exact":
-        return _aggregate_exact(config, shapes, current, contributions, base, state)
-    return _aggregate_factors(config, shapes, current, contributions, base, state, rng)
+        outcome = _aggregate_exact(config, shapes, current, contributions, base, state, clip)
+    else:
+        outcome = _aggregate_factors(config, shapes, current, contributions, base, state, rng, clip)
+    for key, value in outcome.tensors.items():
+        if not np.isfinite(value).all():
+            raise AggregationError(f"the aggregated {key} is not finite")
+    outcome.stats["clip"] = clip.to_obj()
+    return outcome
+
+
+def _next_history(config: AggregationConfig, state: ServerState, norms: list[float]) -> tuple:
+    if config.clip_history == 0:
+        return ()
+    return tuple([*state.norm_history, *norms][-config.clip_history :])
 
 
 def _aggregate_factors(
@@ -251,9 +436,9 @@ def _aggregate_factors(
     base: Callable[[int], Mapping[str, np.ndarray]],
     state: ServerState,
     rng: np.random.Generator | None,
+    clip: ClipBound,
 ) -> Outcome:
     keys = config.update_keys(shapes)
-    clip = config.dp.clip_norm if config.dp is not None else config.clip_norm
     mean = WeightedMean()
     kept: list[Tensors] = []  # robust statistics only: O(clients × adapter)
     norms: list[float] = []
@@ -261,18 +446,16 @@ def _aggregate_factors(
     for item in contributions:
         if item.weight <= 0:
             continue
-        reference = base(item.base_version)
-        delta = {
-            k: np.asarray(item.tensors[k], np.float64) - np.asarray(reference[k], np.float64)
-            for k in keys
-        }
+        _check_contribution(item)
+        delta = _factor_delta(config, shapes, item, base(item.base_version))
         norm = tensors_norm(delta)
+        if not math.isfinite(norm):
+            raise ContributionError(item.update_id, "the norm of its effect is not finite")
         norms.append(norm)
-        if clip is not None:
-            coef = clip_coefficient(norm, clip)
-            if coef < 1.0:
-                clipped += 1
-                delta = {k: v * coef for k, v in delta.items()}
+        coef = _clip_coef(norm, clip.bound)
+        if coef < 1.0:
+            clipped += 1
+            delta = {k: v * coef for k, v in delta.items()}
         if config.robust == "mean":
             mean.add(delta, 1.0 if config.dp is not None else item.weight)
         else:
@@ -293,7 +476,12 @@ def _aggregate_factors(
                 if config.robust == "median"
                 else trimmed_mean(stacked, config.trim_ratio)
             )
-    new_state = ServerState(m=state.m, v=state.v, dp_aggregations=state.dp_aggregations)
+    new_state = ServerState(
+        m=state.m,
+        v=state.v,
+        dp_aggregations=state.dp_aggregations,
+        norm_history=_next_history(config, state, norms),
+    )
     if config.dp is not None:
         generator = rng if rng is not None else np.random.default_rng()
         summed = {k: v * len(norms) for k, v in avg.items()}
@@ -325,6 +513,7 @@ def _aggregate_exact(
     contributions: Iterable[Contribution],
     base: Callable[[int], Mapping[str, np.ndarray]],
     state: ServerState,
+    clip: ClipBound,
 ) -> Outcome:
     s = config.scale
     sums = {
@@ -338,14 +527,16 @@ def _aggregate_exact(
     for item in contributions:
         if item.weight <= 0:
             continue
+        _check_contribution(item)
         reference = base(item.base_version)
-        factors = {m: _client_factors(item, reference, m, s, config.rank) for m in shapes}
-        norm = math.sqrt(sum(lowrank_norm(bm, am) ** 2 for bm, am, _ in factors.values()))
+        with np.errstate(over="ignore", invalid="ignore"):
+            factors = {m: _client_factors(item, reference, m, s, config.rank) for m in shapes}
+            norm = math.sqrt(sum(lowrank_norm(bm, am) ** 2 for bm, am, _ in factors.values()))
+        if not math.isfinite(norm):
+            raise ContributionError(item.update_id, "the norm of its effect is not finite")
         norms.append(norm)
-        coef = 1.0
-        if config.clip_norm is not None:
-            coef = clip_coefficient(norm, config.clip_norm)
-            clipped += coef < 1.0
+        coef = _clip_coef(norm, clip.bound)
+        clipped += coef < 1.0
         c = item.weight * coef
         for module, (bm, am, split) in factors.items():
             if split is None:
@@ -392,7 +583,12 @@ def _aggregate_exact(
     }
     stats.update(_norm_stats(norms, clipped, None))
     return Outcome(
-        tensors=new, state=ServerState(dp_aggregations=state.dp_aggregations), stats=stats
+        tensors=new,
+        state=ServerState(
+            dp_aggregations=state.dp_aggregations,
+            norm_history=_next_history(config, state, norms),
+        ),
+        stats=stats,
     )
 
 

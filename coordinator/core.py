@@ -10,9 +10,12 @@ Ingest of one update (`submit`):
   3. under the state lock: the strategy admits it (stale, duplicate, round closed -> 409),
      then it is committed to storage; only then is it acknowledged.
 
-Aggregation (`aggregate`) snapshots the pending updates, streams them one at a time from
-storage through `coordinator.aggregator.aggregate`, and commits the new version and the
-consumed updates in one transaction. Version 0 is the PEFT-style initial adapter (seeded A,
+Aggregation (`aggregate`) snapshots the pending updates and streams them from storage twice:
+once to measure each update's effect norm (the adaptive clip's reference, and a finite check
+before anything is mixed), then through `coordinator.aggregator.aggregate`. An update that
+cannot be aggregated is found and dropped (a log line naming it and its client, and
+`on_drop`); the rest are aggregated, so no batch is retried forever. The new version and the
+consumed and dropped updates are committed in one transaction. Version 0 is the PEFT-style initial adapter (seeded A,
 B = 0, so B·A = 0): clients fetch it and train from it like any other version.
 """
 
@@ -21,9 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import secrets
+import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,10 +37,14 @@ from typing import Any
 import numpy as np
 
 from coordinator.aggregator import (
+    ClipBound,
     Contribution,
+    Outcome,
     ServerState,
     Tensors,
     aggregate,
+    clip_bound,
+    effect_norm,
     initial_adapter,
 )
 from coordinator.auth import device_name, generate_token, hash_token, tokens_equal
@@ -43,6 +53,7 @@ from coordinator.errors import (
     AuthError,
     BadRequestError,
     ConflictError,
+    ContributionError,
     DuplicateUpdateError,
     ForbiddenError,
     StaleUpdateError,
@@ -50,6 +61,7 @@ from coordinator.errors import (
     UpdateRejectedError,
 )
 from coordinator.storage import GlobalRecord, Storage, UpdateRecord
+from coordinator.strategies import FedBuff
 from edge_sdk.wire import (
     AdapterUpdate,
     DecodeLimits,
@@ -69,6 +81,9 @@ log = logging.getLogger(__name__)
 _SERVER_STATE_BLOB = "server_state"
 _RECENT = 20
 _CLIENT_LIST = 200
+
+# Failures of the machinery, not of an update: they propagate (the service retries later).
+_INFRASTRUCTURE_ERRORS = (StorageError, sqlite3.Error, OSError, MemoryError)
 
 
 def etag_of(body: bytes) -> str:
@@ -102,6 +117,10 @@ class Coordinator:
         self._rng = rng if rng is not None else np.random.default_rng()
         self._lock = threading.RLock()
         self._aggregating = False
+        self._waiting_logged: tuple[Any, ...] | None = None
+        self.on_drop: Callable[[str], None] | None = None
+        """Called with the reason of every update dropped at aggregation (the service counts
+        them in `fedlm_updates_dropped_total`)."""
         self._token_cache: dict[str, str] = {}
         self._dense_cache: dict[int, Tensors] = {}
         self._expected_keys = frozenset(config.aggregation.update_keys(config.shapes))
@@ -232,8 +251,37 @@ class Coordinator:
             extra={
                 "strategy": cfg.strategy.describe(),
                 "max_client_rank": cfg.aggregation.max_client_rank,
+                "clip": self.clip_policy(),
+                "max_weight_examples": self.weight_cap,
             },
         )
+
+    @property
+    def weight_cap(self) -> int:
+        """Most examples an update's weight counts (`AggregationConfig.max_weight_examples`,
+        by default the task's local_steps × batch_size: what one local round trains on)."""
+        agg = self.config.aggregation
+        return agg.max_weight_examples or self.config.local_steps * self.config.batch_size
+
+    def clip_policy(self) -> dict[str, Any]:
+        """The per-update bound on an update's effect, as the task states it to devices."""
+        agg = self.config.aggregation
+        last = self.last_aggregation.get("clip")
+        policy: dict[str, Any] = {
+            "norm": "frobenius of s·B·A - base" if agg.mode == "exact" else "l2 of factor delta",
+            "fixed": agg.dp.clip_norm if agg.dp is not None else agg.clip_norm,
+            "multiplier": None if agg.dp is not None else agg.clip_multiplier,
+            "reference": "lower median of the effect norms of the aggregated updates and the "
+            f"last {agg.clip_history} before them",
+            "last_bound": last.get("bound") if isinstance(last, dict) else None,
+        }
+        if agg.dp is not None:
+            policy["source"] = "dp"
+        elif agg.clip_multiplier is not None:
+            policy["source"] = "adaptive" if agg.clip_norm is None else "adaptive, capped"
+        else:
+            policy["source"] = "fixed" if agg.clip_norm is not None else "off"
+        return policy
 
     # -- clients ----------------------------------------------------------------------------
 
@@ -355,31 +403,34 @@ class Coordinator:
         return self._record(client_id, update, size)
 
     def _check_lora(self, lora: LoraSpec) -> None:
+        """Every field of the update's LoRA spec against the task, in every mode.
+
+        Exact mode accepts other ranks (up to `max_client_rank`) with the task's alpha or the
+        task's scale alpha / r; the other modes need the task's rank and alpha. A seed, when
+        given, must be the task's (frozen-a requires it)."""
         agg = self.config.aggregation
+        problem = None
         if lora.mode != agg.mode:
-            raise UpdateRejectedError(
-                f"update uses LoRA mode {lora.mode!r}, the task {agg.mode!r}", code="lora_mismatch"
+            problem = f"update uses LoRA mode {lora.mode!r}, the task {agg.mode!r}"
+        elif tuple(sorted(lora.targets)) != tuple(sorted(self.config.targets)):
+            problem = f"update targets {list(lora.targets)}, the task {list(self.config.targets)}"
+        elif agg.mode == "exact" and lora.rank > agg.max_client_rank:
+            problem = f"rank {lora.rank} exceeds max_client_rank={agg.max_client_rank}"
+        elif agg.mode != "exact" and lora.rank != agg.rank:
+            problem = f"mode {agg.mode} needs rank {agg.rank}, got {lora.rank}"
+        elif lora.alpha != agg.alpha and not (
+            agg.mode == "exact"
+            and lora.rank != agg.rank
+            and math.isclose(lora.scaling, agg.scale, rel_tol=1e-9)
+        ):
+            problem = (
+                f"alpha {lora.alpha:g} (scale {lora.scaling:g}) differs from the task's "
+                f"alpha {agg.alpha:g} (scale {agg.scale:g})"
             )
-        if tuple(sorted(lora.targets)) != tuple(sorted(self.config.targets)):
-            raise UpdateRejectedError(
-                f"update targets {list(lora.targets)}, the task {list(self.config.targets)}",
-                code="lora_mismatch",
-            )
-        if agg.mode == "exact":
-            if lora.rank > agg.max_client_rank:
-                raise UpdateRejectedError(
-                    f"rank {lora.rank} exceeds max_client_rank={agg.max_client_rank}",
-                    code="lora_mismatch",
-                )
-        elif lora.rank != agg.rank or lora.alpha != agg.alpha:
-            raise UpdateRejectedError(
-                f"mode {agg.mode} needs rank {agg.rank} and alpha {agg.alpha}, got {lora.rank} and {lora.alpha}",
-                code="lora_mismatch",
-            )
-        if agg.mode == "frozen-a" and lora.a_seed != agg.a_seed:
-            raise UpdateRejectedError(
-                f"frozen-a seed {lora.a_seed} != the task's {agg.a_seed}", code="lora_mismatch"
-            )
+        elif lora.a_seed is not None and lora.a_seed != agg.a_seed:
+            problem = f"a_seed {lora.a_seed} != the task's {agg.a_seed}"
+        if problem is not None:
+            raise UpdateRejectedError(problem, code="lora_mismatch")
 
     def _record(self, client_id: str, update: AdapterUpdate, size: int) -> UpdateRecord:
         return UpdateRecord(
@@ -398,13 +449,30 @@ class Coordinator:
 
     def due(self) -> bool:
         with self._lock:
-            return not self._aggregating and self.config.strategy.due(
+            if self._aggregating:
+                return False
+            due = self.config.strategy.due(
                 self._pending, self.version, self.round_started_at, self._clock()
             )
+        if not due:
+            self._log_waiting()
+        return due
+
+    def _log_waiting(self) -> None:
+        """Say what the next version waits for, once per change of what it waits for."""
+        waiting = self.waiting()
+        key = (waiting["version"], waiting["pending"], waiting["clients"])
+        if key != self._waiting_logged:
+            self._waiting_logged = key
+            log.info("%s", waiting["message"])
 
     def aggregate(self) -> int | None:
-        """Aggregate the pending updates if the strategy says so; the new version, or None."""
-        strategy, agg = self.config.strategy, self.config.aggregation
+        """Aggregate the pending updates if the strategy says so; the new version, or None.
+
+        Updates that cannot be aggregated are dropped (see the module docstring); None when
+        nothing usable was left.
+        """
+        strategy = self.config.strategy
         with self._lock:
             if self._aggregating or not strategy.due(
                 self._pending, self.version, self.round_started_at, self._clock()
@@ -413,27 +481,16 @@ class Coordinator:
             self._aggregating = True
             snapshot, version, current = list(self._pending), self.version, self._current
         try:
-            weights = {r.update_id: strategy.weight(r, version) for r in snapshot}
-            used = [r for r in snapshot if weights[r.update_id] > 0 and r.num_examples > 0]
-            used_ids = {r.update_id for r in used}
-            dropped = [r.update_id for r in snapshot if r.update_id not in used_ids]
-            if not used:
-                self._finish([], dropped, None, None)
-                return None
+            weights = {r.update_id: strategy.weight(r, version, self.weight_cap) for r in snapshot}
+            # Weight 0: too stale for the strategy, or no examples; not an attack, logged at INFO.
+            drops = {r.update_id: "zero_weight" for r in snapshot if weights[r.update_id] <= 0}
+            used = [r for r in snapshot if weights[r.update_id] > 0]
             started = time.perf_counter()
-            unusable: list[str] = []
-            try:
-                outcome = aggregate(
-                    agg, self.config.shapes, current, self._contributions(used, weights, unusable),
-                    self.dense_version, self._server_state, self._rng,
-                )  # fmt: skip
-            except ValueError:
-                if len(unusable) != len(used):
-                    raise
-                self._finish([], dropped + unusable, None, None)  # nothing decodable was left
+            outcome, used = self._aggregate_isolating(used, weights, current, drops)
+            self._report_drops(snapshot, drops, version)
+            if outcome is None:
+                self._finish([], list(drops), None, None)
                 return None
-            used = [r for r in used if r.update_id not in set(unusable)]
-            dropped += unusable
             seconds = time.perf_counter() - started
             stats = {
                 **outcome.stats,
@@ -441,23 +498,148 @@ class Coordinator:
                 "seconds": round(seconds, 4),
                 "strategy": strategy.name,
                 "staleness_max": max(version - r.base_version for r in used),
-                "dropped": len(dropped),
+                "max_weight_examples": self.weight_cap,
+                "dropped": len(drops),
+                "dropped_reasons": dict(Counter(drops.values())),
             }
             record = self._encode_global(version + 1, outcome.tensors, stats)
-            self._finish([r.update_id for r in used], dropped, record, outcome.state)
+            self._finish([r.update_id for r in used], list(drops), record, outcome.state)
             log.info("version %d from %d updates in %.2fs", version + 1, len(used), seconds)
             return version + 1
         finally:
             with self._lock:
                 self._aggregating = False
 
+    def _aggregate_isolating(
+        self,
+        used: list[UpdateRecord],
+        weights: dict[str, float],
+        current: Tensors,
+        drops: dict[str, str],
+    ) -> tuple[Outcome | None, list[UpdateRecord]]:
+        """Aggregate `used`; on failure find the update(s) at fault, drop them (into `drops`)
+        and aggregate the rest. Returns the outcome (None: nothing usable) and what it used."""
+        norms = self._measure(used, weights, drops)
+        candidates = [r for r in used if r.update_id in norms]
+        if not candidates:
+            return None, []
+        try:
+            return self._attempt(candidates, weights, current, norms, drops), candidates
+        except Exception as exc:
+            if isinstance(exc, _INFRASTRUCTURE_ERRORS):
+                raise
+            log.error(
+                "aggregating %d updates failed (%s: %s); looking for the update at fault",
+                len(candidates), type(exc).__name__, exc,
+            )  # fmt: skip
+            culprits = self._isolate(candidates, weights, current, norms, exc)
+        for update_id in culprits:
+            drops[update_id] = "aggregation_failed"
+        rest = [r for r in candidates if r.update_id not in culprits]
+        if not rest:
+            return None, []
+        try:
+            return self._attempt(rest, weights, current, norms, drops), rest
+        except Exception as exc:
+            if isinstance(exc, _INFRASTRUCTURE_ERRORS):
+                raise
+            log.error("aggregating the remaining %d updates failed too (%s)", len(rest), exc)
+            for record in rest:
+                drops[record.update_id] = "aggregation_failed"
+            return None, []
+
+    def _measure(
+        self, used: list[UpdateRecord], weights: dict[str, float], drops: dict[str, str]
+    ) -> dict[str, float]:
+        """Pass 1: each update's effect norm; an update whose effect is not finite is dropped
+        here, before anything is mixed."""
+        agg, norms = self.config.aggregation, {}
+        for item in self._contributions(used, weights, drops):
+            try:
+                norms[item.update_id] = effect_norm(
+                    agg, self.config.shapes, item, self.dense_version(item.base_version)
+                )
+            except ContributionError as exc:
+                drops[item.update_id] = "non_finite_effect"
+                log.debug("%s", exc)
+            except Exception as exc:
+                if isinstance(exc, _INFRASTRUCTURE_ERRORS):
+                    raise
+                drops[item.update_id] = "aggregation_failed"
+                log.debug("effect of %s: %s: %s", item.update_id, type(exc).__name__, exc)
+        return norms
+
+    def _attempt(
+        self,
+        records: list[UpdateRecord],
+        weights: dict[str, float],
+        current: Tensors,
+        norms: dict[str, float],
+        drops: dict[str, str],
+    ) -> Outcome:
+        """Pass 2: one aggregation of `records` under the bound their norms give."""
+        agg = self.config.aggregation
+        clip: ClipBound = clip_bound(
+            agg, [norms[r.update_id] for r in records], self._server_state.norm_history
+        )
+        return aggregate(
+            agg, self.config.shapes, current, self._contributions(records, weights, drops),
+            self.dense_version, self._server_state, self._rng, clip=clip,
+        )  # fmt: skip
+
+    def _isolate(
+        self,
+        candidates: list[UpdateRecord],
+        weights: dict[str, float],
+        current: Tensors,
+        norms: dict[str, float],
+        error: Exception,
+    ) -> set[str]:
+        """The update(s) at fault: the one an error names, else every update that fails alone,
+        else the one whose removal lets the rest aggregate, else all of them."""
+        if isinstance(error, ContributionError):
+            return {error.update_id}
+        scratch: dict[str, str] = {}
+
+        def fails(records: list[UpdateRecord]) -> bool:
+            try:
+                self._attempt(records, weights, current, norms, scratch)
+            except Exception as exc:
+                if isinstance(exc, _INFRASTRUCTURE_ERRORS):
+                    raise
+                return True
+            return False
+
+        alone = {r.update_id for r in candidates if fails([r])}
+        if alone:
+            return alone
+        for record in candidates:
+            rest = [r for r in candidates if r is not record]
+            if rest and not fails(rest):
+                return {record.update_id}
+        return {r.update_id for r in candidates}
+
+    def _report_drops(
+        self, snapshot: list[UpdateRecord], drops: dict[str, str], version: int
+    ) -> None:
+        clients = {r.update_id: r.client_id for r in snapshot}
+        for update_id, reason in drops.items():
+            level = logging.INFO if reason == "zero_weight" else logging.WARNING
+            log.log(
+                level, "dropped update %s of client %s at version %d: %s",
+                update_id, clients.get(update_id, "?"), version, reason,
+            )  # fmt: skip
+            if self.on_drop is not None:
+                self.on_drop(reason)
+
     def _contributions(
-        self, used: list[UpdateRecord], weights: dict[str, float], unusable: list[str]
+        self, used: list[UpdateRecord], weights: dict[str, float], unusable: dict[str, str]
     ) -> Iterator[Contribution]:
         """Decode stored updates one at a time (O(adapter) memory however many there are).
 
         Every update was validated at ingest, so a failure here means its delta reference is
-        gone or the file was tampered with: that update is dropped (and listed in `unusable`)
+        gone, the file was tampered with, or it was stored under an older, laxer check (its
+        LoRA spec is checked again): that update is dropped (into `unusable`, with the reason)
         rather than blocking every future aggregation.
         """
         by_id = {r.update_id: r for r in used}
@@ -465,13 +647,16 @@ class Coordinator:
             record = by_id[update_id]
             try:
                 update = AdapterUpdate.from_bytes(body, self._limits)
+                self._check_lora(update.lora)
                 delta = any(t.delta for t in update.tensors.values())
                 tensors = update.dense_tensors(
                     self.dense_version(record.base_version) if delta else None
                 )
-            except (WireError, StaleUpdateError) as exc:
-                log.warning("dropping stored update %s: %s", update_id, exc)
-                unusable.append(update_id)
+            except (WireError, StaleUpdateError, UpdateRejectedError) as exc:
+                log.debug("stored update %s is unusable: %s", update_id, exc)
+                unusable[update_id] = (
+                    "lora_mismatch" if isinstance(exc, UpdateRejectedError) else "undecodable"
+                )
                 continue
             yield Contribution(
                 update_id=update_id,
@@ -525,6 +710,52 @@ class Coordinator:
 
     # -- status -----------------------------------------------------------------------------
 
+    def waiting(self) -> dict[str, Any]:
+        """What the next version waits for, with a one-line `message` (logged, and in status)."""
+        with self._lock:
+            pending, version = list(self._pending), self.version
+            started, aggregating = self.round_started_at, self._aggregating
+        strategy = self.config.strategy
+        clients = self.storage.count_clients()
+        out = strategy.waiting(pending, version, started, self._clock())
+        out.update(version=version + 1, clients=clients, strategy=strategy.name)
+        more, deadline = out["more"], out["deadline_in_s"]
+        plural = "update" if more == 1 else "updates"
+        if self.config.max_rounds is not None and version >= self.config.max_rounds:
+            message = f"the task finished after {self.config.max_rounds} rounds"
+        elif aggregating or more == 0:
+            message = f"version {version + 1} is being aggregated from {out['pending']} updates"
+        elif isinstance(strategy, FedBuff):
+            message = (
+                f"version {version + 1} waits for {more} more {plural} "
+                f"(buffer-size {strategy.buffer_size}, {clients} clients enrolled)"
+            )
+            if out["min_more"] > 0:
+                message += (
+                    f"; with {strategy.min_updates} it publishes {strategy.max_wait_s:g} s "
+                    "after the first"
+                )
+                if clients < strategy.min_updates:
+                    message += (
+                        f"; only {clients} enrolled: enroll another device or lower --min-updates"
+                    )
+            elif deadline is not None:
+                message += f", or publishes the {out['pending']} it has in {deadline:g} s"
+        else:
+            message = (
+                f"round {version + 1} waits for {more} more {plural} "
+                f"(clients-per-round {strategy.clients_per_round}, {clients} clients enrolled)"
+            )
+            if out["min_more"] == 0:
+                message += f", or closes at the deadline in {deadline:g} s"
+            else:
+                message += (
+                    f"; at the deadline (in {deadline:g} s) it closes once "
+                    f"{strategy.min_clients} are in"
+                )
+        out["message"] = message
+        return out
+
     def status(self, viewer: str | None = None) -> dict[str, Any]:
         """The task's state as `viewer` (a client id) may see it; None is the operator's view.
 
@@ -548,7 +779,10 @@ class Coordinator:
                 "robust": agg.robust,
                 "server_optimizer": "fedadam" if agg.fedadam else "sgd",
                 "clip_norm": agg.clip_norm,
+                "clip": self.clip_policy(),
+                "max_weight_examples": self.weight_cap,
             },
+            "waiting": self.waiting(),
             "pending": len(pending),
             "pending_clients": len({p.client_id for p in pending}),
             "clients": self.storage.count_clients(),

@@ -103,3 +103,23 @@ class StorageError(CoordinatorError):
 
     status = 500
     code = "storage_error"
+
+
+class AggregationError(CoordinatorError):
+    """An aggregation could not produce a usable global adapter (e.g. a non-finite result).
+
+    Never reaches a client: the coordinator finds the update at fault, drops it and aggregates
+    the rest (`Coordinator.aggregate`)."""
+
+    code = "aggregation_failed"
+
+
+class ContributionError(AggregationError):
+    """One update's effect on the global adapter is unusable (non-finite norm or weight)."""
+
+    code = "bad_contribution"
+
+    def __init__(self, update_id: str, reason: str) -> None:
+        super().__init__(f"update {update_id!r}: {reason}")
+        self.update_id = update_id
+        self.reason = reason

@@ -26,6 +26,13 @@ class Metrics:
         self.updates_rejected = Counter(
             "fedlm_updates_rejected", "Updates refused, by error code", ["code"], registry=r
         )
+        self.updates_dropped = Counter(
+            "fedlm_updates_dropped",
+            "Stored updates dropped at aggregation, by reason (zero_weight, non_finite_effect, "
+            "aggregation_failed, lora_mismatch, undecodable)",
+            ["reason"],
+            registry=r,
+        )
         self.update_bytes = Counter("fedlm_update_bytes", "Bytes of accepted updates", registry=r)
         self.aggregations = Counter("fedlm_aggregations", "Global versions published", registry=r)
         self.aggregation_seconds = Histogram(

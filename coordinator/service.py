@@ -82,6 +82,8 @@ def build_app(
             app[api.COORDINATOR] = await asyncio.get_running_loop().run_in_executor(
                 app[api.RUNTIME].ingest, coordinator_factory, config, storage
             )
+            dropped = app[api.METRICS].updates_dropped
+            app[api.COORDINATOR].on_drop = lambda reason: dropped.labels(reason=reason).inc()
             yield
         finally:
             storage.close()
@@ -136,6 +138,7 @@ async def _aggregation_loop(app: web.Application) -> None:
     config, runtime, metrics = app[api.CONFIG], app[api.RUNTIME], app[api.METRICS]
     coordinator = app[api.COORDINATOR]
     loop = asyncio.get_running_loop()
+    failures = 0
     while True:
         # asyncio.wait, not wait_for: Python 3.11's wait_for can swallow a cancellation that
         # races with its timeout, which would hang shutdown.
@@ -153,9 +156,16 @@ async def _aggregation_loop(app: web.Application) -> None:
         except asyncio.CancelledError:
             raise
         except Exception:  # keep serving; the pending updates stay stored
-            log.exception("aggregation failed; the pending updates are kept and retried")
-            await asyncio.sleep(config.tick_s)
+            # Only the machinery fails here (storage, memory): an update at fault is dropped
+            # by the coordinator itself. Back off so a broken disk does not burn a core.
+            failures += 1
+            delay = min(60.0, config.tick_s * 2**failures)
+            log.exception(
+                "aggregation failed; the pending updates are kept, retry in %.0f s", delay
+            )
+            await asyncio.sleep(delay)
             continue
+        failures = 0
         if version is not None:
             metrics.aggregations.inc()
             metrics.aggregation_seconds.observe(

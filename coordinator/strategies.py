@@ -8,12 +8,19 @@ touches tensors. The LoRA math lives in `coordinator.aggregation` / `coordinator
   are in, or at the deadline if at least `min_clients` are in (otherwise it waits on: the
   deadline is soft, a round never closes empty). Weights: number of examples.
 - `FedBuff`: asynchronous, buffered (Nguyen et al., AISTATS 2022). Any update whose staleness
-  s = current version - base version is at most `max_staleness` is buffered; every
-  `buffer_size` updates are aggregated, each weighted by num_examples · (1 + s)^-exponent.
+  s = current version - base version is at most `max_staleness` is buffered, at most one per
+  client; the buffer is aggregated when it holds `buffer_size` updates, or `max_wait_s` after
+  its first update arrived once it holds `min_updates` (so a federation of fewer devices than
+  `buffer_size` still advances). Weights: num_examples · (1 + s)^-exponent.
+
+Both strategies admit at most one update per client per round or buffer, and weigh an update
+by at most `max_examples` examples (`capped_examples`): no device outweighs the others by
+claiming more examples, nor fills a buffer alone.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,15 +42,24 @@ class Strategy(Protocol):
         pending: Sequence[UpdateRecord],
         one_per_client: bool,
     ) -> None:
-        """Raise `ConflictError`/`UpdateRejectedError` if `update` may not join the buffer now."""
+        """Raise `ConflictError`/`UpdateRejectedError` if `update` may not join the buffer now.
+
+        One update per client per round or buffer is always enforced; `one_per_client` is
+        kept for callers of the earlier contract (it was True only under DP)."""
 
     def due(
         self, pending: Sequence[UpdateRecord], version: int, round_started_at: float, now: float
     ) -> bool:
         """Whether the pending updates should be aggregated now."""
 
-    def weight(self, update: UpdateRecord, version: int) -> float:
-        """The update's aggregation weight at `version`; 0.0 drops it."""
+    def waiting(
+        self, pending: Sequence[UpdateRecord], version: int, round_started_at: float, now: float
+    ) -> dict[str, Any]:
+        """What the next aggregation waits for: `more` updates, and/or `deadline_in_s`."""
+
+    def weight(self, update: UpdateRecord, version: int, max_examples: int | None = None) -> float:
+        """The update's aggregation weight at `version` (examples capped at `max_examples`);
+        0.0 drops it."""
 
     def keep_versions(self) -> int:
         """How many recent global versions an update may be based on (bodies kept for deltas)."""
@@ -59,6 +75,12 @@ def _check_base(update: UpdateRecord, version: int) -> None:
             f"but the newest version is {version}",
             code="unknown_base_version",
         )
+
+
+def capped_examples(num_examples: int, max_examples: int | None) -> float:
+    """num_examples as a weight, at most `max_examples` (None = uncapped)."""
+    n = max(0, num_examples)
+    return float(n if max_examples is None else min(n, max_examples))
 
 
 def _check_one_per_client(update: UpdateRecord, pending: Sequence[UpdateRecord], what: str) -> None:
@@ -114,8 +136,22 @@ class FedAvg:
             return True
         return now - round_started_at >= self.deadline_s and len(current) >= self.min_clients
 
-    def weight(self, update: UpdateRecord, version: int) -> float:
-        return float(update.num_examples) if update.base_version == version else 0.0
+    def waiting(
+        self, pending: Sequence[UpdateRecord], version: int, round_started_at: float, now: float
+    ) -> dict[str, Any]:
+        current = [p for p in pending if p.base_version == version]
+        deadline_in = max(0.0, round_started_at + self.deadline_s - now)
+        return {
+            "pending": len(current),
+            "more": max(0, self.clients_per_round - len(current)),
+            "min_more": max(0, self.min_clients - len(current)),
+            "deadline_in_s": round(deadline_in, 1),
+        }
+
+    def weight(self, update: UpdateRecord, version: int, max_examples: int | None = None) -> float:
+        if update.base_version != version:
+            return 0.0
+        return capped_examples(update.num_examples, max_examples)
 
     def keep_versions(self) -> int:
         return 1
@@ -134,16 +170,30 @@ class FedBuff:
     """Buffered asynchronous aggregation with polynomial staleness weights."""
 
     buffer_size: int = 4
-    """K: aggregate whenever this many updates are buffered."""
+    """K: aggregate as soon as this many updates are buffered."""
     max_staleness: int = 8
     """Updates based on a version more than this many versions old are refused."""
     staleness_exponent: float = 0.5
     """a in the weight (1 + s)^-a; 0.5 gives 1/√(1+s)."""
+    min_updates: int = 2
+    """With fewer than `buffer_size` updates, aggregate once this many are in and the first
+    has waited `max_wait_s` (capped at `buffer_size`). 2: every version mixes at least two
+    devices (one update per client per buffer), and two devices are enough to advance."""
+    max_wait_s: float = 30.0
+    """Longest wait after a buffer's first update before aggregating a partial buffer (about
+    one local round of a slow device on the default task; the buffer is flushed sooner when it
+    fills)."""
     name: str = "fedbuff"
 
     def __post_init__(self) -> None:
         if self.buffer_size < 1:
             raise ValueError(f"`buffer_size` should be >= 1, got {self.buffer_size}")
+        if self.min_updates < 1:
+            raise ValueError(f"`min_updates` should be >= 1, got {self.min_updates}")
+        # A buffer smaller than min_updates fills first: min_updates never exceeds it.
+        object.__setattr__(self, "min_updates", min(self.min_updates, self.buffer_size))
+        if not (self.max_wait_s > 0 and math.isfinite(self.max_wait_s)):
+            raise ValueError(f"`max_wait_s` should be > 0 seconds, got {self.max_wait_s}")
         if self.max_staleness < 0:
             raise ValueError(f"`max_staleness` should be >= 0, got {self.max_staleness}")
         if self.staleness_exponent < 0:
@@ -166,19 +216,35 @@ class FedBuff:
                 f"update {update.update_id!r} is {staleness} versions old "
                 f"(max_staleness={self.max_staleness}); fetch /v1/adapter and train again"
             )
-        if one_per_client:
-            _check_one_per_client(update, pending, "the current buffer")
+        _check_one_per_client(update, pending, "the current buffer")
 
     def due(
         self, pending: Sequence[UpdateRecord], version: int, round_started_at: float, now: float
     ) -> bool:
-        return len(pending) >= self.buffer_size
+        if len(pending) >= self.buffer_size:
+            return True
+        if len(pending) < self.min_updates:
+            return False
+        return now - min(p.received_at for p in pending) >= self.max_wait_s
 
-    def weight(self, update: UpdateRecord, version: int) -> float:
+    def waiting(
+        self, pending: Sequence[UpdateRecord], version: int, round_started_at: float, now: float
+    ) -> dict[str, Any]:
+        first = min((p.received_at for p in pending), default=None)
+        deadline_in = None if first is None else max(0.0, first + self.max_wait_s - now)
+        return {
+            "pending": len(pending),
+            "more": max(0, self.buffer_size - len(pending)),
+            "min_more": max(0, self.min_updates - len(pending)),
+            "deadline_in_s": None if deadline_in is None else round(deadline_in, 1),
+        }
+
+    def weight(self, update: UpdateRecord, version: int, max_examples: int | None = None) -> float:
         staleness = self.staleness(update, version)
         if staleness < 0 or staleness > self.max_staleness:
             return 0.0
-        return float(update.num_examples) * staleness_weight(staleness, self.staleness_exponent)
+        examples = capped_examples(update.num_examples, max_examples)
+        return examples * staleness_weight(staleness, self.staleness_exponent)
 
     def keep_versions(self) -> int:
         return self.max_staleness + 1
@@ -187,6 +253,8 @@ class FedBuff:
         return {
             "name": self.name,
             "buffer_size": self.buffer_size,
+            "min_updates": self.min_updates,
+            "max_wait_s": self.max_wait_s,
             "max_staleness": self.max_staleness,
             "staleness_exponent": self.staleness_exponent,
         }

@@ -52,7 +52,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--deadline", type=float, default=600.0, help="fedavg: round deadline in seconds"
     )
-    p.add_argument("--buffer-size", type=int, default=4, help="fedbuff: aggregate every K updates")
+    p.add_argument(
+        "--buffer-size", type=int, default=4, help="fedbuff: aggregate every K updates (default: 4)"
+    )
+    p.add_argument(
+        "--min-updates",
+        type=int,
+        default=2,
+        help="fedbuff: a partial buffer with at least this many updates is aggregated after "
+        "--max-wait (default: 2)",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="fedbuff: longest wait after a buffer's first update (default: 30)",
+    )
     p.add_argument("--max-staleness", type=int, default=8, help="fedbuff: refuse older updates")
     p.add_argument("--lora-mode", choices=("naive", "frozen-a", "exact"), default="exact")
     p.add_argument("--rank", type=int, default=8)
@@ -72,7 +88,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--robust", choices=("mean", "trimmed-mean", "median"), default="mean")
     p.add_argument("--trim-ratio", type=float, default=0.1)
-    p.add_argument("--clip-norm", type=float, default=None, help="per-update L2 clip of the delta")
+    p.add_argument(
+        "--clip-norm",
+        type=float,
+        default=None,
+        help="fixed bound on the norm of one update's effect (default: none; the adaptive "
+        "bound applies)",
+    )
+    p.add_argument(
+        "--clip-multiplier",
+        type=float,
+        default=2.0,
+        metavar="C",
+        help="adaptive clip: bound each update's effect to C x the lower median norm of the "
+        "buffer and the last --clip-history updates (default: 2)",
+    )
+    p.add_argument(
+        "--clip-history", type=int, default=16, help="adaptive clip: earlier norms (default: 16)"
+    )
+    p.add_argument(
+        "--no-clip",
+        action="store_true",
+        help="turn the adaptive clip off (one device can then move the model without bound)",
+    )
+    p.add_argument(
+        "--max-weight-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most examples an update's weight counts (default: local-steps x batch-size)",
+    )
     p.add_argument(
         "--dp-noise", type=float, default=None, help="central DP noise multiplier (enables DP)"
     )
@@ -134,7 +179,12 @@ def _config(
     strategy = (
         FedAvg(args.clients_per_round, args.min_clients, args.deadline)
         if args.strategy == "fedavg"
-        else FedBuff(args.buffer_size, args.max_staleness)
+        else FedBuff(
+            args.buffer_size,
+            args.max_staleness,
+            min_updates=args.min_updates,
+            max_wait_s=args.max_wait,
+        )
     )
     aggregation = AggregationConfig(
         mode=args.lora_mode,
@@ -146,6 +196,10 @@ def _config(
         robust=args.robust,
         trim_ratio=args.trim_ratio,
         clip_norm=args.clip_norm,
+        # Under DP the bound is --dp-clip (an adaptive one would depend on the data).
+        clip_multiplier=None if args.no_clip or args.dp_noise is not None else args.clip_multiplier,
+        clip_history=args.clip_history,
+        max_weight_examples=args.max_weight_examples,
         fedadam=FedAdamConfig() if args.fedadam else None,
         dp=DpConfig(args.dp_noise, args.dp_clip, args.dp_delta)
         if args.dp_noise is not None

@@ -196,6 +196,26 @@ class RunSummary:
     """GGUF LoRA of that version (what the runtime serves when one is attached)."""
 
 
+def _describe_wait(task: TaskConfig, version: int) -> str:
+    """What a client waits for between rounds, from the strategy the task states."""
+    raw = task.extra.get("strategy")
+    strategy = raw if isinstance(raw, dict) else {}
+
+    def num(key: str) -> str:  # only numbers reach the log: the coordinator wrote these
+        value = strategy.get(key)
+        return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+    if strategy.get("name") == "fedbuff":
+        how = (f"the coordinator publishes when {num('buffer_size')} updates are buffered, or "
+               f"{num('max_wait_s')} s after the first once {num('min_updates')} are in")
+    elif strategy.get("name") == "fedavg":
+        how = (f"the round closes at {num('clients_per_round')} updates, or at its "
+               f"{num('deadline_s')} s deadline with {num('min_clients')}")
+    else:
+        how = "the coordinator's strategy decides when"
+    return f"waiting for global version {version + 1}: {how}"
+
+
 class _Interrupted(Exception):
     """Raised from the training step callback when `stop()` was called."""
 
@@ -382,6 +402,7 @@ class FederatedClient:
 
         last_base = state.last_base(task.task_id)  # never train twice from one version
         waited_since = time.monotonic()
+        next_wait_log = 0.0  # say what we wait for when a wait starts, then every 30 s
         while not self.stopping:
             done = state.rounds_done(task.task_id)
             if cfg.max_rounds is not None and done >= cfg.max_rounds:
@@ -390,11 +411,16 @@ class FederatedClient:
             if fresh:
                 await self._swap()
                 waited_since = time.monotonic()
+                next_wait_log = 0.0
             if task.max_rounds is not None and self._global_version >= task.max_rounds:
                 return await self._finish(transport, creds, task, "task_complete")
             if self._global_version <= last_base:
                 retrain = cfg.retrain_after_s is not None and time.monotonic() - waited_since >= cfg.retrain_after_s
                 if not retrain:
+                    if time.monotonic() >= next_wait_log:
+                        waited = time.monotonic() - waited_since
+                        log.info("%s; waited %.0f s so far", _describe_wait(task, self._global_version), waited)
+                        next_wait_log = time.monotonic() + 30.0
                     await self._sleep(cfg.poll_interval_s)
                     continue
             if self.schedule is not None and not self.schedule():

@@ -43,6 +43,13 @@ class DemoConfig:
     """Coordinator LoRA aggregation: exact, frozen-a or naive."""
     server_lr: float = 1.0
     """Server step on the averaged delta."""
+    robust: str = "mean"
+    """Coordinator statistic: mean (weighted), trimmed-mean or median (coordinate-wise; naive
+    and frozen-a modes only)."""
+    trim_ratio: float = 0.25
+    """Fraction cut from each end per coordinate for trimmed-mean (0.25 of 4 clients: one)."""
+    clip_multiplier: float | None = 2.0
+    """The coordinator's adaptive clip c (its default); None turns clipping off."""
     codec: str = "delta+int4+zlib"
     """Client update codec (the wire format's codec string)."""
     families_per_client: int = 1
@@ -84,6 +91,13 @@ class DemoConfig:
             raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")
         if self.mode not in ("exact", "frozen-a", "naive"):
             raise ValueError(f"`mode` should be exact, frozen-a or naive, got {self.mode!r}")
+        from coordinator.aggregator import AggregationConfig
+
+        try:  # the coordinator's own checks (robust needs a factor mode, c >= 1, ...)
+            AggregationConfig(mode=self.mode, rank=self.rank, alpha=self.alpha, robust=self.robust,
+                              trim_ratio=self.trim_ratio, clip_multiplier=self.clip_multiplier)
+        except ValueError as exc:
+            raise ValueError(f"aggregation settings: {exc}") from None
         from edge_sdk.wire import parse_codec
 
         parse_codec(self.codec)

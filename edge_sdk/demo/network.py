@@ -285,6 +285,7 @@ class NetworkFederation:
             coordinator = self._spawn(
                 ["coordinator", "--model", config.model, "--host", LOOPBACK, "--port", "0", "--db", str(db),
                  "--strategy", "fedbuff", "--buffer-size", str(config.clients),
+                 "--min-updates", str(config.clients),  # every version waits for every client
                  "--max-staleness", str(config.rounds), "--lora-mode", config.mode,
                  "--rank", str(config.rank), "--alpha", str(config.alpha), "--a-seed", str(config.seed),
                  "--server-lr", str(config.server_lr), "--codec", config.codec,

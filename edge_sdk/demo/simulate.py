@@ -72,7 +72,8 @@ def aggregation_config(config: DemoConfig) -> AggregationConfig:
     from coordinator.aggregator import AggregationConfig
 
     return AggregationConfig(mode=config.mode, rank=config.rank, alpha=config.alpha,
-                             a_seed=config.seed, server_lr=config.server_lr)
+                             a_seed=config.seed, server_lr=config.server_lr, robust=config.robust,
+                             trim_ratio=config.trim_ratio, clip_multiplier=config.clip_multiplier)
 
 
 def initial_global(model: torch.nn.Module, config: DemoConfig) -> Tensors:
@@ -126,6 +127,13 @@ class FederationRecord:
     """Per round, each client's mean training loss."""
     tokens: int = 0
     seconds: float = 0.0
+    aggregation_s: float = 0.0
+    """Time spent in the coordinator's `aggregate` (all versions)."""
+    clipped: int = 0
+    """Updates the coordinator's clip scaled down (all versions)."""
+    norm_ratio_max: float = 0.0
+    """Largest effect norm / the clip's reference (lower median) over every version: the
+    smallest clip multiplier that would have left every update of this run unclipped."""
 
 
 def simulate_federation(
@@ -152,6 +160,7 @@ def simulate_federation(
     latest: list[float | None] = [None] * len(datasets)
     state = ServerState()
     tokens, t0 = 0, time.perf_counter()
+    aggregation_s, clipped, norm_ratio_max = 0.0, 0, 0.0
     targets = tuple(sorted({k.split(".")[-2] for k in current}))
     for rnd in range(config.rounds):
         contributions = []
@@ -185,7 +194,13 @@ def simulate_federation(
             contributions.append(Contribution(update_id=msg.update_id, tensors=full,
                                               weight=float(ds.stats.train_examples), base_version=rnd,
                                               scale=config.alpha / config.rank))
+        t_agg = time.perf_counter()
         outcome = aggregate(agg, shapes, current, contributions, lambda v: versions[v], state)
+        aggregation_s += time.perf_counter() - t_agg
+        clipped += int(outcome.stats.get("clipped", 0))
+        reference = outcome.stats["clip"]["reference"]
+        if reference:
+            norm_ratio_max = max(norm_ratio_max, outcome.stats["delta_norm_max"] / reference)
         state = outcome.state
         current = outcome.tensors
         versions.append(current)
@@ -193,7 +208,8 @@ def simulate_federation(
         logger.info("round %d: client losses %s", rnd + 1, ", ".join(f"{x:.3f}" for x in round_loss))
         if on_version is not None:
             on_version(rnd + 1, current)
-    return FederationRecord(versions, sent, fp32, losses, tokens, time.perf_counter() - t0)
+    return FederationRecord(versions, sent, fp32, losses, tokens, time.perf_counter() - t0,
+                            aggregation_s, clipped, norm_ratio_max)
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -255,7 +271,10 @@ def experiment(config: DemoConfig, work_dir: Path, *, arms: Sequence[str] = ARMS
         train_cpu += time.process_time() - cpu0
         train_s += fed.seconds
         train_tokens += fed.tokens
-        out["federated"] = curve[-1] | {"train_s": round(fed.seconds, 1)}
+        out["federated"] = curve[-1] | {"train_s": round(fed.seconds, 1),
+                                        "aggregation_s": round(fed.aggregation_s, 2),
+                                        "clipped": fed.clipped,
+                                        "norm_ratio_max": round(fed.norm_ratio_max, 3)}
         out["curve"] = [{k: c[k] for k in ("version", "loss", "em")} for c in curve]
         out["bytes_ratio"] = round(sum(fed.fp32_bytes) / max(1, sum(fed.bytes_sent)), 2)
         out["bytes_sent"] = fed.bytes_sent

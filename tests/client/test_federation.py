@@ -209,7 +209,7 @@ def test_three_clients_with_mdns_and_a_coordinator_restart(tmp_path: Path, model
     rounds = 3
     port = free_port()
     config = coordinator_config(
-        tmp_path, model, port=port, mdns=True, strategy=FedBuff(buffer_size=3, max_staleness=4), max_rounds=rounds
+        tmp_path, model, port=port, mdns=True, strategy=FedBuff(buffer_size=3, max_staleness=4, min_updates=3), max_rounds=rounds
     )
     names = ("alpha", "bravo", "charlie")
     captures = {n: _Capture() for n in names}

@@ -8,13 +8,18 @@ import pytest
 from coordinator.aggregation import FedAdamConfig, frozen_a_matrix
 from coordinator.aggregator import (
     AggregationConfig,
+    ClipBound,
     Contribution,
     ServerState,
     a_key,
     aggregate,
     b_key,
+    clip_bound,
+    effect_norm,
     initial_adapter,
+    lower_median,
 )
+from coordinator.errors import AggregationError, ContributionError
 from coordinator.privacy import DpConfig
 
 SHAPES = {
@@ -223,6 +228,13 @@ def test_dp_adds_calibrated_noise_and_counts_epsilon() -> None:
         ({"mode": "sideways"}, "mode"),
         ({"rank": 0}, "rank"),
         ({"trim_ratio": 0.5}, "trim_ratio"),
+        ({"alpha": 1e300}, "alpha"),
+        ({"rank": 1, "alpha": 2048.0}, "alpha"),
+        ({"clip_multiplier": 0.5}, "clip_multiplier"),
+        ({"clip_multiplier": float("nan")}, "clip_multiplier"),
+        ({"clip_norm": float("inf")}, "clip_norm"),
+        ({"clip_history": -1}, "clip_history"),
+        ({"max_weight_examples": 0}, "max_weight_examples"),
     ],
 )
 def test_config_refuses_incompatible_options(kwargs: dict, field: str) -> None:
@@ -235,3 +247,120 @@ def test_no_positive_weight_is_an_error() -> None:
     current = initial_adapter(config, SHAPES)
     with pytest.raises(ValueError, match="no contribution"):
         _run(config, current, [Contribution("u", current, 0.0, 0, 1.0)])
+
+
+# -- the default bound on every update's effect ------------------------------------------------
+
+
+def _effect(config, before, after) -> float:
+    """The global adapter's movement in the mode's parametrisation."""
+    if config.mode == "exact":
+        return float(
+            np.sqrt(
+                sum(
+                    np.sum(
+                        (_product(after, m, config.scale) - _product(before, m, config.scale)) ** 2
+                    )
+                    for m in SHAPES
+                )
+            )
+        )
+    keys = config.update_keys(SHAPES)
+    return float(np.sqrt(sum(np.sum((after[k].astype(np.float64) - before[k]) ** 2) for k in keys)))
+
+
+def test_lower_median_and_the_adaptive_bound() -> None:
+    assert lower_median([3.0]) == 3.0
+    assert lower_median([5.0, 1.0]) == 1.0  # one attacker of two cannot raise it
+    assert lower_median([1.0, 9.0, 2.0, 1e9]) == 2.0
+    config = AggregationConfig()  # the default: adaptive, c = 2, 16 earlier norms
+    assert (config.clip_multiplier, config.clip_history, config.clip_norm) == (2.0, 16, None)
+    assert clip_bound(config, [1.0, 1e12]) == ClipBound(2.0, "adaptive", 1.0)
+    # A lone update is clipped against its predecessors: 1e12 cannot lift the median of 16.
+    assert clip_bound(config, [1e12], [1.0] * 16).bound == 2.0
+    assert clip_bound(config, [5.0], [1e12] * 15 + [1.0] * 16).bound == 2.0  # the last 16 only
+    assert clip_bound(AggregationConfig(clip_norm=0.5), [1.0, 1.0]) == ClipBound(0.5, "fixed", 1.0)
+    assert clip_bound(AggregationConfig(clip_multiplier=None), [1.0]) == ClipBound(None, "off")
+    dp = AggregationConfig(mode="naive", dp=DpConfig(1.0, 0.3))
+    assert clip_bound(dp, [1e12]) == ClipBound(0.3, "dp")  # DP never uses a data-dependent bound
+
+
+@pytest.mark.parametrize("mode", ["naive", "frozen-a", "exact"])
+def test_one_huge_update_moves_the_adapter_by_at_most_the_bound_in_every_mode(mode: str) -> None:
+    """The take-over of issue 11 at the math level: B 5,000x larger and the largest weight."""
+    rng = np.random.default_rng(11)
+    config = AggregationConfig(mode=mode, rank=4, alpha=8.0, a_seed=2)
+    current = initial_adapter(config, SHAPES)
+    keys = config.update_keys(SHAPES)
+
+    def trained(scale: float) -> dict[str, np.ndarray]:
+        return {
+            k: current[k] + rng.normal(0, 0.01, current[k].shape).astype(np.float32) * scale
+            for k in keys
+        }
+
+    honest = [trained(1.0) for _ in range(3)]
+    attacker = trained(1.0)
+    for k in keys:
+        if k.endswith("lora_B"):
+            attacker[k] = attacker[k] * 5000.0
+    contributions = [Contribution(f"h{i}", t, 10.0, 0, 2.0) for i, t in enumerate(honest)]
+    contributions.append(Contribution("attacker", attacker, 1e6, 0, 2.0))
+    outcome = _run(config, current, contributions)
+    clip = outcome.stats["clip"]
+    assert clip["source"] == "adaptive" and outcome.stats["clipped"] >= 1
+    honest_norms = [effect_norm(config, SHAPES, c, current) for c in contributions[:3]]
+    assert clip["bound"] <= 2.0 * max(honest_norms) + 1e-12  # the attacker did not lift it
+    assert _effect(config, current, outcome.tensors) <= clip["bound"] * (1 + 1e-5)
+    unclipped = _run(
+        AggregationConfig(mode=mode, rank=4, alpha=8.0, a_seed=2, clip_multiplier=None),
+        current,
+        contributions,
+    )
+    assert _effect(config, current, unclipped.tensors) > 100 * clip["bound"]  # what it stopped
+
+
+def test_a_non_finite_effect_names_the_update() -> None:
+    rng = np.random.default_rng(12)
+    config = AggregationConfig(mode="exact", rank=4, alpha=8.0)
+    current = initial_adapter(config, SHAPES)
+    poison = Contribution("poison", _random_adapter(rng, 4), 1.0, 0, 1e300 / 4)  # alpha 1e300
+    with pytest.raises(ContributionError, match="poison") as info:
+        effect_norm(config, SHAPES, poison, current)
+    assert info.value.update_id == "poison"
+    good = Contribution("good", _random_adapter(rng, 4), 1.0, 0, 2.0)
+    with pytest.raises(ContributionError, match="poison"):
+        _run(config, current, [good, poison])
+    with pytest.raises(ContributionError, match="weight"):
+        _run(config, current, [Contribution("w", good.tensors, float("inf"), 0, 2.0)])
+
+
+def test_a_non_finite_result_is_an_aggregation_error() -> None:
+    config = AggregationConfig(mode="naive", rank=2, clip_multiplier=None, server_lr=4.0)
+    current = initial_adapter(config, SHAPES)
+    big = {k: np.full_like(v, 3e38) for k, v in current.items()}  # finite; 4x is not float32
+    contributions = [Contribution(f"u{i}", big, 1.0, 0, 1.0) for i in range(2)]
+    with pytest.raises(AggregationError, match="not finite"):
+        _run(config, current, contributions, state=ServerState())
+
+
+def test_norm_history_is_kept_and_survives_the_state_blob() -> None:
+    rng = np.random.default_rng(13)
+    config = AggregationConfig(mode="naive", rank=2, clip_history=3)
+    current = initial_adapter(config, SHAPES)
+    state = ServerState()
+    for version in range(3):
+        contributions = [
+            Contribution(f"u{version}{i}", _random_adapter(rng, 2), 1.0, 0, 1.0) for i in range(2)
+        ]
+        state = _run(config, current, contributions, state=state).state
+    assert len(state.norm_history) == 3  # the last clip_history norms
+    restored = ServerState.from_bytes(state.to_bytes())
+    assert restored.norm_history == pytest.approx(state.norm_history)
+    # A blob written before the history existed still loads.
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, dp_aggregations=np.array(2))
+    old = ServerState.from_bytes(buffer.getvalue())
+    assert old.norm_history == () and old.dp_aggregations == 2

@@ -63,7 +63,8 @@ def test_frozen_a_round_trip_with_delta_codec(tmp_path: Path) -> None:
                 ),
             )
         updates = []
-        for _ in range(2):
+        ids = [cid, coordinator.join(JOIN_TOKEN, "b")["client_id"]]  # one update per client
+        for sender in ids:
             t = {
                 k: v0[k] + rng.normal(0, 0.05, v0[k].shape).astype(np.float32)
                 for k in v0
@@ -71,7 +72,7 @@ def test_frozen_a_round_trip_with_delta_codec(tmp_path: Path) -> None:
             }
             updates.append(t)
             body = update_bytes(
-                cid,
+                sender,
                 t,
                 rank=4,
                 alpha=8.0,
@@ -80,7 +81,7 @@ def test_frozen_a_round_trip_with_delta_codec(tmp_path: Path) -> None:
                 codec="delta+fp16",
                 reference=v0,
             )
-            coordinator.submit(cid, body)
+            coordinator.submit(sender, body)
         assert coordinator.aggregate() == 1
         v1 = coordinator.dense_version(1)
         for module in SHAPES:
@@ -150,7 +151,8 @@ def test_a_corrupt_stored_update_is_dropped_not_fatal(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     with storage:
         cid = coordinator.join(JOIN_TOKEN, "a")["client_id"]
-        storage.add_update(UpdateRecord("tampered", cid, 0, 5, 0, 8, 0.0, 4), b"FDLM-not-really")
+        other = coordinator.join(JOIN_TOKEN, "b")["client_id"]
+        storage.add_update(UpdateRecord("tampered", other, 0, 5, 0, 8, 0.0, 4), b"FDLM-not-really")
     coordinator, storage = _open(tmp_path, strategy=FedBuff(buffer_size=2))  # resumes both
     with storage:
         coordinator.submit(cid, update_bytes(cid, client_tensors(rng, 8)))
@@ -160,3 +162,4 @@ def test_a_corrupt_stored_update_is_dropped_not_fatal(tmp_path: Path) -> None:
             and coordinator.last_aggregation["dropped"] == 1
         )
         assert storage.update_counts() == {"pending": 0, "aggregated": 1, "dropped": 1}
+        assert coordinator.last_aggregation["dropped_reasons"] == {"undecodable": 1}

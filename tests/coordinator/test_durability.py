@@ -38,7 +38,7 @@ class CoordinatorProcess:
             sys.executable, "-m", "coordinator", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
             "--db", str(db), "--no-mdns", "--join-token", JOIN_TOKEN, "--strategy", "fedbuff",
             "--buffer-size", str(BUFFER), "--targets", ",".join(TARGETS), "--rank", "4", "--alpha", "8",
-            "--codec", "fp32", "--rate", "1000", "--log-level", "warning",
+            "--codec", "fp32", "--rate", "1000", "--log-level", "warning", "--max-wait", "3600",
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             command,
@@ -89,17 +89,21 @@ def test_kill_9_during_ingest_loses_no_acknowledged_update(tmp_path: Path, tiny_
     shapes = shapes_from_gguf(tiny_gguf, TARGETS)
     rng = np.random.default_rng(0)
     first = CoordinatorProcess(tiny_gguf, db)
-    status, joined = _request(
-        f"{first.url}/v1/join",
-        json.dumps({"join_token": JOIN_TOKEN}).encode(),
-        {"Content-Type": "application/json"},
-    )
-    assert status == 200
-    client_id = joined["client_id"]
-    auth = {"Authorization": f"Bearer {joined['token']}"}
-    post_headers = {**auth, "Content-Type": CONTENT_TYPE}
 
-    def body() -> bytes:
+    def enroll(url: str) -> tuple[str, dict[str, str]]:
+        for _ in range(100):  # /v1/join allows a burst of 10, then 1 per second per address
+            status, joined = _request(
+                f"{url}/v1/join",
+                json.dumps({"join_token": JOIN_TOKEN}).encode(),
+                {"Content-Type": "application/json"},
+            )
+            if status != 429:
+                break
+            threading.Event().wait(0.5)
+        assert status == 200, joined
+        return joined["client_id"], {"Authorization": f"Bearer {joined['token']}"}
+
+    def body(client_id: str) -> bytes:
         return update_bytes(
             client_id,
             client_tensors(rng, 4, shapes=shapes),
@@ -109,12 +113,15 @@ def test_kill_9_during_ingest_loses_no_acknowledged_update(tmp_path: Path, tiny_
             update_id=uuid.uuid4().hex,
         )
 
-    bodies = [body() for _ in range(BUFFER - 1)]  # never enough to aggregate before the kill
+    # One update per client per buffer: a client each, never enough to aggregate before the kill.
+    clients = [enroll(first.url) for _ in range(BUFFER - 1)]
+    auth = clients[0][1]
+    bodies = [(body(cid), {**headers, "Content-Type": CONTENT_TYPE}) for cid, headers in clients]
     acked: list[str] = []
     enough = threading.Event()
 
     def post_all() -> None:
-        for data in bodies:
+        for data, post_headers in bodies:
             try:
                 status, ack = _request(f"{first.url}/v1/updates", data, post_headers)
             except (urllib.error.URLError, ConnectionError, OSError):
@@ -144,7 +151,12 @@ def test_kill_9_during_ingest_loses_no_acknowledged_update(tmp_path: Path, tiny_
         assert status == 200 and state["version"] == 0 and state["pending"] == len(stored)
         extra = 0
         while state["pending"] + extra < BUFFER:  # fill the round and let it aggregate
-            status, _ = _request(f"{second.url}/v1/updates", body(), post_headers)
+            client_id, headers = enroll(second.url)
+            status, _ = _request(
+                f"{second.url}/v1/updates",
+                body(client_id),
+                {**headers, "Content-Type": CONTENT_TYPE},
+            )
             assert status == 202
             extra += 1
         for _ in range(400):

@@ -284,9 +284,10 @@ def test_restart_resumes_pending_updates(tmp_path: Path) -> None:
             assert service.coordinator.pending_count == 1 and service.coordinator.version == 0
             async with session.get(f"{service.url}/v1/task", headers=headers) as resp:
                 assert resp.status == 200  # the enrolled token survives a restart
+            other_id, other = await join(session, service.url, "other")  # one update per client
             assert (
                 await post_update(
-                    session, service.url, headers, update_bytes(client_id, client_tensors(rng, 8))
+                    session, service.url, other, update_bytes(other_id, client_tensors(rng, 8))
                 )
             )[0] == 202
             status = await _wait_for_version(session, service.url, headers, 1)

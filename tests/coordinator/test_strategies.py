@@ -9,8 +9,10 @@ from coordinator.storage import UpdateRecord
 from coordinator.strategies import FedAvg, FedBuff
 
 
-def _rec(uid: str, client: str = "c1", base: int = 0, examples: int = 10) -> UpdateRecord:
-    return UpdateRecord(uid, client, base, examples, 0, 8, 0.0, 100)
+def _rec(
+    uid: str, client: str = "c1", base: int = 0, examples: int = 10, at: float = 0.0
+) -> UpdateRecord:
+    return UpdateRecord(uid, client, base, examples, 0, 8, at, 100)
 
 
 def test_fedbuff_weights_by_examples_and_inverse_sqrt_staleness() -> None:
@@ -31,11 +33,44 @@ def test_fedbuff_admission_and_due() -> None:
     with pytest.raises(UpdateRejectedError, match="base version 6"):
         strategy.admit(_rec("c", base=6), 5, [], one_per_client=False)
     pending = [_rec("a")]
-    strategy.admit(_rec("b"), 0, pending, one_per_client=False)  # same client twice is fine ...
-    with pytest.raises(ConflictError, match="already has an update"):
-        strategy.admit(_rec("b"), 0, pending, one_per_client=True)  # ... but not under DP
+    for one_per_client in (False, True):  # one update per client per buffer, DP or not
+        with pytest.raises(ConflictError, match="already has an update") as info:
+            strategy.admit(_rec("b"), 0, pending, one_per_client=one_per_client)
+        assert info.value.code == "already_submitted"
+    strategy.admit(_rec("b", "c2"), 0, pending, one_per_client=False)
     assert not strategy.due(pending, 0, 0.0, 0.0)
     assert strategy.due([*pending, _rec("b", "c2")], 0, 0.0, 0.0)
+
+
+def test_fedbuff_partial_buffer_publishes_after_max_wait_once_min_updates_are_in() -> None:
+    strategy = FedBuff()  # the defaults: buffer 4, min 2, max wait 30 s
+    assert (strategy.buffer_size, strategy.min_updates, strategy.max_wait_s) == (4, 2, 30.0)
+    one = [_rec("a", "c1", at=100.0)]
+    two = [*one, _rec("b", "c2", at=120.0)]
+    assert not strategy.due(one, 0, 0.0, now=1000.0)  # 1 < min_updates: waits, however long
+    assert not strategy.due(two, 0, 0.0, now=129.9)  # first arrived 29.9 s ago
+    assert strategy.due(two, 0, 0.0, now=130.0)  # 30 s after the first
+    full = [*two, _rec("c", "c3", at=125.0), _rec("d", "c4", at=126.0)]
+    assert strategy.due(full, 0, 0.0, now=126.0)  # a full buffer does not wait
+    assert strategy.waiting(one, 0, 0.0, 110.0) == {
+        "pending": 1,
+        "more": 3,
+        "min_more": 1,
+        "deadline_in_s": 20.0,
+    }
+    assert strategy.waiting([], 0, 0.0, 110.0)["deadline_in_s"] is None
+    assert strategy.describe()["min_updates"] == 2 and strategy.describe()["max_wait_s"] == 30.0
+    assert FedBuff(buffer_size=1).min_updates == 1  # never more than the buffer holds
+
+
+def test_weights_count_at_most_max_examples() -> None:
+    huge = _rec("x", examples=2**63 - 1)
+    assert FedBuff().weight(huge, 0, max_examples=80) == 80.0
+    assert FedAvg().weight(huge, 0, max_examples=80) == 80.0
+    assert FedBuff().weight(_rec("y", examples=30), 0, max_examples=80) == 30.0
+    assert FedBuff().weight(_rec("z", base=0, examples=2**63 - 1), 3, max_examples=80) == (
+        pytest.approx(80.0 / 2.0)
+    )
 
 
 def test_fedavg_rounds_min_clients_and_deadline() -> None:
@@ -63,6 +98,9 @@ def test_fedavg_rounds_min_clients_and_deadline() -> None:
         (lambda: FedAvg(deadline_s=0), "deadline_s"),
         (lambda: FedBuff(buffer_size=0), "buffer_size"),
         (lambda: FedBuff(max_staleness=-1), "max_staleness"),
+        (lambda: FedBuff(min_updates=0), "min_updates"),
+        (lambda: FedBuff(max_wait_s=0), "max_wait_s"),
+        (lambda: FedBuff(max_wait_s=float("inf")), "max_wait_s"),
     ],
 )
 def test_strategy_configs_validate(factory, field: str) -> None:
