@@ -96,3 +96,7 @@ class StorageError(CoordinatorError):
 
     status = 500
     code = "storage_error"
+
+
+class PortInUseError(CoordinatorError):
+    """The coordinator's TCP port is taken by another process."""
