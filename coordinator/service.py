@@ -212,17 +212,22 @@ class Service:
 
     async def start(self) -> None:
         config = self.config
+        # Bind first: a port in use fails before anything is created on disk.
+        self._sock = _bind(config.host, config.port)
+        self.port = self._sock.getsockname()[1]
         if config.tls:
-            self.tls = await asyncio.get_running_loop().run_in_executor(
-                None, ensure_self_signed, tls_directory(config.db_path)
-            )
+            try:
+                self.tls = await asyncio.get_running_loop().run_in_executor(
+                    None, ensure_self_signed, tls_directory(config.db_path)
+                )
+            except BaseException:
+                await self.close()
+                raise
         else:
             log.warning(
                 "TLS is off (--insecure): the join token and every bearer token cross the LAN "
                 "in clear text, and devices cannot tell this coordinator from an impostor"
             )
-        self._sock = _bind(config.host, config.port)
-        self.port = self._sock.getsockname()[1]
         app = build_app(
             config,
             advertised_port=self.port,

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--join-token", metavar="TOKEN",
                    help="enrollment secret without a join code (default: $FEDLM_JOIN_TOKEN); "
                    "only with --tls-fingerprint or --insecure")
-    p.add_argument("--tls-fingerprint", metavar="HEX", help="pin this certificate SHA-256 (with --join-token)")
+    p.add_argument("--tls-fingerprint", metavar="HEX", help="pin this certificate SHA-256, for --join-token (default: none; a join code carries it)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a plain-HTTP coordinator (started with --insecure): tokens cross the LAN in "
                    "clear text and the coordinator is not authenticated")

@@ -267,10 +267,12 @@ class Transport:
         hint = exc.retry_after if isinstance(exc, _Retryable) else 0.0
         return max(backoff, min(hint, self.retry.max_s))
 
-    @staticmethod
-    def _before_sleep(state: RetryCallState) -> None:
+    def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
+        if not self.reached:  # first contact: the coordinator may be starting; not alarming yet
+            log.info("no answer yet from %s (%s); trying again in %.1f s", self.base_url, exc, wait)
+            return
         log.warning("coordinator request failed (%s); try %d in %.1f s", exc, state.attempt_number + 1, wait)
 
     async def request(
