@@ -270,8 +270,8 @@ async def browse(
     """Every `_fedlm._tcp` advert answered within `timeout_s` seconds.
 
     `interfaces`: IPv4 addresses to browse on (e.g. ["127.0.0.1"] in tests); None = all.
-    `stop_when`: return as soon as an offer with this instance name (or full name) resolves
-    for which `stop_if` (if given) is also true.
+    `stop_when`, `stop_if`: return as soon as an offer resolves that has this instance name (or
+    full name) and for which `stop_if` is true (either may be None; both None: browse on).
     """
     if not timeout_s > 0:
         raise ValueError(f"`timeout_s` should be > 0, got {timeout_s!r}")
@@ -300,8 +300,9 @@ async def browse(
         offer = Offer(name=name, addresses=addresses, port=int(info.port or 0), properties=props)
         offers[name] = offer
         log.debug("mDNS: %s", offer.describe())
-        matched = stop_when is not None and _matches(offer, stop_when)
-        if matched and (stop_if is None or stop_if(offer)):
+        if stop_when is None and stop_if is None:
+            return
+        if (stop_when is None or _matches(offer, stop_when)) and (stop_if is None or stop_if(offer)):
             found_wanted.set()
 
     def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
@@ -341,10 +342,12 @@ async def discover(
     protocol_versions: frozenset[int] = SUPPORTED_VERSIONS,
 ) -> DiscoveryReport:
     """Browse for `timeout_s` seconds and choose a coordinator for `model_sha256`."""
-    def wanted(offer: Offer) -> bool:  # with a pin, only an offer that can be ours ends browsing
-        return pin is None or (offer.tls and offer.tls_fingerprint == pin)
+    def pinned(offer: Offer) -> bool:
+        return offer.tls and offer.tls_fingerprint == pin
 
-    offers = await browse(timeout_s, interfaces, stop_when=name, stop_if=wanted)
+    # With a pin, browsing ends at the first advert that can be the pinned coordinator (adverts
+    # still resolving get a short moment more); its certificate is checked before use.
+    offers = await browse(timeout_s, interfaces, stop_when=name, stop_if=pinned if pin else None)
     report = evaluate_offers(
         offers, model_sha256, name=name, pin=pin, insecure=insecure,
         local_model_name=local_model_name, interfaces=interfaces, protocol_versions=protocol_versions,

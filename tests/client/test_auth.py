@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -39,10 +40,19 @@ from tests.client.helpers import (
     write_data,
 )
 from tests.client.impostor import Impostor, fake_advert
+from tests.tiny_models import write_tiny_gguf
 
 pytestmark = pytest.mark.timeout(300)
 
 FP = "5a" * 32
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model of its own (a seed no other test uses): other test runs on this machine
+    advertise coordinators for the shared tiny model on 127.0.0.1 too, and the mDNS tests here
+    count offers."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("auth") / "tiny.gguf", seed=1000 + os.getpid() % 50_000)
 
 
 # -- the join code -------------------------------------------------------------------------
