@@ -307,9 +307,11 @@ class Transport:
                 attempt=attempt, detail=detail,
             )  # fmt: skip
             try:
+                # No redirects: the bearer token goes to the pinned coordinator and nowhere else.
                 async with session.request(
-                    method, url, data=body if body else None, headers=send_headers, ssl=self._ssl()
-                ) as resp:
+                    method, url, data=body if body else None, headers=send_headers, ssl=self._ssl(),
+                    allow_redirects=False,
+                ) as resp:  # fmt: skip
                     data = await resp.read()
                     status, resp_headers = resp.status, CIMultiDict(resp.headers)
             except aiohttp.ServerFingerprintMismatch as exc:

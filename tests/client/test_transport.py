@@ -215,3 +215,32 @@ def test_tls_peer_fingerprint_is_a_bare_handshake(tmp_path: Path) -> None:
             await tls_peer_fingerprint("http://127.0.0.1:1")
 
     asyncio.run(scenario())
+
+
+def test_redirects_are_not_followed_with_the_bearer_token(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    async def scenario() -> None:
+        sink = await Impostor().start()
+        app = web.Application()
+
+        async def redirect(request: web.Request) -> web.Response:
+            raise web.HTTPFound(f"{sink.url}/v1/task")
+
+        app.router.add_get("/v1/task", redirect)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            async with Transport(f"http://127.0.0.1:{port}", Ledger(tmp_path / "l.jsonl"), token="bearer-secret",
+                                 retry=FAST_RETRY) as t:  # fmt: skip
+                with pytest.raises(RequestRejectedError, match="HTTP 302"):
+                    await t.task()
+        finally:
+            await runner.cleanup()
+            await sink.close()
+        assert sink.received == []
+
+    asyncio.run(scenario())
