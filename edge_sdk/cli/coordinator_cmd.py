@@ -78,9 +78,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="robust aggregation",
     )
     p.add_argument("--trim-ratio", type=float, default=0.1, help="trimmed-mean: share cut")
-    p.add_argument("--clip-norm", type=float, default=None, help="per-update L2 clip of the delta (default: off)")
     p.add_argument(
-        "--dp-noise", type=float, default=None, help="central DP noise multiplier, enables DP (default: off)"
+        "--clip-norm",
+        type=float,
+        default=None,
+        help="per-update L2 clip of the delta (default: off)",
+    )
+    p.add_argument(
+        "--dp-noise",
+        type=float,
+        default=None,
+        help="central DP noise multiplier, enables DP (default: off)",
     )
     p.add_argument("--dp-clip", type=float, default=1.0, help="central DP clip norm")
     p.add_argument("--dp-delta", type=float, default=1e-5, help="central DP delta")

@@ -15,7 +15,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--state-dir", default=str(Path.home() / ".fedlm" / "laptop"))
     ap.add_argument("--coordinator", default=None, help="URL; default: find it by mDNS")
-    ap.add_argument("--join-code", default=None, help="the coordinator's join code; default: $FEDLM_JOIN_CODE")
+    ap.add_argument(
+        "--join-code", default=None, help="the coordinator's join code; default: $FEDLM_JOIN_CODE"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 

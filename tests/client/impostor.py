@@ -44,9 +44,7 @@ class Impostor:
 
     def secrets_seen(self, *secrets: str) -> list[str]:
         """Which of `secrets` appear anywhere in what this server received."""
-        blob = b"".join(
-            r.body + repr(r.headers).encode() + r.path.encode() for r in self.received
-        )
+        blob = b"".join(r.body + repr(r.headers).encode() + r.path.encode() for r in self.received)
         return [s for s in secrets if s.encode() in blob]
 
     async def _record(self, request: web.Request) -> web.Response:

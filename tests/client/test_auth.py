@@ -52,7 +52,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model of its own (a seed no other test uses): other test runs on this machine
     advertise coordinators for the shared tiny model on 127.0.0.1 too, and the mDNS tests here
     count offers."""
-    return write_tiny_gguf(tmp_path_factory.mktemp("auth") / "tiny.gguf", seed=1000 + os.getpid() % 50_000)
+    return write_tiny_gguf(
+        tmp_path_factory.mktemp("auth") / "tiny.gguf", seed=1000 + os.getpid() % 50_000
+    )
 
 
 # -- the join code -------------------------------------------------------------------------
@@ -112,10 +114,23 @@ def test_client_config_checks_the_join_code_and_plain_http(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="plain http://.*--insecure"):
         client_config(tmp_path / "s", model, data, coordinator_url="http://127.0.0.1:1")
     with pytest.raises(ValueError, match="use https://"):
-        client_config(tmp_path / "s", model, data, coordinator_url="http://127.0.0.1:1", join_code=code, insecure=True)
+        client_config(
+            tmp_path / "s",
+            model,
+            data,
+            coordinator_url="http://127.0.0.1:1",
+            join_code=code,
+            insecure=True,
+        )
     with pytest.raises(ValueError, match="differs from the fingerprint in the join code"):
         client_config(tmp_path / "s", model, data, join_code=code, tls_fingerprint="00" * 32)
-    ok = client_config(tmp_path / "s", model, data, join_code=code, tls_fingerprint=":".join([FP[i : i + 2].upper() for i in range(0, 64, 2)]))
+    ok = client_config(
+        tmp_path / "s",
+        model,
+        data,
+        join_code=code,
+        tls_fingerprint=":".join([FP[i : i + 2].upper() for i in range(0, 64, 2)]),
+    )
     assert ok.tls_fingerprint == FP
 
 
@@ -141,9 +156,19 @@ def test_fake_adverts_never_receive_a_token(tmp_path: Path, model: Path) -> None
             async with Service(config) as service:
                 assert service.tls is not None
                 real_fp = service.tls.fingerprint
-                async with fake_advert("0-evil", plain.port, sha, task="kitchen"), fake_advert(
-                    "0-evil-tls", evil_tls.port, sha, task="kitchen", fingerprint=evil_tls.tls.fingerprint
-                ), fake_advert("0-copycat", copycat.port, sha, task="kitchen", fingerprint=real_fp):
+                async with (
+                    fake_advert("0-evil", plain.port, sha, task="kitchen"),
+                    fake_advert(
+                        "0-evil-tls",
+                        evil_tls.port,
+                        sha,
+                        task="kitchen",
+                        fingerprint=evil_tls.tls.fingerprint,
+                    ),
+                    fake_advert(
+                        "0-copycat", copycat.port, sha, task="kitchen", fingerprint=real_fp
+                    ),
+                ):
                     # First run: the join code; --insecure too, to show it loosens nothing
                     # once a pin is known.
                     first = FederatedClient(client_config(
@@ -169,9 +194,14 @@ def test_fake_adverts_never_receive_a_token(tmp_path: Path, model: Path) -> None
         for server in (plain, evil_tls, copycat):
             assert server.received == [], server.url  # not one HTTP request, so no token
         bearer = creds["token"]
-        assert (plain.secrets_seen(JOIN_TOKEN, bearer), copycat.secrets_seen(JOIN_TOKEN, bearer)) == ([], [])
+        assert (
+            plain.secrets_seen(JOIN_TOKEN, bearer),
+            copycat.secrets_seen(JOIN_TOKEN, bearer),
+        ) == ([], [])
         # The outbox ledger went to the real coordinator only.
-        assert {e.url.split("/v1/")[0] for e in ClientState(state).ledger.entries()} == {service.url}
+        assert {e.url.split("/v1/")[0] for e in ClientState(state).ledger.entries()} == {
+            service.url
+        }
 
     asyncio.run(scenario())
 
@@ -185,13 +215,21 @@ def test_a_join_token_alone_goes_nowhere(tmp_path: Path, model: Path) -> None:
         plain = await Impostor().start()
         try:
             async with fake_advert("0-evil", plain.port, sha):
-                client = FederatedClient(client_config(tmp_path / "s", model, data))  # join_token only
+                client = FederatedClient(
+                    client_config(tmp_path / "s", model, data)
+                )  # join_token only
                 with pytest.raises(InsecureError) as refused:
                     await client.run_async()
         finally:
             await plain.close()
         message = str(refused.value)
-        for hint in ("$FEDLM_JOIN_TOKEN", "--join-code", "$FEDLM_JOIN_CODE", "--tls-fingerprint", "--insecure"):
+        for hint in (
+            "$FEDLM_JOIN_TOKEN",
+            "--join-code",
+            "$FEDLM_JOIN_CODE",
+            "--tls-fingerprint",
+            "--insecure",
+        ):
             assert hint in message
         assert plain.received == []
         assert ClientState(tmp_path / "s").ledger.entries() == []
@@ -209,9 +247,16 @@ def test_insecure_without_a_pin_never_breaks_a_tie_on_names(tmp_path: Path, mode
         config = coordinator_config(tmp_path, model, tls=False, mdns=True, mdns_name="kitchen")
         plain = await Impostor().start()
         try:
-            async with Service(config) as service, fake_advert("0-evil", plain.port, sha, task="kitchen"):
-                ambiguous = FederatedClient(client_config(tmp_path / "a", model, data, insecure=True))
-                with pytest.raises(DiscoveryError, match="2 usable plain-HTTP coordinators .*--coordinator-name"):
+            async with (
+                Service(config) as service,
+                fake_advert("0-evil", plain.port, sha, task="kitchen"),
+            ):
+                ambiguous = FederatedClient(
+                    client_config(tmp_path / "a", model, data, insecure=True)
+                )
+                with pytest.raises(
+                    DiscoveryError, match="2 usable plain-HTTP coordinators .*--coordinator-name"
+                ):
                     await ambiguous.run_async()
                 named = FederatedClient(client_config(
                     tmp_path / "b", model, data, insecure=True, coordinator_name="kitchen", max_rounds=1,
@@ -230,14 +275,18 @@ def test_insecure_without_a_pin_never_breaks_a_tie_on_names(tmp_path: Path, mode
 # -- trust on first use ------------------------------------------------------------------------
 
 
-def test_a_changed_certificate_is_refused_without_sending_the_bearer_token(tmp_path: Path, model: Path) -> None:
+def test_a_changed_certificate_is_refused_without_sending_the_bearer_token(
+    tmp_path: Path, model: Path
+) -> None:
     data = write_data(tmp_path / "data.jsonl")
     sha = model_sha256(model)
     state = tmp_path / "state"
     port = free_port()
 
     async def scenario() -> None:
-        config = coordinator_config(tmp_path / "one", model, port=port, strategy=FedBuff(buffer_size=1))
+        config = coordinator_config(
+            tmp_path / "one", model, port=port, strategy=FedBuff(buffer_size=1)
+        )
         (tmp_path / "one").mkdir()
         async with Service(config) as service:
             assert service.tls is not None
@@ -256,21 +305,30 @@ def test_a_changed_certificate_is_refused_without_sending_the_bearer_token(tmp_p
         impostor = await Impostor(tls_dir=tmp_path / "new-cert").start(port=port)
         try:
             assert impostor.tls is not None and impostor.tls.fingerprint != real_fp
-            by_url = FederatedClient(client_config(state, model, data, coordinator_url=url, join_token=None))
+            by_url = FederatedClient(
+                client_config(state, model, data, coordinator_url=url, join_token=None)
+            )
             with pytest.raises(TlsPinError) as refused:
                 await by_url.run_async()
             message = str(refused.value)
             assert impostor.tls.fingerprint in message and real_fp in message
-            assert str(state / "token.json") in message and "re-enroll with its new join code" in message
+            assert (
+                str(state / "token.json") in message
+                and "re-enroll with its new join code" in message
+            )
             # Found by mDNS instead: its advert names its own certificate, and is skipped...
             async with fake_advert("0-new", port, sha, fingerprint=impostor.tls.fingerprint):
                 by_mdns = FederatedClient(client_config(state, model, data, join_token=None))
-                with pytest.raises(DiscoveryError, match="not the pinned .*re-enroll with its new join code"):
+                with pytest.raises(
+                    DiscoveryError, match="not the pinned .*re-enroll with its new join code"
+                ):
                     await by_mdns.run_async()
             # ...or it copies the pinned fingerprint into its advert: the handshake tells.
             async with fake_advert("0-copy", port, sha, fingerprint=real_fp):
                 copy = FederatedClient(client_config(state, model, data, join_token=None))
-                with pytest.raises(TlsPinError, match="no advertised coordinator presents the pinned certificate"):
+                with pytest.raises(
+                    TlsPinError, match="no advertised coordinator presents the pinned certificate"
+                ):
                     await copy.run_async()
         finally:
             await impostor.close()
@@ -284,9 +342,14 @@ def test_a_changed_certificate_is_refused_without_sending_the_bearer_token(tmp_p
         (tmp_path / "two").mkdir()
         async with Service(coordinator_config(tmp_path / "two", model, port=port)) as fresh:
             assert fresh.tls is not None and fresh.tls.fingerprint != real_fp
-            again = FederatedClient(client_config(state, model, data, service=fresh, max_rounds=1, final_wait_s=0.0))
+            again = FederatedClient(
+                client_config(state, model, data, service=fresh, max_rounds=1, final_wait_s=0.0)
+            )
             await asyncio.wait_for(again.run_async(), timeout=150)
-            assert json.loads((state / "token.json").read_text())["tls_fingerprint"] == fresh.tls.fingerprint
+            assert (
+                json.loads((state / "token.json").read_text())["tls_fingerprint"]
+                == fresh.tls.fingerprint
+            )
 
     asyncio.run(scenario())
 
@@ -300,7 +363,9 @@ def test_stored_pin_follows_the_coordinator_to_a_new_address(tmp_path: Path, mod
     async def scenario() -> None:
         config = coordinator_config(tmp_path, model, strategy=FedBuff(buffer_size=1))
         async with Service(config) as service:
-            first = FederatedClient(client_config(state, model, data, service=service, max_rounds=1, final_wait_s=0.0))
+            first = FederatedClient(
+                client_config(state, model, data, service=service, max_rounds=1, final_wait_s=0.0)
+            )
             summary = await asyncio.wait_for(first.run_async(), timeout=150)
         async with Service(config) as moved:  # the same database and certificate, another port
             assert moved.url != service.url
@@ -320,7 +385,11 @@ def test_https_without_any_pin_is_refused(tmp_path: Path, model: Path) -> None:
 
     async def scenario() -> None:
         async with Service(coordinator_config(tmp_path, model)) as service:
-            client = FederatedClient(client_config(tmp_path / "s", model, data, coordinator_url=service.url, insecure=True))
+            client = FederatedClient(
+                client_config(
+                    tmp_path / "s", model, data, coordinator_url=service.url, insecure=True
+                )
+            )
             with pytest.raises(InsecureError, match="--join-code"):
                 await client.run_async()
             assert service.coordinator.storage.count_clients() == 0

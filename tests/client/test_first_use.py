@@ -31,7 +31,9 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _fedlm(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _fedlm(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edge_sdk.cli", *args], capture_output=True, text=True, timeout=timeout,
         env=env or _env(), cwd=REPO, check=False,
@@ -60,13 +62,16 @@ def test_port_in_use_is_one_line_naming_the_port(tmp_path: Path, model: Path) ->
     assert done.returncode == 2 and done.stderr.count("\n") == 1  # nothing else either
     line = _one_line_error(done.stderr)
     assert f"port {port} on 127.0.0.1 is already in use" in line and "--port 0" in line
+    assert list(tmp_path.iterdir()) == []  # no database, no certificate made
 
 
 @pytest.mark.parametrize(
     ("how", "named"),
     [("flag", "--join-token"), ("env", "$FEDLM_JOIN_TOKEN")],
 )
-def test_a_short_join_token_names_the_flag_and_the_minimum(tmp_path: Path, model: Path, how: str, named: str) -> None:
+def test_a_short_join_token_names_the_flag_and_the_minimum(
+    tmp_path: Path, model: Path, how: str, named: str
+) -> None:
     args = _coordinator_args(model, tmp_path / "c.sqlite")
     if how == "flag":
         done = _fedlm(*args, "--join-token", "secret")
@@ -77,7 +82,9 @@ def test_a_short_join_token_names_the_flag_and_the_minimum(tmp_path: Path, model
     assert named in line and "at least 8 characters, got 6" in line
 
 
-def _start_coordinator(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
+def _start_coordinator(
+    args: list[str], env: dict[str, str]
+) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_sdk.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=env, cwd=REPO,
@@ -93,7 +100,9 @@ def _start_coordinator(args: list[str], env: dict[str, str]) -> tuple[subprocess
         if line.startswith("  on each device"):
             return proc, lines
     proc.kill()
-    raise AssertionError(f"the coordinator printed no join instructions: {lines} {proc.stderr.read() if proc.stderr else ''}")
+    raise AssertionError(
+        f"the coordinator printed no join instructions: {lines} {proc.stderr.read() if proc.stderr else ''}"
+    )
 
 
 def _stop(proc: subprocess.Popen[str]) -> str:
@@ -108,7 +117,9 @@ def test_the_coordinator_serves_tls_and_prints_a_join_code(tmp_path: Path, model
     proc, lines = _start_coordinator(_coordinator_args(model, db), env)
     err = _stop(proc)
     assert lines[0].startswith("fedlm coordinator https://127.0.0.1:")
-    fingerprint = next(line.split()[-1] for line in lines if line.startswith("TLS certificate sha256"))
+    fingerprint = next(
+        line.split()[-1] for line in lines if line.startswith("TLS certificate sha256")
+    )
     code = next(line.split()[-1] for line in lines if line.startswith("join code: "))
     decoded = JoinCode.decode(code)
     assert (decoded.fingerprint, decoded.token) == (fingerprint, "a-token-from-the-env")
@@ -122,11 +133,15 @@ def test_the_coordinator_serves_tls_and_prints_a_join_code(tmp_path: Path, model
 
 def test_plain_http_needs_insecure_on_both_sides(tmp_path: Path, model: Path) -> None:
     data = write_data(tmp_path / "d.jsonl")
-    proc, lines = _start_coordinator([*_coordinator_args(model, tmp_path / "c.sqlite"), "--insecure"], _env())
+    proc, lines = _start_coordinator(
+        [*_coordinator_args(model, tmp_path / "c.sqlite"), "--insecure"], _env()
+    )
     try:
         url = lines[0].split()[2]
         assert url.startswith("http://")
-        token = next(line.split()[-1] for line in lines if line.startswith("join token (shown once)"))
+        token = next(
+            line.split()[-1] for line in lines if line.startswith("join token (shown once)")
+        )
         # A device without --insecure refuses the http:// URL (one line, exit 2)...
         refused = _fedlm("join", str(model), "--data", str(data), "--coordinator", url, "--join-token", token,
                          "--state-dir", str(tmp_path / "s"))  # fmt: skip
@@ -148,7 +163,9 @@ def test_an_unreachable_coordinator_fails_within_seconds(tmp_path: Path, model: 
     elapsed = time.monotonic() - started
     assert done.returncode == 2
     line = _one_line_error(done.stderr)
-    assert line.startswith("fedlm: error: cannot reach") and line.endswith(f"is `fedlm coordinator` running at {url}?")
+    assert line.startswith("fedlm: error: cannot reach") and line.endswith(
+        f"is `fedlm coordinator` running at {url}?"
+    )
     assert "aiohttp" not in line and "ssl:default" not in line and "Connector" not in line
     assert elapsed < 30  # interpreter and torch imports included; the network part is ~3 s
 
@@ -157,7 +174,16 @@ def test_a_mistyped_join_code_is_caught_before_anything_is_sent(tmp_path: Path) 
     data = write_data(tmp_path / "d.jsonl")
     code = make_join_code("ab" * 32, "a-join-token")
     typo = code[:20] + ("a" if code[20] != "a" else "b") + code[21:]
-    done = _fedlm("join", "m.gguf", "--data", str(data), "--join-code", typo, "--state-dir", str(tmp_path / "s"))
+    done = _fedlm(
+        "join",
+        "m.gguf",
+        "--data",
+        str(data),
+        "--join-code",
+        typo,
+        "--state-dir",
+        str(tmp_path / "s"),
+    )
     assert done.returncode == 2
     line = _one_line_error(done.stderr)
     assert "--join-code" in line and "checksum" in line and "copy it again" in line
@@ -172,13 +198,21 @@ def test_help_shows_every_default() -> None:
         p = sub.choices[command]
         formatter = p._get_formatter()
         for action in p._actions:
-            if not action.option_strings or action.required or isinstance(action, argparse._HelpAction):
+            if (
+                not action.option_strings
+                or action.required
+                or isinstance(action, argparse._HelpAction)
+            ):
                 continue
             if isinstance(action, argparse._StoreTrueAction):
                 continue  # an off-by-default switch
             text = formatter._get_help_string(action) or ""
             assert "default" in text, f"fedlm {command} {action.option_strings[0]}: {text!r}"
-        assert "--final-wait" in p.format_help() if command == "join" else "--insecure" in p.format_help()
+        assert (
+            "--final-wait" in p.format_help()
+            if command == "join"
+            else "--insecure" in p.format_help()
+        )
 
 
 def test_final_wait_reaches_the_client_config(tmp_path: Path) -> None:
@@ -187,6 +221,8 @@ def test_final_wait_reaches_the_client_config(tmp_path: Path) -> None:
 
     data = write_data(tmp_path / "d.jsonl")
     code = make_join_code("ab" * 32, "a-join-token")
-    args = build_parser().parse_args(["join", "m.gguf", "--data", str(data), "--final-wait", "0", "--join-code", code])
+    args = build_parser().parse_args(
+        ["join", "m.gguf", "--data", str(data), "--final-wait", "0", "--join-code", code]
+    )
     config = _config(args)
     assert config.final_wait_s == 0.0 and config.join_code == code and not config.insecure

@@ -41,7 +41,11 @@ def _readme_commands() -> list[list[str]]:
 
 def test_the_readme_lan_example_works_as_written(tmp_path: Path) -> None:
     commands = _readme_commands()
-    assert [c[:2] for c in commands] == [["fedlm", "coordinator"], ["fedlm", "join"], ["fedlm", "ledger"]]
+    assert [c[:2] for c in commands] == [
+        ["fedlm", "coordinator"],
+        ["fedlm", "join"],
+        ["fedlm", "ledger"],
+    ]
     coordinator_cmd, join_cmd, ledger_cmd = commands
     assert "--join-code" in join_cmd and "--insecure" not in coordinator_cmd + join_cmd
 
@@ -84,7 +88,10 @@ def test_the_readme_lan_example_works_as_written(tmp_path: Path) -> None:
         results = [d.communicate(timeout=480) for d in devices]
         for device, (out, err) in zip(devices, results, strict=True):
             assert device.returncode == 0, err[-3000:]
-            assert "finished (max_rounds)" in out and out.count(" accepted") + out.count(" duplicate") == 5
+            assert (
+                "finished (max_rounds)" in out
+                and out.count(" accepted") + out.count(" duplicate") == 5
+            )
             assert "TLS, certificate pinned" in err  # it talked TLS to the pinned coordinator
         ledger = subprocess.run(
             swap(ledger_cmd) + ["--state-dir", str(tmp_path / "device-0")], capture_output=True, text=True,
