@@ -340,14 +340,21 @@ async def discover(
     timeout_s: float = 3.0,
     interfaces: Sequence[str] | None = None,
     protocol_versions: frozenset[int] = SUPPORTED_VERSIONS,
+    early_stop: bool = True,
 ) -> DiscoveryReport:
-    """Browse for `timeout_s` seconds and choose a coordinator for `model_sha256`."""
+    """Browse for `timeout_s` seconds and choose a coordinator for `model_sha256`.
+
+    `early_stop`: end the browse at the first advert that has `name` (if given) and advertises
+    `pin` (if given); False browses for the whole `timeout_s`."""
     def pinned(offer: Offer) -> bool:
         return offer.tls and offer.tls_fingerprint == pin
 
     # With a pin, browsing ends at the first advert that can be the pinned coordinator (adverts
     # still resolving get a short moment more); its certificate is checked before use.
-    offers = await browse(timeout_s, interfaces, stop_when=name, stop_if=pinned if pin else None)
+    if early_stop:
+        offers = await browse(timeout_s, interfaces, stop_when=name, stop_if=pinned if pin else None)
+    else:
+        offers = await browse(timeout_s, interfaces)
     report = evaluate_offers(
         offers, model_sha256, name=name, pin=pin, insecure=insecure,
         local_model_name=local_model_name, interfaces=interfaces, protocol_versions=protocol_versions,

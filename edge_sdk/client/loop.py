@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_sdk.client.controls import LocalDpConfig, apply_memory_cap, apply_thread_cap, privatize
-from edge_sdk.client.discovery import discover
+from edge_sdk.client.discovery import Offer, discover
 from edge_sdk.client.errors import (
     AuthenticationError,
     ClientError,
@@ -368,35 +368,46 @@ class FederatedClient:
         if pin is None and not cfg.insecure:
             raise self._no_pin_error()
         local_name = Path(self._identity.path).name if self._identity is not None else ""
-        report = await discover(
-            sha256, name=cfg.coordinator_name, pin=pin, insecure=cfg.insecure, local_model_name=local_name,
-            timeout_s=cfg.discovery_timeout_s, interfaces=cfg.discovery_interfaces,
-        )  # fmt: skip
-        if report.chosen is None:
-            raise DiscoveryError("; ".join(report.explain()) + " (--coordinator URL skips discovery)")
-        self._offer_model_name = report.chosen.model_name
-        if pin is None:
-            return report.chosen.url, None, ""
-        # The adverts are unauthenticated: check each candidate's certificate (a bare TLS
-        # handshake, nothing sent) and take the first that presents the pinned one.
         seen: list[str] = []
-        for offer in report.accepted:
+        # Two passes: the first ends at the first advert that can be ours; if none of the
+        # candidates then presents the pinned certificate (a copycat advert answered first),
+        # the second browses for the whole timeout and checks every candidate it finds.
+        for early_stop in (True, False) if pin is not None else (True,):
+            report = await discover(
+                sha256, name=cfg.coordinator_name, pin=pin, insecure=cfg.insecure, local_model_name=local_name,
+                timeout_s=cfg.discovery_timeout_s, interfaces=cfg.discovery_interfaces, early_stop=early_stop,
+            )  # fmt: skip
+            if report.chosen is None:
+                raise DiscoveryError("; ".join(report.explain()) + " (--coordinator URL skips discovery)")
+            self._offer_model_name = report.chosen.model_name
+            if pin is None:
+                return report.chosen.url, None, ""
+            found = await self._verified(report.accepted, pin, seen)
+            if found is not None:
+                self._offer_model_name = found.model_name
+                return found.url, pin, source
+        assert pin is not None
+        raise TlsPinError(
+            f"no advertised coordinator presents the pinned certificate {pin[:16]}… ({source}): "
+            + "; ".join(seen) + ". If the coordinator was reinstalled, re-enroll with its new join code"
+        )
+
+    async def _verified(self, offers: Sequence[Offer], pin: str, seen: list[str]) -> Offer | None:
+        """The first offer whose live certificate is the pinned one (a bare TLS handshake each:
+        the adverts are unauthenticated, and nothing is sent to them); the others go to `seen`."""
+        for offer in offers:
             try:
-                got = await tls_peer_fingerprint(offer.url, cfg.retry.connect_timeout_s)
+                got = await tls_peer_fingerprint(offer.url, self.config.retry.connect_timeout_s)
             except (OSError, asyncio.TimeoutError, ValueError) as exc:
                 seen.append(f"{offer.describe()}: cannot connect ({type(exc).__name__})")
                 log.warning("skipping %s", seen[-1])
                 continue
             if got == pin:
                 log.info("%s presents the pinned certificate %s…", offer.url, pin[:16])
-                self._offer_model_name = offer.model_name
-                return offer.url, pin, source
+                return offer
             seen.append(f"{offer.describe()}: presents certificate {got[:16]}…, not the pinned {pin[:16]}…")
             log.warning("skipping %s (a fake advert, or a new certificate)", seen[-1])
-        raise TlsPinError(
-            f"no advertised coordinator presents the pinned certificate {pin[:16]}… ({source}): "
-            + "; ".join(seen) + ". If the coordinator was reinstalled, re-enroll with its new join code"
-        )
+        return None
 
     # -- the loop ---------------------------------------------------------------------------
 

@@ -395,3 +395,45 @@ def test_https_without_any_pin_is_refused(tmp_path: Path, model: Path) -> None:
             assert service.coordinator.storage.count_clients() == 0
 
     asyncio.run(scenario())
+
+
+def test_a_copycat_advert_that_answers_first_cannot_block_the_choice(
+    tmp_path: Path, model: Path
+) -> None:
+    """The copycat (the real fingerprint in its TXT record, its own certificate) is on mDNS
+    before the real coordinator's advert appears: the first browse ends at the copycat, its
+    handshake fails, and the second browse finds the real coordinator."""
+    data = write_data(tmp_path / "data.jsonl")
+    sha = model_sha256(model)
+
+    async def scenario() -> None:
+        config = coordinator_config(tmp_path, model, strategy=FedBuff(buffer_size=1))
+        copycat = await Impostor(tls_dir=tmp_path / "copycat").start()
+        try:
+            async with Service(config) as service:  # mdns off: its advert comes late, below
+                assert service.tls is not None
+                real_fp = service.tls.fingerprint
+
+                async def advertise_late() -> None:
+                    await asyncio.sleep(1.0)
+                    async with fake_advert("real-late", service.port, sha, fingerprint=real_fp):
+                        await asyncio.sleep(30)
+
+                async with fake_advert("0-copycat", copycat.port, sha, fingerprint=real_fp):
+                    late = asyncio.create_task(advertise_late())
+                    client = FederatedClient(
+                        client_config(
+                            tmp_path / "state", model, data, join_code=join_code(service),
+                            discovery_timeout_s=4.0, max_rounds=1, final_wait_s=0.0,
+                        )
+                    )  # fmt: skip
+                    try:
+                        summary = await asyncio.wait_for(client.run_async(), timeout=150)
+                    finally:
+                        late.cancel()
+                assert summary.coordinator == service.url
+        finally:
+            await copycat.close()
+        assert copycat.received == []
+
+    asyncio.run(scenario())
