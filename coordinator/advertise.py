@@ -4,11 +4,17 @@ TXT record (RFC 6763, section 6; every value is a short string):
 
     proto   wire protocol version (edge_sdk.wire.PROTOCOL_VERSION)
     model   sha256 of the base model's GGUF file
+    mname   the base model's name as the operator gave it (display only, at most 63 chars)
     task    task id
     auth    "1" when a join token is required (always, today)
-    tls     "1" when the API is served over HTTPS
+    tls     "1" when the API is served over HTTPS (the default), "0" for plain HTTP
     fp      sha256 fingerprint of the TLS certificate (only with tls=1)
     path    API prefix ("/v1")
+
+Nothing in an advert is authenticated: anyone on the LAN can send one. Devices use it only to
+learn where to connect; they authenticate the coordinator by the certificate pin from the join
+code (or stored at enrollment), never by `fp`, which only helps them skip adverts that cannot
+be the pinned coordinator.
 
 `Advertiser` is an async context manager; `close()` sends the goodbye packets, and closing
 twice is safe.
@@ -36,10 +42,12 @@ def txt_properties(
     task_id: str,
     auth_required: bool = True,
     tls_fingerprint: str | None = None,
+    model_name: str = "",
 ) -> dict[str, str]:
     props = {
         "proto": str(protocol_version),
         "model": model_sha256,
+        "mname": "".join(c for c in model_name if c.isprintable())[:63],
         "task": task_id,
         "auth": "1" if auth_required else "0",
         "tls": "1" if tls_fingerprint else "0",

@@ -17,6 +17,9 @@ _MDNS_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
 
 _MIB = 1 << 20
 
+MIN_JOIN_TOKEN_CHARS = 8
+"""Shortest accepted join token (the generated ones have 43 characters)."""
+
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
@@ -28,6 +31,9 @@ class CoordinatorConfig:
     """(out, in) of every LoRA target layer (`coordinator.shapes.shapes_from_gguf`)."""
     db_path: Path
     """SQLite database file (created on first start, resumed afterwards)."""
+    model_name: str = ""
+    """The base model's name (e.g. `smollm2-135m`), shown to devices in the mDNS advert so a
+    mismatch can name models, not only hashes (display only, never trusted)."""
     targets: tuple[str, ...] = LORA_TARGETS
     """LoRA target projections (must match the keys of `shapes`)."""
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
@@ -49,12 +55,15 @@ class CoordinatorConfig:
     max_rounds: int | None = None
     """Stop accepting updates once this many global versions were published; None = never."""
     join_token: str = ""
-    """Shared enrollment secret; must be non-empty (the CLI generates one when not given)."""
+    """Shared enrollment secret, at least 8 characters (the CLI generates one when not given).
+    Devices get it inside the join code, bound to the certificate's fingerprint."""
     host: str = "127.0.0.1"
     port: int = 8750
     """TCP port; 0 picks a free one."""
-    tls: bool = False
-    """Serve HTTPS with a self-signed certificate kept next to the database."""
+    tls: bool = True
+    """Serve HTTPS with a self-signed certificate kept next to the database
+    (`<db>.tls/cert.pem`). False serves plain HTTP, where anyone on the LAN can read the join
+    token and the bearer tokens (the CLI asks for `--insecure`; a warning is logged at start)."""
     mdns: bool = True
     """Advertise on mDNS."""
     mdns_interfaces: tuple[str, ...] | None = None
@@ -132,8 +141,11 @@ class CoordinatorConfig:
             raise ValueError(f"`lr` should be > 0, got {self.lr}")
         if self.max_rounds is not None and self.max_rounds < 1:
             raise ValueError(f"`max_rounds` should be >= 1 or None, got {self.max_rounds}")
-        if len(self.join_token) < 8:
-            raise ValueError("`join_token` should have at least 8 characters")
+        if len(self.join_token) < MIN_JOIN_TOKEN_CHARS:
+            raise ValueError(
+                f"`join_token` should have at least {MIN_JOIN_TOKEN_CHARS} characters, "
+                f"got {len(self.join_token)}"
+            )
         if self.mdns_name is not None and not _MDNS_NAME.fullmatch(self.mdns_name):
             raise ValueError(
                 f"`mdns_name` should be 1-63 letters, digits, '-' or '_', got {self.mdns_name!r}"

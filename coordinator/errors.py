@@ -123,3 +123,7 @@ class ContributionError(AggregationError):
         super().__init__(f"update {update_id!r}: {reason}")
         self.update_id = update_id
         self.reason = reason
+
+
+class PortInUseError(CoordinatorError):
+    """The coordinator's TCP port is taken by another process."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import ssl
@@ -30,10 +31,11 @@ from coordinator.advertise import Advertiser, lan_addresses, txt_properties
 from coordinator.auth import RateLimiter, hash_token
 from coordinator.config import CoordinatorConfig
 from coordinator.core import Coordinator
+from coordinator.errors import CoordinatorError, PortInUseError
 from coordinator.metrics import Metrics
 from coordinator.openapi import build_spec
 from coordinator.storage import SQLiteStorage
-from coordinator.tls import TlsMaterial, ensure_self_signed
+from coordinator.tls import TlsMaterial, ensure_self_signed, tls_directory
 from edge_sdk.wire import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,12 @@ def build_app(
             instance=config.mdns_name or f"fedlm-{coordinator.task_id[-8:]}-{uuid.uuid4().hex[:6]}",
             port=app[_PORT],
             properties=txt_properties(
-                PROTOCOL_VERSION, config.model_sha256, coordinator.task_id, True, tls_fingerprint
+                PROTOCOL_VERSION,
+                config.model_sha256,
+                coordinator.task_id,
+                True,
+                tls_fingerprint,
+                model_name=config.model_name,
             ),
             addresses=addresses,
             interfaces=interfaces,
@@ -207,6 +214,28 @@ class _GuardedSockSite(web.SockSite):
         )
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # SO_REUSEADDR lets a restart take the port from its own TIME_WAIT sockets; on Linux it does
+    # not let two live listeners share a port, so "in use" below still means another process.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                f"port {port} on {host or '0.0.0.0'} is already in use (another coordinator?): "
+                "stop that process, or pick another port (--port 0 chooses a free one)"
+            ) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise CoordinatorError(
+                f"cannot listen on {host}: not an address of this machine (--host)"
+            ) from None
+        raise
+    return sock
+
+
 class Service:
     """A running coordinator: socket bound first (so port 0 is known before mDNS), then the app.
 
@@ -240,15 +269,22 @@ class Service:
 
     async def start(self) -> None:
         config = self.config
-        if config.tls:
-            tls_dir = config.db_path.with_name(config.db_path.name + ".tls")
-            self.tls = await asyncio.get_running_loop().run_in_executor(
-                None, ensure_self_signed, tls_dir
-            )
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((config.host, config.port))
+        # Bind first: a port in use fails before anything is created on disk.
+        self._sock = _bind(config.host, config.port)
         self.port = self._sock.getsockname()[1]
+        if config.tls:
+            try:
+                self.tls = await asyncio.get_running_loop().run_in_executor(
+                    None, ensure_self_signed, tls_directory(config.db_path)
+                )
+            except BaseException:
+                await self.close()
+                raise
+        else:
+            log.warning(
+                "TLS is off (--insecure): the join token and every bearer token cross the LAN "
+                "in clear text, and devices cannot tell this coordinator from an impostor"
+            )
         app = build_app(
             config,
             advertised_port=self.port,

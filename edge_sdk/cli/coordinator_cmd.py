@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edge_sdk.cli._help import DefaultsHelpFormatter
 from edge_sdk.models.naming import LORA_TARGETS
 
 if TYPE_CHECKING:
@@ -23,28 +24,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "coordinator",
         help="run the federated coordinator on this machine (REST API + mDNS)",
+        formatter_class=DefaultsHelpFormatter,
         description="Aggregate LoRA adapter updates from devices on the LAN. "
-        f"The join token comes from --join-token, else ${JOIN_TOKEN_ENV}, else it is generated "
-        "and printed once.",
+        "Serves HTTPS with a self-signed certificate made on first start and kept beside the "
+        "database, and prints a join code (the join token bound to the certificate's "
+        "fingerprint) that devices take as `fedlm join --join-code`. "
+        f"The join token comes from --join-token, else ${JOIN_TOKEN_ENV}, else it is generated.",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="model name or .gguf path")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8750, help="TCP port; 0 picks a free one")
+    p.add_argument(
+        "--db",
+        default="fedlm-coordinator.sqlite",
+        help="SQLite database (resumed if it exists); the TLS certificate goes to <db>.tls/",
     )
     p.add_argument(
-        "--model", default="smollm2-135m", help="model name or .gguf path (default: smollm2-135m)"
+        "--strategy", choices=("fedavg", "fedbuff"), default="fedbuff", help="aggregation schedule"
     )
     p.add_argument(
-        "--host", default="0.0.0.0", help="address to listen on (default: all interfaces)"
-    )
-    p.add_argument(
-        "--port", type=int, default=8750, help="TCP port; 0 picks a free one (default: 8750)"
-    )
-    p.add_argument(
-        "--db", default="fedlm-coordinator.sqlite", help="SQLite database (resumed if it exists)"
-    )
-    p.add_argument("--strategy", choices=("fedavg", "fedbuff"), default="fedbuff")
-    p.add_argument(
-        "--clients-per-round",
-        type=int,
-        default=2,
-        help="fedavg: close a round at this many updates",
+        "--clients-per-round", type=int, default=2, help="fedavg: close a round at this many"
     )
     p.add_argument(
         "--min-clients", type=int, default=1, help="fedavg: close at the deadline with this many"
@@ -70,9 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fedbuff: longest wait after a buffer's first update (default: 30)",
     )
     p.add_argument("--max-staleness", type=int, default=8, help="fedbuff: refuse older updates")
-    p.add_argument("--lora-mode", choices=("naive", "frozen-a", "exact"), default="exact")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument(
+        "--lora-mode",
+        choices=("naive", "frozen-a", "exact"),
+        default="exact",
+        help="how LoRA factors are aggregated",
+    )
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     p.add_argument("--targets", default=",".join(LORA_TARGETS), help="comma-separated LoRA targets")
     p.add_argument("--a-seed", type=int, default=0, help="seed of the initial / frozen A matrices")
     p.add_argument("--codec", default="delta+int4+zlib", help="codec clients are asked to use")
@@ -80,14 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--exact-max-rank",
         type=int,
         default=0,
-        help="exact mode: rank kept by the streaming sum between folds (default 4·rank)",
+        help="exact mode: rank kept by the streaming sum between folds (0: 4·rank)",
     )
-    p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument("--server-lr", type=float, default=1.0, help="server learning rate")
     p.add_argument(
         "--fedadam", action="store_true", help="FedAdam server optimizer (naive/frozen-a)"
     )
-    p.add_argument("--robust", choices=("mean", "trimmed-mean", "median"), default="mean")
-    p.add_argument("--trim-ratio", type=float, default=0.1)
     p.add_argument(
         "--clip-norm",
         type=float,
@@ -119,19 +121,35 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="most examples an update's weight counts (default: local-steps x batch-size)",
     )
     p.add_argument(
-        "--dp-noise", type=float, default=None, help="central DP noise multiplier (enables DP)"
+        "--robust",
+        choices=("mean", "trimmed-mean", "median"),
+        default="mean",
+        help="robust aggregation",
+    )
+    p.add_argument("--trim-ratio", type=float, default=0.1, help="trimmed-mean: share cut")
+    p.add_argument(
+        "--dp-noise",
+        type=float,
+        default=None,
+        help="central DP noise multiplier, enables DP (default: off)",
     )
     p.add_argument("--dp-clip", type=float, default=1.0, help="central DP clip norm")
-    p.add_argument("--dp-delta", type=float, default=1e-5)
-    p.add_argument("--local-steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--max-rounds", type=int, default=None)
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="central DP delta")
+    p.add_argument("--local-steps", type=int, default=20, help="task: local steps per round")
+    p.add_argument("--batch-size", type=int, default=4, help="task: local batch size")
+    p.add_argument("--seq-len", type=int, default=256, help="task: sequence length in tokens")
+    p.add_argument("--lr", type=float, default=2e-4, help="task: local learning rate")
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        default=None,
+        help="stop after this many versions (default: never)",
+    )
     p.add_argument(
         "--join-token",
         default=None,
-        help=f"enrollment secret (default: ${JOIN_TOKEN_ENV} or generated)",
+        # 8 = coordinator.config.MIN_JOIN_TOKEN_CHARS (not imported: it pulls numpy into --help)
+        help=f"enrollment secret, at least 8 characters (default: ${JOIN_TOKEN_ENV}, else generated)",
     )
     p.add_argument(
         "--operator-token",
@@ -140,25 +158,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"(default: ${OPERATOR_TOKEN_ENV} or generated and printed once)",
     )
     p.add_argument(
-        "--tls",
+        "--insecure",
         action="store_true",
-        help="HTTPS with a self-signed certificate (fingerprint in mDNS)",
+        help="serve plain HTTP without TLS: the join token crosses the LAN in clear text and "
+        "devices cannot authenticate this coordinator (they need --insecure too)",
     )
     p.add_argument("--no-mdns", action="store_true", help="do not advertise on mDNS")
     p.add_argument(
         "--mdns-name",
         metavar="NAME",
-        help="mDNS instance name, for `fedlm join --coordinator-name` (default: fedlm-<task>-<random>)",
+        help="mDNS instance name, for `fedlm join --coordinator-name` "
+        "(default: fedlm-<task>-<random>)",
     )
     p.add_argument(
         "--mdns-interface",
         action="append",
         default=None,
-        help="IPv4 address to advertise on (repeatable)",
+        help="IPv4 address to advertise on, repeatable (default: the --host address, or all)",
     )
-    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest accepted update")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest accepted update, MiB")
     p.add_argument("--rate", type=float, default=5.0, help="per-client requests per second")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="log level of the coordinator",
+    )
     p.set_defaults(func=_run)
 
 
@@ -207,6 +232,7 @@ def _config(
     )
     return CoordinatorConfig(
         model_sha256=model_sha256(path),
+        model_name=Path(args.model).name,
         shapes=shapes_from_gguf(path, targets),
         db_path=Path(args.db),
         targets=targets,
@@ -222,7 +248,7 @@ def _config(
         operator_token=operator_token,
         host=args.host,
         port=args.port,
-        tls=args.tls,
+        tls=not args.insecure,
         mdns=not args.no_mdns,
         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,
         mdns_name=args.mdns_name,
@@ -246,13 +272,26 @@ def _single_threaded_blas() -> None:
 def _run(args: argparse.Namespace) -> int:
     _single_threaded_blas()
     from coordinator.auth import generate_token
+    from coordinator.config import MIN_JOIN_TOKEN_CHARS
+    from coordinator.errors import CoordinatorError
     from coordinator.service import Service, serve
 
     logging.getLogger("coordinator").setLevel(args.log_level.upper())
+    # The coordinator's own log lines (the --insecure warning among them) go to stderr.
+    if not logging.getLogger().handlers:
+        logging.basicConfig()
     join_token = args.join_token or os.environ.get(JOIN_TOKEN_ENV) or ""
     generated = not join_token
     if generated:
         join_token = generate_token()
+    elif len(join_token) < MIN_JOIN_TOKEN_CHARS:
+        source = "--join-token" if args.join_token else f"${JOIN_TOKEN_ENV}"
+        print(
+            f"fedlm coordinator: error: {source} should have at least {MIN_JOIN_TOKEN_CHARS} "
+            f"characters, got {len(join_token)} (or leave it unset to generate one)",
+            file=sys.stderr,
+        )
+        return 2
     operator_token = args.operator_token or os.environ.get(OPERATOR_TOKEN_ENV) or ""
     operator_generated = not operator_token
     if operator_generated:
@@ -266,15 +305,30 @@ def _run(args: argparse.Namespace) -> int:
     def ready(service: Service) -> None:
         coordinator = service.coordinator
         print(
-            f"fedlm coordinator {service.url}  task {coordinator.task_id}  version {coordinator.version}",
+            f"fedlm coordinator {service.url}  task {coordinator.task_id}  "
+            f"version {coordinator.version}",
             flush=True,
         )
         if service.tls is not None:
+            from edge_sdk.client.joincode import make_join_code
+
             print(f"TLS certificate sha256 fingerprint: {service.tls.fingerprint}", flush=True)
-        if generated:
+            # The join code holds the secret: printed at every start (the operator needs it to
+            # add a device later), to this terminal only, never to the log.
+            print(f"join code: {make_join_code(service.tls.fingerprint, join_token)}", flush=True)
+            print(
+                "  on each device: fedlm join MODEL --data FILE --join-code <the code>", flush=True
+            )
+        elif generated:
             print(f"join token (shown once): {join_token}", flush=True)
+            print("  on each device: fedlm join MODEL --data FILE --insecure --join-token <the "
+                  f"token> --coordinator {service.url}", flush=True)  # fmt: skip
         if operator_generated:
             print(f"operator token (shown once; for GET /v1/status): {operator_token}", flush=True)
 
-    asyncio.run(serve(config, ready))
+    try:
+        asyncio.run(serve(config, ready))
+    except CoordinatorError as exc:
+        print(f"fedlm coordinator: error: {exc}", file=sys.stderr)
+        return 2
     return 0

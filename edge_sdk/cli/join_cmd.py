@@ -9,44 +9,60 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edge_sdk.cli._help import DefaultsHelpFormatter
+
 DEFAULT_STATE_DIR = "~/.fedlm/client"
+JOIN_CODE_ENV = "FEDLM_JOIN_CODE"  # = edge_sdk.client.joincode.JOIN_CODE_ENV (lazy imports)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "join",
         help="join a federation: train on local data, send only adapter updates",
+        formatter_class=DefaultsHelpFormatter,
         description="Find a coordinator for MODEL on the LAN (mDNS) or use --coordinator, verify the "
         "model and its licence, then train locally and exchange LoRA adapter updates until the task "
-        "ends. Raw data never leaves the device; every request is listed by `fedlm ledger`. "
+        "ends. The first time, give the join code that `fedlm coordinator` printed: the device then "
+        "talks only to the coordinator whose certificate the code names, and remembers it. Raw data "
+        "never leaves the device; every request is listed by `fedlm ledger`. "
         "Ctrl-C stops after saving (run again to continue).",
     )
     p.add_argument("model", help="model name (see `fedlm models`) or path to a .gguf file")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="local training data file(s)")
-    p.add_argument("--coordinator", metavar="URL", help="coordinator base URL (skips mDNS discovery)")
-    p.add_argument("--coordinator-name", metavar="NAME", help="choose this mDNS instance name or task id")
-    p.add_argument("--tls-fingerprint", metavar="HEX", help="pin this certificate SHA-256 (with an https URL)")
-    p.add_argument("--join-token", metavar="TOKEN", help="enrollment secret (default: $FEDLM_JOIN_TOKEN)")
-    p.add_argument("--max-rounds", type=int, metavar="N", help="stop after N accepted updates")
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help=f"client state ({DEFAULT_STATE_DIR})")
-    p.add_argument("--name", metavar="NAME", help="device name shown to the coordinator (hostname)")
+    p.add_argument("--join-code", metavar="CODE",
+                   help="the join code `fedlm coordinator` printed (default: $FEDLM_JOIN_CODE); needed once")
+    p.add_argument("--coordinator", metavar="URL", help="coordinator base URL (default: find it by mDNS)")
+    p.add_argument("--coordinator-name", metavar="NAME", help="choose the mDNS instance with this name (default: the only usable one)")
+    p.add_argument("--join-token", metavar="TOKEN",
+                   help="enrollment secret without a join code (default: $FEDLM_JOIN_TOKEN); "
+                   "only with --tls-fingerprint or --insecure")
+    p.add_argument("--tls-fingerprint", metavar="HEX", help="pin this certificate SHA-256, for --join-token (default: none; a join code carries it)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a plain-HTTP coordinator (started with --insecure): tokens cross the LAN in "
+                   "clear text and the coordinator is not authenticated")
+    p.add_argument("--max-rounds", type=int, metavar="N", help="stop after N accepted updates (default: task end)")
+    p.add_argument("--final-wait", type=float, default=30.0, metavar="S",
+                   help="after the last update, wait up to S seconds for the version it feeds into")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="client state")
+    p.add_argument("--name", metavar="NAME", help="device name shown to the coordinator (default: hostname)")
     p.add_argument("--refuse-licence", default="unknown", metavar="CLASSES",
                    help="comma-separated licence classes to refuse: unknown, open-weights-restricted, "
-                   "permissive ('unknown'; '' refuses none)")
-    p.add_argument("--threads", type=int, metavar="N", help="cap on training threads")
-    p.add_argument("--memory-mb", type=int, metavar="MB", help="cap on this process's address space")
-    p.add_argument("--dp-clip", type=float, metavar="C", help="local DP: clip each update's change to L2 norm C")
+                   "permissive ('' refuses none)")
+    p.add_argument("--threads", type=int, metavar="N", help="cap on training threads (default: torch's default)")
+    p.add_argument("--memory-mb", type=int, metavar="MB", help="cap on this process's address space (default: no cap)")
+    p.add_argument("--dp-clip", type=float, metavar="C", help="local DP: clip each update's change to L2 norm C (default: off)")
     p.add_argument("--dp-noise", type=float, default=1.0, metavar="SIGMA",
-                   help="local DP: noise multiplier (std = SIGMA * C; default 1.0; needs --dp-clip)")
+                   help="local DP: noise multiplier (std = SIGMA * C; needs --dp-clip)")
     p.add_argument("--precision", choices=("nf4", "bf16", "fp32"), default="nf4", help="frozen base precision")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                   help="share of the local data held out to report a validation loss (0.1; 0: none)")
+                   help="share of the local data held out to report a validation loss (0: none)")
     p.add_argument("--poll-interval", type=float, default=2.0, metavar="S",
-                   help="how often to ask for a new global version while waiting (2 s)")
+                   help="how often to ask for a new global version while waiting, in seconds")
     p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="seeds the validation split and, with the round number, each round's data order (0)")
-    p.add_argument("--discovery-timeout", type=float, default=3.0, metavar="S", help="mDNS listening time (3 s)")
-    p.add_argument("--interface", action="append", metavar="IPV4", help="browse mDNS on this address (repeatable)")
+                   help="seeds the validation split and, with the round number, each round's data order")
+    p.add_argument("--discovery-timeout", type=float, default=3.0, metavar="S", help="mDNS listening time, s")
+    p.add_argument("--interface", action="append", metavar="IPV4",
+                   help="browse mDNS on this address, repeatable (default: every interface)")
     p.set_defaults(func=_join)
 
 
@@ -64,7 +80,10 @@ def _config(args: argparse.Namespace) -> Any:  # -> ClientConfig (lazy import ke
         coordinator_url=args.coordinator,
         coordinator_name=args.coordinator_name,
         tls_fingerprint=args.tls_fingerprint,
+        join_code=args.join_code or os.environ.get(JOIN_CODE_ENV) or None,
         join_token=args.join_token,
+        insecure=args.insecure,
+        final_wait_s=args.final_wait,
         max_rounds=args.max_rounds,
         refuse_licences=parse_policy(args.refuse_licence),
         threads=args.threads,

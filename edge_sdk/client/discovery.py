@@ -1,11 +1,30 @@
 """Find a coordinator on the LAN by mDNS/DNS-SD (`_fedlm._tcp.local.`) and explain the choice.
 
 A coordinator's TXT record (see `coordinator.advertise`) carries `proto` (wire protocol
-version), `model` (base model sha256), `task`, `tls` and `fp` (certificate fingerprint). An
-offer is usable only when its protocol version is one this client speaks and its model is the
-local base model; everything else is ignored with a reason, logged and kept in the report.
-Among usable offers the choice is deterministic (lowest service name) unless the user names
-one. `evaluate_offers` is the pure decision; `discover` browses and then decides.
+version), `model` (base model sha256), `mname` (its name, display only), `task`, `tls` and
+`fp` (certificate fingerprint). Nothing in an advert is authenticated, so an advert only says
+*where* a coordinator might be; *which* coordinator it is, is decided by the certificate pin
+(from the join code, `--tls-fingerprint`, or stored at enrollment) on the live TLS connection.
+
+The decision (`evaluate_offers`, pure) in order:
+
+1. An offer is usable only when its protocol version is one this client speaks, its model is
+   the local base model, it has an address and a port, and its transport fits what the client
+   knows: with a pin, it serves TLS and advertises exactly the pinned fingerprint (any other
+   offer cannot be the pinned coordinator); without a pin, it serves plain HTTP and the client
+   allows that (`insecure`). A malformed `fp` is a reason to ignore the offer, never a crash.
+   Everything else is ignored with a reason, logged and kept in the report.
+2. `name` (`--coordinator-name`) keeps only offers with that mDNS instance name. The TXT `task`
+   field is not matched: the advertiser writes it freely.
+3. With a pin, every usable offer is a candidate, in a fixed order (addresses on the browsing
+   interfaces first, then by address, port and name). The order only says which is tried
+   first: the client checks each candidate's certificate before it sends anything and skips
+   one that does not match, so a forged advert can neither win nor block the choice.
+4. Without a pin (plain HTTP, `--insecure`), nothing tells two offers apart but names their
+   advertisers chose, so the client takes an offer only when it is the only usable one, and
+   otherwise asks for `--coordinator-name` or `--coordinator URL`.
+
+`discover` browses and then decides.
 """
 
 from __future__ import annotations
@@ -13,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
@@ -25,11 +44,17 @@ log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_fedlm._tcp.local."
 _INFO_TIMEOUT_MS = 1500
+_HEX = frozenset("0123456789abcdef")
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    """An advertiser-chosen string made safe for one log line (no newlines or escapes)."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:limit]
 
 
 @dataclass(frozen=True)
 class Offer:
-    """One advertised coordinator, as seen on mDNS."""
+    """One advertised coordinator, as seen on mDNS (every field is the advertiser's claim)."""
 
     name: str
     """Full service name, e.g. `fedlm-1a2b3c4d-9f8e7d._fedlm._tcp.local.`."""
@@ -55,6 +80,11 @@ class Offer:
         return self.properties.get("model", "")
 
     @property
+    def model_name(self) -> str:
+        """The model's name as the advertiser gave it (display only)."""
+        return _printable(self.properties.get("mname", ""))
+
+    @property
     def task_id(self) -> str:
         return self.properties.get("task", "")
 
@@ -64,18 +94,24 @@ class Offer:
 
     @property
     def tls_fingerprint(self) -> str | None:
-        return self.properties.get("fp") or None
+        """The advertised fingerprint, normalized; None when absent or malformed (a hint only)."""
+        fp = self.properties.get("fp", "").replace(":", "").lower()
+        return fp if len(fp) == 64 and set(fp) <= _HEX else None
 
     @property
     def url(self) -> str:
         """Base URL of the API (the `/v1/...` paths are appended by the transport)."""
         if not self.addresses:
-            raise ValueError(f"{self.name}: the advert has no IPv4 address")
+            raise ValueError(f"{_printable(self.name)}: the advert has no IPv4 address")
         return f"{'https' if self.tls else 'http'}://{self.addresses[0]}:{self.port}"
 
     def describe(self) -> str:
         where = f"{self.addresses[0]}:{self.port}" if self.addresses else f"?:{self.port}"
-        return f"{self.instance} at {where} (task {self.task_id or '?'}, model {self.model_sha256[:12] or '?'}…)"
+        model = self.model_name or f"{self.model_sha256[:12] or '?'}…"
+        return (
+            f"{_printable(self.instance)} at {where} ({'https' if self.tls else 'http'}, "
+            f"task {_printable(self.task_id) or '?'}, model {model})"
+        )
 
 
 @dataclass
@@ -84,10 +120,15 @@ class DiscoveryReport:
 
     offers: list[Offer]
     accepted: list[Offer]
-    """Usable offers in the deterministic order (the first is chosen unless a name is given)."""
+    """Usable offers in the deterministic order; with a pin, the candidates to verify in turn."""
     ignored: list[tuple[Offer, str]]
     chosen: Offer | None
+    """The first candidate (with a pin), or the only usable offer (without); None: no choice."""
     wanted_name: str | None = None
+    pin: str | None = None
+    """The certificate pin the choice was made for (None: plain HTTP, `insecure`)."""
+    why_none: str = ""
+    """When `chosen` is None: why, and what to do."""
 
     def explain(self) -> list[str]:
         """One line per offer and one for the outcome, for logs and the CLI."""
@@ -95,30 +136,71 @@ class DiscoveryReport:
         lines += [f"  ignored {offer.describe()}: {why}" for offer, why in self.ignored]
         lines += [f"  usable  {offer.describe()}" for offer in self.accepted]
         if self.chosen is not None:
-            lines.append(f"chose {self.chosen.instance} ({self.chosen.url})")
-        elif self.wanted_name and self.accepted:
-            lines.append(f"no usable coordinator is named {self.wanted_name!r}")
+            how = (
+                f"its certificate is checked against the pin {self.pin[:16]}… before anything is sent"
+                if self.pin
+                else "the only usable offer; plain HTTP (--insecure): not authenticated"
+            )
+            lines.append(f"chose {_printable(self.chosen.instance)} ({self.chosen.url}): {how}")
         else:
-            lines.append("no usable coordinator")
+            lines.append(self.why_none or "no usable coordinator")
         return lines
 
 
-def _why_unusable(offer: Offer, model_sha256: str, versions: frozenset[int]) -> str | None:
+def _why_unusable(
+    offer: Offer,
+    model_sha256: str,
+    versions: frozenset[int],
+    pin: str | None,
+    insecure: bool,
+    local_model_name: str,
+) -> str | None:
     if offer.protocol_version is None:
-        return f"no protocol version in its TXT record ({offer.properties.get('proto')!r})"
+        return f"no protocol version in its TXT record ({_printable(offer.properties.get('proto', ''))!r})"
     if offer.protocol_version not in versions:
         return f"protocol version {offer.protocol_version}, this client speaks {sorted(versions)}"
     if offer.model_sha256 != model_sha256:
-        return f"trains model {offer.model_sha256[:16] or '(none)'}…, the local model is {model_sha256[:16]}…"
+        theirs = f"{offer.model_name!r} " if offer.model_name else ""
+        ours = f"{local_model_name!r} " if local_model_name else ""
+        return (
+            f"trains model {theirs}({offer.model_sha256[:16] or 'none'}…), the local model is "
+            f"{ours}({model_sha256[:16]}…)"
+        )
     if not offer.addresses or not 0 < offer.port < 65536:
         return "no reachable IPv4 address or port in the advert"
-    if offer.tls and not offer.tls_fingerprint:
-        return "serves TLS without advertising a certificate fingerprint (nothing to pin)"
+    if "fp" in offer.properties and offer.tls_fingerprint is None:
+        return f"malformed certificate fingerprint in its TXT record ({_printable(offer.properties['fp'], 20)!r})"
+    if pin is not None:
+        if not offer.tls:
+            return "serves plain HTTP; the pinned coordinator serves TLS (a fake, or another coordinator)"
+        if offer.tls_fingerprint is None:
+            return "serves TLS without advertising a certificate fingerprint"
+        if offer.tls_fingerprint != pin:
+            return (
+                f"advertises certificate {offer.tls_fingerprint[:16]}…, not the pinned "
+                f"{pin[:16]}… (another coordinator, a fake, or a new certificate: then "
+                "re-enroll with its new join code)"
+            )
+        return None
+    if offer.tls:
+        return "serves TLS, but no certificate pin is known: give its join code (--join-code)"
+    if not insecure:
+        return "serves plain HTTP, which needs --insecure on both sides"
     return None
 
 
 def _matches(offer: Offer, name: str) -> bool:
-    return name in (offer.instance, offer.name, offer.name.rstrip("."), offer.task_id)
+    """`--coordinator-name`: the mDNS instance name only (never the advertiser's TXT `task`)."""
+    return name in (offer.instance, offer.name, offer.name.rstrip("."))
+
+
+def _order_key(interfaces: Sequence[str] | None) -> Callable[[Offer], tuple[int, int, int, str]]:
+    def key(offer: Offer) -> tuple[int, int, int, str]:
+        first = offer.addresses[0] if offer.addresses else "255.255.255.255"
+        local = 0 if interfaces and first in interfaces else 1
+        return (local, int(ipaddress.ip_address(first)), offer.port, offer.name)
+
+    return key
 
 
 def evaluate_offers(
@@ -126,26 +208,44 @@ def evaluate_offers(
     model_sha256: str,
     *,
     name: str | None = None,
+    pin: str | None = None,
+    insecure: bool = False,
+    local_model_name: str = "",
+    interfaces: Sequence[str] | None = None,
     protocol_versions: frozenset[int] = SUPPORTED_VERSIONS,
 ) -> DiscoveryReport:
-    """Filter offers by protocol and model, order them, and pick one (by `name` if given)."""
-    seen = sorted(offers, key=lambda o: o.name)
+    """Filter offers (protocol, model, transport, pin, name), order them, and choose.
+
+    `pin`: the certificate SHA-256 the coordinator must present (64 lowercase hex digits).
+    `insecure`: without a pin, plain-HTTP offers are usable (never with a pin).
+    """
+    seen = sorted(offers, key=_order_key(interfaces))
     accepted: list[Offer] = []
     ignored: list[tuple[Offer, str]] = []
     for offer in seen:
-        why = _why_unusable(offer, model_sha256, protocol_versions)
+        why = _why_unusable(offer, model_sha256, protocol_versions, pin, insecure, local_model_name)
+        if why is None and name is not None and not _matches(offer, name):
+            why = f"not the instance named {name!r}"
         if why is None:
             accepted.append(offer)
         else:
             ignored.append((offer, why))
             log.info("ignoring coordinator %s: %s", offer.describe(), why)
-    if name is not None:
-        chosen = next((o for o in accepted if _matches(o, name)), None)
+    chosen: Offer | None = None
+    why_none = ""
+    if not accepted:
+        named = f" named {name!r}" if name is not None else ""
+        why_none = f"no usable coordinator{named}"
+    elif pin is not None or len(accepted) == 1:
+        chosen = accepted[0]
     else:
-        chosen = accepted[0] if accepted else None
-    if chosen is not None and len(accepted) > 1:
-        log.info("%d usable coordinators; chose %s", len(accepted), chosen.instance)
-    return DiscoveryReport(seen, accepted, ignored, chosen, name)
+        names = ", ".join(_printable(o.instance) for o in accepted)
+        why_none = (
+            f"{len(accepted)} usable plain-HTTP coordinators ({names}) and nothing to tell them "
+            "apart but the names their advertisers chose: pick one with --coordinator-name NAME "
+            "or --coordinator URL (or use its join code)"
+        )
+    return DiscoveryReport(seen, accepted, ignored, chosen, name, pin, why_none)
 
 
 def _order_addresses(addresses: Iterable[str], interfaces: Sequence[str] | None) -> tuple[str, ...]:
@@ -165,11 +265,13 @@ async def browse(
     interfaces: Sequence[str] | None = None,
     *,
     stop_when: str | None = None,
+    stop_if: Callable[[Offer], bool] | None = None,
 ) -> list[Offer]:
     """Every `_fedlm._tcp` advert answered within `timeout_s` seconds.
 
     `interfaces`: IPv4 addresses to browse on (e.g. ["127.0.0.1"] in tests); None = all.
-    `stop_when`: return as soon as an offer with this instance name, full name or task id resolves.
+    `stop_when`, `stop_if`: return as soon as an offer resolves that has this instance name (or
+    full name) and for which `stop_if` is true (either may be None; both None: browse on).
     """
     if not timeout_s > 0:
         raise ValueError(f"`timeout_s` should be > 0, got {timeout_s!r}")
@@ -191,15 +293,16 @@ async def browse(
             k.decode("utf-8", "replace"): (v or b"").decode("utf-8", "replace")
             for k, v in (info.properties or {}).items()
         }
-        offer = Offer(
-            name=name,
-            addresses=_order_addresses(info.parsed_addresses(IPVersion.V4Only), interfaces),
-            port=int(info.port or 0),
-            properties=props,
-        )
+        try:
+            addresses = _order_addresses(info.parsed_addresses(IPVersion.V4Only), interfaces)
+        except ValueError:  # an advertiser's garbage: no usable address (ignored with a reason)
+            addresses = ()
+        offer = Offer(name=name, addresses=addresses, port=int(info.port or 0), properties=props)
         offers[name] = offer
         log.debug("mDNS: %s", offer.describe())
-        if stop_when is not None and _matches(offer, stop_when):
+        if stop_when is None and stop_if is None:
+            return
+        if (stop_when is None or _matches(offer, stop_when)) and (stop_if is None or stop_if(offer)):
             found_wanted.set()
 
     def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
@@ -231,13 +334,31 @@ async def discover(
     model_sha256: str,
     *,
     name: str | None = None,
+    pin: str | None = None,
+    insecure: bool = False,
+    local_model_name: str = "",
     timeout_s: float = 3.0,
     interfaces: Sequence[str] | None = None,
     protocol_versions: frozenset[int] = SUPPORTED_VERSIONS,
+    early_stop: bool = True,
 ) -> DiscoveryReport:
-    """Browse for `timeout_s` seconds and choose a coordinator for `model_sha256`."""
-    offers = await browse(timeout_s, interfaces, stop_when=name)
-    report = evaluate_offers(offers, model_sha256, name=name, protocol_versions=protocol_versions)
+    """Browse for `timeout_s` seconds and choose a coordinator for `model_sha256`.
+
+    `early_stop`: end the browse at the first advert that has `name` (if given) and advertises
+    `pin` (if given); False browses for the whole `timeout_s`."""
+    def pinned(offer: Offer) -> bool:
+        return offer.tls and offer.tls_fingerprint == pin
+
+    # With a pin, browsing ends at the first advert that can be the pinned coordinator (adverts
+    # still resolving get a short moment more); its certificate is checked before use.
+    if early_stop:
+        offers = await browse(timeout_s, interfaces, stop_when=name, stop_if=pinned if pin else None)
+    else:
+        offers = await browse(timeout_s, interfaces)
+    report = evaluate_offers(
+        offers, model_sha256, name=name, pin=pin, insecure=insecure,
+        local_model_name=local_model_name, interfaces=interfaces, protocol_versions=protocol_versions,
+    )  # fmt: skip
     for line in report.explain():
         log.info("%s", line)
     return report

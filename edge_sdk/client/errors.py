@@ -29,7 +29,8 @@ class LicenceRefusedError(VerificationError):
 
 
 class TlsPinError(VerificationError):
-    """The coordinator's TLS certificate does not have the advertised SHA-256 fingerprint."""
+    """The coordinator's TLS certificate is not the pinned one (join code, --tls-fingerprint or
+    the pin stored at enrollment); no secret was sent to it."""
 
 
 class TransportError(ClientError):
@@ -55,3 +56,15 @@ class AuthenticationError(RequestRejectedError):
 
 class StateError(ClientError):
     """The client's state directory is unusable: locked by another client, or a file is corrupt."""
+
+
+class JoinCodeError(ClientError, ValueError):
+    """A join code is malformed, of another version, or fails its checksum (a typo)."""
+
+
+class InsecureError(ClientError):
+    """A secret would go to a coordinator that is not authenticated (plain HTTP, no pin)."""
+
+
+class CoordinatorUnreachableError(TransportError):
+    """The coordinator never answered on first contact (nothing listens at the URL)."""

@@ -37,17 +37,22 @@ import numpy as np
 
 from edge_sdk._docfields import document_fields
 from edge_sdk.client.controls import LocalDpConfig, apply_memory_cap, apply_thread_cap, privatize
-from edge_sdk.client.discovery import discover
+from edge_sdk.client.discovery import Offer, discover
 from edge_sdk.client.errors import (
     AuthenticationError,
     ClientError,
     DiscoveryError,
+    InsecureError,
+    JoinCodeError,
     LicenceRefusedError,
     ModelMismatchError,
     RequestRejectedError,
+    StateError,
+    TlsPinError,
 )
+from edge_sdk.client.joincode import JOIN_CODE_ENV, JoinCode, normalize_fingerprint
 from edge_sdk.client.state import ClientState, Credentials, PendingUpdate, RoundMarker
-from edge_sdk.client.transport import RetryConfig, StopRequested, Transport
+from edge_sdk.client.transport import RetryConfig, StopRequested, Transport, tls_peer_fingerprint
 from edge_sdk.models.licence import LicenceClass
 from edge_sdk.wire import AdapterUpdate, GlobalAdapter, TaskConfig, WireError
 
@@ -83,11 +88,20 @@ class ClientConfig:
     coordinator_url: str | None = None
     """Skip discovery and use this base URL (http://host:port or https://...)."""
     coordinator_name: str | None = None
-    """With discovery: choose the offer with this instance name (or task id)."""
+    """With discovery: choose the offer with this mDNS instance name (never matched against the
+    advertiser's TXT fields)."""
+    join_code: str | None = None
+    """The join code `fedlm coordinator` prints (None: `$FEDLM_JOIN_CODE`): the join token
+    bound to the coordinator's certificate fingerprint. Needed only until the client is
+    enrolled; the fingerprint is then kept in `state_dir` as the pin."""
     tls_fingerprint: str | None = None
-    """With `coordinator_url` over https: the certificate's SHA-256 to pin (hex)."""
+    """The coordinator certificate's SHA-256 to pin (hex), for use with a bare `join_token`."""
     join_token: str | None = None
-    """Enrollment secret; needed only until the client has a token in `state_dir`."""
+    """Enrollment secret without a join code (None: `$FEDLM_JOIN_TOKEN`). Sent only to a
+    coordinator whose certificate matches `tls_fingerprint`, or over plain HTTP with `insecure`."""
+    insecure: bool = False
+    """Allow a plain-HTTP coordinator (started with `--insecure`): the join and bearer tokens
+    then cross the LAN readable by anyone, and any host can pose as the coordinator."""
     name: str = field(default_factory=_default_name)
     """Device name shown to the coordinator's operator."""
     max_rounds: int | None = None
@@ -139,6 +153,28 @@ class ClientConfig:
             raise ValueError("`data` should name at least one training file, got none")
         if self.coordinator_url is not None and not self.coordinator_url.startswith(("http://", "https://")):
             raise ValueError(f"`coordinator_url` should start with http:// or https://, got {self.coordinator_url!r}")
+        code = None
+        if self.join_code is not None:
+            try:
+                code = JoinCode.decode(self.join_code)
+            except JoinCodeError as exc:
+                raise JoinCodeError(f"`join_code` (--join-code / ${JOIN_CODE_ENV}): {exc}") from None
+        if self.tls_fingerprint is not None:
+            pin = normalize_fingerprint(self.tls_fingerprint)
+            object.__setattr__(self, "tls_fingerprint", pin)
+            if code is not None and code.fingerprint != pin:
+                raise ValueError("`tls_fingerprint` differs from the fingerprint in the join code; give only the join code")
+        if self.coordinator_url is not None and self.coordinator_url.startswith("http://"):
+            if code is not None or self.tls_fingerprint is not None:
+                raise ValueError(
+                    f"`coordinator_url` {self.coordinator_url!r} is plain http://, but a certificate pin was "
+                    "given (join code or tls_fingerprint): use https://"
+                )
+            if not self.insecure:
+                raise ValueError(
+                    f"`coordinator_url` {self.coordinator_url!r} is plain http://: use https:// with the join "
+                    "code, or allow plain HTTP with insecure=True (--insecure, on both sides)"
+                )
         if not self.name or len(self.name) > 128:
             raise ValueError(f"`name` should be 1-128 characters, got {self.name!r}")
         if self.max_rounds is not None and (isinstance(self.max_rounds, bool) or self.max_rounds < 1):
@@ -261,6 +297,7 @@ class FederatedClient:
         self._global: GlobalAdapter | None = None
         self._global_version = -1
         self._etag: str | None = None
+        self._offer_model_name = ""
         self.rounds: list[RoundReport] = []
 
     # -- control ----------------------------------------------------------------------------
@@ -302,17 +339,98 @@ class FederatedClient:
         self._identity = identity
         return identity
 
-    async def _find_coordinator(self, sha256: str) -> tuple[str, str | None]:
+    def _join_code(self) -> JoinCode | None:
+        text = self.config.join_code or os.environ.get(JOIN_CODE_ENV)
+        if not text:
+            return None
+        try:
+            return JoinCode.decode(text)
+        except JoinCodeError as exc:
+            raise JoinCodeError(f"${JOIN_CODE_ENV}: {exc}") from None
+
+    def _pin(self) -> tuple[str | None, str]:
+        """(the certificate pin, where it came from): join code > tls_fingerprint > stored."""
+        code = self._join_code()
+        if code is not None:
+            return code.fingerprint, "the pin from the join code"
+        if self.config.tls_fingerprint is not None:
+            return self.config.tls_fingerprint, "the pin given as --tls-fingerprint"
+        stored = self.state.credentials()
+        if stored is not None and stored.tls_fingerprint:
+            try:
+                pin = normalize_fingerprint(stored.tls_fingerprint)
+            except ValueError:
+                raise StateError(f"{self.state.token_path}: the stored pin is damaged; enroll again with the join code") from None
+            return pin, f"the pin stored at enrollment in {self.state.token_path}"
+        return None, ""
+
+    def _no_pin_error(self) -> InsecureError:
+        if self.config.join_token or os.environ.get(JOIN_TOKEN_ENV):
+            return InsecureError(
+                f"a join token alone (--join-token / ${JOIN_TOKEN_ENV}) cannot tell the coordinator from an "
+                f"impostor on the LAN, so it is not sent: give the join code that `fedlm coordinator` prints "
+                f"(--join-code or ${JOIN_CODE_ENV}), or add --tls-fingerprint HEX, or, for a plain-HTTP "
+                "coordinator, --insecure"
+            )
+        return InsecureError(
+            f"not enrolled and no coordinator to trust yet: give the join code that `fedlm coordinator` "
+            f"prints (--join-code or ${JOIN_CODE_ENV})"
+        )
+
+    async def _find_coordinator(self, sha256: str) -> tuple[str, str | None, str]:
+        """(base URL, certificate pin or None for plain HTTP, where the pin came from)."""
         cfg = self.config
+        pin, source = self._pin()
         if cfg.coordinator_url is not None:
-            return cfg.coordinator_url.rstrip("/"), cfg.tls_fingerprint
-        report = await discover(
-            sha256, name=cfg.coordinator_name, timeout_s=cfg.discovery_timeout_s,
-            interfaces=cfg.discovery_interfaces,
-        )  # fmt: skip
-        if report.chosen is None:
-            raise DiscoveryError("; ".join(report.explain()) + " (use --coordinator URL to skip discovery)")
-        return report.chosen.url, report.chosen.tls_fingerprint
+            url = cfg.coordinator_url.rstrip("/")
+            if url.startswith("http://"):
+                return url, None, ""  # ClientConfig allows it only with `insecure`
+            if pin is None:
+                raise self._no_pin_error()
+            return url, pin, source
+        if pin is None and not cfg.insecure:
+            raise self._no_pin_error()
+        local_name = Path(self._identity.path).name if self._identity is not None else ""
+        seen: list[str] = []
+        # Two passes: the first ends at the first advert that can be ours; if none of the
+        # candidates then presents the pinned certificate (a copycat advert answered first),
+        # the second browses for the whole timeout and checks every candidate it finds.
+        for early_stop in (True, False) if pin is not None else (True,):
+            report = await discover(
+                sha256, name=cfg.coordinator_name, pin=pin, insecure=cfg.insecure, local_model_name=local_name,
+                timeout_s=cfg.discovery_timeout_s, interfaces=cfg.discovery_interfaces, early_stop=early_stop,
+            )  # fmt: skip
+            if report.chosen is None:
+                raise DiscoveryError("; ".join(report.explain()) + " (--coordinator URL skips discovery)")
+            self._offer_model_name = report.chosen.model_name
+            if pin is None:
+                return report.chosen.url, None, ""
+            found = await self._verified(report.accepted, pin, seen)
+            if found is not None:
+                self._offer_model_name = found.model_name
+                return found.url, pin, source
+        assert pin is not None
+        raise TlsPinError(
+            f"no advertised coordinator presents the pinned certificate {pin[:16]}… ({source}): "
+            + "; ".join(seen) + ". If the coordinator was reinstalled, re-enroll with its new join code"
+        )
+
+    async def _verified(self, offers: Sequence[Offer], pin: str, seen: list[str]) -> Offer | None:
+        """The first offer whose live certificate is the pinned one (a bare TLS handshake each:
+        the adverts are unauthenticated, and nothing is sent to them); the others go to `seen`."""
+        for offer in offers:
+            try:
+                got = await tls_peer_fingerprint(offer.url, self.config.retry.connect_timeout_s)
+            except (OSError, asyncio.TimeoutError, ValueError) as exc:
+                seen.append(f"{offer.describe()}: cannot connect ({type(exc).__name__})")
+                log.warning("skipping %s", seen[-1])
+                continue
+            if got == pin:
+                log.info("%s presents the pinned certificate %s…", offer.url, pin[:16])
+                return offer
+            seen.append(f"{offer.describe()}: presents certificate {got[:16]}…, not the pinned {pin[:16]}…")
+            log.warning("skipping %s (a fake advert, or a new certificate)", seen[-1])
+        return None
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -327,10 +445,16 @@ class FederatedClient:
         apply_memory_cap(cfg.memory_limit_mb)
         identity = await asyncio.to_thread(self.verify_model)
         with self.state:
-            url, fingerprint = await self._find_coordinator(identity.sha256)
-            log.info("coordinator %s%s", url, f" (TLS pinned {fingerprint[:16]}…)" if fingerprint else "")
+            url, fingerprint, source = await self._find_coordinator(identity.sha256)
+            if fingerprint is None:
+                log.warning(
+                    "coordinator %s over plain HTTP (--insecure): tokens cross the LAN in clear text and "
+                    "the coordinator is not authenticated", url,
+                )  # fmt: skip
+            else:
+                log.info("coordinator %s (TLS, certificate pinned %s…: %s)", url, fingerprint[:16], source)
             async with Transport(
-                url, self.state.ledger, tls_fingerprint=fingerprint, retry=cfg.retry,
+                url, self.state.ledger, tls_fingerprint=fingerprint, pin_source=source, retry=cfg.retry,
                 stop=self._stop_async, trace_configs=self._trace_configs,
             ) as transport:  # fmt: skip
                 try:
@@ -340,21 +464,46 @@ class FederatedClient:
                     return self._summary(url, creds, "", "stopped")
 
     async def _credentials(self, transport: Transport) -> Credentials:
-        creds = self.state.credentials(transport.base_url)
-        if creds is not None:
-            transport.token = creds.token
-            return creds
-        token = self.config.join_token or os.environ.get(JOIN_TOKEN_ENV)
-        if not token:
-            raise ClientError(
-                f"not enrolled at {transport.base_url}: give the join token (--join-token or ${JOIN_TOKEN_ENV})"
-            )
+        """The stored credentials if they belong to this coordinator, else enroll (join)."""
+        pin = transport.tls_fingerprint
+        stored = self.state.credentials()
+        if stored is not None:
+            if pin is not None:
+                ours = stored.tls_fingerprint is not None and stored.tls_fingerprint.lower() == pin
+            else:
+                ours = stored.tls_fingerprint is None and stored.coordinator.rstrip("/") == transport.base_url
+            if ours:
+                if stored.coordinator.rstrip("/") != transport.base_url:
+                    # The same certificate at a new address (DHCP): the pin says it is the same
+                    # coordinator, so the credentials follow it.
+                    stored = dataclasses.replace(stored, coordinator=transport.base_url)
+                    self.state.save_credentials(stored)
+                transport.token = stored.token
+                return stored
+        code = self._join_code()
+        if code is not None and pin == code.fingerprint:
+            token = code.token
+        else:
+            token = self.config.join_token or os.environ.get(JOIN_TOKEN_ENV) or ""
+            if not token:
+                raise ClientError(
+                    f"not enrolled at {transport.base_url}: give the join code that `fedlm coordinator` "
+                    f"prints (--join-code or ${JOIN_CODE_ENV})"
+                )
+            if pin is None and not self.config.insecure:
+                raise self._no_pin_error()
         transport.token = None
         joined = await transport.join(token, self.config.name)
-        creds = Credentials(transport.base_url, joined["client_id"], joined["token"], joined["task_id"], self.config.name)
+        creds = Credentials(
+            transport.base_url, joined["client_id"], joined["token"], joined["task_id"], self.config.name, pin,
+        )  # fmt: skip
         self.state.save_credentials(creds)
         transport.token = creds.token
-        log.info("joined %s as %s", transport.base_url, creds.client_id)
+        if pin is not None:
+            log.info("joined %s as %s; its certificate %s… is pinned in %s", transport.base_url,
+                     creds.client_id, pin[:16], self.state.token_path)  # fmt: skip
+        else:
+            log.info("joined %s as %s (plain HTTP, nothing pinned)", transport.base_url, creds.client_id)
         return creds
 
     async def _task(self, transport: Transport) -> tuple[Credentials, TaskConfig]:
@@ -369,9 +518,11 @@ class FederatedClient:
             task = await transport.task()
         assert self._identity is not None
         if task.model_sha256 != self._identity.sha256:
+            theirs = f"{self._offer_model_name!r} " if self._offer_model_name else ""
             raise ModelMismatchError(
-                f"the task {task.task_id} trains model {task.model_sha256[:16]}…, the local model "
-                f"{Path(self._identity.path).name} is {self._identity.sha256[:16]}…; refusing to train"
+                f"the task {task.task_id} trains model {theirs}({task.model_sha256[:16]}…), the local model "
+                f"{Path(self._identity.path).name!r} ({self._identity.name or 'unnamed'}) is "
+                f"{self._identity.sha256[:16]}…; refusing to train"
             )
         return creds, task
 

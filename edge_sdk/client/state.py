@@ -2,7 +2,8 @@
 
     <state dir>/
       client.lock        advisory lock: one client per state directory
-      token.json         client id + bearer token from /v1/join (0600, never logged)
+      token.json         client id + bearer token from /v1/join, and the coordinator's
+                         certificate pin (trust on first use) (0600, never logged)
       encoder.npz        codec error-feedback residual and delta reference (UpdateEncoder.save)
       pending.bin/.json  an encoded update that was built but not yet acknowledged, with its id
       global.bin/.json   the last global adapter received (wire bytes), its version and ETag
@@ -61,9 +62,15 @@ class Credentials:
     token: str
     task_id: str
     name: str
+    tls_fingerprint: str | None = None
+    """SHA-256 of the certificate the client enrolled with (the pin, checked on every
+    connection); None for a plain-HTTP coordinator (`--insecure`)."""
 
     def __repr__(self) -> str:  # keep the bearer token out of logs and tracebacks
-        return f"Credentials(coordinator={self.coordinator!r}, client_id={self.client_id!r}, task_id={self.task_id!r})"
+        return (
+            f"Credentials(coordinator={self.coordinator!r}, client_id={self.client_id!r}, "
+            f"task_id={self.task_id!r}, tls_fingerprint={self.tls_fingerprint!r})"
+        )
 
 
 @dataclass(frozen=True)
@@ -149,14 +156,15 @@ class ClientState:
         return self.dir / "token.json"
 
     def credentials(self, coordinator: str | None = None) -> Credentials | None:
-        """The stored credentials, or None (also when they were issued by another coordinator)."""
+        """The stored credentials, or None (also when they were issued at another URL)."""
         obj = self._read_json("token.json")
         if obj is None:
             return None
         try:
+            pin = obj.get("tls_fingerprint")
             creds = Credentials(
                 str(obj["coordinator"]), str(obj["client_id"]), str(obj["token"]),
-                str(obj["task_id"]), str(obj.get("name", "")),
+                str(obj["task_id"]), str(obj.get("name", "")), str(pin) if pin else None,
             )  # fmt: skip
         except KeyError as exc:
             raise StateError(f"{self.token_path}: missing {exc}") from None
@@ -168,7 +176,8 @@ class ClientState:
         self._write_json(
             "token.json",
             {"coordinator": creds.coordinator, "client_id": creds.client_id, "token": creds.token,
-             "task_id": creds.task_id, "name": creds.name},
+             "task_id": creds.task_id, "name": creds.name,
+             "tls_fingerprint": creds.tls_fingerprint},
             mode=_PRIVATE,
         )  # fmt: skip
 

@@ -5,18 +5,29 @@ aiohttp. Retries (tenacity: exponential backoff with jitter, at least the server
 `Retry-After`) cover connection failures, timeouts, 5xx and 429; a 4xx answer is final and
 raised as `RequestRejectedError` with the coordinator's error code.
 
-TLS on a LAN has no CA: when the mDNS advert carries a certificate fingerprint, the connection
-is accepted only if the server's DER certificate hashes (SHA-256) to it. aiohttp's
-`Fingerprint` does exactly that check on the live connection (and disables CA/hostname
-verification, which a self-signed certificate would fail).
+TLS on a LAN has no CA: the connection is accepted only if the server's DER certificate
+hashes (SHA-256) to the pinned fingerprint (from the join code, `--tls-fingerprint`, or
+stored at enrollment; never from mDNS). aiohttp's `Fingerprint` checks it during the TLS
+handshake, before a single byte of the request (join token, bearer token, body) is written, and
+disables CA/hostname verification, which a self-signed certificate would fail.
+
+First contact: until the coordinator has answered once, connection failures are retried only
+for `RetryConfig.first_contact_s` (a coordinator that is still starting is caught), then fail
+with `CoordinatorUnreachableError` asking whether `fedlm coordinator` runs at that URL. Once it
+has answered, failures are retried with backoff (a restart or a Wi-Fi drop is survived).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
 import json
 import logging
 import math
+import ssl
+import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -34,6 +45,7 @@ from tenacity import (
 
 from edge_sdk.client.errors import (
     AuthenticationError,
+    CoordinatorUnreachableError,
     ProtocolError,
     RequestRejectedError,
     TlsPinError,
@@ -61,11 +73,14 @@ class RetryConfig:
     """Whole-request timeout (connect + send + read) of one try."""
     connect_timeout_s: float = 5.0
     """TCP (and TLS) connect timeout of one try."""
+    first_contact_s: float = 3.0
+    """Before the coordinator has answered once: how long connection failures are retried
+    before the request fails with "is `fedlm coordinator` running at URL?"."""
 
     def __post_init__(self) -> None:
         if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
             raise ValueError(f"`attempts` should be a positive integer, got {self.attempts!r}")
-        for name in ("initial_s", "max_s", "timeout_s", "connect_timeout_s"):
+        for name in ("initial_s", "max_s", "timeout_s", "connect_timeout_s", "first_contact_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"`{name}` should be a positive number of seconds, got {value!r}")
@@ -109,6 +124,48 @@ def _retry_after(value: str | None) -> float:
         return 1.0  # an HTTP date: rare on a LAN; back off a little
 
 
+def _connect_failure(exc: BaseException, timeout_s: float) -> str:
+    """A short human reason for a failed connection (no aiohttp internals)."""
+    os_error = getattr(exc, "os_error", None) or (exc if isinstance(exc, OSError) else None)
+    if isinstance(exc, asyncio.TimeoutError) or isinstance(os_error, TimeoutError):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(os_error, OSError) and os_error.errno in (errno.ECONNREFUSED, errno.ECONNRESET):
+        return "connection refused" if os_error.errno == errno.ECONNREFUSED else "connection reset"
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return os_error.strerror.lower()
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection (https to a plain-HTTP server, or the reverse?)"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS handshake failed (https to a plain-HTTP server?)"
+    return type(exc).__name__
+
+
+async def tls_peer_fingerprint(base_url: str, timeout_s: float = 5.0) -> str:
+    """SHA-256 (hex) of the certificate the server at `base_url` presents.
+
+    A TLS handshake and nothing else: no HTTP request, no secret, no body is sent, so it can be
+    asked of any advertised address before the client decides to talk to it.
+    """
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"`base_url` should be an https:// URL, got {base_url!r}")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # we compare the fingerprint ourselves
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(parts.hostname, parts.port or 443, ssl=context), timeout_s
+    )
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), 1.0)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+            pass
+    return hashlib.sha256(der).hexdigest()
+
+
 def _error_of(status: int, body: bytes) -> tuple[str, str]:
     """(code, message) of the coordinator's JSON error body, tolerating anything else."""
     try:
@@ -128,6 +185,7 @@ class Transport:
         *,
         token: str | None = None,
         tls_fingerprint: str | None = None,
+        pin_source: str = "the pinned certificate",
         retry: RetryConfig | None = None,
         stop: asyncio.Event | None = None,
         trace_configs: Sequence[aiohttp.TraceConfig] | None = None,
@@ -146,7 +204,12 @@ class Transport:
         self.ledger = ledger
         self.token = token
         self.tls_fingerprint = tls_fingerprint
+        self.pin_source = pin_source
+        """Where the pin came from, for the error message (join code, flag, stored pin)."""
         self.retry = retry or RetryConfig()
+        self.reached = False
+        """True once the coordinator answered any request (then failures are retried)."""
+        self._first_try: float | None = None
         self._stop = stop
         # initial_s * 2**(n-1) + U(0, jitter_s), capped at max_s.
         self._backoff = wait_exponential_jitter(
@@ -204,10 +267,12 @@ class Transport:
         hint = exc.retry_after if isinstance(exc, _Retryable) else 0.0
         return max(backoff, min(hint, self.retry.max_s))
 
-    @staticmethod
-    def _before_sleep(state: RetryCallState) -> None:
+    def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
+        if not self.reached:  # first contact: the coordinator may be starting; not alarming yet
+            log.info("no answer yet from %s (%s); trying again in %.1f s", self.base_url, exc, wait)
+            return
         log.warning("coordinator request failed (%s); try %d in %.1f s", exc, state.attempt_number + 1, wait)
 
     async def request(
@@ -231,6 +296,8 @@ class Transport:
             send_headers["Content-Type"] = content_type
         session = self._ensure_session()
         attempt = 0
+        if self._first_try is None:
+            self._first_try = time.monotonic()
 
         async def once() -> Response:
             nonlocal attempt
@@ -240,20 +307,33 @@ class Transport:
                 attempt=attempt, detail=detail,
             )  # fmt: skip
             try:
+                # No redirects: the bearer token goes to the pinned coordinator and nowhere else.
                 async with session.request(
-                    method, url, data=body if body else None, headers=send_headers, ssl=self._ssl()
-                ) as resp:
+                    method, url, data=body if body else None, headers=send_headers, ssl=self._ssl(),
+                    allow_redirects=False,
+                ) as resp:  # fmt: skip
                     data = await resp.read()
                     status, resp_headers = resp.status, CIMultiDict(resp.headers)
             except aiohttp.ServerFingerprintMismatch as exc:
                 raise TlsPinError(
-                    f"{self.base_url} presented a certificate with SHA-256 {exc.got.hex()}, "
-                    f"expected the advertised {self.tls_fingerprint}"
+                    f"{self.base_url} presented a certificate with SHA-256 {exc.got.hex()}, not "
+                    f"{self.tls_fingerprint} ({self.pin_source}); nothing was sent to it. If the "
+                    "coordinator was reinstalled or its certificate replaced, re-enroll with its "
+                    "new join code (--join-code); otherwise something else answers at that address"
                 ) from None
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise TlsPinError(f"{self.base_url}: certificate refused ({exc})") from None
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                raise _Retryable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+                reason = _connect_failure(exc, self.retry.connect_timeout_s)
+                if not self.reached and self._first_try is not None and (
+                    time.monotonic() - self._first_try >= self.retry.first_contact_s
+                ):
+                    raise CoordinatorUnreachableError(
+                        f"cannot reach {self.base_url} ({reason}): is `fedlm coordinator` "
+                        f"running at {self.base_url}?"
+                    ) from None
+                raise _Retryable(f"{method} {path}: {reason}") from exc
+            self.reached = True
             if status in ok:
                 return Response(status, resp_headers, data)
             code, message = _error_of(status, data)
@@ -273,6 +353,11 @@ class Transport:
         try:
             return await retrying(once)
         except _Retryable as exc:
+            if not self.reached:
+                raise CoordinatorUnreachableError(
+                    f"cannot reach {self.base_url} after {attempt} tries ({exc}): is "
+                    f"`fedlm coordinator` running at {self.base_url}?"
+                ) from None
             raise TransportError(f"coordinator unreachable after {attempt} tries: {exc}") from None
 
     # -- the API ----------------------------------------------------------------------------

@@ -7,8 +7,11 @@
     this process      (an observer: joins once with the same join token, polls /v1/status and
                        fetches /v1/adapter for every new global version)
 
-The join token is generated here and handed to every process through $FEDLM_JOIN_TOKEN, so it
-never appears on a command line. Bytes sent are read back from each client's outbox ledger
+The coordinator serves TLS, as by default. Its certificate is made here, before it starts
+(`coordinator.tls.ensure_self_signed` in the directory the coordinator would use), so that the
+join code (token + certificate fingerprint) is known while the clients start alongside it.
+The join token reaches the coordinator through $FEDLM_JOIN_TOKEN and the join code reaches
+the clients through $FEDLM_JOIN_CODE, so neither appears on a command line. Bytes sent are read back from each client's outbox ledger
 (what actually left the device, retries included). Every process runs in its own process
 group and is terminated (SIGTERM, then SIGKILL after a grace period) on exit, error or Ctrl-C.
 
@@ -50,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 JOIN_TOKEN_ENV = "FEDLM_JOIN_TOKEN"
+JOIN_CODE_ENV = "FEDLM_JOIN_CODE"
 _READY = re.compile(r"fedlm coordinator (https?://\S+)")
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,10 +104,14 @@ def read_client_ledger(state_dir: Path) -> ClientProgress:
 class _Coordinator:
     """A tiny synchronous REST client for the observer (stdlib only; the calls are rare)."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, cafile: Path | None = None) -> None:
+        import ssl
+
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.token = ""
+        # The coordinator's own self-signed certificate is the only trusted one.
+        self._context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
 
     def _request(
         self,
@@ -117,7 +125,7 @@ class _Coordinator:
         )
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+        with urllib.request.urlopen(req, timeout=self.timeout_s, context=self._context) as resp:
             return resp.read(), dict(resp.headers)
 
     def join(self, join_token: str, name: str) -> None:
@@ -274,8 +282,14 @@ class NetworkFederation:
         work.mkdir(parents=True, exist_ok=True)
         db = work / "coordinator.sqlite"
         for stale in work.glob("coordinator.sqlite*"):  # a fresh task, not a resumed one
-            stale.unlink()
+            if stale.is_file():  # (the certificate directory, <db>.tls, may be reused)
+                stale.unlink()
         join_token = secrets.token_urlsafe(24)
+        from coordinator.tls import ensure_self_signed, tls_directory
+        from edge_sdk.client.joincode import make_join_code
+
+        tls = ensure_self_signed(tls_directory(db))
+        join_code = make_join_code(tls.fingerprint, join_token)
         instance = f"fedlm-demo-{secrets.token_hex(4)}"  # this run's coordinator among any others
         self.pids = []
         procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
@@ -309,11 +323,11 @@ class NetworkFederation:
                      "--val-fraction", "0", "--poll-interval", str(self.poll_s),
                      "--coordinator-name", instance, "--discovery-timeout", str(self.discovery_timeout_s),
                      "--interface", LOOPBACK],
-                    work / f"client-{c}.log", self._env(self.client_threads) | {JOIN_TOKEN_ENV: join_token}, procs,
+                    work / f"client-{c}.log", self._env(self.client_threads) | {JOIN_CODE_ENV: join_code}, procs,
                 ))  # fmt: skip
             url = self._wait_ready(coordinator, coordinator_log)
             logger.info("coordinator listening at %s (clients find it by mDNS)", url)
-            api = _Coordinator(url, timeout_s=30.0)
+            api = _Coordinator(url, timeout_s=30.0, cafile=tls.cert_path)
             api.join(join_token, "demo-observer")
             v0, initial = api.adapter()
             if v0 != 0:  # a client would need to load, train and upload within the observer's join

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Start a coordinator for the embedded default model: FedBuff (aggregate every 3 updates),
-# exact LoRA aggregation, clients asked for 4-bit + deflate updates.
+# exact LoRA aggregation, clients asked for 4-bit + deflate updates. TLS is on; the join code
+# for the devices is printed at start. $FEDLM_JOIN_TOKEN keeps the same code across restarts.
 set -euo pipefail
-: "${FEDLM_JOIN_TOKEN:?set FEDLM_JOIN_TOKEN to the secret your devices will use}"
 exec fedlm coordinator \
     --model smollm2-135m \
     --db "${DB:-fed.sqlite}" \

@@ -15,6 +15,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--state-dir", default=str(Path.home() / ".fedlm" / "laptop"))
     ap.add_argument("--coordinator", default=None, help="URL; default: find it by mDNS")
+    ap.add_argument(
+        "--join-code", default=None, help="the coordinator's join code; default: $FEDLM_JOIN_CODE"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -23,8 +26,9 @@ def main() -> None:
         data=tuple(args.data),
         state_dir=Path(args.state_dir),
         coordinator_url=args.coordinator,
+        join_code=args.join_code,  # None: $FEDLM_JOIN_CODE (needed only until enrolled)
         max_rounds=args.rounds,
-    )  # the join token comes from $FEDLM_JOIN_TOKEN
+    )
     summary = FederatedClient(config).run()
     print(summary)
     print(format_summary(summarise(Ledger(Path(args.state_dir) / "outbox.jsonl").entries())))

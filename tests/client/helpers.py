@@ -9,9 +9,11 @@ from typing import Any
 
 from coordinator.aggregator import AggregationConfig
 from coordinator.config import CoordinatorConfig
+from coordinator.service import Service
 from coordinator.shapes import shapes_from_gguf
 from coordinator.strategies import FedBuff
 from edge_sdk.client import ClientConfig, RetryConfig
+from edge_sdk.client.joincode import make_join_code
 from edge_sdk.models.identity import model_sha256
 
 JOIN_TOKEN = "client-tests-join-secret"
@@ -59,7 +61,17 @@ def coordinator_config(tmp: Path, model: Path, **overrides: Any) -> CoordinatorC
     return CoordinatorConfig(**values)
 
 
-def client_config(state_dir: Path, model: Path, data: Path, **overrides: Any) -> ClientConfig:
+def join_code(service: Service, token: str = JOIN_TOKEN) -> str:
+    """The join code a running (TLS) coordinator would print."""
+    assert service.tls is not None, "the service runs without TLS"
+    return make_join_code(service.tls.fingerprint, token)
+
+
+def client_config(
+    state_dir: Path, model: Path, data: Path, *, service: Service | None = None, **overrides: Any
+) -> ClientConfig:
+    """A fast client; `service=`: talk to that coordinator (its URL, and its join code or,
+    for a plain-HTTP one, `insecure`)."""
     values: dict[str, Any] = {
         "model": str(model),
         "data": (str(data),),
@@ -74,6 +86,12 @@ def client_config(state_dir: Path, model: Path, data: Path, **overrides: Any) ->
         "discovery_interfaces": ("127.0.0.1",),
         "retry": FAST_RETRY,
     }
+    if service is not None:
+        values["coordinator_url"] = service.url
+        if service.tls is not None:
+            values["join_code"] = join_code(service)
+        else:
+            values["insecure"] = True
     values.update(overrides)
     return ClientConfig(**values)
 

@@ -14,7 +14,7 @@ import pytest
 
 from coordinator.service import Service
 from coordinator.strategies import FedBuff
-from tests.client.helpers import CANARY, JOIN_TOKEN, coordinator_config, write_data
+from tests.client.helpers import CANARY, JOIN_TOKEN, coordinator_config, join_code, write_data
 from tests.tiny_models import write_tiny_gguf
 
 pytestmark = pytest.mark.timeout(300)
@@ -25,6 +25,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("FEDLM_JOIN_TOKEN", None)
+    env.pop("FEDLM_JOIN_CODE", None)
     return env
 
 
@@ -44,7 +45,7 @@ def test_join_then_ledger(tmp_path: Path) -> None:
     async def scenario() -> tuple[int, str, str]:
         config = coordinator_config(tmp_path, model, strategy=FedBuff(buffer_size=1))
         async with Service(config) as service:
-            env = _env() | {"FEDLM_JOIN_TOKEN": JOIN_TOKEN}  # the token from the environment
+            env = _env() | {"FEDLM_JOIN_CODE": join_code(service)}  # the join code from the environment
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "edge_sdk.cli", "join", str(model), "--data", str(data),
                 "--coordinator", service.url, "--max-rounds", "1", "--state-dir", str(state),
@@ -78,7 +79,7 @@ def test_join_usage_errors_exit_2(tmp_path: Path) -> None:
     bad_policy = _fedlm("join", "x.gguf", "--data", str(data), "--refuse-licence", "bogus")
     assert bad_policy.returncode == 2 and "unknown licence class 'bogus'" in bad_policy.stderr
     missing = _fedlm("join", str(tmp_path / "missing.gguf"), "--data", str(data), "--coordinator",
-                     "http://127.0.0.1:9", "--state-dir", str(tmp_path / "s"))
+                     "http://127.0.0.1:9", "--insecure", "--state-dir", str(tmp_path / "s"))
     assert missing.returncode == 2 and missing.stderr.startswith("fedlm: error:")
     no_state = _fedlm("ledger", "--state-dir", str(tmp_path / "nothing"))
     assert no_state.returncode == 2 and "no client state directory" in no_state.stderr

@@ -64,7 +64,7 @@ def test_schedule_hook_defers_training_and_local_dp_bounds_the_update(tmp_path: 
         config = coordinator_config(tmp_path, model, strategy=FedBuff(buffer_size=1), codec="fp32")
         async with Service(config) as service:
             cfg = client_config(
-                tmp_path / "state", model, data, coordinator_url=service.url, max_rounds=1,
+                tmp_path / "state", model, data, service=service, max_rounds=1,
                 schedule_poll_s=0.05, local_dp=LocalDpConfig(clip_norm=0.05, noise_multiplier=0.0),
             )  # fmt: skip
             v0 = GlobalAdapter.from_bytes(service.coordinator.current_adapter()[0]).dense_tensors()

@@ -16,13 +16,22 @@ import pytest
 
 from coordinator.service import Service
 from coordinator.strategies import FedBuff
+from coordinator.tls import ensure_self_signed, tls_directory
 from edge_sdk.client import (
     ClientState,
     FederatedClient,
     LicenceRefusedError,
     ModelMismatchError,
 )
-from tests.client.helpers import CANARY, client_config, coordinator_config, free_port, write_data
+from edge_sdk.client.joincode import make_join_code
+from tests.client.helpers import (
+    CANARY,
+    JOIN_TOKEN,
+    client_config,
+    coordinator_config,
+    free_port,
+    write_data,
+)
 from tests.tiny_models import write_tiny_gguf
 
 pytestmark = pytest.mark.timeout(300)
@@ -111,7 +120,9 @@ def _db_updates(db: Path) -> list[tuple[str, str, str]]:
 def test_licence_policy_refuses_before_anything_is_sent(tmp_path: Path) -> None:
     unlicensed = write_tiny_gguf(tmp_path / "nolicence.gguf", licence=None)
     data = write_data(tmp_path / "data.jsonl")
-    config = client_config(tmp_path / "state", unlicensed, data, coordinator_url=f"http://127.0.0.1:{free_port()}")
+    config = client_config(
+        tmp_path / "state", unlicensed, data, coordinator_url=f"http://127.0.0.1:{free_port()}", insecure=True
+    )
     client = FederatedClient(config)
     with pytest.raises(LicenceRefusedError, match="class unknown"):
         client.run()
@@ -127,9 +138,10 @@ def test_a_coordinator_for_another_model_is_refused_before_training(tmp_path: Pa
 
     async def scenario() -> None:
         async with Service(coordinator_config(tmp_path, other)) as service:
-            client = FederatedClient(client_config(tmp_path / "state", model, data, coordinator_url=service.url))
-            with pytest.raises(ModelMismatchError, match="refusing to train"):
+            client = FederatedClient(client_config(tmp_path / "state", model, data, service=service))
+            with pytest.raises(ModelMismatchError, match="refusing to train") as refused:
                 await client.run_async()
+            assert "'tiny.gguf'" in str(refused.value)  # names the local model, not only hashes
         kinds = [e.kind for e in ClientState(tmp_path / "state").ledger.entries()]
         assert kinds == ["join", "task"]  # no update was ever built
 
@@ -140,13 +152,16 @@ def test_unacknowledged_update_is_resent_with_the_same_id(tmp_path: Path, model:
     data = write_data(tmp_path / "data.jsonl")
 
     async def scenario() -> None:
-        config = coordinator_config(tmp_path, model, strategy=FedBuff(buffer_size=1), max_rounds=1)
+        # Plain HTTP (insecure on both sides): the proxy reads the requests to drop the right answer.
+        config = coordinator_config(tmp_path, model, strategy=FedBuff(buffer_size=1), max_rounds=1, tls=False)
         async with Service(config) as service:
             proxy = _LossyProxy(service.port)
             await proxy.start()
             try:
                 client = FederatedClient(
-                    client_config(tmp_path / "state", model, data, coordinator_url=f"http://127.0.0.1:{proxy.port}")
+                    client_config(
+                        tmp_path / "state", model, data, coordinator_url=f"http://127.0.0.1:{proxy.port}", insecure=True
+                    )
                 )
                 summary = await asyncio.wait_for(client.run_async(), timeout=120)
             finally:
@@ -174,7 +189,7 @@ def test_crash_mid_training_resumes_from_the_checkpoint(tmp_path: Path, model: P
         config = coordinator_config(tmp_path, model, strategy=FedBuff(buffer_size=1), local_steps=8)
         async with Service(config) as service:
             state_dir = tmp_path / "state"
-            cfg = client_config(state_dir, model, data, coordinator_url=service.url, max_rounds=1)
+            cfg = client_config(state_dir, model, data, service=service, max_rounds=1)
             first = FederatedClient(cfg)
             checkpoint = ClientState(state_dir).checkpoint_path
 
@@ -212,11 +227,14 @@ def test_three_clients_with_mdns_and_a_coordinator_restart(tmp_path: Path, model
         tmp_path, model, port=port, mdns=True, strategy=FedBuff(buffer_size=3, max_staleness=4, min_updates=3), max_rounds=rounds
     )
     names = ("alpha", "bravo", "charlie")
+    # The certificate the coordinator will load, made first so the join code is known up front.
+    tls = ensure_self_signed(tls_directory(config.db_path))
+    code = make_join_code(tls.fingerprint, JOIN_TOKEN)
     captures = {n: _Capture() for n in names}
     runtimes = {n: EdgeModel(model, n_ctx=64, n_threads=1) for n in names}
     clients = {
         n: FederatedClient(
-            client_config(tmp_path / n, model, write_data(tmp_path / f"{n}.jsonl"), seed=i),
+            client_config(tmp_path / n, model, write_data(tmp_path / f"{n}.jsonl"), seed=i, join_code=code),
             runtime=runtimes[n],
             trace_configs=[captures[n].config],
         )

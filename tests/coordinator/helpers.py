@@ -39,6 +39,7 @@ def make_config(tmp_path: Path, **overrides: Any) -> CoordinatorConfig:
         "join_token": JOIN_TOKEN,
         "host": "127.0.0.1",
         "port": 0,
+        "tls": False,  # these tests speak plain HTTP to the API; TLS has its own tests
         "mdns": False,
         "tick_s": 0.2,
         "max_body_bytes": 1 << 20,

@@ -36,7 +36,7 @@ class CoordinatorProcess:
     def __init__(self, model: Path, db: Path) -> None:
         command = [
             sys.executable, "-m", "coordinator", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
-            "--db", str(db), "--no-mdns", "--join-token", JOIN_TOKEN, "--strategy", "fedbuff",
+            "--db", str(db), "--no-mdns", "--insecure", "--join-token", JOIN_TOKEN, "--strategy", "fedbuff",
             "--buffer-size", str(BUFFER), "--targets", ",".join(TARGETS), "--rank", "4", "--alpha", "8",
             "--codec", "fp32", "--rate", "1000", "--log-level", "warning", "--max-wait", "3600",
         ]  # fmt: skip
@@ -182,7 +182,7 @@ def test_join_token_from_env_or_generated_and_printed_once(tmp_path: Path, tiny_
             env["FEDLM_JOIN_TOKEN"] = env_token
         command = [
             sys.executable, "-m", "coordinator", "--model", str(tiny_gguf), "--host", "127.0.0.1",
-            "--port", "0", "--db", str(tmp_path / f"{env_token}.sqlite"), "--no-mdns",
+            "--port", "0", "--db", str(tmp_path / f"{env_token}.sqlite"), "--no-mdns", "--insecure",
             "--targets", ",".join(TARGETS), "--log-level", "warning",
         ]  # fmt: skip
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)

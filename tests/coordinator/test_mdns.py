@@ -101,7 +101,11 @@ def test_a_chosen_instance_name_is_advertised_and_found_without_waiting_out_the_
             loop = asyncio.get_running_loop()
             start = loop.time()
             report = await discover(
-                SHA, name="kitchen-coordinator", timeout_s=60.0, interfaces=["127.0.0.1"]
+                SHA,
+                name="kitchen-coordinator",
+                insecure=True,  # make_config serves plain HTTP
+                timeout_s=60.0,
+                interfaces=["127.0.0.1"],
             )
             # The named browse returns once the advert resolves, not after its 60 s budget.
             assert loop.time() - start < 30.0
