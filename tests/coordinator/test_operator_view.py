@@ -1,8 +1,9 @@
 """examples/lan_coordinator/README.md's status command works as written (it answered 401).
 
 The real CLI (`python -m coordinator`, what `fedlm coordinator` and run.sh start) runs on
-127.0.0.1; the README's curl line is run with the operator token from the environment, and
-once more with the token the coordinator generates and prints when none is given.
+127.0.0.1 with its default TLS; the README's curl line (pinned to the coordinator's own
+certificate) is run with the operator token from the environment, and once more with the token
+the coordinator generates and prints when none is given.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import queue
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -41,7 +43,8 @@ class _Coordinator:
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
-        self.url = self.wait_for(r"^fedlm coordinator (http://\S+)")
+        self.url = self.wait_for(r"^fedlm coordinator (https://\S+)")
+        self.cafile = db.with_name(db.name + ".tls") / "cert.pem"
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
@@ -71,19 +74,24 @@ class _Coordinator:
 
 
 def _readme_status_command(url: str) -> list[str]:
-    """The README's curl line, with HOST:8750 and $FEDLM_OPERATOR_TOKEN filled in."""
-    m = re.search(r"^\s*(curl -H \"Authorization: Bearer \$FEDLM_OPERATOR_TOKEN\" \S+/v1/status)$",
-                  README.read_text(), re.MULTILINE)  # fmt: skip
+    """The README's curl command, with the port and $FEDLM_OPERATOR_TOKEN filled in."""
+    m = re.search(
+        r"^\s*(curl --cacert \S+ -H \"Authorization: Bearer \$FEDLM_OPERATOR_TOKEN\" \\\n"
+        r"\s*https://localhost:8750/v1/status)$",
+        README.read_text(), re.MULTILINE,
+    )  # fmt: skip
     assert m, "the README has no operator status command"
-    line = m.group(1).replace("http://HOST:8750", url)
+    port = url.rsplit(":", 1)[1]
+    line = m.group(1).replace("localhost:8750", f"localhost:{port}")
     return ["bash", "-c", line + " --silent --show-error --fail-with-body"]
 
 
-def _get_status(url: str, token: str | None) -> tuple[int, dict]:
+def _get_status(url: str, token: str | None, cafile: Path) -> tuple[int, dict]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     request = urllib.request.Request(f"{url}/v1/status", headers=headers)
+    context = ssl.create_default_context(cafile=str(cafile))
     try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
+        with urllib.request.urlopen(request, timeout=10, context=context) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -100,12 +108,13 @@ def test_the_readme_status_command_works_with_the_operator_token(
         out = subprocess.run(
             _readme_status_command(coordinator.url), capture_output=True, text=True,
             timeout=30, env={**os.environ, "FEDLM_OPERATOR_TOKEN": token}, check=False,
+            cwd=tmp_path,
         )  # fmt: skip
         assert out.returncode == 0, out.stdout + out.stderr
         status = json.loads(out.stdout)
         assert status["view"] == "operator" and status["version"] == 0
         assert "client_list" in status
-        assert _get_status(coordinator.url, None)[0] == 401
+        assert _get_status(coordinator.url, None, coordinator.cafile)[0] == 401
         assert not any(token in line for line in coordinator.seen)  # given, so never printed
     finally:
         coordinator.close()
@@ -120,9 +129,9 @@ def test_a_generated_operator_token_is_printed_once_and_works(
     )
     try:
         token = coordinator.wait_for(r"^operator token \(shown once; for GET /v1/status\): (\S+)")
-        status, body = _get_status(coordinator.url, token)
+        status, body = _get_status(coordinator.url, token, coordinator.cafile)
         assert status == 200 and body["view"] == "operator"
-        assert _get_status(coordinator.url, token + "x")[0] == 401
+        assert _get_status(coordinator.url, token + "x", coordinator.cafile)[0] == 401
     finally:
         coordinator.close()
     # The token lives in memory only: nothing of it is in the database.
