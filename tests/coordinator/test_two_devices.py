@@ -1,7 +1,7 @@
 """Issue 18, item 1, end to end: two real `fedlm join` processes and a real `fedlm coordinator`
 process with the default strategy and aggregation settings (FedBuff buffer 4, min-updates 2,
 max-wait 30 s; adaptive clip) finish two rounds on 127.0.0.1, and both sides say what they
-wait for. Plain HTTP: the coordinator's CLI on this branch has no TLS by default."""
+wait for. Over the coordinator's default TLS: the devices enroll with the join code it prints."""
 
 from __future__ import annotations
 
@@ -84,15 +84,17 @@ def test_two_devices_with_the_default_strategy_finish_two_rounds(
     devices: list[subprocess.Popen[str]] = []
     try:
         deadline = time.monotonic() + 60
-        url = None
-        while url is None and time.monotonic() < deadline:
+        url = join_code = None
+        while (url is None or join_code is None) and time.monotonic() < deadline:
             try:
                 line = lines.get(timeout=1)
             except queue.Empty:
                 continue
-            if line.startswith("fedlm coordinator http://"):
+            if line.startswith("fedlm coordinator https://"):
                 url = line.split()[2]
-        assert url, "".join(coordinator_out)
+            elif line.startswith("join code: "):
+                join_code = line.split()[2]
+        assert url and join_code, "".join(coordinator_out)
         for name in ("kitchen", "garage"):
             data = write_data(tmp_path / f"{name}.jsonl")
             devices.append(
@@ -107,8 +109,8 @@ def test_two_devices_with_the_default_strategy_finish_two_rounds(
                         str(data),
                         "--coordinator",
                         url,
-                        "--join-token",
-                        JOIN_TOKEN,
+                        "--join-code",
+                        join_code,
                         "--state-dir",
                         str(tmp_path / name),
                         "--name",
