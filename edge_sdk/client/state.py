@@ -338,6 +338,7 @@ class ClientState:
         meta = self._read_json("pending.json")
         body_path = self.dir / "pending.bin"
         if meta is None:
+            _unlink(body_path)  # a body without its record was never committed (or is cleared)
             return None
         try:
             body = body_path.read_bytes()
@@ -392,6 +393,7 @@ class ClientState:
         meta = self._read_json("global.json")
         path = self.dir / "global.bin"
         if meta is None:
+            _unlink(path)  # a body without its record: fetched again
             return None
         try:
             body = path.read_bytes()
