@@ -20,7 +20,9 @@ from tests.client.helpers import client_config
 def main(argv: list[str]) -> int:
     state_dir, model, data, url = argv
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    config = client_config(Path(state_dir), Path(model), Path(data), coordinator_url=url, final_wait_s=0.5)
+    config = client_config(
+        Path(state_dir), Path(model), Path(data), coordinator_url=url, final_wait_s=0.5
+    )
     summary = FederatedClient(config).run()
     print(json.dumps({
         "reason": summary.reason, "global_version": summary.global_version,

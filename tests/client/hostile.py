@@ -9,7 +9,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from aiohttp import web
@@ -72,7 +72,7 @@ class HostileCoordinator:
         self._runner: web.AppRunner | None = None
         self.url = ""
 
-    async def __aenter__(self) -> HostileCoordinator:
+    async def __aenter__(self) -> Self:
         app = web.Application(client_max_size=64 * MIB)
         for method, path, handler in (
             ("POST", "/v1/join", self._join),
@@ -102,14 +102,18 @@ class HostileCoordinator:
 
     async def _join(self, request: web.Request) -> web.StreamResponse:
         await request.read()
-        return web.json_response({"client_id": "c-1", "token": "t" * 43, "task_id": self.task.task_id})
+        return web.json_response(
+            {"client_id": "c-1", "token": "t" * 43, "task_id": self.task.task_id}
+        )
 
     async def _task(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.task.to_json_dict())
 
     async def _adapter(self, request: web.Request) -> web.StreamResponse:
         if not self.adapters:
-            return web.json_response({"error": {"code": "none", "message": "no adapter"}}, status=404)
+            return web.json_response(
+                {"error": {"code": "none", "message": "no adapter"}}, status=404
+            )
         body = self.adapters[min(self.current, len(self.adapters) - 1)]
         etag = etag_of(body)
         headers = {"ETag": etag, "X-Fedlm-Version": str(GlobalAdapter.from_bytes(body).version)}
@@ -124,7 +128,9 @@ class HostileCoordinator:
         return web.json_response({"pending": 0}, status=202)
 
 
-def streaming(total: int, *, content_length: bool = False, status: int = 200) -> tuple[Handler, list[int]]:
+def streaming(
+    total: int, *, content_length: bool = False, status: int = 200
+) -> tuple[Handler, list[int]]:
     """A handler that streams `total` bytes generated on the fly (1 MiB chunks, never held);
     the list gets the number of bytes the client took before it hung up."""
     sent = [0]

@@ -45,7 +45,9 @@ KILL_POINTS = (
 )
 
 
-async def _run_client(state_dir: Path, model: Path, data: Path, url: str, point: str | None) -> tuple[int, str]:
+async def _run_client(
+    state_dir: Path, model: Path, data: Path, url: str, point: str | None
+) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop(CRASH_ENV, None)
     if point is not None and point != MID_TRAINING:
@@ -71,15 +73,23 @@ async def _run_client(state_dir: Path, model: Path, data: Path, url: str, point:
 
 def _stored_updates(db: Path) -> list[tuple[str, int, str]]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return list(conn.execute("SELECT update_id, base_version, status FROM updates ORDER BY seq"))
+        return list(
+            conn.execute("SELECT update_id, base_version, status FROM updates ORDER BY seq")
+        )
 
 
-def test_a_kill_at_any_step_neither_loses_an_update_nor_trains_twice(tmp_path: Path, model: Path) -> None:
+def test_a_kill_at_any_step_neither_loses_an_update_nor_trains_twice(
+    tmp_path: Path, model: Path
+) -> None:
     rounds = len(KILL_POINTS) + 1
     data = write_data(tmp_path / "data.jsonl")
     state_dir = tmp_path / "state"
     config = coordinator_config(
-        tmp_path, model, strategy=FedBuff(buffer_size=1, max_staleness=4), max_rounds=rounds, local_steps=2
+        tmp_path,
+        model,
+        strategy=FedBuff(buffer_size=1, max_staleness=4),
+        max_rounds=rounds,
+        local_steps=2,
     )
 
     async def scenario() -> tuple[list[tuple[str, int, str]], str]:
@@ -104,12 +114,18 @@ def test_a_kill_at_any_step_neither_loses_an_update_nor_trains_twice(tmp_path: P
     # The client's books: every update that left the device is stored (none lost), and no two
     # of its updates were trained from the same base version.
     state = ClientState(state_dir)
-    sent = {e.detail["update_id"]: e.detail["base_version"] for e in state.ledger.entries() if e.kind == "update"}
+    sent = {
+        e.detail["update_id"]: e.detail["base_version"]
+        for e in state.ledger.entries()
+        if e.kind == "update"
+    }
     assert set(sent) == {uid for uid, _, _ in stored}
     assert len(set(sent.values())) == len(sent)
     # Every acknowledged update counted once.
     progress = json.loads((state_dir / "progress.json").read_text())
     assert progress["rounds"] == rounds and progress["last_update"] == stored[-1][0]
-    assert not (state_dir / "pending.json").exists() and not (state_dir / "encoder.next.npz").exists()
+    assert (
+        not (state_dir / "pending.json").exists() and not (state_dir / "encoder.next.npz").exists()
+    )
     # The kill between global.bin and global.json left a mismatched pair: set aside, fetched again.
     assert len(list(state_dir.glob("global.json.corrupt-*"))) == 1

@@ -76,7 +76,9 @@ def test_a_400_mib_adapter_is_aborted_and_memory_stays_bounded(tmp_path: Path, m
         async with HostileCoordinator(task) as server:
             handler, sent = streaming(HOSTILE_SIZE)
             server.handlers["/v1/adapter"] = handler
-            client = FederatedClient(client_config(tmp_path / "state", model, data, coordinator_url=server.url))
+            client = FederatedClient(
+                client_config(tmp_path / "state", model, data, coordinator_url=server.url)
+            )
             baseline = rss_bytes()
             peak = [baseline]
 
@@ -96,6 +98,12 @@ def test_a_400_mib_adapter_is_aborted_and_memory_stays_bounded(tmp_path: Path, m
 
     baseline, peak, sent, server, error = asyncio.run(scenario())
     cap = adapter_bytes_cap(_shapes(model), 4)
+    logging.getLogger(__name__).info(
+        "400 MiB adapter: cap %d B, server sent %d B before the hang-up, RSS +%.1f MiB",
+        cap,
+        sent[0],
+        (peak - baseline) / MIB,
+    )
     message = str(error)
     assert "GET /v1/adapter" in message and "read aborted" in message
     assert f"{cap / MIB:.1f} MiB" in message  # the cap the task implies, named
@@ -115,7 +123,9 @@ def test_oversized_json_answers_are_refused(tmp_path: Path, path: str, declared:
         async with HostileCoordinator(tiny_task_stub()) as server:
             handler, sent = streaming(HOSTILE_SIZE, content_length=declared)
             server.handlers[path] = handler
-            async with Transport(server.url, Ledger(tmp_path / "outbox.jsonl"), retry=FAST_RETRY) as t:
+            async with Transport(
+                server.url, Ledger(tmp_path / "outbox.jsonl"), retry=FAST_RETRY
+            ) as t:
                 with pytest.raises(ResponseTooLargeError) as caught:
                     if path == "/v1/join":
                         await t.join("a-join-token", "dev")
@@ -180,7 +190,9 @@ HOSTILE_TASKS: dict[str, tuple[dict[str, Any], str]] = {
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_TASKS))
-def test_a_hostile_task_is_refused_before_anything_is_allocated(tmp_path: Path, model: Path, case: str) -> None:
+def test_a_hostile_task_is_refused_before_anything_is_allocated(
+    tmp_path: Path, model: Path, case: str
+) -> None:
     override, expected = HOSTILE_TASKS[case]
     obj = tiny_task(model).to_json_dict()
     for key, value in override.items():
@@ -197,7 +209,9 @@ def test_a_hostile_task_is_refused_before_anything_is_allocated(tmp_path: Path, 
                 return web.json_response(obj)
 
             server.handlers["/v1/task"] = hostile_task
-            client = FederatedClient(client_config(tmp_path / "state", model, data, coordinator_url=server.url))
+            client = FederatedClient(
+                client_config(tmp_path / "state", model, data, coordinator_url=server.url)
+            )
             with pytest.raises(TaskRefusedError) as caught:
                 await asyncio.wait_for(client.run_async(), timeout=60)
             return caught.value, server
@@ -211,7 +225,9 @@ def test_a_hostile_task_is_refused_before_anything_is_allocated(tmp_path: Path, 
     assert server.requests["/v1/adapter"] == 0
 
 
-def test_an_unknown_codec_in_the_task_is_a_clear_protocol_error(tmp_path: Path, model: Path) -> None:
+def test_an_unknown_codec_in_the_task_is_a_clear_protocol_error(
+    tmp_path: Path, model: Path
+) -> None:
     obj = tiny_task(model).to_json_dict()
     obj["codec"] = "evil+fp32"
     data = write_data(tmp_path / "data.jsonl")
@@ -223,7 +239,9 @@ def test_an_unknown_codec_in_the_task_is_a_clear_protocol_error(tmp_path: Path, 
                 return web.json_response(obj)
 
             server.handlers["/v1/task"] = hostile_task
-            client = FederatedClient(client_config(tmp_path / "state", model, data, coordinator_url=server.url))
+            client = FederatedClient(
+                client_config(tmp_path / "state", model, data, coordinator_url=server.url)
+            )
             with pytest.raises(ProtocolError) as caught:
                 await asyncio.wait_for(client.run_async(), timeout=60)
             return caught.value
@@ -275,7 +293,8 @@ def _bad_adapters(model: Path) -> dict[str, tuple[bytes, str]]:
 
 
 @pytest.mark.parametrize(
-    "case", ["wrong_shape", "huge_values", "nan", "takeover", "missing_key", "extra_key", "other_spec"]
+    "case",
+    ["wrong_shape", "huge_values", "nan", "takeover", "missing_key", "extra_key", "other_spec"],
 )
 def test_check_global_refuses_each_bad_adapter(model: Path, case: str) -> None:
     body, expected = _bad_adapters(model)[case]
@@ -305,10 +324,16 @@ def test_a_bad_global_is_refused_and_the_previous_one_keeps_serving(
 
     async def scenario(runtime: EdgeModel) -> tuple[Any, Any, HostileCoordinator]:
         async with HostileCoordinator(task, [good, bad]) as server:
-            cfg = client_config(state_dir, model, data, coordinator_url=server.url, max_rounds=1, final_wait_s=1.5)
-            first = await asyncio.wait_for(FederatedClient(cfg, runtime=runtime).run_async(), timeout=120)
+            cfg = client_config(
+                state_dir, model, data, coordinator_url=server.url, max_rounds=1, final_wait_s=1.5
+            )
+            first = await asyncio.wait_for(
+                FederatedClient(cfg, runtime=runtime).run_async(), timeout=120
+            )
             # Restart (same state): the saved global is v1; v2 is refused again, no crash.
-            second = await asyncio.wait_for(FederatedClient(cfg, runtime=runtime).run_async(), timeout=120)
+            second = await asyncio.wait_for(
+                FederatedClient(cfg, runtime=runtime).run_async(), timeout=120
+            )
             return first, second, server
 
     runtime = EdgeModel(model, n_ctx=64, n_threads=1)
@@ -325,7 +350,9 @@ def test_a_bad_global_is_refused_and_the_previous_one_keeps_serving(
     assert not (state_dir / "adapters" / "global-v000002.gguf").exists()
     # Downloaded once per run (then If-None-Match: 304), refused with a clear line each time.
     assert server.adapter_downloads[1] == 2
-    refusals = [r.getMessage() for r in caplog.records if "refused a global adapter" in r.getMessage()]
+    refusals = [
+        r.getMessage() for r in caplog.records if "refused a global adapter" in r.getMessage()
+    ]
     assert len(refusals) == 2 and all("keeping version 1" in m for m in refusals)
     assert "has shape (48, 4), the base model implies (64, 4)" in refusals[0]
     saved = json.loads((state_dir / "global.json").read_text())
@@ -346,7 +373,9 @@ def test_a_saved_global_that_fails_the_checks_is_set_aside_not_swapped_at_every_
 
     async def scenario() -> Any:
         async with HostileCoordinator(task, [good]) as server:
-            cfg = client_config(state_dir, model, data, coordinator_url=server.url, max_rounds=1, final_wait_s=0.2)
+            cfg = client_config(
+                state_dir, model, data, coordinator_url=server.url, max_rounds=1, final_wait_s=0.2
+            )
             return await asyncio.wait_for(FederatedClient(cfg).run_async(), timeout=120)
 
     summary = asyncio.run(scenario())
@@ -364,7 +393,9 @@ def test_a_bad_data_file_fails_before_any_request(tmp_path: Path, model: Path) -
 
     async def scenario() -> tuple[BaseException, int]:
         async with Service(coordinator_config(tmp_path, model)) as service:
-            client = FederatedClient(client_config(tmp_path / "state", model, bad, coordinator_url=service.url))
+            client = FederatedClient(
+                client_config(tmp_path / "state", model, bad, coordinator_url=service.url)
+            )
             with pytest.raises(DataFormatError) as caught:
                 await client.run_async()
             return caught.value, service.coordinator.storage.count_clients()
@@ -375,7 +406,9 @@ def test_a_bad_data_file_fails_before_any_request(tmp_path: Path, model: Path) -
     assert ClientState(tmp_path / "state").ledger.entries() == []
 
 
-def test_fedlm_join_with_bad_data_exits_2_with_one_line_and_sends_nothing(tmp_path: Path, model: Path) -> None:
+def test_fedlm_join_with_bad_data_exits_2_with_one_line_and_sends_nothing(
+    tmp_path: Path, model: Path
+) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json at all\n")
     state = tmp_path / "state"
@@ -383,7 +416,7 @@ def test_fedlm_join_with_bad_data_exits_2_with_one_line_and_sends_nothing(tmp_pa
         [sys.executable, "-m", "edge_sdk.cli", "join", str(model), "--data", str(bad),
          "--coordinator", f"http://127.0.0.1:{free_port()}", "--state-dir", str(state),
          "--join-token", "a-long-enough-token"],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2], check=False,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]

@@ -47,7 +47,9 @@ def test_a_damaged_encoder_is_set_aside_and_a_fresh_one_used(tmp_path: Path, dam
     with ClientState(tmp_path) as state:
         path = _saved_encoder(state)
         raw = path.read_bytes()
-        path.write_bytes({"empty": b"", "truncated_zip": raw[: len(raw) // 2], "garbage": b"\x00" * 100}[damage])
+        path.write_bytes(
+            {"empty": b"", "truncated_zip": raw[: len(raw) // 2], "garbage": b"\x00" * 100}[damage]
+        )
         encoder = state.load_encoder("topk:0.25+fp16")
         assert isinstance(encoder, UpdateEncoder) and not encoder.residual
         assert not path.exists() and len(_corrupt(tmp_path, "encoder.npz")) == 1
@@ -64,7 +66,9 @@ def test_a_damaged_token_file_is_set_aside(tmp_path: Path) -> None:
         assert state.credentials() is None and len(_corrupt(tmp_path, "token.json")) == 2
 
 
-@pytest.mark.parametrize("damage", ["record_garbage", "record_missing_key", "body_mismatch", "body_missing"])
+@pytest.mark.parametrize(
+    "damage", ["record_garbage", "record_missing_key", "body_mismatch", "body_missing"]
+)
 def test_a_damaged_pending_update_is_set_aside(tmp_path: Path, damage: str) -> None:
     with ClientState(tmp_path) as state:
         body = _update("u-1").to_bytes()
@@ -99,7 +103,9 @@ def test_a_damaged_saved_global_is_set_aside(tmp_path: Path, damage: str) -> Non
         elif damage == "body_mismatch":
             (tmp_path / "global.bin").write_bytes(b"adapter-byteZ")  # a kill between the two writes
         else:  # written by an older client
-            (tmp_path / "global.json").write_text(json.dumps({"version": 5, "etag": "x", "task_id": "task-1"}))
+            (tmp_path / "global.json").write_text(
+                json.dumps({"version": 5, "etag": "x", "task_id": "task-1"})
+            )
         assert state.global_adapter("task-1") is None
         assert not (tmp_path / "global.bin").exists() and not (tmp_path / "global.json").exists()
         assert len(_corrupt(tmp_path, "global.json")) == 1
@@ -108,7 +114,9 @@ def test_a_damaged_saved_global_is_set_aside(tmp_path: Path, damage: str) -> Non
 def test_a_damaged_round_marker_and_progress_are_set_aside(tmp_path: Path) -> None:
     with ClientState(tmp_path) as state:
         state.start_round(RoundMarker("task-1", 3, 2, 1234), b"base")
-        (state.train_dir / "round.json").write_text(json.dumps({"task_id": "task-1", "round": "two"}))
+        (state.train_dir / "round.json").write_text(
+            json.dumps({"task_id": "task-1", "round": "two"})
+        )
         assert state.round_marker() is None and len(_corrupt(state.train_dir, "round.json")) == 1
         state.set_progress("task-1", 4, 3, "u-4")
         (tmp_path / "progress.json").write_text(json.dumps({"task_id": "task-1", "rounds": "many"}))
@@ -134,8 +142,13 @@ def test_recover_finishes_or_undoes_an_interrupted_commit(tmp_path: Path) -> Non
     (tmp_path / "token.json.abc.tmp").write_bytes(b"half a write")
     state.close()
     state = ClientState(tmp_path).open()
-    assert not (tmp_path / "encoder.next.npz").exists() and not (tmp_path / "token.json.abc.tmp").exists()
-    np.testing.assert_array_equal(state.load_encoder("topk:0.25+fp16").residual[KEY], encoder.residual[KEY])
+    assert (
+        not (tmp_path / "encoder.next.npz").exists()
+        and not (tmp_path / "token.json.abc.tmp").exists()
+    )
+    np.testing.assert_array_equal(
+        state.load_encoder("topk:0.25+fp16").residual[KEY], encoder.residual[KEY]
+    )
     # A kill before pending.json: the residual of an update that was never recorded is dropped.
     state.clear_pending()
     (tmp_path / "encoder.npz").unlink()
@@ -146,7 +159,9 @@ def test_recover_finishes_or_undoes_an_interrupted_commit(tmp_path: Path) -> Non
     state.close()
 
 
-def test_settle_records_progress_before_dropping_the_update_and_never_counts_twice(tmp_path: Path) -> None:
+def test_settle_records_progress_before_dropping_the_update_and_never_counts_twice(
+    tmp_path: Path,
+) -> None:
     with ClientState(tmp_path) as state:
         body = _update("u-1").to_bytes()
         pending = PendingUpdate("u-1", 2, "task-1", body)
@@ -185,15 +200,21 @@ def test_writes_fsync_the_file_and_then_the_directory_after_the_rename(
     assert events == [("fsync", "file"), ("replace", "encoder.npz"), ("fsync", "dir")]
 
 
-def test_a_client_starts_and_trains_over_every_kind_of_damaged_state(tmp_path: Path, model: Path) -> None:
+def test_a_client_starts_and_trains_over_every_kind_of_damaged_state(
+    tmp_path: Path, model: Path
+) -> None:
     """One real round, then every state file damaged at once; the next start recovers from all."""
     data = write_data(tmp_path / "data.jsonl")
     state_dir = tmp_path / "state"
 
     async def scenario() -> tuple:
-        config = coordinator_config(tmp_path, model, strategy=FedBuff(buffer_size=1), codec="delta+topk:0.5+fp16")
+        config = coordinator_config(
+            tmp_path, model, strategy=FedBuff(buffer_size=1), codec="delta+topk:0.5+fp16"
+        )
         async with Service(config) as service:
-            cfg = client_config(state_dir, model, data, coordinator_url=service.url, max_rounds=1, final_wait_s=5)
+            cfg = client_config(
+                state_dir, model, data, coordinator_url=service.url, max_rounds=1, final_wait_s=5
+            )
             first = await asyncio.wait_for(FederatedClient(cfg).run_async(), timeout=120)
             state = ClientState(state_dir)
             assert (state_dir / "encoder.npz").exists() and (state_dir / "global.bin").exists()
@@ -202,9 +223,14 @@ def test_a_client_starts_and_trains_over_every_kind_of_damaged_state(tmp_path: P
             (state_dir / "global.json").write_text("not json")
             (state_dir / "pending.json").write_text('{"update_id": 1}')
             # An interrupted round 2 whose checkpoint is damaged.
-            state.start_round(RoundMarker(first.task_id, first.global_version, 2, 99), (state_dir / "global.bin").read_bytes())
+            state.start_round(
+                RoundMarker(first.task_id, first.global_version, 2, 99),
+                (state_dir / "global.bin").read_bytes(),
+            )
             state.checkpoint_path.write_bytes(b"PK\x03\x04 not a checkpoint")
-            cfg2 = client_config(state_dir, model, data, coordinator_url=service.url, max_rounds=2, final_wait_s=5)
+            cfg2 = client_config(
+                state_dir, model, data, coordinator_url=service.url, max_rounds=2, final_wait_s=5
+            )
             second = await asyncio.wait_for(FederatedClient(cfg2).run_async(), timeout=120)
         return first, second
 
