@@ -525,7 +525,8 @@ class UpdateEncoder:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, **arrays)
                 fh.flush()
-                os.fsync(fh.fileno())  # the bytes reach the disk before the rename makes them current
+                # The bytes reach the disk before the rename makes them current.
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
