@@ -439,3 +439,29 @@ def test_no_validation_warning_when_val_fraction_is_zero(
     with caplog.at_level(logging.WARNING, logger="edge_sdk.training.data"):
         build_dataset([data], tokenizer, DataConfig(seq_len=256, val_fraction=0.1))
     assert [r for r in caplog.records if "no validation split" in r.getMessage()]
+
+
+def test_a_client_with_no_good_adapter_yet_keeps_running_and_polls_cheaply(
+    tmp_path: Path, model: Path
+) -> None:
+    """The very first global is bad: nothing to keep, so the client waits (304s) until stopped."""
+    data = write_data(tmp_path / "data.jsonl")
+    task = tiny_task(model)
+    bad, _ = _bad_adapters(model)["takeover"]
+
+    async def scenario() -> tuple[Any, HostileCoordinator]:
+        async with HostileCoordinator(task, [bad]) as server:
+            client = FederatedClient(
+                client_config(tmp_path / "state", model, data, coordinator_url=server.url)
+            )
+            run = asyncio.create_task(client.run_async())
+            await asyncio.sleep(2.0)  # about 20 polls at poll_interval_s = 0.1
+            assert not run.done()
+            client.stop()
+            return await asyncio.wait_for(run, timeout=30), server
+
+    summary, server = asyncio.run(scenario())
+    assert summary.reason == "stopped" and summary.global_version == -1 and summary.rounds == []
+    assert server.adapter_downloads[0] == 1  # then only 304s
+    assert server.requests["/v1/adapter"] > 5
+    assert server.updates == [] and not (tmp_path / "state" / "global.bin").exists()
