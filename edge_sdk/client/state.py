@@ -26,11 +26,12 @@ named in quotes are where `$FEDLM_CRASH_AT` kills the process, see `crash_point`
     start_round            train/base.bin, train/round.json           "round_started"
     training               train/checkpoint.pt every few steps        (resumed from it)
     save_pending           pending.bin, encoder.next.npz, pending.json "update_committed"
-                           then encoder.next.npz -> encoder.npz
-    finish_round           train/* deleted                            "round_finished"
+                           then encoder.next.npz -> encoder.npz       "update_saved"
+    finish_round           train/* deleted (round.json first)         "round_finished"
     push                   the coordinator acknowledges               "update_acked"
     settle                 progress.json (count, base, update id)     "progress_saved"
                            then pending.* deleted                     "settled"
+    save_global            global.bin, then global.json (its sha256)  "global_body_saved"
 
 A restart resends a pending update byte for byte (the coordinator answers 409 duplicate if it
 has it); progress.json names the last settled update, so a pending update that was already
