@@ -148,6 +148,7 @@ class ClientConfig:
     swap_wait_s: float = 5.0
     """How long a hot-swap waits for a running generation before trying again later."""
     retry: RetryConfig = field(default_factory=RetryConfig)
+    """Tries, backoff and timeouts of every request to the coordinator."""
     task_policy: TaskPolicy = field(default_factory=TaskPolicy)
     """Bounds on what a coordinator may ask (task sizes) and send (global adapters)."""
 
