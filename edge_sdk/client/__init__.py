@@ -25,6 +25,7 @@ from edge_sdk.client.discovery import (
     evaluate_offers,
 )
 from edge_sdk.client.errors import (
+    AdapterRefusedError,
     AuthenticationError,
     ClientError,
     DiscoveryError,
@@ -32,7 +33,9 @@ from edge_sdk.client.errors import (
     ModelMismatchError,
     ProtocolError,
     RequestRejectedError,
+    ResponseTooLargeError,
     StateError,
+    TaskRefusedError,
     TlsPinError,
     TransportError,
     VerificationError,
@@ -46,11 +49,13 @@ from edge_sdk.client.loop import (
     RunSummary,
 )
 from edge_sdk.client.state import ClientState
+from edge_sdk.client.task_policy import TaskPolicy
 from edge_sdk.client.transport import RetryConfig, Transport
 
 __all__ = [
     "JOIN_TOKEN_ENV",
     "SERVICE_TYPE",
+    "AdapterRefusedError",
     "AuthenticationError",
     "ClientConfig",
     "ClientError",
@@ -66,10 +71,13 @@ __all__ = [
     "Offer",
     "ProtocolError",
     "RequestRejectedError",
+    "ResponseTooLargeError",
     "RetryConfig",
     "RoundReport",
     "RunSummary",
     "StateError",
+    "TaskPolicy",
+    "TaskRefusedError",
     "TlsPinError",
     "Transport",
     "TransportError",

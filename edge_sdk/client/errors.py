@@ -41,6 +41,18 @@ class ProtocolError(ClientError):
     """The coordinator answered with bytes that are not a valid message of the wire protocol."""
 
 
+class ResponseTooLargeError(ProtocolError):
+    """An answer was longer than the most its request can legitimately return (read aborted)."""
+
+
+class AdapterRefusedError(ProtocolError):
+    """A global adapter failed the client's checks (spec, keys, shapes, finite, magnitude)."""
+
+
+class TaskRefusedError(VerificationError):
+    """The coordinator's task exceeds a bound of the client's `TaskPolicy` (field and bound named)."""
+
+
 class RequestRejectedError(ClientError):
     """The coordinator answered a request with a 4xx error; `status` and `code` say which."""
 

@@ -11,6 +11,13 @@ Crash safety: the round's base adapter and a training checkpoint are on disk whi
 (a restart resumes the round from the checkpoint); an encoded update is on disk before the
 first byte is sent and is deleted only when the coordinator acknowledged it, or answered that
 it already has it (409 duplicate_update), so an update is never lost and never counted twice.
+The order of the state writes, and the crash points the tests kill at, are in
+`edge_sdk.client.state`.
+
+A hostile or broken coordinator: the data is checked before any request; the task is held to
+`TaskPolicy` bounds before anything is allocated; every answer is read with a size cap; a
+global adapter is checked (spec, keys, shapes, finite, magnitude) before it is saved, written
+as GGUF or swapped, and a refused one is logged while the previous one stays in service.
 
 Threads: training runs in a worker thread (`asyncio.to_thread`); `stop()` may be called from
 any thread or a signal handler. It interrupts training at the next optimizer step (the last
@@ -39,6 +46,7 @@ from edge_sdk._docfields import document_fields
 from edge_sdk.client.controls import LocalDpConfig, apply_memory_cap, apply_thread_cap, privatize
 from edge_sdk.client.discovery import Offer, discover
 from edge_sdk.client.errors import (
+    AdapterRefusedError,
     AuthenticationError,
     ClientError,
     DiscoveryError,
@@ -48,11 +56,21 @@ from edge_sdk.client.errors import (
     ModelMismatchError,
     RequestRejectedError,
     StateError,
+    TaskRefusedError,
     TlsPinError,
 )
 from edge_sdk.client.joincode import JOIN_CODE_ENV, JoinCode, normalize_fingerprint
-from edge_sdk.client.state import ClientState, Credentials, PendingUpdate, RoundMarker
+from edge_sdk.client.state import (
+    ClientState,
+    Credentials,
+    PendingUpdate,
+    RoundMarker,
+    crash_point,
+    set_aside,
+)
+from edge_sdk.client.task_policy import Shapes, TaskPolicy, adapter_bytes_cap, target_shapes
 from edge_sdk.client.transport import RetryConfig, StopRequested, Transport, tls_peer_fingerprint
+from edge_sdk.errors import FedlmError
 from edge_sdk.models.licence import LicenceClass
 from edge_sdk.wire import AdapterUpdate, GlobalAdapter, TaskConfig, WireError
 
@@ -68,6 +86,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOIN_TOKEN_ENV = "FEDLM_JOIN_TOKEN"
+
+
+_CHECK_SEQ_LEN = 256
+"""seq_len of the data check before enrollment (the coordinator's default)."""
 
 
 def _default_name() -> str:
@@ -142,7 +164,9 @@ class ClientConfig:
     swap_wait_s: float = 5.0
     """How long a hot-swap waits for a running generation before trying again later."""
     retry: RetryConfig = field(default_factory=RetryConfig)
-    """Backoff and attempts of the requests to the coordinator."""
+    """Tries, backoff and timeouts of every request to the coordinator."""
+    task_policy: TaskPolicy = field(default_factory=TaskPolicy)
+    """Bounds on what a coordinator may ask (task sizes) and send (global adapters)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
@@ -298,6 +322,8 @@ class FederatedClient:
         self._global_version = -1
         self._etag: str | None = None
         self._offer_model_name = ""
+        self._shapes: Shapes | None = None
+        self._refused_etag: str | None = None
         self.rounds: list[RoundReport] = []
 
     # -- control ----------------------------------------------------------------------------
@@ -338,6 +364,24 @@ class FederatedClient:
             )
         self._identity = identity
         return identity
+
+    def check_data(self) -> Dataset:
+        """Read, tokenize and pack the local data (no network): a bad file fails here, first.
+
+        Packed at the coordinator's default seq_len (256); kept when the task uses the same,
+        else the task's round packs it again.
+        """
+        from edge_sdk.training.data import DataConfig, build_dataset
+        from edge_sdk.training.tokenizer import load_tokenizer
+
+        identity = self._identity or self.verify_model()
+        if self._dataset is None:
+            cfg = self.config
+            self._dataset = build_dataset(
+                list(cfg.data), load_tokenizer(identity.path),
+                DataConfig(seq_len=_CHECK_SEQ_LEN, val_fraction=cfg.val_fraction, seed=cfg.seed, skip_bad=cfg.skip_bad),
+            )  # fmt: skip
+        return self._dataset
 
     def _join_code(self) -> JoinCode | None:
         text = self.config.join_code or os.environ.get(JOIN_CODE_ENV)
@@ -444,6 +488,7 @@ class FederatedClient:
         apply_thread_cap(cfg.threads)
         apply_memory_cap(cfg.memory_limit_mb)
         identity = await asyncio.to_thread(self.verify_model)
+        await asyncio.to_thread(self.check_data)  # a bad data file fails before any request
         with self.state:
             url, fingerprint, source = await self._find_coordinator(identity.sha256)
             if fingerprint is None:
@@ -524,7 +569,25 @@ class FederatedClient:
                 f"{Path(self._identity.path).name!r} ({self._identity.name or 'unnamed'}) is "
                 f"{self._identity.sha256[:16]}…; refusing to train"
             )
+        self.config.task_policy.check_task(task)  # before anything is sized by the task
+        self._shapes = await asyncio.to_thread(self._target_shapes, task)
         return creds, task
+
+    def _target_shapes(self, task: TaskConfig) -> Shapes:
+        """(out, in) of the base model's layers the task adapts; every target must exist."""
+        from edge_sdk.adapters.gguf_lora import BaseModelInfo
+
+        assert self._identity is not None
+        base = BaseModelInfo.from_gguf(self._identity.path, sha256=self._identity.sha256)
+        shapes = target_shapes(base.tensor_shapes, task.lora.targets)
+        found = {module.rsplit(".", 1)[-1] for module in shapes}
+        missing = [t for t in task.lora.targets if t not in found]
+        if missing:
+            raise TaskRefusedError(
+                f"task {task.task_id}: `lora.targets` {missing} name layers the base model "
+                f"{Path(self._identity.path).name} does not have; refusing the task"
+            )
+        return shapes
 
     def _summary(self, url: str, creds: Credentials | None, task_id: str, reason: str) -> RunSummary:
         return RunSummary(
@@ -537,12 +600,18 @@ class FederatedClient:
         cfg, state = self.config, self.state
         creds, task = await self._task(transport)
         log.info("task %s: %s, %d local steps, codec %s", task.task_id, task.lora.mode, task.local_steps, task.codec)
-        stored = state.global_adapter()
-        if stored is not None and self._load_global(stored[0], stored[1], stored[2], task) is not None:
-            await self._swap()  # serve what we had before the restart, right away
+        stored = state.global_adapter(task.task_id)
+        if stored is not None:
+            if self._load_global(stored[0], stored[2], task, "the saved copy") is not None:
+                await self._swap()  # serve what we had before the restart, right away
+            else:  # refused: never again at every start
+                state.set_aside_global("the saved global adapter failed the client's checks")
 
         pending = state.pending()
         if pending is not None:
+            # The round that built it is over (a new round starts only once it is settled):
+            # never resume that round's checkpoint and train from its base a second time.
+            state.finish_round()
             if pending.task_id == task.task_id:
                 log.info("resending unacknowledged update %s", pending.update_id)
                 outcome = await self._push(transport, pending, task)
@@ -603,26 +672,36 @@ class FederatedClient:
 
     # -- global adapter ---------------------------------------------------------------------
 
-    def _load_global(self, body: bytes, version: int, etag: str, task: TaskConfig) -> GlobalAdapter | None:
+    def _load_global(self, body: bytes, etag: str, task: TaskConfig, source: str) -> GlobalAdapter | None:
+        """Decode and check a global adapter; on success it becomes current, else None (logged)."""
+        assert self._shapes is not None
         try:
             adapter = GlobalAdapter.from_bytes(body)
-        except WireError as exc:
-            log.warning("ignoring an undecodable global adapter (%s)", exc)
-            return None
-        if adapter.lora.targets != task.lora.targets or adapter.lora.rank != task.lora.rank:
-            log.warning("ignoring a global adapter whose LoRA spec differs from the task's")
+            self.config.task_policy.check_global(adapter, task, self._shapes)
+        except (WireError, AdapterRefusedError) as exc:
+            keep = f"version {self._global_version}" if self._global is not None else "no adapter"
+            log.warning("refused a global adapter from %s: %s; keeping %s", source, exc, keep)
             return None
         self._global, self._global_version, self._etag = adapter, adapter.version, etag
         return adapter
 
     async def _pull(self, transport: Transport, task: TaskConfig) -> bool:
-        """Fetch the global adapter if it changed; True when a newer version arrived."""
-        resp = await transport.adapter(self._etag)
+        """Fetch the global adapter if it changed; True when a newer version arrived.
+
+        A refused adapter's ETag is sent as If-None-Match from then on, so the coordinator
+        answers 304 until it publishes another version: one download and one log line per
+        bad version, not one per poll.
+        """
+        assert self._shapes is not None
+        cap = adapter_bytes_cap(self._shapes, task.lora.rank)
+        resp = await transport.adapter(self._refused_etag or self._etag, max_bytes=cap)
         if resp.body is None:
             return False
         previous = self._global_version
-        if self._load_global(resp.body, resp.version, resp.etag, task) is None:
+        if self._load_global(resp.body, resp.etag, task, transport.base_url) is None:
+            self._refused_etag = resp.etag or None
             return False
+        self._refused_etag = None
         self.state.save_global(resp.body, self._global_version, resp.etag, task.task_id)
         if self._global_version != previous:
             log.info("global adapter version %d", self._global_version)
@@ -638,13 +717,22 @@ class FederatedClient:
 
         assert self._identity is not None
         path = self.state.adapter_gguf_path(adapter.version)
-        base = BaseModelInfo.from_gguf(self._identity.path, sha256=self._identity.sha256)
-        await asyncio.to_thread(write_gguf_lora, path, adapter.dense_tensors(), alpha=adapter.lora.alpha, base=base)
+        try:
+            base = BaseModelInfo.from_gguf(self._identity.path, sha256=self._identity.sha256)
+            await asyncio.to_thread(write_gguf_lora, path, adapter.dense_tensors(), alpha=adapter.lora.alpha, base=base)
+        except (FedlmError, ValueError, OSError) as exc:  # AdapterMismatchError is a FedlmError
+            log.warning("cannot write global version %d as GGUF (%s); the runtime keeps what it serves",
+                        adapter.version, exc)  # fmt: skip
+            return
         if self.runtime is not None:
             try:
                 await asyncio.to_thread(self.runtime.load_adapter, path, wait=self.config.swap_wait_s)
             except RuntimeBusyError as exc:
                 log.info("hot-swap postponed: %s", exc)
+                return
+            except (FedlmError, ValueError, OSError) as exc:
+                log.warning("the runtime refused global version %d (%s); it keeps what it serves",
+                            adapter.version, exc)  # fmt: skip
                 return
             log.info("runtime now serves global version %d", adapter.version)
         self._served = (adapter.version, path)
@@ -671,7 +759,7 @@ class FederatedClient:
         from edge_sdk.training.trainer import load_for_training
 
         assert self._identity is not None
-        if self._dataset is None or self._dataset.seq_len != task.seq_len:
+        if self._dataset is None or self._dataset.seq_len != task.seq_len:  # check_data packs at 256
             tokenizer = load_tokenizer(self._identity.path)
             self._dataset = build_dataset(
                 list(self.config.data), tokenizer,
@@ -713,7 +801,7 @@ class FederatedClient:
             except CheckpointError as exc:
                 if not resume:
                     raise
-                log.warning("cannot resume the round (%s); training it afresh", exc)
+                set_aside(self.state.checkpoint_path, f"cannot resume the round ({exc}); training it afresh")
                 first_step.clear()
                 result = fit(self._model, dataset, config, resume=False, **kwargs)
         except _Interrupted:
@@ -731,7 +819,8 @@ class FederatedClient:
             return None
         try:
             base = GlobalAdapter.from_bytes(body)
-        except WireError:
+        except WireError as exc:
+            set_aside(self.state.train_dir / "base.bin", f"undecodable round base ({exc}); the round starts afresh")
             return None
         strategy = task.extra.get("strategy", {}) if isinstance(task.extra.get("strategy"), dict) else {}
         max_staleness = int(strategy.get("max_staleness", 0)) if strategy.get("name") == "fedbuff" else 0
@@ -753,13 +842,16 @@ class FederatedClient:
             base = self._global
             marker = RoundMarker(task.task_id, base.version, round_no, _round_seed(self.config.seed, creds.client_id, round_no))
             self.state.start_round(marker, base.to_bytes())
+            crash_point("round_started")
             log.info("round %d: training %d steps from global version %d", round_no, task.local_steps, base.version)
         trained = await asyncio.to_thread(self._fit, task, marker, base, resumable is not None)
         if trained is None:
             return None
         adapter, metrics, resumed_from = trained
         pending = self._encode(task, creds, base, adapter, metrics, marker)
+        crash_point("update_saved")
         self.state.finish_round()
+        crash_point("round_finished")
         outcome = await self._push(transport, pending, task)
         report = RoundReport(
             round=round_no, base_version=base.version, update_id=pending.update_id, steps=metrics.steps,
@@ -793,16 +885,22 @@ class FederatedClient:
             update_id=f"{creds.client_id}-r{marker.round}-{uuid.uuid4().hex[:12]}",
         )  # fmt: skip
         pending = PendingUpdate(update.update_id, base.version, task.task_id, update.to_bytes())
-        self.state.save_pending(pending)  # first: a crash now resends it rather than losing it
-        self.state.save_encoder(encoder)
+        # One commit (pending.json) for the update and the residual after it: a crash now
+        # resends it rather than losing it, and the residual matches what was sent.
+        self.state.save_pending(pending, encoder)
         return pending
 
     async def _push(self, transport: Transport, pending: PendingUpdate, task: TaskConfig) -> str:
         """Send a pending update until it is settled; returns the outcome.
 
         `accepted` (202) and `duplicate` (the coordinator already has this id) count as
-        delivered; `stale`, `refused` drop it; `task_complete` ends the run.
+        delivered; `stale`, `refused` drop it; `task_complete` ends the run. Settling writes
+        the progress (naming the update) before the pending files go (`ClientState.settle`).
         """
+        if self.state.progress(task.task_id).last_update == pending.update_id:
+            log.info("update %s was settled before the restart; dropping its copy", pending.update_id)
+            self.state.clear_pending()
+            return "accepted"
         while True:
             try:
                 ack = await transport.push(pending.body)
@@ -826,7 +924,6 @@ class FederatedClient:
             else:
                 outcome = "accepted"
                 log.info("update %s accepted (pending %s)", pending.update_id, ack.get("pending"))
-            self.state.clear_pending()
-            done = self.state.rounds_done(task.task_id) + (outcome in ("accepted", "duplicate"))
-            self.state.set_progress(task.task_id, done, pending.base_version)
+            crash_point("update_acked")
+            self.state.settle(pending, counted=outcome in ("accepted", "duplicate"))
             return outcome

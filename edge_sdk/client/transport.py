@@ -15,6 +15,14 @@ First contact: until the coordinator has answered once, connection failures are 
 for `RetryConfig.first_contact_s` (a coordinator that is still starting is caught), then fail
 with `CoordinatorUnreachableError` asking whether `fedlm coordinator` runs at that URL. Once it
 has answered, failures are retried with backoff (a restart or a Wi-Fi drop is survived).
+
+Every answer is read with a cap that its request implies (`edge_sdk.client.task_policy`): a
+few hundred KiB for JSON, and for GET /v1/adapter what the task's LoRA shapes allow. The body
+is streamed with a running count and the read is aborted past the cap (`ResponseTooLargeError`,
+not retried), so a hostile coordinator cannot make the client buffer 400 MiB. Error bodies
+(4xx/5xx) are read up to the small cap and truncated, since only their first line is used.
+Responses are not content-decoded (`Accept-Encoding: identity`, no auto-decompression), so
+the count is of the bytes that are kept: a gzip bomb is just an undecodable body.
 """
 
 from __future__ import annotations
@@ -48,11 +56,18 @@ from edge_sdk.client.errors import (
     CoordinatorUnreachableError,
     ProtocolError,
     RequestRejectedError,
+    ResponseTooLargeError,
     TlsPinError,
     TransportError,
 )
 from edge_sdk.client.ledger import Ledger, describe_update
+from edge_sdk.client.task_policy import (
+    SMALL_RESPONSE_BYTES,
+    STATUS_RESPONSE_BYTES,
+    TASK_RESPONSE_BYTES,
+)
 from edge_sdk.wire import CONTENT_TYPE, AdapterUpdate, TaskConfig, WireError
+from edge_sdk.wire.limits import DEFAULT_LIMITS
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +181,35 @@ async def tls_peer_fingerprint(base_url: str, timeout_s: float = 5.0) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def _human(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB"
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int, what: str, *, truncate: bool) -> bytes:
+    """The body of `resp`, at most `limit` bytes: past it, truncate or raise `ResponseTooLargeError`."""
+
+    def too_large(seen: str) -> ResponseTooLargeError:
+        return ResponseTooLargeError(
+            f"{what}: the answer is {seen}, more than the {_human(limit)} this request can "
+            "legitimately return; read aborted (a broken or hostile coordinator?)"
+        )
+
+    declared = resp.content_length
+    if declared is not None and declared > limit and not truncate:
+        raise too_large(f"{_human(declared)} (Content-Length)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            if truncate:
+                chunks.append(chunk[: len(chunk) - (size - limit)])
+                break
+            raise too_large(f"over {_human(limit)}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _error_of(status: int, body: bytes) -> tuple[str, str]:
     """(code, message) of the coordinator's JSON error body, tolerating anything else."""
     try:
@@ -241,6 +285,7 @@ class Transport:
                     total=self.retry.timeout_s, sock_connect=self.retry.connect_timeout_s
                 ),
                 trace_configs=self._trace_configs,
+                auto_decompress=False,  # count the bytes we keep, not a compressed stream's
             )
         return self._session
 
@@ -286,10 +331,14 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         detail: Mapping[str, Any] | None = None,
         ok: tuple[int, ...] = (200,),
+        max_bytes: int = SMALL_RESPONSE_BYTES,
     ) -> Response:
-        """Send with retries; every try is ledgered first. Returns a response whose status is in `ok`."""
+        """Send with retries; every try is ledgered first. Returns a response whose status is in `ok`.
+
+        An answer in `ok` longer than `max_bytes` raises `ResponseTooLargeError` (no retry).
+        """
         url = f"{self.base_url}{path}"
-        send_headers = dict(headers or {})
+        send_headers = {"Accept-Encoding": "identity", **(headers or {})}
         if self.token is not None:
             send_headers["Authorization"] = f"Bearer {self.token}"
         if content_type is not None:
@@ -312,8 +361,12 @@ class Transport:
                     method, url, data=body if body else None, headers=send_headers, ssl=self._ssl(),
                     allow_redirects=False,
                 ) as resp:  # fmt: skip
-                    data = await resp.read()
                     status, resp_headers = resp.status, CIMultiDict(resp.headers)
+                    final = status in ok
+                    data = await _read_capped(
+                        resp, max_bytes if final else SMALL_RESPONSE_BYTES, f"{method} {path}",
+                        truncate=not final,
+                    )  # fmt: skip
             except aiohttp.ServerFingerprintMismatch as exc:
                 raise TlsPinError(
                     f"{self.base_url} presented a certificate with SHA-256 {exc.got.hex()}, not "
@@ -377,7 +430,9 @@ class Transport:
         return result
 
     async def task(self) -> TaskConfig:
-        resp = await self.request("GET", "/v1/task", kind="task", headers={"Accept": CONTENT_TYPE})
+        resp = await self.request(
+            "GET", "/v1/task", kind="task", headers={"Accept": CONTENT_TYPE}, max_bytes=TASK_RESPONSE_BYTES
+        )
         try:
             if resp.headers.get("Content-Type", "").startswith(CONTENT_TYPE):
                 return TaskConfig.from_bytes(resp.body)
@@ -385,10 +440,16 @@ class Transport:
         except (WireError, ValueError) as exc:
             raise ProtocolError(f"GET /v1/task: not a valid task ({exc})") from None
 
-    async def adapter(self, etag: str | None = None) -> AdapterResponse:
-        """GET /v1/adapter with If-None-Match; a 304 comes back with `body=None`."""
+    async def adapter(self, etag: str | None = None, *, max_bytes: int = DEFAULT_LIMITS.max_bytes) -> AdapterResponse:
+        """GET /v1/adapter with If-None-Match; a 304 comes back with `body=None`.
+
+        `max_bytes`: the most the task's adapter can take (`task_policy.adapter_bytes_cap`);
+        without it, the wire decoder's own limit.
+        """
         headers = {"If-None-Match": etag} if etag else {}
-        resp = await self.request("GET", "/v1/adapter", kind="adapter", headers=headers, ok=(200, 304))
+        resp = await self.request(
+            "GET", "/v1/adapter", kind="adapter", headers=headers, ok=(200, 304), max_bytes=max_bytes
+        )
         try:
             version = int(resp.headers.get("X-Fedlm-Version", "-1"))
         except ValueError:
@@ -414,7 +475,7 @@ class Transport:
             raise ProtocolError("POST /v1/updates: the acknowledgement is not JSON") from None
 
     async def status(self) -> dict[str, Any]:
-        resp = await self.request("GET", "/v1/status", kind="status")
+        resp = await self.request("GET", "/v1/status", kind="status", max_bytes=STATUS_RESPONSE_BYTES)
         try:
             return dict(json.loads(resp.body))
         except (ValueError, TypeError):

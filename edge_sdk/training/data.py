@@ -571,7 +571,7 @@ def build_dataset(
     stats.train_tokens = int(sum(len(e.input_ids) for e in train_ex))
     stats.train_target_tokens = int((train_labels != IGNORE_INDEX).sum())
     stats.val_target_tokens = int((val_labels != IGNORE_INDEX).sum())
-    if not len(val_ids):
+    if not len(val_ids) and config.val_fraction > 0:  # with 0 the caller asked for no split
         logger.warning("no validation split (%d example(s)); eval loss will not be reported",
                        len(records))
     logger.info("data: %d examples -> %d train / %d val sequences of %d tokens",

@@ -538,10 +538,18 @@ class UpdateEncoder:
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, **arrays)
+                fh.flush()
+                # The bytes reach the disk before the rename makes them current.
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # and the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> UpdateEncoder:
