@@ -1,6 +1,6 @@
 """A real client in its own process, for the kill-at-every-step tests (test_crash_points.py).
 
-    python -m tests.client.crash_client STATE_DIR MODEL DATA URL
+    FEDLM_JOIN_CODE=... python -m tests.client.crash_client STATE_DIR MODEL DATA URL
 
 Runs `FederatedClient` until the task ends and prints its summary as one JSON line. With
 `$FEDLM_CRASH_AT` set, `edge_sdk.client.state.crash_point` SIGKILLs it at that step.
@@ -21,7 +21,8 @@ def main(argv: list[str]) -> int:
     state_dir, model, data, url = argv
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     config = client_config(
-        Path(state_dir), Path(model), Path(data), coordinator_url=url, final_wait_s=0.5
+        Path(state_dir), Path(model), Path(data), coordinator_url=url, final_wait_s=0.5,
+        join_token=None,  # enrolls with $FEDLM_JOIN_CODE (the coordinator serves TLS)
     )
     summary = FederatedClient(config).run()
     print(json.dumps({

@@ -25,7 +25,7 @@ from coordinator.service import Service
 from coordinator.strategies import FedBuff
 from edge_sdk.client import ClientState
 from edge_sdk.client.state import CRASH_ENV
-from tests.client.helpers import coordinator_config, write_data
+from tests.client.helpers import coordinator_config, join_code, write_data
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -46,9 +46,9 @@ KILL_POINTS = (
 
 
 async def _run_client(
-    state_dir: Path, model: Path, data: Path, url: str, point: str | None
+    state_dir: Path, model: Path, data: Path, url: str, code: str, point: str | None
 ) -> tuple[int, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDLM_JOIN_CODE": code}
     env.pop(CRASH_ENV, None)
     if point is not None and point != MID_TRAINING:
         env[CRASH_ENV] = point
@@ -95,10 +95,10 @@ def test_a_kill_at_any_step_neither_loses_an_update_nor_trains_twice(
     async def scenario() -> tuple[list[tuple[str, int, str]], str]:
         async with Service(config) as service:
             for point in KILL_POINTS:
-                rc, output = await _run_client(state_dir, model, data, service.url, point)
+                rc, output = await _run_client(state_dir, model, data, service.url, join_code(service), point)
                 # Killed where asked: proves the run reached that step.
                 assert rc == -signal.SIGKILL, f"{point}: exit {rc}\n{output[-3000:]}"
-            rc, output = await _run_client(state_dir, model, data, service.url, None)
+            rc, output = await _run_client(state_dir, model, data, service.url, join_code(service), None)
             assert rc == 0, output[-3000:]
         return _stored_updates(tmp_path / "coordinator.sqlite"), output
 

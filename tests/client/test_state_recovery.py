@@ -213,7 +213,7 @@ def test_a_client_starts_and_trains_over_every_kind_of_damaged_state(
         )
         async with Service(config) as service:
             cfg = client_config(
-                state_dir, model, data, coordinator_url=service.url, max_rounds=1, final_wait_s=5
+                state_dir, model, data, service=service, max_rounds=1, final_wait_s=5
             )
             first = await asyncio.wait_for(FederatedClient(cfg).run_async(), timeout=120)
             state = ClientState(state_dir)
@@ -229,7 +229,7 @@ def test_a_client_starts_and_trains_over_every_kind_of_damaged_state(
             )
             state.checkpoint_path.write_bytes(b"PK\x03\x04 not a checkpoint")
             cfg2 = client_config(
-                state_dir, model, data, coordinator_url=service.url, max_rounds=2, final_wait_s=5
+                state_dir, model, data, service=service, max_rounds=2, final_wait_s=5
             )
             second = await asyncio.wait_for(FederatedClient(cfg2).run_async(), timeout=120)
         return first, second
