@@ -317,7 +317,8 @@ def _run(args: argparse.Namespace) -> int:
             # add a device later), to this terminal only, never to the log.
             print(f"join code: {make_join_code(service.tls.fingerprint, join_token)}", flush=True)
             print(
-                "  on each device: fedlm join MODEL --data FILE --join-code <the code>", flush=True
+                f"  on each device: fedlm join {args.model} --data FILE --join-code <the code>",
+                flush=True,
             )
         elif generated:
             print(f"join token (shown once): {join_token}", flush=True)

@@ -19,7 +19,8 @@ The decision (`evaluate_offers`, pure) in order:
 3. With a pin, every usable offer is a candidate, in a fixed order (addresses on the browsing
    interfaces first, then by address, port and name). The order only says which is tried
    first: the client checks each candidate's certificate before it sends anything and skips
-   one that does not match, so a forged advert can neither win nor block the choice.
+   one that does not match (and, when none matches, browses once more for the whole timeout),
+   so a forged advert can neither win nor block the choice.
 4. Without a pin (plain HTTP, `--insecure`), nothing tells two offers apart but names their
    advertisers chose, so the client takes an offer only when it is the only usable one, and
    otherwise asks for `--coordinator-name` or `--coordinator URL`.
