@@ -15,8 +15,9 @@ once to measure each update's effect norm (the adaptive clip's reference, and a 
 before anything is mixed), then through `coordinator.aggregator.aggregate`. An update that
 cannot be aggregated is found and dropped (a log line naming it and its client, and
 `on_drop`); the rest are aggregated, so no batch is retried forever. The new version and the
-consumed and dropped updates are committed in one transaction. Version 0 is the PEFT-style initial adapter (seeded A,
-B = 0, so B·A = 0): clients fetch it and train from it like any other version.
+consumed and dropped updates are committed in one transaction. Version 0 is the PEFT-style
+initial adapter (seeded A, B = 0, so B·A = 0): clients fetch it and train from it like any
+other version.
 """
 
 from __future__ import annotations
