@@ -207,9 +207,9 @@ class FedBuff:
     has waited `max_wait_s` (capped at `buffer_size`). 2: every version mixes at least two
     devices (one update per client per buffer), and two devices are enough to advance."""
     max_wait_s: float = 30.0
-    """Longest wait after a buffer's first update before aggregating a partial buffer (about
-    one local round of a slow device on the default task; the buffer is flushed sooner when it
-    fills)."""
+    """Longest wait after a buffer's first update before aggregating a partial buffer: absorbs
+    the spread in arrival of similar devices that trained from the same version; a slower one
+    lands in the next buffer with staleness 1. A full buffer is aggregated at once."""
     name: str = "fedbuff"
 
     def __post_init__(self) -> None:
