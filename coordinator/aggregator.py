@@ -500,8 +500,9 @@ def _aggregate_factors(
     else:
         stepped = {k: np.asarray(params[k], np.float64) + config.server_lr * avg[k] for k in keys}
     new = {k: np.asarray(v, dtype=np.float32) for k, v in current.items()}
-    for key in keys:
-        new[key] = stepped[key].astype(np.float32)
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf: `aggregate` refuses it
+        for key in keys:
+            new[key] = stepped[key].astype(np.float32)
     stats.update(_norm_stats(norms, clipped, tensors_norm(avg)))
     return Outcome(tensors=new, state=new_state, stats=stats)
 

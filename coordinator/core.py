@@ -15,8 +15,9 @@ once to measure each update's effect norm (the adaptive clip's reference, and a 
 before anything is mixed), then through `coordinator.aggregator.aggregate`. An update that
 cannot be aggregated is found and dropped (a log line naming it and its client, and
 `on_drop`); the rest are aggregated, so no batch is retried forever. The new version and the
-consumed and dropped updates are committed in one transaction. Version 0 is the PEFT-style initial adapter (seeded A,
-B = 0, so B·A = 0): clients fetch it and train from it like any other version.
+consumed and dropped updates are committed in one transaction. Version 0 is the PEFT-style
+initial adapter (seeded A, B = 0, so B·A = 0): clients fetch it and train from it like any
+other version.
 """
 
 from __future__ import annotations
@@ -61,7 +62,6 @@ from coordinator.errors import (
     UpdateRejectedError,
 )
 from coordinator.storage import GlobalRecord, Storage, UpdateRecord
-from coordinator.strategies import FedBuff
 from edge_sdk.wire import (
     AdapterUpdate,
     DecodeLimits,
@@ -717,43 +717,12 @@ class Coordinator:
             started, aggregating = self.round_started_at, self._aggregating
         strategy = self.config.strategy
         clients = self.storage.count_clients()
-        out = strategy.waiting(pending, version, started, self._clock())
+        out = strategy.waiting(pending, version, started, self._clock(), clients)
         out.update(version=version + 1, clients=clients, strategy=strategy.name)
-        more, deadline = out["more"], out["deadline_in_s"]
-        plural = "update" if more == 1 else "updates"
         if self.config.max_rounds is not None and version >= self.config.max_rounds:
-            message = f"the task finished after {self.config.max_rounds} rounds"
-        elif aggregating or more == 0:
-            message = f"version {version + 1} is being aggregated from {out['pending']} updates"
-        elif isinstance(strategy, FedBuff):
-            message = (
-                f"version {version + 1} waits for {more} more {plural} "
-                f"(buffer-size {strategy.buffer_size}, {clients} clients enrolled)"
-            )
-            if out["min_more"] > 0:
-                message += (
-                    f"; with {strategy.min_updates} it publishes {strategy.max_wait_s:g} s "
-                    "after the first"
-                )
-                if clients < strategy.min_updates:
-                    message += (
-                        f"; only {clients} enrolled: enroll another device or lower --min-updates"
-                    )
-            elif deadline is not None:
-                message += f", or publishes the {out['pending']} it has in {deadline:g} s"
-        else:
-            message = (
-                f"round {version + 1} waits for {more} more {plural} "
-                f"(clients-per-round {strategy.clients_per_round}, {clients} clients enrolled)"
-            )
-            if out["min_more"] == 0:
-                message += f", or closes at the deadline in {deadline:g} s"
-            else:
-                message += (
-                    f"; at the deadline (in {deadline:g} s) it closes once "
-                    f"{strategy.min_clients} are in"
-                )
-        out["message"] = message
+            out["message"] = f"the task finished after {self.config.max_rounds} rounds"
+        elif aggregating or out["more"] == 0:
+            out["message"] = f"version {version + 1} is being aggregated"
         return out
 
     def status(self, viewer: str | None = None) -> dict[str, Any]:

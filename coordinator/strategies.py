@@ -53,9 +53,15 @@ class Strategy(Protocol):
         """Whether the pending updates should be aggregated now."""
 
     def waiting(
-        self, pending: Sequence[UpdateRecord], version: int, round_started_at: float, now: float
+        self,
+        pending: Sequence[UpdateRecord],
+        version: int,
+        round_started_at: float,
+        now: float,
+        clients: int,
     ) -> dict[str, Any]:
-        """What the next aggregation waits for: `more` updates, and/or `deadline_in_s`."""
+        """What the next aggregation waits for: `more` updates and/or `deadline_in_s`, and a
+        one-line `message` for the operator's log and /v1/status (`clients` enrolled)."""
 
     def weight(self, update: UpdateRecord, version: int, max_examples: int | None = None) -> float:
         """The update's aggregation weight at `version` (examples capped at `max_examples`);
@@ -81,6 +87,10 @@ def capped_examples(num_examples: int, max_examples: int | None) -> float:
     """num_examples as a weight, at most `max_examples` (None = uncapped)."""
     n = max(0, num_examples)
     return float(n if max_examples is None else min(n, max_examples))
+
+
+def _updates(count: int) -> str:
+    return f"{count} more update" if count == 1 else f"{count} more updates"
 
 
 def _check_one_per_client(update: UpdateRecord, pending: Sequence[UpdateRecord], what: str) -> None:
@@ -137,15 +147,32 @@ class FedAvg:
         return now - round_started_at >= self.deadline_s and len(current) >= self.min_clients
 
     def waiting(
-        self, pending: Sequence[UpdateRecord], version: int, round_started_at: float, now: float
+        self,
+        pending: Sequence[UpdateRecord],
+        version: int,
+        round_started_at: float,
+        now: float,
+        clients: int,
     ) -> dict[str, Any]:
         current = [p for p in pending if p.base_version == version]
-        deadline_in = max(0.0, round_started_at + self.deadline_s - now)
+        more = max(0, self.clients_per_round - len(current))
+        deadline = round(max(0.0, round_started_at + self.deadline_s - now), 1)
+        message = (
+            f"round {version + 1} waits for {_updates(more)} "
+            f"(clients-per-round {self.clients_per_round}, {clients} clients enrolled)"
+        )
+        if len(current) >= self.min_clients:
+            message += f", or closes at the deadline in {deadline:g} s"
+        else:
+            message += (
+                f"; at the deadline (in {deadline:g} s) it closes once {self.min_clients} are in"
+            )
         return {
             "pending": len(current),
-            "more": max(0, self.clients_per_round - len(current)),
+            "more": more,
             "min_more": max(0, self.min_clients - len(current)),
-            "deadline_in_s": round(deadline_in, 1),
+            "deadline_in_s": deadline,
+            "message": message,
         }
 
     def weight(self, update: UpdateRecord, version: int, max_examples: int | None = None) -> float:
@@ -180,9 +207,9 @@ class FedBuff:
     has waited `max_wait_s` (capped at `buffer_size`). 2: every version mixes at least two
     devices (one update per client per buffer), and two devices are enough to advance."""
     max_wait_s: float = 30.0
-    """Longest wait after a buffer's first update before aggregating a partial buffer (about
-    one local round of a slow device on the default task; the buffer is flushed sooner when it
-    fills)."""
+    """Longest wait after a buffer's first update before aggregating a partial buffer: absorbs
+    the spread in arrival of similar devices that trained from the same version; a slower one
+    lands in the next buffer with staleness 1. A full buffer is aggregated at once."""
     name: str = "fedbuff"
 
     def __post_init__(self) -> None:
@@ -228,15 +255,36 @@ class FedBuff:
         return now - min(p.received_at for p in pending) >= self.max_wait_s
 
     def waiting(
-        self, pending: Sequence[UpdateRecord], version: int, round_started_at: float, now: float
+        self,
+        pending: Sequence[UpdateRecord],
+        version: int,
+        round_started_at: float,
+        now: float,
+        clients: int,
     ) -> dict[str, Any]:
         first = min((p.received_at for p in pending), default=None)
-        deadline_in = None if first is None else max(0.0, first + self.max_wait_s - now)
+        deadline = None if first is None else round(max(0.0, first + self.max_wait_s - now), 1)
+        more = max(0, self.buffer_size - len(pending))
+        message = (
+            f"version {version + 1} waits for {_updates(more)} "
+            f"(buffer-size {self.buffer_size}, {clients} clients enrolled)"
+        )
+        if len(pending) < self.min_updates:
+            message += (
+                f"; with {self.min_updates} it publishes {self.max_wait_s:g} s after the first"
+            )
+            if clients < self.min_updates:
+                message += (
+                    f"; only {clients} enrolled: enroll another device or lower --min-updates"
+                )
+        elif deadline is not None:
+            message += f", or publishes the {len(pending)} it has in {deadline:g} s"
         return {
             "pending": len(pending),
-            "more": max(0, self.buffer_size - len(pending)),
+            "more": more,
             "min_more": max(0, self.min_updates - len(pending)),
-            "deadline_in_s": None if deadline_in is None else round(deadline_in, 1),
+            "deadline_in_s": deadline,
+            "message": message,
         }
 
     def weight(self, update: UpdateRecord, version: int, max_examples: int | None = None) -> float:

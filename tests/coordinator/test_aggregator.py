@@ -364,3 +364,19 @@ def test_norm_history_is_kept_and_survives_the_state_blob() -> None:
     np.savez(buffer, dp_aggregations=np.array(2))
     old = ServerState.from_bytes(buffer.getvalue())
     assert old.norm_history == () and old.dp_aggregations == 2
+
+
+def test_exact_mode_from_a_trained_version_moves_at_most_twice_the_bound() -> None:
+    """From a version with B != 0 the rank-r re-projection may add at most the step's own
+    size (Eckart-Young: the current s·B·A is a rank-r candidate), so a version moves s·B·A by
+    at most 2·C; the pre-projection step itself is within C."""
+    rng = np.random.default_rng(14)
+    config = AggregationConfig(mode="exact", rank=4, alpha=8.0)
+    current = _random_adapter(rng, 4)
+    honest = [Contribution(f"h{i}", _random_adapter(rng, 4, 0.1), 10.0, 0, 2.0) for i in range(3)]
+    attacker = _random_adapter(rng, 4, 0.1)
+    attacker = {k: v * (5000.0 if k.endswith("lora_B") else 1.0) for k, v in attacker.items()}
+    outcome = _run(config, current, [*honest, Contribution("a", attacker, 1e6, 0, 2.0)])
+    bound = outcome.stats["clip"]["bound"]
+    assert outcome.stats["clipped"] >= 1
+    assert _effect(config, current, outcome.tensors) <= 2 * bound * (1 + 1e-6)

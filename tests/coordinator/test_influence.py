@@ -364,7 +364,7 @@ def test_fedavg_says_what_its_round_waits_for(tmp_path: Path) -> None:
     strategy = FedAvg(clients_per_round=3, min_clients=2, deadline_s=60.0)
     coordinator, storage = _open(tmp_path, clock=lambda: now[0], strategy=strategy)
     with storage:
-        ((cid, _),) = _submit_from_new_clients(coordinator, np.random.default_rng(7), 1)
+        _submit_from_new_clients(coordinator, np.random.default_rng(7), 1)
         now[0] += 20.0
         assert coordinator.waiting()["message"] == (
             "round 1 waits for 2 more updates (clients-per-round 3, 1 clients enrolled); "

@@ -52,13 +52,14 @@ def test_fedbuff_partial_buffer_publishes_after_max_wait_once_min_updates_are_in
     assert strategy.due(two, 0, 0.0, now=130.0)  # 30 s after the first
     full = [*two, _rec("c", "c3", at=125.0), _rec("d", "c4", at=126.0)]
     assert strategy.due(full, 0, 0.0, now=126.0)  # a full buffer does not wait
-    assert strategy.waiting(one, 0, 0.0, 110.0) == {
+    waiting = strategy.waiting(one, 0, 0.0, 110.0, clients=2)
+    assert {k: waiting[k] for k in ("pending", "more", "min_more", "deadline_in_s")} == {
         "pending": 1,
         "more": 3,
         "min_more": 1,
         "deadline_in_s": 20.0,
     }
-    assert strategy.waiting([], 0, 0.0, 110.0)["deadline_in_s"] is None
+    assert strategy.waiting([], 0, 0.0, 110.0, clients=2)["deadline_in_s"] is None
     assert strategy.describe()["min_updates"] == 2 and strategy.describe()["max_wait_s"] == 30.0
     assert FedBuff(buffer_size=1).min_updates == 1  # never more than the buffer holds
 
