@@ -121,6 +121,25 @@ def test_join_bodies_at_the_cap_and_hostile_json(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_lone_surrogate_in_a_join_is_a_401_not_a_500(tmp_path: Path) -> None:
+    """Strict UTF-8 cannot encode "\\ud800": the token comparison raised (a 500)."""
+
+    async def scenario() -> None:
+        async with Service(make_config(tmp_path)) as service, aiohttp.ClientSession() as session:
+            for body in (b'{"join_token": "\\ud800"}', b'{"join_token": "\\udfff", "name": "x"}'):
+                async with session.post(f"{service.url}/v1/join", data=body) as resp:
+                    assert resp.status == 401, await resp.text()
+            async with session.post(
+                f"{service.url}/v1/join",
+                data=b'{"join_token": "%s", "name": "\\ud800"}' % JOIN_TOKEN.encode(),
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+            async with session.get(f"{service.url}/healthz") as resp:
+                assert resp.status == 200
+
+    asyncio.run(scenario())
+
+
 def test_updates_authenticate_before_the_body_and_refuse_declared_oversize(tmp_path: Path) -> None:
     """No token: 401 with the body unread. A declared size over the limit: 413 before reading."""
     with ServiceThread(make_config(tmp_path, max_body_bytes=1 << 20)) as st:
@@ -260,6 +279,14 @@ def test_a_connection_flood_with_the_default_cap(tmp_path: Path) -> None:
         answers = st.service.app[GUARD].closed
         for s in socks:
             s.close()
+        conn = http.client.HTTPConnection("127.0.0.1", st.port, timeout=5)
+        conn.request("GET", "/metrics")
+        exposition = conn.getresponse().read().decode()
+        conn.close()
+    assert (
+        'fedlm_connections_closed_total{reason="too many connections from one address"} 68.0'
+        in exposition
+    )
     assert len(closed) == 100
     assert answers["too many connections from one address"] == 68
     assert answers["request head not complete"] == 32
