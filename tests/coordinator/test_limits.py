@@ -464,6 +464,9 @@ def test_limit_settings_are_validated(tmp_path: Path) -> None:
         ("keepalive_timeout_s", -1.0),
         ("max_connections_per_address", 0),
         ("max_connections", 0),
+        ("max_inflight_body_bytes", 1024),
+        ("local_steps", 1 << 64),
+        ("max_rounds", 1 << 63),
     ):
         with pytest.raises(ValueError, match=field):
             make_config(tmp_path, **{field: value})
