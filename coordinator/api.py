@@ -100,7 +100,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             headers["Retry-After"] = retry_after_header(exc.retry_after)
         if isinstance(exc, AuthError):
             headers["WWW-Authenticate"] = 'Bearer realm="fedlm"'
-        if exc.status >= 500:
+        if exc.status >= 500 and not isinstance(exc, RateLimitedError):  # 503 busy: shedding
             log.error("%s %s: %s", request.method, printable(request.path), exc)
         response = json_error(exc.status, exc.code, str(exc), headers)
     except web.HTTPException as exc:

@@ -30,8 +30,14 @@ def hash_token(token: str) -> str:
 
 
 def tokens_equal(given: str, expected: str) -> bool:
-    """Constant-time comparison (no timing oracle on the join token)."""
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+    """Constant-time comparison (no timing oracle on the join token).
+
+    surrogatepass: JSON may carry a lone surrogate ("\\ud800"), which strict UTF-8 cannot
+    encode; such a token simply does not match (it was a 500).
+    """
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
 
 
 MAX_NAME_LEN = 64

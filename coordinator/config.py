@@ -11,6 +11,7 @@ from coordinator.aggregator import AggregationConfig, Shapes
 from coordinator.strategies import FedAvg, FedBuff
 from edge_sdk.models.naming import LORA_TARGETS
 from edge_sdk.wire import parse_codec
+from edge_sdk.wire.limits import INT_MAX
 
 # An mDNS instance label: kept to safe characters so it also works as a file or log token.
 _MDNS_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
@@ -169,6 +170,12 @@ class CoordinatorConfig:
         for name in ("max_connections_per_address", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` should be >= 1, got {getattr(self, name)}")
+        # Task integers travel in TaskConfig, whose every integer fits int64: refuse them here,
+        # at start, rather than as a 500 on every GET /v1/task.
+        for name in ("local_steps", "batch_size", "seq_len", "max_rounds"):
+            value = getattr(self, name)
+            if value is not None and value > INT_MAX:
+                raise ValueError(f"`{name}` should be at most 2^63-1, got {value}")
         if self.max_inflight_body_bytes < self.max_body_bytes:
             raise ValueError(
                 f"`max_inflight_body_bytes` should be >= max_body_bytes ({self.max_body_bytes}), "
