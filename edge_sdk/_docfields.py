@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import itertools
 import textwrap
 from typing import TypeVar
 
@@ -26,7 +27,7 @@ def field_docs(cls: type) -> dict[str, str]:
         return {}
     body = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)).body
     docs = {}
-    for node, after in zip(body, body[1:]):
+    for node, after in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -56,6 +57,8 @@ def document_fields(cls: T) -> T:
     for f in dataclasses.fields(cls):
         type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         lines.append(f"    {f.name}: {type_name}{_default(f)}")
-        lines.extend(f"        {line}" if line else "" for line in docs.get(f.name, "").splitlines())
+        lines.extend(
+            f"        {line}" if line else "" for line in docs.get(f.name, "").splitlines()
+        )
     cls.__doc__ = (inspect.cleandoc(cls.__doc__ or cls.__name__)) + "\n" + "\n".join(lines)
     return cls

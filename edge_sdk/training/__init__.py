@@ -67,7 +67,24 @@ _EXPORTS = {
     "CheckpointError": "errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CheckpointError",
+    "DataConfig",
+    "DataFormatError",
+    "Dataset",
+    "EmptyDatasetError",
+    "RunOutput",
+    "TokenizerError",
+    "TrainConfig",
+    "TrainMetrics",
+    "TrainResult",
+    "TrainingError",
+    "build_dataset",
+    "fit",
+    "load_for_training",
+    "load_tokenizer",
+    "run",
+]
 
 
 def __getattr__(name: str) -> Any:

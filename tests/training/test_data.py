@@ -258,8 +258,8 @@ def test_json_bad_record_names_its_index(tmp_path: Path, tok: LlamaCppTokenizer)
 @pytest.mark.parametrize(
     "content,match",
     [
-        ('{"data": [1, 2]}', r"d\.json: a JSON object with keys data is not a list of training records; "
-                             r"pass a JSON array or a \.jsonl file"),
+        ('{"data": [1, 2]}', (r"d\.json: a JSON object with keys data is not a list of training "
+                              r"records; pass a JSON array or a \.jsonl file")),
         ('"just a string"', r"d\.json: expected a JSON array of records, got a JSON str"),
         ("[1, 2", r"d\.json: invalid JSON \(.*\); a \.json data file holds one array of records"),
     ],

@@ -69,15 +69,15 @@ def test_train_skip_bad_then_convert(tmp_path: Path, tiny_gguf: Path, data: Path
     "name,content,message",
     [
         ("d.csv", "question,answer\nwhat,this\n",
-         "d.csv: a .csv data file needs a header row with `prompt` and `completion` columns or a "
-         "`text` column, got columns 'question', 'answer'; or convert it to JSONL with one object "
-         "per line"),
+         ("d.csv: a .csv data file needs a header row with `prompt` and `completion` columns or "
+          "a `text` column, got columns 'question', 'answer'; or convert it to JSONL with one "
+          "object per line")),
         ("d.json", '{"rows": []}',
-         "d.json: a JSON object with keys rows is not a list of training records; pass a JSON "
-         "array or a .jsonl file with one object per line"),
+         ("d.json: a JSON object with keys rows is not a list of training records; pass a JSON "
+          "array or a .jsonl file with one object per line")),
         ("d.txt", '{"prompt": "a", "completion": "b"}\n',
-         "d.txt: holds JSON records but is not named .jsonl, so it would be trained on as plain "
-         "text; rename it to d.jsonl"),
+         ("d.txt: holds JSON records but is not named .jsonl, so it would be trained on as plain "
+          "text; rename it to d.jsonl")),
     ],
 )
 def test_data_in_the_wrong_format_is_a_one_line_error(

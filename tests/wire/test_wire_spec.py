@@ -245,6 +245,15 @@ def test_non_ascii_and_word_numbers_are_rejected(spelling: str) -> None:
         parse_codec(spelling)
 
 
+def test_codec_string_length_and_repeats_are_as_documented() -> None:
+    assert "A codec string is 1 to 128 characters." in _section("4.1 Codec strings")
+    longest = "delta+topk:0." + "0" * 100 + "1+int8:64"
+    assert len(longest) <= 128 and parse_codec(longest).topk == 1e-101
+    for bad in ("", longest + "0" * (129 - len(longest)), "int8+int4", "delta+delta"):
+        with pytest.raises(UnknownCodecError):
+            parse_codec(bad)
+
+
 def _doc_fraction_spelling(f: float) -> str:
     """Section 4.1's rule, written independently of `repr`: the shortest round-tripping
     digits, positional at or above 1e-4, else `d[.ddd]e-XX`."""
