@@ -53,6 +53,17 @@ class DeviceState(enum.Enum):
     ABORTED = "ABORTED"
 
 
+_NEXT_PHASE = {
+    DeviceState.SETUP: "ADVERTISE",
+    DeviceState.ADVERTISED: "SHARE_KEYS",
+    DeviceState.SHARED: "MASKED_INPUT",
+    DeviceState.MASKED: "UNMASK",
+    DeviceState.DONE: "nothing (the round is done)",
+    DeviceState.ABORTED: "nothing (the device left the round)",
+}
+"""The phase whose request a device in each state accepts next."""
+
+
 def share_plaintext(sender: int, receiver: int, index: int, seed: bytes, key: bytes) -> bytes:
     """What one encrypted share carries (msgpack array; also parsed by `parse_share`)."""
     return msgpack.packb([sender, receiver, index, seed, key], use_bin_type=True)
@@ -101,8 +112,7 @@ class DeviceSession:
     def _expect(self, state: DeviceState, got: str) -> None:
         if self.state is not state:
             raise PhaseError(
-                f"device {self.device_id}: expected {state.value}, got {got} "
-                f"(state is {self.state.value})"
+                f"device {self.device_id}: expected {_NEXT_PHASE[self.state]}, got {got}"
             )
 
     def _check_addressed(self, round_id: bytes, device_id: int) -> None:
