@@ -225,13 +225,13 @@ class DeviceSession:
         return index, seed_share, key_share
 
     def masked_input(
-        self, request: MaskedInputRequest, update: np.ndarray, weight: int
+        self, request: MaskedInputRequest, update: np.ndarray, num_examples: int
     ) -> MaskedInput:
         """Round 2: decrypt the neighbours' shares, then send the update masked with the
         self-mask and one pairwise mask per neighbour that shared keys.
 
-        `update` is the plain float vector (N,); `weight` the number of examples, already
-        capped at `params.weight_cap`.
+        `update` is the plain float vector (N,); `num_examples` its weight, capped here at
+        `params.weight_cap` (the weight travels masked, inside the vector).
         """
         self._expect(DeviceState.SHARED, "MASKED_INPUT")
         self._check_addressed(request.round_id, request.device_id)
@@ -258,6 +258,7 @@ class DeviceSession:
                 self._violation(
                     DecryptionError(f"device {self.device_id}: share from {sender}: {exc}")
                 )
+        weight = quantize.capped_weight(num_examples, p)
         ring = quantize.encode(update, weight, p, self._rng)  # (N + 1,) uint32
         count = p.vector_len + 1
         ring += crypto.prg_words(crypto.self_mask_key(self._seed, self._binding), count)

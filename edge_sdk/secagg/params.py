@@ -101,6 +101,25 @@ class SecAggParams:
         else:
             object.__setattr__(self, "threshold", default_threshold(k))
 
+    @classmethod
+    def for_ring_bits(
+        cls, cohort_size: int, vector_len: int, ring_bits: int, **kwargs: float
+    ) -> SecAggParams:
+        """Parameters whose ring is `ring_bits` wide: the widest grid that fits the cohort.
+
+        E.g. `ring_bits=7` keeps a masked update >= 4x smaller than fp32 (4, 3 and 1 grid bits
+        for cohorts of 8, 16 and 64).
+        """
+        if cohort_size < 1:
+            raise ValueError(f"`cohort_size` should be positive, got {cohort_size}")
+        grid_bits = ring_bits - math.ceil(math.log2(cohort_size))
+        if grid_bits < 1:
+            raise ValueError(
+                f"`ring_bits` {ring_bits} leaves no grid bit for a cohort of {cohort_size} "
+                f"(needs at least {1 + math.ceil(math.log2(cohort_size))})"
+            )
+        return cls(cohort_size, vector_len, grid_bits=grid_bits, **kwargs)  # type: ignore[arg-type]
+
     @property
     def max_dropouts_per_neighbourhood(self) -> int:
         """Drop-outs each device's neighbourhood tolerates: k - t."""

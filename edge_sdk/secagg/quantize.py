@@ -33,6 +33,15 @@ def stochastic_round(z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (floor + (rng.random(z.shape) < (z - floor))).astype(np.int64)
 
 
+def capped_weight(num_examples: int, params: SecAggParams) -> int:
+    """A device's weight: its number of examples, capped at `params.weight_cap`."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
+        raise TypeError(f"num_examples should be an integer, got {num_examples!r}")
+    if num_examples < 0:
+        raise ValueError(f"num_examples should be non-negative, got {num_examples}")
+    return min(int(num_examples), params.weight_cap)
+
+
 def encode(
     update: np.ndarray, weight: int, params: SecAggParams, rng: np.random.Generator
 ) -> np.ndarray:

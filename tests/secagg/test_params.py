@@ -44,3 +44,11 @@ def test_defaults_and_round_trip() -> None:
     assert SecAggParams(cohort_size=8, vector_len=5).degree == 7  # complete
     with pytest.raises(ValueError, match="list of 7"):
         SecAggParams.from_list([1, 2])
+
+
+def test_for_ring_bits_picks_the_widest_grid() -> None:
+    for n, g in ((8, 4), (16, 3), (64, 1), (9, 3)):
+        p = SecAggParams.for_ring_bits(n, 10, 7, clip=0.5)
+        assert (p.grid_bits, p.ring_bits, p.clip) == (g, 7, 0.5)
+    with pytest.raises(ValueError, match="leaves no grid bit for a cohort of 128"):
+        SecAggParams.for_ring_bits(128, 10, 7)

@@ -181,3 +181,12 @@ def test_logs_carry_no_vectors(caplog: pytest.LogCaptureFixture) -> None:
     run(r, {"after_share": {3}})
     assert caplog.records, "the round should log its outcome"
     assert all(len(rec.getMessage()) < 200 for rec in caplog.records)
+
+
+def test_weights_are_capped_on_the_device() -> None:
+    """A device claiming more examples than the cap counts as the cap, inside the masked sum."""
+    r = make_round(COMPLETE, 8, seed=11)
+    r.weights[1] = 10**9
+    result = run(r)
+    r.weights[1] = COMPLETE.weight_cap  # what the device must have used
+    assert_sum_within_grid(r, result)

@@ -115,3 +115,12 @@ def test_ring_width_is_grid_bits_plus_log2_cohort() -> None:
         for g in (1, 4, 9):
             p = _params(n=n, grid_bits=g)
             assert n * ((1 << g) - 1) < (1 << p.ring_bits)
+
+
+def test_capped_weight() -> None:
+    p = _params(weight_cap=10)
+    assert [quantize.capped_weight(k, p) for k in (0, 3, 10, 11, 10**9)] == [0, 3, 10, 10, 10]
+    with pytest.raises(ValueError, match="non-negative, got -1"):
+        quantize.capped_weight(-1, p)
+    with pytest.raises(TypeError, match="integer"):
+        quantize.capped_weight(2.5, p)  # type: ignore[arg-type]
