@@ -16,6 +16,8 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +47,9 @@ from edge_sdk.secagg.messages import (
 from edge_sdk.secagg.params import MIN_COHORT, SecAggParams
 
 log = logging.getLogger(__name__)
+
+_MAX_SUBSET_TRIES = 64
+"""Random t-subsets of revealed shares tried when the first t give a wrong secret."""
 
 
 class ServerState(enum.Enum):
@@ -274,12 +279,18 @@ class ServerRound:
         self.state = ServerState.UNMASK
         return {i: UnmaskRequest(self.round_id, i, active, dropped) for i in active}
 
-    def _reconstruct(self, owner: int, kind: str) -> bytes:
-        shares = [
-            (r.seed_shares if kind == "seed" else r.key_shares)[owner]
-            for r in self._responses.values()
-            if owner in (r.seed_shares if kind == "seed" else r.key_shares)
-        ]
+    def _reconstruct(self, owner: int, kind: str, check: Callable[[bytes], bool]) -> bytes:
+        """Rebuild `owner`'s seed or mask key from the revealed shares and `check` it.
+
+        The first t shares (by index) are tried first. If the result fails its check (a
+        device sent a wrong share), up to `_MAX_SUBSET_TRIES` random t-subsets of all the
+        shares are tried: with m shares of which one is bad, a random subset avoids it with
+        probability (m - t)/m, so one bad share costs a few tries, not C(m, t).
+        """
+        table = "seed_shares" if kind == "seed" else "key_shares"
+        shares = sorted(
+            getattr(r, table)[owner] for r in self._responses.values() if owner in getattr(r, table)
+        )
         t = self.params.threshold
         if len(shares) < t:
             self._fail(
@@ -288,7 +299,22 @@ class ServerRound:
                     f"threshold is {t}: too many of its neighbours dropped out"
                 )
             )
-        return crypto.combine_secret(sorted(shares)[:t])
+        secret = crypto.combine_secret(shares[:t])
+        if check(secret):
+            return secret
+        rng = random.Random(owner)  # not secret: only picks which shares to combine
+        for _ in range(_MAX_SUBSET_TRIES if len(shares) > t else 0):
+            secret = crypto.combine_secret(sorted(rng.sample(shares, t)))
+            if check(secret):
+                log.warning("device %d's %s: a revealed share was wrong; recovered", owner, kind)
+                return secret
+        self._fail(
+            ReconstructionError(
+                f"device {owner}'s {kind} does not match its commitment with any tried subset "
+                f"of the {len(shares)} revealed shares: a neighbour sent wrong shares"
+            )
+        )
+        raise AssertionError("unreachable")  # _fail raises
 
     def close_unmask(self) -> AggregateResult:
         """End round 3: reconstruct survivors' seeds and drop-outs' mask keys; return the sum."""
@@ -300,21 +326,24 @@ class ServerRound:
         total = np.zeros(count, dtype=np.uint32)
         for i in active:
             total += quantize.unpack(self._inputs[i], p)  # wraps mod 2^32, as the masks did
-        commitments = {i: self._shares[i].commitment for i in active}
         for i in active:
-            seed = self._reconstruct(i, "seed")
-            if crypto.seed_commitment(seed, self._binding) != commitments[i]:
-                self._fail(ReconstructionError(f"device {i}'s reconstructed seed is wrong"))
+            commitment = self._shares[i].commitment
+            seed = self._reconstruct(
+                i, "seed", lambda b, c=commitment: crypto.seed_commitment(b, self._binding) == c
+            )
             total -= crypto.prg_words(crypto.self_mask_key(seed, self._binding), count)
         for j in dropped:
             # Only survivors that received j's shares masked with j (see close_share_keys).
             partners = [i for i in active if j in self._forwarded[i]]
             if not partners:
                 continue
-            raw = self._reconstruct(j, "mask key")
+            advertised = self._keys[j][0]
+            raw = self._reconstruct(
+                j,
+                "mask key",
+                lambda b, a=advertised: crypto.public_bytes(crypto.private_from_bytes(b)) == a,
+            )
             sk = crypto.private_from_bytes(raw)
-            if crypto.public_bytes(sk) != self._keys[j][0]:
-                self._fail(ReconstructionError(f"device {j}'s reconstructed mask key is wrong"))
             for i in partners:
                 words = crypto.prg_words(
                     crypto.pairwise_mask_key(sk, self._keys[i][0], self._binding), count

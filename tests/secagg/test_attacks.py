@@ -11,9 +11,11 @@ from scipy import stats
 from edge_sdk.secagg import (
     ConsistencyError,
     DecryptionError,
+    DeviceSession,
     DeviceState,
     MaskedInputRequest,
     ProtocolViolationError,
+    ReconstructionError,
     ReplayError,
     SecAggParams,
     ServerRound,
@@ -23,7 +25,8 @@ from edge_sdk.secagg import (
     crypto,
     quantize,
 )
-from tests.secagg.helpers import Round, make_round, run, wire
+from edge_sdk.secagg.device import share_associated_data, share_plaintext
+from tests.secagg.helpers import Round, assert_sum_within_grid, make_round, run, wire
 
 PARAMS = SecAggParams(cohort_size=8, vector_len=129, clip=1.0, grid_bits=6, weight_cap=50)
 
@@ -187,8 +190,6 @@ def test_replayed_masked_input_into_another_cohort_with_the_same_round_id_is_ref
     # Same round id, another cohort (7 devices, new keys): the binding differs.
     new = make_round(PARAMS, 7, seed=31)
     new.server = ServerRound(PARAMS, round_id=old.server.round_id)
-    from edge_sdk.secagg import DeviceSession
-
     new.devices = {i: DeviceSession(wire(new.server.setup(i))) for i in range(1, 8)}
     _to_phase(new, "masked_input")
     with pytest.raises(ReplayError):
@@ -291,3 +292,68 @@ def test_server_state_holds_only_masked_vectors() -> None:
         masked = quantize.unpack(payload, PARAMS)
         assert np.mean(masked[:-1] == plain[:-1]) < 0.05  # ≈ 1/2^b by chance
         assert masked[-1] != r.weights[i]
+
+
+def test_one_wrong_revealed_share_is_survived() -> None:
+    """A device that reveals a wrong seed share (right index) cannot spoil the sum while more
+    than t shares arrived: the server finds a subset that matches the commitment."""
+    r = make_round(PARAMS, 8, seed=40)
+    reqs = _to_phase(r, "unmask")
+    for i, req in reqs.items():
+        resp = wire(r.devices[i].unmask(wire(req)))
+        if i == 2:
+            seeds = dict(resp.seed_shares)
+            index, share = seeds[5]
+            seeds[5] = (index, bytes(b ^ 0x5A for b in share))
+            resp = UnmaskResponse(resp.round_id, 2, seeds, resp.key_shares)
+        r.server.receive(resp)
+    result = r.server.close_unmask()
+    assert_sum_within_grid(r, result)
+
+
+def test_a_wrong_share_with_no_spare_fails_loudly() -> None:
+    """With exactly t shares of a device and one of them wrong, the server raises instead of
+    returning a sum with a self-mask left in it."""
+    r = make_round(PARAMS, 8, seed=41)
+    reqs = _to_phase(r, "unmask")
+    silent = {7, 8}  # k - t = 2 never answer: device 1's seed then has exactly t = 5 shares
+    for i, req in reqs.items():
+        if i in silent:
+            continue
+        resp = wire(r.devices[i].unmask(wire(req)))
+        if i == 2:
+            seeds = dict(resp.seed_shares)
+            index, _ = seeds[1]
+            seeds[1] = (index, bytes(32))
+            resp = UnmaskResponse(resp.round_id, 2, seeds, resp.key_shares)
+        r.server.receive(resp)
+    with pytest.raises(ReconstructionError, match="device 1's seed"):
+        r.server.close_unmask()
+
+
+def test_a_hostile_neighbour_cannot_plant_a_malformed_share() -> None:
+    """Device 3 encrypts, under the right pair key, a share with a wrong index for device 1.
+    Device 1 refuses it and leaves; the round goes on without it (a drop-out after sharing)."""
+    r = make_round(PARAMS, 8, seed=42)
+    reqs = _to_phase(r, "masked_input")
+    hostile, victim = r.devices[3], r.devices[1]
+    binding = hostile._binding
+    key = crypto.share_key(hostile._enc_sk, r.server._keys[1][1], binding)
+    plain = share_plaintext(3, 1, 7, bytes(32), bytes(32))  # index 7 is not device 1's
+    shares = dict(reqs[1].shares)
+    shares[3] = crypto.encrypt(key, plain, share_associated_data(binding, 3, 1))
+    with pytest.raises(DecryptionError, match="malformed"):
+        victim.masked_input(
+            wire(MaskedInputRequest(reqs[1].round_id, 1, shares)), r.updates[1], r.weights[1]
+        )
+    assert victim.state is DeviceState.ABORTED
+    for i, req in reqs.items():
+        if i != 1:
+            r.server.receive(wire(r.devices[i].masked_input(wire(req), r.updates[i], r.weights[i])))
+    unmask = r.server.close_masked_input()
+    assert unmask[2].dropped == (1,)
+    for i, req in unmask.items():
+        r.server.receive(wire(r.devices[i].unmask(wire(req))))
+    result = r.server.close_unmask()
+    assert 1 in result.dropped
+    assert_sum_within_grid(r, result)
