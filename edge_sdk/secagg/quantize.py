@@ -97,11 +97,12 @@ def pack(ring: np.ndarray, params: SecAggParams) -> bytes:
         raise ValueError(f"ring vector should be uint32 of shape ({params.vector_len + 1},)")
     b = params.ring_bits
     values = ring[:-1]
-    # Bits of each value, least significant first: (N, 32) -> keep (N, b).
-    bits = np.unpackbits(
-        values.astype("<u4").view(np.uint8).reshape(-1, 4), axis=1, bitorder="little"
-    )
-    packed = np.packbits(bits[:, :b].reshape(-1), bitorder="little")
+    # Bit j of every value, one column per pass: (N, b), least significant bit first. b
+    # passes over N values beat one unpack of all 32 bits when b is small.
+    bits = np.empty((params.vector_len, b), dtype=np.uint8)
+    for j in range(b):
+        bits[:, j] = (values >> np.uint32(j)) & np.uint32(1)
+    packed = np.packbits(bits.reshape(-1), bitorder="little")
     return packed.tobytes() + ring[-1:].astype("<u4").tobytes()
 
 
@@ -112,9 +113,9 @@ def unpack(data: bytes, params: SecAggParams) -> np.ndarray:
     b, n = params.ring_bits, params.vector_len
     body = np.frombuffer(data, dtype=np.uint8, count=len(data) - 4)
     bits = np.unpackbits(body, bitorder="little")[: n * b].reshape(n, b)  # (N, b)
-    full = np.zeros((n, 32), dtype=np.uint8)
-    full[:, :b] = bits
-    out = np.empty(n + 1, dtype=np.uint32)
-    out[:-1] = np.packbits(full, axis=1, bitorder="little").view("<u4").reshape(n)
+    out = np.zeros(n + 1, dtype=np.uint32)
+    values = out[:-1]
+    for j in range(b):
+        values |= bits[:, j].astype(np.uint32) << np.uint32(j)
     out[-1] = np.frombuffer(data, dtype="<u4", offset=len(data) - 4, count=1)[0]
     return out

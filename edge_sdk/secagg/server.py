@@ -112,6 +112,7 @@ class ServerRound:
         self._forwarded: dict[int, frozenset[int]] = {}  # i -> senders whose shares i got
         self._inputs: dict[int, bytes] = {}  # U3: id -> packed masked vector
         self._responses: dict[int, UnmaskResponse] = {}  # U4
+        self._total = np.zeros(params.vector_len + 1, dtype=np.uint32)
 
     # --- guards ------------------------------------------------------------------------------
 
@@ -190,6 +191,9 @@ class ServerRound:
                 "cohort (tag does not verify); refused"
             )
         self._inputs[i] = m.payload
+        # Sum on arrival (wrapping mod 2^32, as the masks do): the work is spread over the
+        # phase instead of piling up when the round closes.
+        self._total += quantize.unpack(m.payload, self.params)
 
     def _on_unmask(self, m: UnmaskResponse) -> None:
         i = m.device_id
@@ -323,9 +327,7 @@ class ServerRound:
         count = p.vector_len + 1
         active = sorted(self._inputs)
         dropped = sorted(self._u2 - set(self._inputs))
-        total = np.zeros(count, dtype=np.uint32)
-        for i in active:
-            total += quantize.unpack(self._inputs[i], p)  # wraps mod 2^32, as the masks did
+        total = self._total.copy()  # Σ of the masked inputs of U3 (see _on_masked_input)
         for i in active:
             commitment = self._shares[i].commitment
             seed = self._reconstruct(
