@@ -96,7 +96,7 @@ class DeviceSession:
         # The stochastic rounding needs fresh randomness (not a security primitive: it only has
         # to be unbiased), seeded from the OS unless a test passes its own generator.
         self._rng = (
-            rng if rng is not None else np.random.default_rng(int.from_bytes(os.urandom(16)))
+            rng if rng is not None else np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
         )
         self._mask_sk = crypto.new_private_key()
         self._enc_sk = crypto.new_private_key()
