@@ -274,7 +274,7 @@ def main() -> None:
     fl_bpp = flower["bytes_per_param"]
     print()
     print(
-        "| cohort | g | b | k/t | drop | masked B/device | × fp32 | × Flower | "
+        "| cohort | g | b | W | k/t | drop | masked B/device | × fp32 | × Flower | "
         "up: adv/share/unmask B | down: share/masked/unmask B | "
         "client CPU s: adv/share/mask/unmask | server CPU s: adv/share/mask/unmask | "
         "mean RMSE/RMS |"
