@@ -155,11 +155,16 @@ class DeviceSession:
         self._check_addressed(request.round_id, request.device_id)
         p = self.params
         members = list(request.members)
-        if self.device_id not in members or len(members) > p.cohort_size:
+        if (
+            self.device_id not in members
+            or len(members) > p.cohort_size
+            or len(set(members)) != len(members)
+        ):
             self._violation(
                 ProtocolViolationError(
                     f"device {self.device_id}: member list of {len(members)} ids does not "
-                    f"include this device or exceeds the cohort size {p.cohort_size}"
+                    f"include this device, repeats an id or exceeds the cohort size "
+                    f"{p.cohort_size}"
                 )
             )
         self._graph = neighbours(members, request.graph_seed, p.degree)

@@ -33,6 +33,7 @@ from edge_sdk.secagg.errors import (
 )
 from edge_sdk.secagg.graph import neighbours
 from edge_sdk.secagg.messages import (
+    MAX_DEVICE_ID,
     ROUND_ID_LEN,
     AdvertiseKeys,
     MaskedInput,
@@ -130,6 +131,10 @@ class ServerRound:
     def setup(self, device_id: int) -> RoundSetup:
         """Invite `device_id` to the round (at most `cohort_size` devices, each once)."""
         self._expect(ServerState.ADVERTISE, "SETUP")
+        if isinstance(device_id, bool) or not isinstance(device_id, int):
+            raise TypeError(f"device_id should be an int, got {device_id!r}")
+        if not 0 <= device_id <= MAX_DEVICE_ID:
+            raise ValueError(f"device_id should be in [0, {MAX_DEVICE_ID}], got {device_id}")
         if device_id in self._invited:
             raise ValueError(f"device {device_id} is already invited to this round")
         if len(self._invited) >= self.params.cohort_size:

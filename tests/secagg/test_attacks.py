@@ -357,3 +357,29 @@ def test_a_hostile_neighbour_cannot_plant_a_malformed_share() -> None:
     result = r.server.close_unmask()
     assert 1 in result.dropped
     assert_sum_within_grid(r, result)
+
+
+def test_device_refuses_a_member_list_with_repeats_or_without_itself() -> None:
+    r = make_round(PARAMS, 8, seed=43)
+    reqs = _to_phase(r, "share_keys")
+    req = reqs[1]
+    cases = {1: (*req.members, 2), 2: tuple(m for m in req.members if m != 2)}
+    for i, members in cases.items():
+        forged = ShareKeysRequest(req.round_id, i, req.graph_seed, members, reqs[i].keys)
+        with pytest.raises(ProtocolViolationError, match="member list"):
+            r.devices[i].share_keys(forged)
+        assert r.devices[i].state is DeviceState.ABORTED
+
+
+def test_server_setup_checks_ids_and_cohort_size() -> None:
+    s = ServerRound(PARAMS)
+    with pytest.raises(ValueError, match=r"\[0, 4294967295\], got 4294967296"):
+        s.setup(2**32)
+    with pytest.raises(TypeError, match="int"):
+        s.setup("1")  # type: ignore[arg-type]
+    for i in range(8):
+        s.setup(i)
+    with pytest.raises(ValueError, match="already invited"):
+        s.setup(3)
+    with pytest.raises(ValueError, match="cohort is full"):
+        s.setup(9)
