@@ -190,3 +190,27 @@ def test_weights_are_capped_on_the_device() -> None:
     result = run(r)
     r.weights[1] = COMPLETE.weight_cap  # what the device must have used
     assert_sum_within_grid(r, result)
+
+
+def test_any_dropout_pattern_gives_the_right_sum_or_a_typed_error() -> None:
+    """Random drop-outs of any number, beyond the tolerance too: the round either returns the
+    right sum or raises `DropoutError`; it never returns a wrong sum."""
+    rng = np.random.default_rng(99)
+    outcomes = {"sum": 0, "error": 0}
+    for case in range(30):
+        n = int(rng.integers(4, 14))
+        degree = min(n - 1, 2 * int(rng.integers(1, n // 2 + 1)))
+        params = SecAggParams(cohort_size=n, vector_len=17, grid_bits=3, degree=degree)
+        drops: dict[str, set[int]] = {p: set() for p in PHASES}
+        for i in rng.choice(np.arange(1, n + 1), size=int(rng.integers(0, n)), replace=False):
+            drops[PHASES[int(rng.integers(0, 4))]].add(int(i))
+        r = make_round(params, n, seed=200 + case)
+        try:
+            result = run(r, drops)
+        except DropoutError:
+            outcomes["error"] += 1
+            assert r.server.state is ServerState.FAILED
+            continue
+        outcomes["sum"] += 1
+        assert_sum_within_grid(r, result)
+    assert outcomes["sum"] > 3 and outcomes["error"] > 3, outcomes
