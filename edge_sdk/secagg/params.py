@@ -1,0 +1,151 @@
+"""Parameters of one secure-aggregation round, shared by every device and the server.
+
+The server fixes them for a round and sends them to the devices in `RoundSetup`; every
+derived quantity (ring width, graph degree, threshold) is computed here, once, so that the
+two sides cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MIN_COHORT = 3
+"""Smallest cohort the protocol accepts. With two devices each could subtract its own update
+from the sum and learn the other's; the threshold must also exceed half the degree (see
+`threshold`), which needs at least two neighbours per device."""
+
+MAX_COHORT = 4096
+"""Largest cohort (bounds every list a message may carry)."""
+
+MAX_RING_BITS = 32
+"""Masks are 32-bit words from the PRG, so the ring Z_{2^b} needs b <= 32."""
+
+WEIGHT_RING_BITS = 32
+"""The weight coordinate (Σ wᵢ) is masked in its own ring Z_{2^32}: it is one value, and
+giving it the full width lets the cap stay large while the update coordinates stay narrow."""
+
+
+def default_degree(cohort_size: int) -> int:
+    """Degree k of the SecAgg+ graph (Bell et al. 2020): O(log n), complete for small cohorts.
+
+    k = 4·ceil(log2 n) rounded up to even, or n - 1 when that is smaller (then the graph is
+    complete and the protocol is the original one of Bonawitz et al. 2017).
+    """
+    k = 4 * math.ceil(math.log2(cohort_size))
+    k += k % 2
+    return min(cohort_size - 1, k)
+
+
+def default_threshold(degree: int) -> int:
+    """Shamir threshold t = ceil(2k/3): above k/2 (needed for privacy against a server that
+    sends different drop-out lists to different neighbours), leaving k - t drop-outs per
+    neighbourhood."""
+    return max(degree // 2 + 1, math.ceil(2 * degree / 3))
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """What every party of a round agrees on. Validated on construction."""
+
+    cohort_size: int
+    """Most devices in the round (n). The ring is wide enough for the sum of n inputs."""
+    vector_len: int
+    """Length N of each device's plain update vector (the weight coordinate is extra)."""
+    clip: float = 1.0
+    """Per-coordinate bound C: devices clip their update to [-C, C] before rounding."""
+    grid_bits: int = 4
+    """Bits g of the integer grid: 2^g levels spanning [-C, C] (g = 1 is a stochastic sign)."""
+    weight_cap: int = 1000
+    """Largest weight (number of examples) one device may claim."""
+    degree: int = 0
+    """Neighbours k of each device in the SecAgg+ graph; 0 picks `default_degree(n)`."""
+    threshold: int = 0
+    """Shamir threshold t (shares needed to reconstruct); 0 picks `default_threshold(k)`."""
+    ring_bits: int = field(init=False)
+    """Derived: b = g + ceil(log2 n), the width of the ring Z_{2^b} and of each packed value."""
+
+    def __post_init__(self) -> None:
+        def _int(name: str, lo: int, hi: int) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"`{name}` should be an integer in [{lo}, {hi}], got {value!r}")
+            return value
+
+        n = _int("cohort_size", MIN_COHORT, MAX_COHORT)
+        _int("vector_len", 1, 1 << 30)
+        g = _int("grid_bits", 1, MAX_RING_BITS - 1)
+        _int("weight_cap", 1, ((1 << WEIGHT_RING_BITS) - 1) // n)
+        clip_ok = not isinstance(self.clip, bool) and isinstance(self.clip, (int, float))
+        if not (clip_ok and math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"`clip` should be a positive finite number, got {self.clip!r}")
+        ring_bits = g + math.ceil(math.log2(n))
+        if ring_bits > MAX_RING_BITS:
+            raise ValueError(
+                f"`grid_bits` {g} + ceil(log2 cohort_size {n}) = {ring_bits} exceeds "
+                f"{MAX_RING_BITS} ring bits; use fewer grid bits"
+            )
+        object.__setattr__(self, "ring_bits", ring_bits)
+        if self.degree:
+            k = _int("degree", 2, n - 1)
+            if k < n - 1 and k % 2:
+                raise ValueError(
+                    f"`degree` should be even below cohort_size - 1 = {n - 1} (a Harary graph "
+                    f"has k/2 neighbours on each side), got {k}"
+                )
+        else:
+            k = default_degree(n)
+        object.__setattr__(self, "degree", k)
+        if self.threshold:
+            _int("threshold", k // 2 + 1, k)
+        else:
+            object.__setattr__(self, "threshold", default_threshold(k))
+
+    @classmethod
+    def for_ring_bits(
+        cls, cohort_size: int, vector_len: int, ring_bits: int, **kwargs: float
+    ) -> SecAggParams:
+        """Parameters whose ring is `ring_bits` wide: the widest grid that fits the cohort.
+
+        E.g. `ring_bits=7` keeps a masked update >= 4x smaller than fp32 (4, 3 and 1 grid bits
+        for cohorts of 8, 16 and 64).
+        """
+        if cohort_size < 1:
+            raise ValueError(f"`cohort_size` should be positive, got {cohort_size}")
+        grid_bits = ring_bits - math.ceil(math.log2(cohort_size))
+        if grid_bits < 1:
+            raise ValueError(
+                f"`ring_bits` {ring_bits} leaves no grid bit for a cohort of {cohort_size} "
+                f"(needs at least {1 + math.ceil(math.log2(cohort_size))})"
+            )
+        return cls(cohort_size, vector_len, grid_bits=grid_bits, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def max_dropouts_per_neighbourhood(self) -> int:
+        """Drop-outs each device's neighbourhood tolerates: k - t."""
+        return self.degree - self.threshold
+
+    @property
+    def packed_len(self) -> int:
+        """Bytes of a packed masked update: N values at b bits, then the 4-byte weight word."""
+        return (self.vector_len * self.ring_bits + 7) // 8 + WEIGHT_RING_BITS // 8
+
+    def to_list(self) -> list[int | float]:
+        """Canonical form, for messages and for the round binding (order is part of the format)."""
+        return [
+            self.cohort_size,
+            self.vector_len,
+            float(self.clip),
+            self.grid_bits,
+            self.weight_cap,
+            self.degree,
+            self.threshold,
+        ]
+
+    @classmethod
+    def from_list(cls, values: list[int | float]) -> SecAggParams:
+        """Inverse of `to_list`; raises `ValueError` on any bad field."""
+        if not isinstance(values, list) or len(values) != 7:
+            raise ValueError(f"params should be a list of 7 values, got {values!r:.80}")
+        n, length, clip, g, cap, k, t = values
+        return cls(n, length, clip, g, cap, k, t)

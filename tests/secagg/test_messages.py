@@ -1,0 +1,193 @@
+"""Message bytes: round trips, and bounded decoding of every message type."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_sdk.secagg import (
+    AdvertiseKeys,
+    MaskedInput,
+    MaskedInputRequest,
+    MessageError,
+    RoundSetup,
+    SecAggLimits,
+    SecAggParams,
+    ShareKeys,
+    ShareKeysRequest,
+    UnmaskRequest,
+    UnmaskResponse,
+    decode,
+    decode_as,
+    encode,
+)
+from edge_sdk.secagg.messages import MAGIC, MAX_SHARE_CIPHERTEXT
+
+RID = bytes(range(16))
+K32 = b"\x07" * 32
+PARAMS = SecAggParams(cohort_size=8, vector_len=10)
+
+SAMPLES = [
+    RoundSetup(RID, 3, PARAMS, K32),
+    AdvertiseKeys(RID, 3, K32, b"\x08" * 32),
+    ShareKeysRequest(RID, 3, K32, (1, 2, 3), {1: (K32, K32), 2: (K32, K32)}),
+    ShareKeys(RID, 3, K32, {1: b"c" * 80, 2: b"d" * 80}),
+    MaskedInputRequest(RID, 3, {1: b"c" * 80}),
+    MaskedInput(RID, 3, b"\x01\x02\x03", K32),
+    UnmaskRequest(RID, 3, (1, 2, 3), (4,)),
+    UnmaskResponse(RID, 3, {1: (2, b"s" * 32)}, {4: (1, b"k" * 32)}),
+]
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(message: object) -> None:
+    data = encode(message)  # type: ignore[arg-type]
+    assert data[:4] == MAGIC
+    assert decode(data) == message
+    assert decode_as(data, type(message)) == message
+
+
+def test_decode_as_checks_the_kind() -> None:
+    with pytest.raises(MessageError, match="expected a MaskedInput message, got AdvertiseKeys"):
+        decode_as(encode(SAMPLES[1]), MaskedInput)
+
+
+def _body(data: bytes) -> list:
+    return msgpack.unpackb(data[6:], raw=False, strict_map_key=False)
+
+
+def _with_body(data: bytes, fields: list) -> bytes:
+    return data[:6] + msgpack.packb(fields, use_bin_type=True)
+
+
+# For every message type: one bad value per field (wrong type or wrong length/range).
+BAD_FIELDS = {
+    "RoundSetup": [
+        (0, b"short"),
+        (1, -1),
+        (1, 2**32),
+        (2, [8, 10]),
+        (2, [2, 10, 1.0, 4, 1, 0, 0]),
+        (3, "k"),
+    ],
+    "AdvertiseKeys": [(0, None), (1, "3"), (2, b"x" * 31), (3, b"x" * 33)],
+    "ShareKeysRequest": [
+        (2, b""),
+        (3, [1, 1]),
+        (3, [1, -2]),
+        (4, {1: [K32]}),
+        (4, {"a": [K32, K32]}),
+        (4, []),
+    ],
+    "ShareKeys": [
+        (2, 5),
+        (3, {1: b"c" * (MAX_SHARE_CIPHERTEXT + 1)}),
+        (3, {1: 7}),
+        (3, {2**40: b"c"}),
+    ],
+    "MaskedInputRequest": [(1, 1.5), (2, {1: None})],
+    "MaskedInput": [(2, [1]), (3, b"t" * 16)],
+    "UnmaskRequest": [(2, [1, 2, 2]), (3, "x"), (2, [True])],
+    "UnmaskResponse": [
+        (2, {1: [0, b"s" * 32]}),
+        (2, {1: [1, b"s" * 31]}),
+        (3, {1: [1]}),
+        (3, {1: "x"}),
+    ],
+}
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_every_field_is_checked(message: object) -> None:
+    data = encode(message)  # type: ignore[arg-type]
+    body = _body(data)
+    for index, value in BAD_FIELDS[type(message).__name__]:
+        bad = list(body)
+        bad[index] = value
+        with pytest.raises(MessageError):
+            decode(_with_body(data, bad))
+    with pytest.raises(MessageError, match="fields"):
+        decode(_with_body(data, body + [0]))
+    with pytest.raises(MessageError, match="fields"):
+        decode(_with_body(data, body[:-1]))
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_every_prefix_and_trailing_bytes_are_refused(message: object) -> None:
+    data = encode(message)  # type: ignore[arg-type]
+    for cut in range(len(data)):
+        with pytest.raises(MessageError):
+            decode(data[:cut])
+    with pytest.raises(MessageError):
+        decode(data + b"\x00")
+
+
+def test_envelope_errors() -> None:
+    data = encode(SAMPLES[1])
+    with pytest.raises(MessageError, match="magic"):
+        decode(b"XXXX" + data[4:])
+    with pytest.raises(MessageError, match="version 2"):
+        decode(data[:4] + b"\x02" + data[5:])
+    with pytest.raises(MessageError, match="unknown message kind 9"):
+        decode(data[:5] + b"\x09" + data[6:])
+    with pytest.raises(MessageError, match="should be bytes"):
+        decode("text")  # type: ignore[arg-type]
+
+
+def test_size_and_count_limits() -> None:
+    big = MaskedInput(RID, 1, b"\x00" * 5000, K32)
+    with pytest.raises(MessageError, match="exceeds the limit of 4096"):
+        decode(encode(big), SecAggLimits(max_bytes=4096))
+    many = UnmaskRequest(RID, 1, tuple(range(100)), ())
+    assert decode(encode(many)) == many
+    with pytest.raises(MessageError):
+        decode(encode(many), SecAggLimits(max_members=50))
+    wide = ShareKeys(RID, 1, K32, {j: b"c" for j in range(100)})
+    with pytest.raises(MessageError):
+        decode(encode(wide), SecAggLimits(max_members=50))
+    # A msgpack header that claims a huge bin is refused before allocating it.
+    header = (
+        MAGIC + bytes([1, 6]) + b"\x94" + msgpack.packb(RID) + b"\x01" + b"\xc6\x7f\xff\xff\xff"
+    )
+    with pytest.raises(MessageError):
+        decode(header)
+    deep = MAGIC + bytes([1, 7]) + b"\x91" * 5000 + b"\xc0"
+    with pytest.raises(MessageError):
+        decode(deep)
+    with pytest.raises(ValueError, match="`max_bytes`"):
+        SecAggLimits(max_bytes=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_random_bytes_raise_only_message_error(data: bytes) -> None:
+    for prefix in (b"", MAGIC + b"\x01\x02", MAGIC + b"\x01\x08"):
+        try:
+            decode(prefix + data)
+        except MessageError:
+            pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    index=st.sampled_from(range(len(SAMPLES))), pos=st.integers(0, 10**6), byte=st.integers(0, 255)
+)
+def test_mutated_messages_raise_only_message_error(index: int, pos: int, byte: int) -> None:
+    data = bytearray(encode(SAMPLES[index]))
+    data[pos % len(data)] = byte
+    try:
+        decode(bytes(data))
+    except MessageError:
+        pass
+
+
+def test_params_in_round_setup_are_validated() -> None:
+    data = encode(SAMPLES[0])
+    body = _body(data)
+    body[2] = dataclasses.replace(PARAMS).to_list()[:6] + [100]  # threshold > degree
+    with pytest.raises(MessageError, match="`threshold`"):
+        decode(_with_body(data, body))
