@@ -172,13 +172,15 @@ class EdgeModel:
         import llama_cpp
 
         from edge_sdk.models.chat_template import model_templates
-        from edge_sdk.models.gguf_check import open_model
+        from edge_sdk.models.gguf_check import check_runnable, open_model
 
         self._llama_cpp = llama_cpp
         self.path = resolve(model)
         # Checked before llama.cpp sees the file: a header, hyper-parameter or template that
         # would crash, hang or blow up llama.cpp is refused here with its reason.
-        templates = model_templates(open_model(self.path))
+        checked = open_model(self.path)
+        check_runnable(checked)
+        templates = model_templates(checked)
         threads = n_threads or os.cpu_count() or 1
         started = time.perf_counter()
         with llama_log.capture() as lines:

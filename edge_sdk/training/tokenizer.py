@@ -72,13 +72,15 @@ class LlamaCppTokenizer:
         except ImportError as exc:  # pragma: no cover - a hard dependency
             raise TokenizerError(f"llama-cpp-python is required for tokenization ({exc})") from exc
         from edge_sdk.models.chat_template import budgeted_formatter, model_templates
-        from edge_sdk.models.gguf_check import open_model
+        from edge_sdk.models.gguf_check import check_runnable, open_model
         from edge_sdk.models.gguf_meta import show_path
         from edge_sdk.runtime import LlamaLog, llama_log
 
         self.path = Path(path)
         # Checked before llama.cpp reads it (InvalidModelError names the file and the reason).
-        templates = model_templates(open_model(self.path))
+        checked = open_model(self.path)
+        check_runnable(checked)
+        templates = model_templates(checked)
         try:
             with _native_stderr_silenced(), llama_log.capture() as lines:
                 self._llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)

@@ -243,6 +243,12 @@ def _mutate(parts: Parts, rng: random.Random, arch: str = "llama") -> list[str]:
         elif op == "template":
             parts.set("tokenizer.chat_template", scalar(V.STRING, rng.choice(_TEMPLATES)))
             done.append("template")
+        elif op == "tokens" and rng.random() < 0.3:
+            vocab = rng.choice(
+                ("bert", "none", "no_vocab", "t5", "rwkv", "plamo2", "ugm", "gpt2", "bogus", "")
+            )
+            parts.set("tokenizer.ggml.model", scalar(V.STRING, vocab))
+            done.append(f"tokenizer model {vocab!r}")
         elif op == "tokens":
             key = rng.choice(
                 (

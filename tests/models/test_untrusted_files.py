@@ -480,3 +480,50 @@ def test_d12_llama_cpp_adapter_refusal_quotes_llama_cpp(
             InvalidAdapterError, match=r"ghost\.gguf: llama\.cpp refused the adapter: .*ghost"
         ):
             m.load_adapter(path)
+
+
+# -- found by the fuzzer (tests/fuzz): vocabularies that make llama.cpp abort -------------------
+
+
+@pytest.mark.parametrize("model", ["bert", "none", "no_vocab"])
+def test_fuzz_unsupported_tokenizer_model_refused_before_llama_cpp(
+    tmp_path: Path, tiny: Path, model: str
+) -> None:
+    # These three aborted llama.cpp (SIGABRT) on the tiny model's vocabulary.
+    path = (
+        Parts.of(tiny)
+        .set("tokenizer.ggml.model", scalar(V.STRING, model))
+        .write(tmp_path / "vocab.gguf")
+    )
+    out = run("generate", str(path), "hello", "--max-tokens", "2", "--n-ctx", "64")
+    _one_line_exit_2(out, f"vocab.gguf: tokenizer.ggml.model is '{model}'; supported: llama, gpt2")
+    assert inspect_model(path).architecture == "llama"  # inspect does not run the vocabulary
+
+
+def test_fuzz_sentencepiece_vocab_without_byte_tokens_refused(tmp_path: Path, tiny: Path) -> None:
+    # llama.cpp's SentencePiece tokenizer falls back to <0xXX> tokens through std::map::at.
+    from edge_sdk.models.gguf_meta import read_gguf
+
+    names = read_gguf(tiny).fields["tokenizer.ggml.tokens"].contents()
+    names[names.index("<0x0A>")] = "<newline>"
+    path = (
+        Parts.of(tiny)
+        .set("tokenizer.ggml.tokens", array(V.STRING, names))
+        .write(tmp_path / "bytes.gguf")
+    )
+    out = run("generate", str(path), "a\nb", "--max-tokens", "2", "--n-ctx", "64")
+    _one_line_exit_2(
+        out, "bytes.gguf: the vocabulary has no token for 1 of the 256 bytes (first: 0x0A)"
+    )
+
+
+def test_fuzz_bos_token_id_outside_vocabulary_refused(tmp_path: Path, tiny: Path) -> None:
+    path = (
+        Parts.of(tiny)
+        .set("tokenizer.ggml.bos_token_id", scalar(V.UINT32, 4000))
+        .write(tmp_path / "bos.gguf")
+    )
+    out = run("generate", str(path), "hello", "--max-tokens", "2", "--n-ctx", "64")
+    _one_line_exit_2(
+        out, "bos.gguf: 'tokenizer.ggml.bos_token_id' is 4000, outside the 299-token vocabulary"
+    )
