@@ -34,12 +34,10 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from edge_sdk.errors import InvalidModelError
+from edge_sdk.errors import ChatTemplateError
 from edge_sdk.models import gguf_limits as L
 
-
-class ChatTemplateError(InvalidModelError):
-    """A model's chat template does not compile, or exceeds the rendering budget."""
+__all__ = ["ChatTemplateError", "budgeted_formatter", "check_template", "model_templates"]
 
 
 _WIDTH_FILTERS = ("center", "indent", "wordwrap", "truncate", "format", "filesizeformat")
