@@ -24,6 +24,11 @@ class ChatTemplateError(InvalidModelError):
     (operations, time, memory or output size; see `edge_sdk.models.chat_template`)."""
 
 
+class GenerationError(FedlmError):
+    """llama.cpp failed while evaluating a model that loaded (e.g. `llama_decode` refused a
+    batch of a hostile model); the message quotes llama.cpp's logged reason."""
+
+
 class UnsupportedArchitectureError(FedlmError):
     """The GGUF's `general.architecture` has no implementation here."""
 

@@ -250,10 +250,24 @@ def check_model(f: GGUFFile) -> None:
     n_expert, n_used = get("expert_count"), get("expert_used_count")
     if n_expert is not None and not 0 <= n_expert <= L.MAX_EXPERTS:
         raise refuse(f, f"{arch}.expert_count is {n_expert}, should be 0 to {L.MAX_EXPERTS}")
-    if n_used is not None and not 0 <= n_used <= (n_expert or 0):
+    # llama.cpp asserts 0 < expert_used_count <= expert_count when there are experts, and
+    # expert_used_count == 0 (and no expert groups) when there are none.
+    n_expert, n_used = n_expert or 0, n_used or 0
+    if (n_expert and not 1 <= n_used <= n_expert) or (not n_expert and n_used):
         raise refuse(
             f,
-            f"{arch}.expert_used_count is {n_used}, should be 0 to expert_count ({n_expert or 0})",
+            f"{arch}.expert_used_count is {n_used}, should be 1 to expert_count ({n_expert}), "
+            "or 0 without experts",
+        )
+    for key in ("expert_group_count", "expert_group_used_count", "nextn_predict_layers"):
+        # Checks llama.cpp asserts on (llama-model.cpp load_hparams); refused when present
+        # and not simply zero, rather than re-implemented.
+        v = value(f, f"{arch}.{key}", INT)
+        if v:
+            raise refuse(f, f"{arch}.{key} is {v}: not supported")
+    if n_expert and arch in SUPPORTED_ARCHS:
+        raise refuse(
+            f, f"{arch}.expert_count is {n_expert}: mixture-of-experts {arch} is not supported"
         )
     n_vocab = _check_tokenizer(f)
     _check_blocks(f, n_layer)

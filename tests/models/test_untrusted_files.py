@@ -527,3 +527,33 @@ def test_fuzz_bos_token_id_outside_vocabulary_refused(tmp_path: Path, tiny: Path
     _one_line_exit_2(
         out, "bos.gguf: 'tokenizer.ggml.bos_token_id' is 4000, outside the 299-token vocabulary"
     )
+
+
+def test_fuzz_experts_without_used_count_refused(tmp_path: Path, tiny: Path) -> None:
+    # Fuzz case 174 of FEDLM_FUZZ_SEED=3: llama.cpp asserted expert_used_count > 0 (SIGABRT).
+    path = (
+        Parts.of(tiny).set("llama.expert_count", scalar(V.UINT32, 2)).write(tmp_path / "moe.gguf")
+    )
+    out = run("generate", str(path), "hello", "--max-tokens", "2", "--n-ctx", "64")
+    _one_line_exit_2(out, "moe.gguf: llama.expert_used_count is 0, should be 1 to expert_count (2)")
+
+
+def test_fuzz_llama_decode_failure_is_one_line(tmp_path: Path, tiny: Path) -> None:
+    # Fuzz case 176 of FEDLM_FUZZ_SEED=3: inf/NaN weights made llama_decode fail, and
+    # llama-cpp-python's bare RuntimeError came out as a traceback.
+    from edge_sdk.models.gguf_meta import read_gguf
+
+    f = read_gguf(tiny)
+    data = bytearray(tiny.read_bytes())
+    for name, index, bad in (("token_embd.weight", 1775, np.inf), ("output.weight", 1062, np.nan)):
+        t = next(t for t in f.tensors if t.name == name)
+        struct.pack_into("<f", data, t.data_offset + 4 * index, bad)
+    path = _write(tmp_path / "nan.gguf", bytes(data))
+    out = run("generate", str(path), "hello", "--max-tokens", "2", "--n-ctx", "64")
+    assert out.problem() is None, out.problem()
+    if out.returncode == 2:  # llama.cpp may also decode such a file (exit 0 with junk text)
+        assert "nan.gguf: llama.cpp failed while generating: " in out.error_lines()[0]
+    with pytest.raises(
+        InvalidModelError, match=r"nan\.gguf: tensor 'token_embd\.weight' holds NaN or inf"
+    ):
+        load_model(path, precision="fp32")  # the training loader refuses it outright
