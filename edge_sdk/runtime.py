@@ -26,7 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from edge_sdk.errors import GenerationError, InvalidAdapterError, InvalidModelError, RuntimeBusyError
+from edge_sdk.errors import (
+    GenerationError,
+    InvalidAdapterError,
+    InvalidModelError,
+    RuntimeBusyError,
+)
 from edge_sdk.models.gguf_meta import show_path
 from edge_sdk.models.identity import ModelIdentity, inspect_model
 from edge_sdk.models.store import DEFAULT_MODEL, resolve
@@ -49,13 +54,13 @@ class LlamaLog:
     """ggml_log_level values (ggml.h; llama-cpp-python's _logger.py still lists older ones)."""
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._lines: collections.deque[tuple[int, str]] | None = None
+        self._lock = threading.Lock()  # held only to change the list of captures
+        self._captures: tuple[collections.deque[tuple[int, str]], ...] = ()
         self._callback: Any = None
         self._forward: Any = None
 
     def _install(self) -> None:
-        if self._callback is not None:
+        if self._callback is not None:  # set once, by the first capture (the CLI's load)
             return
         import llama_cpp
         from llama_cpp import _logger
@@ -65,11 +70,13 @@ class LlamaLog:
 
         @llama_cpp.llama_log_callback
         def callback(level: int, text: bytes, user_data: Any) -> None:
-            lines = self._lines
-            if lines is not None:
+            captures = self._captures  # a tuple, replaced whole: no lock needed here
+            if captures:
                 # level 5 continues the previous line's level (ggml_log_level CONT)
                 lvl = last_level[0] if level == self.CONT else level
-                lines.append((lvl, text.decode("utf-8", errors="replace")))
+                piece = (lvl, text.decode("utf-8", errors="replace"))
+                for lines in captures:
+                    lines.append(piece)
             if level != self.CONT:
                 last_level[0] = level
             self._forward(level, text, user_data)
@@ -81,13 +88,16 @@ class LlamaLog:
     def capture(self) -> Iterator[collections.deque[tuple[int, str]]]:
         """Keep (level, text) of what llama.cpp logs meanwhile (the last 200 pieces)."""
         self._install()
+        # No lock is held while the caller runs: a capture may span a stream that another
+        # thread closes, and captures in several threads may overlap (each sees every line).
+        lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=200)
         with self._lock:
-            outer = self._lines
-            self._lines = lines = collections.deque(maxlen=200)
-            try:
-                yield lines
-            finally:
-                self._lines = outer
+            self._captures = (*self._captures, lines)
+        try:
+            yield lines
+        finally:
+            with self._lock:
+                self._captures = tuple(c for c in self._captures if c is not lines)
 
     @staticmethod
     def reason(lines: collections.deque[tuple[int, str]], limit: int = 300) -> str:
