@@ -557,3 +557,15 @@ def test_fuzz_llama_decode_failure_is_one_line(tmp_path: Path, tiny: Path) -> No
         InvalidModelError, match=r"nan\.gguf: tensor 'token_embd\.weight' holds NaN or inf"
     ):
         load_model(path, precision="fp32")  # the training loader refuses it outright
+
+
+def test_d11_inspect_shows_names_escaped_and_cut(tmp_path: Path, tiny: Path) -> None:
+    name = "evil\nTraceback (most recent call last):" + "y" * 5000
+    path = Parts.of(tiny).set("general.name", scalar(V.STRING, name)).write(tmp_path / "name.gguf")
+    out = run("inspect", str(path))
+    assert out.returncode == 0, out.stderr
+    model_line = out.stdout.splitlines()[0]
+    assert model_line.startswith("model") and "evil\\nTraceback" in model_line
+    assert len(model_line) < 300 and not any(
+        line.startswith("Traceback") for line in out.stdout.splitlines()
+    )
