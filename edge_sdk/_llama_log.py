@@ -42,8 +42,8 @@ class LlamaLog:
     """ggml_log_level values (ggml.h, llama.cpp b5000 and later)."""
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._lines: Lines | None = None
+        self._lock = threading.Lock()  # held only to install or change the list of captures
+        self._captures: tuple[Lines, ...] = ()
         self._callback: Any = None  # kept alive: llama.cpp holds only the C pointer
         self._last_level = 0
 
@@ -68,8 +68,7 @@ class LlamaLog:
         effective = self._last_level if level == self.CONT else level
         if level != self.CONT:
             self._last_level = level
-        lines = self._lines
-        if lines is not None:
+        for lines in self._captures:  # a tuple, replaced whole: no lock needed here
             lines.append((effective, message))
         if _verbose():
             print(message, end="", flush=True, file=sys.stderr)
@@ -81,13 +80,16 @@ class LlamaLog:
     def capture(self) -> Iterator[Lines]:
         """Keep (level, text) of what llama.cpp logs meanwhile (the last 200 pieces)."""
         self.install()
+        # No lock is held while the caller runs: a capture may span a stream that another
+        # thread closes, and captures in several threads may overlap (each sees every line).
+        lines: Lines = collections.deque(maxlen=200)
         with self._lock:
-            outer = self._lines
-            self._lines = lines = collections.deque(maxlen=200)
-            try:
-                yield lines
-            finally:
-                self._lines = outer
+            self._captures = (*self._captures, lines)
+        try:
+            yield lines
+        finally:
+            with self._lock:
+                self._captures = tuple(c for c in self._captures if c is not lines)
 
     @staticmethod
     def reason(lines: Lines, limit: int = 300) -> str:

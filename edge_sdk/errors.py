@@ -15,7 +15,18 @@ class ModelNotFoundError(FedlmError):
 
 
 class InvalidModelError(FedlmError):
-    """A file is not a usable GGUF model: bad magic, truncated, or inconsistent metadata."""
+    """A file is not a usable GGUF model: bad magic, truncated, over a limit of
+    `edge_sdk.models.gguf_limits`, or inconsistent metadata; or llama.cpp refused it."""
+
+
+class ChatTemplateError(InvalidModelError):
+    """A model's chat template does not compile, or exceeds the rendering budget
+    (operations, time, memory or output size; see `edge_sdk.models.chat_template`)."""
+
+
+class GenerationError(FedlmError):
+    """llama.cpp failed while evaluating a model that loaded (e.g. `llama_decode` refused a
+    batch of a hostile model); the message quotes llama.cpp's logged reason."""
 
 
 class UnsupportedArchitectureError(FedlmError):
@@ -27,7 +38,8 @@ class AdapterMismatchError(FedlmError):
 
 
 class InvalidAdapterError(FedlmError):
-    """An adapter file is unreadable or malformed."""
+    """An adapter file is unreadable or malformed: a bad container, a tensor type or alpha
+    llama.cpp cannot take, NaN/inf values; or llama.cpp refused it."""
 
 
 class RuntimeBusyError(FedlmError):

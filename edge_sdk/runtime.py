@@ -26,7 +26,12 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._llama_log import LlamaLog, llama_log
-from edge_sdk.errors import InvalidAdapterError, InvalidModelError, RuntimeBusyError
+from edge_sdk.errors import (
+    GenerationError,
+    InvalidAdapterError,
+    InvalidModelError,
+    RuntimeBusyError,
+)
 from edge_sdk.models.gguf_meta import show_path
 from edge_sdk.models.identity import ModelIdentity, inspect_model
 from edge_sdk.models.store import DEFAULT_MODEL, resolve
@@ -103,14 +108,16 @@ class EdgeModel:
         import llama_cpp
 
         from edge_sdk.models.chat_template import model_templates
-        from edge_sdk.models.gguf_check import open_model
+        from edge_sdk.models.gguf_check import check_runnable, open_model
 
         llama_log.install()  # llama.cpp warnings go to logging, not the terminal
         self._llama_cpp = llama_cpp
         self.path = resolve(model)
         # Checked before llama.cpp sees the file: a header, hyper-parameter or template that
         # would crash, hang or blow up llama.cpp is refused here with its reason.
-        templates = model_templates(open_model(self.path))
+        checked = open_model(self.path)
+        check_runnable(checked)
+        templates = model_templates(checked)
         threads = n_threads or os.cpu_count() or 1
         started = time.perf_counter()
         with llama_log.capture() as lines:
@@ -190,7 +197,7 @@ class EdgeModel:
         if stream:
             return self._stream(lambda: self._llm.create_completion(prompt, stream=True, **cfg.completion_kwargs()),
                                 lambda chunk: chunk["choices"][0].get("text", ""))
-        with self._generating():
+        with self._generating(), self._template_errors():
             out = self._llm.create_completion(prompt, **cfg.completion_kwargs())
         return str(out["choices"][0]["text"])
 
@@ -213,12 +220,23 @@ class EdgeModel:
 
     @contextmanager
     def _template_errors(self) -> Iterator[None]:
+        """Name the model in template errors; report llama.cpp's failures as `GenerationError`.
+
+        llama-cpp-python raises a bare RuntimeError when `llama_decode` fails (a hostile model,
+        e.g. with NaN weights, can make it fail); llama.cpp's logged reason is added.
+        """
         from edge_sdk.models.chat_template import ChatTemplateError
 
-        try:
-            yield
-        except ChatTemplateError as exc:  # name the model whose template is over budget
-            raise ChatTemplateError(f"{show_path(self.path)}: {exc}") from None
+        with llama_log.capture() as lines:
+            try:
+                yield
+            except ChatTemplateError as exc:  # name the model whose template is over budget
+                raise ChatTemplateError(f"{show_path(self.path)}: {exc}") from None
+            except RuntimeError as exc:
+                reason = LlamaLog.reason(lines) or str(exc)
+                raise GenerationError(
+                    f"{show_path(self.path)}: llama.cpp failed while generating: {reason}"
+                ) from None
 
     def _stream(self, start: Any, text_of: Any) -> Iterator[str]:
         # The lock is held until the stream is exhausted or closed, so a swap cannot change

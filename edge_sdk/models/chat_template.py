@@ -34,15 +34,14 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from edge_sdk.errors import InvalidModelError
+from edge_sdk.errors import ChatTemplateError
 from edge_sdk.models import gguf_limits as L
 
-
-class ChatTemplateError(InvalidModelError):
-    """A model's chat template does not compile, or exceeds the rendering budget."""
+__all__ = ["ChatTemplateError", "budgeted_formatter", "check_template", "model_templates"]
 
 
 _WIDTH_FILTERS = ("center", "indent", "wordwrap", "truncate", "format", "filesizeformat")
+_OVER = "chat template exceeds the rendering budget"
 _MAX_RANGE = 100_000  # jinja2.sandbox.MAX_RANGE
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -67,22 +66,20 @@ class _Budget:
     def tick(self, n: int = 1) -> None:
         self.ops += n
         if self.ops > L.TEMPLATE_MAX_OPERATIONS:
-            raise ChatTemplateError(f"chat template exceeds {L.TEMPLATE_MAX_OPERATIONS} operations")
+            raise ChatTemplateError(f"{_OVER} ({L.TEMPLATE_MAX_OPERATIONS} operations)")
         now = time.monotonic()
         if now - self.last_check < 0.005:
             return
         self.last_check = now
         if now - self.start > L.TEMPLATE_MAX_SECONDS:
-            raise ChatTemplateError(
-                f"chat template takes more than {L.TEMPLATE_MAX_SECONDS:g} s to render"
-            )
+            raise ChatTemplateError(f"{_OVER} ({L.TEMPLATE_MAX_SECONDS:g} s)")
         if self.rss0 and _rss_bytes() - self.rss0 > 8 * L.TEMPLATE_MAX_OUTPUT_CHARS:
-            raise ChatTemplateError("chat template uses too much memory to render")
+            raise ChatTemplateError(f"{_OVER} (memory)")
 
     def size(self, n: int) -> None:
         if n > L.TEMPLATE_MAX_OUTPUT_CHARS:
             raise ChatTemplateError(
-                f"chat template builds a value of {n} items (limit {L.TEMPLATE_MAX_OUTPUT_CHARS})"
+                f"{_OVER} (a value of {n} items, limit {L.TEMPLATE_MAX_OUTPUT_CHARS})"
             )
 
 
@@ -101,7 +98,7 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
     def _range(self, *args: int) -> Iterator[int]:
         items = range(*args)
         if len(items) > _MAX_RANGE:
-            raise ChatTemplateError(f"chat template asks for a range of {len(items)} items")
+            raise ChatTemplateError(f"{_OVER} (a range of {len(items)} items)")
         for i in items:
             self.budget.tick()
             yield i
@@ -163,7 +160,7 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
             and isinstance(left, (int, float))
             and abs(left) > 1
         ):
-            raise ChatTemplateError(f"chat template computes a power of {right!r}")
+            raise ChatTemplateError(f"{_OVER} (a power of {right!r})")
         return super().call_binop(context, operator, left, right)
 
 
@@ -215,9 +212,9 @@ class _BudgetedTemplate:
                 budget.tick()
                 pieces.append(piece)
         except RecursionError:
-            raise ChatTemplateError("chat template recurses too deeply") from None
+            raise ChatTemplateError(f"{_OVER} (recursion)") from None
         except MemoryError:
-            raise ChatTemplateError("chat template uses too much memory to render") from None
+            raise ChatTemplateError(f"{_OVER} (memory)") from None
         return "".join(pieces)
 
 

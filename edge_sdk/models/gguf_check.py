@@ -250,10 +250,24 @@ def check_model(f: GGUFFile) -> None:
     n_expert, n_used = get("expert_count"), get("expert_used_count")
     if n_expert is not None and not 0 <= n_expert <= L.MAX_EXPERTS:
         raise refuse(f, f"{arch}.expert_count is {n_expert}, should be 0 to {L.MAX_EXPERTS}")
-    if n_used is not None and not 0 <= n_used <= (n_expert or 0):
+    # llama.cpp asserts 0 < expert_used_count <= expert_count when there are experts, and
+    # expert_used_count == 0 (and no expert groups) when there are none.
+    n_expert, n_used = n_expert or 0, n_used or 0
+    if (n_expert and not 1 <= n_used <= n_expert) or (not n_expert and n_used):
         raise refuse(
             f,
-            f"{arch}.expert_used_count is {n_used}, should be 0 to expert_count ({n_expert or 0})",
+            f"{arch}.expert_used_count is {n_used}, should be 1 to expert_count ({n_expert}), "
+            "or 0 without experts",
+        )
+    for key in ("expert_group_count", "expert_group_used_count", "nextn_predict_layers"):
+        # Checks llama.cpp asserts on (llama-model.cpp load_hparams); refused when present
+        # and not simply zero, rather than re-implemented.
+        v = value(f, f"{arch}.{key}", INT)
+        if v:
+            raise refuse(f, f"{arch}.{key} is {v}: not supported")
+    if n_expert and arch in SUPPORTED_ARCHS:
+        raise refuse(
+            f, f"{arch}.expert_count is {n_expert}: mixture-of-experts {arch} is not supported"
         )
     n_vocab = _check_tokenizer(f)
     _check_blocks(f, n_layer)
@@ -381,3 +395,45 @@ def open_model(path: os.PathLike[str] | str) -> GGUFFile:
 
         raise ModelNotFoundError(f"{show_path(p)}: {exc.strerror or 'cannot read'}") from None
     return _open_model_cached(str(p), st.st_size, st.st_mtime_ns)
+
+
+RUNNABLE_TOKENIZERS: tuple[str, ...] = ("llama", "gpt2")
+"""`tokenizer.ggml.model` values llama.cpp may be handed here: SentencePiece (Gemma, Llama 2)
+and byte-level BPE (SmolLM2, Qwen, Llama 3). llama.cpp aborts the process on other vocabularies
+whose special tokens are missing (`bert`, `none`, ... in the fuzz campaign)."""
+
+
+def check_runnable(f: GGUFFile) -> None:
+    """Checks on top of `check_model` before llama.cpp tokenizes with this file's vocabulary.
+
+    llama.cpp's SentencePiece tokenizer falls back to a token per raw byte (`byte_to_token`
+    uses `std::map::at`, whose exception aborts the process through the C API), and it asserts
+    that BOS and EOS exist when it adds them. So: a supported tokenizer model, BOS and EOS ids
+    inside the vocabulary, and for SentencePiece a token for each of the 256 bytes (byte-level
+    BPE skips bytes it has no token for).
+    """
+    model = value(f, "tokenizer.ggml.model", STR, required=True)
+    if model not in RUNNABLE_TOKENIZERS:
+        raise refuse(
+            f,
+            f"tokenizer.ggml.model is {quote(model)}; supported: {', '.join(RUNNABLE_TOKENIZERS)}",
+        )
+    tokens = value(f, "tokenizer.ggml.tokens", STRS, required=True)
+    for name in ("bos", "eos"):
+        key = f"tokenizer.ggml.{name}_token_id"
+        tid = value(f, key, INT, required=True)
+        if not 0 <= tid < tokens.count:
+            raise refuse(f, f"{key} is {tid}, outside the {tokens.count}-token vocabulary")
+    if model != "llama":
+        return
+    vocab = tokens.strings_of_length(1, 6)  # "<0x0A>" or the byte itself
+    missing = [
+        b
+        for b in range(256)
+        if f"<0x{b:02X}>" not in vocab and not (0 < b < 128 and chr(b) in vocab)
+    ]
+    if missing:
+        raise refuse(
+            f,
+            f"the vocabulary has no token for {len(missing)} of the 256 bytes (first: 0x{missing[0]:02X})",
+        )

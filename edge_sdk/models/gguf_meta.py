@@ -142,6 +142,17 @@ class GGUFField:
     def __len__(self) -> int:
         return self.count
 
+    def strings_of_length(self, *byte_lengths: int) -> set[str]:
+        """The strings of a string array whose encoded length is one of `byte_lengths`.
+
+        Picks them with numpy from the offset arrays, so a 262k-token vocabulary is not decoded.
+        """
+        buf, starts, lengths = self._value
+        n = np.frombuffer(lengths, dtype=np.int64)
+        picked = np.flatnonzero(np.isin(n, byte_lengths))
+        s = np.frombuffer(starts, dtype=np.int64)
+        return {str(buf[s[i] : s[i] + n[i]], "utf-8") for i in picked.tolist()}
+
 
 @dataclass(frozen=True)
 class GGUFTensor:

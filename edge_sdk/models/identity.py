@@ -22,7 +22,7 @@ from gguf import LlamaFileType
 
 from edge_sdk.errors import InvalidModelError, ModelNotFoundError
 from edge_sdk.models.gguf_check import INT, STR, open_model, value
-from edge_sdk.models.gguf_meta import GGUFFile, quote, show_path
+from edge_sdk.models.gguf_meta import GGUFFile, show_path
 from edge_sdk.models.licence import LicenceClass, classify
 from edge_sdk.models.store import cache_dir, resolve
 
@@ -125,11 +125,12 @@ def field_value(reader: GGUFFile, key: str) -> Any:
     return None if f is None else f.contents()
 
 
-def _display(v: Any) -> Any:
-    """A provenance value as shown: strings quoted-safe and cut, arrays refused upstream."""
-    if isinstance(v, str) and (len(v) > 200 or not v.isprintable()):
-        return quote(v, 200)[1:-1]
-    return v
+def _display(v: Any, limit: int = 200) -> Any:
+    """A provenance string as shown: control characters escaped, cut to `limit` characters."""
+    if not isinstance(v, str):
+        return v
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in v[:limit])
+    return safe if len(v) <= limit else safe + f"... ({len(v)} chars)"
 
 
 def _file_type_name(value: Any) -> str | None:

@@ -73,13 +73,15 @@ class LlamaCppTokenizer:
             raise TokenizerError(f"llama-cpp-python is required for tokenization ({exc})") from exc
         from edge_sdk._llama_log import LlamaLog, llama_log
         from edge_sdk.models.chat_template import budgeted_formatter, model_templates
-        from edge_sdk.models.gguf_check import open_model
+        from edge_sdk.models.gguf_check import check_runnable, open_model
         from edge_sdk.models.gguf_meta import show_path
 
         llama_log.install()  # its warnings reach sys.stderr from Python, past the fd-2 silencing
         self.path = Path(path)
         # Checked before llama.cpp reads it (InvalidModelError names the file and the reason).
-        templates = model_templates(open_model(self.path))
+        checked = open_model(self.path)
+        check_runnable(checked)
+        templates = model_templates(checked)
         try:
             with _native_stderr_silenced(), llama_log.capture() as lines:
                 self._llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)

@@ -30,6 +30,7 @@ _AS_LIMIT = (
 # torch model, then one forward pass, whose logits must be finite.
 # Set in the child itself: a preexec_fn is unsafe while other threads run (the fuzzer's pool).
 _PRELUDE = f"""
+import resource
 resource.setrlimit(resource.RLIMIT_AS, ({_AS_LIMIT}, {_AS_LIMIT}))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 """

@@ -9,7 +9,7 @@ values (NaN/inf), the chat template, plus raw byte flips and truncation. For eve
 and a valid result, or exit 2 with one `fedlm: error:` line, within 10 s (30 s for the torch
 loader) and 1 GiB; a signal, a hang or a traceback fails the test and prints the case's seed.
 
-CI runs a few dozen cases (about a minute on 2 cores). A longer run:
+CI runs 40 model and 40 adapter cases (about 20 s on 2 idle cores). A longer run:
 
     FEDLM_FUZZ_CASES=500 FEDLM_FUZZ_SEED=7 python -m pytest tests/fuzz -q
 
@@ -34,7 +34,7 @@ from tests.fuzz.runner import Outcome, run
 from tests.runtime.test_runtime import random_adapter
 from tests.tiny_models import write_tiny_gguf
 
-CASES = int(os.environ.get("FEDLM_FUZZ_CASES", "16"))
+CASES = int(os.environ.get("FEDLM_FUZZ_CASES", "40"))
 SEED = int(os.environ.get("FEDLM_FUZZ_SEED", "1"))
 WORKERS = 2
 
@@ -243,6 +243,12 @@ def _mutate(parts: Parts, rng: random.Random, arch: str = "llama") -> list[str]:
         elif op == "template":
             parts.set("tokenizer.chat_template", scalar(V.STRING, rng.choice(_TEMPLATES)))
             done.append("template")
+        elif op == "tokens" and rng.random() < 0.3:
+            vocab = rng.choice(
+                ("bert", "none", "no_vocab", "t5", "rwkv", "plamo2", "ugm", "gpt2", "bogus", "")
+            )
+            parts.set("tokenizer.ggml.model", scalar(V.STRING, vocab))
+            done.append(f"tokenizer model {vocab!r}")
         elif op == "tokens":
             key = rng.choice(
                 (

@@ -401,14 +401,14 @@ def test_d10_hostile_chat_template_refused_within_budget(tmp_path: Path) -> None
     tok = load_tokenizer(path)
     t0 = time.perf_counter()
     with pytest.raises(
-        ChatTemplateError, match=r"loops\.gguf: chat template exceeds \d+ operations"
+        ChatTemplateError, match=r"loops\.gguf: chat template exceeds the rendering budget"
     ):
         tok.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert time.perf_counter() - t0 < L.TEMPLATE_MAX_SECONDS + 1
     out = run("generate", str(path), "hi", "--chat", "--max-tokens", "2", "--n-ctx", "64")
-    _one_line_exit_2(out, "chat template exceeds")
+    _one_line_exit_2(out, "loops.gguf: chat template exceeds the rendering budget")
     out = run(str(path), loader=True)
-    _one_line_exit_2(out, "chat template exceeds")
+    _one_line_exit_2(out, "loops.gguf: chat template exceeds the rendering budget")
 
 
 def test_d10_template_that_does_not_compile_refused_before_llama_cpp(tmp_path: Path) -> None:
@@ -480,3 +480,92 @@ def test_d12_llama_cpp_adapter_refusal_quotes_llama_cpp(
             InvalidAdapterError, match=r"ghost\.gguf: llama\.cpp refused the adapter: .*ghost"
         ):
             m.load_adapter(path)
+
+
+# -- found by the fuzzer (tests/fuzz): vocabularies that make llama.cpp abort -------------------
+
+
+@pytest.mark.parametrize("model", ["bert", "none", "no_vocab"])
+def test_fuzz_unsupported_tokenizer_model_refused_before_llama_cpp(
+    tmp_path: Path, tiny: Path, model: str
+) -> None:
+    # These three aborted llama.cpp (SIGABRT) on the tiny model's vocabulary.
+    path = (
+        Parts.of(tiny)
+        .set("tokenizer.ggml.model", scalar(V.STRING, model))
+        .write(tmp_path / "vocab.gguf")
+    )
+    out = run("generate", str(path), "hello", "--max-tokens", "2", "--n-ctx", "64")
+    _one_line_exit_2(out, f"vocab.gguf: tokenizer.ggml.model is '{model}'; supported: llama, gpt2")
+    assert inspect_model(path).architecture == "llama"  # inspect does not run the vocabulary
+
+
+def test_fuzz_sentencepiece_vocab_without_byte_tokens_refused(tmp_path: Path, tiny: Path) -> None:
+    # llama.cpp's SentencePiece tokenizer falls back to <0xXX> tokens through std::map::at.
+    from edge_sdk.models.gguf_meta import read_gguf
+
+    names = read_gguf(tiny).fields["tokenizer.ggml.tokens"].contents()
+    names[names.index("<0x0A>")] = "<newline>"
+    path = (
+        Parts.of(tiny)
+        .set("tokenizer.ggml.tokens", array(V.STRING, names))
+        .write(tmp_path / "bytes.gguf")
+    )
+    out = run("generate", str(path), "a\nb", "--max-tokens", "2", "--n-ctx", "64")
+    _one_line_exit_2(
+        out, "bytes.gguf: the vocabulary has no token for 1 of the 256 bytes (first: 0x0A)"
+    )
+
+
+def test_fuzz_bos_token_id_outside_vocabulary_refused(tmp_path: Path, tiny: Path) -> None:
+    path = (
+        Parts.of(tiny)
+        .set("tokenizer.ggml.bos_token_id", scalar(V.UINT32, 4000))
+        .write(tmp_path / "bos.gguf")
+    )
+    out = run("generate", str(path), "hello", "--max-tokens", "2", "--n-ctx", "64")
+    _one_line_exit_2(
+        out, "bos.gguf: 'tokenizer.ggml.bos_token_id' is 4000, outside the 299-token vocabulary"
+    )
+
+
+def test_fuzz_experts_without_used_count_refused(tmp_path: Path, tiny: Path) -> None:
+    # Fuzz case 174 of FEDLM_FUZZ_SEED=3: llama.cpp asserted expert_used_count > 0 (SIGABRT).
+    path = (
+        Parts.of(tiny).set("llama.expert_count", scalar(V.UINT32, 2)).write(tmp_path / "moe.gguf")
+    )
+    out = run("generate", str(path), "hello", "--max-tokens", "2", "--n-ctx", "64")
+    _one_line_exit_2(out, "moe.gguf: llama.expert_used_count is 0, should be 1 to expert_count (2)")
+
+
+def test_fuzz_llama_decode_failure_is_one_line(tmp_path: Path, tiny: Path) -> None:
+    # Fuzz case 176 of FEDLM_FUZZ_SEED=3: inf/NaN weights made llama_decode fail, and
+    # llama-cpp-python's bare RuntimeError came out as a traceback.
+    from edge_sdk.models.gguf_meta import read_gguf
+
+    f = read_gguf(tiny)
+    data = bytearray(tiny.read_bytes())
+    for name, index, bad in (("token_embd.weight", 1775, np.inf), ("output.weight", 1062, np.nan)):
+        t = next(t for t in f.tensors if t.name == name)
+        struct.pack_into("<f", data, t.data_offset + 4 * index, bad)
+    path = _write(tmp_path / "nan.gguf", bytes(data))
+    out = run("generate", str(path), "hello", "--max-tokens", "2", "--n-ctx", "64")
+    assert out.problem() is None, out.problem()
+    if out.returncode == 2:  # llama.cpp may also decode such a file (exit 0 with junk text)
+        assert "nan.gguf: llama.cpp failed while generating: " in out.error_lines()[0]
+    with pytest.raises(
+        InvalidModelError, match=r"nan\.gguf: tensor 'token_embd\.weight' holds NaN or inf"
+    ):
+        load_model(path, precision="fp32")  # the training loader refuses it outright
+
+
+def test_d11_inspect_shows_names_escaped_and_cut(tmp_path: Path, tiny: Path) -> None:
+    name = "evil\nTraceback (most recent call last):" + "y" * 5000
+    path = Parts.of(tiny).set("general.name", scalar(V.STRING, name)).write(tmp_path / "name.gguf")
+    out = run("inspect", str(path))
+    assert out.returncode == 0, out.stderr
+    model_line = out.stdout.splitlines()[0]
+    assert model_line.startswith("model") and "evil\\nTraceback" in model_line
+    assert len(model_line) < 300 and not any(
+        line.startswith("Traceback") for line in out.stdout.splitlines()
+    )
