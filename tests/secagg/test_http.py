@@ -478,3 +478,23 @@ def test_the_task_states_the_minimum_cohort_and_openapi_lists_the_endpoints(
     assert secure["min_cohort"] == 4 and secure["cohort_size"] == 5 and secure["threshold"] == 3
     assert secure["clip"] == CLIP and secure["grid_bits"] == 8
     assert "/v1/secagg/{phase}" in spec["paths"]
+
+
+def test_cli_secure_defaults_to_frozen_a_fedavg_and_refuses_other_modes(
+    tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_sdk.cli import build_parser, main
+    from edge_sdk.cli.coordinator_cmd import _config
+
+    base = ["coordinator", "--model", str(model), "--db", str(tmp_path / "c.sqlite")]
+    args = build_parser().parse_args([*base, "--secure", "--min-cohort", "4"])
+    config = _config(args, JOIN_TOKEN)
+    assert config.secure and config.aggregation.mode == "frozen-a"
+    assert isinstance(config.strategy, FedAvg) and config.strategy.clients_per_round == 4
+    assert config.min_cohort == 4
+    plain = _config(build_parser().parse_args(base), JOIN_TOKEN)
+    assert not plain.secure and plain.aggregation.mode == "exact"
+    assert isinstance(plain.strategy, FedBuff)
+    for extra in (["--lora-mode", "exact"], ["--strategy", "fedbuff"], ["--dp-noise", "1.0"]):
+        assert main([*base, "--secure", *extra]) == 2
+        assert "secure aggregation" in capsys.readouterr().err
