@@ -498,3 +498,33 @@ def test_cli_secure_defaults_to_frozen_a_fedavg_and_refuses_other_modes(
     for extra in (["--lora-mode", "exact"], ["--strategy", "fedbuff"], ["--dp-noise", "1.0"]):
         assert main([*base, "--secure", *extra]) == 2
         assert "secure aggregation" in capsys.readouterr().err
+
+
+def test_secagg_endpoint_of_a_secure_coordinator_survives_schemathesis(
+    tmp_path: Path, model: Path
+) -> None:
+    """Generated bodies (valid and invalid) for every phase, with a client token and without:
+    never a 5xx, and every answer documented."""
+    pytest.importorskip("schemathesis")
+    import schemathesis
+
+    from tests.coordinator.helpers import JOIN_TOKEN as FUZZ_TOKEN
+    from tests.coordinator.limits_helpers import ServiceThread
+    from tests.coordinator.test_openapi_fuzz import _fuzz, _join
+
+    config = secure_config(
+        tmp_path,
+        model,
+        cohort=3,
+        tls=False,
+        rate_per_s=1000.0,
+        rate_burst=1000,
+        join_token=FUZZ_TOKEN,
+    )
+    with ServiceThread(config) as st:
+        schema = schemathesis.openapi.from_url(f"{st.url}/openapi.json")
+        token = _join(st.port)
+        ops = [r.ok() for r in schema.get_all_operations()]
+        (op,) = [o for o in ops if o.label == "POST /v1/secagg/{phase}"]
+        for headers in ({"Authorization": f"Bearer {token}"}, {}):
+            _fuzz(op, st.url, headers)
