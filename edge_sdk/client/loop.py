@@ -1023,6 +1023,11 @@ class FederatedClient:
 
             await send("advertise", session.advertise())
             request1 = await next_request("share_keys", ShareKeysRequest)
+            if len(request1.members) < int(spec["min_cohort"]):
+                raise ConsistencyError(
+                    f"the round has {len(request1.members)} members, fewer than the task's "
+                    f"minimum cohort {spec['min_cohort']}"
+                )
             await send("share_keys", session.share_keys(request1))
             request2 = await next_request("masked_input", MaskedInputRequest)
             masked = session.masked_input(request2, x, num_examples)
@@ -1033,6 +1038,11 @@ class FederatedClient:
                 pending.update_id, len(masked.payload), setup.params.ring_bits, 4 * x.size,
             )  # fmt: skip
             request3 = await next_request("unmask", UnmaskRequest)
+            if len(request3.active) < MIN_COHORT:  # a sum of two reveals each to the other
+                raise ConsistencyError(
+                    f"only {len(request3.active)} masked inputs are in the sum; at least "
+                    f"{MIN_COHORT} are needed before this device reveals its shares"
+                )
             await send("unmask", session.unmask(request3))
             return "accepted"
         except SecAggError as exc:
