@@ -28,6 +28,7 @@ device ids and round ids. No unmasked individual update exists on the coordinato
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import sqlite3
@@ -116,6 +117,9 @@ class _Round:
     answered: set[int] = field(default_factory=set)
     requests: dict[int, bytes] = field(default_factory=dict)
     """The encoded request of the open phase, per device asked (phase >= 1)."""
+    received: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    """(phase, device id) -> sha256 of the accepted message: a retried send (its answer was
+    lost) is acknowledged again, without being applied twice."""
     failed: str | None = None
     done: bool = False
 
@@ -224,6 +228,9 @@ class SecureAggregation:
                 )
             if r.failed is not None:
                 raise BadRequestError(f"round failed: {r.failed}", code="round_failed", status=410)
+            digest = hashlib.sha256(body).digest()
+            if r.received.get((phase, device_id)) == digest:
+                return  # the same bytes again: a retry whose acknowledgement was lost
             try:
                 r.server.receive(message)
             except PhaseError as exc:
@@ -237,6 +244,7 @@ class SecureAggregation:
                     "INSERT OR REPLACE INTO secagg_masked_inputs VALUES (?, ?, ?, ?, ?)",
                     (r.server.round_id.hex(), r.version, device_id, message.payload, self._clock()),
                 )
+            r.received[(phase, device_id)] = digest
             r.answered.add(device_id)
             self._maybe_close(r)
 
