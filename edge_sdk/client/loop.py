@@ -1009,7 +1009,10 @@ class FederatedClient:
             limit = setup.params.packed_len + (1 << 20)
 
             async def send(phase: str, message: Message) -> None:
-                await transport.secagg_send(phase, encode_secagg(message), {"round_id": rid.hex()})
+                detail: dict[str, Any] = {"round_id": rid.hex()}
+                if phase == "masked_input":  # what fp32 would have sent, for comparisons
+                    detail.update(values=int(x.size), update_id=pending.update_id)
+                await transport.secagg_send(phase, encode_secagg(message), detail)
 
             async def next_request(phase: str, cls: type[M]) -> M:
                 give_up = time.monotonic() + 4 * phase_s + 30.0

@@ -245,6 +245,16 @@ def test_three_clients_complete_a_secure_round_and_the_coordinator_keeps_only_ma
     for s in summaries:
         assert s.reason == "task_complete" and s.global_version == 1
         assert [r.outcome for r in s.rounds] == ["accepted"]
+    # The ledger records what was sent: the protocol's messages, the masked input among them,
+    # and the demo's tally reads it as one update against its fp32 size.
+    from edge_sdk.demo.network import read_client_ledger
+
+    for n in names:
+        tally = read_client_ledger(tmp_path / n)
+        assert tally.updates == 1 and tally.fp32_bytes == 4 * params.vector_len
+        assert params.packed_len < tally.bytes_sent < tally.fp32_bytes
+        phases = [e.detail.get("secagg") for e in _ledger_entries(tmp_path / n)]
+        assert {"setup", "advertise", "share_keys", "masked_input", "unmask"} <= set(phases)
     # Storage: three masked vectors, no plain update; each independent of every plain input.
     db = tmp_path / "coordinator.sqlite"
     rows = _stored_masked(db)
@@ -542,3 +552,16 @@ def test_secagg_endpoint_of_a_secure_coordinator_survives_schemathesis(
         (op,) = [o for o in ops if o.label == "POST /v1/secagg/{phase}"]
         for headers in ({"Authorization": f"Bearer {token}"}, {}):
             _fuzz(op, st.url, headers)
+
+
+def test_demo_secure_runs_the_network_federation_with_secure_flags() -> None:
+    from edge_sdk.demo.config import DemoConfig
+    from edge_sdk.demo.network import _strategy_flags
+
+    config = DemoConfig.quick().replace(secure=True, mode="frozen-a")
+    flags = _strategy_flags(config)
+    assert "--secure" in flags and flags[flags.index("--strategy") + 1] == "fedavg"
+    assert flags[flags.index("--min-cohort") + 1] == str(config.clients)
+    assert "--secure" not in _strategy_flags(DemoConfig.quick())
+    with pytest.raises(ValueError, match="frozen-a"):
+        DemoConfig.quick().replace(secure=True)
