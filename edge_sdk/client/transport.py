@@ -272,7 +272,14 @@ class Transport:
 
     def _ssl(self) -> aiohttp.Fingerprint | bool:
         if self.tls_fingerprint is not None:
-            return aiohttp.Fingerprint(bytes.fromhex(self.tls_fingerprint))
+            # One object per pin: aiohttp keys its connection pool by the `ssl` argument, and
+            # `Fingerprint` compares by identity, so a new one per request never reused a
+            # connection (each request opened a new one, up to the coordinator's per-address cap).
+            cached = getattr(self, "_fingerprint", None)
+            if cached is None or cached[0] != self.tls_fingerprint:
+                cached = (self.tls_fingerprint, aiohttp.Fingerprint(bytes.fromhex(self.tls_fingerprint)))
+                self._fingerprint = cached
+            return cached[1]
         return True  # https without a pin: ordinary CA verification; http: unused
 
     async def __aenter__(self) -> Transport:

@@ -59,10 +59,6 @@ def secure_config(tmp: Path, model_path: Path, cohort: int, **overrides: Any) ->
         "secure_grid_bits": 8,
         "secure_phase_s": 10.0,
         "max_rounds": 1,
-        # Every device here shares 127.0.0.1; the probe in the report: each request of this
-        # Transport opens a new connection, so the per-address cap (32) is raised for the test.
-        "max_connections_per_address": 512,
-        "max_connections": 1024,
     }
     values.update(overrides)
     return coordinator_config(tmp, model_path, **values)
@@ -565,3 +561,31 @@ def test_demo_secure_runs_the_network_federation_with_secure_flags() -> None:
     assert "--secure" not in _strategy_flags(DemoConfig.quick())
     with pytest.raises(ValueError, match="frozen-a"):
         DemoConfig.quick().replace(secure=True)
+
+
+@pytest.mark.slow
+def test_secure_network_federation_of_three_client_processes(
+    tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """`fedlm demo --secure`'s federation on a tiny model: a `fedlm coordinator --secure`
+    process and three `fedlm join` processes publish a version; the ledgers show masked
+    inputs smaller than fp32."""
+    from edge_sdk.demo.config import DemoConfig
+    from edge_sdk.demo.network import NetworkFederation, read_client_ledger
+    from edge_sdk.demo.tasks import generate, write_task_data
+
+    config = DemoConfig(
+        model=str(tiny_gguf), clients=3, rounds=1, local_steps=2, batch_size=2, seq_len=128,
+        train_per_client=12, eval_per_family=1, precision="fp32", lr=1e-2, greedy_eval=False,
+        mode="frozen-a", secure=True, secure_grid_bits=5,
+    )  # fmt: skip
+    paths, _ = write_task_data(generate(config.task_config()), tmp_path / "data")
+    seen: list[int] = []
+    fed = NetworkFederation(work_dir=tmp_path / "fed", timeout_s=400.0)
+    fed.run(None, [], paths, config, lambda v, adapter: seen.append(v))
+    assert seen == [1]
+    for c in range(3):
+        ledger = read_client_ledger(tmp_path / "fed" / f"client-{c}")
+        assert ledger.updates == 1 and 0 < ledger.bytes_sent < ledger.fp32_bytes
+    log = (tmp_path / "fed" / "coordinator.log").read_text()
+    assert "from a secure sum" in log
