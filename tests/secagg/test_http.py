@@ -589,3 +589,26 @@ def test_secure_network_federation_of_three_client_processes(
         assert ledger.updates == 1 and 0 < ledger.bytes_sent < ledger.fp32_bytes
     log = (tmp_path / "fed" / "coordinator.log").read_text()
     assert "from a secure sum" in log
+
+
+def test_a_pinned_transport_reuses_its_connection(tmp_path: Path, model: Path) -> None:
+    """The protocol's many small requests (and long polls) ride one pooled TLS connection: a
+    pinned `Transport` used to open a new connection per request, until the coordinator's
+    per-address cap answered 429 to everyone on that address."""
+    from coordinator.connections import GUARD
+
+    config = secure_config(tmp_path, model, cohort=3)
+
+    async def scenario() -> list[int]:
+        async with Service(config) as service:
+            d = Device(service, tmp_path, "reuse")
+            await d.join()
+            counts = []
+            for _ in range(6):
+                await d.transport.task()
+                await d.transport.adapter()
+                counts.append(service.app[GUARD].open_connections)
+            await d.transport.close()
+            return counts
+
+    assert asyncio.run(scenario()) == [1] * 6
