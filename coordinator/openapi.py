@@ -307,6 +307,7 @@ def build_spec(version: str, join_max_bytes: int = 4096) -> dict[str, Any]:
                         "410": _ERROR,
                         "413": _ERROR,
                         "429": _ERROR,
+                        "503": _ERROR,
                     },
                 }
             },

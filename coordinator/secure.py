@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
-from coordinator.errors import BadRequestError, ConflictError, ForbiddenError
+from coordinator.errors import BadRequestError, BusyError, ConflictError, ForbiddenError
 from edge_sdk.secagg import (
     MIN_COHORT,
     AdvertiseKeys,
@@ -142,7 +142,7 @@ class SecureAggregation:
         self.limits = SecAggLimits(max_bytes=self.params.packed_len + PROTOCOL_OVERHEAD_BYTES)
         self._round: _Round | None = None
         self.completed = 0
-        self._db = sqlite3.connect(
+        self._db: sqlite3.Connection | None = sqlite3.connect(
             str(cfg.db_path), timeout=30.0, isolation_level=None, check_same_thread=False
         )
         self._db.execute(
@@ -151,7 +151,11 @@ class SecureAggregation:
         )
 
     def close(self) -> None:
-        self._db.close()
+        """Close the database connection (at shutdown; later phase messages get 503)."""
+        with self._lock:
+            db, self._db = self._db, None
+        if db is not None:
+            db.close()
 
     def describe(self) -> dict[str, Any]:
         """What the task states to devices (TaskConfig extra `secure`)."""
@@ -228,6 +232,8 @@ class SecureAggregation:
                 )
             if r.failed is not None:
                 raise BadRequestError(f"round failed: {r.failed}", code="round_failed", status=410)
+            if self._db is None:
+                raise BusyError("the coordinator is shutting down; retry", 2.0)
             digest = hashlib.sha256(body).digest()
             if r.received.get((phase, device_id)) == digest:
                 return  # the same bytes again: a retry whose acknowledgement was lost
