@@ -8,10 +8,11 @@ errors (404, 405, 413) are wrapped, and anything unexpected is logged and become
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -37,6 +38,8 @@ from coordinator.errors import (
     RateLimitedError,
 )
 from coordinator.metrics import Metrics
+from coordinator.secure import CONTROL_MAX_BYTES, SecureAggregation, decode_control
+from coordinator.secure import PHASES as SECAGG_PHASES
 from edge_sdk.wire import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
@@ -288,6 +291,106 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": coordinator.version, "time": time.time()})
 
 
+SECAGG_CONTENT_TYPE = "application/vnd.fedlm.secagg"
+"""Content type of the FSAG protocol messages (`edge_sdk.secagg.messages`)."""
+
+NEXT_WAIT_S = 10.0
+"""How long POST /v1/secagg/next holds a request open waiting for the phase to open (204 after)."""
+
+_NEXT_POLL_S = 0.05
+
+
+def _secure(request: web.Request) -> SecureAggregation:
+    secure = request.app[COORDINATOR].secure
+    if secure is None:
+        raise BadRequestError(
+            "secure aggregation is off for this task (POST /v1/updates instead)",
+            code="secure_aggregation_off",
+            status=404,
+        )
+    return secure
+
+
+async def secagg_setup(request: web.Request) -> web.Response:
+    """Join the cohort of the current round; the answer is the protocol's RoundSetup."""
+    client_id = await _client(request)
+    secure = _secure(request)
+    obj = decode_control(await _read_capped(request, CONTROL_MAX_BYTES), ("version",))
+    version = obj["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise BadRequestError(f"`version` should be a non-negative integer, got {version!r:.40}")
+    body = await _in_thread(request.app[RUNTIME].ingest, secure.setup, client_id, version)
+    return web.Response(body=body, content_type=SECAGG_CONTENT_TYPE)
+
+
+async def secagg_next(request: web.Request) -> web.Response:
+    """The device's request of a phase, once that phase opens (long poll; 204 if not yet)."""
+    client_id = await _client(request)
+    secure = _secure(request)
+    obj = decode_control(await _read_capped(request, CONTROL_MAX_BYTES), ("round_id", "phase"))
+    round_id, phase = obj["round_id"], obj["phase"]
+    if not isinstance(round_id, bytes) or phase not in SECAGG_PHASES[1:]:
+        raise BadRequestError(
+            f"`round_id` should be bytes and `phase` one of {', '.join(SECAGG_PHASES[1:])}",
+            code="bad_secagg_message",
+        )
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + NEXT_WAIT_S
+    pool = request.app[RUNTIME].ingest
+    while True:
+        body = await _in_thread(pool, secure.next_request, client_id, round_id, phase)
+        if body is not None:
+            return web.Response(body=body, content_type=SECAGG_CONTENT_TYPE)
+        if loop.time() >= give_up:
+            return web.Response(status=204, headers={"Retry-After": "0"})
+        await asyncio.sleep(_NEXT_POLL_S)
+
+
+async def secagg_phase(request: web.Request) -> web.Response:
+    """A device's message of one protocol phase (FSAG bytes); 202 once the round holds it."""
+    phase = request.match_info["phase"]
+    if phase == "setup":
+        return await secagg_setup(request)
+    if phase == "next":
+        return await secagg_next(request)
+    if phase not in SECAGG_PHASES:
+        raise web.HTTPNotFound(text=f"no secure-aggregation phase {printable(phase)[:40]!r}")
+    client_id = await _client(request)
+    secure = _secure(request)
+    body = await _read_capped(request, secure.limits.max_bytes)
+    await _in_thread(request.app[RUNTIME].ingest, secure.receive, client_id, phase, body)
+    if phase == "masked_input":
+        request.app[METRICS].update_bytes.inc(len(body))
+    return web.json_response({"accepted": True, "phase": phase}, status=202)
+
+
+async def _secagg_ticker(app: web.Application) -> AsyncIterator[None]:
+    """Close secure-aggregation phases at their deadlines (every tick, in a worker thread)."""
+    secure = app[COORDINATOR].secure
+    if secure is None:
+        yield
+        return
+    runtime = app[RUNTIME]
+    period = min(app[CONFIG].tick_s, 0.5)
+
+    async def loop_forever() -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await _in_thread(runtime.ingest, secure.tick)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep ticking; the round fails or retries on its own
+                log.exception("secure-aggregation tick failed")
+
+    task = asyncio.create_task(loop_forever(), name="fedlm-secagg")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    secure.close()
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(request.app[SPEC])
 
@@ -301,3 +404,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_post("/v1/secagg/{phase}", secagg_phase)
+    app.cleanup_ctx.append(_secagg_ticker)

@@ -109,6 +109,25 @@ class CoordinatorConfig:
     """Bearer token of the operator's read-only view of `/v1/status` (every client's updates);
     empty = no operator view over HTTP. Kept in memory only; the CLI generates one when not
     given and prints it once."""
+    secure: bool = False
+    """Secure aggregation (`coordinator.secure`, docs/secure-aggregation.md): devices send
+    masked vectors over /v1/secagg/*, the coordinator learns only each round's sum, and POST
+    /v1/updates is refused. Needs mode `frozen-a` (exact under sums), strategy `fedavg`, no
+    central DP and robust `mean` (trimmed statistics need individual updates)."""
+    min_cohort: int = 3
+    """Secure aggregation: the smallest cohort a round closes with (raised, where needed, to
+    the protocol's own floor: 3, threshold + 1 and FedAvg's `min_clients`; the task states
+    the result)."""
+    secure_clip: float = 0.01
+    """Secure aggregation: per-coordinate bound C on a device's B delta (devices clip to
+    [-C, C]; the coordinator cannot clip what it cannot see)."""
+    secure_grid_bits: int = 4
+    """Secure aggregation: bits g of the integer grid over [-C, C]. The ring is
+    g + ceil(log2 clients_per_round) bits; at most 7 keeps a masked update >= 4x below fp32."""
+    secure_phase_s: float = 30.0
+    """Secure aggregation: each protocol phase closes this many seconds after it opened (or
+    as soon as every device asked has answered); a device that has not answered is a
+    drop-out."""
 
     def __post_init__(self) -> None:
         if len(self.model_sha256) != 64 or any(
@@ -181,8 +200,62 @@ class CoordinatorConfig:
                 f"`max_inflight_body_bytes` should be >= max_body_bytes ({self.max_body_bytes}), "
                 f"got {self.max_inflight_body_bytes}"
             )
+        if self.secure:
+            self._check_secure()
         if self.operator_token and len(self.operator_token) < 16:
             raise ValueError(
                 "`operator_token` (--operator-token, $FEDLM_OPERATOR_TOKEN) should have at "
                 f"least 16 characters, got {len(self.operator_token)}"
+            )
+
+    def _check_secure(self) -> None:
+        """Refuse settings that secure aggregation cannot honour, naming the flag to change."""
+        agg = self.aggregation
+        if agg.mode != "frozen-a":
+            raise ValueError(
+                f"`aggregation.mode` should be 'frozen-a' with secure aggregation (sums of B are "
+                f"exact only when A is shared), got {agg.mode!r}; use --lora-mode frozen-a"
+            )
+        if not isinstance(self.strategy, FedAvg):
+            raise ValueError(  # noqa: TRY004 (style: a bad config field is a ValueError)
+                f"`strategy` should be fedavg with secure aggregation (fedbuff cohorts are not "
+                f"built), got {self.strategy.name!r}; use --strategy fedavg"
+            )
+        if agg.dp is not None:
+            raise ValueError(
+                "`aggregation.dp` should be None with secure aggregation: central DP needs the "
+                "sum in the clear and distributed DP is not built; drop the --dp flags"
+            )
+        if agg.robust != "mean":
+            raise ValueError(
+                f"`aggregation.robust` should be 'mean' with secure aggregation (robust "
+                f"statistics need individual updates), got {agg.robust!r}"
+            )
+        if isinstance(self.min_cohort, bool) or not isinstance(self.min_cohort, int):
+            raise ValueError(  # noqa: TRY004 (style: a bad config field is a ValueError)
+                f"`min_cohort` should be an integer, got {self.min_cohort!r}"
+            )
+        if self.min_cohort < 3:
+            raise ValueError(f"`min_cohort` should be >= 3, got {self.min_cohort}")
+        if self.min_cohort > self.strategy.clients_per_round:
+            raise ValueError(
+                f"`min_cohort` {self.min_cohort} exceeds the cohort size (clients_per_round = "
+                f"{self.strategy.clients_per_round}); raise --clients-per-round"
+            )
+        if not (self.secure_phase_s > 0 and math.isfinite(self.secure_phase_s)):
+            raise ValueError(
+                f"`secure_phase_s` should be a finite number > 0, got {self.secure_phase_s}"
+            )
+        from coordinator.secure import min_cohort_of, secagg_params
+
+        try:  # the protocol's own checks: cohort size, grid bits vs ring width, clip
+            params = secagg_params(self, 1, 1)
+        except ValueError as exc:
+            raise ValueError(f"secure aggregation: {exc}") from None
+        floor = min_cohort_of(self, params)
+        if floor > self.strategy.clients_per_round:
+            raise ValueError(
+                f"a cohort of {self.strategy.clients_per_round} (clients_per_round) is below the "
+                f"protocol's minimum {floor} (threshold {params.threshold} + 1); raise "
+                "--clients-per-round"
             )

@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -75,6 +75,9 @@ from edge_sdk.wire import (
     TaskConfig,
     WireError,
 )
+
+if TYPE_CHECKING:
+    from coordinator.secure import SecureAggregation
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,12 @@ class Coordinator:
         self._set_current(latest)
         self._pending = storage.pending_updates()
         self.last_aggregation: dict[str, Any] = dict(latest.stats)
+        self.secure: SecureAggregation | None = None
+        """Secure aggregation (`config.secure`): the protocol rounds that replace /v1/updates."""
+        if config.secure:
+            from coordinator.secure import SecureAggregation
+
+            self.secure = SecureAggregation(self, clock)
         log.info(
             "task %s: version %d, %d pending updates, strategy %s, mode %s",
             self.task_id,
@@ -253,6 +262,7 @@ class Coordinator:
                 "max_client_rank": cfg.aggregation.max_client_rank,
                 "clip": self.clip_policy(),
                 "max_weight_examples": self.weight_cap,
+                **({"secure": self.secure.describe()} if self.secure is not None else {}),
             },
         )
 
@@ -321,6 +331,12 @@ class Coordinator:
 
     def submit(self, client_id: str, body: bytes) -> dict[str, Any]:
         """Validate, admit and durably store one update; returns the acknowledgement."""
+        if self.secure is not None:
+            raise ConflictError(
+                "this task uses secure aggregation: updates are summed through /v1/secagg/*, "
+                "never sent in the clear (update the client)",
+                code="secure_aggregation_required",
+            )
         update = self._decode(body)
         record = self._validate(client_id, update, len(body))
         with self._lock:
@@ -338,6 +354,10 @@ class Coordinator:
             "version": version,
             "pending": pending,
         }
+
+    def check_open(self) -> None:
+        """`ConflictError` when the task is finished or a FedAvg round is closing."""
+        self._check_open()
 
     def _check_open(self) -> None:
         if self.config.max_rounds is not None and self.version >= self.config.max_rounds:
@@ -690,6 +710,56 @@ class Coordinator:
                 self._set_current(record)
             gone = set(used) | set(dropped)
             self._pending = [p for p in self._pending if p.update_id not in gone]
+
+    def publish_secure_sum(
+        self, base_version: int, tensors: Tensors, weight: float, stats: dict[str, Any]
+    ) -> int:
+        """Publish version base_version + 1 from a secure-aggregation sum (`coordinator.secure`).
+
+        `tensors` is the cohort's weighted mean B (Σ wᵢ·Bᵢ / Σ wᵢ, from the masked weight
+        coordinate): it enters aggregation as one update of weight Σ wᵢ. The coordinator's
+        clip is off for it: it cannot clip what it cannot see, so devices clip themselves to
+        the bound the task states (`TaskConfig.extra["secure"]["clip"]`).
+        """
+        with self._lock:
+            if self._aggregating or self.version != base_version:
+                raise ConflictError(
+                    f"version {self.version} is current; a secure sum for {base_version} is stale",
+                    code="stale_update",
+                )
+            self._aggregating = True
+            current = self._current
+        try:
+            started = time.perf_counter()
+            contribution = Contribution(
+                update_id=f"secagg-v{base_version}",
+                tensors=tensors,
+                weight=weight,
+                base_version=base_version,
+                scale=self.lora.scaling,
+            )
+            outcome = aggregate(
+                self.config.aggregation, self.config.shapes, current, [contribution],
+                self.dense_version, self._server_state, self._rng, clip=ClipBound(None, "off"),
+            )  # fmt: skip
+            seconds = time.perf_counter() - started
+            stats = {
+                **outcome.stats,
+                **stats,
+                "version": base_version + 1,
+                "seconds": round(seconds, 4),
+                "strategy": self.config.strategy.name,
+                "staleness_max": 0,
+                "max_weight_examples": self.weight_cap,
+                "dropped": 0,
+            }
+            record = self._encode_global(base_version + 1, outcome.tensors, stats)
+            self._finish([], [], record, outcome.state)
+            log.info("version %d from a secure sum (weight %g)", base_version + 1, weight)
+            return base_version + 1
+        finally:
+            with self._lock:
+                self._aggregating = False
 
     def current_adapter(self) -> tuple[bytes, str, int]:
         """(encoded GlobalAdapter, ETag, version) of the current version, read atomically."""

@@ -21,6 +21,13 @@ def build_spec(version: str, join_max_bytes: int = 4096) -> dict[str, Any]:
         "description": f"fedlm wire format v{PROTOCOL_VERSION}",
     }
     bearer = [{"bearer": []}]
+    secagg = {
+        "type": "string",
+        "format": "binary",
+        "description": "secure-aggregation message: b'FSAG' | version u8 | kind u8 | msgpack "
+        "array of the fields (edge_sdk.secagg.messages); bounded by the round's packed "
+        "vector length + 1 MiB",
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -236,6 +243,69 @@ def build_spec(version: str, join_max_bytes: int = 4096) -> dict[str, Any]:
                         "413": _ERROR,
                         "415": _ERROR,
                         "422": _ERROR,
+                        "429": _ERROR,
+                        "503": _ERROR,
+                    },
+                }
+            },
+            "/v1/secagg/{phase}": {
+                "post": {
+                    "summary": (
+                        "Secure aggregation (only with `fedlm coordinator --secure`): one "
+                        "protocol step. `setup` (msgpack {version}) joins the current round's "
+                        "cohort and returns RoundSetup; `advertise`, `share_keys`, "
+                        "`masked_input`, `unmask` take the device's FSAG message of that phase "
+                        "(202); `next` (msgpack {round_id, phase}) long-polls for the device's "
+                        "request of a phase (204: not open yet; 410: the round failed or the "
+                        "phase closed without this device). See docs/secure-aggregation.md."
+                    ),
+                    "security": bearer,
+                    "parameters": [
+                        {
+                            "name": "phase",
+                            "in": "path",
+                            "required": True,
+                            "schema": {
+                                "type": "string",
+                                "enum": [
+                                    "setup",
+                                    "advertise",
+                                    "share_keys",
+                                    "next",
+                                    "masked_input",
+                                    "unmask",
+                                ],
+                            },
+                        }
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/vnd.fedlm.secagg": {"schema": secagg},
+                            "application/msgpack": {
+                                "schema": {
+                                    "type": "object",
+                                    "description": "setup: {version: int}; next: {round_id: "
+                                    "bytes (16), phase: share_keys | masked_input | unmask}; "
+                                    "at most 1024 bytes",
+                                }
+                            },
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "setup / next: the coordinator's FSAG message",
+                            "content": {"application/vnd.fedlm.secagg": {"schema": secagg}},
+                        },
+                        "202": _json({"type": "object"}, "the phase message was accepted"),
+                        "204": {"description": "next: the phase is not open yet; ask again"},
+                        "400": _ERROR,
+                        "401": _ERROR,
+                        "403": _ERROR,
+                        "404": _ERROR,
+                        "409": _ERROR,
+                        "410": _ERROR,
+                        "413": _ERROR,
                         "429": _ERROR,
                         "503": _ERROR,
                     },

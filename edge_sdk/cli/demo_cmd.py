@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: all cores; 1 on a busy machine)")
     p.add_argument("--in-process", action="store_true",
                    help="simulate the federation in this process instead of coordinator + client processes")
+    p.add_argument("--secure", action="store_true",
+                   help="secure aggregation (coordinator --secure, LoRA mode frozen-a); compare "
+                   "with a run without it; not with --in-process")
     p.set_defaults(func=_demo)
 
 
@@ -47,6 +50,10 @@ def _demo(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = {k: v for k, v in (("clients", args.clients), ("rounds", args.rounds),
                                                  ("model", args.model), ("seed", args.seed),
                                                  ("threads", args.threads)) if v is not None}
+    if getattr(args, "secure", False):
+        if args.in_process:
+            raise DemoConfigError("--secure runs the federation over the network; drop --in-process")
+        changes.update(secure=True, mode="frozen-a")
     try:
         config = config.replace(**changes)
     except ValueError as exc:

@@ -42,6 +42,7 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+import msgpack
 from multidict import CIMultiDict
 from tenacity import (
     AsyncRetrying,
@@ -68,6 +69,11 @@ from edge_sdk.client.task_policy import (
 )
 from edge_sdk.wire import CONTENT_TYPE, AdapterUpdate, TaskConfig, WireError
 from edge_sdk.wire.limits import DEFAULT_LIMITS
+
+SECAGG_CONTENT_TYPE = "application/vnd.fedlm.secagg"
+"""Content type of a secure-aggregation protocol message (FSAG bytes)."""
+SECAGG_CONTROL_TYPE = "application/msgpack"
+"""Content type of /v1/secagg/setup and /next bodies (a small msgpack map)."""
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +272,14 @@ class Transport:
 
     def _ssl(self) -> aiohttp.Fingerprint | bool:
         if self.tls_fingerprint is not None:
-            return aiohttp.Fingerprint(bytes.fromhex(self.tls_fingerprint))
+            # One object per pin: aiohttp keys its connection pool by the `ssl` argument, and
+            # `Fingerprint` compares by identity, so a new one per request never reused a
+            # connection (each request opened a new one, up to the coordinator's per-address cap).
+            cached = getattr(self, "_fingerprint", None)
+            if cached is None or cached[0] != self.tls_fingerprint:
+                cached = (self.tls_fingerprint, aiohttp.Fingerprint(bytes.fromhex(self.tls_fingerprint)))
+                self._fingerprint = cached
+            return cached[1]
         return True  # https without a pin: ordinary CA verification; http: unused
 
     async def __aenter__(self) -> Transport:
@@ -473,6 +486,33 @@ class Transport:
             return dict(json.loads(resp.body))
         except (ValueError, TypeError):
             raise ProtocolError("POST /v1/updates: the acknowledgement is not JSON") from None
+
+    # -- secure aggregation (docs/secure-aggregation.md) ------------------------------------
+
+    async def secagg_setup(self, version: int) -> bytes:
+        """POST /v1/secagg/setup: join the cohort of `version`; returns the FSAG RoundSetup."""
+        body = msgpack.packb({"version": version}, use_bin_type=True)
+        resp = await self.request(
+            "POST", "/v1/secagg/setup", kind="update", body=body, content_type=SECAGG_CONTROL_TYPE,
+            detail={"secagg": "setup", "version": version},
+        )  # fmt: skip
+        return resp.body
+
+    async def secagg_send(self, phase: str, message: bytes, detail: Mapping[str, Any]) -> None:
+        """POST /v1/secagg/{phase} with one FSAG message; the ledger records its exact bytes."""
+        await self.request(
+            "POST", f"/v1/secagg/{phase}", kind="update", body=message,
+            content_type=SECAGG_CONTENT_TYPE, detail={"secagg": phase, **detail}, ok=(202,),
+        )  # fmt: skip
+
+    async def secagg_next(self, round_id: bytes, phase: str, *, max_bytes: int) -> bytes | None:
+        """POST /v1/secagg/next: the coordinator's request of `phase`, or None (not open yet)."""
+        body = msgpack.packb({"round_id": round_id, "phase": phase}, use_bin_type=True)
+        resp = await self.request(
+            "POST", "/v1/secagg/next", kind="update", body=body, content_type=SECAGG_CONTROL_TYPE,
+            detail={"secagg": "next", "phase": phase}, ok=(200, 204), max_bytes=max_bytes,
+        )  # fmt: skip
+        return resp.body if resp.status == 200 else None
 
     async def status(self) -> dict[str, Any]:
         resp = await self.request("GET", "/v1/status", kind="status", max_bytes=STATUS_RESPONSE_BYTES)

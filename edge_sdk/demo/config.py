@@ -69,6 +69,13 @@ class DemoConfig:
     machine 1 is several times faster than 2 (measured: BENCHMARKS.md)."""
     greedy_eval: bool = True
     """Also score base and federated adapters by greedy decoding in llama.cpp."""
+    secure: bool = False
+    """Run the federation with secure aggregation (`fedlm coordinator --secure`, mode
+    frozen-a, every client in each round's cohort); network federation only."""
+    secure_clip: float = 0.01
+    """--secure: devices clip each B-delta value to [-C, C]."""
+    secure_grid_bits: int = 5
+    """--secure: grid bits (ring = bits + ceil(log2 clients): 7 at 4 clients, 4.6x below fp32)."""
 
     def __post_init__(self) -> None:
         for name in ("clients", "rounds", "local_steps", "batch_size", "seq_len", "rank",
@@ -91,6 +98,8 @@ class DemoConfig:
             raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")
         if self.mode not in ("exact", "frozen-a", "naive"):
             raise ValueError(f"`mode` should be exact, frozen-a or naive, got {self.mode!r}")
+        if self.secure and self.mode != "frozen-a":
+            raise ValueError(f"`mode` should be frozen-a with `secure`, got {self.mode!r}")
         from coordinator.aggregator import AggregationConfig
 
         try:  # the coordinator's own checks (robust needs a factor mode, c >= 1, ...)

@@ -75,6 +75,20 @@ class ClientProgress:
     """Training loss of the update built on each base version."""
 
 
+def _strategy_flags(config: DemoConfig) -> list[str]:
+    """Every version waits for every client: a full FedBuff buffer, or (--secure) a FedAvg
+    round whose cohort is every client."""
+    if config.secure:
+        return ["--secure", "--strategy", "fedavg", "--clients-per-round", str(config.clients),
+                "--min-clients", str(config.clients), "--min-cohort", str(config.clients),
+                "--secure-clip", str(config.secure_clip),
+                "--secure-grid-bits", str(config.secure_grid_bits),
+                # A phase waits for the slowest client's training; a short one would fail rounds.
+                "--secure-phase", "300"]  # fmt: skip
+    return ["--strategy", "fedbuff", "--buffer-size", str(config.clients),
+            "--min-updates", str(config.clients), "--max-staleness", str(config.rounds)]  # fmt: skip
+
+
 def read_client_ledger(state_dir: Path) -> ClientProgress:
     """Tally the update requests in `state_dir/outbox.jsonl` (an absent ledger: nothing sent)."""
     from edge_sdk.client.ledger import LEDGER_NAME, Ledger
@@ -88,6 +102,11 @@ def read_client_ledger(state_dir: Path) -> ClientProgress:
         if entry.kind != "update":
             continue
         out.bytes_sent += entry.bytes
+        if "secagg" in entry.detail:  # --secure: every protocol message counts as update bytes
+            if entry.detail["secagg"] == "masked_input" and entry.attempt == 1:
+                out.updates += 1
+                out.fp32_bytes += 4 * int(entry.detail.get("values", 0))
+            continue
         update_id = str(entry.detail.get("update_id", ""))
         if update_id in seen:  # a resend of the same update: its bytes count, its content once
             continue
@@ -298,9 +317,7 @@ class NetworkFederation:
             coordinator_log = work / "coordinator.log"
             coordinator = self._spawn(
                 ["coordinator", "--model", config.model, "--host", LOOPBACK, "--port", "0", "--db", str(db),
-                 "--strategy", "fedbuff", "--buffer-size", str(config.clients),
-                 "--min-updates", str(config.clients),  # every version waits for every client
-                 "--max-staleness", str(config.rounds), "--lora-mode", config.mode,
+                 *_strategy_flags(config), "--lora-mode", config.mode,
                  "--rank", str(config.rank), "--alpha", str(config.alpha), "--a-seed", str(config.seed),
                  "--server-lr", str(config.server_lr), "--codec", config.codec,
                  "--local-steps", str(config.local_steps), "--batch-size", str(config.batch_size),
