@@ -32,13 +32,16 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from coordinator.aggregation import (
+    ExactSum,
     FedAdamConfig,
     LowRankSum,
     Tensors,
@@ -114,7 +117,10 @@ class AggregationConfig:
     max_client_rank: int = 64
     """Largest rank accepted from a client in exact mode (other modes need rank == r)."""
     exact_max_rank: int = 0
-    """Rank kept by the streaming factored sum between compressions; 0 = 4·r."""
+    """0 (default): the exact mode sums every update without truncation (`ExactSum`: factored
+    while small, then a dense float32 (out, in) accumulator per layer, i.e. memory of the
+    model's own size). > 0: the older streaming sum that keeps at most this rank between
+    compressions (memory O(rank·(out + in)), truncated; `truncation_rel_error` bounds it)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -184,6 +190,7 @@ class AggregationConfig:
 
     @property
     def sum_rank(self) -> int:
+        """Rank kept by the truncating streaming sum (`exact_max_rank` > 0 only)."""
         return self.exact_max_rank or 4 * self.rank
 
     def update_keys(self, shapes: Shapes) -> list[str]:
@@ -355,11 +362,7 @@ def effect_norm(
     _check_contribution(item)
     with np.errstate(over="ignore", invalid="ignore"):
         if config.mode == "exact":
-            total = 0.0
-            for module in shapes:
-                bm, am, _ = _client_factors(item, reference, module, config.scale, config.rank)
-                total += lowrank_norm(bm, am) ** 2
-            norm = math.sqrt(total) if math.isfinite(total) else math.inf
+            norm = _exact_terms(item, reference, shapes, config.scale, config.rank).norm
         else:
             norm = tensors_norm(_factor_delta(config, shapes, item, reference))
     if not math.isfinite(norm):
@@ -507,7 +510,170 @@ def _aggregate_factors(
     return Outcome(tensors=new, state=new_state, stats=stats)
 
 
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
+"""Threads that fold the exact mode's layers (BLAS releases the GIL; the CLI runs BLAS on one
+thread, so these are the coordinator's parallelism)."""
+
+_FLUSH_RANK = 64
+"""Ranks buffered per layer before one GEMM folds them into the dense sum (8 updates at r=8):
+enough for BLAS to run near its peak, little enough to keep the buffer small."""
+
+
+@dataclass
+class _ExactTerms:
+    """One update's ΔWᵢ for every layer (see `_client_factors`), from a few batched numpy calls
+    per layer shape instead of several per layer."""
+
+    norm: float
+    """‖ΔWᵢ‖ over every layer (inf when not finite)."""
+    own: dict[str, tuple[np.ndarray, np.ndarray]]
+    """module -> (B (out, k), A (k, in)): the client's own term (rank rᵢ, or 2rᵢ when split is
+    not possible because rᵢ ≠ r)."""
+    a_delta: dict[str, np.ndarray] | None
+    """module -> Aᵢ - A_b (r, in), the part shared with B_b; None for another rank."""
+
+
+def _shape_groups(shapes: Shapes) -> dict[tuple[int, int], list[str]]:
+    groups: dict[tuple[int, int], list[str]] = {}
+    for module, shape in shapes.items():
+        groups.setdefault(tuple(shape), []).append(module)  # type: ignore[arg-type]
+    return groups
+
+
+def _exact_terms(
+    item: Contribution, reference: Mapping[str, np.ndarray], shapes: Shapes, s: float, rank: int
+) -> _ExactTerms:
+    own: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    shared: dict[str, np.ndarray] | None = {}
+    total = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for modules in _shape_groups(shapes).values():
+            b_i = item.scale * np.stack(
+                [np.asarray(item.tensors[b_key(m)], np.float64) for m in modules]
+            )  # (L, out, rᵢ)
+            a_i = np.stack([np.asarray(item.tensors[a_key(m)], np.float64) for m in modules])
+            b_b = s * np.stack([np.asarray(reference[b_key(m)], np.float64) for m in modules])
+            a_b = np.stack([np.asarray(reference[a_key(m)], np.float64) for m in modules])
+            if a_i.shape[1] == rank:
+                b_own, a_delta = b_i - b_b, a_i - a_b
+                x = np.concatenate([b_own, b_b], axis=2)
+                y = np.concatenate([a_i, a_delta], axis=1)
+                for j, m in enumerate(modules):
+                    own[m] = (b_own[j], a_i[j])
+                    shared[m] = a_delta[j]  # type: ignore[index]
+            else:
+                x = np.concatenate([b_i, -b_b], axis=2)
+                y = np.concatenate([a_i, a_b], axis=1)
+                for j, m in enumerate(modules):
+                    own[m] = (x[j], y[j])
+                shared = None
+            # ‖X·Y‖²_F = Σ (XᵀX) ∘ (Y·Yᵀ), one batched pair of (k, k) Grams per layer shape.
+            gram_x = np.matmul(x.transpose(0, 2, 1), x)
+            gram_y = np.matmul(y, y.transpose(0, 2, 1))
+            total += float(np.sum(gram_x * gram_y))
+    norm = math.sqrt(max(total, 0.0)) if math.isfinite(total) else math.inf
+    return _ExactTerms(norm, own, shared)
+
+
 def _aggregate_exact(
+    config: AggregationConfig,
+    shapes: Shapes,
+    current: Mapping[str, np.ndarray],
+    contributions: Iterable[Contribution],
+    base: Callable[[int], Mapping[str, np.ndarray]],
+    state: ServerState,
+    clip: ClipBound,
+) -> Outcome:
+    """W' = s·B·A + step·Σ cᵢ·wᵢ·ΔWᵢ exactly (no truncation), then the best rank-r factors.
+
+    One decoded update at a time feeds every layer's `ExactSum`; every `_FLUSH_RANK` ranks the
+    layers fold their buffers into the dense sums in a thread pool while the next updates
+    decode; the final re-projection runs per layer in the same pool.
+    """
+    if config.exact_max_rank:
+        return _aggregate_exact_truncated(config, shapes, current, contributions, base, state, clip)
+    s = config.scale
+    sums = {
+        m: ExactSum(out_dim, in_dim, flush_rank=_FLUSH_RANK)
+        for m, (out_dim, in_dim) in shapes.items()
+    }
+    total_weight = 0.0
+    norms: list[float] = []
+    clipped = 0
+    shared: dict[int, dict[str, np.ndarray]] = {}  # base version -> Σ cᵢ·(Aᵢ - A_b) per layer
+    with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="fedlm-exact") as pool:
+        folding: list[Future[None]] = []
+
+        def fold() -> None:
+            for future in folding:
+                future.result()  # the previous fold of a layer ends before its next begins
+            folding[:] = [pool.submit(acc.absorb, acc.take_pending()) for acc in sums.values()]
+
+        for item in contributions:
+            if item.weight <= 0:
+                continue
+            _check_contribution(item)
+            terms = _exact_terms(item, base(item.base_version), shapes, s, config.rank)
+            if not math.isfinite(terms.norm):
+                raise ContributionError(item.update_id, "the norm of its effect is not finite")
+            norms.append(terms.norm)
+            coef = _clip_coef(terms.norm, clip.bound)
+            clipped += coef < 1.0
+            c = item.weight * coef
+            for module, (b_own, a_own) in terms.own.items():
+                sums[module].add(b_own, a_own, c)
+            if terms.a_delta is not None:
+                acc = shared.setdefault(item.base_version, {})
+                for module, a_delta in terms.a_delta.items():
+                    if module in acc:
+                        acc[module] += c * a_delta
+                    else:
+                        acc[module] = c * a_delta
+            total_weight += item.weight
+            if next(iter(sums.values())).due:
+                fold()
+        for future in folding:
+            future.result()
+        if not norms:
+            raise ValueError("no contribution with positive weight")
+        for version, per_module in shared.items():
+            reference = base(version)
+            for module, a_sum in per_module.items():
+                sums[module].add(s * np.asarray(reference[b_key(module)], np.float64), a_sum)
+        step = config.server_lr / total_weight
+
+        def finish(module: str) -> tuple[np.ndarray, np.ndarray, float]:
+            b_cur = s * np.asarray(current[b_key(module)], np.float64)
+            a_cur = np.asarray(current[a_key(module)], np.float64)
+            with np.errstate(over="ignore", invalid="ignore"):
+                return sums[module].factors_with(b_cur, a_cur, step, config.rank)
+
+        results = dict(zip(shapes, pool.map(finish, shapes)))
+    new: Tensors = {}
+    for module, (b_new, a_new, _) in results.items():
+        b_new, a_new = fill_dead_ranks(b_new / s, a_new, config.a_seed, a_key(module), atol=1e-12)
+        new[b_key(module)] = b_new.astype(np.float32)
+        new[a_key(module)] = a_new.astype(np.float32)
+    stats: dict[str, Any] = {
+        "mode": "exact",
+        "robust": "mean",
+        "updates": len(norms),
+        "total_weight": total_weight,
+        "truncation_rel_error": 0.0,  # nothing is truncated before the final rank-r step
+        "dense_layers": sum(acc.is_dense for acc in sums.values()),
+    }
+    stats.update(_norm_stats(norms, clipped, None))
+    return Outcome(
+        tensors=new,
+        state=ServerState(
+            dp_aggregations=state.dp_aggregations,
+            norm_history=_next_history(config, state, norms),
+        ),
+        stats=stats,
+    )
+
+
+def _aggregate_exact_truncated(
     config: AggregationConfig,
     shapes: Shapes,
     current: Mapping[str, np.ndarray],
