@@ -149,6 +149,11 @@ def child_aggregate(db: Path, mode: str, n: int, exact_max_rank: int) -> dict[st
             "truncation_rel_error": float(
                 coordinator.last_aggregation.get("truncation_rel_error", 0.0)
             ),
+            **{
+                k: v
+                for k, v in coordinator.last_aggregation.items()
+                if k.startswith("seconds_") or k == "dense_layers"
+            },
         }
 
 

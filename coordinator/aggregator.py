@@ -33,6 +33,7 @@ import io
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -352,6 +353,8 @@ def effect_norm(
     shapes: Shapes,
     item: Contribution,
     reference: Mapping[str, np.ndarray],
+    *,
+    cache: dict[tuple[Any, ...], tuple[np.ndarray, ...]] | None = None,
 ) -> float:
     """Norm of what `item` would change in the global adapter, in the mode's parametrisation.
 
@@ -362,7 +365,7 @@ def effect_norm(
     _check_contribution(item)
     with np.errstate(over="ignore", invalid="ignore"):
         if config.mode == "exact":
-            norm = _exact_terms(item, reference, shapes, config.scale, config.rank).norm
+            norm = _exact_terms(item, reference, shapes, config.scale, config.rank, cache).norm
         else:
             norm = tensors_norm(_factor_delta(config, shapes, item, reference))
     if not math.isfinite(norm):
@@ -540,37 +543,81 @@ def _shape_groups(shapes: Shapes) -> dict[tuple[int, int], list[str]]:
     return groups
 
 
+def _base_stacks(
+    reference: Mapping[str, np.ndarray], modules: list[str], s: float, dtype: type
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """s·B_b (L, out, r), A_b (L, r, in) and (s·B_b)ᵀ(s·B_b) (L, r, r) of one layer shape."""
+    b_b = np.stack([reference[b_key(m)] for m in modules], dtype=dtype)
+    b_b *= dtype(s)
+    a_b = np.stack([reference[a_key(m)] for m in modules], dtype=dtype)
+    return b_b, a_b, np.matmul(b_b.transpose(0, 2, 1), b_b)
+
+
 def _exact_terms(
-    item: Contribution, reference: Mapping[str, np.ndarray], shapes: Shapes, s: float, rank: int
+    item: Contribution,
+    reference: Mapping[str, np.ndarray],
+    shapes: Shapes,
+    s: float,
+    rank: int,
+    cache: dict[tuple[Any, ...], tuple[np.ndarray, ...]] | None = None,
+) -> _ExactTerms:
+    """ΔWᵢ's factors and norm, in float32 (half the memory traffic of float64, and the sums
+    keep float32 factors anyway); in float64 when float32 overflows, so only an effect that is
+    not finite in float64 either counts as not finite.
+
+    `cache` keeps the base version's stacked factors across the updates of one aggregation
+    (they are the same for every client on that base)."""
+    terms = _exact_terms_as(item, reference, shapes, s, rank, cache, np.float32)
+    if math.isfinite(terms.norm):
+        return terms
+    return _exact_terms_as(item, reference, shapes, s, rank, cache, np.float64)
+
+
+def _exact_terms_as(
+    item: Contribution,
+    reference: Mapping[str, np.ndarray],
+    shapes: Shapes,
+    s: float,
+    rank: int,
+    cache: dict[tuple[Any, ...], tuple[np.ndarray, ...]] | None,
+    dtype: type,
 ) -> _ExactTerms:
     own: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     shared: dict[str, np.ndarray] | None = {}
     total = 0.0
     with np.errstate(over="ignore", invalid="ignore"):
-        for modules in _shape_groups(shapes).values():
-            b_i = item.scale * np.stack(
-                [np.asarray(item.tensors[b_key(m)], np.float64) for m in modules]
-            )  # (L, out, rᵢ)
-            a_i = np.stack([np.asarray(item.tensors[a_key(m)], np.float64) for m in modules])
-            b_b = s * np.stack([np.asarray(reference[b_key(m)], np.float64) for m in modules])
-            a_b = np.stack([np.asarray(reference[a_key(m)], np.float64) for m in modules])
+        for shape, modules in _shape_groups(shapes).items():
+            key = (item.base_version, shape, dtype)
+            cached = cache.get(key) if cache is not None else None
+            if cached is None:
+                cached = _base_stacks(reference, modules, s, dtype)
+                if cache is not None:
+                    cache[key] = cached
+            b_b, a_b, gram_bb = cached
+            b_i = np.stack([item.tensors[b_key(m)] for m in modules], dtype=dtype)
+            b_i *= dtype(item.scale)  # (L, out, rᵢ)
+            a_i = np.stack([item.tensors[a_key(m)] for m in modules], dtype=dtype)
             if a_i.shape[1] == rank:
-                b_own, a_delta = b_i - b_b, a_i - a_b
-                x = np.concatenate([b_own, b_b], axis=2)
-                y = np.concatenate([a_i, a_delta], axis=1)
+                b_i -= b_b  # now b_own = sᵢ·Bᵢ - s·B_b
+                a_delta = a_i - a_b
                 for j, m in enumerate(modules):
-                    own[m] = (b_own[j], a_i[j])
+                    own[m] = (b_i[j], a_i[j])
                     shared[m] = a_delta[j]  # type: ignore[index]
+                # ‖b_own·Aᵢ + B_b·ΔA‖²_F from (k, k) Grams, batched over the layers of a shape:
+                # Σ (b_ownᵀb_own)∘(AᵢAᵢᵀ) + 2·Σ (b_ownᵀB_b)∘(Aᵢ·ΔAᵀ) + Σ (B_bᵀB_b)∘(ΔA·ΔAᵀ).
+                bt = b_i.transpose(0, 2, 1)
+                at_i, at_d = a_i.transpose(0, 2, 1), a_delta.transpose(0, 2, 1)
+                total += float(np.sum(np.matmul(bt, b_i) * np.matmul(a_i, at_i)))
+                total += 2.0 * float(np.sum(np.matmul(bt, b_b) * np.matmul(a_i, at_d)))
+                total += float(np.sum(gram_bb * np.matmul(a_delta, at_d)))
             else:
                 x = np.concatenate([b_i, -b_b], axis=2)
                 y = np.concatenate([a_i, a_b], axis=1)
                 for j, m in enumerate(modules):
                     own[m] = (x[j], y[j])
                 shared = None
-            # ‖X·Y‖²_F = Σ (XᵀX) ∘ (Y·Yᵀ), one batched pair of (k, k) Grams per layer shape.
-            gram_x = np.matmul(x.transpose(0, 2, 1), x)
-            gram_y = np.matmul(y, y.transpose(0, 2, 1))
-            total += float(np.sum(gram_x * gram_y))
+                gram_x = np.matmul(x.transpose(0, 2, 1), x)
+                total += float(np.sum(gram_x * np.matmul(y, y.transpose(0, 2, 1))))
     norm = math.sqrt(max(total, 0.0)) if math.isfinite(total) else math.inf
     return _ExactTerms(norm, own, shared)
 
@@ -592,6 +639,7 @@ def _aggregate_exact(
     """
     if config.exact_max_rank:
         return _aggregate_exact_truncated(config, shapes, current, contributions, base, state, clip)
+    started = time.perf_counter()
     s = config.scale
     sums = {
         m: ExactSum(out_dim, in_dim, flush_rank=_FLUSH_RANK)
@@ -601,6 +649,7 @@ def _aggregate_exact(
     norms: list[float] = []
     clipped = 0
     shared: dict[int, dict[str, np.ndarray]] = {}  # base version -> Σ cᵢ·(Aᵢ - A_b) per layer
+    base_cache: dict[tuple[Any, ...], tuple[np.ndarray, ...]] = {}
     with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="fedlm-exact") as pool:
         folding: list[Future[None]] = []
 
@@ -613,7 +662,8 @@ def _aggregate_exact(
             if item.weight <= 0:
                 continue
             _check_contribution(item)
-            terms = _exact_terms(item, base(item.base_version), shapes, s, config.rank)
+            reference = base(item.base_version)
+            terms = _exact_terms(item, reference, shapes, s, config.rank, base_cache)
             if not math.isfinite(terms.norm):
                 raise ContributionError(item.update_id, "the norm of its effect is not finite")
             norms.append(terms.norm)
@@ -632,6 +682,7 @@ def _aggregate_exact(
             total_weight += item.weight
             if next(iter(sums.values())).due:
                 fold()
+        streamed = time.perf_counter()
         for future in folding:
             future.result()
         if not norms:
@@ -648,7 +699,9 @@ def _aggregate_exact(
             with np.errstate(over="ignore", invalid="ignore"):
                 return sums[module].factors_with(b_cur, a_cur, step, config.rank)
 
+        folded = time.perf_counter()
         results = dict(zip(shapes, pool.map(finish, shapes)))
+        finished = time.perf_counter()
     new: Tensors = {}
     for module, (b_new, a_new, _) in results.items():
         b_new, a_new = fill_dead_ranks(b_new / s, a_new, config.a_seed, a_key(module), atol=1e-12)
@@ -661,6 +714,9 @@ def _aggregate_exact(
         "total_weight": total_weight,
         "truncation_rel_error": 0.0,  # nothing is truncated before the final rank-r step
         "dense_layers": sum(acc.is_dense for acc in sums.values()),
+        "seconds_stream": round(streamed - started, 3),
+        "seconds_fold_wait": round(folded - streamed, 3),
+        "seconds_reproject": round(finished - folded, 3),
     }
     stats.update(_norm_stats(norms, clipped, None))
     return Outcome(

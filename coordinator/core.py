@@ -97,9 +97,12 @@ def _wire_errors_as_http() -> Iterator[None]:
         yield
     # Well-formed bytes with unusable values: 422, which clients do not retry (a 5xx they would).
     except (NonFiniteError, ShapeMismatchError, OutOfRangeError, InvalidMetricsError) as exc:
-        raise UpdateRejectedError(str(exc)[:500], code=ErrorMessage.from_exception(exc).code) from None
+        raise UpdateRejectedError(
+            str(exc)[:500], code=ErrorMessage.from_exception(exc).code
+        ) from None
     except WireError as exc:
         raise BadRequestError(str(exc)[:500], code=ErrorMessage.from_exception(exc).code) from None
+
 
 class Coordinator:
     """Task state over a `Storage`; see the module docstring for the ingest contract."""
@@ -139,6 +142,11 @@ class Coordinator:
         assert latest.body is not None, "the newest global version always keeps its body"
         self._set_current(latest)
         self._pending = storage.pending_updates()
+        # update id -> the effect norm measured at ingest (from the tensors decoded there), so
+        # the clip's first pass need not decode the stored update again. In memory only: after
+        # a restart the first pass decodes what it does not find here.
+        self._norms: dict[str, float] = {}
+        self._norm_cache: dict[tuple[Any, ...], tuple[np.ndarray, ...]] = {}
         self.last_aggregation: dict[str, Any] = dict(latest.stats)
         log.info(
             "task %s: version %d, %d pending updates, strategy %s, mode %s",
@@ -322,7 +330,7 @@ class Coordinator:
     def submit(self, client_id: str, body: bytes) -> dict[str, Any]:
         """Validate, admit and durably store one update; returns the acknowledgement."""
         update = self._decode(body)
-        record = self._validate(client_id, update, len(body))
+        record, norm = self._validate(client_id, update, len(body))
         with self._lock:
             self._check_open()
             self.config.strategy.admit(
@@ -330,6 +338,8 @@ class Coordinator:
             )
             self.storage.add_update(record, body)  # durable when it returns
             self._pending.append(record)
+            if norm is not None:
+                self._norms[record.update_id] = norm
             pending, version = len(self._pending), self.version
         log.debug("accepted %s from %s (base %d)", record.update_id, client_id, record.base_version)
         return {
@@ -353,7 +363,11 @@ class Coordinator:
         with _wire_errors_as_http():
             return AdapterUpdate.from_bytes(body, self._limits)
 
-    def _validate(self, client_id: str, update: AdapterUpdate, size: int) -> UpdateRecord:
+    def _validate(
+        self, client_id: str, update: AdapterUpdate, size: int
+    ) -> tuple[UpdateRecord, float | None]:
+        """The record to store, and the update's effect norm (None when it is not finite: the
+        aggregation's first pass then drops it, as it would have without this measurement)."""
         cfg, agg = self.config, self.config.aggregation
         if update.client_id != client_id:
             raise ForbiddenError(
@@ -396,11 +410,20 @@ class Coordinator:
             else None
         )
         with _wire_errors_as_http():
-            dense = update.dense_tensors(reference)
-        for key, value in dense.items():
-            if not np.isfinite(value).all():
-                raise UpdateRejectedError(f"{key}: non-finite values", code="wire.non_finite")
-        return self._record(client_id, update, size)
+            dense = update.dense_tensors(reference)  # raises on any non-finite value
+        return self._record(client_id, update, size), self._effect_norm(update, dense)
+
+    def _effect_norm(self, update: AdapterUpdate, dense: Tensors) -> float | None:
+        if len(self._norm_cache) > 64:  # per (base version, layer shape): a handful at a time
+            self._norm_cache.clear()
+        item = Contribution(update.update_id, dense, 1.0, update.base_version, update.lora.scaling)
+        try:
+            return effect_norm(
+                self.config.aggregation, self.config.shapes, item,
+                self.dense_version(update.base_version), cache=self._norm_cache,
+            )  # fmt: skip
+        except ContributionError:
+            return None
 
     def _check_lora(self, lora: LoraSpec) -> None:
         """Every field of the update's LoRA spec against the task, in every mode.
@@ -554,7 +577,11 @@ class Coordinator:
         """Pass 1: each update's effect norm; an update whose effect is not finite is dropped
         here, before anything is mixed."""
         agg, norms = self.config.aggregation, {}
-        for item in self._contributions(used, weights, drops):
+        for record in used:
+            if record.update_id in self._norms:
+                norms[record.update_id] = self._norms[record.update_id]
+        missing = [r for r in used if r.update_id not in norms]
+        for item in self._contributions(missing, weights, drops):
             try:
                 norms[item.update_id] = effect_norm(
                     agg, self.config.shapes, item, self.dense_version(item.base_version)
@@ -690,6 +717,8 @@ class Coordinator:
                 self._set_current(record)
             gone = set(used) | set(dropped)
             self._pending = [p for p in self._pending if p.update_id not in gone]
+            for update_id in gone:
+                self._norms.pop(update_id, None)
 
     def current_adapter(self) -> tuple[bytes, str, int]:
         """(encoded GlobalAdapter, ETag, version) of the current version, read atomically."""
