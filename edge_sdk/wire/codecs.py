@@ -359,6 +359,10 @@ class EncodedTensor:
 
         `defer_scales=True` leaves the block scales' values unchecked: the caller must pass the
         tensor to `check_scales` before using it (a message checks all its tensors at once)."""
+        if defer_scales:
+            fast = cls._from_obj_fast(obj, limits)
+            if fast is not None:
+                return fast
         if not isinstance(obj, dict):
             raise InvalidFieldError(f"{where}: expected a map, got {type(obj).__name__}")
         shape = get(obj, "shape", where)
@@ -393,6 +397,54 @@ class EncodedTensor:
             index_width=get_int(obj, "idxw", where, 1, 8) if sparse else None,
             delta=get_bool(obj, "delta", where, default=False),
         )
+
+    @classmethod
+    def _from_obj_fast(cls, obj: Any, limits: DecodeLimits) -> EncodedTensor | None:
+        """The common case, a well-formed dense blockwise tensor, validated with inline checks
+        that accept exactly what `from_obj` and `_check` accept for it (scales' values aside);
+        None for anything else, which then takes the general path and its precise errors.
+
+        An adapter update is hundreds of small tensors, and the general path's per-field
+        helper calls were most of the time a coordinator spent decoding one."""
+        if type(obj) is not dict:
+            return None
+        get_ = obj.get
+        shape, values, data = get_("shape"), get_("values"), get_("data")
+        block, scales, sdt = get_("block"), get_("scales"), get_("sdt")
+        delta = get_("delta")
+        if (
+            type(shape) is not list
+            or len(shape) > limits.max_ndim
+            or type(values) is not str
+            or values not in _quant.BLOCK_FORMATS
+            or type(data) is not bytes
+            or type(block) is not int
+            or not 1 <= block <= MAX_BLOCK
+            or type(scales) is not bytes
+            or sdt not in _quant.SCALE_ITEMSIZE
+            or get_("nnz") is not None
+            or get_("idx") is not None
+            or get_("idxw") is not None
+            or not (delta is None or type(delta) is bool)
+        ):
+            return None
+        n = 1
+        for d in shape:
+            if type(d) is not int or not 0 <= d <= limits.max_elements:
+                return None
+            n *= d
+        if n > limits.max_elements or len(data) != _quant.payload_len(values, n):
+            return None
+        if len(scales) != _quant.num_blocks(n, block) * _quant.SCALE_ITEMSIZE[sdt]:
+            return None
+        if values != "int8" and n % 2 and data[-1] >> 4:
+            return None
+        tensor = cls.__new__(cls)
+        tensor.__dict__.update(
+            shape=tuple(shape), values=values, data=data, block=block, scales=scales,
+            scale_dtype=sdt, nnz=None, indices=None, index_width=None, delta=bool(delta),
+        )  # fmt: skip
+        return tensor
 
     def matches(self, spec: CodecSpec) -> bool:
         """Whether this tensor is encoded the way `spec` says (block sizes may differ per tensor)."""
