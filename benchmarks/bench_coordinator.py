@@ -164,12 +164,14 @@ def child_aggregate(
             fill_via_ingest(coordinator, mode, sha, n)
             fill_seconds = time.perf_counter() - started
         before = rss_mb()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         version = coordinator.aggregate()
         seconds = time.perf_counter() - started
+        cpu_seconds = time.process_time() - cpu_started  # every thread of this process
         assert version == 1, "the buffer was due"
         return {
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
             "fill": fill_mode,
             "fill_seconds": fill_seconds,
             "rss_before_mb": before,
@@ -210,7 +212,7 @@ def bench_aggregation(
             row = {
                 "mode": mode,
                 "n": n,
-                "exact_max_rank": exact_max_rank or 4 * RANK,
+                "exact_max_rank": exact_max_rank,
                 "update_bytes": size,
             }
             row.update(result)
