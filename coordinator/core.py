@@ -525,8 +525,13 @@ class Coordinator:
                 "dropped": len(drops),
                 "dropped_reasons": dict(Counter(drops.values())),
             }
+            encoding = time.perf_counter()
             record = self._encode_global(version + 1, outcome.tensors, stats)
+            committing = time.perf_counter()
             self._finish([r.update_id for r in used], list(drops), record, outcome.state)
+            # In memory only (not in the published metadata): where the time after the math went.
+            self.last_aggregation["seconds_encode"] = round(committing - encoding, 3)
+            self.last_aggregation["seconds_commit"] = round(time.perf_counter() - committing, 3)
             log.info("version %d from %d updates in %.2fs", version + 1, len(used), seconds)
             return version + 1
         finally:
