@@ -39,7 +39,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# --code DIR: the aggregation child imports the coordinator from another checkout ("before").
+CODE = Path(os.environ.get("FEDLM_BENCH_CODE") or ROOT)
+sys.path.insert(0, str(CODE))
 
 from coordinator.aggregator import AggregationConfig
 from coordinator.config import CoordinatorConfig
@@ -194,6 +196,7 @@ def bench_aggregation(
     modes: list[str],
     exact_max_rank: int = 0,
     fill_mode: str = "ingest",
+    code: Path | None = None,
 ) -> list[dict]:
     rows = []
     for mode in modes:
@@ -206,10 +209,12 @@ def bench_aggregation(
                 out = subprocess.run(
                     [sys.executable, __file__, "--child-aggregate", str(db), "--mode", mode, "--n", str(n),
                      "--exact-max-rank", str(exact_max_rank), "--fill", fill_mode],
-                    capture_output=True, text=True, check=True, cwd=ROOT,
+                    capture_output=True, text=True, check=True, cwd=CODE,
+                    env={**os.environ, "FEDLM_BENCH_CODE": str(code or ROOT)},
                 )  # fmt: skip
                 result = json.loads(out.stdout.strip().splitlines()[-1])
             row = {
+                "code": str(code or ROOT),
                 "mode": mode,
                 "n": n,
                 "exact_max_rank": exact_max_rank,
@@ -337,6 +342,12 @@ def main() -> None:
         help="store the N updates through Coordinator.submit (norms measured at ingest, as in a "
         "running coordinator) or as raw rows (as after a restart)",
     )
+    parser.add_argument(
+        "--code",
+        type=Path,
+        help="run the aggregation child against the coordinator of this checkout (e.g. the "
+        "code before a change; use --fill storage with code that has no ingest-time norms)",
+    )
     parser.add_argument("--child-aggregate", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -365,7 +376,7 @@ def main() -> None:
         sizes = [int(n) for n in args.sizes.split(",")]
     modes = args.modes.split(",")
     results["aggregation"] = bench_aggregation(
-        shapes, sha, sizes, modes, args.exact_max_rank, args.fill
+        shapes, sha, sizes, modes, args.exact_max_rank, args.fill, args.code
     )
     print(json.dumps(results, indent=2))
 
