@@ -32,6 +32,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -675,28 +676,57 @@ class Coordinator:
         rather than blocking every future aggregation.
         """
         by_id = {r.update_id: r for r in used}
-        for update_id, body in self.storage.iter_update_bodies([r.update_id for r in used]):
+        # The references, resolved here: the decoding thread never touches storage (a thread
+        # that opened a connection would keep it until the storage closes).
+        refs: dict[int, Tensors | Exception] = {}
+        for version in {r.base_version for r in used}:
+            try:
+                refs[version] = self.dense_version(version)
+            except StaleUpdateError as exc:
+                refs[version] = exc
+
+        def decode(update_id: str, body: bytes) -> Contribution | tuple[str, str]:
             record = by_id[update_id]
             try:
                 update = AdapterUpdate.from_bytes(body, self._limits)
                 self._check_lora(update.lora)
                 delta = any(t.delta for t in update.tensors.values())
-                tensors = update.dense_tensors(
-                    self.dense_version(record.base_version) if delta else None
-                )
+                reference = refs[record.base_version]
+                if delta and isinstance(reference, Exception):
+                    raise reference
+                tensors = update.dense_tensors(reference if delta else None)  # type: ignore[arg-type]
             except (WireError, StaleUpdateError, UpdateRejectedError) as exc:
                 log.debug("stored update %s is unusable: %s", update_id, exc)
-                unusable[update_id] = (
+                return update_id, (
                     "lora_mismatch" if isinstance(exc, UpdateRejectedError) else "undecodable"
                 )
-                continue
-            yield Contribution(
+            return Contribution(
                 update_id=update_id,
                 tensors=tensors,
                 weight=weights[update_id],
                 base_version=record.base_version,
                 scale=update.lora.scaling,
             )
+
+        # Decode update k+1 in a worker while the caller folds update k (numpy releases the
+        # GIL for most of both): two decoded updates in memory at most.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlm-decode") as worker:
+            ahead: Future[Contribution | tuple[str, str]] | None = None
+            for update_id, body in self.storage.iter_update_bodies([r.update_id for r in used]):
+                submitted = worker.submit(decode, update_id, body)
+                if ahead is not None:
+                    done = ahead.result()
+                    if isinstance(done, Contribution):
+                        yield done
+                    else:
+                        unusable[done[0]] = done[1]
+                ahead = submitted
+            if ahead is not None:
+                done = ahead.result()
+                if isinstance(done, Contribution):
+                    yield done
+                else:
+                    unusable[done[0]] = done[1]
 
     def _finish(
         self,
