@@ -284,9 +284,11 @@ async def run_load(
                     nonlocal version
                     client_id, token = enrolled[index % devices]
                     update_id = uuid.uuid4().hex
-                    body = made[index % len(made)].body(client_id, update_id, version)
                     headers = {"Authorization": f"Bearer {token}", "Content-Type": CONTENT_TYPE}
                     async with sem:
+                        # Framed once a connection is free: a backlog of due sends holds no
+                        # bodies (an overloaded coordinator would otherwise fill this memory).
+                        body = made[index % len(made)].body(client_id, update_id, version)
                         t0 = time.perf_counter()
                         async with session.post(
                             f"{server.url}/v1/updates", data=body, headers=headers
