@@ -39,7 +39,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# --code DIR: the aggregation child imports the coordinator from another checkout ("before").
+CODE = Path(os.environ.get("FEDLM_BENCH_CODE") or ROOT)
+sys.path.insert(0, str(CODE))
 
 from coordinator.aggregator import AggregationConfig
 from coordinator.config import CoordinatorConfig
@@ -133,44 +135,89 @@ def fill(shapes: Shapes, sha: str, db: Path, mode: str, n: int) -> int:
         return len(bodies[0])
 
 
-def child_aggregate(db: Path, mode: str, n: int, exact_max_rank: int) -> dict[str, float]:
+def fill_via_ingest(coordinator: Coordinator, mode: str, sha: str, n: int) -> int:
+    """N updates from N enrolled devices through `Coordinator.submit`, the path a running
+    coordinator takes (decode, validate, effect norm, durable insert)."""
+    distinct = [
+        AdapterUpdate.from_bytes(body)
+        for body in make_updates(coordinator.dense_version(0), mode, sha, min(DISTINCT, n))
+    ]
+    size = 0
+    for i in range(n):
+        client = coordinator.join(JOIN_TOKEN, f"device-{i}")
+        template = distinct[i % len(distinct)]
+        body = AdapterUpdate(
+            **{**template.__dict__, "client_id": client["client_id"], "update_id": uuid.uuid4().hex}
+        ).to_bytes()
+        coordinator.submit(client["client_id"], body)
+        size = len(body)
+    return size
+
+
+def child_aggregate(
+    db: Path, mode: str, n: int, exact_max_rank: int, fill_mode: str = "storage"
+) -> dict[str, float]:
     shapes, sha, _ = smollm2_shapes()
     with SQLiteStorage(db) as storage:
         coordinator = Coordinator(config_for(shapes, sha, db, mode, n, exact_max_rank), storage)
+        fill_seconds = 0.0
+        if fill_mode == "ingest":
+            started = time.perf_counter()
+            fill_via_ingest(coordinator, mode, sha, n)
+            fill_seconds = time.perf_counter() - started
         before = rss_mb()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         version = coordinator.aggregate()
         seconds = time.perf_counter() - started
+        cpu_seconds = time.process_time() - cpu_started  # every thread of this process
         assert version == 1, "the buffer was due"
         return {
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
+            "fill": fill_mode,
+            "fill_seconds": fill_seconds,
             "rss_before_mb": before,
             "rss_peak_mb": rss_mb("VmHWM"),
             "truncation_rel_error": float(
                 coordinator.last_aggregation.get("truncation_rel_error", 0.0)
             ),
+            **{
+                k: v
+                for k, v in coordinator.last_aggregation.items()
+                if k.startswith("seconds_") or k == "dense_layers"
+            },
         }
 
 
 def bench_aggregation(
-    shapes: Shapes, sha: str, sizes: list[int], modes: list[str], exact_max_rank: int = 0
+    shapes: Shapes,
+    sha: str,
+    sizes: list[int],
+    modes: list[str],
+    exact_max_rank: int = 0,
+    fill_mode: str = "ingest",
+    code: Path | None = None,
 ) -> list[dict]:
     rows = []
     for mode in modes:
         for n in sizes:
             with tempfile.TemporaryDirectory(prefix="fedlm-bench-") as tmp:
                 db = Path(tmp) / "agg.sqlite"
-                size = fill(shapes, sha, db, mode, n)
+                # "storage": rows written directly, as a coordinator finds them after a restart
+                # (the clip's first pass decodes them); "ingest": through `submit` in the child.
+                size = fill(shapes, sha, db, mode, n) if fill_mode == "storage" else 0
                 out = subprocess.run(
                     [sys.executable, __file__, "--child-aggregate", str(db), "--mode", mode, "--n", str(n),
-                     "--exact-max-rank", str(exact_max_rank)],
-                    capture_output=True, text=True, check=True, cwd=ROOT,
+                     "--exact-max-rank", str(exact_max_rank), "--fill", fill_mode],
+                    capture_output=True, text=True, check=True, cwd=CODE,
+                    env={**os.environ, "FEDLM_BENCH_CODE": str(code or ROOT)},
                 )  # fmt: skip
                 result = json.loads(out.stdout.strip().splitlines()[-1])
             row = {
+                "code": str(code or ROOT),
                 "mode": mode,
                 "n": n,
-                "exact_max_rank": exact_max_rank or 4 * RANK,
+                "exact_max_rank": exact_max_rank,
                 "update_bytes": size,
             }
             row.update(result)
@@ -285,7 +332,22 @@ def main() -> None:
     parser.add_argument("--modes", default="exact,frozen-a,naive")
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--sizes", default="", help="comma-separated N (default 10,100,1000)")
-    parser.add_argument("--exact-max-rank", type=int, default=0, help="0 = 4·r")
+    parser.add_argument(
+        "--exact-max-rank", type=int, default=0, help="0 = exact, untruncated sum; > 0 = truncating"
+    )
+    parser.add_argument(
+        "--fill",
+        choices=("ingest", "storage"),
+        default="ingest",
+        help="store the N updates through Coordinator.submit (norms measured at ingest, as in a "
+        "running coordinator) or as raw rows (as after a restart)",
+    )
+    parser.add_argument(
+        "--code",
+        type=Path,
+        help="run the aggregation child against the coordinator of this checkout (e.g. the "
+        "code before a change; use --fill storage with code that has no ingest-time norms)",
+    )
     parser.add_argument("--child-aggregate", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -293,7 +355,9 @@ def main() -> None:
     if args.child_aggregate:
         print(
             json.dumps(
-                child_aggregate(args.child_aggregate, args.mode, args.n, args.exact_max_rank)
+                child_aggregate(
+                    args.child_aggregate, args.mode, args.n, args.exact_max_rank, args.fill
+                )
             )
         )
         return
@@ -311,7 +375,9 @@ def main() -> None:
     if args.sizes:
         sizes = [int(n) for n in args.sizes.split(",")]
     modes = args.modes.split(",")
-    results["aggregation"] = bench_aggregation(shapes, sha, sizes, modes, args.exact_max_rank)
+    results["aggregation"] = bench_aggregation(
+        shapes, sha, sizes, modes, args.exact_max_rank, args.fill, args.code
+    )
     print(json.dumps(results, indent=2))
 
 

@@ -32,13 +32,17 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from coordinator.aggregation import (
+    ExactSum,
     FedAdamConfig,
     LowRankSum,
     Tensors,
@@ -114,7 +118,10 @@ class AggregationConfig:
     max_client_rank: int = 64
     """Largest rank accepted from a client in exact mode (other modes need rank == r)."""
     exact_max_rank: int = 0
-    """Rank kept by the streaming factored sum between compressions; 0 = 4·r."""
+    """0 (default): the exact mode sums every update without truncation (`ExactSum`: factored
+    while small, then a dense float32 (out, in) accumulator per layer, i.e. memory of the
+    model's own size). > 0: the older streaming sum that keeps at most this rank between
+    compressions (memory O(rank·(out + in)), truncated; `truncation_rel_error` bounds it)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -184,6 +191,7 @@ class AggregationConfig:
 
     @property
     def sum_rank(self) -> int:
+        """Rank kept by the truncating streaming sum (`exact_max_rank` > 0 only)."""
         return self.exact_max_rank or 4 * self.rank
 
     def update_keys(self, shapes: Shapes) -> list[str]:
@@ -345,6 +353,8 @@ def effect_norm(
     shapes: Shapes,
     item: Contribution,
     reference: Mapping[str, np.ndarray],
+    *,
+    cache: dict[tuple[Any, ...], tuple[np.ndarray, ...]] | None = None,
 ) -> float:
     """Norm of what `item` would change in the global adapter, in the mode's parametrisation.
 
@@ -355,11 +365,7 @@ def effect_norm(
     _check_contribution(item)
     with np.errstate(over="ignore", invalid="ignore"):
         if config.mode == "exact":
-            total = 0.0
-            for module in shapes:
-                bm, am, _ = _client_factors(item, reference, module, config.scale, config.rank)
-                total += lowrank_norm(bm, am) ** 2
-            norm = math.sqrt(total) if math.isfinite(total) else math.inf
+            norm = _exact_terms(item, reference, shapes, config.scale, config.rank, cache).norm
         else:
             norm = tensors_norm(_factor_delta(config, shapes, item, reference))
     if not math.isfinite(norm):
@@ -507,7 +513,223 @@ def _aggregate_factors(
     return Outcome(tensors=new, state=new_state, stats=stats)
 
 
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
+"""Threads that fold the exact mode's layers (BLAS releases the GIL; the CLI runs BLAS on one
+thread, so these are the coordinator's parallelism)."""
+
+_FLUSH_RANK = 64
+"""Ranks buffered per layer before one GEMM folds them into the dense sum (8 updates at r=8):
+enough for BLAS to run near its peak, little enough to keep the buffer small."""
+
+
+@dataclass
+class _ExactTerms:
+    """One update's ΔWᵢ for every layer (see `_client_factors`), from a few batched numpy calls
+    per layer shape instead of several per layer."""
+
+    norm: float
+    """‖ΔWᵢ‖ over every layer (inf when not finite)."""
+    own: dict[str, tuple[np.ndarray, np.ndarray]]
+    """module -> (B (out, k), A (k, in)): the client's own term (rank rᵢ, or 2rᵢ when split is
+    not possible because rᵢ ≠ r)."""
+    a_delta: dict[str, np.ndarray] | None
+    """module -> Aᵢ - A_b (r, in), the part shared with B_b; None for another rank."""
+
+
+def _shape_groups(shapes: Shapes) -> dict[tuple[int, int], list[str]]:
+    groups: dict[tuple[int, int], list[str]] = {}
+    for module, shape in shapes.items():
+        groups.setdefault(tuple(shape), []).append(module)  # type: ignore[arg-type]
+    return groups
+
+
+def _base_stacks(
+    reference: Mapping[str, np.ndarray], modules: list[str], s: float, dtype: type
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """s·B_b (L, out, r), A_b (L, r, in) and (s·B_b)ᵀ(s·B_b) (L, r, r) of one layer shape."""
+    b_b = np.stack([reference[b_key(m)] for m in modules], dtype=dtype)
+    b_b *= dtype(s)
+    a_b = np.stack([reference[a_key(m)] for m in modules], dtype=dtype)
+    return b_b, a_b, np.matmul(b_b.transpose(0, 2, 1), b_b)
+
+
+def _exact_terms(
+    item: Contribution,
+    reference: Mapping[str, np.ndarray],
+    shapes: Shapes,
+    s: float,
+    rank: int,
+    cache: dict[tuple[Any, ...], tuple[np.ndarray, ...]] | None = None,
+) -> _ExactTerms:
+    """ΔWᵢ's factors and norm, in float32 (half the memory traffic of float64, and the sums
+    keep float32 factors anyway); in float64 when float32 overflows, so only an effect that is
+    not finite in float64 either counts as not finite.
+
+    `cache` keeps the base version's stacked factors across the updates of one aggregation
+    (they are the same for every client on that base)."""
+    terms = _exact_terms_as(item, reference, shapes, s, rank, cache, np.float32)
+    if math.isfinite(terms.norm):
+        return terms
+    return _exact_terms_as(item, reference, shapes, s, rank, cache, np.float64)
+
+
+def _exact_terms_as(
+    item: Contribution,
+    reference: Mapping[str, np.ndarray],
+    shapes: Shapes,
+    s: float,
+    rank: int,
+    cache: dict[tuple[Any, ...], tuple[np.ndarray, ...]] | None,
+    dtype: type,
+) -> _ExactTerms:
+    own: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    shared: dict[str, np.ndarray] | None = {}
+    total = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for shape, modules in _shape_groups(shapes).items():
+            key = (item.base_version, shape, dtype)
+            cached = cache.get(key) if cache is not None else None
+            if cached is None:
+                cached = _base_stacks(reference, modules, s, dtype)
+                if cache is not None:
+                    cache[key] = cached
+            b_b, a_b, gram_bb = cached
+            b_i = np.stack([item.tensors[b_key(m)] for m in modules], dtype=dtype)
+            b_i *= dtype(item.scale)  # (L, out, rᵢ)
+            a_i = np.stack([item.tensors[a_key(m)] for m in modules], dtype=dtype)
+            if a_i.shape[1] == rank:
+                b_i -= b_b  # now b_own = sᵢ·Bᵢ - s·B_b
+                a_delta = a_i - a_b
+                for j, m in enumerate(modules):
+                    own[m] = (b_i[j], a_i[j])
+                    shared[m] = a_delta[j]  # type: ignore[index]
+                # ‖b_own·Aᵢ + B_b·ΔA‖²_F from (k, k) Grams, batched over the layers of a shape:
+                # Σ (b_ownᵀb_own)∘(AᵢAᵢᵀ) + 2·Σ (b_ownᵀB_b)∘(Aᵢ·ΔAᵀ) + Σ (B_bᵀB_b)∘(ΔA·ΔAᵀ).
+                bt = b_i.transpose(0, 2, 1)
+                at_i, at_d = a_i.transpose(0, 2, 1), a_delta.transpose(0, 2, 1)
+                total += float(np.sum(np.matmul(bt, b_i) * np.matmul(a_i, at_i)))
+                total += 2.0 * float(np.sum(np.matmul(bt, b_b) * np.matmul(a_i, at_d)))
+                total += float(np.sum(gram_bb * np.matmul(a_delta, at_d)))
+            else:
+                x = np.concatenate([b_i, -b_b], axis=2)
+                y = np.concatenate([a_i, a_b], axis=1)
+                for j, m in enumerate(modules):
+                    own[m] = (x[j], y[j])
+                shared = None
+                gram_x = np.matmul(x.transpose(0, 2, 1), x)
+                total += float(np.sum(gram_x * np.matmul(y, y.transpose(0, 2, 1))))
+    norm = math.sqrt(max(total, 0.0)) if math.isfinite(total) else math.inf
+    return _ExactTerms(norm, own, shared)
+
+
 def _aggregate_exact(
+    config: AggregationConfig,
+    shapes: Shapes,
+    current: Mapping[str, np.ndarray],
+    contributions: Iterable[Contribution],
+    base: Callable[[int], Mapping[str, np.ndarray]],
+    state: ServerState,
+    clip: ClipBound,
+) -> Outcome:
+    """W' = s·B·A + step·Σ cᵢ·wᵢ·ΔWᵢ exactly (no truncation), then the best rank-r factors.
+
+    One decoded update at a time feeds every layer's `ExactSum`; every `_FLUSH_RANK` ranks the
+    layers fold their buffers into the dense sums in a thread pool while the next updates
+    decode; the final re-projection runs per layer in the same pool.
+    """
+    if config.exact_max_rank:
+        return _aggregate_exact_truncated(config, shapes, current, contributions, base, state, clip)
+    started = time.perf_counter()
+    s = config.scale
+    sums = {
+        m: ExactSum(out_dim, in_dim, flush_rank=_FLUSH_RANK)
+        for m, (out_dim, in_dim) in shapes.items()
+    }
+    total_weight = 0.0
+    norms: list[float] = []
+    clipped = 0
+    shared: dict[int, dict[str, np.ndarray]] = {}  # base version -> Σ cᵢ·(Aᵢ - A_b) per layer
+    base_cache: dict[tuple[Any, ...], tuple[np.ndarray, ...]] = {}
+    with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="fedlm-exact") as pool:
+        folding: list[Future[None]] = []
+
+        def fold() -> None:
+            for future in folding:
+                future.result()  # the previous fold of a layer ends before its next begins
+            folding[:] = [pool.submit(acc.absorb, acc.take_pending()) for acc in sums.values()]
+
+        for item in contributions:
+            if item.weight <= 0:
+                continue
+            _check_contribution(item)
+            reference = base(item.base_version)
+            terms = _exact_terms(item, reference, shapes, s, config.rank, base_cache)
+            if not math.isfinite(terms.norm):
+                raise ContributionError(item.update_id, "the norm of its effect is not finite")
+            norms.append(terms.norm)
+            coef = _clip_coef(terms.norm, clip.bound)
+            clipped += coef < 1.0
+            c = item.weight * coef
+            for module, (b_own, a_own) in terms.own.items():
+                sums[module].add(b_own, a_own, c)
+            if terms.a_delta is not None:
+                acc = shared.setdefault(item.base_version, {})
+                for module, a_delta in terms.a_delta.items():
+                    if module in acc:
+                        acc[module] += c * a_delta
+                    else:
+                        acc[module] = c * a_delta
+            total_weight += item.weight
+            if next(iter(sums.values())).due:
+                fold()
+        streamed = time.perf_counter()
+        for future in folding:
+            future.result()
+        if not norms:
+            raise ValueError("no contribution with positive weight")
+        for version, per_module in shared.items():
+            reference = base(version)
+            for module, a_sum in per_module.items():
+                sums[module].add(s * np.asarray(reference[b_key(module)], np.float64), a_sum)
+        step = config.server_lr / total_weight
+
+        def finish(module: str) -> tuple[np.ndarray, np.ndarray, float]:
+            b_cur = s * np.asarray(current[b_key(module)], np.float64)
+            a_cur = np.asarray(current[a_key(module)], np.float64)
+            with np.errstate(over="ignore", invalid="ignore"):
+                return sums[module].factors_with(b_cur, a_cur, step, config.rank)
+
+        folded = time.perf_counter()
+        results = dict(zip(shapes, pool.map(finish, shapes)))
+        finished = time.perf_counter()
+    new: Tensors = {}
+    for module, (b_new, a_new, _) in results.items():
+        b_new, a_new = fill_dead_ranks(b_new / s, a_new, config.a_seed, a_key(module), atol=1e-12)
+        new[b_key(module)] = b_new.astype(np.float32)
+        new[a_key(module)] = a_new.astype(np.float32)
+    stats: dict[str, Any] = {
+        "mode": "exact",
+        "robust": "mean",
+        "updates": len(norms),
+        "total_weight": total_weight,
+        "truncation_rel_error": 0.0,  # nothing is truncated before the final rank-r step
+        "dense_layers": sum(acc.is_dense for acc in sums.values()),
+        "seconds_stream": round(streamed - started, 3),
+        "seconds_fold_wait": round(folded - streamed, 3),
+        "seconds_reproject": round(finished - folded, 3),
+    }
+    stats.update(_norm_stats(norms, clipped, None))
+    return Outcome(
+        tensors=new,
+        state=ServerState(
+            dp_aggregations=state.dp_aggregations,
+            norm_history=_next_history(config, state, norms),
+        ),
+        stats=stats,
+    )
+
+
+def _aggregate_exact_truncated(
     config: AggregationConfig,
     shapes: Shapes,
     current: Mapping[str, np.ndarray],

@@ -32,6 +32,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -100,9 +101,12 @@ def _wire_errors_as_http() -> Iterator[None]:
         yield
     # Well-formed bytes with unusable values: 422, which clients do not retry (a 5xx they would).
     except (NonFiniteError, ShapeMismatchError, OutOfRangeError, InvalidMetricsError) as exc:
-        raise UpdateRejectedError(str(exc)[:500], code=ErrorMessage.from_exception(exc).code) from None
+        raise UpdateRejectedError(
+            str(exc)[:500], code=ErrorMessage.from_exception(exc).code
+        ) from None
     except WireError as exc:
         raise BadRequestError(str(exc)[:500], code=ErrorMessage.from_exception(exc).code) from None
+
 
 class Coordinator:
     """Task state over a `Storage`; see the module docstring for the ingest contract."""
@@ -142,6 +146,11 @@ class Coordinator:
         assert latest.body is not None, "the newest global version always keeps its body"
         self._set_current(latest)
         self._pending = storage.pending_updates()
+        # update id -> the effect norm measured at ingest (from the tensors decoded there), so
+        # the clip's first pass need not decode the stored update again. In memory only: after
+        # a restart the first pass decodes what it does not find here.
+        self._norms: dict[str, float] = {}
+        self._norm_cache: dict[tuple[Any, ...], tuple[np.ndarray, ...]] = {}
         self.last_aggregation: dict[str, Any] = dict(latest.stats)
         self.secure: SecureAggregation | None = None
         """Secure aggregation (`config.secure`): the protocol rounds that replace /v1/updates."""
@@ -338,7 +347,7 @@ class Coordinator:
                 code="secure_aggregation_required",
             )
         update = self._decode(body)
-        record = self._validate(client_id, update, len(body))
+        record, norm = self._validate(client_id, update, len(body))
         with self._lock:
             self._check_open()
             self.config.strategy.admit(
@@ -346,6 +355,8 @@ class Coordinator:
             )
             self.storage.add_update(record, body)  # durable when it returns
             self._pending.append(record)
+            if norm is not None:
+                self._norms[record.update_id] = norm
             pending, version = len(self._pending), self.version
         log.debug("accepted %s from %s (base %d)", record.update_id, client_id, record.base_version)
         return {
@@ -373,7 +384,11 @@ class Coordinator:
         with _wire_errors_as_http():
             return AdapterUpdate.from_bytes(body, self._limits)
 
-    def _validate(self, client_id: str, update: AdapterUpdate, size: int) -> UpdateRecord:
+    def _validate(
+        self, client_id: str, update: AdapterUpdate, size: int
+    ) -> tuple[UpdateRecord, float | None]:
+        """The record to store, and the update's effect norm (None when it is not finite: the
+        aggregation's first pass then drops it, as it would have without this measurement)."""
         cfg, agg = self.config, self.config.aggregation
         if update.client_id != client_id:
             raise ForbiddenError(
@@ -416,11 +431,20 @@ class Coordinator:
             else None
         )
         with _wire_errors_as_http():
-            dense = update.dense_tensors(reference)
-        for key, value in dense.items():
-            if not np.isfinite(value).all():
-                raise UpdateRejectedError(f"{key}: non-finite values", code="wire.non_finite")
-        return self._record(client_id, update, size)
+            dense = update.dense_tensors(reference)  # raises on any non-finite value
+        return self._record(client_id, update, size), self._effect_norm(update, dense)
+
+    def _effect_norm(self, update: AdapterUpdate, dense: Tensors) -> float | None:
+        if len(self._norm_cache) > 64:  # per (base version, layer shape): a handful at a time
+            self._norm_cache.clear()
+        item = Contribution(update.update_id, dense, 1.0, update.base_version, update.lora.scaling)
+        try:
+            return effect_norm(
+                self.config.aggregation, self.config.shapes, item,
+                self.dense_version(update.base_version), cache=self._norm_cache,
+            )  # fmt: skip
+        except ContributionError:
+            return None
 
     def _check_lora(self, lora: LoraSpec) -> None:
         """Every field of the update's LoRA spec against the task, in every mode.
@@ -522,8 +546,13 @@ class Coordinator:
                 "dropped": len(drops),
                 "dropped_reasons": dict(Counter(drops.values())),
             }
+            encoding = time.perf_counter()
             record = self._encode_global(version + 1, outcome.tensors, stats)
+            committing = time.perf_counter()
             self._finish([r.update_id for r in used], list(drops), record, outcome.state)
+            # In memory only (not in the published metadata): where the time after the math went.
+            self.last_aggregation["seconds_encode"] = round(committing - encoding, 3)
+            self.last_aggregation["seconds_commit"] = round(time.perf_counter() - committing, 3)
             log.info("version %d from %d updates in %.2fs", version + 1, len(used), seconds)
             return version + 1
         finally:
@@ -574,7 +603,11 @@ class Coordinator:
         """Pass 1: each update's effect norm; an update whose effect is not finite is dropped
         here, before anything is mixed."""
         agg, norms = self.config.aggregation, {}
-        for item in self._contributions(used, weights, drops):
+        for record in used:
+            if record.update_id in self._norms:
+                norms[record.update_id] = self._norms[record.update_id]
+        missing = [r for r in used if r.update_id not in norms]
+        for item in self._contributions(missing, weights, drops):
             try:
                 norms[item.update_id] = effect_norm(
                     agg, self.config.shapes, item, self.dense_version(item.base_version)
@@ -663,28 +696,57 @@ class Coordinator:
         rather than blocking every future aggregation.
         """
         by_id = {r.update_id: r for r in used}
-        for update_id, body in self.storage.iter_update_bodies([r.update_id for r in used]):
+        # The references, resolved here: the decoding thread never touches storage (a thread
+        # that opened a connection would keep it until the storage closes).
+        refs: dict[int, Tensors | Exception] = {}
+        for version in {r.base_version for r in used}:
+            try:
+                refs[version] = self.dense_version(version)
+            except StaleUpdateError as exc:
+                refs[version] = exc
+
+        def decode(update_id: str, body: bytes) -> Contribution | tuple[str, str]:
             record = by_id[update_id]
             try:
                 update = AdapterUpdate.from_bytes(body, self._limits)
                 self._check_lora(update.lora)
                 delta = any(t.delta for t in update.tensors.values())
-                tensors = update.dense_tensors(
-                    self.dense_version(record.base_version) if delta else None
-                )
+                reference = refs[record.base_version]
+                if delta and isinstance(reference, Exception):
+                    raise reference
+                tensors = update.dense_tensors(reference if delta else None)  # type: ignore[arg-type]
             except (WireError, StaleUpdateError, UpdateRejectedError) as exc:
                 log.debug("stored update %s is unusable: %s", update_id, exc)
-                unusable[update_id] = (
+                return update_id, (
                     "lora_mismatch" if isinstance(exc, UpdateRejectedError) else "undecodable"
                 )
-                continue
-            yield Contribution(
+            return Contribution(
                 update_id=update_id,
                 tensors=tensors,
                 weight=weights[update_id],
                 base_version=record.base_version,
                 scale=update.lora.scaling,
             )
+
+        # Decode update k+1 in a worker while the caller folds update k (numpy releases the
+        # GIL for most of both): two decoded updates in memory at most.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlm-decode") as worker:
+            ahead: Future[Contribution | tuple[str, str]] | None = None
+            for update_id, body in self.storage.iter_update_bodies([r.update_id for r in used]):
+                submitted = worker.submit(decode, update_id, body)
+                if ahead is not None:
+                    done = ahead.result()
+                    if isinstance(done, Contribution):
+                        yield done
+                    else:
+                        unusable[done[0]] = done[1]
+                ahead = submitted
+            if ahead is not None:
+                done = ahead.result()
+                if isinstance(done, Contribution):
+                    yield done
+                else:
+                    unusable[done[0]] = done[1]
 
     def _finish(
         self,
@@ -710,6 +772,8 @@ class Coordinator:
                 self._set_current(record)
             gone = set(used) | set(dropped)
             self._pending = [p for p in self._pending if p.update_id not in gone]
+            for update_id in gone:
+                self._norms.pop(update_id, None)
 
     def publish_secure_sum(
         self, base_version: int, tensors: Tensors, weight: float, stats: dict[str, Any]

@@ -152,6 +152,20 @@ def decode_scales(scale_bytes: bytes, scale_dtype: str) -> np.ndarray:
     return np.frombuffer(scale_bytes, dtype=dtype).astype(np.float32)
 
 
+def _pair_table(levels: np.ndarray) -> np.ndarray:
+    """(256,) uint64: byte j -> the float32 pair (level of its low nibble, of its high one)."""
+    codes = np.arange(256, dtype=np.uint8)
+    pairs = np.stack([levels[codes & 0x0F], levels[codes >> 4]], axis=1).astype(np.float32)
+    # As one uint64 per byte: a 1-D gather of 8-byte items is ~7x faster than a 2-D one.
+    return np.ascontiguousarray(pairs).view(np.uint64).reshape(256)
+
+
+# One table lookup per byte yields both of its values: a byte-indexed gather is cheaper than
+# unpacking nibbles, converting and shifting them as separate whole-array passes.
+_INT4_PAIRS = _pair_table((np.arange(16, dtype=np.float32) - 8) / INT4_LEVELS)
+_NF4_PAIRS = _pair_table(NF4_LEVELS)
+
+
 def decode_values(
     data: bytes, fmt: str, m: int, block: int | None, scales: np.ndarray | None
 ) -> np.ndarray:
@@ -163,13 +177,24 @@ def decode_values(
     if fmt == "bf16":
         return from_bf16_bits(np.frombuffer(data, dtype="<u2"))
     assert block is not None and scales is not None
+    packed = np.frombuffer(data, dtype=np.uint8)
     if fmt == "int8":
-        unit = np.frombuffer(data, dtype=np.int8).astype(np.float32) / INT8_LEVELS
-    elif fmt == "int4":
-        unit = (unpack_nibbles(data, m).astype(np.float32) - 8) / INT4_LEVELS
+        # q / 127 then x scale, in float32, exactly as the spec's reference decoder rounds.
+        unit = packed.view(np.int8).astype(np.float32)
+        unit /= np.float32(INT8_LEVELS)
     else:
-        unit = NF4_LEVELS[unpack_nibbles(data, m)]
-    per_element = np.repeat(scales, block)[:m]  # (m,) the scale of each element's block
+        table = _INT4_PAIRS if fmt == "int4" else _NF4_PAIRS
+        unit = table[packed].view(np.float32)[:m]
+    per_block = scales
+    if m % block == 0:
+        # Whole blocks (every SmolLM2-shaped LoRA factor): scale each row of a (nb, block) view
+        # in place instead of materialising an (m,) vector of repeated scales.
+        if not unit.flags.writeable or not unit.flags.c_contiguous:
+            unit = np.ascontiguousarray(unit).copy()
+        rows = unit.reshape(-1, block)
+        rows *= per_block[:, None]
+        return unit
+    per_element = np.repeat(per_block, block)[:m]  # (m,) the scale of each element's block
     return (unit * per_element).astype(np.float32)
 
 

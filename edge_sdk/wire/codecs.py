@@ -198,6 +198,19 @@ class EncodedTensor:
         object.__setattr__(self, "shape", tuple(self.shape))
         self._check("tensor")
 
+    @classmethod
+    def _unchecked_scales(cls, where: str, **fields: Any) -> EncodedTensor:
+        """Construct with every check except the block scales' values (finite, >= 0), which the
+        caller then checks for many tensors at once (`check_scales`)."""
+        tensor = cls.__new__(cls)
+        for name in cls.__dataclass_fields__:
+            object.__setattr__(
+                tensor, name, fields.get(name, cls.__dataclass_fields__[name].default)
+            )
+        object.__setattr__(tensor, "shape", tuple(tensor.shape))
+        tensor._check(where, scale_values=False)
+        return tensor
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -211,7 +224,7 @@ class EncodedTensor:
         """Payload bytes: data + scales + indices (the msgpack framing adds ~60 bytes)."""
         return len(self.data) + len(self.scales or b"") + len(self.indices or b"")
 
-    def _check(self, where: str) -> None:
+    def _check(self, where: str, scale_values: bool = True) -> None:
         for d in self.shape:
             if isinstance(d, bool) or not isinstance(d, int) or d < 0:
                 raise InvalidFieldError(
@@ -250,14 +263,14 @@ class EncodedTensor:
                 f"got {len(self.data)}"
             )
         if self.values in _quant.BLOCK_FORMATS:
-            self._check_blocks(where, m)  # type: ignore[arg-type]
+            self._check_blocks(where, m, scale_values)  # type: ignore[arg-type]
         else:
             if self.block is not None or self.scales is not None or self.scale_dtype is not None:
                 raise InvalidFieldError(f"{where}: {self.values} takes no `block`/`scales`/`sdt`")
             if not np.isfinite(_quant.decode_values(self.data, self.values, m, None, None)).all():  # type: ignore[arg-type]
                 raise NonFiniteError(f"{where}.data: expected finite {self.values} values")
 
-    def _check_blocks(self, where: str, m: int) -> None:
+    def _check_blocks(self, where: str, m: int, scale_values: bool = True) -> None:
         if (
             isinstance(self.block, bool)
             or not isinstance(self.block, int)
@@ -276,15 +289,19 @@ class EncodedTensor:
             raise ShapeMismatchError(
                 f"{where}.scales: expected {want} bytes for {nb} blocks, got {len(self.scales)}"
             )
-        scales = _quant.decode_scales(self.scales, self.scale_dtype)
-        if not np.isfinite(scales).all():
-            raise NonFiniteError(f"{where}.scales: expected finite scales")
-        if np.any(scales < 0):
-            raise InvalidFieldError(f"{where}.scales: expected non-negative absmax scales")
         if self.values != "int8" and m % 2 and self.data[-1] >> 4:
             raise InvalidFieldError(
                 f"{where}.data: expected a zero padding nibble after an odd count"
             )
+        if scale_values:
+            self._check_scale_values(where)
+
+    def _check_scale_values(self, where: str) -> None:
+        scales = _quant.decode_scales(self.scales, self.scale_dtype)  # type: ignore[arg-type]
+        if not np.isfinite(scales).all():
+            raise NonFiniteError(f"{where}.scales: expected finite scales")
+        if np.any(scales < 0):
+            raise InvalidFieldError(f"{where}.scales: expected non-negative absmax scales")
 
     def payload(self) -> np.ndarray:
         """The transmitted quantity as dense float32 of `shape` (before adding a delta reference)."""
@@ -330,8 +347,22 @@ class EncodedTensor:
         return obj
 
     @classmethod
-    def from_obj(cls, obj: Any, where: str, limits: DecodeLimits = DEFAULT_LIMITS) -> EncodedTensor:
-        """Validate an untrusted decoded map; raises only `WireError`s."""
+    def from_obj(
+        cls,
+        obj: Any,
+        where: str,
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        *,
+        defer_scales: bool = False,
+    ) -> EncodedTensor:
+        """Validate an untrusted decoded map; raises only `WireError`s.
+
+        `defer_scales=True` leaves the block scales' values unchecked: the caller must pass the
+        tensor to `check_scales` before using it (a message checks all its tensors at once)."""
+        if defer_scales:
+            fast = cls._from_obj_fast(obj, limits)
+            if fast is not None:
+                return fast
         if not isinstance(obj, dict):
             raise InvalidFieldError(f"{where}: expected a map, got {type(obj).__name__}")
         shape = get(obj, "shape", where)
@@ -353,7 +384,8 @@ class EncodedTensor:
         # Optional fields may be absent or nil (docs/wire-format.md, section 1): a nil `nnz`
         # is a dense tensor, as an absent one is.
         sparse = obj.get("nnz") is not None
-        return cls(
+        make = (lambda **kw: cls._unchecked_scales("tensor", **kw)) if defer_scales else cls
+        return make(
             shape=tuple(shape),
             values=values,
             data=get_bytes(obj, "data", where),
@@ -366,6 +398,54 @@ class EncodedTensor:
             delta=get_bool(obj, "delta", where, default=False),
         )
 
+    @classmethod
+    def _from_obj_fast(cls, obj: Any, limits: DecodeLimits) -> EncodedTensor | None:
+        """The common case, a well-formed dense blockwise tensor, validated with inline checks
+        that accept exactly what `from_obj` and `_check` accept for it (scales' values aside);
+        None for anything else, which then takes the general path and its precise errors.
+
+        An adapter update is hundreds of small tensors, and the general path's per-field
+        helper calls were most of the time a coordinator spent decoding one."""
+        if type(obj) is not dict:
+            return None
+        get_ = obj.get
+        shape, values, data = get_("shape"), get_("values"), get_("data")
+        block, scales, sdt = get_("block"), get_("scales"), get_("sdt")
+        delta = get_("delta")
+        if (
+            type(shape) is not list
+            or len(shape) > limits.max_ndim
+            or type(values) is not str
+            or values not in _quant.BLOCK_FORMATS
+            or type(data) is not bytes
+            or type(block) is not int
+            or not 1 <= block <= MAX_BLOCK
+            or type(scales) is not bytes
+            or sdt not in _quant.SCALE_ITEMSIZE
+            or get_("nnz") is not None
+            or get_("idx") is not None
+            or get_("idxw") is not None
+            or not (delta is None or type(delta) is bool)
+        ):
+            return None
+        n = 1
+        for d in shape:
+            if type(d) is not int or not 0 <= d <= limits.max_elements:
+                return None
+            n *= d
+        if n > limits.max_elements or len(data) != _quant.payload_len(values, n):
+            return None
+        if len(scales) != _quant.num_blocks(n, block) * _quant.SCALE_ITEMSIZE[sdt]:
+            return None
+        if values != "int8" and n % 2 and data[-1] >> 4:
+            return None
+        tensor = cls.__new__(cls)
+        tensor.__dict__.update(
+            shape=tuple(shape), values=values, data=data, block=block, scales=scales,
+            scale_dtype=sdt, nnz=None, indices=None, index_width=None, delta=bool(delta),
+        )  # fmt: skip
+        return tensor
+
     def matches(self, spec: CodecSpec) -> bool:
         """Whether this tensor is encoded the way `spec` says (block sizes may differ per tensor)."""
         return (
@@ -373,6 +453,76 @@ class EncodedTensor:
             and self.sparse == (spec.topk is not None)
             and self.delta == spec.delta
         )
+
+
+def check_scales(tensors: Mapping[str, EncodedTensor], where: str = "tensors") -> None:
+    """The block scales of many tensors (from `from_obj(defer_scales=True)`) are finite and
+    non-negative: one numpy pass per scale dtype instead of several per tensor. On a failure
+    the tensors are checked one by one, so the error names the first bad one."""
+    groups: dict[str, list[bytes]] = {}
+    for t in tensors.values():
+        if t.scales is not None and t.scale_dtype is not None:
+            groups.setdefault(t.scale_dtype, []).append(t.scales)
+    for dtype, parts in groups.items():
+        scales = _quant.decode_scales(b"".join(parts), dtype)
+        if not (np.isfinite(scales).all() and (scales >= 0).all()):
+            for key, t in tensors.items():
+                if t.scales is not None:
+                    t._check_scale_values(f"{where}[{key}]")
+            raise AssertionError("unreachable: a batch of scales failed but none alone")
+
+
+def decode_many(
+    tensors: Mapping[str, EncodedTensor], reference: Mapping[str, np.ndarray] | None
+) -> dict[str, np.ndarray]:
+    """`{key: t.decode(reference[key])}` for many tensors, with the same results and errors.
+
+    Dense blockwise tensors of whole blocks that share a format and block size are dequantized
+    together in one pass over their concatenated bytes: an adapter is hundreds of small
+    tensors, and per-tensor numpy calls, not arithmetic, dominated decoding them one by one.
+    The returned arrays are views into one buffer per group (disjoint; each may be written)."""
+    out: dict[str, np.ndarray] = {}
+    groups: dict[tuple[str, int, str], list[str]] = {}
+    for key, t in tensors.items():
+        if t.delta and (reference is None or key not in reference):
+            raise MissingReferenceError(
+                f"{key}: delta-coded, expected the reference adapter's tensor"
+            )
+        n = t.numel
+        if (
+            t.block is None
+            or t.sparse
+            or t.scale_dtype is None
+            or n == 0
+            or n % t.block
+            or (t.values != "int8" and n % 2)
+        ):
+            out[key] = t.decode(reference[key] if t.delta else None, name=key)  # type: ignore[index]
+        else:
+            groups.setdefault((t.values, t.block, t.scale_dtype), []).append(key)
+    for (fmt, block, scale_dtype), keys in groups.items():
+        members = [tensors[k] for k in keys]
+        total = sum(t.numel for t in members)
+        scales = _quant.decode_scales(b"".join(t.scales for t in members), scale_dtype)  # type: ignore[misc]
+        flat = _quant.decode_values(b"".join(t.data for t in members), fmt, total, block, scales)
+        offset = 0
+        for key, t in zip(keys, members):
+            view = flat[offset : offset + t.numel].reshape(t.shape)
+            offset += t.numel
+            if t.delta:
+                ref = np.asarray(reference[key], dtype=np.float32)  # type: ignore[index]
+                if ref.shape != t.shape:
+                    raise ShapeMismatchError(
+                        f"{key}: expected a reference of shape {t.shape}, got {ref.shape}"
+                    )
+                with np.errstate(over="ignore", invalid="ignore"):
+                    np.add(ref, view, out=view)
+            out[key] = view
+        if not np.isfinite(flat).all():
+            for key in keys:
+                if not np.isfinite(out[key]).all():
+                    raise NonFiniteError(f"{key}: decoding produced non-finite values")
+    return {key: out[key] for key in tensors}
 
 
 def _as_float32(x: Any, name: str) -> np.ndarray:

@@ -21,7 +21,6 @@ from edge_sdk.wire._errors import (
     CodecMismatchError,
     InvalidFieldError,
     LimitExceededError,
-    MissingReferenceError,
     ShapeMismatchError,
     UnsupportedVersionError,
     WireError,
@@ -39,7 +38,15 @@ from edge_sdk.wire._fields import (
     get_opt_int,
     get_str,
 )
-from edge_sdk.wire.codecs import CodecSpec, EncodedTensor, UpdateEncoder, encode_tensor, parse_codec
+from edge_sdk.wire.codecs import (
+    CodecSpec,
+    EncodedTensor,
+    UpdateEncoder,
+    check_scales,
+    decode_many,
+    encode_tensor,
+    parse_codec,
+)
 from edge_sdk.wire.limits import DEFAULT_LIMITS, INT_MAX, DecodeLimits
 
 LORA_MODES = ("naive", "frozen-a", "exact")
@@ -171,12 +178,13 @@ def _tensors_from_obj(obj: Any, limits: DecodeLimits) -> dict[str, EncodedTensor
     total = 0
     for key, value in obj.items():
         check_key(key, "tensors", limits)
-        out[key] = EncodedTensor.from_obj(value, f"tensors[{key}]", limits)
+        out[key] = EncodedTensor.from_obj(value, f"tensors[{key}]", limits, defer_scales=True)
         total += out[key].numel
         if total > limits.max_total_elements:
             raise LimitExceededError(
                 f"tensors: more than max_total_elements={limits.max_total_elements} elements"
             )
+    check_scales(out)
     return out
 
 
@@ -202,17 +210,7 @@ def _check_tensors(tensors: Mapping[str, EncodedTensor], spec: CodecSpec, lora: 
 def _dense(
     tensors: Mapping[str, EncodedTensor], reference: Mapping[str, np.ndarray] | None
 ) -> dict[str, np.ndarray]:
-    out = {}
-    for key, t in tensors.items():
-        ref = None
-        if t.delta:
-            if reference is None or key not in reference:
-                raise MissingReferenceError(
-                    f"{key}: delta-coded, expected the reference adapter's tensor"
-                )
-            ref = reference[key]
-        out[key] = t.decode(ref, name=key)
-    return out
+    return decode_many(tensors, reference)
 
 
 class _Message:
