@@ -102,6 +102,49 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     return {"import_s": import_s, "load_s": load_s, "step_s": times}
 
 
+def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """Isolation's cost, paired: one model, steps alternating unisolated / isolated packed rows.
+
+    On a shared machine the load drifts over minutes; comparing each isolated step with the
+    unisolated step next to it (order alternating per pair) cancels that drift, which separate
+    subprocess runs cannot.
+    """
+    import torch
+
+    from edge_sdk.models import resolve
+    from edge_sdk.models.loader import load_model
+    from edge_sdk.training.lora import LoraConfig, lora_parameters
+
+    model = load_model(resolve(args.model), precision="nf4", lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank))
+    model.train()
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    ids = _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
+    positions = _packed_positions(args.batch_size, args.seq_len, args.pack_len, args.seed)
+
+    def step(pos: Any) -> float:
+        t0 = time.perf_counter()
+        model(ids, ids, position_ids=pos).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        step(None)
+        step(positions)
+    before, after = [], []
+    for i in range(args.steps):
+        if i % 2:
+            a = step(positions)
+            b = step(None)
+        else:
+            b = step(None)
+            a = step(positions)
+        before.append(b)
+        after.append(a)
+    return {"import_s": 0.0, "load_s": 0.0, "step_s": after, "before_s": before,
+            "ratios": [a / b for a, b in zip(after, before)]}
+
+
 def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     import bitsandbytes as bnb
@@ -249,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="nf4", help=argparse.SUPPRESS)
     ap.add_argument("--stacks", default="ours,hf,ours-lowmem",
                     help="comma list of: ours, ours-packed (rows of isolated packed examples), ours-lowmem "
-                         "(FEDLM_LOW_MEMORY=1), ours-ckpt (that + gradient checkpointing), ours-fp32, hf, hf-fp32, "
+                         "(FEDLM_LOW_MEMORY=1), isolation-ab (paired isolated vs unisolated steps), ours-ckpt (that + gradient checkpointing), ours-fp32, hf, hf-fp32, "
                          "floor (the step's fp32 GEMMs + attention timed alone)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -257,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         args.stack = args.worker
-        worker = worker_hf if args.worker.startswith("hf") else worker_floor if args.worker == "floor" else worker_ours
+        worker = (worker_hf if args.worker.startswith("hf") else worker_floor if args.worker == "floor"
+                  else worker_isolation_ab if args.worker == "isolation-ab" else worker_ours)
         result = worker(args)
         result["peak_rss_mb"] = _peak_rss_mb()
         print(json.dumps(result))
@@ -285,6 +329,14 @@ def main(argv: list[str] | None = None) -> int:
         spread = [t / ours["median_step_s"] for t in packed["step_s"]]
         print(f"isolation cost: ours-packed / ours step time {packed['median_step_s'] / ours['median_step_s']:.3f}x "
               f"median (packed steps span {min(spread):.2f}x..{max(spread):.2f}x of ours' median)")
+    if "isolation-ab" in results:
+        ratios = [x for r in runs["isolation-ab"] for x in r["ratios"]]
+        before = [x for r in runs["isolation-ab"] for x in r["before_s"]]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        print(f"isolation, paired in one process: isolated / unisolated step time median "
+              f"{statistics.median(ratios):.3f}x (quartiles {q[0]:.3f}..{q[2]:.3f}, {len(ratios)} pairs); "
+              f"unisolated steps {statistics.median(before):.2f} s median, "
+              f"{min(before):.2f}..{max(before):.2f} s")
     if "floor" in results and "hf" in results:
         floor, hf = results["floor"], results["hf"]
         parts = runs["floor"][-1]
