@@ -35,11 +35,28 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _batch(vocab: int, seq_len: int, seed: int) -> Any:
+def _batch(vocab: int, seq_len: int, seed: int, batch_size: int = 1) -> Any:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (1, seq_len), generator=g)
+    return torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+
+
+def _packed_positions(batch_size: int, seq_len: int, mean_len: int, seed: int) -> Any:
+    """(B, T) position ids of rows packed with examples of U(mean/2, 3*mean/2) tokens each."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(batch_size):
+        parts, used = [], 0
+        while used < seq_len:
+            n = min(seq_len - used, int(rng.integers(mean_len // 2, 3 * mean_len // 2 + 1)))
+            parts.append(np.arange(n))
+            used += n
+        rows.append(np.concatenate(parts))
+    return torch.from_numpy(np.stack(rows))
 
 
 def _time_steps(step: Any, steps: int, warmup: int) -> list[float]:
@@ -69,16 +86,63 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
-    ids = _batch(model.config.vocab_size, args.seq_len, args.seed)
+    ids = _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
+    # ours-packed: the rows hold examples of ~--pack-len tokens, isolated from each other (what
+    # `fedlm train` does); the other stacks attend across the whole row (what it did before).
+    positions = (_packed_positions(args.batch_size, args.seq_len, args.pack_len, args.seed)
+                 if args.stack == "ours-packed" else None)
 
     def step() -> None:
-        loss = model(ids, ids)
+        loss = model(ids, ids, position_ids=positions)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     times = _time_steps(step, args.steps, args.warmup)
     return {"import_s": import_s, "load_s": load_s, "step_s": times}
+
+
+def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """Isolation's cost, paired: one model, steps alternating unisolated / isolated packed rows.
+
+    On a shared machine the load drifts over minutes; comparing each isolated step with the
+    unisolated step next to it (order alternating per pair) cancels that drift, which separate
+    subprocess runs cannot.
+    """
+    import torch
+
+    from edge_sdk.models import resolve
+    from edge_sdk.models.loader import load_model
+    from edge_sdk.training.lora import LoraConfig, lora_parameters
+
+    model = load_model(resolve(args.model), precision="nf4", lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank))
+    model.train()
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    ids = _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
+    positions = _packed_positions(args.batch_size, args.seq_len, args.pack_len, args.seed)
+
+    def step(pos: Any) -> float:
+        t0 = time.perf_counter()
+        model(ids, ids, position_ids=pos).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        step(None)
+        step(positions)
+    before, after = [], []
+    for i in range(args.steps):
+        if i % 2:
+            a = step(positions)
+            b = step(None)
+        else:
+            b = step(None)
+            a = step(positions)
+        before.append(b)
+        after.append(a)
+    return {"import_s": 0.0, "load_s": 0.0, "step_s": after, "before_s": before,
+            "ratios": [a / b for a, b in zip(after, before)]}
 
 
 def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,7 +181,7 @@ def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = _batch(model.config.vocab_size, args.seq_len, args.seed)
+    ids = _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
 
     def step() -> None:
         out = model(input_ids=ids, labels=ids)
@@ -146,7 +210,7 @@ def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
     from edge_sdk.models.loader import read_config
 
     cfg = read_config(resolve(args.model))
-    t = args.seq_len
+    t = args.seq_len * args.batch_size  # tokens per step: the GEMMs' row count
 
     def median_s(fn: Any, reps: int = 15) -> float:
         for _ in range(3):
@@ -168,10 +232,11 @@ def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
     h, emb, gl = torch.randn(t, cfg.d_model), torch.randn(cfg.vocab_size, cfg.d_model), torch.randn(t, cfg.vocab_size)
     gemm_s["output"] = median_s(lambda: F.linear(h, emb), 5) + median_s(lambda: gl @ emb, 5)
 
-    q = torch.randn(1, cfg.n_head, t, cfg.head_dim, requires_grad=True)
-    k = torch.randn(1, cfg.n_kv_head, t, cfg.head_dim, requires_grad=True)
-    v = torch.randn(1, cfg.n_kv_head, t, cfg.head_dim, requires_grad=True)
-    go = torch.randn(1, cfg.n_head, t, cfg.head_dim)
+    B, T = args.batch_size, args.seq_len
+    q = torch.randn(B, cfg.n_head, T, cfg.head_dim, requires_grad=True)
+    k = torch.randn(B, cfg.n_kv_head, T, cfg.head_dim, requires_grad=True)
+    v = torch.randn(B, cfg.n_kv_head, T, cfg.head_dim, requires_grad=True)
+    go = torch.randn(B, cfg.n_head, T, cfg.head_dim)
 
     def attention() -> None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_head != cfg.n_kv_head)
@@ -185,7 +250,8 @@ def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
 def run_worker(stack: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", stack, "--model", args.model, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
-           "--seed", str(args.seed), "--precision", "fp32" if stack == "ours-fp32" else "nf4"]
+           "--seed", str(args.seed), "--precision", "fp32" if stack == "ours-fp32" else "nf4",
+           "--batch-size", str(args.batch_size), "--pack-len", str(args.pack_len)]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     # Both stacks get the same OpenMP setting: on a loaded machine, spinning OpenMP workers
@@ -199,13 +265,13 @@ def run_worker(stack: str, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def summarize(stack: str, runs: list[dict[str, Any]], seq_len: int) -> dict[str, Any]:
+def summarize(stack: str, runs: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
     """Pool the rounds of one stack: median and best step, best load, worst peak RSS."""
     steps = [t for r in runs for t in r["step_s"]]
     med, best = statistics.median(steps), min(steps)
     return {
         "stack": stack, "rounds": len(runs), "step_s": steps, "median_step_s": med, "best_step_s": best,
-        "tokens_per_s": seq_len / med, "best_tokens_per_s": seq_len / best,
+        "tokens_per_s": tokens / med, "best_tokens_per_s": tokens / best,
         "load_s": min(r["load_s"] for r in runs), "import_s": min(r["import_s"] for r in runs),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
     }
@@ -218,12 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="subprocess runs per stack, alternating")
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--pack-len", type=int, default=64,
+                    help="ours-packed: mean tokens per packed example (lengths U(n/2, 3n/2))")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", default="nf4", help=argparse.SUPPRESS)
     ap.add_argument("--stacks", default="ours,hf,ours-lowmem",
-                    help="comma list of: ours, ours-lowmem (FEDLM_LOW_MEMORY=1), ours-ckpt (that + gradient "
-                         "checkpointing), ours-fp32, hf, hf-fp32, "
+                    help="comma list of: ours, ours-packed (rows of isolated packed examples), ours-lowmem "
+                         "(FEDLM_LOW_MEMORY=1), isolation-ab (paired isolated vs unisolated steps), ours-ckpt (that + gradient checkpointing), ours-fp32, hf, hf-fp32, "
                          "floor (the step's fp32 GEMMs + attention timed alone)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -231,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         args.stack = args.worker
-        worker = worker_hf if args.worker.startswith("hf") else worker_floor if args.worker == "floor" else worker_ours
+        worker = (worker_hf if args.worker.startswith("hf") else worker_floor if args.worker == "floor"
+                  else worker_isolation_ab if args.worker == "isolation-ab" else worker_ours)
         result = worker(args)
         result["peak_rss_mb"] = _peak_rss_mb()
         print(json.dumps(result))
@@ -244,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for s in stacks:
             runs[s].append(run_worker(s, args))
-    results = {s: summarize(s, r, args.seq_len) for s, r in runs.items()}
+    results = {s: summarize(s, r, args.seq_len * args.batch_size) for s, r in runs.items()}
     for r in results.values():
         print(f"{r['stack']:10s} {r['tokens_per_s']:7.1f} tok/s (best {r['best_tokens_per_s']:6.1f})  "
               f"step {r['median_step_s']:.2f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
@@ -254,6 +324,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratios ours/hf: tokens/s {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x median, "
               f"{ours['best_tokens_per_s'] / hf['best_tokens_per_s']:.2f}x best  "
               f"peak RSS {ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x  load {ours['load_s'] / hf['load_s']:.3f}x")
+    if "ours" in results and "ours-packed" in results:
+        ours, packed = results["ours"], results["ours-packed"]
+        spread = [t / ours["median_step_s"] for t in packed["step_s"]]
+        print(f"isolation cost: ours-packed / ours step time {packed['median_step_s'] / ours['median_step_s']:.3f}x "
+              f"median (packed steps span {min(spread):.2f}x..{max(spread):.2f}x of ours' median)")
+    if "isolation-ab" in results:
+        ratios = [x for r in runs["isolation-ab"] for x in r["ratios"]]
+        before = [x for r in runs["isolation-ab"] for x in r["before_s"]]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        print(f"isolation, paired in one process: isolated / unisolated step time median "
+              f"{statistics.median(ratios):.3f}x (quartiles {q[0]:.3f}..{q[2]:.3f}, {len(ratios)} pairs); "
+              f"unisolated steps {statistics.median(before):.2f} s median, "
+              f"{min(before):.2f}..{max(before):.2f} s")
     if "floor" in results and "hf" in results:
         floor, hf = results["floor"], results["hf"]
         parts = runs["floor"][-1]

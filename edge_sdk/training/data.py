@@ -30,6 +30,9 @@ Examples are split into train/validation by a seeded shuffle, truncated to `seq_
 text is cut into `seq_len` chunks instead, so nothing is lost), and greedily packed into
 sequences of exactly `seq_len` tokens without splitting an example. Labels follow the Hugging
 Face convention (aligned with the inputs, -100 where unscored); the model shifts them.
+Every packed sequence carries position ids that restart at 0 with each example; given them, the
+model isolates the examples (each attends to itself only, at the positions inference gives it),
+so an example trains in exactly the context it will be used in.
 The order of training sequences is a pure function of (seed, epoch), so a resumed run only needs
 to know how many sequences it has consumed.
 """
@@ -419,30 +422,44 @@ def _fit(example: Example, kind: str, seq_len: int, stats: DataStats) -> list[Ex
 # --------------------------------------------------------------------------- packing
 
 
-def pack(examples: Sequence[Example], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy packing into (n, seq_len) input ids and labels, never splitting an example.
+@dataclass
+class Packed:
+    """Packed sequences: ids, labels and positions, each (n, seq_len) int64."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    """`IGNORE_INDEX` on padding and on each example's first token."""
+    positions: np.ndarray
+    """Position of each token in its own example (0 at every example's first token); padding
+    continues the last example's positions, so it never forms an example of its own."""
+
+
+def pack(examples: Sequence[Example], seq_len: int, pad_id: int) -> Packed:
+    """Greedy packing into (n, seq_len) sequences, never splitting an example.
 
     Sequences are filled in the given order; an example that does not fit starts the next one.
     Padding has label `IGNORE_INDEX`. The first token of every example is unscored as well:
-    it would be predicted from the previous example, which says nothing about it.
+    its prediction would come from the end of the previous example (isolated or not, that says
+    nothing about it).
     """
-    rows_ids: list[np.ndarray] = []
-    rows_labels: list[np.ndarray] = []
-    cur_ids: list[np.ndarray] = []
-    cur_labels: list[np.ndarray] = []
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    cur: list[tuple[np.ndarray, np.ndarray]] = []
     used = 0
 
     def flush() -> None:
-        nonlocal used, cur_ids, cur_labels
-        if not cur_ids:
+        nonlocal used, cur
+        if not cur:
             return
         ids = np.full(seq_len, pad_id, dtype=np.int64)
         labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
-        ids[:used] = np.concatenate(cur_ids)
-        labels[:used] = np.concatenate(cur_labels)
-        rows_ids.append(ids)
-        rows_labels.append(labels)
-        cur_ids, cur_labels, used = [], [], 0
+        positions = np.empty(seq_len, dtype=np.int64)
+        ids[:used] = np.concatenate([i for i, _ in cur])
+        labels[:used] = np.concatenate([lab for _, lab in cur])
+        positions[:used] = np.concatenate([np.arange(len(i)) for i, _ in cur])
+        last = len(cur[-1][0])
+        positions[used:] = np.arange(last, last + seq_len - used)
+        rows.append((ids, labels, positions))
+        cur, used = [], 0
 
     for ex in examples:
         n = len(ex.input_ids)
@@ -452,47 +469,71 @@ def pack(examples: Sequence[Example], seq_len: int, pad_id: int) -> tuple[np.nda
             flush()
         labels = np.where(ex.loss_mask, ex.input_ids, IGNORE_INDEX)
         labels[0] = IGNORE_INDEX
-        cur_ids.append(ex.input_ids)
-        cur_labels.append(labels)
+        cur.append((ex.input_ids, labels))
         used += n
     flush()
-    if not rows_ids:
-        return np.zeros((0, seq_len), np.int64), np.zeros((0, seq_len), np.int64)
-    return np.stack(rows_ids), np.stack(rows_labels)
+    if not rows:
+        empty = np.zeros((0, seq_len), np.int64)
+        return Packed(empty, empty.copy(), empty.copy())
+    return Packed(*(np.stack(col) for col in zip(*rows)))
 
 
 # --------------------------------------------------------------------------- dataset
 
 
 @dataclass
+class Batch:
+    """A batch of packed sequences, each field (B, seq_len) int64 (see `Packed`)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    positions: np.ndarray
+
+
+@dataclass
 class Dataset:
     """Packed train and validation sequences, ready to batch."""
 
-    train_ids: np.ndarray
-    """(N, seq_len) int64."""
-    train_labels: np.ndarray
-    """(N, seq_len) int64, `IGNORE_INDEX` where unscored."""
-    val_ids: np.ndarray
-    """(M, seq_len) int64; M may be 0 (then there is no evaluation)."""
-    val_labels: np.ndarray
+    train: Packed
+    """N training sequences."""
+    val: Packed
+    """M validation sequences; M may be 0 (then there is no evaluation)."""
     seed: int
     stats: DataStats
 
     @property
     def seq_len(self) -> int:
-        return int(self.train_ids.shape[1])
+        return int(self.train.ids.shape[1])
+
+    @property
+    def train_ids(self) -> np.ndarray:
+        """(N, seq_len) int64."""
+        return self.train.ids
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        """(N, seq_len) int64, `IGNORE_INDEX` where unscored."""
+        return self.train.labels
+
+    @property
+    def val_ids(self) -> np.ndarray:
+        """(M, seq_len) int64."""
+        return self.val.ids
+
+    @property
+    def val_labels(self) -> np.ndarray:
+        return self.val.labels
 
     def train_order(self, epoch: int) -> np.ndarray:
         """Permutation of the training sequences for one epoch: a pure function of (seed, epoch)."""
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.train_ids))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.train.ids))
 
-    def train_batch(self, position: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def train_batch(self, position: int, batch_size: int) -> Batch:
         """The `batch_size` sequences after `position` sequences have been consumed.
 
-        Positions run across epochs: sequence k is `train_order(k // N)[k % N]`. Returns
-        (ids, labels), each (batch_size, seq_len).
+        Positions run across epochs: sequence k is `train_order(k // N)[k % N]`.
         """
-        n = len(self.train_ids)
+        n = len(self.train.ids)
         orders: dict[int, np.ndarray] = {}
         rows = []
         for k in range(position, position + batch_size):
@@ -501,12 +542,13 @@ class Dataset:
                 orders[epoch] = self.train_order(epoch)
             rows.append(orders[epoch][offset])
         idx = np.asarray(rows)
-        return self.train_ids[idx], self.train_labels[idx]
+        return Batch(self.train.ids[idx], self.train.labels[idx], self.train.positions[idx])
 
-    def val_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def val_batches(self, batch_size: int) -> Iterator[Batch]:
         """Validation sequences in fixed order, `batch_size` at a time."""
-        for s in range(0, len(self.val_ids), batch_size):
-            yield self.val_ids[s : s + batch_size], self.val_labels[s : s + batch_size]
+        v = self.val
+        for s in range(0, len(v.ids), batch_size):
+            yield Batch(v.ids[s : s + batch_size], v.labels[s : s + batch_size], v.positions[s : s + batch_size])
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -565,18 +607,18 @@ def build_dataset(
     train_ex = [ex for i in rng.permutation(train_idx) for ex in records[i]]
     val_ex = [ex for i in val_idx for ex in records[i]]
     pad = tokenizer.eos_id
-    train_ids, train_labels = pack(train_ex, config.seq_len, pad)
-    val_ids, val_labels = pack(val_ex, config.seq_len, pad)
-    stats.train_sequences, stats.val_sequences = len(train_ids), len(val_ids)
+    train = pack(train_ex, config.seq_len, pad)
+    val = pack(val_ex, config.seq_len, pad)
+    stats.train_sequences, stats.val_sequences = len(train.ids), len(val.ids)
     stats.train_tokens = int(sum(len(e.input_ids) for e in train_ex))
-    stats.train_target_tokens = int((train_labels != IGNORE_INDEX).sum())
-    stats.val_target_tokens = int((val_labels != IGNORE_INDEX).sum())
-    if not len(val_ids) and config.val_fraction > 0:  # with 0 the caller asked for no split
+    stats.train_target_tokens = int((train.labels != IGNORE_INDEX).sum())
+    stats.val_target_tokens = int((val.labels != IGNORE_INDEX).sum())
+    if not len(val.ids) and config.val_fraction > 0:  # with 0 the caller asked for no split
         logger.warning("no validation split (%d example(s)); eval loss will not be reported",
                        len(records))
     logger.info("data: %d examples -> %d train / %d val sequences of %d tokens",
-                len(records), len(train_ids), len(val_ids), config.seq_len)
-    return Dataset(train_ids, train_labels, val_ids, val_labels, config.seed, stats)
+                len(records), len(train.ids), len(val.ids), config.seq_len)
+    return Dataset(train, val, config.seed, stats)
 
 
 def describe(stats: DataStats) -> str:

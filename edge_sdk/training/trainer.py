@@ -42,7 +42,7 @@ from edge_sdk.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from edge_sdk.training.data import IGNORE_INDEX, DataConfig, Dataset, build_dataset, describe
+from edge_sdk.training.data import IGNORE_INDEX, Batch, DataConfig, Dataset, build_dataset, describe
 from edge_sdk.training.errors import CheckpointError, TrainingError
 from edge_sdk.training.lora import (
     LoraConfig,
@@ -235,6 +235,12 @@ def _check_model(model: torch.nn.Module, config: TrainConfig) -> None:
 # --------------------------------------------------------------------------- evaluate
 
 
+def _batch_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed loss of a packed batch, each example isolated from the others in its row."""
+    return model(torch.from_numpy(batch.ids), torch.from_numpy(batch.labels), reduction="sum",
+                 position_ids=torch.from_numpy(batch.positions))
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Dataset, *, batch_size: int = 4, max_batches: int = 0) -> EvalResult | None:
     """Token-weighted mean loss and perplexity on the validation split (None when it is empty)."""
@@ -244,13 +250,13 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, *, batch_size: int = 4, m
     model.eval()
     total, count = 0.0, 0
     try:
-        for i, (ids, labels) in enumerate(dataset.val_batches(batch_size)):
+        for i, batch in enumerate(dataset.val_batches(batch_size)):
             if max_batches and i >= max_batches:
                 break
-            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            n = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
             if n == 0:
                 continue
-            loss = model(torch.from_numpy(ids), torch.from_numpy(labels), reduction="sum")
+            loss = _batch_loss(model, batch)
             total += float(loss)
             count += n
     finally:
@@ -300,8 +306,11 @@ def fingerprint(config: TrainConfig, dataset: Dataset, base_id: str = "") -> str
     """Digest of the config fields, the packed data and the base model id that fix a run."""
     h = hashlib.sha256()
     h.update(json.dumps(config.trajectory_fields(), sort_keys=True, default=list).encode())
-    for arr in (dataset.train_ids, dataset.train_labels, dataset.val_ids, dataset.val_labels):
-        h.update(np.ascontiguousarray(arr).tobytes())
+    # The positions are part of it: a checkpoint from before packed examples were isolated
+    # followed another trajectory and is not resumed as if it were this run.
+    for packed in (dataset.train, dataset.val):
+        for arr in (packed.ids, packed.labels, packed.positions):
+            h.update(np.ascontiguousarray(arr).tobytes())
     h.update(base_id.encode())
     return h.hexdigest()
 
@@ -388,11 +397,11 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [dataset.train_batch(position + k * micro, micro) for k in range(config.grad_accum)]
-            n_scored = sum(int((lab[:, 1:] != IGNORE_INDEX).sum()) for _, lab in batches)
+            n_scored = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
-            for ids, labels in batches:
-                loss = model(torch.from_numpy(ids), torch.from_numpy(labels), reduction="sum")
+            for batch in batches:
+                loss = _batch_loss(model, batch)
                 (loss / max(n_scored, 1)).backward()
                 loss_sum += float(loss.detach())
             step_loss = loss_sum / max(n_scored, 1)
@@ -403,12 +412,12 @@ def fit(
             optimizer.step()
             step += 1
             position += micro * config.grad_accum
-            tokens += sum(ids.size for ids, _ in batches)
+            tokens += sum(b.ids.size for b in batches)
             target_tokens += n_scored
             dt = time.perf_counter() - t0
             elapsed += dt
             record = {"step": step, "loss": step_loss, "lr": lr,
-                      "tokens_per_s": sum(ids.size for ids, _ in batches) / dt}
+                      "tokens_per_s": sum(b.ids.size for b in batches) / dt}
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 ev = evaluate(model, dataset, batch_size=eval_bs, max_batches=config.eval_batches)
                 if ev:

