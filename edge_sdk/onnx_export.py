@@ -263,6 +263,34 @@ def lora_inputs_from_initializers(model_path: Path) -> list[str]:
     return sorted(names)
 
 
+def _chat_info(gguf_path: Path) -> dict[str, Any]:
+    """The GGUF's chat template and BOS/EOS texts, for the runtime's own chat rendering."""
+    from edge_sdk.models.chat_template import model_templates
+    from edge_sdk.models.gguf_check import open_model
+
+    reader = open_model(gguf_path)
+    fields = reader.fields
+    tokens_field = fields.get("tokenizer.ggml.tokens")
+
+    def token_text(key: str) -> str:
+        f = fields.get(key)
+        if f is None or tokens_field is None:
+            return ""
+        idx = int(f.contents())
+        if not 0 <= idx < tokens_field.count:
+            return ""
+        buf, starts, lengths = tokens_field._value  # one string, not the whole vocabulary
+        return str(buf[starts[idx] : starts[idx] + lengths[idx]], "utf-8")
+
+    add_bos = fields.get("tokenizer.ggml.add_bos_token")
+    return {
+        "chat_template": model_templates(reader).get("chat_template.default"),
+        "bos_token": token_text("tokenizer.ggml.bos_token_id"),
+        "eos_token": token_text("tokenizer.ggml.eos_token_id"),
+        "add_bos": bool(add_bos.contents()) if add_bos is not None else False,
+    }
+
+
 def export_onnx(
     gguf_path: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -310,7 +338,7 @@ def export_onnx(
         say("turning LoRA weights into graph inputs")
         names = lora_inputs_from_initializers(built / "model.onnx")
         info = {**want, "arch": config.arch, "n_layer": config.n_layer, "lora_inputs": len(names),
-                "seconds": round(time.perf_counter() - t0, 2)}
+                "seconds": round(time.perf_counter() - t0, 2), **_chat_info(src)}
         (built / MANIFEST).write_text(json.dumps(info, indent=2))
         if out.exists():
             shutil.rmtree(out)
