@@ -221,11 +221,14 @@ def write_placeholder_adapter(out: Path, config: ModelConfig) -> None:
 def run_builder(hf_dir: Path, adapter_dir: Path, out: Path, precision: str, cache: Path) -> None:
     """Run onnxruntime-genai's model builder in a child process (it is a script with globals)."""
     cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        sys.executable, "-m", "edge_sdk.onnx_builder_shim",
         "-i", str(hf_dir), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache),
         "--extra_options", f"adapter_path={adapter_dir}",
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # The child imports edge_sdk.onnx_builder_shim from the same tree as this module.
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=path)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
