@@ -218,12 +218,29 @@ def write_placeholder_adapter(out: Path, config: ModelConfig) -> None:
     }))
 
 
-def run_builder(hf_dir: Path, adapter_dir: Path, out: Path, precision: str, cache: Path) -> None:
-    """Run onnxruntime-genai's model builder in a child process (it is a script with globals)."""
+def lora_node_names(config: ModelConfig) -> list[str]:
+    """The builder's names of the LoRA MatMul nodes, kept in fp32 when the base goes int4."""
+    names = []
+    for i in range(config.n_layer):
+        for target in LORA_TARGETS:
+            group = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "attn"
+            names += [f"/model/layers.{i}/{group}/{target}/lora_{x}/MatMul" for x in ("A", "B")]
+    return names
+
+
+def run_builder(hf_dir: Path, adapter_dir: Path, out: Path, precision: str, cache: Path,
+                config: ModelConfig) -> None:
+    """Run onnxruntime-genai's model builder in a child process (it is a script with globals).
+
+    int4 quantizes every MatMul but the LoRA ones: an adapter overrides those weights in fp32.
+    """
+    extra = [f"adapter_path={adapter_dir}"]
+    if precision == "int4":
+        extra.append("nodes_to_exclude=" + ",".join(lora_node_names(config)))
     cmd = [
         sys.executable, "-m", "edge_sdk.onnx_builder_shim",
         "-i", str(hf_dir), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache),
-        "--extra_options", f"adapter_path={adapter_dir}",
+        "--extra_options", *extra,
     ]
     # The child imports edge_sdk.onnx_builder_shim from the same tree as this module.
     root = str(Path(__file__).resolve().parent.parent)
@@ -255,6 +272,11 @@ def lora_inputs_from_initializers(model_path: Path) -> list[str]:
             continue
         if init.name in existing:
             continue
+        if init.data_type != onnx.TensorProto.FLOAT:
+            raise OnnxExportError(
+                f"{model_path}: LoRA weight {init.name} was quantized (type {init.data_type}); "
+                "the LoRA MatMuls must stay fp32 to take adapters"
+            )
         dims = list(init.dims)
         # MatMul weights are stored (in, out): A is (in, r), B is (r, out).
         shape: list[Any] = [dims[0], "lora_rank"] if "lora_A" in init.name else ["lora_rank", dims[1]]
@@ -337,7 +359,7 @@ def export_onnx(
         config = write_hf_folder(src, hf_dir, say)
         write_placeholder_adapter(adapter_dir, config)
         say(f"building the {precision} ONNX graph (onnxruntime-genai model builder)")
-        run_builder(hf_dir, adapter_dir, built, precision, work / "cache")
+        run_builder(hf_dir, adapter_dir, built, precision, work / "cache", config)
         say("turning LoRA weights into graph inputs")
         names = lora_inputs_from_initializers(built / "model.onnx")
         info = {**want, "arch": config.arch, "n_layer": config.n_layer, "lora_inputs": len(names),
