@@ -303,3 +303,30 @@ def test_backend_dispatch_and_gguf_hint(exported):
         EdgeModel(gguf, backend="onnx")
     with pytest.raises(ValueError, match="backend"):
         EdgeModel(gguf, backend="tensorflow")
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+
+def test_cli_export_then_generate_with_gguf_adapter(tmp_path, capsys):
+    """`fedlm export-onnx` (progress on stderr, the folder on stdout, adapter converted beside
+    it), a second run is a no-op, and `fedlm generate --backend onnx --adapter` serves it."""
+    from edge_sdk.cli import main
+
+    gguf = write_family_gguf(tmp_path / "m.gguf", "llama")
+    adapter = write_gguf_lora(tmp_path / "a.gguf", _random_lora(gguf, seed=9), alpha=4.0, base=gguf)
+    out = tmp_path / "onnx"
+    assert main(["export-onnx", str(gguf), "--out", str(out), "--precision", "fp32",
+                 "--adapter", str(adapter)]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip() == str(out)
+    assert "building the fp32 ONNX graph" in cap.err
+    assert (out / "adapter.onnx_adapter").is_file()
+    assert main(["export-onnx", str(gguf), "--out", str(out), "--precision", "fp32"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert main(["generate", str(out), "hello", "--backend", "onnx", "--adapter", str(adapter),
+                 "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("hello")
+    # a GGUF given where the export folder is expected: one line naming the fix, exit 2
+    assert main(["generate", str(gguf), "hello", "--backend", "onnx"]) == 2
+    assert "fedlm export-onnx" in capsys.readouterr().err
