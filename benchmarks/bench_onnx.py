@@ -31,8 +31,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PROMPT = ("The history of the city goes back many centuries. Merchants came from the coast, "
-          "farmers from the hills, and scholars from distant universities. ") * 12
+PROMPT = (
+    "The history of the city goes back many centuries. Merchants came from the coast, "
+    "farmers from the hills, and scholars from distant universities. "
+) * 12
 
 
 def _adapter(model_path: Path, dest: Path) -> Path:
@@ -46,8 +48,12 @@ def _adapter(model_path: Path, dest: Path) -> Path:
     for i in range(cfg.n_layer):
         for t, (o, n) in cfg.target_shapes().items():
             if t in LORA_TARGETS:
-                tensors[f"{hf_module(i, t)}.lora_A"] = (rng.standard_normal((8, n)) * 0.01).astype(np.float32)
-                tensors[f"{hf_module(i, t)}.lora_B"] = (rng.standard_normal((o, 8)) * 0.01).astype(np.float32)
+                tensors[f"{hf_module(i, t)}.lora_A"] = (rng.standard_normal((8, n)) * 0.01).astype(
+                    np.float32
+                )
+                tensors[f"{hf_module(i, t)}.lora_B"] = (rng.standard_normal((o, 8)) * 0.01).astype(
+                    np.float32
+                )
     return write_gguf_lora(dest, tensors, alpha=16.0, base=model_path)
 
 
@@ -103,9 +109,16 @@ def _child(args: argparse.Namespace) -> dict:
     model.remove_adapter()
     remove_s = time.perf_counter() - t
     out = {
-        "backend": args.backend, "threads": args.threads, "prompt_tokens": len(tokens),
-        "load_s": load_s, "prefill_tps": len(tokens) / prefill_s, "decode_tps": done / decode_s,
-        "decode_tokens": done, "ttft_ms": ttft_s * 1e3, "swap_ms": swap_s * 1e3, "remove_ms": remove_s * 1e3,
+        "backend": args.backend,
+        "threads": args.threads,
+        "prompt_tokens": len(tokens),
+        "load_s": load_s,
+        "prefill_tps": len(tokens) / prefill_s,
+        "decode_tps": done / decode_s,
+        "decode_tokens": done,
+        "ttft_ms": ttft_s * 1e3,
+        "swap_ms": swap_s * 1e3,
+        "remove_ms": remove_s * 1e3,
     }
     if args.backend == "onnx":
         conv_t = time.perf_counter()
@@ -143,16 +156,33 @@ def main() -> None:
         adapter = _adapter(model_path, Path(tmp) / "bench-adapter.gguf")
         for r in range(args.repeats):
             for backend in ("llama.cpp", "onnx") if r % 2 == 0 else ("onnx", "llama.cpp"):
-                cmd = [sys.executable, __file__, "--backend", backend, "--adapter", str(adapter),
-                       "--model", str(model_path), "--export", args.export, "--threads", str(args.threads),
-                       "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--backend",
+                    backend,
+                    "--adapter",
+                    str(adapter),
+                    "--model",
+                    str(model_path),
+                    "--export",
+                    args.export,
+                    "--threads",
+                    str(args.threads),
+                    "--prompt-tokens",
+                    str(args.prompt_tokens),
+                    "--decode-tokens",
+                    str(args.decode_tokens),
+                ]
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 runs[backend].append(json.loads(res.stdout.strip().splitlines()[-1]))
     keys = ["prefill_tps", "decode_tps", "ttft_ms", "swap_ms", "remove_ms", "peak_rss_mb", "load_s"]
     med = {b: {k: statistics.median(x[k] for x in rs) for k in keys} for b, rs in runs.items()}
     med["onnx"]["convert_ms"] = statistics.median(x["convert_ms"] for x in runs["onnx"])
-    print(f"model {args.model}, {args.threads} threads, prompt {runs['onnx'][0]['prompt_tokens']} tokens, "
-          f"{args.decode_tokens} decode steps, median of {args.repeats}")
+    print(
+        f"model {args.model}, {args.threads} threads, prompt {runs['onnx'][0]['prompt_tokens']} tokens, "
+        f"{args.decode_tokens} decode steps, median of {args.repeats}"
+    )
     print(f"{'':14}{'llama.cpp':>12}{'onnx':>12}{'ratio':>8}")
     for k in keys:
         a, b = med["llama.cpp"][k], med["onnx"][k]

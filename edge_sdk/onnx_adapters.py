@@ -31,8 +31,10 @@ def onnx_lora_name(layer: int, target: str, which: str) -> str:
     return f"model.layers.{layer}.{group}.{target}.lora_{which}.MatMul.weight"
 
 
-def read_adapter(path: str | os.PathLike[str], base_gguf: str | os.PathLike[str] | None = None,
-                 ) -> tuple[dict[str, np.ndarray], float]:
+def read_adapter(
+    path: str | os.PathLike[str],
+    base_gguf: str | os.PathLike[str] | None = None,
+) -> tuple[dict[str, np.ndarray], float]:
     """(naming-convention tensors, scale alpha/r) of a PEFT directory or a GGUF LoRA file."""
     p = Path(path)
     if p.is_dir():
@@ -41,7 +43,9 @@ def read_adapter(path: str | os.PathLike[str], base_gguf: str | os.PathLike[str]
         peft = load_peft(p)
         return peft.tensors, peft.alpha / peft.rank
     if not p.is_file():
-        raise InvalidAdapterError(f"no such adapter: {p} (expected a GGUF LoRA file or a PEFT directory)")
+        raise InvalidAdapterError(
+            f"no such adapter: {p} (expected a GGUF LoRA file or a PEFT directory)"
+        )
     from edge_sdk.adapters.gguf_lora import read_gguf_lora
 
     lora = read_gguf_lora(p, base=base_gguf) if base_gguf is not None else read_gguf_lora(p)
@@ -49,7 +53,9 @@ def read_adapter(path: str | os.PathLike[str], base_gguf: str | os.PathLike[str]
 
 
 def onnx_lora_tensors(
-    tensors: Mapping[str, np.ndarray], scale: float, input_shapes: Mapping[str, tuple[int, int]],
+    tensors: Mapping[str, np.ndarray],
+    scale: float,
+    input_shapes: Mapping[str, tuple[int, int]],
     source: str = "adapter",
 ) -> dict[str, np.ndarray]:
     """Every LoRA input of the graph (`input_shapes`: name → (in, out) of the base projection).
@@ -59,7 +65,9 @@ def onnx_lora_tensors(
     """
     ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A")}
     if len(ranks) != 1:
-        raise InvalidAdapterError(f"{source}: expected one LoRA rank, found {sorted(ranks) or 'none'}")
+        raise InvalidAdapterError(
+            f"{source}: expected one LoRA rank, found {sorted(ranks) or 'none'}"
+        )
     rank = ranks.pop()
     out: dict[str, np.ndarray] = {}
     used: set[str] = set()
@@ -110,7 +118,9 @@ def lora_input_shapes(model_onnx: str | os.PathLike[str]) -> dict[str, tuple[int
             n_out = dims[name][1]
         shapes[name] = (n_in, n_out)
     if not shapes:
-        raise InvalidAdapterError(f"{model_onnx}: has no LoRA inputs; re-export it with `fedlm export-onnx`")
+        raise InvalidAdapterError(
+            f"{model_onnx}: has no LoRA inputs; re-export it with `fedlm export-onnx`"
+        )
     return shapes
 
 
@@ -130,8 +140,12 @@ def write_onnx_adapter(tensors: Mapping[str, np.ndarray], dest: str | os.PathLik
 
 
 def convert_adapter(
-    adapter: str | os.PathLike[str], model_dir: str | os.PathLike[str], dest: str | os.PathLike[str],
-    *, base_gguf: str | os.PathLike[str] | None = None, shapes: Mapping[str, tuple[int, int]] | None = None,
+    adapter: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    base_gguf: str | os.PathLike[str] | None = None,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
 ) -> Path:
     """Convert a PEFT directory or GGUF LoRA to an `.onnx_adapter` for the export in `model_dir`."""
     shapes = shapes or lora_input_shapes(Path(model_dir) / "model.onnx")

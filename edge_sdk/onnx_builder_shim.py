@@ -25,7 +25,10 @@ def _patch() -> None:
     def make_rope_init(self: Any, config: Any) -> None:
         params = getattr(config, "rope_parameters", None)
         if isinstance(params, dict) and "full_attention" in params and "rope_type" not in params:
-            full, local = params["full_attention"], params.get("sliding_attention", params["full_attention"])
+            full, local = (
+                params["full_attention"],
+                params.get("sliding_attention", params["full_attention"]),
+            )
             config.rope_theta = full.get("rope_theta", getattr(config, "rope_theta", 10000.0))
             config.rope_local_base_freq = local.get("rope_theta", config.rope_theta)
             config.rope_parameters = dict(full)

@@ -82,7 +82,11 @@ def hf_state_dict(model: Any, config: ModelConfig) -> dict[str, Any]:
         parts = name.split(".")
         if name.startswith("model.layers.") and len(parts) == 5 and parts[3] in norms:
             hf = f"model.layers.{parts[2]}.{norms[parts[3]]}.weight"
-        elif name.startswith("model.layers.") and parts[3] == "self_attn" and parts[4] in ("q_norm", "k_norm"):
+        elif (
+            name.startswith("model.layers.")
+            and parts[3] == "self_attn"
+            and parts[4] in ("q_norm", "k_norm")
+        ):
             hf = name
         else:
             hf = name
@@ -120,33 +124,49 @@ def hf_config(config: ModelConfig, bos: int | None, eos: int | None) -> dict[str
         )
     if config.arch == "llama":
         return {
-            **common, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            **common,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
             "rope_theta": config.rope_base,
             "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
         }
     if config.arch in ("qwen2", "qwen3"):
         cls = "Qwen2ForCausalLM" if config.arch == "qwen2" else "Qwen3ForCausalLM"
         return {
-            **common, "architectures": [cls], "model_type": config.arch, "hidden_act": "silu",
-            "attention_bias": config.qkv_bias, "use_sliding_window": False,
+            **common,
+            "architectures": [cls],
+            "model_type": config.arch,
+            "hidden_act": "silu",
+            "attention_bias": config.qkv_bias,
+            "use_sliding_window": False,
             "rope_theta": config.rope_base,
             "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
         }
     if config.arch == "gemma3":
         layer_types = [
-            "sliding_attention" if config.is_local(i) else "full_attention" for i in range(config.n_layer)
+            "sliding_attention" if config.is_local(i) else "full_attention"
+            for i in range(config.n_layer)
         ]
         local = config.rope_base_local or config.rope_base
         return {
-            **common, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
-            "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+            **common,
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "attention_bias": False,
             "query_pre_attn_scalar": round(1.0 / config.softmax_scale**2),
-            "sliding_window": config.sliding_window, "layer_types": layer_types,
-            "final_logit_softcapping": config.final_logit_softcap, "attn_logit_softcapping": None,
+            "sliding_window": config.sliding_window,
+            "layer_types": layer_types,
+            "final_logit_softcapping": config.final_logit_softcap,
+            "attn_logit_softcapping": None,
             # The genai builder still reads the flat transformers 4 keys (issue 13: KeyError
             # 'rope_type' on nested rope_parameters), so both layouts are written.
-            "rope_theta": config.rope_base, "rope_local_base_freq": local, "rope_scaling": None,
+            "rope_theta": config.rope_base,
+            "rope_local_base_freq": local,
+            "rope_scaling": None,
             "rope_parameters": {
                 "full_attention": {"rope_type": "default", "rope_theta": config.rope_base},
                 "sliding_attention": {"rope_type": "default", "rope_theta": local},
@@ -170,7 +190,9 @@ def write_hf_folder(gguf_path: Path, out: Path, progress: ProgressFn) -> ModelCo
             f"supported: {', '.join(EXPORT_ARCHS)}"
         )
     if any(getattr(config, "rope_dim", None) not in (None, config.head_dim) for _ in [0]):
-        raise UnsupportedArchitectureError(f"{gguf_path.name}: partial RoPE (rope_dim) is not supported by export")
+        raise UnsupportedArchitectureError(
+            f"{gguf_path.name}: partial RoPE (rope_dim) is not supported by export"
+        )
     out.mkdir(parents=True, exist_ok=True)
     progress("dequantizing GGUF to fp32")
     model = load_model(gguf_path, precision="fp32")
@@ -190,7 +212,9 @@ def write_hf_folder(gguf_path: Path, out: Path, progress: ProgressFn) -> ModelCo
     cfg = hf_config(config, tok.bos_token_id, tok.eos_token_id)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "do_sample": False})
+        json.dumps(
+            {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "do_sample": False}
+        )
     )
     return config
 
@@ -210,12 +234,23 @@ def write_placeholder_adapter(out: Path, config: ModelConfig) -> None:
             tensors[f"{stem}.lora_A.weight"] = torch.full((PLACEHOLDER_RANK, n), 0.01)
             tensors[f"{stem}.lora_B.weight"] = torch.zeros((o, PLACEHOLDER_RANK))
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": PLACEHOLDER_RANK,
-        "lora_alpha": PLACEHOLDER_RANK, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": list(LORA_TARGETS), "base_model_name_or_path": None,
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-    }))
+    (out / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": PLACEHOLDER_RANK,
+                "lora_alpha": PLACEHOLDER_RANK,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "target_modules": list(LORA_TARGETS),
+                "base_model_name_or_path": None,
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+                "use_dora": False,
+            }
+        )
+    )
 
 
 def lora_node_names(config: ModelConfig) -> list[str]:
@@ -228,8 +263,9 @@ def lora_node_names(config: ModelConfig) -> list[str]:
     return names
 
 
-def run_builder(hf_dir: Path, adapter_dir: Path, out: Path, precision: str, cache: Path,
-                config: ModelConfig) -> None:
+def run_builder(
+    hf_dir: Path, adapter_dir: Path, out: Path, precision: str, cache: Path, config: ModelConfig
+) -> None:
     """Run onnxruntime-genai's model builder in a child process (it is a script with globals).
 
     int4 quantizes every MatMul but the LoRA ones: an adapter overrides those weights in fp32.
@@ -238,15 +274,27 @@ def run_builder(hf_dir: Path, adapter_dir: Path, out: Path, precision: str, cach
     if precision == "int4":
         extra.append("nodes_to_exclude=" + ",".join(lora_node_names(config)))
     cmd = [
-        sys.executable, "-m", "edge_sdk.onnx_builder_shim",
-        "-i", str(hf_dir), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache),
-        "--extra_options", *extra,
+        sys.executable,
+        "-m",
+        "edge_sdk.onnx_builder_shim",
+        "-i",
+        str(hf_dir),
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(cache),
+        "--extra_options",
+        *extra,
     ]
     # The child imports edge_sdk.onnx_builder_shim from the same tree as this module.
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=path)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise OnnxExportError(
@@ -267,8 +315,12 @@ def lora_inputs_from_initializers(model_path: Path) -> list[str]:
     existing = {i.name for i in graph.input}
     names: list[str] = []
     for init in graph.initializer:
-        if ".lora_A." not in init.name and ".lora_B." not in init.name and "lora_A" not in init.name \
-                and "lora_B" not in init.name:
+        if (
+            ".lora_A." not in init.name
+            and ".lora_B." not in init.name
+            and "lora_A" not in init.name
+            and "lora_B" not in init.name
+        ):
             continue
         if init.name in existing:
             continue
@@ -279,11 +331,15 @@ def lora_inputs_from_initializers(model_path: Path) -> list[str]:
             )
         dims = list(init.dims)
         # MatMul weights are stored (in, out): A is (in, r), B is (r, out).
-        shape: list[Any] = [dims[0], "lora_rank"] if "lora_A" in init.name else ["lora_rank", dims[1]]
+        shape: list[Any] = (
+            [dims[0], "lora_rank"] if "lora_A" in init.name else ["lora_rank", dims[1]]
+        )
         graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, shape))
         names.append(init.name)
     if not names:
-        raise OnnxExportError(f"{model_path}: the builder kept no LoRA weights; adapters cannot be served")
+        raise OnnxExportError(
+            f"{model_path}: the builder kept no LoRA weights; adapters cannot be served"
+        )
     onnx.save(model, str(model_path))
     return sorted(names)
 
@@ -335,8 +391,13 @@ def export_onnx(
     out = Path(out)
     say = progress or (lambda msg: log.info("%s", msg))
     st = src.stat()
-    want = {"source": src.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "precision": precision,
-            "format": 1}
+    want = {
+        "source": src.name,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "precision": precision,
+        "format": 1,
+    }
     manifest = out / MANIFEST
     if not force and manifest.is_file():
         try:
@@ -362,8 +423,14 @@ def export_onnx(
         run_builder(hf_dir, adapter_dir, built, precision, work / "cache", config)
         say("turning LoRA weights into graph inputs")
         names = lora_inputs_from_initializers(built / "model.onnx")
-        info = {**want, "arch": config.arch, "n_layer": config.n_layer, "lora_inputs": len(names),
-                "seconds": round(time.perf_counter() - t0, 2), **_chat_info(src)}
+        info = {
+            **want,
+            "arch": config.arch,
+            "n_layer": config.n_layer,
+            "lora_inputs": len(names),
+            "seconds": round(time.perf_counter() - t0, 2),
+            **_chat_info(src),
+        }
         (built / MANIFEST).write_text(json.dumps(info, indent=2))
         if out.exists():
             shutil.rmtree(out)

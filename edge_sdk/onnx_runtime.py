@@ -40,6 +40,7 @@ from edge_sdk.runtime import GenerationConfig, Message, _config
 
 log = logging.getLogger(__name__)
 
+
 def import_genai() -> Any:
     """`onnxruntime_genai`, or `OnnxNotInstalledError` naming the extra to install."""
     try:
@@ -96,7 +97,9 @@ class OnnxEdgeModel:
                 if self.path.suffix == ".gguf" or not self.path.exists()
                 else "pass a folder written by `fedlm export-onnx`"
             )
-            raise ModelNotFoundError(f"{self.path}: not an exported ONNX model (no genai_config.json); {hint}")
+            raise ModelNotFoundError(
+                f"{self.path}: not an exported ONNX model (no genai_config.json); {hint}"
+            )
         if n_ctx < 2:
             raise ValueError(f"`n_ctx` should be at least 2, got {n_ctx}")
         manifest = self.path / "fedlm_export.json"
@@ -114,9 +117,20 @@ class OnnxEdgeModel:
                 config.append_provider(name)
             for key, val in (provider_options or {}).get(name, {}).items():
                 config.set_provider_option(name, key, val)
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads, "log_severity_level": 0 if verbose else 3,
-        }}}}))
+        config.overlay(
+            json.dumps(
+                {
+                    "model": {
+                        "decoder": {
+                            "session_options": {
+                                "intra_op_num_threads": threads,
+                                "log_severity_level": 0 if verbose else 3,
+                            }
+                        }
+                    }
+                }
+            )
+        )
         self._model = og.Model(config)
         self._tokenizer = og.Tokenizer(self._model)
         self._adapters = og.Adapters(self._model)
@@ -164,15 +178,21 @@ class OnnxEdgeModel:
     def _generator(self, tokens: Sequence[int], cfg: GenerationConfig | None) -> Any:
         og = self._og
         if len(tokens) >= self.n_ctx:
-            raise ValueError(f"the prompt has {len(tokens)} tokens, more than n_ctx={self.n_ctx} allows")
+            raise ValueError(
+                f"the prompt has {len(tokens)} tokens, more than n_ctx={self.n_ctx} allows"
+            )
         params = og.GeneratorParams(self._model)
         opts: dict[str, Any] = {"max_length": self.n_ctx}
         if cfg is not None:
             opts["max_length"] = min(self.n_ctx, len(tokens) + cfg.max_tokens)
             opts["do_sample"] = cfg.temperature > 0
             if cfg.temperature > 0:
-                opts.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=max(cfg.top_k, 0),
-                            random_seed=cfg.seed)
+                opts.update(
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    top_k=max(cfg.top_k, 0),
+                    random_seed=cfg.seed,
+                )
             opts["repetition_penalty"] = cfg.repeat_penalty
         params.set_search_options(**opts)
         gen = og.Generator(self._model, params)
@@ -197,7 +217,9 @@ class OnnxEdgeModel:
                     break
                 pending += stream.decode(tok)
                 if cfg.stop:
-                    cut = min((i for i in (pending.find(s) for s in cfg.stop) if i >= 0), default=-1)
+                    cut = min(
+                        (i for i in (pending.find(s) for s in cfg.stop) if i >= 0), default=-1
+                    )
                     if cut >= 0:
                         if pending[:cut]:
                             yield pending[:cut]
@@ -215,6 +237,7 @@ class OnnxEdgeModel:
 
     def _run(self, tokens: list[int], cfg: GenerationConfig, stream: bool) -> str | Iterator[str]:
         if stream:
+
             def pieces() -> Iterator[str]:
                 # The lock is held until the stream is exhausted or closed, as in EdgeModel.
                 with self._generating():
@@ -225,7 +248,12 @@ class OnnxEdgeModel:
             return "".join(self._pieces(tokens, cfg))
 
     def generate(
-        self, prompt: str, config: GenerationConfig | None = None, *, stream: bool = False, **overrides: Any
+        self,
+        prompt: str,
+        config: GenerationConfig | None = None,
+        *,
+        stream: bool = False,
+        **overrides: Any,
     ) -> str | Iterator[str]:
         """Complete `prompt`. With `stream=True`, return an iterator of text pieces."""
         cfg = _config(config, overrides)
@@ -247,14 +275,20 @@ class OnnxEdgeModel:
         return str(self._formatter(messages=[dict(m) for m in messages]).prompt)
 
     def chat(
-        self, messages: Sequence[Message], config: GenerationConfig | None = None, *, stream: bool = False,
+        self,
+        messages: Sequence[Message],
+        config: GenerationConfig | None = None,
+        *,
+        stream: bool = False,
         **overrides: Any,
     ) -> str | Iterator[str]:
         """Answer a conversation rendered with the model's own chat template."""
         cfg = _config(config, overrides)
         prompt = self.render_chat(messages)
         # llama.cpp tokenizes chat prompts with BOS only when the template did not write one.
-        tokens = self.tokenize(prompt, add_bos=not prompt.startswith(self.info.get("bos_token") or "\0"))
+        tokens = self.tokenize(
+            prompt, add_bos=not prompt.startswith(self.info.get("bos_token") or "\0")
+        )
         return self._run(tokens, cfg, stream)
 
     def next_token_logits(self, prompt: str | Sequence[int]) -> np.ndarray:
@@ -275,7 +309,12 @@ class OnnxEdgeModel:
 
     def convert_adapter(self, path: str | os.PathLike[str], scale: float = 1.0) -> Path:
         """`path` (GGUF LoRA or PEFT directory) as an `.onnx_adapter` file in this model's work dir."""
-        from edge_sdk.onnx_adapters import lora_input_shapes, onnx_lora_tensors, read_adapter, write_onnx_adapter
+        from edge_sdk.onnx_adapters import (
+            lora_input_shapes,
+            onnx_lora_tensors,
+            read_adapter,
+            write_onnx_adapter,
+        )
 
         if self._adapter_shapes is None:
             self._adapter_shapes = lora_input_shapes(self.path / "model.onnx")
@@ -292,7 +331,9 @@ class OnnxEdgeModel:
         self._counter += 1
         return write_onnx_adapter(onnx, self._workdir / f"adapter-{self._counter}.onnx_adapter")
 
-    def load_adapter(self, path: str | os.PathLike[str], *, scale: float = 1.0, wait: float = 0.0) -> None:
+    def load_adapter(
+        self, path: str | os.PathLike[str], *, scale: float = 1.0, wait: float = 0.0
+    ) -> None:
         """Serve a GGUF LoRA or PEFT adapter from now on, replacing the current one.
 
         Converted and checked against the model's LoRA inputs before the swap; `wait` is how long
@@ -304,13 +345,17 @@ class OnnxEdgeModel:
             name = converted.stem
             try:
                 self._adapters.load(str(converted), name)
-            except Exception as exc:  # onnxruntime_genai raises plain RuntimeError
-                raise InvalidAdapterError(f"{path}: onnxruntime-genai refused the adapter: {exc}") from None
+            except RuntimeError as exc:  # onnxruntime_genai raises plain RuntimeError
+                raise InvalidAdapterError(
+                    f"{path}: onnxruntime-genai refused the adapter: {exc}"
+                ) from None
             old = self._adapter
             self._adapter = _LoadedAdapter(Path(path), name, scale, time.perf_counter() - t0)
             if old is not None:
                 self._unload(old)
-        log.info("serving adapter %s (scale %.3g) in %.1f ms", path, scale, self._adapter.seconds * 1e3)
+        log.info(
+            "serving adapter %s (scale %.3g) in %.1f ms", path, scale, self._adapter.seconds * 1e3
+        )
 
     def remove_adapter(self, *, wait: float = 0.0) -> None:
         """Go back to the bare base model."""
@@ -327,7 +372,9 @@ class OnnxEdgeModel:
 
     @contextmanager
     def _swap_lock(self, wait: float) -> Iterator[None]:
-        acquired = self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)
+        acquired = (
+            self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)
+        )
         if not acquired:
             waited = f" and did not finish within wait={wait:g} s" if wait > 0 else ""
             raise RuntimeBusyError(

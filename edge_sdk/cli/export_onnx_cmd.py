@@ -17,12 +17,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "again on the same model and options does nothing.",
     )
     p.add_argument("model", help="model name (see `fedlm models`) or path to a .gguf file")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be "
-                   "empty or an earlier export)")
-    p.add_argument("--precision", choices=("int4", "fp32"), default="int4",
-                   help="int4 MatMulNBits weights (default) or fp32 (exact)")
-    p.add_argument("--adapter", metavar="ADAPTER",
-                   help="also convert this GGUF LoRA / PEFT folder to DIR/adapter.onnx_adapter")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder (created; must be empty or an earlier export)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("int4", "fp32"),
+        default="int4",
+        help="int4 MatMulNBits weights (default) or fp32 (exact)",
+    )
+    p.add_argument(
+        "--adapter",
+        metavar="ADAPTER",
+        help="also convert this GGUF LoRA / PEFT folder to DIR/adapter.onnx_adapter",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if DIR holds this export")
     p.set_defaults(func=_export)
 

@@ -14,25 +14,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_MISSING = [m for m in ("onnxruntime", "onnxruntime_genai", "onnx", "transformers", "peft")
-            if importlib.util.find_spec(m) is None]
+_MISSING = [
+    m
+    for m in ("onnxruntime", "onnxruntime_genai", "onnx", "transformers", "peft")
+    if importlib.util.find_spec(m) is None
+]
 pytestmark = pytest.mark.skipif(
     bool(_MISSING), reason=f"the `onnx` extra is not installed (missing: {', '.join(_MISSING)})"
 )
 
-import torch  # noqa: E402
+import torch
 
-from edge_sdk.adapters.gguf_lora import write_gguf_lora  # noqa: E402
-from edge_sdk.adapters.peft import save_peft  # noqa: E402
-from edge_sdk.errors import (  # noqa: E402
+from edge_sdk.adapters.gguf_lora import write_gguf_lora
+from edge_sdk.adapters.peft import save_peft
+from edge_sdk.errors import (
     AdapterMismatchError,
     ModelNotFoundError,
     RuntimeBusyError,
     UnsupportedArchitectureError,
 )
-from edge_sdk.models.loader import load_model  # noqa: E402
-from edge_sdk.models.naming import LORA_TARGETS, hf_module  # noqa: E402
-from tests.models.tiny_families import FamilySpec, write_family_gguf  # noqa: E402
+from edge_sdk.models.loader import load_model
+from edge_sdk.models.naming import LORA_TARGETS, hf_module
+from tests.models.tiny_families import FamilySpec, write_family_gguf
 
 TOL = 1e-4
 # 16 tokens: longer than the tiny Gemma 3's sliding window (5), so local layers must mask.
@@ -52,8 +55,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
     return out
 
 
-def _torch_logits(gguf: Path, tokens: list[int], lora: dict[str, np.ndarray] | None = None,
-                  scale: float = 1.0) -> np.ndarray:
+def _torch_logits(
+    gguf: Path, tokens: list[int], lora: dict[str, np.ndarray] | None = None, scale: float = 1.0
+) -> np.ndarray:
     """(T, vocab) logits of our fp32 torch model, with `lora` merged as W + scale * B @ A."""
     model = load_model(gguf, precision="fp32")
     with torch.no_grad():
@@ -64,15 +68,21 @@ def _torch_logits(gguf: Path, tokens: list[int], lora: dict[str, np.ndarray] | N
         return model(torch.tensor([tokens])).numpy()[0]
 
 
-def _random_lora(gguf: Path, seed: int, rank: int = 4, targets=LORA_TARGETS) -> dict[str, np.ndarray]:
+def _random_lora(
+    gguf: Path, seed: int, rank: int = 4, targets=LORA_TARGETS
+) -> dict[str, np.ndarray]:
     model = load_model(gguf, precision="fp32")
     rng = np.random.default_rng(seed)
     out = {}
     for i in range(model.config.n_layer):
         for t in targets:
             o, n = model.get_submodule(hf_module(i, t)).weight.shape
-            out[f"{hf_module(i, t)}.lora_A"] = (rng.standard_normal((rank, n)) * 0.2).astype(np.float32)
-            out[f"{hf_module(i, t)}.lora_B"] = (rng.standard_normal((o, rank)) * 0.2).astype(np.float32)
+            out[f"{hf_module(i, t)}.lora_A"] = (rng.standard_normal((rank, n)) * 0.2).astype(
+                np.float32
+            )
+            out[f"{hf_module(i, t)}.lora_B"] = (rng.standard_normal((o, rank)) * 0.2).astype(
+                np.float32
+            )
     return out
 
 
@@ -102,7 +112,9 @@ def test_fp32_export_matches_torch_teacher_forced(exported):
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     for i in range(spec.n_layer):
         for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, spec.n_kv_head, 0, spec.head_dim), np.float32)
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros(
+                (1, spec.n_kv_head, 0, spec.head_dim), np.float32
+            )
     got = sess.run(["logits"], feeds)[0][0]
     want = _torch_logits(gguf, TOKENS)
     assert got.shape == want.shape
@@ -190,7 +202,9 @@ def test_swap_refused_while_streaming_then_allowed(exported, tmp_path):
             model.load_adapter(file_a)
         assert first + "".join(stream) == greedy_a
         # wait= lets a swap queue behind a running generation instead of failing
-        file_b = write_gguf_lora(tmp_path / "b.gguf", _random_lora(gguf, seed=8), alpha=4.0, base=gguf)
+        file_b = write_gguf_lora(
+            tmp_path / "b.gguf", _random_lora(gguf, seed=8), alpha=4.0, base=gguf
+        )
         stream = model.generate("hello world", max_tokens=6, stream=True)
         next(stream)
         t = threading.Thread(target=lambda: list(stream))
@@ -316,16 +330,43 @@ def test_cli_export_then_generate_with_gguf_adapter(tmp_path, capsys):
     gguf = write_family_gguf(tmp_path / "m.gguf", "llama")
     adapter = write_gguf_lora(tmp_path / "a.gguf", _random_lora(gguf, seed=9), alpha=4.0, base=gguf)
     out = tmp_path / "onnx"
-    assert main(["export-onnx", str(gguf), "--out", str(out), "--precision", "fp32",
-                 "--adapter", str(adapter)]) == 0
+    assert (
+        main(
+            [
+                "export-onnx",
+                str(gguf),
+                "--out",
+                str(out),
+                "--precision",
+                "fp32",
+                "--adapter",
+                str(adapter),
+            ]
+        )
+        == 0
+    )
     cap = capsys.readouterr()
     assert cap.out.strip() == str(out)
     assert "building the fp32 ONNX graph" in cap.err
     assert (out / "adapter.onnx_adapter").is_file()
     assert main(["export-onnx", str(gguf), "--out", str(out), "--precision", "fp32"]) == 0
     assert "nothing to do" in capsys.readouterr().err
-    assert main(["generate", str(out), "hello", "--backend", "onnx", "--adapter", str(adapter),
-                 "--max-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(out),
+                "hello",
+                "--backend",
+                "onnx",
+                "--adapter",
+                str(adapter),
+                "--max-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("hello")
     # a GGUF given where the export folder is expected: one line naming the fix, exit 2
     assert main(["generate", str(gguf), "hello", "--backend", "onnx"]) == 2
