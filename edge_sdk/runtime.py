@@ -92,7 +92,22 @@ class EdgeModel:
         n_threads: CPU threads; defaults to all cores (llama-cpp-python's default is half).
         adapter: a GGUF LoRA adapter to load at start.
         verbose: let llama.cpp print its own logs.
+        backend: 'llama.cpp' (default) or 'onnx' (`model` is then a `fedlm export-onnx` folder;
+            returns an `edge_sdk.onnx_runtime.OnnxEdgeModel`).
+        providers: ONNX Runtime execution providers (backend='onnx' only); CPU by default.
     """
+
+    def __new__(cls, model: str | os.PathLike[str] = DEFAULT_MODEL, *args: Any, backend: str = "llama.cpp",
+                **kwargs: Any) -> Any:
+        # backend="onnx" serves an `fedlm export-onnx` folder through ONNX Runtime GenAI
+        # (edge_sdk.onnx_runtime.OnnxEdgeModel, same methods); Python then skips __init__.
+        if backend == "onnx":
+            from edge_sdk.onnx_runtime import OnnxEdgeModel
+
+            return OnnxEdgeModel(model, *args, **kwargs)
+        if backend != "llama.cpp":
+            raise ValueError(f"`backend` should be 'llama.cpp' or 'onnx', got {backend!r}")
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -104,6 +119,8 @@ class EdgeModel:
         adapter: str | os.PathLike[str] | None = None,
         adapter_scale: float = 1.0,
         verbose: bool = False,
+        backend: str = "llama.cpp",
+        providers: Sequence[str] = ("cpu",),
     ) -> None:
         import llama_cpp
 

@@ -20,6 +20,7 @@ from edge_sdk.errors import FedlmError
 _COMMAND_MODULES = (
     "edge_sdk.cli.models_cmd",
     "edge_sdk.cli.generate_cmd",
+    "edge_sdk.cli.export_onnx_cmd",
     "edge_sdk.cli.train_cmd",
     "edge_sdk.cli.coordinator_cmd",
     "edge_sdk.cli.join_cmd",

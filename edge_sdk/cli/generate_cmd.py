@@ -13,6 +13,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-ctx", type=int, default=2048, metavar="N", help="context window")
+    p.add_argument("--backend", choices=("llama.cpp", "onnx"), default="llama.cpp",
+                   help="onnx: MODEL is a `fedlm export-onnx` folder; the adapter may be GGUF or PEFT")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _open(args: argparse.Namespace):  # -> EdgeModel
     from edge_sdk.runtime import EdgeModel
 
-    return EdgeModel(args.model, adapter=args.adapter, n_ctx=args.n_ctx)
+    return EdgeModel(args.model, adapter=args.adapter, n_ctx=args.n_ctx, backend=args.backend)
 
 
 def _print_stream(pieces) -> None:

@@ -1,0 +1,441 @@
+"""GGUF → ONNX Runtime GenAI model folder, with LoRA adapters as graph inputs.
+
+Route (see issue 13 for why not `torch.onnx.export`):
+
+1. Our own loader dequantizes the GGUF to fp32 (`load_model(precision="fp32")`): Q/K rows come
+   back unpermuted (HF order), Gemma norms are stored by llama.cpp as (1 + w) and HF wants w.
+   The tensors are written as a Hugging Face folder (safetensors + config.json) with a tokenizer
+   converted from the GGUF's own vocabulary by transformers' GGUF converter.
+2. A placeholder PEFT adapter (rank `PLACEHOLDER_RANK`, B = 0) on all 7 projections makes the
+   genai model builder emit a separate MatMul(A)·MatMul(B) branch per projection instead of
+   fusing it into the base weight.
+3. The builder's LoRA initializers are turned into graph inputs whose rank axis is symbolic,
+   each keeping its zero initializer as the default: with no adapter the graph is the base
+   model; an `.onnx_adapter` (`edge_sdk.onnx_adapters`) overrides them per run.
+
+The output folder holds model.onnx (+ .data), genai_config.json, the tokenizer files and
+`fedlm_export.json` (the source file's size/mtime and options), so running the same export again
+is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.errors import UnsupportedArchitectureError
+from edge_sdk.models.config import ModelConfig
+from edge_sdk.models.naming import LORA_TARGETS
+from edge_sdk.onnx_errors import OnnxExportError
+
+log = logging.getLogger(__name__)
+
+EXPORT_ARCHS: tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma3")
+"""GGUF architectures `export_onnx` can build (the genai builder's llama/qwen/gemma3 paths)."""
+
+PRECISIONS: tuple[str, ...] = ("int4", "fp32")
+"""`--precision` values: int4 (MatMulNBits, block 32) or fp32 (exact parity)."""
+
+PLACEHOLDER_RANK = 1
+"""Rank of the zero adapter built into the graph; the rank axis is symbolic afterwards."""
+
+MANIFEST = "fedlm_export.json"
+"""Written last into the output folder: what was exported, from which file, how."""
+
+ProgressFn = Callable[[str], None]
+
+# Module path in our Transformer → HF name, per family (block-level norms only).
+_NORMS = {
+    "llama": {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+    "gemma3": {
+        "attn_norm": "input_layernorm",
+        "post_attn_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffn_norm": "post_feedforward_layernorm",
+    },
+}
+_NORMS["qwen2"] = _NORMS["qwen3"] = _NORMS["llama"]
+
+
+def _lora_module(target: str) -> str:
+    return ("self_attn." if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp.") + target
+
+
+def hf_state_dict(model: Any, config: ModelConfig) -> dict[str, Any]:
+    """The fp32 tensors of our `Transformer` under Hugging Face names, as HF stores them."""
+    import torch
+
+    gemma = config.arch == "gemma3"
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    norms = _NORMS[config.arch]
+    for name, value in sd.items():
+        value = value.detach().to(torch.float32).contiguous()
+        parts = name.split(".")
+        if name.startswith("model.layers.") and len(parts) == 5 and parts[3] in norms:
+            hf = f"model.layers.{parts[2]}.{norms[parts[3]]}.weight"
+        elif (
+            name.startswith("model.layers.")
+            and parts[3] == "self_attn"
+            and parts[4] in ("q_norm", "k_norm")
+        ):
+            hf = name
+        else:
+            hf = name
+        # llama.cpp's Gemma converter adds 1 to every RMSNorm weight; HF's Gemma3RMSNorm
+        # multiplies by (1 + w), so the stored value is w.
+        if gemma and hf.endswith("norm.weight"):
+            value = value - 1.0
+        out[hf] = value
+    if config.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def hf_config(config: ModelConfig, bos: int | None, eos: int | None) -> dict[str, Any]:
+    """config.json for `config`'s family, in the transformers 5 layout (rope_parameters)."""
+    common: dict[str, Any] = {
+        "hidden_size": config.d_model,
+        "intermediate_size": config.d_ff,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "num_hidden_layers": config.n_layer,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.context_length,
+        "rms_norm_eps": float(config.norm_eps),
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "torch_dtype": "float32",
+        "attention_dropout": 0.0,
+    }
+    if config.rope_scale != 1.0:
+        raise UnsupportedArchitectureError(
+            f"ONNX export does not support linear RoPE scaling (rope_scale={config.rope_scale})"
+        )
+    if config.arch == "llama":
+        return {
+            **common,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "rope_theta": config.rope_base,
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        }
+    if config.arch in ("qwen2", "qwen3"):
+        cls = "Qwen2ForCausalLM" if config.arch == "qwen2" else "Qwen3ForCausalLM"
+        return {
+            **common,
+            "architectures": [cls],
+            "model_type": config.arch,
+            "hidden_act": "silu",
+            "attention_bias": config.qkv_bias,
+            "use_sliding_window": False,
+            "rope_theta": config.rope_base,
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        }
+    if config.arch == "gemma3":
+        layer_types = [
+            "sliding_attention" if config.is_local(i) else "full_attention"
+            for i in range(config.n_layer)
+        ]
+        local = config.rope_base_local or config.rope_base
+        return {
+            **common,
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "attention_bias": False,
+            "query_pre_attn_scalar": round(1.0 / config.softmax_scale**2),
+            "sliding_window": config.sliding_window,
+            "layer_types": layer_types,
+            "final_logit_softcapping": config.final_logit_softcap,
+            "attn_logit_softcapping": None,
+            # The genai builder still reads the flat transformers 4 keys (issue 13: KeyError
+            # 'rope_type' on nested rope_parameters), so both layouts are written.
+            "rope_theta": config.rope_base,
+            "rope_local_base_freq": local,
+            "rope_scaling": None,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": config.rope_base},
+                "sliding_attention": {"rope_type": "default", "rope_theta": local},
+            },
+        }
+    raise UnsupportedArchitectureError(
+        f"ONNX export does not support architecture {config.arch!r}; supported: {', '.join(EXPORT_ARCHS)}"
+    )
+
+
+def write_hf_folder(gguf_path: Path, out: Path, progress: ProgressFn) -> ModelConfig:
+    """Write `out` as a Hugging Face checkpoint of `gguf_path` (fp32 safetensors + tokenizer)."""
+    from safetensors.torch import save_file
+
+    from edge_sdk.models.loader import load_model, read_config
+
+    config = read_config(gguf_path)
+    if config.arch not in EXPORT_ARCHS:
+        raise UnsupportedArchitectureError(
+            f"{gguf_path.name}: ONNX export does not support architecture {config.arch!r}; "
+            f"supported: {', '.join(EXPORT_ARCHS)}"
+        )
+    if any(getattr(config, "rope_dim", None) not in (None, config.head_dim) for _ in [0]):
+        raise UnsupportedArchitectureError(
+            f"{gguf_path.name}: partial RoPE (rope_dim) is not supported by export"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    progress("dequantizing GGUF to fp32")
+    model = load_model(gguf_path, precision="fp32")
+    if getattr(model, "rope_freq_factors", None) is not None:
+        raise UnsupportedArchitectureError(
+            f"{gguf_path.name}: per-frequency RoPE factors (rope_freqs.weight) are not supported by export"
+        )
+    tensors = hf_state_dict(model, config)
+    del model
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    progress("converting the GGUF tokenizer")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok.save_pretrained(str(out))
+    cfg = hf_config(config, tok.bos_token_id, tok.eos_token_id)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "do_sample": False}
+        )
+    )
+    return config
+
+
+def write_placeholder_adapter(out: Path, config: ModelConfig) -> None:
+    """A PEFT folder: rank-`PLACEHOLDER_RANK` LoRA on all 7 projections with B = 0."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = config.target_shapes()
+    tensors = {}
+    for i in range(config.n_layer):
+        for target in LORA_TARGETS:
+            o, n = shapes[target]
+            stem = f"base_model.model.model.layers.{i}.{_lora_module(target)}"
+            tensors[f"{stem}.lora_A.weight"] = torch.full((PLACEHOLDER_RANK, n), 0.01)
+            tensors[f"{stem}.lora_B.weight"] = torch.zeros((o, PLACEHOLDER_RANK))
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": PLACEHOLDER_RANK,
+                "lora_alpha": PLACEHOLDER_RANK,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "target_modules": list(LORA_TARGETS),
+                "base_model_name_or_path": None,
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+                "use_dora": False,
+            }
+        )
+    )
+
+
+def lora_node_names(config: ModelConfig) -> list[str]:
+    """The builder's names of the LoRA MatMul nodes, kept in fp32 when the base goes int4."""
+    names = []
+    for i in range(config.n_layer):
+        for target in LORA_TARGETS:
+            group = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "attn"
+            names += [f"/model/layers.{i}/{group}/{target}/lora_{x}/MatMul" for x in ("A", "B")]
+    return names
+
+
+def run_builder(
+    hf_dir: Path, adapter_dir: Path, out: Path, precision: str, cache: Path, config: ModelConfig
+) -> None:
+    """Run onnxruntime-genai's model builder in a child process (it is a script with globals).
+
+    int4 quantizes every MatMul but the LoRA ones: an adapter overrides those weights in fp32.
+    """
+    extra = [f"adapter_path={adapter_dir}"]
+    if precision == "int4":
+        extra.append("nodes_to_exclude=" + ",".join(lora_node_names(config)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_sdk.onnx_builder_shim",
+        "-i",
+        str(hf_dir),
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(cache),
+        "--extra_options",
+        *extra,
+    ]
+    # The child imports edge_sdk.onnx_builder_shim from the same tree as this module.
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise OnnxExportError(
+            f"the onnxruntime-genai model builder failed on {hf_dir}: " + " | ".join(tail)
+        )
+
+
+def lora_inputs_from_initializers(model_path: Path) -> list[str]:
+    """Turn the builder's LoRA weights into graph inputs with a symbolic rank axis.
+
+    Each keeps its (zero) initializer as the default value, so a run without an adapter is the
+    base model. Returns the input names, sorted.
+    """
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    existing = {i.name for i in graph.input}
+    names: list[str] = []
+    for init in graph.initializer:
+        if (
+            ".lora_A." not in init.name
+            and ".lora_B." not in init.name
+            and "lora_A" not in init.name
+            and "lora_B" not in init.name
+        ):
+            continue
+        if init.name in existing:
+            continue
+        if init.data_type != onnx.TensorProto.FLOAT:
+            raise OnnxExportError(
+                f"{model_path}: LoRA weight {init.name} was quantized (type {init.data_type}); "
+                "the LoRA MatMuls must stay fp32 to take adapters"
+            )
+        dims = list(init.dims)
+        # MatMul weights are stored (in, out): A is (in, r), B is (r, out).
+        shape: list[Any] = (
+            [dims[0], "lora_rank"] if "lora_A" in init.name else ["lora_rank", dims[1]]
+        )
+        graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, shape))
+        names.append(init.name)
+    if not names:
+        raise OnnxExportError(
+            f"{model_path}: the builder kept no LoRA weights; adapters cannot be served"
+        )
+    onnx.save(model, str(model_path))
+    return sorted(names)
+
+
+def _chat_info(gguf_path: Path) -> dict[str, Any]:
+    """The GGUF's chat template and BOS/EOS texts, for the runtime's own chat rendering."""
+    from edge_sdk.models.chat_template import model_templates
+    from edge_sdk.models.gguf_check import open_model
+
+    reader = open_model(gguf_path)
+    fields = reader.fields
+    tokens_field = fields.get("tokenizer.ggml.tokens")
+
+    def token_text(key: str) -> str:
+        f = fields.get(key)
+        if f is None or tokens_field is None:
+            return ""
+        idx = int(f.contents())
+        if not 0 <= idx < tokens_field.count:
+            return ""
+        buf, starts, lengths = tokens_field._value  # one string, not the whole vocabulary
+        return str(buf[starts[idx] : starts[idx] + lengths[idx]], "utf-8")
+
+    add_bos = fields.get("tokenizer.ggml.add_bos_token")
+    return {
+        "chat_template": model_templates(reader).get("chat_template.default"),
+        "bos_token": token_text("tokenizer.ggml.bos_token_id"),
+        "eos_token": token_text("tokenizer.ggml.eos_token_id"),
+        "add_bos": bool(add_bos.contents()) if add_bos is not None else False,
+    }
+
+
+def export_onnx(
+    gguf_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    precision: str = "int4",
+    progress: ProgressFn | None = None,
+    force: bool = False,
+) -> Path:
+    """Export `gguf_path` to an ONNX Runtime GenAI folder `out`; returns `out`.
+
+    Idempotent: when `out` already holds an export of the same file with the same options, it is
+    returned unchanged (pass `force=True` to rebuild).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` should be one of {PRECISIONS}, got {precision!r}")
+    src = Path(gguf_path)
+    out = Path(out)
+    say = progress or (lambda msg: log.info("%s", msg))
+    st = src.stat()
+    want = {
+        "source": src.name,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "precision": precision,
+        "format": 1,
+    }
+    manifest = out / MANIFEST
+    if not force and manifest.is_file():
+        try:
+            have = json.loads(manifest.read_text())
+        except ValueError:
+            have = {}
+        if {k: have.get(k) for k in want} == want and (out / "model.onnx").is_file():
+            say(f"{out} already holds this export; nothing to do")
+            return out
+    if out.exists() and any(out.iterdir()) and not manifest.is_file():
+        raise OnnxExportError(
+            f"{out} exists, is not empty and holds no fedlm export; choose an empty --out folder"
+        )
+    t0 = time.perf_counter()
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        hf_dir, adapter_dir, built = work / "hf", work / "placeholder_adapter", work / "onnx"
+        config = write_hf_folder(src, hf_dir, say)
+        write_placeholder_adapter(adapter_dir, config)
+        say(f"building the {precision} ONNX graph (onnxruntime-genai model builder)")
+        run_builder(hf_dir, adapter_dir, built, precision, work / "cache", config)
+        say("turning LoRA weights into graph inputs")
+        names = lora_inputs_from_initializers(built / "model.onnx")
+        info = {
+            **want,
+            "arch": config.arch,
+            "n_layer": config.n_layer,
+            "lora_inputs": len(names),
+            "seconds": round(time.perf_counter() - t0, 2),
+            **_chat_info(src),
+        }
+        (built / MANIFEST).write_text(json.dumps(info, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(built, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+    return out

@@ -1,0 +1,77 @@
+"""A real federation on 127.0.0.1 hot-swaps each global adapter into the ONNX backend.
+
+The client's runtime is an `OnnxEdgeModel` of the exported tiny model: the client writes every
+new global adapter as GGUF and calls `runtime.load_adapter(path, wait=...)`, which converts it to
+`.onnx_adapter` on the device. The served logits are then checked against our torch model with
+that same GGUF adapter merged in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_MISSING = [
+    m
+    for m in ("onnxruntime", "onnxruntime_genai", "onnx", "transformers", "peft")
+    if importlib.util.find_spec(m) is None
+]
+pytestmark = [
+    pytest.mark.skipif(
+        bool(_MISSING), reason=f"the `onnx` extra is not installed (missing: {', '.join(_MISSING)})"
+    ),
+    pytest.mark.timeout(400),
+]
+
+
+def test_federation_hot_swaps_into_the_onnx_backend(tmp_path: Path) -> None:
+    import torch
+
+    from coordinator.service import Service
+    from coordinator.strategies import FedBuff
+    from edge_sdk.adapters.gguf_lora import read_gguf_lora
+    from edge_sdk.client import FederatedClient
+    from edge_sdk.models.loader import load_model
+    from edge_sdk.onnx_export import export_onnx
+    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from tests.client.helpers import client_config, coordinator_config, write_data
+    from tests.tiny_models import write_tiny_gguf
+
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    folder = export_onnx(model, tmp_path / "onnx", precision="fp32")
+    runtime = OnnxEdgeModel(folder, n_threads=1)
+    data = write_data(tmp_path / "data.jsonl")
+    tokens = [1, 270, 280, 290, 10, 100]
+
+    async def scenario():
+        config = coordinator_config(tmp_path, model, strategy=FedBuff(buffer_size=1), max_rounds=2)
+        async with Service(config) as service:
+            cfg = client_config(tmp_path / "state", model, data, service=service)
+            client = FederatedClient(cfg, runtime=runtime)
+            return await asyncio.wait_for(client.run_async(), timeout=300)
+
+    try:
+        base = runtime.next_token_logits(tokens)
+        summary = asyncio.run(scenario())
+        assert summary.reason == "task_complete" and summary.global_version == 2
+        assert summary.adapter_path is not None
+        assert runtime.adapter_path == summary.adapter_path  # the newest global adapter is served
+        served = runtime.next_token_logits(tokens)
+    finally:
+        runtime.close()
+
+    lora = read_gguf_lora(summary.adapter_path)
+    torch_model = load_model(model, precision="fp32")
+    with torch.no_grad():
+        want_base = torch_model(torch.tensor([tokens])).numpy()[0, -1]
+        for key in {k.rpartition(".")[0] for k in lora.tensors}:
+            delta = lora.tensors[f"{key}.lora_B"] @ lora.tensors[f"{key}.lora_A"]
+            torch_model.get_submodule(key).weight += lora.scale * torch.from_numpy(delta)
+        want = torch_model(torch.tensor([tokens])).numpy()[0, -1]
+    assert np.abs(base - want_base).max() < 1e-4
+    assert np.abs(served - want).max() < 1e-4
+    assert np.abs(served - base).max() > 1e-3  # the federated adapter really changed the model
