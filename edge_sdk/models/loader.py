@@ -172,6 +172,11 @@ def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str
             quant_type="nf4", module=layer, bnb_quantized=True,
         )
         layer.quant_state = state
+        # On CPUs with AVX512-BF16, bitsandbytes (>= 0.49) repacks the weight into another
+        # layout on the first eval-mode, no-grad forward and flags its quant_state. Our own NF4
+        # kernels (training.lora) read the standard layout, so a base-model evaluation before
+        # training silently corrupted every later step. Keep the one layout everywhere.
+        layer.support_avx512bf16_for_cpu = False
         if bias is not None:
             layer.bias = _frozen(bias)
         return layer

@@ -191,3 +191,27 @@ def test_merged_nf4_path_matches_unmerged_gradients(tiny_path: Path) -> None:
     (ref_y * torch.linspace(-1, 1, ref_y.shape[-1])).sum().backward()
     for ours, ref in zip(got, (ref_y.detach(), x2.grad, a.grad, b.grad)):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_an_eval_of_the_disabled_adapter_keeps_the_nf4_layout(tiny_path: Path) -> None:
+    """bitsandbytes >= 0.49 repacks a Linear4bit's weight on CPUs with AVX512-BF16 at its first
+    eval-mode, no-grad forward; our NF4 kernels then read garbage, and the demo's base
+    evaluation before training silently corrupted every later step (eval loss 2.3 -> 10.7)."""
+    model = load_model(tiny_path, precision="nf4", lora=LoraConfig(rank=4))
+    ids = _ids()
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.1)  # a non-zero adapter
+    before = model(ids).detach()
+    model.eval()
+    set_lora_enabled(model, False)
+    with torch.no_grad():
+        model(ids)  # what the demo's base-model evaluation runs
+    set_lora_enabled(model, True)
+    model.train()
+    packed = [
+        m for m in model.modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None),
+                                              "packing_format_for_cpu", False)
+    ]  # fmt: skip
+    assert packed == []
+    torch.testing.assert_close(model(ids).detach(), before)
