@@ -129,9 +129,11 @@ def start_server(
     ]  # fmt: skip
     if insecure:
         cmd.append("--insecure")
+    code = Path(os.environ.get("FEDLM_LOAD_CODE") or ROOT)  # --code: the coordinator to load
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
-    )
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=code,
+        env={**os.environ, "PYTHONPATH": str(code)},
+    )  # fmt: skip
     assert proc.stdout is not None
     url, fingerprint = None, None
     deadline = time.monotonic() + timeout_s
@@ -396,7 +398,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=24, help="pooled client connections")
     parser.add_argument("--templates", type=int, default=8, help="distinct encoded adapters")
     parser.add_argument("--insecure", action="store_true", help="plain HTTP instead of HTTPS")
+    parser.add_argument(
+        "--code", type=Path, help="run the coordinator of this checkout (e.g. before a change)"
+    )
     args = parser.parse_args()
+    if args.code:
+        os.environ["FEDLM_LOAD_CODE"] = str(args.code.resolve())
     from edge_sdk.models import resolve
 
     result = asyncio.run(

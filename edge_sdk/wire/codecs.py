@@ -421,6 +421,7 @@ class EncodedTensor:
             or type(block) is not int
             or not 1 <= block <= MAX_BLOCK
             or type(scales) is not bytes
+            or type(sdt) is not str
             or sdt not in _quant.SCALE_ITEMSIZE
             or get_("nnz") is not None
             or get_("idx") is not None

@@ -86,3 +86,17 @@ def test_a_hostile_tensor_among_many_is_refused_and_named(mutate, needle: str) -
     body = _envelope.pack(MessageKind.ADAPTER_UPDATE, obj)
     with pytest.raises(WireError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         AdapterUpdate.from_bytes(body)
+
+
+@pytest.mark.parametrize("sdt", [["f16"], {"a": 1}, 16, None])
+def test_a_type_confused_scale_dtype_is_a_wire_error(sdt) -> None:
+    # Found by tests/wire/test_wire_fuzz.py: an unhashable `sdt` crashed the fast path with a
+    # TypeError instead of taking the general path's WireError.
+    update = _update_bytes(np.random.default_rng(4))
+    obj = update.to_obj()
+    obj["tensors"]["model.layers.0.self_attn.q_proj.lora_A"]["sdt"] = sdt
+    from edge_sdk.wire import _envelope
+    from edge_sdk.wire._envelope import MessageKind
+
+    with pytest.raises(WireError):
+        AdapterUpdate.from_bytes(_envelope.pack(MessageKind.ADAPTER_UPDATE, obj))
