@@ -43,10 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CODE = Path(os.environ.get("FEDLM_BENCH_CODE") or ROOT)
 sys.path.insert(0, str(CODE))
 
-from coordinator.aggregator import AggregationConfig
 from coordinator.config import CoordinatorConfig
-from coordinator.core import Coordinator
+from coordinator.next_version import AggregationConfig
 from coordinator.shapes import Shapes, adapter_parameters, shapes_from_gguf
+from coordinator.state_machine import Coordinator
 from coordinator.storage import SQLiteStorage, UpdateRecord
 from coordinator.strategies import FedBuff
 from edge_sdk.errors import FedlmError

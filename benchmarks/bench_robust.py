@@ -38,9 +38,9 @@ sys.path.insert(0, str(CODE / "benchmarks"))
 
 from bench_coordinator import ALPHA, RANK, make_updates, rss_mb, smollm2_shapes
 
-from coordinator.aggregator import AggregationConfig
 from coordinator.config import CoordinatorConfig
-from coordinator.core import Coordinator
+from coordinator.next_version import AggregationConfig
+from coordinator.state_machine import Coordinator
 from coordinator.storage import SQLiteStorage, UpdateRecord
 from coordinator.strategies import FedBuff
 

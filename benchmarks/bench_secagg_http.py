@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.aggregator import AggregationConfig
 from coordinator.config import CoordinatorConfig
-from coordinator.service import Service
+from coordinator.next_version import AggregationConfig
+from coordinator.server import Service
 from coordinator.shapes import shapes_from_gguf
 from coordinator.strategies import FedAvg
 from edge_sdk.models import resolve

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.aggregator import AggregationConfig, Shapes
+from coordinator.next_version import AggregationConfig, Shapes
 from coordinator.strategies import FedAvg, FedBuff
 from edge_sdk.models.naming import LORA_TARGETS
 from edge_sdk.wire import parse_codec

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from coordinator.aggregation import Tensors, add_gaussian_noise
+from coordinator.lora_math import Tensors, add_gaussian_noise
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ from edge_sdk.secagg import (
 )
 
 if TYPE_CHECKING:
-    from coordinator.core import Coordinator
+    from coordinator.state_machine import Coordinator
 
 log = logging.getLogger(__name__)
 

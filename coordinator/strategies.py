@@ -1,7 +1,7 @@
 """When to aggregate, which updates to admit, and how much each one weighs.
 
 A strategy is a small protocol (after Flower's `Strategy`, without its class tree): it never
-touches tensors. The LoRA math lives in `coordinator.aggregation` / `coordinator.aggregator`.
+touches tensors. The LoRA math lives in `coordinator.lora_math` / `coordinator.next_version`.
 
 - `FedAvg`: synchronous rounds. Round v is open while global version v is current; it accepts
   one update per client trained from version v, and closes when `clients_per_round` updates
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from coordinator.aggregation import staleness_weight
 from coordinator.errors import ConflictError, StaleUpdateError, UpdateRejectedError
+from coordinator.lora_math import staleness_weight
 from coordinator.storage import UpdateRecord
 
 

@@ -231,9 +231,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _config(
     args: argparse.Namespace, join_token: str, operator_token: str = ""
 ) -> CoordinatorConfig:
-    from coordinator.aggregation import FedAdamConfig
-    from coordinator.aggregator import AggregationConfig
     from coordinator.config import CoordinatorConfig
+    from coordinator.lora_math import FedAdamConfig
+    from coordinator.next_version import AggregationConfig
     from coordinator.privacy import DpConfig
     from coordinator.shapes import shapes_from_gguf
     from coordinator.strategies import FedAvg, FedBuff
@@ -325,7 +325,7 @@ def _run(args: argparse.Namespace) -> int:
     from coordinator.auth import generate_token
     from coordinator.config import MIN_JOIN_TOKEN_CHARS
     from coordinator.errors import CoordinatorError
-    from coordinator.service import Service, serve
+    from coordinator.server import Service, serve
 
     logging.getLogger("coordinator").setLevel(args.log_level.upper())
     # The coordinator's own log lines (the --insecure warning among them) go to stderr.

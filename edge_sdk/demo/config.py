@@ -100,7 +100,7 @@ class DemoConfig:
             raise ValueError(f"`mode` should be exact, frozen-a or naive, got {self.mode!r}")
         if self.secure and self.mode != "frozen-a":
             raise ValueError(f"`mode` should be frozen-a with `secure`, got {self.mode!r}")
-        from coordinator.aggregator import AggregationConfig
+        from coordinator.next_version import AggregationConfig
 
         try:  # the coordinator's own checks (robust needs a factor mode, c >= 1, ...)
             AggregationConfig(mode=self.mode, rank=self.rank, alpha=self.alpha, robust=self.robust,

@@ -33,7 +33,7 @@ from edge_sdk.demo.live import Progress
 if TYPE_CHECKING:  # torch loads lazily
     import torch
 
-    from coordinator.aggregator import AggregationConfig
+    from coordinator.next_version import AggregationConfig
     from edge_sdk.training.data import Dataset
     from edge_sdk.training.tokenizer import Tokenizer
     from edge_sdk.training.trainer import TrainConfig
@@ -69,7 +69,7 @@ def reorder(dataset: Dataset, seed: int) -> Dataset:
 
 
 def aggregation_config(config: DemoConfig) -> AggregationConfig:
-    from coordinator.aggregator import AggregationConfig
+    from coordinator.next_version import AggregationConfig
 
     return AggregationConfig(mode=config.mode, rank=config.rank, alpha=config.alpha,
                              a_seed=config.seed, server_lr=config.server_lr, robust=config.robust,
@@ -78,7 +78,7 @@ def aggregation_config(config: DemoConfig) -> AggregationConfig:
 
 def initial_global(model: torch.nn.Module, config: DemoConfig) -> Tensors:
     """Version 0 of the global adapter, as the coordinator creates it (B = 0)."""
-    from coordinator.aggregator import initial_adapter
+    from coordinator.next_version import initial_adapter
     from edge_sdk.training.trainer import adapter_shapes
 
     return initial_adapter(aggregation_config(config), adapter_shapes(model))
@@ -145,7 +145,7 @@ def simulate_federation(
 
     `progress` gets a "federation" event after each client's update, like the network
     federation's (see `edge_sdk.demo.live.Progress`)."""
-    from coordinator.aggregator import Contribution, ServerState, aggregate
+    from coordinator.next_version import Contribution, ServerState, aggregate
     from edge_sdk.training.trainer import adapter_shapes
     from edge_sdk.wire import AdapterUpdate, LoraSpec, UpdateEncoder
 

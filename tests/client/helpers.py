@@ -7,9 +7,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from coordinator.aggregator import AggregationConfig
 from coordinator.config import CoordinatorConfig
-from coordinator.service import Service
+from coordinator.next_version import AggregationConfig
+from coordinator.server import Service
 from coordinator.shapes import shapes_from_gguf
 from coordinator.strategies import FedBuff
 from edge_sdk.client import ClientConfig, RetryConfig

@@ -14,7 +14,7 @@ from typing import Any, Self
 import numpy as np
 from aiohttp import web
 
-from coordinator.aggregator import AggregationConfig, initial_adapter
+from coordinator.next_version import AggregationConfig, initial_adapter
 from coordinator.shapes import shapes_from_gguf
 from edge_sdk.models.identity import model_sha256
 from edge_sdk.wire import CONTENT_TYPE, GlobalAdapter, LoraSpec, TaskConfig

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.service import Service
+from coordinator.server import Service
 from coordinator.strategies import FedBuff
 from edge_sdk.client import (
     ClientState,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.service import Service
+from coordinator.server import Service
 from coordinator.strategies import FedBuff
 from tests.client.helpers import CANARY, JOIN_TOKEN, coordinator_config, join_code, write_data
 from tests.tiny_models import write_tiny_gguf

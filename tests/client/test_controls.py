@@ -10,7 +10,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from coordinator.service import Service
+from coordinator.server import Service
 from coordinator.strategies import FedBuff
 from edge_sdk.client import ClientConfig, FederatedClient, LocalDpConfig, privatize
 from edge_sdk.wire import AdapterUpdate, GlobalAdapter

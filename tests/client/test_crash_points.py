@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.service import Service
+from coordinator.server import Service
 from coordinator.strategies import FedBuff
 from edge_sdk.client import ClientState
 from edge_sdk.client.state import CRASH_ENV

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.service import Service
+from coordinator.server import Service
 from edge_sdk.client import Offer, discover, evaluate_offers
 from edge_sdk.models.identity import model_sha256
 from tests.client.helpers import coordinator_config

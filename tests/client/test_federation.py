@@ -14,7 +14,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from coordinator.service import Service
+from coordinator.server import Service
 from coordinator.strategies import FedBuff
 from coordinator.tls import ensure_self_signed, tls_directory
 from edge_sdk.client import (

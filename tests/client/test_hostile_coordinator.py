@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from coordinator.service import Service
+from coordinator.server import Service
 from edge_sdk.client import ClientState, FederatedClient, Ledger, Transport
 from edge_sdk.client.errors import (
     AdapterRefusedError,

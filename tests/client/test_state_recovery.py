@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.service import Service
+from coordinator.server import Service
 from coordinator.strategies import FedBuff
 from edge_sdk.client import ClientState, FederatedClient
 from edge_sdk.client.state import PendingUpdate, RoundMarker, atomic_write

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from coordinator.service import Service
+from coordinator.server import Service
 from edge_sdk.client import (
     AuthenticationError,
     Ledger,

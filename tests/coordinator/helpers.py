@@ -11,8 +11,8 @@ import aiohttp
 import msgpack
 import numpy as np
 
-from coordinator.aggregator import AggregationConfig, a_key, b_key
 from coordinator.config import CoordinatorConfig
+from coordinator.next_version import AggregationConfig, a_key, b_key
 from coordinator.strategies import FedBuff
 from edge_sdk.wire import CONTENT_TYPE, AdapterUpdate, LoraSpec
 

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from coordinator.config import CoordinatorConfig
-from coordinator.service import Service
+from coordinator.server import Service
 
 if TYPE_CHECKING:
     from typing_extensions import Self

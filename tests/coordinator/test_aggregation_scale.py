@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.aggregation import ExactSum, top_r_dense
-from coordinator.aggregator import (
+from coordinator.lora_math import ExactSum, top_r_dense
+from coordinator.next_version import (
     AggregationConfig,
     Contribution,
     ServerState,

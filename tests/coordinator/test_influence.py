@@ -11,11 +11,11 @@ import aiohttp
 import numpy as np
 import pytest
 
-import coordinator.core as core_module
-from coordinator.aggregator import AggregationConfig, a_key, b_key
-from coordinator.core import Coordinator
+import coordinator.state_machine as core_module
 from coordinator.errors import UpdateRejectedError
-from coordinator.service import Service
+from coordinator.next_version import AggregationConfig, a_key, b_key
+from coordinator.server import Service
+from coordinator.state_machine import Coordinator
 from coordinator.storage import SQLiteStorage
 from coordinator.strategies import FedBuff
 from edge_sdk.wire import AdapterUpdate, GlobalAdapter, LoraSpec
@@ -175,7 +175,7 @@ def test_alpha_1e300_is_refused_at_ingest_and_dropped_from_an_old_database(
                 text = await resp.text()
             assert 'fedlm_updates_dropped_total{reason="lora_mismatch"} 1.0' in text
 
-    with caplog.at_level(logging.WARNING, logger="coordinator.core"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.state_machine"):
         asyncio.run(restart())
     assert any(
         "poison-1e300" in r.getMessage() and attacker_id in r.getMessage() for r in caplog.records
@@ -225,7 +225,7 @@ def test_a_failing_aggregation_drops_exactly_the_culprit(
         monkeypatch.setattr(core_module, "aggregate", failing)
         drops: list[str] = []
         coordinator.on_drop = drops.append
-        with caplog.at_level(logging.WARNING, logger="coordinator.core"):
+        with caplog.at_level(logging.WARNING, logger="coordinator.state_machine"):
             assert coordinator.aggregate() == 1
         stats = coordinator.last_aggregation
         assert stats["updates"] == 3 and stats["dropped_reasons"] == {"aggregation_failed": 1}
@@ -263,7 +263,7 @@ def test_fedbuff_defaults_publish_with_two_devices_and_say_what_they_wait_for(
     now = [1000.0]
     rng = np.random.default_rng(4)
     coordinator, storage = _open(tmp_path, clock=lambda: now[0], strategy=FedBuff())
-    with storage, caplog.at_level(logging.INFO, logger="coordinator.core"):
+    with storage, caplog.at_level(logging.INFO, logger="coordinator.state_machine"):
         a = coordinator.join(JOIN_TOKEN, "a")["client_id"]
         b = coordinator.join(JOIN_TOKEN, "b")["client_id"]
         waiting = coordinator.waiting()

@@ -21,9 +21,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from coordinator import api
+from coordinator import http_api
 from coordinator.connections import GUARD
-from coordinator.service import Service
+from coordinator.server import Service
 from edge_sdk.wire import CONTENT_TYPE
 from edge_sdk.wire.limits import MAX_METRICS
 from tests.coordinator.helpers import (
@@ -369,7 +369,7 @@ def test_a_device_name_cannot_forge_log_lines(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     forged = (
-        "phone\n2026-01-01 00:00:00 INFO coordinator.core client c-admin (root) joined\x1b[2J\u202e"
+        "phone\n2026-01-01 00:00:00 INFO coordinator.state_machine client c-admin (root) joined\x1b[2J\u202e"
     )
 
     async def scenario() -> None:
@@ -530,5 +530,5 @@ def test_one_update_in_flight_per_client_and_a_memory_budget_over_all(tmp_path: 
         second.close()
         time.sleep(0.3)
         assert _post(st.port, "/v1/updates", good, h0)[0] == 202  # both released
-        runtime = st.service.app[api.RUNTIME]
+        runtime = st.service.app[http_api.RUNTIME]
         assert runtime.inflight_bytes == 0 and not runtime.inflight_clients

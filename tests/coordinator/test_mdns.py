@@ -9,9 +9,9 @@ import pytest
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from coordinator import api
+from coordinator import http_api
 from coordinator.advertise import SERVICE_TYPE, Advertiser, txt_properties
-from coordinator.service import Service
+from coordinator.server import Service
 from edge_sdk.wire import PROTOCOL_VERSION
 from tests.coordinator.helpers import SHA, make_config
 
@@ -50,7 +50,7 @@ def test_browser_finds_txt_records_and_sees_the_goodbye(tmp_path: Path) -> None:
             async with Service(config) as service:
                 await _until(lambda: any(s is ServiceStateChange.Added for _, s in events))
                 found = next(n for n, s in events if s is ServiceStateChange.Added)
-                assert found == service.app[api.RUNTIME].advertised_name
+                assert found == service.app[http_api.RUNTIME].advertised_name
                 info = AsyncServiceInfo(SERVICE_TYPE, found)
                 assert await info.async_request(zc.zeroconf, 3000)
                 props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
@@ -97,7 +97,7 @@ def test_a_chosen_instance_name_is_advertised_and_found_without_waiting_out_the_
 
     async def scenario() -> None:
         async with Service(config) as service:
-            assert service.app[api.RUNTIME].advertised_name.startswith("kitchen-coordinator.")
+            assert service.app[http_api.RUNTIME].advertised_name.startswith("kitchen-coordinator.")
             loop = asyncio.get_running_loop()
             start = loop.time()
             report = await discover(

@@ -31,7 +31,7 @@ pytestmark = [
 def test_federation_hot_swaps_into_the_onnx_backend(tmp_path: Path) -> None:
     import torch
 
-    from coordinator.service import Service
+    from coordinator.server import Service
     from coordinator.strategies import FedBuff
     from edge_sdk.adapters.gguf_lora import read_gguf_lora
     from edge_sdk.client import FederatedClient

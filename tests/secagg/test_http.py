@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.aggregator import AggregationConfig
-from coordinator.service import Service
+from coordinator.next_version import AggregationConfig
+from coordinator.server import Service
 from coordinator.strategies import FedAvg, FedBuff
 from edge_sdk.client import FederatedClient
 from edge_sdk.client.errors import ProtocolError, RequestRejectedError

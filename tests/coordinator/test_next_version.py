@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.aggregation import FedAdamConfig, frozen_a_matrix
-from coordinator.aggregator import (
+from coordinator.errors import AggregationError, ContributionError
+from coordinator.lora_math import FedAdamConfig, frozen_a_matrix
+from coordinator.next_version import (
     AggregationConfig,
     ClipBound,
     Contribution,
@@ -19,7 +20,6 @@ from coordinator.aggregator import (
     initial_adapter,
     lower_median,
 )
-from coordinator.errors import AggregationError, ContributionError
 from coordinator.privacy import DpConfig
 
 SHAPES = {

@@ -26,14 +26,14 @@ from types import TracebackType
 from aiohttp import web
 
 import edge_sdk
-from coordinator import api, connections
+from coordinator import connections, http_api
 from coordinator.advertise import Advertiser, lan_addresses, txt_properties
 from coordinator.auth import RateLimiter, hash_token
 from coordinator.config import CoordinatorConfig
-from coordinator.core import Coordinator
 from coordinator.errors import CoordinatorError, PortInUseError
 from coordinator.metrics import Metrics
 from coordinator.openapi import build_spec
+from coordinator.state_machine import Coordinator
 from coordinator.storage import SQLiteStorage
 from coordinator.tls import TlsMaterial, ensure_self_signed, tls_directory
 from edge_sdk.wire import PROTOCOL_VERSION
@@ -53,10 +53,10 @@ def build_app(
     """The application; mDNS runs only when `advertised_port` is given and `config.mdns` is on."""
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[connections.track_requests, api.error_middleware],
+        middlewares=[connections.track_requests, http_api.error_middleware],
     )
-    app[api.CONFIG] = config
-    metrics = app[api.METRICS] = Metrics()
+    app[http_api.CONFIG] = config
+    metrics = app[http_api.METRICS] = Metrics()
     app[connections.GUARD] = connections.ConnectionGuard(
         connections.ConnectionLimits(
             header_timeout_s=config.header_timeout_s,
@@ -66,10 +66,10 @@ def build_app(
         ),
         on_close=lambda reason: metrics.connections_closed.labels(reason=reason).inc(),
     )
-    app[api.SPEC] = build_spec(edge_sdk.__version__, api.JOIN_MAX_BYTES)
+    app[http_api.SPEC] = build_spec(edge_sdk.__version__, http_api.JOIN_MAX_BYTES)
     if advertised_port is not None:
         app[_PORT] = advertised_port
-    app[api.RUNTIME] = api.Runtime(
+    app[http_api.RUNTIME] = http_api.Runtime(
         ingest=ThreadPoolExecutor(config.ingest_workers, thread_name_prefix="fedlm-ingest"),
         aggregation=ThreadPoolExecutor(1, thread_name_prefix="fedlm-aggregate"),
         client_limiter=RateLimiter(config.rate_per_s, config.rate_burst),
@@ -81,25 +81,25 @@ def build_app(
     async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         storage = SQLiteStorage(config.db_path)
         try:
-            app[api.COORDINATOR] = await asyncio.get_running_loop().run_in_executor(
-                app[api.RUNTIME].ingest, coordinator_factory, config, storage
+            app[http_api.COORDINATOR] = await asyncio.get_running_loop().run_in_executor(
+                app[http_api.RUNTIME].ingest, coordinator_factory, config, storage
             )
-            dropped = app[api.METRICS].updates_dropped
-            app[api.COORDINATOR].on_drop = lambda reason: dropped.labels(reason=reason).inc()
+            dropped = app[http_api.METRICS].updates_dropped
+            app[http_api.COORDINATOR].on_drop = lambda reason: dropped.labels(reason=reason).inc()
             yield
         finally:
             storage.close()
 
     async def executors_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
-        runtime = app[api.RUNTIME]
+        runtime = app[http_api.RUNTIME]
         # wait=True: an aggregation in flight finishes before the database closes.
         await asyncio.get_running_loop().run_in_executor(None, runtime.aggregation.shutdown, True)
         await asyncio.get_running_loop().run_in_executor(None, runtime.ingest.shutdown, True)
 
     async def aggregation_ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_aggregation_loop(app), name="fedlm-aggregation")
-        app[api.RUNTIME].wake.set()  # resume a round that was due before a restart
+        app[http_api.RUNTIME].wake.set()  # resume a round that was due before a restart
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -109,7 +109,7 @@ def build_app(
         if not config.mdns or _PORT not in app:
             yield
             return
-        coordinator = app[api.COORDINATOR]
+        coordinator = app[http_api.COORDINATOR]
         interfaces = list(config.mdns_interfaces) if config.mdns_interfaces is not None else None
         if interfaces is None and config.host not in ("0.0.0.0", ""):
             interfaces = [config.host]
@@ -129,21 +129,21 @@ def build_app(
             interfaces=interfaces,
         )
         await advertiser.start()
-        app[api.RUNTIME].advertised_name = advertiser.name
+        app[http_api.RUNTIME].advertised_name = advertiser.name
         try:
             yield
         finally:
             await advertiser.close()
 
     app.cleanup_ctx.extend([storage_ctx, executors_ctx, aggregation_ctx, mdns_ctx])
-    api.add_routes(app)
+    http_api.add_routes(app)
     return app
 
 
 async def _aggregation_loop(app: web.Application) -> None:
     """Aggregate when woken by an accepted update, or every `tick_s` for deadlines."""
-    config, runtime, metrics = app[api.CONFIG], app[api.RUNTIME], app[api.METRICS]
-    coordinator = app[api.COORDINATOR]
+    config, runtime, metrics = app[http_api.CONFIG], app[http_api.RUNTIME], app[http_api.METRICS]
+    coordinator = app[http_api.COORDINATOR]
     loop = asyncio.get_running_loop()
     failures = 0
     while True:
@@ -265,7 +265,7 @@ class Service:
 
     @property
     def coordinator(self) -> Coordinator:
-        return self.app[api.COORDINATOR]
+        return self.app[http_api.COORDINATOR]
 
     async def start(self) -> None:
         config = self.config

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from coordinator.aggregation import (
+from coordinator.lora_math import (
     FedAdamConfig,
     LowRankSum,
     WeightedMean,

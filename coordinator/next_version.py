@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.aggregation import (
+from coordinator.errors import AggregationError, ContributionError
+from coordinator.lora_math import (
     ExactSum,
     FedAdamConfig,
     LowRankSum,
@@ -57,7 +58,6 @@ from coordinator.aggregation import (
     tensors_norm,
     trimmed_mean,
 )
-from coordinator.errors import AggregationError, ContributionError
 from coordinator.privacy import DpConfig, epsilon_spent, privatize_sum
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class AggregationConfig:
     """How client adapters are combined."""
 
     mode: str = "exact"
-    """`naive`, `frozen-a` or `exact` (see the module docstring of `coordinator.aggregation`)."""
+    """`naive`, `frozen-a` or `exact` (see the module docstring of `coordinator.lora_math`)."""
     rank: int = 8
     """r of the global adapter."""
     alpha: float = 16.0

@@ -12,7 +12,7 @@ Ingest of one update (`submit`):
 
 Aggregation (`aggregate`) snapshots the pending updates and streams them from storage twice:
 once to measure each update's effect norm (the adaptive clip's reference, and a finite check
-before anything is mixed), then through `coordinator.aggregator.aggregate`. An update that
+before anything is mixed), then through `coordinator.next_version.aggregate`. An update that
 cannot be aggregated is found and dropped (a log line naming it and its client, and
 `on_drop`); the rest are aggregated, so no batch is retried forever. The new version and the
 consumed and dropped updates are committed in one transaction. Version 0 is the PEFT-style
@@ -38,17 +38,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from coordinator.aggregator import (
-    ClipBound,
-    Contribution,
-    Outcome,
-    ServerState,
-    Tensors,
-    aggregate,
-    clip_bound,
-    effect_norm,
-    initial_adapter,
-)
 from coordinator.auth import device_name, generate_token, hash_token, tokens_equal
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import (
@@ -61,6 +50,17 @@ from coordinator.errors import (
     StaleUpdateError,
     StorageError,
     UpdateRejectedError,
+)
+from coordinator.next_version import (
+    ClipBound,
+    Contribution,
+    Outcome,
+    ServerState,
+    Tensors,
+    aggregate,
+    clip_bound,
+    effect_norm,
+    initial_adapter,
 )
 from coordinator.storage import GlobalRecord, Storage, UpdateRecord
 from edge_sdk.wire import (

@@ -11,10 +11,10 @@ import aiohttp
 import numpy as np
 import pytest
 
-from coordinator import api
-from coordinator.aggregator import a_key, b_key
-from coordinator.core import Coordinator
-from coordinator.service import Service
+from coordinator import http_api
+from coordinator.next_version import a_key, b_key
+from coordinator.server import Service
+from coordinator.state_machine import Coordinator
 from coordinator.storage import SQLiteStorage
 from coordinator.strategies import FedAvg
 from edge_sdk.wire import CONTENT_TYPE, GlobalAdapter, TaskConfig
@@ -325,7 +325,7 @@ def test_tls_serves_the_advertised_fingerprint(tmp_path: Path) -> None:
             assert (
                 hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest() == service.tls.fingerprint
             )
-            assert service.app[api.RUNTIME].tls_fingerprint == service.tls.fingerprint
+            assert service.app[http_api.RUNTIME].tls_fingerprint == service.tls.fingerprint
             first = service.tls.fingerprint
         async with Service(make_config(tmp_path, tls=True)) as service:
             assert (

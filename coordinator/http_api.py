@@ -29,7 +29,6 @@ from coordinator.auth import (
 )
 from coordinator.config import CoordinatorConfig
 from coordinator.connections import GUARD
-from coordinator.core import Coordinator
 from coordinator.errors import (
     AuthError,
     BadRequestError,
@@ -40,6 +39,7 @@ from coordinator.errors import (
 from coordinator.metrics import Metrics
 from coordinator.secure import CONTROL_MAX_BYTES, SecureAggregation, decode_control
 from coordinator.secure import PHASES as SECAGG_PHASES
+from coordinator.state_machine import Coordinator
 from edge_sdk.wire import CONTENT_TYPE
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.aggregator import AggregationConfig, a_key, b_key
-from coordinator.core import Coordinator
 from coordinator.errors import AuthError, ConflictError, StaleUpdateError, UpdateRejectedError
+from coordinator.next_version import AggregationConfig, a_key, b_key
 from coordinator.privacy import DpConfig
+from coordinator.state_machine import Coordinator
 from coordinator.storage import SQLiteStorage
 from coordinator.strategies import FedBuff
 from tests.coordinator.helpers import JOIN_TOKEN, SHAPES, client_tensors, make_config, update_bytes
