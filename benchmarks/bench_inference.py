@@ -42,7 +42,9 @@ def main() -> None:
             tensors[key + ".lora_A"] = (rng.standard_normal((8, in_f)) * 0.02).astype(np.float32)
             tensors[key + ".lora_B"] = (rng.standard_normal((out_f, 8)) * 0.02).astype(np.float32)
     tmp = Path(tempfile.mkdtemp())
-    adapters = [write_gguf_lora(tmp / f"a{i}.gguf", tensors, alpha=16.0, base=info) for i in range(2)]
+    adapters = [
+        write_gguf_lora(tmp / f"a{i}.gguf", tensors, alpha=16.0, base=info) for i in range(2)
+    ]
 
     loads, swaps, reloads, rates = [], [], [], []
     for _ in range(args.repeats):
@@ -50,7 +52,9 @@ def main() -> None:
         model = EdgeModel(path, n_ctx=1024)
         loads.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        text = model.generate("Once upon a time, in a small village by the sea,", max_tokens=args.tokens)
+        text = model.generate(
+            "Once upon a time, in a small village by the sea,", max_tokens=args.tokens
+        )
         dt = time.perf_counter() - t0
         rates.append(len(model.tokenize(text, add_bos=False)) / dt)
         for adapter in adapters:
@@ -65,8 +69,12 @@ def main() -> None:
 
     med = statistics.median
     print(f"model: {path.name}")
-    print(f"load (EdgeModel)                 median {med(loads):.3f} s   min {min(loads):.3f}  max {max(loads):.3f}")
-    print(f"generation, greedy, {args.tokens} tokens    median {med(rates):.1f} tok/s  min {min(rates):.1f}  max {max(rates):.1f}")
+    print(
+        f"load (EdgeModel)                 median {med(loads):.3f} s   min {min(loads):.3f}  max {max(loads):.3f}"
+    )
+    print(
+        f"generation, greedy, {args.tokens} tokens    median {med(rates):.1f} tok/s  min {min(rates):.1f}  max {max(rates):.1f}"
+    )
     print(f"adapter hot-swap (r=8, all linear) median {med(swaps) * 1e3:.1f} ms")
     print(f"reload with lora_path (baseline)   median {med(reloads) * 1e3:.1f} ms")
     print(f"swap / reload ratio                {med(swaps) / med(reloads):.3f}")

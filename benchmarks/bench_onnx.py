@@ -182,7 +182,16 @@ def main() -> None:
                 ]
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 runs[backend].append(json.loads(res.stdout.strip().splitlines()[-1]))
-    keys = ["prefill_tps", "decode_tps", "ttft_ms", "swap_ms", "swap2_ms", "remove_ms", "peak_rss_mb", "load_s"]
+    keys = [
+        "prefill_tps",
+        "decode_tps",
+        "ttft_ms",
+        "swap_ms",
+        "swap2_ms",
+        "remove_ms",
+        "peak_rss_mb",
+        "load_s",
+    ]
     med = {b: {k: statistics.median(x[k] for x in rs) for k in keys} for b, rs in runs.items()}
     med["onnx"]["convert_ms"] = statistics.median(x["convert_ms"] for x in runs["onnx"])
     print(

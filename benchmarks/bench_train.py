@@ -81,16 +81,23 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     import_s = time.perf_counter() - t0
     path = resolve(args.model)
     t0 = time.perf_counter()
-    model = load_model(path, precision=args.precision, lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank),
-                       gradient_checkpointing=args.stack == "ours-ckpt")
+    model = load_model(
+        path,
+        precision=args.precision,
+        lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank),
+        gradient_checkpointing=args.stack == "ours-ckpt",
+    )
     load_s = time.perf_counter() - t0
     model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
     ids = _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
     # ours-packed: the rows hold examples of ~--pack-len tokens, isolated from each other (what
     # `fedlm train` does); the other stacks attend across the whole row (what it did before).
-    positions = (_packed_positions(args.batch_size, args.seq_len, args.pack_len, args.seed)
-                 if args.stack == "ours-packed" else None)
+    positions = (
+        _packed_positions(args.batch_size, args.seq_len, args.pack_len, args.seed)
+        if args.stack == "ours-packed"
+        else None
+    )
 
     def step() -> None:
         loss = model(ids, ids, position_ids=positions)
@@ -115,7 +122,9 @@ def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
     from edge_sdk.models.loader import load_model
     from edge_sdk.training.lora import LoraConfig, lora_parameters
 
-    model = load_model(resolve(args.model), precision="nf4", lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank))
+    model = load_model(
+        resolve(args.model), precision="nf4", lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank)
+    )
     model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
     ids = _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
@@ -141,8 +150,13 @@ def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
             a = step(positions)
         before.append(b)
         after.append(a)
-    return {"import_s": 0.0, "load_s": 0.0, "step_s": after, "before_s": before,
-            "ratios": [a / b for a, b in zip(after, before)]}
+    return {
+        "import_s": 0.0,
+        "load_s": 0.0,
+        "step_s": after,
+        "before_s": before,
+        "ratios": [a / b for a, b in zip(after, before)],
+    }
 
 
 def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
@@ -158,7 +172,9 @@ def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     import_s = time.perf_counter() - t0
     path = resolve(args.model)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+    )
     if args.stack == "hf":
         # What BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
         # bnb_4bit_compute_dtype=float32) does to a non-GGUF checkpoint: every Linear except
@@ -166,17 +182,33 @@ def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear) and not (name == "" and child_name == "lm_head"):
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4")
-                    q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=False, module=q)
+                    q = bnb.nn.Linear4bit(
+                        child.in_features,
+                        child.out_features,
+                        bias=child.bias is not None,
+                        compute_dtype=torch.float32,
+                        compress_statistics=False,
+                        quant_type="nf4",
+                    )
+                    q.weight = bnb.nn.Params4bit(
+                        child.weight.data,
+                        requires_grad=False,
+                        quant_type="nf4",
+                        compress_statistics=False,
+                        module=q,
+                    )
                     if child.bias is not None:
                         q.bias = nn.Parameter(child.bias.data, requires_grad=False)
                     q = q.to("cpu")  # quantizes
                     setattr(module, child_name, q)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets,
-                          task_type="CAUSAL_LM")
+    cfg = peft.LoraConfig(
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        lora_dropout=0.0,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     model = peft.get_peft_model(model, cfg)
     load_s = time.perf_counter() - t0
     model.train()
@@ -229,7 +261,11 @@ def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
         bwd = median_s(lambda g=g, w=w: g @ w)
         no_input_grad = 1 if name in ("q_proj", "k_proj", "v_proj") else 0  # layer 0
         gemm_s[name] = cfg.n_layer * fwd + (cfg.n_layer - no_input_grad) * bwd
-    h, emb, gl = torch.randn(t, cfg.d_model), torch.randn(cfg.vocab_size, cfg.d_model), torch.randn(t, cfg.vocab_size)
+    h, emb, gl = (
+        torch.randn(t, cfg.d_model),
+        torch.randn(cfg.vocab_size, cfg.d_model),
+        torch.randn(t, cfg.vocab_size),
+    )
     gemm_s["output"] = median_s(lambda: F.linear(h, emb), 5) + median_s(lambda: gl @ emb, 5)
 
     B, T = args.batch_size, args.seq_len
@@ -239,19 +275,47 @@ def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
     go = torch.randn(B, cfg.n_head, T, cfg.head_dim)
 
     def attention() -> None:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_head != cfg.n_kv_head)
+        o = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=cfg.n_head != cfg.n_kv_head
+        )
         o.backward(go)
 
     attention_s = cfg.n_layer * median_s(attention)
     floor = sum(gemm_s.values()) + attention_s
-    return {"import_s": 0.0, "load_s": 0.0, "step_s": [floor], "gemm_s": gemm_s, "attention_s": attention_s}
+    return {
+        "import_s": 0.0,
+        "load_s": 0.0,
+        "step_s": [floor],
+        "gemm_s": gemm_s,
+        "attention_s": attention_s,
+    }
 
 
 def run_worker(stack: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", stack, "--model", args.model, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
-           "--seed", str(args.seed), "--precision", "fp32" if stack == "ours-fp32" else "nf4",
-           "--batch-size", str(args.batch_size), "--pack-len", str(args.pack_len)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        stack,
+        "--model",
+        args.model,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--seq-len",
+        str(args.seq_len),
+        "--rank",
+        str(args.rank),
+        "--seed",
+        str(args.seed),
+        "--precision",
+        "fp32" if stack == "ours-fp32" else "nf4",
+        "--batch-size",
+        str(args.batch_size),
+        "--pack-len",
+        str(args.pack_len),
+    ]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     # Both stacks get the same OpenMP setting: on a loaded machine, spinning OpenMP workers
@@ -270,9 +334,15 @@ def summarize(stack: str, runs: list[dict[str, Any]], tokens: int) -> dict[str, 
     steps = [t for r in runs for t in r["step_s"]]
     med, best = statistics.median(steps), min(steps)
     return {
-        "stack": stack, "rounds": len(runs), "step_s": steps, "median_step_s": med, "best_step_s": best,
-        "tokens_per_s": tokens / med, "best_tokens_per_s": tokens / best,
-        "load_s": min(r["load_s"] for r in runs), "import_s": min(r["import_s"] for r in runs),
+        "stack": stack,
+        "rounds": len(runs),
+        "step_s": steps,
+        "median_step_s": med,
+        "best_step_s": best,
+        "tokens_per_s": tokens / med,
+        "best_tokens_per_s": tokens / best,
+        "load_s": min(r["load_s"] for r in runs),
+        "import_s": min(r["import_s"] for r in runs),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
     }
 
@@ -285,23 +355,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="subprocess runs per stack, alternating")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--pack-len", type=int, default=64,
-                    help="ours-packed: mean tokens per packed example (lengths U(n/2, 3n/2))")
+    ap.add_argument(
+        "--pack-len",
+        type=int,
+        default=64,
+        help="ours-packed: mean tokens per packed example (lengths U(n/2, 3n/2))",
+    )
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", default="nf4", help=argparse.SUPPRESS)
-    ap.add_argument("--stacks", default="ours,hf,ours-lowmem",
-                    help="comma list of: ours, ours-packed (rows of isolated packed examples), ours-lowmem "
-                         "(FEDLM_LOW_MEMORY=1), isolation-ab (paired isolated vs unisolated steps), ours-ckpt (that + gradient checkpointing), ours-fp32, hf, hf-fp32, "
-                         "floor (the step's fp32 GEMMs + attention timed alone)")
+    ap.add_argument(
+        "--stacks",
+        default="ours,hf,ours-lowmem",
+        help="comma list of: ours, ours-packed (rows of isolated packed examples), ours-lowmem "
+        "(FEDLM_LOW_MEMORY=1), isolation-ab (paired isolated vs unisolated steps), ours-ckpt (that + gradient checkpointing), ours-fp32, hf, hf-fp32, "
+        "floor (the step's fp32 GEMMs + attention timed alone)",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
         args.stack = args.worker
-        worker = (worker_hf if args.worker.startswith("hf") else worker_floor if args.worker == "floor"
-                  else worker_isolation_ab if args.worker == "isolation-ab" else worker_ours)
+        worker = (
+            worker_hf
+            if args.worker.startswith("hf")
+            else worker_floor
+            if args.worker == "floor"
+            else worker_isolation_ab
+            if args.worker == "isolation-ab"
+            else worker_ours
+        )
         result = worker(args)
         result["peak_rss_mb"] = _peak_rss_mb()
         print(json.dumps(result))
@@ -316,33 +400,43 @@ def main(argv: list[str] | None = None) -> int:
             runs[s].append(run_worker(s, args))
     results = {s: summarize(s, r, args.seq_len * args.batch_size) for s, r in runs.items()}
     for r in results.values():
-        print(f"{r['stack']:10s} {r['tokens_per_s']:7.1f} tok/s (best {r['best_tokens_per_s']:6.1f})  "
-              f"step {r['median_step_s']:.2f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
-              f"load {r['load_s']:5.2f} s (+ imports {r['import_s']:.2f} s)")
+        print(
+            f"{r['stack']:10s} {r['tokens_per_s']:7.1f} tok/s (best {r['best_tokens_per_s']:6.1f})  "
+            f"step {r['median_step_s']:.2f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
+            f"load {r['load_s']:5.2f} s (+ imports {r['import_s']:.2f} s)"
+        )
     if "ours" in results and "hf" in results:
         ours, hf = results["ours"], results["hf"]
-        print(f"ratios ours/hf: tokens/s {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x median, "
-              f"{ours['best_tokens_per_s'] / hf['best_tokens_per_s']:.2f}x best  "
-              f"peak RSS {ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x  load {ours['load_s'] / hf['load_s']:.3f}x")
+        print(
+            f"ratios ours/hf: tokens/s {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x median, "
+            f"{ours['best_tokens_per_s'] / hf['best_tokens_per_s']:.2f}x best  "
+            f"peak RSS {ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x  load {ours['load_s'] / hf['load_s']:.3f}x"
+        )
     if "ours" in results and "ours-packed" in results:
         ours, packed = results["ours"], results["ours-packed"]
         spread = [t / ours["median_step_s"] for t in packed["step_s"]]
-        print(f"isolation cost: ours-packed / ours step time {packed['median_step_s'] / ours['median_step_s']:.3f}x "
-              f"median (packed steps span {min(spread):.2f}x..{max(spread):.2f}x of ours' median)")
+        print(
+            f"isolation cost: ours-packed / ours step time {packed['median_step_s'] / ours['median_step_s']:.3f}x "
+            f"median (packed steps span {min(spread):.2f}x..{max(spread):.2f}x of ours' median)"
+        )
     if "isolation-ab" in results:
         ratios = [x for r in runs["isolation-ab"] for x in r["ratios"]]
         before = [x for r in runs["isolation-ab"] for x in r["before_s"]]
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        print(f"isolation, paired in one process: isolated / unisolated step time median "
-              f"{statistics.median(ratios):.3f}x (quartiles {q[0]:.3f}..{q[2]:.3f}, {len(ratios)} pairs); "
-              f"unisolated steps {statistics.median(before):.2f} s median, "
-              f"{min(before):.2f}..{max(before):.2f} s")
+        print(
+            f"isolation, paired in one process: isolated / unisolated step time median "
+            f"{statistics.median(ratios):.3f}x (quartiles {q[0]:.3f}..{q[2]:.3f}, {len(ratios)} pairs); "
+            f"unisolated steps {statistics.median(before):.2f} s median, "
+            f"{min(before):.2f}..{max(before):.2f} s"
+        )
     if "floor" in results and "hf" in results:
         floor, hf = results["floor"], results["hf"]
         parts = runs["floor"][-1]
-        print(f"floor: GEMMs {sum(parts['gemm_s'].values()):.2f} s + attention {parts['attention_s']:.2f} s "
-              f"= {floor['median_step_s']:.2f} s per step; no fp32 step can beat "
-              f"{floor['tokens_per_s'] / hf['tokens_per_s']:.2f}x HF's tokens/s on this machine")
+        print(
+            f"floor: GEMMs {sum(parts['gemm_s'].values()):.2f} s + attention {parts['attention_s']:.2f} s "
+            f"= {floor['median_step_s']:.2f} s per step; no fp32 step can beat "
+            f"{floor['tokens_per_s'] / hf['tokens_per_s']:.2f}x HF's tokens/s on this machine"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

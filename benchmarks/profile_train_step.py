@@ -29,7 +29,9 @@ def main() -> None:
     model = load_model(resolve(args.model), precision="nf4", lora=LoraConfig(rank=8, alpha=16.0))
     model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0)
+    )
 
     def step() -> None:
         model(ids, ids).backward()

@@ -97,8 +97,13 @@ class EdgeModel:
         providers: ONNX Runtime execution providers (backend='onnx' only); CPU by default.
     """
 
-    def __new__(cls, model: str | os.PathLike[str] = DEFAULT_MODEL, *args: Any, backend: str = "llama.cpp",
-                **kwargs: Any) -> Any:
+    def __new__(
+        cls,
+        model: str | os.PathLike[str] = DEFAULT_MODEL,
+        *args: Any,
+        backend: str = "llama.cpp",
+        **kwargs: Any,
+    ) -> Any:
         # backend="onnx" serves an `fedlm export-onnx` folder through ONNX Runtime GenAI
         # (edge_sdk.onnx_runtime.OnnxEdgeModel, same methods); Python then skips __init__.
         if backend == "onnx":
@@ -207,19 +212,30 @@ class EdgeModel:
         return self._llm.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
     def generate(
-        self, prompt: str, config: GenerationConfig | None = None, *, stream: bool = False, **overrides: Any
+        self,
+        prompt: str,
+        config: GenerationConfig | None = None,
+        *,
+        stream: bool = False,
+        **overrides: Any,
     ) -> str | Iterator[str]:
         """Complete `prompt`. With `stream=True`, return an iterator of text pieces."""
         cfg = _config(config, overrides)
         if stream:
-            return self._stream(lambda: self._llm.create_completion(prompt, stream=True, **cfg.completion_kwargs()),
-                                lambda chunk: chunk["choices"][0].get("text", ""))
+            return self._stream(
+                lambda: self._llm.create_completion(prompt, stream=True, **cfg.completion_kwargs()),
+                lambda chunk: chunk["choices"][0].get("text", ""),
+            )
         with self._generating(), self._template_errors():
             out = self._llm.create_completion(prompt, **cfg.completion_kwargs())
         return str(out["choices"][0]["text"])
 
     def chat(
-        self, messages: Sequence[Message], config: GenerationConfig | None = None, *, stream: bool = False,
+        self,
+        messages: Sequence[Message],
+        config: GenerationConfig | None = None,
+        *,
+        stream: bool = False,
         **overrides: Any,
     ) -> str | Iterator[str]:
         """Answer a conversation rendered with the model's own chat template."""
@@ -282,7 +298,9 @@ class EdgeModel:
 
     # ------------------------------------------------------------------ adapters
 
-    def load_adapter(self, path: str | os.PathLike[str], *, scale: float = 1.0, wait: float = 0.0) -> None:
+    def load_adapter(
+        self, path: str | os.PathLike[str], *, scale: float = 1.0, wait: float = 0.0
+    ) -> None:
         """Serve a GGUF LoRA adapter from now on, replacing the current one.
 
         The adapter is checked against the base (architecture, tensor shapes) before llama.cpp
@@ -293,10 +311,14 @@ class EdgeModel:
         self._check_adapter(adapter_path)
         with self._swap_lock(wait):
             with llama_log.capture() as lines:
-                handle = self._llama_cpp.llama_adapter_lora_init(self._llm.model, str(adapter_path).encode())
+                handle = self._llama_cpp.llama_adapter_lora_init(
+                    self._llm.model, str(adapter_path).encode()
+                )
             if not handle:
                 reason = LlamaLog.reason(lines) or "no reason logged"
-                raise InvalidAdapterError(f"{show_path(adapter_path)}: llama.cpp refused the adapter: {reason}")
+                raise InvalidAdapterError(
+                    f"{show_path(adapter_path)}: llama.cpp refused the adapter: {reason}"
+                )
             try:
                 self._activate(handle, scale)
             except Exception:
@@ -319,7 +341,9 @@ class EdgeModel:
 
     @contextmanager
     def _swap_lock(self, wait: float) -> Iterator[None]:
-        acquired = self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)
+        acquired = (
+            self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)
+        )
         if not acquired:
             waited = f" and did not finish within wait={wait:g} s" if wait > 0 else ""
             raise RuntimeBusyError(

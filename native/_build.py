@@ -40,7 +40,9 @@ def _compile(source: Path) -> ctypes.CDLL | None:
         cmd = [cc, *_CFLAGS, "-o", str(tmp), str(source), "-lm"]
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            log.warning("building %s failed (%s); using Python", source.name, proc.stderr.strip()[:200])
+            log.warning(
+                "building %s failed (%s); using Python", source.name, proc.stderr.strip()[:200]
+            )
             return None
         os.replace(tmp, out)
     return ctypes.CDLL(str(out))

@@ -33,8 +33,14 @@ def native_lib() -> ctypes.CDLL | None:
     lib = _build.load("nf4.c")
     if lib is not None and not getattr(lib, "_fedlm_typed", False):
         lib.nf4_quantize.restype = None
-        lib.nf4_quantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                     ctypes.c_void_p, ctypes.c_void_p]
+        lib.nf4_quantize.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         lib._fedlm_typed = True
     return lib
 
@@ -63,5 +69,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
     mid = nf4_midpoints()
     packed = torch.empty(n // 2, 1, dtype=torch.uint8)
     absmax = torch.empty(n // blocksize, dtype=torch.float32)
-    lib.nf4_quantize(flat.data_ptr(), n, blocksize, mid.data_ptr(), packed.data_ptr(), absmax.data_ptr())
+    lib.nf4_quantize(
+        flat.data_ptr(), n, blocksize, mid.data_ptr(), packed.data_ptr(), absmax.data_ptr()
+    )
     return packed, absmax

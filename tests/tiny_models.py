@@ -41,7 +41,10 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [T.BYTE] * 256
     words = ["\u2581"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    words += ["\u2581" + w for w in ("the", "a", "hello", "world", "is", "of", "and", "to", "in", "user", "assistant")]
+    words += [
+        "\u2581" + w
+        for w in ("the", "a", "hello", "world", "is", "of", "and", "to", "in", "user", "assistant")
+    ]
     tokens += words
     types += [T.NORMAL] * len(words)
     scores = [0.0] * (len(tokens) - len(words)) + [-float(i) for i in range(len(words))]

@@ -46,7 +46,14 @@ def export_adapter(
         meta["fedlm.base_model.sha256"] = base.sha256
     if base.name:
         meta["fedlm.base_model.name"] = base.name
-    save_peft(out, tensors, rank=rank, alpha=alpha, dropout=dropout,
-              base_model_name_or_path=base_model_name or base.name or None,
-              n_layer=n_layer, metadata=meta)
+    save_peft(
+        out,
+        tensors,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        base_model_name_or_path=base_model_name or base.name or None,
+        n_layer=n_layer,
+        metadata=meta,
+    )
     return ExportPaths(peft_dir=out, gguf_path=gguf_path)

@@ -140,7 +140,9 @@ def _as_base(base: BaseModelInfo | str | os.PathLike[str]) -> BaseModelInfo:
 # --------------------------------------------------------------------------- write
 
 
-def _pairs(tensors: Mapping[str, np.ndarray]) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
+def _pairs(
+    tensors: Mapping[str, np.ndarray],
+) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
     """Group naming-convention keys into {(layer, target): (A (r, in), B (out, r))}."""
     halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
@@ -294,11 +296,16 @@ def _open_adapter(path: Path) -> GGUFFile:
     alpha_field = reader.get_field(gguf.Keys.Adapter.LORA_ALPHA)
     if alpha_field is not None:
         if alpha_field.type != gguf.GGUFValueType.FLOAT32:
-            raise refuse(reader, f"adapter.lora.alpha should be a FLOAT32, got {alpha_field.type.name}"
-                         + (" array" if alpha_field.is_array else ""))
+            raise refuse(
+                reader,
+                f"adapter.lora.alpha should be a FLOAT32, got {alpha_field.type.name}"
+                + (" array" if alpha_field.is_array else ""),
+            )
         alpha = meta_value(reader, gguf.Keys.Adapter.LORA_ALPHA, FLOAT)  # refuses NaN and inf
         if not 0.0 <= alpha <= L.MAX_LORA_ALPHA:
-            raise refuse(reader, f"adapter.lora.alpha is {alpha:g}, should be 0 to {L.MAX_LORA_ALPHA}")
+            raise refuse(
+                reader, f"adapter.lora.alpha is {alpha:g}, should be 0 to {L.MAX_LORA_ALPHA}"
+            )
     return reader
 
 
@@ -345,7 +352,8 @@ def _tensor_pairs(path: Path, reader: GGUFFile) -> dict[str, dict[str, Any]]:
         b_shape = pair["b"].np_shape
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
             raise refuse(
-                reader, f"{quote(name)} lora_a {a_shape} and lora_b {b_shape} are not (r, in), (out, r)"
+                reader,
+                f"{quote(name)} lora_a {a_shape} and lora_b {b_shape} are not (r, in), (out, r)",
             )
     return pairs
 
@@ -371,9 +379,15 @@ def read_gguf_lora(
     alpha = _field(reader, gguf.Keys.Adapter.LORA_ALPHA)
     metadata = {k: f.contents() for k, f in reader.fields.items() if not f.is_array}
     info = _as_base(base) if base is not None else None
-    n_head = info.n_head if info else meta_value(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch), INT)
-    n_kv = info.n_kv_head if info else meta_value(
-        reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), INT
+    n_head = (
+        info.n_head
+        if info
+        else meta_value(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch), INT)
+    )
+    n_kv = (
+        info.n_kv_head
+        if info
+        else meta_value(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), INT)
     )
     n_kv = n_kv or n_head
 
@@ -384,7 +398,9 @@ def read_gguf_lora(
         try:
             layer, target = naming.parse_gguf_stem(stem)
         except ValueError:
-            raise InvalidAdapterError(f"{shown}: {quote(name)} is not a supported LoRA target") from None
+            raise InvalidAdapterError(
+                f"{shown}: {quote(name)} is not a supported LoRA target"
+            ) from None
         a, b = _dequant(pair["a"]), _dequant(pair["b"])
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
             raise InvalidAdapterError(f"{shown}: {quote(name)} holds NaN or inf")
@@ -434,7 +450,9 @@ def check_adapter_compatible(
     pairs = _tensor_pairs(p, reader)
     info = _as_base(base_model_path)
     base_desc = (
-        show_path(base_model_path) if not isinstance(base_model_path, BaseModelInfo) else quote(info.name)
+        show_path(base_model_path)
+        if not isinstance(base_model_path, BaseModelInfo)
+        else quote(info.name)
     )
     arch = architecture(reader)
     if arch != info.arch:
@@ -444,7 +462,9 @@ def check_adapter_compatible(
     for name, pair in sorted(pairs.items()):
         want = info.tensor_shapes.get(name)
         if want is None:
-            raise AdapterMismatchError(f"{shown}: tensor {quote(name)} does not exist in base model {base_desc}")
+            raise AdapterMismatchError(
+                f"{shown}: tensor {quote(name)} does not exist in base model {base_desc}"
+            )
         a_shape = pair["a"].np_shape  # (r, in)
         b_shape = pair["b"].np_shape  # (out, r)
         if len(want) != 2 or want != (b_shape[0], a_shape[1]):

@@ -44,7 +44,9 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(model\.layers\.\d+\.\w+\.\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_KEY = re.compile(
+    r"^base_model\.model\.(model\.layers\.\d+\.\w+\.\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+)
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,21 @@ class PeftAdapter:
         from edge_sdk.training.lora import LoraConfig
 
         layers = sorted({naming.parse_hf_module(k.rpartition(".")[0])[0] for k in self.tensors})
-        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          targets=self.targets, layers=tuple(layers))
+        return LoraConfig(
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            targets=self.targets,
+            layers=tuple(layers),
+        )
 
 
 def _targets_and_layers(tensors: Mapping[str, np.ndarray]) -> tuple[tuple[str, ...], list[int]]:
     found = [naming.parse_hf_module(k.rpartition(".")[0]) for k in tensors]
     targets = {t for _, t in found}
-    return tuple(t for t in naming.LORA_TARGETS if t in targets), sorted({layer for layer, _ in found})
+    return tuple(t for t in naming.LORA_TARGETS if t in targets), sorted(
+        {layer for layer, _ in found}
+    )
 
 
 def save_peft(
@@ -189,7 +198,9 @@ def load_peft(adapter_dir: str | os.PathLike[str]) -> PeftAdapter:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidAdapterError(f"{cfg_path}: unreadable JSON ({exc})") from exc
     if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
-        raise InvalidAdapterError(f"{cfg_path}: not a LoRA adapter config (peft_type {cfg.get('peft_type')!r})")
+        raise InvalidAdapterError(
+            f"{cfg_path}: not a LoRA adapter config (peft_type {cfg.get('peft_type')!r})"
+        )
     for key, bad, why in (
         ("use_dora", True, "DoRA adapters"),
         ("fan_in_fan_out", True, "fan_in_fan_out (Conv1D) adapters"),
@@ -199,12 +210,16 @@ def load_peft(adapter_dir: str | os.PathLike[str]) -> PeftAdapter:
     if cfg.get("bias", "none") != "none":
         raise InvalidAdapterError(f"{cfg_path}: bias={cfg['bias']!r} adapters are not supported")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise InvalidAdapterError(f"{cfg_path}: per-module rank_pattern/alpha_pattern is not supported")
+        raise InvalidAdapterError(
+            f"{cfg_path}: per-module rank_pattern/alpha_pattern is not supported"
+        )
     rank, lora_alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(rank, int) or rank <= 0:
         raise InvalidAdapterError(f"{cfg_path}: `r` should be a positive integer, got {rank!r}")
     if not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise InvalidAdapterError(f"{cfg_path}: `lora_alpha` should be positive, got {lora_alpha!r}")
+        raise InvalidAdapterError(
+            f"{cfg_path}: `lora_alpha` should be positive, got {lora_alpha!r}"
+        )
     # rsLoRA scales by alpha / sqrt(r); as alpha' / r that is alpha' = alpha * sqrt(r).
     alpha = float(lora_alpha) * (math.sqrt(rank) if cfg.get("use_rslora") else 1.0)
 
@@ -213,16 +228,22 @@ def load_peft(adapter_dir: str | os.PathLike[str]) -> PeftAdapter:
     for key, value in raw.items():
         m = _KEY.match(key)
         if m is None:
-            raise InvalidAdapterError(f"{weights}: tensor {key} is not a LoRA A/B weight of a decoder projection")
+            raise InvalidAdapterError(
+                f"{weights}: tensor {key} is not a LoRA A/B weight of a decoder projection"
+            )
         module, half = m.group(1), m.group(2)
         try:
             naming.parse_hf_module(module)
         except ValueError:
-            raise InvalidAdapterError(f"{weights}: {module} is not a supported LoRA target") from None
+            raise InvalidAdapterError(
+                f"{weights}: {module} is not a supported LoRA target"
+            ) from None
         arr = np.asarray(value, dtype=np.float32)
         expect_r = arr.shape[0] if half == "A" else arr.shape[-1]
         if arr.ndim != 2 or expect_r != rank:
-            raise InvalidAdapterError(f"{weights}: {key} has shape {arr.shape}, expected rank {rank}")
+            raise InvalidAdapterError(
+                f"{weights}: {key} has shape {arr.shape}, expected rank {rank}"
+            )
         if not np.isfinite(arr).all():
             raise InvalidAdapterError(f"{weights}: {key} holds NaN or inf")
         tensors[f"{module}.lora_{half}"] = arr
@@ -231,7 +252,9 @@ def load_peft(adapter_dir: str | os.PathLike[str]) -> PeftAdapter:
     for key in tensors:
         other = key[:-1] + ("B" if key.endswith("A") else "A")
         if other not in tensors:
-            raise InvalidAdapterError(f"{weights}: {key} has no matching {other.rpartition('.')[2]}")
+            raise InvalidAdapterError(
+                f"{weights}: {key} has no matching {other.rpartition('.')[2]}"
+            )
     targets, _ = _targets_and_layers(tensors)
     dropout = cfg.get("lora_dropout", 0.0)
     return PeftAdapter(
@@ -257,4 +280,11 @@ def peft_to_gguf(
     return write_gguf_lora(out_path, adapter.tensors, alpha=adapter.alpha, base=base, dtype=dtype)
 
 
-__all__: Sequence[str] = ["CONFIG_NAME", "WEIGHTS_NAME", "PeftAdapter", "load_peft", "peft_to_gguf", "save_peft"]
+__all__: Sequence[str] = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "PeftAdapter",
+    "load_peft",
+    "peft_to_gguf",
+    "save_peft",
+]

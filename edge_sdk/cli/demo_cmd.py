@@ -19,17 +19,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--clients", type=int, metavar="N", help="number of clients (4)")
     p.add_argument("--rounds", type=int, metavar="R", help="global versions to publish")
-    p.add_argument("--quick", action="store_true", help="the short preset (about 2.5 minutes on 2 idle cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="the short preset (about 2.5 minutes on 2 idle cores)"
+    )
     p.add_argument("--out", metavar="DIR", help="run directory (default: ./fedlm-demo-<time>)")
     p.add_argument("--data", metavar="DIR", help="one JSONL per client (+ optional eval.jsonl)")
     p.add_argument("--model", metavar="MODEL", help="base model name or .gguf path (smollm2-135m)")
     p.add_argument("--seed", type=int, metavar="S", help="seed of data and training (0)")
-    p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: all cores; 1 on a busy machine)")
-    p.add_argument("--in-process", action="store_true",
-                   help="simulate the federation in this process instead of coordinator + client processes")
-    p.add_argument("--secure", action="store_true",
-                   help="secure aggregation (coordinator --secure, LoRA mode frozen-a); compare "
-                   "with a run without it; not with --in-process")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads (default: all cores; 1 on a busy machine)",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="simulate the federation in this process instead of coordinator + client processes",
+    )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="secure aggregation (coordinator --secure, LoRA mode frozen-a); compare "
+        "with a run without it; not with --in-process",
+    )
     p.set_defaults(func=_demo)
 
 
@@ -47,12 +60,22 @@ def _demo(args: argparse.Namespace) -> int:
     from edge_sdk.demo.run import FULL_BUDGET_S, QUICK_BUDGET_S, InProcessFederation, run_demo
 
     config = DemoConfig.quick() if args.quick else DemoConfig.full()
-    changes: dict[str, Any] = {k: v for k, v in (("clients", args.clients), ("rounds", args.rounds),
-                                                 ("model", args.model), ("seed", args.seed),
-                                                 ("threads", args.threads)) if v is not None}
+    changes: dict[str, Any] = {
+        k: v
+        for k, v in (
+            ("clients", args.clients),
+            ("rounds", args.rounds),
+            ("model", args.model),
+            ("seed", args.seed),
+            ("threads", args.threads),
+        )
+        if v is not None
+    }
     if getattr(args, "secure", False):
         if args.in_process:
-            raise DemoConfigError("--secure runs the federation over the network; drop --in-process")
+            raise DemoConfigError(
+                "--secure runs the federation over the network; drop --in-process"
+            )
         changes.update(secure=True, mode="frozen-a")
     try:
         config = config.replace(**changes)
@@ -74,16 +97,29 @@ def _demo(args: argparse.Namespace) -> int:
         if event == "phase":
             console.print(f"{clock} {fields['name']} done in {fields['seconds']:.1f} s")
         elif event == "local":
-            console.print(f"{clock}   local-only client {fields['client']}: exact match {fields['exact_match']:.1%}")
+            console.print(
+                f"{clock}   local-only client {fields['client']}: exact match {fields['exact_match']:.1%}"
+            )
         elif event == "version":
-            console.print(f"{clock}   global version {fields['version']}: eval loss {fields['eval_loss']:.3f}, "
-                          f"exact match {fields['exact_match']:.1%}")
+            console.print(
+                f"{clock}   global version {fields['version']}: eval loss {fields['eval_loss']:.3f}, "
+                f"exact match {fields['exact_match']:.1%}"
+            )
 
     # Client processes get one torch thread each: N of them share the machine's cores.
-    federation = (InProcessFederation(progress=progress) if args.in_process
-                  else NetworkFederation(work_dir=out / "federation", progress=progress))
+    federation = (
+        InProcessFederation(progress=progress)
+        if args.in_process
+        else NetworkFederation(work_dir=out / "federation", progress=progress)
+    )
     with Live(view, console=console, refresh_per_second=2):
-        report = run_demo(config, out, data_dir=args.data, progress=progress, federation=federation,
-                          budget_s=QUICK_BUDGET_S if args.quick else FULL_BUDGET_S)
+        report = run_demo(
+            config,
+            out,
+            data_dir=args.data,
+            progress=progress,
+            federation=federation,
+            budget_s=QUICK_BUDGET_S if args.quick else FULL_BUDGET_S,
+        )
     render(report, console)
     return 0

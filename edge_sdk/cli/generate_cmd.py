@@ -10,11 +10,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model name (see `fedlm models`) or path to a .gguf file")
     p.add_argument("--adapter", metavar="FILE", help="GGUF LoRA adapter to apply")
     p.add_argument("--max-tokens", type=int, default=256, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-ctx", type=int, default=2048, metavar="N", help="context window")
-    p.add_argument("--backend", choices=("llama.cpp", "onnx"), default="llama.cpp",
-                   help="onnx: MODEL is a `fedlm export-onnx` folder; the adapter may be GGUF or PEFT")
+    p.add_argument(
+        "--backend",
+        choices=("llama.cpp", "onnx"),
+        default="llama.cpp",
+        help="onnx: MODEL is a `fedlm export-onnx` folder; the adapter may be GGUF or PEFT",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +51,12 @@ def _print_stream(pieces) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     with _open(args) as model:
-        opts = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed, "stream": True}
+        opts = {
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
+            "seed": args.seed,
+            "stream": True,
+        }
         if args.chat:
             _print_stream(model.chat([{"role": "user", "content": args.prompt}], **opts))
         else:
@@ -78,8 +89,13 @@ def _chat(args: argparse.Namespace) -> int:
             if interactive:
                 sys.stdout.write("model> ")
             answer: list[str] = []
-            pieces = model.chat(history, max_tokens=args.max_tokens, temperature=args.temperature,
-                                seed=args.seed, stream=True)
+            pieces = model.chat(
+                history,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                stream=True,
+            )
             _print_stream(_tee(pieces, answer))
             history.append({"role": "assistant", "content": "".join(answer)})
     return 0

@@ -28,41 +28,121 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Ctrl-C stops after saving (run again to continue).",
     )
     p.add_argument("model", help="model name (see `fedlm models`) or path to a .gguf file")
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="local training data file(s)")
-    p.add_argument("--join-code", metavar="CODE",
-                   help="the join code `fedlm coordinator` printed (default: $FEDLM_JOIN_CODE); needed once")
-    p.add_argument("--coordinator", metavar="URL", help="coordinator base URL (default: find it by mDNS)")
-    p.add_argument("--coordinator-name", metavar="NAME", help="choose the mDNS instance with this name (default: the only usable one)")
-    p.add_argument("--join-token", metavar="TOKEN",
-                   help="enrollment secret without a join code (default: $FEDLM_JOIN_TOKEN); "
-                   "only with --tls-fingerprint or --insecure")
-    p.add_argument("--tls-fingerprint", metavar="HEX", help="pin this certificate SHA-256, for --join-token (default: none; a join code carries it)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow a plain-HTTP coordinator (started with --insecure): tokens cross the LAN in "
-                   "clear text and the coordinator is not authenticated")
-    p.add_argument("--max-rounds", type=int, metavar="N", help="stop after N accepted updates (default: task end)")
-    p.add_argument("--final-wait", type=float, default=30.0, metavar="S",
-                   help="after the last update, wait up to S seconds for the version it feeds into")
+    p.add_argument(
+        "--data", required=True, nargs="+", metavar="FILE", help="local training data file(s)"
+    )
+    p.add_argument(
+        "--join-code",
+        metavar="CODE",
+        help="the join code `fedlm coordinator` printed (default: $FEDLM_JOIN_CODE); needed once",
+    )
+    p.add_argument(
+        "--coordinator", metavar="URL", help="coordinator base URL (default: find it by mDNS)"
+    )
+    p.add_argument(
+        "--coordinator-name",
+        metavar="NAME",
+        help="choose the mDNS instance with this name (default: the only usable one)",
+    )
+    p.add_argument(
+        "--join-token",
+        metavar="TOKEN",
+        help="enrollment secret without a join code (default: $FEDLM_JOIN_TOKEN); "
+        "only with --tls-fingerprint or --insecure",
+    )
+    p.add_argument(
+        "--tls-fingerprint",
+        metavar="HEX",
+        help="pin this certificate SHA-256, for --join-token (default: none; a join code carries it)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a plain-HTTP coordinator (started with --insecure): tokens cross the LAN in "
+        "clear text and the coordinator is not authenticated",
+    )
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        metavar="N",
+        help="stop after N accepted updates (default: task end)",
+    )
+    p.add_argument(
+        "--final-wait",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="after the last update, wait up to S seconds for the version it feeds into",
+    )
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="client state")
-    p.add_argument("--name", metavar="NAME", help="device name shown to the coordinator (default: hostname)")
-    p.add_argument("--refuse-licence", default="unknown", metavar="CLASSES",
-                   help="comma-separated licence classes to refuse: unknown, open-weights-restricted, "
-                   "permissive ('' refuses none)")
-    p.add_argument("--threads", type=int, metavar="N", help="cap on training threads (default: torch's default)")
-    p.add_argument("--memory-mb", type=int, metavar="MB", help="cap on this process's address space (default: no cap)")
-    p.add_argument("--dp-clip", type=float, metavar="C", help="local DP: clip each update's change to L2 norm C (default: off)")
-    p.add_argument("--dp-noise", type=float, default=1.0, metavar="SIGMA",
-                   help="local DP: noise multiplier (std = SIGMA * C; needs --dp-clip)")
-    p.add_argument("--precision", choices=("nf4", "bf16", "fp32"), default="nf4", help="frozen base precision")
-    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                   help="share of the local data held out to report a validation loss (0: none)")
-    p.add_argument("--poll-interval", type=float, default=2.0, metavar="S",
-                   help="how often to ask for a new global version while waiting, in seconds")
-    p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="seeds the validation split and, with the round number, each round's data order")
-    p.add_argument("--discovery-timeout", type=float, default=3.0, metavar="S", help="mDNS listening time, s")
-    p.add_argument("--interface", action="append", metavar="IPV4",
-                   help="browse mDNS on this address, repeatable (default: every interface)")
+    p.add_argument(
+        "--name", metavar="NAME", help="device name shown to the coordinator (default: hostname)"
+    )
+    p.add_argument(
+        "--refuse-licence",
+        default="unknown",
+        metavar="CLASSES",
+        help="comma-separated licence classes to refuse: unknown, open-weights-restricted, "
+        "permissive ('' refuses none)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="cap on training threads (default: torch's default)",
+    )
+    p.add_argument(
+        "--memory-mb",
+        type=int,
+        metavar="MB",
+        help="cap on this process's address space (default: no cap)",
+    )
+    p.add_argument(
+        "--dp-clip",
+        type=float,
+        metavar="C",
+        help="local DP: clip each update's change to L2 norm C (default: off)",
+    )
+    p.add_argument(
+        "--dp-noise",
+        type=float,
+        default=1.0,
+        metavar="SIGMA",
+        help="local DP: noise multiplier (std = SIGMA * C; needs --dp-clip)",
+    )
+    p.add_argument(
+        "--precision", choices=("nf4", "bf16", "fp32"), default="nf4", help="frozen base precision"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="share of the local data held out to report a validation loss (0: none)",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="how often to ask for a new global version while waiting, in seconds",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seeds the validation split and, with the round number, each round's data order",
+    )
+    p.add_argument(
+        "--discovery-timeout", type=float, default=3.0, metavar="S", help="mDNS listening time, s"
+    )
+    p.add_argument(
+        "--interface",
+        action="append",
+        metavar="IPV4",
+        help="browse mDNS on this address, repeatable (default: every interface)",
+    )
     p.set_defaults(func=_join)
 
 
@@ -109,7 +189,9 @@ def _join(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fedlm join: error: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger("edge_sdk.client").setLevel(logging.INFO if not args.verbose else logging.DEBUG)
+    logging.getLogger("edge_sdk.client").setLevel(
+        logging.INFO if not args.verbose else logging.DEBUG
+    )
     # A client runs for hours: each log line carries its time (the CLI's default format does not).
     if not logging.getLogger().handlers:
         logging.basicConfig()
@@ -123,7 +205,9 @@ def _join(args: argparse.Namespace) -> int:
         if interrupted:  # a second Ctrl-C: stop waiting for the clean shutdown
             raise KeyboardInterrupt
         interrupted = True
-        print("fedlm join: stopping after saving (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        print(
+            "fedlm join: stopping after saving (Ctrl-C again to abort)", file=sys.stderr, flush=True
+        )
         client.stop()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -135,9 +219,15 @@ def _join(args: argparse.Namespace) -> int:
     print(f"coordinator {summary.coordinator}  task {summary.task_id}  client {summary.client_id}")
     for r in summary.rounds:
         resumed = f", resumed at step {r.resumed_from_step}" if r.resumed_from_step else ""
-        print(f"round {r.round}: {r.steps} steps from version {r.base_version}{resumed}, loss {r.train_loss:.4f}, "
-              f"update {r.update_id} ({r.update_bytes} bytes) {r.outcome}")
-    print(f"finished ({summary.reason}); global version {summary.global_version}"
-          + (f", adapter {summary.adapter_path}" if summary.adapter_path else ""))
-    print(f"every request sent is listed by: fedlm ledger --state-dir {os.fspath(config.state_dir)}")
+        print(
+            f"round {r.round}: {r.steps} steps from version {r.base_version}{resumed}, loss {r.train_loss:.4f}, "
+            f"update {r.update_id} ({r.update_bytes} bytes) {r.outcome}"
+        )
+    print(
+        f"finished ({summary.reason}); global version {summary.global_version}"
+        + (f", adapter {summary.adapter_path}" if summary.adapter_path else "")
+    )
+    print(
+        f"every request sent is listed by: fedlm ledger --state-dir {os.fspath(config.state_dir)}"
+    )
     return 130 if summary.reason == "stopped" and interrupted else 0

@@ -19,7 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(time, destination, kind, body size and sha256; tensor names and shapes for updates), "
         "then totals.",
     )
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help=f"client state ({DEFAULT_STATE_DIR})")
+    p.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"client state ({DEFAULT_STATE_DIR})",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable: {summary, entries}")
     p.add_argument("--summary", action="store_true", help="totals only")
     p.set_defaults(func=_ledger)
@@ -44,8 +49,10 @@ def _ledger(args: argparse.Namespace) -> int:
             line = f"{e.seq:>5} {when} {e.method:<4} {e.url} {e.kind} {e.bytes} B sha256:{e.sha256[:16]}{retry}"
             if e.kind == "update":
                 tensors = e.detail.get("tensors", [])
-                line += (f"\n      update {e.detail.get('update_id')} base v{e.detail.get('base_version')} "
-                         f"{e.detail.get('codec')}: {len(tensors)} tensors, metrics {e.detail.get('metrics')}")
+                line += (
+                    f"\n      update {e.detail.get('update_id')} base v{e.detail.get('base_version')} "
+                    f"{e.detail.get('codec')}: {len(tensors)} tensors, metrics {e.detail.get('metrics')}"
+                )
             print(line)
     print(format_summary(summary))
     return 0

@@ -11,7 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_models)
 
-    p = sub.add_parser("inspect", help="openness report of a model: identity, licence, quantization")
+    p = sub.add_parser(
+        "inspect", help="openness report of a model: identity, licence, quantization"
+    )
     p.add_argument("model", help="model name (see `fedlm models`) or path to a .gguf file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_inspect)
@@ -22,7 +24,11 @@ def _models(args: argparse.Namespace) -> int:
 
     rows = available()
     if args.json:
-        print(json.dumps([{"name": n, "installed": ok, "install": hint} for n, ok, hint in rows], indent=2))
+        print(
+            json.dumps(
+                [{"name": n, "installed": ok, "install": hint} for n, ok, hint in rows], indent=2
+            )
+        )
         return 0
     for name, ok, hint in rows:
         default = " (default)" if name == DEFAULT_MODEL else ""

@@ -24,21 +24,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, default=8, metavar="R", help="LoRA rank (8)")
     p.add_argument("--alpha", type=float, default=None, metavar="A", help="LoRA alpha (2 x rank)")
     p.add_argument("--dropout", type=float, default=0.0, metavar="P", help="LoRA dropout (0)")
-    p.add_argument("--targets", default=",".join(LORA_TARGETS), metavar="LIST",
-                   help="comma-separated projections to adapt (all)")
-    p.add_argument("--seq-len", type=int, default=256, metavar="L", help="tokens per sequence (256)")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="sequences per micro-batch (1)")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per step (1)")
+    p.add_argument(
+        "--targets",
+        default=",".join(LORA_TARGETS),
+        metavar="LIST",
+        help="comma-separated projections to adapt (all)",
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=256, metavar="L", help="tokens per sequence (256)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=1, metavar="B", help="sequences per micro-batch (1)"
+    )
+    p.add_argument(
+        "--grad-accum", type=int, default=1, metavar="K", help="micro-batches per step (1)"
+    )
     p.add_argument("--lr", type=float, default=2e-4, metavar="LR", help="peak learning rate (2e-4)")
     p.add_argument("--warmup", type=int, default=10, metavar="N", help="warmup steps (10)")
     p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="held-out share (0.1)")
-    p.add_argument("--eval-every", type=int, default=0, metavar="N",
-                   help="evaluate every N steps (0: before and after only)")
-    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
-                   help="checkpoint every N steps (50; 0 disables)")
-    p.add_argument("--precision", choices=("nf4", "bf16", "fp32"), default="nf4",
-                   help="frozen base precision (nf4 = QLoRA)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, metavar="F", help="held-out share (0.1)"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="evaluate every N steps (0: before and after only)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=50,
+        metavar="N",
+        help="checkpoint every N steps (50; 0 disables)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("nf4", "bf16", "fp32"),
+        default="nf4",
+        help="frozen base precision (nf4 = QLoRA)",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed data lines")
@@ -46,8 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
     c = sub.add_parser("convert-adapter", help="convert a PEFT LoRA directory to a GGUF LoRA")
-    c.add_argument("peft_dir", help="directory with adapter_config.json + adapter_model.safetensors")
-    c.add_argument("--model", required=True, help="base model name or .gguf path it was trained for")
+    c.add_argument(
+        "peft_dir", help="directory with adapter_config.json + adapter_model.safetensors"
+    )
+    c.add_argument(
+        "--model", required=True, help="base model name or .gguf path it was trained for"
+    )
     c.add_argument("--out", required=True, metavar="FILE", help="GGUF file to write")
     c.add_argument("--f16", action="store_true", help="store tensors as F16 (default F32)")
     c.set_defaults(func=_convert)
@@ -72,13 +102,22 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         config = TrainConfig(
-            steps=args.steps, rank=args.rank,
+            steps=args.steps,
+            rank=args.rank,
             alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
-            dropout=args.dropout, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-            seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-            lr=args.lr, warmup=args.warmup, seed=args.seed, val_fraction=args.val_fraction,
-            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-            precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
+            dropout=args.dropout,
+            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            lr=args.lr,
+            warmup=args.warmup,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every,
+            precision=args.precision,
+            gradient_checkpointing=args.gradient_checkpointing,
         )
     except ValueError as exc:
         print(f"fedlm train: error: {exc}", file=sys.stderr)
@@ -91,21 +130,37 @@ def _train(args: argparse.Namespace) -> int:
         step = int(record["step"])
         if step % every == 0 or step == args.steps:
             extra = f", eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
-            print(f"step {step}/{args.steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
-                  f"{record['tokens_per_s']:.0f} tokens/s{extra}", file=sys.stderr, flush=True)
+            print(
+                f"step {step}/{args.steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                f"{record['tokens_per_s']:.0f} tokens/s{extra}",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    out = run(args.model, args.data, args.out, config, resume=args.resume,
-              skip_bad=args.skip_bad, progress=bar, model_name=args.model,
-              on_step=None if bar or args.no_progress else log_line,
-              on_data=lambda summary: print(f"data: {summary}", flush=True))
+    out = run(
+        args.model,
+        args.data,
+        args.out,
+        config,
+        resume=args.resume,
+        skip_bad=args.skip_bad,
+        progress=bar,
+        model_name=args.model,
+        on_step=None if bar or args.no_progress else log_line,
+        on_data=lambda summary: print(f"data: {summary}", flush=True),
+    )
     m = out.result.metrics
-    print(f"trained {m.steps} steps, {m.num_tokens} tokens in {m.seconds:.1f} s "
-          f"({m.tokens_per_s:.0f} tokens/s); final train loss {m.train_loss:.4f}")
+    print(
+        f"trained {m.steps} steps, {m.num_tokens} tokens in {m.seconds:.1f} s "
+        f"({m.tokens_per_s:.0f} tokens/s); final train loss {m.train_loss:.4f}"
+    )
     if m.eval_loss is not None:
         before = f"{m.eval_loss_before:.4f} -> " if m.eval_loss_before is not None else ""
         print(f"eval loss {before}{m.eval_loss:.4f} (perplexity {m.perplexity:.2f})")
-    print(f"wrote {out.gguf_path} and {out.peft_dir / 'adapter_model.safetensors'} "
-          f"(+ adapter_config.json, metrics.json)")
+    print(
+        f"wrote {out.gguf_path} and {out.peft_dir / 'adapter_model.safetensors'} "
+        f"(+ adapter_config.json, metrics.json)"
+    )
     return 0
 
 
@@ -113,6 +168,8 @@ def _convert(args: argparse.Namespace) -> int:
     from edge_sdk.adapters.peft import peft_to_gguf
     from edge_sdk.models import resolve
 
-    path = peft_to_gguf(args.peft_dir, resolve(args.model), args.out, dtype="f16" if args.f16 else "f32")
+    path = peft_to_gguf(
+        args.peft_dir, resolve(args.model), args.out, dtype="f16" if args.f16 else "f32"
+    )
     print(f"wrote {path}")
     return 0

@@ -29,7 +29,11 @@ class LocalDpConfig:
     """σ: the noise standard deviation is σ·C per coordinate (0 clips without noise)."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.clip_norm, (int, float)) and math.isfinite(self.clip_norm) and self.clip_norm > 0):
+        if not (
+            isinstance(self.clip_norm, (int, float))
+            and math.isfinite(self.clip_norm)
+            and self.clip_norm > 0
+        ):
             raise ValueError(f"`clip_norm` should be a positive number, got {self.clip_norm!r}")
         if not (
             isinstance(self.noise_multiplier, (int, float))
@@ -46,7 +50,9 @@ def privatize(
     rng: np.random.Generator,
 ) -> tuple[dict[str, np.ndarray], float]:
     """base + clip(Δ) + noise for every tensor; also returns ‖Δ‖ before clipping."""
-    deltas = {k: np.asarray(v, np.float64) - np.asarray(base[k], np.float64) for k, v in tensors.items()}
+    deltas = {
+        k: np.asarray(v, np.float64) - np.asarray(base[k], np.float64) for k, v in tensors.items()
+    }
     norm = math.sqrt(sum(float(np.square(d).sum()) for d in deltas.values()))
     scale = min(1.0, dp.clip_norm / norm) if norm > 0 else 1.0
     sigma = dp.noise_multiplier * dp.clip_norm
@@ -56,7 +62,9 @@ def privatize(
         if sigma > 0:
             noisy = noisy + rng.normal(0.0, sigma, size=delta.shape)
         out[key] = (np.asarray(base[key], np.float64) + noisy).astype(np.float32)
-    log.info("local DP: update norm %.4g clipped to %.4g, noise std %.3g", norm, norm * scale, sigma)
+    log.info(
+        "local DP: update norm %.4g clipped to %.4g, noise std %.3g", norm, norm * scale, sigma
+    )
     return out, norm
 
 

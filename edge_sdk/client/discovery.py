@@ -279,7 +279,8 @@ async def browse(
     from zeroconf import InterfaceChoice
 
     azc = AsyncZeroconf(
-        interfaces=list(interfaces) if interfaces else InterfaceChoice.All, ip_version=IPVersion.V4Only
+        interfaces=list(interfaces) if interfaces else InterfaceChoice.All,
+        ip_version=IPVersion.V4Only,
     )
     offers: dict[str, Offer] = {}
     pending: dict[str, asyncio.Task[None]] = {}
@@ -303,10 +304,14 @@ async def browse(
         log.debug("mDNS: %s", offer.describe())
         if stop_when is None and stop_if is None:
             return
-        if (stop_when is None or _matches(offer, stop_when)) and (stop_if is None or stop_if(offer)):
+        if (stop_when is None or _matches(offer, stop_when)) and (
+            stop_if is None or stop_if(offer)
+        ):
             found_wanted.set()
 
-    def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+    def on_change(
+        zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
         if state_change is ServiceStateChange.Removed:
             offers.pop(name, None)
             return
@@ -347,13 +352,16 @@ async def discover(
 
     `early_stop`: end the browse at the first advert that has `name` (if given) and advertises
     `pin` (if given); False browses for the whole `timeout_s`."""
+
     def pinned(offer: Offer) -> bool:
         return offer.tls and offer.tls_fingerprint == pin
 
     # With a pin, browsing ends at the first advert that can be the pinned coordinator (adverts
     # still resolving get a short moment more); its certificate is checked before use.
     if early_stop:
-        offers = await browse(timeout_s, interfaces, stop_when=name, stop_if=pinned if pin else None)
+        offers = await browse(
+            timeout_s, interfaces, stop_when=name, stop_if=pinned if pin else None
+        )
     else:
         offers = await browse(timeout_s, interfaces)
     report = evaluate_offers(

@@ -111,7 +111,10 @@ _CHECK_SEQ_LEN = 256
 
 
 def _default_name() -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:64] or "device"
+    return (
+        "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:64]
+        or "device"
+    )
 
 
 @document_fields
@@ -193,19 +196,27 @@ class ClientConfig:
         object.__setattr__(self, "data", tuple(str(d) for d in self.data))
         if not self.data:
             raise ValueError("`data` should name at least one training file, got none")
-        if self.coordinator_url is not None and not self.coordinator_url.startswith(("http://", "https://")):
-            raise ValueError(f"`coordinator_url` should start with http:// or https://, got {self.coordinator_url!r}")
+        if self.coordinator_url is not None and not self.coordinator_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError(
+                f"`coordinator_url` should start with http:// or https://, got {self.coordinator_url!r}"
+            )
         code = None
         if self.join_code is not None:
             try:
                 code = JoinCode.decode(self.join_code)
             except JoinCodeError as exc:
-                raise JoinCodeError(f"`join_code` (--join-code / ${JOIN_CODE_ENV}): {exc}") from None
+                raise JoinCodeError(
+                    f"`join_code` (--join-code / ${JOIN_CODE_ENV}): {exc}"
+                ) from None
         if self.tls_fingerprint is not None:
             pin = normalize_fingerprint(self.tls_fingerprint)
             object.__setattr__(self, "tls_fingerprint", pin)
             if code is not None and code.fingerprint != pin:
-                raise ValueError("`tls_fingerprint` differs from the fingerprint in the join code; give only the join code")
+                raise ValueError(
+                    "`tls_fingerprint` differs from the fingerprint in the join code; give only the join code"
+                )
         if self.coordinator_url is not None and self.coordinator_url.startswith("http://"):
             if code is not None or self.tls_fingerprint is not None:
                 raise ValueError(
@@ -219,9 +230,15 @@ class ClientConfig:
                 )
         if not self.name or len(self.name) > 128:
             raise ValueError(f"`name` should be 1-128 characters, got {self.name!r}")
-        if self.max_rounds is not None and (isinstance(self.max_rounds, bool) or self.max_rounds < 1):
-            raise ValueError(f"`max_rounds` should be a positive integer or None, got {self.max_rounds!r}")
-        object.__setattr__(self, "refuse_licences", frozenset(LicenceClass(c) for c in self.refuse_licences))
+        if self.max_rounds is not None and (
+            isinstance(self.max_rounds, bool) or self.max_rounds < 1
+        ):
+            raise ValueError(
+                f"`max_rounds` should be a positive integer or None, got {self.max_rounds!r}"
+            )
+        object.__setattr__(
+            self, "refuse_licences", frozenset(LicenceClass(c) for c in self.refuse_licences)
+        )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"`threads` should be >= 1, got {self.threads!r}")
         if self.precision not in ("nf4", "bf16", "fp32"):
@@ -238,7 +255,9 @@ class ClientConfig:
         if self.final_wait_s < 0:
             raise ValueError(f"`final_wait_s` should be >= 0, got {self.final_wait_s!r}")
         if self.retrain_after_s is not None and not self.retrain_after_s > 0:
-            raise ValueError(f"`retrain_after_s` should be > 0 or None, got {self.retrain_after_s!r}")
+            raise ValueError(
+                f"`retrain_after_s` should be > 0 or None, got {self.retrain_after_s!r}"
+            )
 
 
 @dataclass
@@ -281,14 +300,20 @@ def _describe_wait(task: TaskConfig, version: int) -> str:
 
     def num(key: str) -> str:  # only numbers reach the log: the coordinator wrote these
         value = strategy.get(key)
-        return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+        return (
+            f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+        )
 
     if strategy.get("name") == "fedbuff":
-        how = (f"the coordinator publishes when {num('buffer_size')} updates are buffered, or "
-               f"{num('max_wait_s')} s after the first once {num('min_updates')} are in")
+        how = (
+            f"the coordinator publishes when {num('buffer_size')} updates are buffered, or "
+            f"{num('max_wait_s')} s after the first once {num('min_updates')} are in"
+        )
     elif strategy.get("name") == "fedavg":
-        how = (f"the round closes at {num('clients_per_round')} updates, or at its "
-               f"{num('deadline_s')} s deadline with {num('min_clients')}")
+        how = (
+            f"the round closes at {num('clients_per_round')} updates, or at its "
+            f"{num('deadline_s')} s deadline with {num('min_clients')}"
+        )
     else:
         how = "the coordinator's strategy decides when"
     return f"waiting for global version {version + 1}: {how}"
@@ -422,7 +447,9 @@ class FederatedClient:
             try:
                 pin = normalize_fingerprint(stored.tls_fingerprint)
             except ValueError:
-                raise StateError(f"{self.state.token_path}: the stored pin is damaged; enroll again with the join code") from None
+                raise StateError(
+                    f"{self.state.token_path}: the stored pin is damaged; enroll again with the join code"
+                ) from None
             return pin, f"the pin stored at enrollment in {self.state.token_path}"
         return None, ""
 
@@ -463,7 +490,9 @@ class FederatedClient:
                 timeout_s=cfg.discovery_timeout_s, interfaces=cfg.discovery_interfaces, early_stop=early_stop,
             )  # fmt: skip
             if report.chosen is None:
-                raise DiscoveryError("; ".join(report.explain()) + " (--coordinator URL skips discovery)")
+                raise DiscoveryError(
+                    "; ".join(report.explain()) + " (--coordinator URL skips discovery)"
+                )
             self._offer_model_name = report.chosen.model_name
             if pin is None:
                 return report.chosen.url, None, ""
@@ -474,7 +503,8 @@ class FederatedClient:
         assert pin is not None
         raise TlsPinError(
             f"no advertised coordinator presents the pinned certificate {pin[:16]}… ({source}): "
-            + "; ".join(seen) + ". If the coordinator was reinstalled, re-enroll with its new join code"
+            + "; ".join(seen)
+            + ". If the coordinator was reinstalled, re-enroll with its new join code"
         )
 
     async def _verified(self, offers: Sequence[Offer], pin: str, seen: list[str]) -> Offer | None:
@@ -490,7 +520,9 @@ class FederatedClient:
             if got == pin:
                 log.info("%s presents the pinned certificate %s…", offer.url, pin[:16])
                 return offer
-            seen.append(f"{offer.describe()}: presents certificate {got[:16]}…, not the pinned {pin[:16]}…")
+            seen.append(
+                f"{offer.describe()}: presents certificate {got[:16]}…, not the pinned {pin[:16]}…"
+            )
             log.warning("skipping %s (a fake advert, or a new certificate)", seen[-1])
         return None
 
@@ -515,7 +547,12 @@ class FederatedClient:
                     "the coordinator is not authenticated", url,
                 )  # fmt: skip
             else:
-                log.info("coordinator %s (TLS, certificate pinned %s…: %s)", url, fingerprint[:16], source)
+                log.info(
+                    "coordinator %s (TLS, certificate pinned %s…: %s)",
+                    url,
+                    fingerprint[:16],
+                    source,
+                )
             async with Transport(
                 url, self.state.ledger, tls_fingerprint=fingerprint, pin_source=source, retry=cfg.retry,
                 stop=self._stop_async, trace_configs=self._trace_configs,
@@ -534,7 +571,10 @@ class FederatedClient:
             if pin is not None:
                 ours = stored.tls_fingerprint is not None and stored.tls_fingerprint.lower() == pin
             else:
-                ours = stored.tls_fingerprint is None and stored.coordinator.rstrip("/") == transport.base_url
+                ours = (
+                    stored.tls_fingerprint is None
+                    and stored.coordinator.rstrip("/") == transport.base_url
+                )
             if ours:
                 if stored.coordinator.rstrip("/") != transport.base_url:
                     # The same certificate at a new address (DHCP): the pin says it is the same
@@ -566,7 +606,9 @@ class FederatedClient:
             log.info("joined %s as %s; its certificate %s… is pinned in %s", transport.base_url,
                      creds.client_id, pin[:16], self.state.token_path)  # fmt: skip
         else:
-            log.info("joined %s as %s (plain HTTP, nothing pinned)", transport.base_url, creds.client_id)
+            log.info(
+                "joined %s as %s (plain HTTP, nothing pinned)", transport.base_url, creds.client_id
+            )
         return creds
 
     async def _task(self, transport: Transport) -> tuple[Credentials, TaskConfig]:
@@ -607,7 +649,9 @@ class FederatedClient:
             )
         return shapes
 
-    def _summary(self, url: str, creds: Credentials | None, task_id: str, reason: str) -> RunSummary:
+    def _summary(
+        self, url: str, creds: Credentials | None, task_id: str, reason: str
+    ) -> RunSummary:
         return RunSummary(
             coordinator=url, task_id=task_id, client_id=creds.client_id if creds else "",
             reason=reason, rounds=list(self.rounds), global_version=self._global_version,
@@ -617,7 +661,13 @@ class FederatedClient:
     async def _federate(self, transport: Transport, identity: ModelIdentity) -> RunSummary:
         cfg, state = self.config, self.state
         creds, task = await self._task(transport)
-        log.info("task %s: %s, %d local steps, codec %s", task.task_id, task.lora.mode, task.local_steps, task.codec)
+        log.info(
+            "task %s: %s, %d local steps, codec %s",
+            task.task_id,
+            task.lora.mode,
+            task.local_steps,
+            task.codec,
+        )
         stored = state.global_adapter(task.task_id)
         if stored is not None:
             if self._load_global(stored[0], stored[2], task, "the saved copy") is not None:
@@ -653,11 +703,18 @@ class FederatedClient:
             if task.max_rounds is not None and self._global_version >= task.max_rounds:
                 return await self._finish(transport, creds, task, "task_complete")
             if self._global_version <= last_base:
-                retrain = cfg.retrain_after_s is not None and time.monotonic() - waited_since >= cfg.retrain_after_s
+                retrain = (
+                    cfg.retrain_after_s is not None
+                    and time.monotonic() - waited_since >= cfg.retrain_after_s
+                )
                 if not retrain:
                     if time.monotonic() >= next_wait_log:
                         waited = time.monotonic() - waited_since
-                        log.info("%s; waited %.0f s so far", _describe_wait(task, self._global_version), waited)
+                        log.info(
+                            "%s; waited %.0f s so far",
+                            _describe_wait(task, self._global_version),
+                            waited,
+                        )
                         next_wait_log = time.monotonic() + 30.0
                     await self._sleep(cfg.poll_interval_s)
                     continue
@@ -675,7 +732,12 @@ class FederatedClient:
         return self._summary(transport.base_url, creds, task.task_id, "stopped")
 
     async def _finish(
-        self, transport: Transport, creds: Credentials, task: TaskConfig, reason: str, last_base: int = -1
+        self,
+        transport: Transport,
+        creds: Credentials,
+        task: TaskConfig,
+        reason: str,
+        last_base: int = -1,
     ) -> RunSummary:
         """Serve the newest adapter before returning (waiting a little for the one we fed)."""
         deadline = time.monotonic() + (self.config.final_wait_s if reason == "max_rounds" else 0.0)
@@ -684,13 +746,22 @@ class FederatedClient:
                 await self._swap()
             if self._global_version > last_base or time.monotonic() >= deadline:
                 break
-            await self._sleep(min(self.config.poll_interval_s, max(0.0, deadline - time.monotonic())))
-        log.info("done (%s): %d rounds, serving global version %d", reason, len(self.rounds), self._global_version)
+            await self._sleep(
+                min(self.config.poll_interval_s, max(0.0, deadline - time.monotonic()))
+            )
+        log.info(
+            "done (%s): %d rounds, serving global version %d",
+            reason,
+            len(self.rounds),
+            self._global_version,
+        )
         return self._summary(transport.base_url, creds, task.task_id, reason)
 
     # -- global adapter ---------------------------------------------------------------------
 
-    def _load_global(self, body: bytes, etag: str, task: TaskConfig, source: str) -> GlobalAdapter | None:
+    def _load_global(
+        self, body: bytes, etag: str, task: TaskConfig, source: str
+    ) -> GlobalAdapter | None:
         """Decode and check a global adapter; on success it becomes current, else None (logged)."""
         assert self._shapes is not None
         try:
@@ -737,14 +808,18 @@ class FederatedClient:
         path = self.state.adapter_gguf_path(adapter.version)
         try:
             base = BaseModelInfo.from_gguf(self._identity.path, sha256=self._identity.sha256)
-            await asyncio.to_thread(write_gguf_lora, path, adapter.dense_tensors(), alpha=adapter.lora.alpha, base=base)
+            await asyncio.to_thread(
+                write_gguf_lora, path, adapter.dense_tensors(), alpha=adapter.lora.alpha, base=base
+            )
         except (FedlmError, ValueError, OSError) as exc:  # AdapterMismatchError is a FedlmError
             log.warning("cannot write global version %d as GGUF (%s); the runtime keeps what it serves",
                         adapter.version, exc)  # fmt: skip
             return
         if self.runtime is not None:
             try:
-                await asyncio.to_thread(self.runtime.load_adapter, path, wait=self.config.swap_wait_s)
+                await asyncio.to_thread(
+                    self.runtime.load_adapter, path, wait=self.config.swap_wait_s
+                )
             except RuntimeBusyError as exc:
                 log.info("hot-swap postponed: %s", exc)
                 return
@@ -777,7 +852,9 @@ class FederatedClient:
         from edge_sdk.training.trainer import load_for_training
 
         assert self._identity is not None
-        if self._dataset is None or self._dataset.seq_len != task.seq_len:  # check_data packs at 256
+        if (
+            self._dataset is None or self._dataset.seq_len != task.seq_len
+        ):  # check_data packs at 256
             tokenizer = load_tokenizer(self._identity.path)
             self._dataset = build_dataset(
                 list(self.config.data), tokenizer,
@@ -819,7 +896,10 @@ class FederatedClient:
             except CheckpointError as exc:
                 if not resume:
                     raise
-                set_aside(self.state.checkpoint_path, f"cannot resume the round ({exc}); training it afresh")
+                set_aside(
+                    self.state.checkpoint_path,
+                    f"cannot resume the round ({exc}); training it afresh",
+                )
                 first_step.clear()
                 result = fit(self._model, dataset, config, resume=False, **kwargs)
         except _Interrupted:
@@ -828,22 +908,39 @@ class FederatedClient:
         resumed_from = first_step[0] - 1 if first_step else config.steps
         return result.adapter, result.metrics, resumed_from
 
-    def _resumable(self, task: TaskConfig, round_no: int) -> tuple[RoundMarker, GlobalAdapter] | None:
+    def _resumable(
+        self, task: TaskConfig, round_no: int
+    ) -> tuple[RoundMarker, GlobalAdapter] | None:
         """The interrupted round on disk, if its base is still acceptable to the task's strategy."""
         marker, body = self.state.round_marker(), self.state.base_body()
-        if marker is None or body is None or marker.task_id != task.task_id or marker.round != round_no:
+        if (
+            marker is None
+            or body is None
+            or marker.task_id != task.task_id
+            or marker.round != round_no
+        ):
             return None
         if not self.state.checkpoint_path.exists():
             return None
         try:
             base = GlobalAdapter.from_bytes(body)
         except WireError as exc:
-            set_aside(self.state.train_dir / "base.bin", f"undecodable round base ({exc}); the round starts afresh")
+            set_aside(
+                self.state.train_dir / "base.bin",
+                f"undecodable round base ({exc}); the round starts afresh",
+            )
             return None
-        strategy = task.extra.get("strategy", {}) if isinstance(task.extra.get("strategy"), dict) else {}
-        max_staleness = int(strategy.get("max_staleness", 0)) if strategy.get("name") == "fedbuff" else 0
+        strategy = (
+            task.extra.get("strategy", {}) if isinstance(task.extra.get("strategy"), dict) else {}
+        )
+        max_staleness = (
+            int(strategy.get("max_staleness", 0)) if strategy.get("name") == "fedbuff" else 0
+        )
         if self._global_version - base.version > max_staleness:
-            log.info("the interrupted round trained from version %d, now too old; starting afresh", base.version)
+            log.info(
+                "the interrupted round trained from version %d, now too old; starting afresh",
+                base.version,
+            )
             return None
         return marker, base
 
@@ -855,13 +952,25 @@ class FederatedClient:
         resumable = self._resumable(task, round_no)
         if resumable is not None:
             marker, base = resumable
-            log.info("round %d: resuming from the checkpoint (base version %d)", round_no, base.version)
+            log.info(
+                "round %d: resuming from the checkpoint (base version %d)", round_no, base.version
+            )
         else:
             base = self._global
-            marker = RoundMarker(task.task_id, base.version, round_no, _round_seed(self.config.seed, creds.client_id, round_no))
+            marker = RoundMarker(
+                task.task_id,
+                base.version,
+                round_no,
+                _round_seed(self.config.seed, creds.client_id, round_no),
+            )
             self.state.start_round(marker, base.to_bytes())
             crash_point("round_started")
-            log.info("round %d: training %d steps from global version %d", round_no, task.local_steps, base.version)
+            log.info(
+                "round %d: training %d steps from global version %d",
+                round_no,
+                task.local_steps,
+                base.version,
+            )
         trained = await asyncio.to_thread(self._fit, task, marker, base, resumable is not None)
         if trained is None:
             return None
@@ -880,8 +989,13 @@ class FederatedClient:
         return report
 
     def _encode(
-        self, task: TaskConfig, creds: Credentials, base: GlobalAdapter, adapter: Mapping[str, np.ndarray],
-        metrics: Any, marker: RoundMarker,
+        self,
+        task: TaskConfig,
+        creds: Credentials,
+        base: GlobalAdapter,
+        adapter: Mapping[str, np.ndarray],
+        metrics: Any,
+        marker: RoundMarker,
     ) -> PendingUpdate:
         """The wire update of a trained adapter; on disk (pending) before anything is sent."""
         base_dense = base.dense_tensors()
@@ -916,7 +1030,9 @@ class FederatedClient:
         the progress (naming the update) before the pending files go (`ClientState.settle`).
         """
         if self.state.progress(task.task_id).last_update == pending.update_id:
-            log.info("update %s was settled before the restart; dropping its copy", pending.update_id)
+            log.info(
+                "update %s was settled before the restart; dropping its copy", pending.update_id
+            )
             self.state.clear_pending()
             return "accepted"
         if task.extra.get("secure") is not None:
@@ -953,7 +1069,9 @@ class FederatedClient:
 
     # -- secure aggregation: the push step when the task says `secure` ------------------------
 
-    def _secure_vector(self, pending: PendingUpdate, spec: Mapping[str, Any]) -> tuple[np.ndarray, int] | None:
+    def _secure_vector(
+        self, pending: PendingUpdate, spec: Mapping[str, Any]
+    ) -> tuple[np.ndarray, int] | None:
         """The plain update the protocol masks: B after training minus the base's B, in the
         task's key order; None when the base version is no longer the one served here."""
         if self._global is None or self._global.version != pending.base_version:
@@ -963,14 +1081,20 @@ class FederatedClient:
         delta = any(t.delta for t in update.tensors.values())
         dense = update.dense_tensors(base if delta else None)
         keys = spec.get("keys")
-        if not isinstance(keys, list) or sorted(keys) != sorted(dense) or any(k not in base for k in keys):
+        if (
+            not isinstance(keys, list)
+            or sorted(keys) != sorted(dense)
+            or any(k not in base for k in keys)
+        ):
             raise ProtocolError(
                 f"secure aggregation: the task's keys {str(keys)[:80]} are not this update's tensors"
             )
         x = np.concatenate([(np.asarray(dense[k], np.float64) - base[k]).ravel() for k in keys])
         return x, int(update.num_examples)
 
-    async def _secure_push(self, transport: Transport, pending: PendingUpdate, task: TaskConfig) -> str:
+    async def _secure_push(
+        self, transport: Transport, pending: PendingUpdate, task: TaskConfig
+    ) -> str:
         """Run the device side of secure aggregation for a trained update instead of POST
         /v1/updates: only masked bytes leave the device (and the ledger records them).
 
@@ -995,7 +1119,9 @@ class FederatedClient:
         try:
             while True:
                 try:
-                    setup = decode_as(await transport.secagg_setup(pending.base_version), RoundSetup)
+                    setup = decode_as(
+                        await transport.secagg_setup(pending.base_version), RoundSetup
+                    )
                     break
                 except RequestRejectedError as exc:
                     if exc.code != "round_closed":
@@ -1075,7 +1201,11 @@ def _check_secure_params(params: SecAggParams, spec: Mapping[str, Any], length: 
     got = {"vector_len": params.vector_len, "clip": params.clip, "grid_bits": params.grid_bits,
            "weight_cap": params.weight_cap}  # fmt: skip
     min_cohort = spec.get("min_cohort")
-    if got != stated or not isinstance(min_cohort, int) or params.cohort_size < max(MIN_COHORT, min_cohort):
+    if (
+        got != stated
+        or not isinstance(min_cohort, int)
+        or params.cohort_size < max(MIN_COHORT, min_cohort)
+    ):
         raise ConsistencyError(
             f"the round's parameters {got} (cohort {params.cohort_size}) are not the task's "
             f"{stated} (minimum cohort {min_cohort})"

@@ -269,7 +269,9 @@ class ClientState:
         except FileNotFoundError:
             return None
         except OSError as exc:  # permissions, I/O error: not ours to rename away
-            raise StateError(f"{path}: unreadable ({exc.strerror}); check its permissions") from None
+            raise StateError(
+                f"{path}: unreadable ({exc.strerror}); check its permissions"
+            ) from None
         try:
             obj = json.loads(raw.decode("utf-8"))
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -281,7 +283,9 @@ class ClientState:
         return obj
 
     def _write_json(self, name: str, obj: dict[str, Any], mode: int = 0o644) -> None:
-        atomic_write(self.dir / name, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), mode)
+        atomic_write(
+            self.dir / name, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), mode
+        )
 
     # -- credentials ------------------------------------------------------------------------
 
@@ -331,7 +335,10 @@ class ClientState:
             try:
                 encoder = UpdateEncoder.load(path)
             except Exception as exc:  # noqa: BLE001 - np.load raises EOFError, BadZipFile, ValueError, ...
-                set_aside(path, f"unreadable codec state ({type(exc).__name__}: {exc}); the residual restarts at 0")
+                set_aside(
+                    path,
+                    f"unreadable codec state ({type(exc).__name__}: {exc}); the residual restarts at 0",
+                )
             else:
                 if str(encoder.codec) == codec:
                     return encoder
@@ -357,9 +364,15 @@ class ClientState:
         try:
             if body is None or hashlib.sha256(body).hexdigest() != meta.get("sha256"):
                 raise ValueError("its body is missing or does not match the recorded sha256")
-            return PendingUpdate(str(meta["update_id"]), int(meta["base_version"]), str(meta["task_id"]), body)
+            return PendingUpdate(
+                str(meta["update_id"]), int(meta["base_version"]), str(meta["task_id"]), body
+            )
         except (KeyError, TypeError, ValueError) as exc:
-            why = str(exc) if isinstance(exc, ValueError) else f"bad record ({type(exc).__name__}: {exc})"
+            why = (
+                str(exc)
+                if isinstance(exc, ValueError)
+                else f"bad record ({type(exc).__name__}: {exc})"
+            )
             set_aside(self.dir / "pending.json", f"pending update unusable: {why}")
             if body is not None:
                 set_aside(body_path, "body of an unusable pending update")
@@ -425,7 +438,12 @@ class ClientState:
         crash_point("global_body_saved")
         self._write_json(
             "global.json",
-            {"version": version, "etag": etag, "task_id": task_id, "sha256": hashlib.sha256(body).hexdigest()},
+            {
+                "version": version,
+                "etag": etag,
+                "task_id": task_id,
+                "sha256": hashlib.sha256(body).hexdigest(),
+            },
         )
 
     def set_aside_global(self, why: str) -> None:
@@ -457,9 +475,13 @@ class ClientState:
         if obj is None:
             return None
         try:
-            return RoundMarker(str(obj["task_id"]), int(obj["base_version"]), int(obj["round"]), int(obj["seed"]))
+            return RoundMarker(
+                str(obj["task_id"]), int(obj["base_version"]), int(obj["round"]), int(obj["seed"])
+            )
         except (KeyError, TypeError, ValueError) as exc:
-            set_aside(self.train_dir / "round.json", f"bad round marker ({type(exc).__name__}: {exc})")
+            set_aside(
+                self.train_dir / "round.json", f"bad round marker ({type(exc).__name__}: {exc})"
+            )
             return None
 
     def base_body(self) -> bytes | None:
@@ -490,7 +512,11 @@ class ClientState:
             return Progress()
         try:
             last = obj.get("last_update")
-            return Progress(int(obj.get("rounds", 0)), int(obj.get("last_base", -1)), None if last is None else str(last))
+            return Progress(
+                int(obj.get("rounds", 0)),
+                int(obj.get("last_base", -1)),
+                None if last is None else str(last),
+            )
         except (TypeError, ValueError) as exc:
             set_aside(self.dir / "progress.json", f"bad progress record ({exc})")
             return Progress()
@@ -502,10 +528,17 @@ class ClientState:
         """The global version the last settled update was trained from (-1: none yet)."""
         return self.progress(task_id).last_base
 
-    def set_progress(self, task_id: str, rounds: int, last_base: int, last_update: str | None = None) -> None:
+    def set_progress(
+        self, task_id: str, rounds: int, last_base: int, last_update: str | None = None
+    ) -> None:
         self._write_json(
             "progress.json",
-            {"task_id": task_id, "rounds": rounds, "last_base": last_base, "last_update": last_update},
+            {
+                "task_id": task_id,
+                "rounds": rounds,
+                "last_base": last_base,
+                "last_update": last_update,
+            },
         )
 
     def settle(self, pending: PendingUpdate, counted: bool) -> Progress:

@@ -99,7 +99,11 @@ class RetryConfig:
     before the request fails with "is `fedlm coordinator` running at URL?"."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+        if (
+            isinstance(self.attempts, bool)
+            or not isinstance(self.attempts, int)
+            or self.attempts < 1
+        ):
             raise ValueError(f"`attempts` should be a positive integer, got {self.attempts!r}")
         for name in ("initial_s", "max_s", "timeout_s", "connect_timeout_s", "first_contact_s"):
             value = getattr(self, name)
@@ -191,7 +195,9 @@ def _human(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB"
 
 
-async def _read_capped(resp: aiohttp.ClientResponse, limit: int, what: str, *, truncate: bool) -> bytes:
+async def _read_capped(
+    resp: aiohttp.ClientResponse, limit: int, what: str, *, truncate: bool
+) -> bytes:
     """The body of `resp`, at most `limit` bytes: past it, truncate or raise `ResponseTooLargeError`."""
 
     def too_large(seen: str) -> ResponseTooLargeError:
@@ -246,9 +252,13 @@ class Transport:
         if tls_fingerprint is not None:
             fp = tls_fingerprint.replace(":", "").lower()
             if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
-                raise ValueError(f"`tls_fingerprint` should be 64 hex digits (SHA-256), got {tls_fingerprint!r}")
+                raise ValueError(
+                    f"`tls_fingerprint` should be 64 hex digits (SHA-256), got {tls_fingerprint!r}"
+                )
             if not base_url.startswith("https://"):
-                raise TlsPinError(f"{base_url}: a TLS fingerprint is pinned, but the URL is not https")
+                raise TlsPinError(
+                    f"{base_url}: a TLS fingerprint is pinned, but the URL is not https"
+                )
             tls_fingerprint = fp
         self.base_url = base_url
         self.ledger = ledger
@@ -277,7 +287,10 @@ class Transport:
             # connection (each request opened a new one, up to the coordinator's per-address cap).
             cached = getattr(self, "_fingerprint", None)
             if cached is None or cached[0] != self.tls_fingerprint:
-                cached = (self.tls_fingerprint, aiohttp.Fingerprint(bytes.fromhex(self.tls_fingerprint)))
+                cached = (
+                    self.tls_fingerprint,
+                    aiohttp.Fingerprint(bytes.fromhex(self.tls_fingerprint)),
+                )
                 self._fingerprint = cached
             return cached[1]
         return True  # https without a pin: ordinary CA verification; http: unused
@@ -287,7 +300,10 @@ class Transport:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -331,7 +347,9 @@ class Transport:
         if not self.reached:  # first contact: the coordinator may be starting; not alarming yet
             log.info("no answer yet from %s (%s); trying again in %.1f s", self.base_url, exc, wait)
             return
-        log.warning("coordinator request failed (%s); try %d in %.1f s", exc, state.attempt_number + 1, wait)
+        log.warning(
+            "coordinator request failed (%s); try %d in %.1f s", exc, state.attempt_number + 1, wait
+        )
 
     async def request(
         self,
@@ -391,8 +409,10 @@ class Transport:
                 raise TlsPinError(f"{self.base_url}: certificate refused ({exc})") from None
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 reason = _connect_failure(exc, self.retry.connect_timeout_s)
-                if not self.reached and self._first_try is not None and (
-                    time.monotonic() - self._first_try >= self.retry.first_contact_s
+                if (
+                    not self.reached
+                    and self._first_try is not None
+                    and (time.monotonic() - self._first_try >= self.retry.first_contact_s)
                 ):
                     raise CoordinatorUnreachableError(
                         f"cannot reach {self.base_url} ({reason}): is `fedlm coordinator` "
@@ -404,9 +424,14 @@ class Transport:
                 return Response(status, resp_headers, data)
             code, message = _error_of(status, data)
             if status == 429 or status >= 500:
-                raise _Retryable(f"{method} {url}: HTTP {status} {code}", _retry_after(resp_headers.get("Retry-After")))
+                raise _Retryable(
+                    f"{method} {url}: HTTP {status} {code}",
+                    _retry_after(resp_headers.get("Retry-After")),
+                )
             error_cls = AuthenticationError if status == 401 else RequestRejectedError
-            raise error_cls(f"{method} {path}: HTTP {status} {code}: {message}", status=status, code=code)
+            raise error_cls(
+                f"{method} {path}: HTTP {status} {code}: {message}", status=status, code=code
+            )
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.retry.attempts),
@@ -439,12 +464,18 @@ class Transport:
             obj = json.loads(resp.body)
             result = {k: str(obj[k]) for k in ("client_id", "token", "task_id")}
         except (ValueError, KeyError, TypeError):
-            raise ProtocolError("POST /v1/join: the answer lacks client_id, token or task_id") from None
+            raise ProtocolError(
+                "POST /v1/join: the answer lacks client_id, token or task_id"
+            ) from None
         return result
 
     async def task(self) -> TaskConfig:
         resp = await self.request(
-            "GET", "/v1/task", kind="task", headers={"Accept": CONTENT_TYPE}, max_bytes=TASK_RESPONSE_BYTES
+            "GET",
+            "/v1/task",
+            kind="task",
+            headers={"Accept": CONTENT_TYPE},
+            max_bytes=TASK_RESPONSE_BYTES,
         )
         try:
             if resp.headers.get("Content-Type", "").startswith(CONTENT_TYPE):
@@ -453,7 +484,9 @@ class Transport:
         except (WireError, ValueError) as exc:
             raise ProtocolError(f"GET /v1/task: not a valid task ({exc})") from None
 
-    async def adapter(self, etag: str | None = None, *, max_bytes: int = DEFAULT_LIMITS.max_bytes) -> AdapterResponse:
+    async def adapter(
+        self, etag: str | None = None, *, max_bytes: int = DEFAULT_LIMITS.max_bytes
+    ) -> AdapterResponse:
         """GET /v1/adapter with If-None-Match; a 304 comes back with `body=None`.
 
         `max_bytes`: the most the task's adapter can take (`task_policy.adapter_bytes_cap`);
@@ -461,7 +494,12 @@ class Transport:
         """
         headers = {"If-None-Match": etag} if etag else {}
         resp = await self.request(
-            "GET", "/v1/adapter", kind="adapter", headers=headers, ok=(200, 304), max_bytes=max_bytes
+            "GET",
+            "/v1/adapter",
+            kind="adapter",
+            headers=headers,
+            ok=(200, 304),
+            max_bytes=max_bytes,
         )
         try:
             version = int(resp.headers.get("X-Fedlm-Version", "-1"))
@@ -515,7 +553,9 @@ class Transport:
         return resp.body if resp.status == 200 else None
 
     async def status(self) -> dict[str, Any]:
-        resp = await self.request("GET", "/v1/status", kind="status", max_bytes=STATUS_RESPONSE_BYTES)
+        resp = await self.request(
+            "GET", "/v1/status", kind="status", max_bytes=STATUS_RESPONSE_BYTES
+        )
         try:
             return dict(json.loads(resp.body))
         except (ValueError, TypeError):

@@ -78,16 +78,28 @@ class DemoConfig:
     """--secure: grid bits (ring = bits + ceil(log2 clients): 7 at 4 clients, 4.6x below fp32)."""
 
     def __post_init__(self) -> None:
-        for name in ("clients", "rounds", "local_steps", "batch_size", "seq_len", "rank",
-                     "train_per_client", "eval_per_family", "families_per_client"):
+        for name in (
+            "clients",
+            "rounds",
+            "local_steps",
+            "batch_size",
+            "seq_len",
+            "rank",
+            "train_per_client",
+            "eval_per_family",
+            "families_per_client",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` should be a positive integer, got {value!r}")
         if self.seq_len < 16:
             raise ValueError(f"`seq_len` should be >= 16, got {self.seq_len!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise ValueError(f"`threads` should be a positive integer or None, got {self.threads!r}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ValueError(
+                f"`threads` should be a positive integer or None, got {self.threads!r}"
+            )
         if self.warmup < 0:
             raise ValueError(f"`warmup` should be >= 0, got {self.warmup!r}")
         for name in ("lr", "alpha", "server_lr"):
@@ -103,8 +115,14 @@ class DemoConfig:
         from coordinator.next_version import AggregationConfig
 
         try:  # the coordinator's own checks (robust needs a factor mode, c >= 1, ...)
-            AggregationConfig(mode=self.mode, rank=self.rank, alpha=self.alpha, robust=self.robust,
-                              trim_ratio=self.trim_ratio, clip_multiplier=self.clip_multiplier)
+            AggregationConfig(
+                mode=self.mode,
+                rank=self.rank,
+                alpha=self.alpha,
+                robust=self.robust,
+                trim_ratio=self.trim_ratio,
+                clip_multiplier=self.clip_multiplier,
+            )
         except ValueError as exc:
             raise ValueError(f"aggregation settings: {exc}") from None
         from edge_sdk.wire import parse_codec
@@ -118,9 +136,14 @@ class DemoConfig:
         return self.rounds * self.local_steps
 
     def task_config(self) -> TaskConfig:
-        return TaskConfig(clients=self.clients, families_per_client=self.families_per_client,
-                          train_per_client=self.train_per_client, eval_per_family=self.eval_per_family,
-                          own_fraction=self.own_fraction, seed=self.seed)
+        return TaskConfig(
+            clients=self.clients,
+            families_per_client=self.families_per_client,
+            train_per_client=self.train_per_client,
+            eval_per_family=self.eval_per_family,
+            own_fraction=self.own_fraction,
+            seed=self.seed,
+        )
 
     def replace(self, **changes: object) -> DemoConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -56,9 +56,13 @@ class EvalScores:
     """Wall time of this evaluation."""
 
     def as_dict(self) -> dict[str, object]:
-        return {"eval_loss": self.eval_loss, "exact_match": self.exact_match,
-                "per_family": dict(self.per_family), "method": self.method,
-                "seconds": round(self.seconds, 3)}
+        return {
+            "eval_loss": self.eval_loss,
+            "exact_match": self.exact_match,
+            "per_family": dict(self.per_family),
+            "method": self.method,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 @dataclass
@@ -156,8 +160,13 @@ class TeacherForcedEvaluator:
             set_lora_enabled(self.model, True)
             self.model.train(was_training)
         em, per_family = _tally(correct, self.examples)
-        return EvalScores(eval_loss=total / max(count, 1), exact_match=em, per_family=per_family,
-                          method="teacher-forced", seconds=time.perf_counter() - t0)
+        return EvalScores(
+            eval_loss=total / max(count, 1),
+            exact_match=em,
+            per_family=per_family,
+            method="teacher-forced",
+            seconds=time.perf_counter() - t0,
+        )
 
 
 def _tally(correct: np.ndarray, examples: Sequence[Example]) -> tuple[float, dict[str, float]]:
@@ -184,7 +193,9 @@ class GreedyEvaluator:
         self.examples = list(examples)
         self.runtime = EdgeModel(Path(model_path), n_ctx=512, n_threads=n_threads)
         # The longest answer plus a margin: a wrong answer is cut off, not waited for.
-        self.max_tokens = max(len(self.runtime.tokenize(e.answer, add_bos=False)) for e in self.examples) + 4
+        self.max_tokens = (
+            max(len(self.runtime.tokenize(e.answer, add_bos=False)) for e in self.examples) + 4
+        )
 
     def predictions(self, adapter_gguf: str | os.PathLike[str] | None) -> list[str]:
         """Greedy answers to every held-out prompt, `adapter_gguf` served (None: the base)."""
@@ -193,15 +204,26 @@ class GreedyEvaluator:
         else:
             self.runtime.load_adapter(adapter_gguf, wait=60.0)
         return [
-            normalize(str(self.runtime.chat(ex.messages(with_answer=False), max_tokens=self.max_tokens, stop=_STOP)))
+            normalize(
+                str(
+                    self.runtime.chat(
+                        ex.messages(with_answer=False), max_tokens=self.max_tokens, stop=_STOP
+                    )
+                )
+            )
             for ex in self.examples
         ]
 
     def score(self, adapter_gguf: str | os.PathLike[str] | None) -> EvalScores:
         t0 = time.perf_counter()
         em, per_family = score(self.predictions(adapter_gguf), self.examples)
-        return EvalScores(eval_loss=None, exact_match=em, per_family=per_family,
-                          method="greedy-llama.cpp", seconds=time.perf_counter() - t0)
+        return EvalScores(
+            eval_loss=None,
+            exact_match=em,
+            per_family=per_family,
+            method="greedy-llama.cpp",
+            seconds=time.perf_counter() - t0,
+        )
 
     def close(self) -> None:
         self.runtime.close()

@@ -42,7 +42,9 @@ class _ClientRow:
 class DemoView:
     """Progress callback (`view(event, fields)`) and rich renderable of a demo run."""
 
-    def __init__(self, clients: int, rounds: int, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, clients: int, rounds: int, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.rounds = rounds
         self.rows = [_ClientRow() for _ in range(clients)]
         self.done: list[str] = []
@@ -61,7 +63,10 @@ class DemoView:
         if event == "phase":
             self.done.append(str(fields["name"]))
         elif event == "score":
-            self.scores[str(fields["arm"])] = (float(fields["eval_loss"]), float(fields["exact_match"]))
+            self.scores[str(fields["arm"])] = (
+                float(fields["eval_loss"]),
+                float(fields["exact_match"]),
+            )
         elif event == "local":
             self._row(int(fields["client"])).local_exact_match = float(fields["exact_match"])
         elif event == "version":
@@ -83,8 +88,13 @@ class DemoView:
         elapsed = self._clock() - self._start
         phase = self.phase
         title = f"fedlm demo · {_PHASE_TITLES.get(phase, phase)} · {elapsed:.0f} s · global version {self.version}/{self.rounds}"
-        table = Table(title=title, title_justify="left", expand=False,
-                      caption="a client's exact match is its local-only baseline's", caption_justify="left")
+        table = Table(
+            title=title,
+            title_justify="left",
+            expand=False,
+            caption="a client's exact match is its local-only baseline's",
+            caption_justify="left",
+        )
         table.add_column("client / arm")
         table.add_column("exact match", justify="right")
         table.add_column("updates sent", justify="right")

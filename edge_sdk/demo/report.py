@@ -107,7 +107,8 @@ def build_report(
         "bytes": {"per_client": per_client, "sent": sent, "fp32_equivalent": full, "ratio": ratio},
         "rounds": len(versions),
         "global_versions": [
-            {"version": v, "eval_loss": s.eval_loss, "exact_match": s.exact_match} for v, s in versions
+            {"version": v, "eval_loss": s.eval_loss, "exact_match": s.exact_match}
+            for v, s in versions
         ],
         "wall_time_s": {k: round(float(v), 2) for k, v in wall_time_s.items()},
         "targets": targets,
@@ -146,7 +147,9 @@ def plot_curve(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     losses = [v["eval_loss"] for v in report["global_versions"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     try:
-        ax.plot([0] + versions, [report["base"]["eval_loss"]] + losses, marker="o", label="federated")
+        ax.plot(
+            [0] + versions, [report["base"]["eval_loss"]] + losses, marker="o", label="federated"
+        )
         for name, style in (("base", ":"), ("centralized", "--")):
             if report[name]["eval_loss"] is not None:
                 ax.axhline(report[name]["eval_loss"], linestyle=style, color="gray", label=name)
@@ -184,16 +187,33 @@ def render(report: Mapping[str, Any], console: Any | None = None) -> None:
 
     con = console or Console()
     table = Table(title=f"fedlm demo - held-out evaluation ({report['model']})")
-    for col, justify in (("model", "left"), ("families", "left"), ("eval loss", "right"),
-                         ("exact match", "right"), ("greedy (llama.cpp)", "right")):
+    for col, justify in (
+        ("model", "left"),
+        ("families", "left"),
+        ("eval loss", "right"),
+        ("exact match", "right"),
+        ("greedy (llama.cpp)", "right"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     rows: list[tuple[str, str, Mapping[str, Any]]] = [("base", "-", report["base"])]
-    rows += [(f"local-only client {c['client']}", ",".join(c["families"]), c) for c in report["local_only"]]
-    rows += [("federated", "all", report["federated"]), ("centralized (pooled)", "all", report["centralized"])]
+    rows += [
+        (f"local-only client {c['client']}", ",".join(c["families"]), c)
+        for c in report["local_only"]
+    ]
+    rows += [
+        ("federated", "all", report["federated"]),
+        ("centralized (pooled)", "all", report["centralized"]),
+    ]
     for name, fams, s in rows:
         style = "bold green" if name == "federated" else None
-        table.add_row(name, fams, _num(s["eval_loss"]), _pct(s["exact_match"]),
-                      _pct(s.get("greedy_exact_match")), style=style)
+        table.add_row(
+            name,
+            fams,
+            _num(s["eval_loss"]),
+            _pct(s["exact_match"]),
+            _pct(s.get("greedy_exact_match")),
+            style=style,
+        )
     con.print(table)
 
     b = report["bytes"]
@@ -201,8 +221,19 @@ def render(report: Mapping[str, Any], console: Any | None = None) -> None:
     for col in ("client", "sent", "fp32 equivalent", "ratio"):
         bt.add_column(col, justify="right")
     for row in b["per_client"]:
-        bt.add_row(str(row["client"]), f"{row['sent']:,}", f"{row['fp32_equivalent']:,}", _num(row["ratio"], ".1f") + "x")
-    bt.add_row("all", f"{b['sent']:,}", f"{b['fp32_equivalent']:,}", _num(b["ratio"], ".1f") + "x", style="bold")
+        bt.add_row(
+            str(row["client"]),
+            f"{row['sent']:,}",
+            f"{row['fp32_equivalent']:,}",
+            _num(row["ratio"], ".1f") + "x",
+        )
+    bt.add_row(
+        "all",
+        f"{b['sent']:,}",
+        f"{b['fp32_equivalent']:,}",
+        _num(b["ratio"], ".1f") + "x",
+        style="bold",
+    )
     con.print(bt)
 
     t = report["targets"]
@@ -210,13 +241,19 @@ def render(report: Mapping[str, Any], console: Any | None = None) -> None:
     def mark(ok: bool) -> str:
         return "[green]met[/green]" if ok else "[red]missed[/red]"
 
-    con.print(f"gap closed (exact match): {_pct(t['gap_closed'])} (target >= {_pct(t['gap_closed_target'])}) "
-              f"{mark(t['gap_closed_met'])}")
+    con.print(
+        f"gap closed (exact match): {_pct(t['gap_closed'])} (target >= {_pct(t['gap_closed_target'])}) "
+        f"{mark(t['gap_closed_met'])}"
+    )
     con.print(f"beats every local-only client: {mark(t['beats_every_local_only'])}")
-    con.print(f"bytes vs fp32: {_num(t['bytes_ratio'], '.1f')}x (target >= {t['bytes_ratio_target']:g}x) "
-              f"{mark(t['bytes_ratio_met'])}")
-    con.print(f"rounds: {report['rounds']}, wall time {t['wall_time_s']:.0f} s "
-              f"(budget {t['wall_time_budget_s']:.0f} s) {mark(t['wall_time_met'])}")
+    con.print(
+        f"bytes vs fp32: {_num(t['bytes_ratio'], '.1f')}x (target >= {t['bytes_ratio_target']:g}x) "
+        f"{mark(t['bytes_ratio_met'])}"
+    )
+    con.print(
+        f"rounds: {report['rounds']}, wall time {t['wall_time_s']:.0f} s "
+        f"(budget {t['wall_time_budget_s']:.0f} s) {mark(t['wall_time_met'])}"
+    )
     chat = report.get("chat")
     if chat:
         con.rule("one chat exchange through llama.cpp")
@@ -228,8 +265,12 @@ def render(report: Mapping[str, Any], console: Any | None = None) -> None:
         con.print("files: " + ", ".join(f"{k}={v}" for k, v in arts.items()))
 
 
-def chat_exchange(model_path: str | os.PathLike[str], adapter_gguf: str | os.PathLike[str],
-                  messages: Sequence[Mapping[str, str]], max_tokens: int = 32) -> dict[str, str]:
+def chat_exchange(
+    model_path: str | os.PathLike[str],
+    adapter_gguf: str | os.PathLike[str],
+    messages: Sequence[Mapping[str, str]],
+    max_tokens: int = 32,
+) -> dict[str, str]:
     """The base model's answer and the hot-swapped federated adapter's, to the same messages."""
     from edge_sdk.runtime import EdgeModel
 

@@ -57,13 +57,20 @@ logger = logging.getLogger(__name__)
 FULL_BUDGET_S = 600.0
 QUICK_BUDGET_S = 180.0
 
+
 class Federation(Protocol):
     """Where the federated adapter comes from (in-process simulation or real processes)."""
 
     name: str
 
-    def run(self, model: Any, datasets: Sequence[Any], client_paths: Sequence[Path], config: DemoConfig,
-            on_version: Callable[[int, dict[str, np.ndarray]], None]) -> FederationRecord:
+    def run(
+        self,
+        model: Any,
+        datasets: Sequence[Any],
+        client_paths: Sequence[Path],
+        config: DemoConfig,
+        on_version: Callable[[int, dict[str, np.ndarray]], None],
+    ) -> FederationRecord:
         """Federate; call `on_version(v, adapter)` for every published global version v >= 1."""
 
 
@@ -75,9 +82,17 @@ class InProcessFederation:
     progress: Progress | None = None
     """Receives a "federation" event after each client update."""
 
-    def run(self, model: Any, datasets: Sequence[Any], client_paths: Sequence[Path], config: DemoConfig,
-            on_version: Callable[[int, dict[str, np.ndarray]], None]) -> FederationRecord:
-        return simulate_federation(model, datasets, config, on_version=on_version, progress=self.progress)
+    def run(
+        self,
+        model: Any,
+        datasets: Sequence[Any],
+        client_paths: Sequence[Path],
+        config: DemoConfig,
+        on_version: Callable[[int, dict[str, np.ndarray]], None],
+    ) -> FederationRecord:
+        return simulate_federation(
+            model, datasets, config, on_version=on_version, progress=self.progress
+        )
 
 
 def _user_data(data_dir: Path, out: Path) -> tuple[list[Path], list[Example], list[list[str]]]:
@@ -164,8 +179,15 @@ def run_demo(
         local.append(evaluator.score(run.adapter))
         note("local", client=c, exact_match=local[-1].exact_match)
     lap("local_only")
-    central_run = train_run(model, pooled, config, init, steps, seed=config.seed * 1000 + 99,
-                            batch_size=config.batch_size * config.clients)
+    central_run = train_run(
+        model,
+        pooled,
+        config,
+        init,
+        steps,
+        seed=config.seed * 1000 + 99,
+        batch_size=config.batch_size * config.clients,
+    )
     central = evaluator.score(central_run.adapter)
     note("score", arm="centralized", eval_loss=central.eval_loss, exact_match=central.exact_match)
     lap("centralized")
@@ -174,8 +196,12 @@ def run_demo(
 
     def on_version(version: int, adapter: dict[str, np.ndarray]) -> None:
         curve.append((version, evaluator.score(adapter)))
-        note("version", version=version, eval_loss=curve[-1][1].eval_loss,
-             exact_match=curve[-1][1].exact_match)
+        note(
+            "version",
+            version=version,
+            eval_loss=curve[-1][1].eval_loss,
+            exact_match=curve[-1][1].exact_match,
+        )
 
     fed = federation.run(model, datasets, client_paths, config, on_version)
     if not curve:
@@ -185,11 +211,20 @@ def run_demo(
 
     info = BaseModelInfo.from_gguf(model_path)
     adapter_dir = out / "adapter"
-    paths = export_adapter(adapter_dir, final, rank=config.rank, alpha=config.alpha, base=info,
-                           base_model_name=config.model, n_layer=model.config.n_layer)
+    paths = export_adapter(
+        adapter_dir,
+        final,
+        rank=config.rank,
+        alpha=config.alpha,
+        base=info,
+        base_model_name=config.model,
+        n_layer=model.config.n_layer,
+    )
     greedy: dict[str, EvalScores] = {}
     if config.greedy_eval:
-        central_gguf = write_gguf_lora(out / "centralized.gguf", central_run.adapter, alpha=config.alpha, base=info)
+        central_gguf = write_gguf_lora(
+            out / "centralized.gguf", central_run.adapter, alpha=config.alpha, base=info
+        )
         with GreedyEvaluator(model_path, held_out) as g:
             greedy["base"] = g.score(None)
             greedy["federated"] = g.score(paths.gguf_path)
@@ -204,17 +239,30 @@ def run_demo(
     cpu_total = time.process_time() - cpu_start
 
     report = build_report(
-        model=config.model, config=dataclasses.asdict(config) | {"federation": federation.name},
-        base=base, local_only=local, client_families=families, federated=curve[-1][1],
-        centralized=central, bytes_sent=fed.bytes_sent, fp32_bytes=fed.fp32_bytes,
-        versions=curve, wall_time_s=timings, wall_budget_s=budget_s, greedy=greedy,
+        model=config.model,
+        config=dataclasses.asdict(config) | {"federation": federation.name},
+        base=base,
+        local_only=local,
+        client_families=families,
+        federated=curve[-1][1],
+        centralized=central,
+        bytes_sent=fed.bytes_sent,
+        fp32_bytes=fed.fp32_bytes,
+        versions=curve,
+        wall_time_s=timings,
+        wall_budget_s=budget_s,
+        greedy=greedy,
     )
     report["chat"] = chat
     # CPU seconds let a run on a busy machine be projected to an idle one (wall ~ cpu / threads).
     report["cpu_time_s"] = round(cpu_total, 1)
     plot = plot_curve(report, out / PLOT_NAME)
-    report["artifacts"] = {"report": str(out / "report.json"), "plot": str(plot),
-                           "peft_dir": str(paths.peft_dir), "gguf": str(paths.gguf_path)}
+    report["artifacts"] = {
+        "report": str(out / "report.json"),
+        "plot": str(plot),
+        "peft_dir": str(paths.peft_dir),
+        "gguf": str(paths.gguf_path),
+    }
     write_report(report, out)
     return report
 

@@ -43,24 +43,39 @@ logger = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 
 
-def train_config(config: DemoConfig, steps: int, *, batch_size: int | None = None, seed: int = 0) -> TrainConfig:
+def train_config(
+    config: DemoConfig, steps: int, *, batch_size: int | None = None, seed: int = 0
+) -> TrainConfig:
     """The trainer's config for one run of the demo."""
     from edge_sdk.training.trainer import TrainConfig
 
     return TrainConfig(
-        steps=steps, rank=config.rank, alpha=config.alpha, seq_len=config.seq_len,
-        batch_size=batch_size or config.batch_size, lr=config.lr, warmup=min(config.warmup, steps),
-        seed=seed, val_fraction=0.0, checkpoint_every=0, freeze_a=config.mode == "frozen-a",
+        steps=steps,
+        rank=config.rank,
+        alpha=config.alpha,
+        seq_len=config.seq_len,
+        batch_size=batch_size or config.batch_size,
+        lr=config.lr,
+        warmup=min(config.warmup, steps),
+        seed=seed,
+        val_fraction=0.0,
+        checkpoint_every=0,
+        freeze_a=config.mode == "frozen-a",
         precision=config.precision,
     )
 
 
-def load_dataset(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], tokenizer: Tokenizer,
-                 config: DemoConfig) -> Dataset:
+def load_dataset(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    tokenizer: Tokenizer,
+    config: DemoConfig,
+) -> Dataset:
     """Packed training sequences of `paths` (no validation split: the demo has its own eval set)."""
     from edge_sdk.training.data import DataConfig, build_dataset
 
-    return build_dataset(paths, tokenizer, DataConfig(seq_len=config.seq_len, val_fraction=0.0, seed=config.seed))
+    return build_dataset(
+        paths, tokenizer, DataConfig(seq_len=config.seq_len, val_fraction=0.0, seed=config.seed)
+    )
 
 
 def reorder(dataset: Dataset, seed: int) -> Dataset:
@@ -71,9 +86,16 @@ def reorder(dataset: Dataset, seed: int) -> Dataset:
 def aggregation_config(config: DemoConfig) -> AggregationConfig:
     from coordinator.next_version import AggregationConfig
 
-    return AggregationConfig(mode=config.mode, rank=config.rank, alpha=config.alpha,
-                             a_seed=config.seed, server_lr=config.server_lr, robust=config.robust,
-                             trim_ratio=config.trim_ratio, clip_multiplier=config.clip_multiplier)
+    return AggregationConfig(
+        mode=config.mode,
+        rank=config.rank,
+        alpha=config.alpha,
+        a_seed=config.seed,
+        server_lr=config.server_lr,
+        robust=config.robust,
+        trim_ratio=config.trim_ratio,
+        clip_multiplier=config.clip_multiplier,
+    )
 
 
 def initial_global(model: torch.nn.Module, config: DemoConfig) -> Tensors:
@@ -100,16 +122,29 @@ class RunRecord:
     train_loss: float
 
 
-def train_run(model: torch.nn.Module, dataset: Dataset, config: DemoConfig, init: Mapping[str, np.ndarray],
-              steps: int, *, seed: int, batch_size: int | None = None) -> RunRecord:
+def train_run(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    config: DemoConfig,
+    init: Mapping[str, np.ndarray],
+    steps: int,
+    *,
+    seed: int,
+    batch_size: int | None = None,
+) -> RunRecord:
     """`steps` optimizer steps from `init` on `dataset` (seeded order)."""
     from edge_sdk.training.trainer import fit
 
     cfg = train_config(config, steps, batch_size=batch_size, seed=seed)
     result = fit(model, reorder(dataset, seed), cfg, init_adapter=init)
     m = result.metrics
-    logger.info("trained %d steps in %.1f s (%.0f tokens/s), loss %.3f", m.steps, m.seconds,
-                m.tokens_per_s, m.train_loss)
+    logger.info(
+        "trained %d steps in %.1f s (%.0f tokens/s), loss %.3f",
+        m.steps,
+        m.seconds,
+        m.tokens_per_s,
+        m.train_loss,
+    )
     return RunRecord(result.adapter, m.steps, m.num_tokens, m.seconds, m.train_loss)
 
 
@@ -137,7 +172,10 @@ class FederationRecord:
 
 
 def simulate_federation(
-    model: torch.nn.Module, datasets: Sequence[Dataset], config: DemoConfig, *,
+    model: torch.nn.Module,
+    datasets: Sequence[Dataset],
+    config: DemoConfig,
+    *,
     on_version: Callable[[int, Tensors], None] | None = None,
     progress: Progress | None = None,
 ) -> FederationRecord:
@@ -166,16 +204,26 @@ def simulate_federation(
         contributions = []
         round_loss = []
         for c, ds in enumerate(datasets):
-            run = train_run(model, ds, config, current, config.local_steps,
-                            seed=config.seed * 1000 + rnd * 31 + c + 1)
+            run = train_run(
+                model,
+                ds,
+                config,
+                current,
+                config.local_steps,
+                seed=config.seed * 1000 + rnd * 31 + c + 1,
+            )
             tokens += run.tokens
             round_loss.append(run.train_loss)
             keys = update_keys(config, run.adapter)
             payload = {k: run.adapter[k] for k in keys}
             msg = AdapterUpdate.build(
-                client_id=f"client-{c}", base_version=rnd, model_sha256="0" * 64,
-                lora=LoraSpec(config.rank, config.alpha, targets), tensors=payload,
-                num_examples=ds.stats.train_examples, encoder=encoders[c],
+                client_id=f"client-{c}",
+                base_version=rnd,
+                model_sha256="0" * 64,
+                lora=LoraSpec(config.rank, config.alpha, targets),
+                tensors=payload,
+                num_examples=ds.stats.train_examples,
+                encoder=encoders[c],
                 reference={k: current[k] for k in keys},
             )
             body = msg.to_bytes()
@@ -191,9 +239,15 @@ def simulate_federation(
             decoded = AdapterUpdate.from_bytes(body).dense_tensors({k: current[k] for k in keys})
             full = dict(current)
             full.update(decoded)
-            contributions.append(Contribution(update_id=msg.update_id, tensors=full,
-                                              weight=float(ds.stats.train_examples), base_version=rnd,
-                                              scale=config.alpha / config.rank))
+            contributions.append(
+                Contribution(
+                    update_id=msg.update_id,
+                    tensors=full,
+                    weight=float(ds.stats.train_examples),
+                    base_version=rnd,
+                    scale=config.alpha / config.rank,
+                )
+            )
         t_agg = time.perf_counter()
         outcome = aggregate(agg, shapes, current, contributions, lambda v: versions[v], state)
         aggregation_s += time.perf_counter() - t_agg
@@ -205,11 +259,22 @@ def simulate_federation(
         current = outcome.tensors
         versions.append(current)
         losses.append(round_loss)
-        logger.info("round %d: client losses %s", rnd + 1, ", ".join(f"{x:.3f}" for x in round_loss))
+        logger.info(
+            "round %d: client losses %s", rnd + 1, ", ".join(f"{x:.3f}" for x in round_loss)
+        )
         if on_version is not None:
             on_version(rnd + 1, current)
-    return FederationRecord(versions, sent, fp32, losses, tokens, time.perf_counter() - t0,
-                            aggregation_s, clipped, norm_ratio_max)
+    return FederationRecord(
+        versions,
+        sent,
+        fp32,
+        losses,
+        tokens,
+        time.perf_counter() - t0,
+        aggregation_s,
+        clipped,
+        norm_ratio_max,
+    )
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -218,8 +283,14 @@ def simulate_federation(
 ARMS = ("base", "local", "federated", "centralized")
 
 
-def experiment(config: DemoConfig, work_dir: Path, *, arms: Sequence[str] = ARMS,
-               clients: Sequence[int] | None = None, curve_every: int = 1) -> dict[str, object]:
+def experiment(
+    config: DemoConfig,
+    work_dir: Path,
+    *,
+    arms: Sequence[str] = ARMS,
+    clients: Sequence[int] | None = None,
+    curve_every: int = 1,
+) -> dict[str, object]:
     """Selected arms in-process (base, local-only per client, federated, centralized), scored
     teacher-forced; arms can run in separate processes and be merged (they share seeds)."""
     import torch
@@ -237,24 +308,33 @@ def experiment(config: DemoConfig, work_dir: Path, *, arms: Sequence[str] = ARMS
     datasets = [load_dataset(p, tokenizer, config) for p in client_paths]
     t0 = time.perf_counter()
     model = load_for_training(model_path, train_config(config, 1))
-    out: dict[str, object] = {"config": dataclasses.asdict(config), "load_s": round(time.perf_counter() - t0, 1),
-                              "threads": torch.get_num_threads()}
+    out: dict[str, object] = {
+        "config": dataclasses.asdict(config),
+        "load_s": round(time.perf_counter() - t0, 1),
+        "threads": torch.get_num_threads(),
+    }
     evaluator = TeacherForcedEvaluator(model, tokenizer, data.eval)
     init = initial_global(model, config)
     train_s, train_cpu, train_tokens = 0.0, 0.0, 0
 
     def rec(s: EvalScores) -> dict[str, object]:
-        return {"loss": round(s.eval_loss or float("nan"), 4), "em": round(s.exact_match, 4),
-                "fam": {k: round(v, 2) for k, v in s.per_family.items()}, "eval_s": round(s.seconds, 1)}
+        return {
+            "loss": round(s.eval_loss or float("nan"), 4),
+            "em": round(s.exact_match, 4),
+            "fam": {k: round(v, 2) for k, v in s.per_family.items()},
+            "eval_s": round(s.seconds, 1),
+        }
 
     if "base" in arms:
         out["base"] = rec(evaluator.score(None))
     steps = config.total_local_steps
     if "local" in arms:
         local = {}
-        for c in (clients if clients is not None else range(config.clients)):
+        for c in clients if clients is not None else range(config.clients):
             cpu0 = time.process_time()
-            run = train_run(model, datasets[c], config, init, steps, seed=config.seed * 1000 + 7 + c)
+            run = train_run(
+                model, datasets[c], config, init, steps, seed=config.seed * 1000 + 7 + c
+            )
             train_cpu += time.process_time() - cpu0
             train_s += run.seconds
             train_tokens += run.tokens
@@ -263,6 +343,7 @@ def experiment(config: DemoConfig, work_dir: Path, *, arms: Sequence[str] = ARMS
     if "federated" in arms:
         curve: list[dict[str, object]] = []
         cpu0 = time.process_time()
+
         def on_version(v: int, tensors: Tensors) -> None:
             if curve_every and (v % curve_every == 0 or v == config.rounds) or v == config.rounds:
                 curve.append({"version": v} | rec(evaluator.score(tensors)))
@@ -271,10 +352,12 @@ def experiment(config: DemoConfig, work_dir: Path, *, arms: Sequence[str] = ARMS
         train_cpu += time.process_time() - cpu0
         train_s += fed.seconds
         train_tokens += fed.tokens
-        out["federated"] = curve[-1] | {"train_s": round(fed.seconds, 1),
-                                        "aggregation_s": round(fed.aggregation_s, 2),
-                                        "clipped": fed.clipped,
-                                        "norm_ratio_max": round(fed.norm_ratio_max, 3)}
+        out["federated"] = curve[-1] | {
+            "train_s": round(fed.seconds, 1),
+            "aggregation_s": round(fed.aggregation_s, 2),
+            "clipped": fed.clipped,
+            "norm_ratio_max": round(fed.norm_ratio_max, 3),
+        }
         out["curve"] = [{k: c[k] for k in ("version", "loss", "em")} for c in curve]
         out["bytes_ratio"] = round(sum(fed.fp32_bytes) / max(1, sum(fed.bytes_sent)), 2)
         out["bytes_sent"] = fed.bytes_sent
@@ -282,8 +365,15 @@ def experiment(config: DemoConfig, work_dir: Path, *, arms: Sequence[str] = ARMS
         # The federation's total compute on pooled data (same steps, clients x batch).
         pooled = load_dataset(client_paths, tokenizer, config)
         cpu0 = time.process_time()
-        cen = train_run(model, pooled, config, init, steps, seed=config.seed * 1000 + 99,
-                        batch_size=config.batch_size * config.clients)
+        cen = train_run(
+            model,
+            pooled,
+            config,
+            init,
+            steps,
+            seed=config.seed * 1000 + 99,
+            batch_size=config.batch_size * config.clients,
+        )
         train_cpu += time.process_time() - cpu0
         train_s += cen.seconds
         train_tokens += cen.tokens
@@ -310,9 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - an exp
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
+    parser.add_argument(
+        "--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS)
+    )
     parser.add_argument("--clients", default="", help="local-only clients to run (default: all)")
-    parser.add_argument("--curve-every", type=int, default=1, help="score every Nth version (0: the last)")
+    parser.add_argument(
+        "--curve-every", type=int, default=1, help="score every Nth version (0: the last)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args(argv)
@@ -325,9 +419,17 @@ def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - an exp
     changes = dict(item.split("=", 1) for item in args.set)
     config = config.replace(**{k: _parse_value(v) for k, v in changes.items()})
     with tempfile.TemporaryDirectory(prefix="fedlm-sim-") as tmp:
-        print(json.dumps(experiment(config, Path(tmp), arms=args.arms.split(","),
-                                    clients=[int(c) for c in args.clients.split(",")] if args.clients else None,
-                                    curve_every=args.curve_every)))
+        print(
+            json.dumps(
+                experiment(
+                    config,
+                    Path(tmp),
+                    arms=args.arms.split(","),
+                    clients=[int(c) for c in args.clients.split(",")] if args.clients else None,
+                    curve_every=args.curve_every,
+                )
+            )
+        )
     return 0
 
 

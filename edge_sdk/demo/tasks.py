@@ -33,9 +33,110 @@ logger = logging.getLogger(__name__)
 SYSTEM_PROMPT = "Apply the rule."
 """System message of every built-in example (and of the demo's chat exchange)."""
 
-_WORDS = ["cat", "dog", "owl", "fox", "bee", "elk", "ant", "cow", "hen", "yak", "ram", "emu", "bat", "eel", "pig", "rat", "red", "blue", "green", "gold", "pink", "gray", "lime", "teal", "navy", "rose", "sun", "moon", "star", "rain", "snow", "wind", "fire", "ice", "rock", "sand", "tree", "leaf", "lake", "hill", "road", "ship"]
-_FIRST = ["Ada", "Alan", "Grace", "Linus", "Marie", "Isaac", "Nikola", "Rosa", "Carl", "Emmy", "Niels", "Katherine", "John", "Barbara", "Edsger", "Donald", "Frances", "Tim", "Hedy", "Claude", "Dennis", "Ken", "Margaret", "Sophie", "Lise", "Alice", "Kurt", "Paul"]
-_LAST = ["Lovelace", "Turing", "Hopper", "Torvalds", "Curie", "Newton", "Tesla", "Parks", "Gauss", "Noether", "Bohr", "Johnson", "Backus", "Liskov", "Dijkstra", "Knuth", "Allen", "Lee", "Lamarr", "Shannon", "Ritchie", "Thompson", "Hamilton", "Germain", "Meitner", "Smith", "Godel", "Dirac"]
+_WORDS = [
+    "cat",
+    "dog",
+    "owl",
+    "fox",
+    "bee",
+    "elk",
+    "ant",
+    "cow",
+    "hen",
+    "yak",
+    "ram",
+    "emu",
+    "bat",
+    "eel",
+    "pig",
+    "rat",
+    "red",
+    "blue",
+    "green",
+    "gold",
+    "pink",
+    "gray",
+    "lime",
+    "teal",
+    "navy",
+    "rose",
+    "sun",
+    "moon",
+    "star",
+    "rain",
+    "snow",
+    "wind",
+    "fire",
+    "ice",
+    "rock",
+    "sand",
+    "tree",
+    "leaf",
+    "lake",
+    "hill",
+    "road",
+    "ship",
+]
+_FIRST = [
+    "Ada",
+    "Alan",
+    "Grace",
+    "Linus",
+    "Marie",
+    "Isaac",
+    "Nikola",
+    "Rosa",
+    "Carl",
+    "Emmy",
+    "Niels",
+    "Katherine",
+    "John",
+    "Barbara",
+    "Edsger",
+    "Donald",
+    "Frances",
+    "Tim",
+    "Hedy",
+    "Claude",
+    "Dennis",
+    "Ken",
+    "Margaret",
+    "Sophie",
+    "Lise",
+    "Alice",
+    "Kurt",
+    "Paul",
+]
+_LAST = [
+    "Lovelace",
+    "Turing",
+    "Hopper",
+    "Torvalds",
+    "Curie",
+    "Newton",
+    "Tesla",
+    "Parks",
+    "Gauss",
+    "Noether",
+    "Bohr",
+    "Johnson",
+    "Backus",
+    "Liskov",
+    "Dijkstra",
+    "Knuth",
+    "Allen",
+    "Lee",
+    "Lamarr",
+    "Shannon",
+    "Ritchie",
+    "Thompson",
+    "Hamilton",
+    "Germain",
+    "Meitner",
+    "Smith",
+    "Godel",
+    "Dirac",
+]
 
 
 def _date(rng: random.Random) -> tuple[str, str]:
@@ -131,7 +232,9 @@ class TaskConfig:
         if not 0.0 < self.own_fraction <= 1.0:
             raise ValueError(f"`own_fraction` should be in (0, 1], got {self.own_fraction!r}")
         if self.num_families == self.families_per_client and self.own_fraction < 1.0:
-            raise ValueError("`own_fraction` < 1 needs families owned by other clients (clients >= 2)")
+            raise ValueError(
+                "`own_fraction` < 1 needs families owned by other clients (clients >= 2)"
+            )
 
     @property
     def num_families(self) -> int:
@@ -202,7 +305,11 @@ def generate(config: TaskConfig) -> TaskData:
     for c in range(config.clients):
         own = config.owned(c)
         others = [f.name for f in families if f.name not in own]
-        n_own = round(config.train_per_client * config.own_fraction) if others else config.train_per_client
+        n_own = (
+            round(config.train_per_client * config.own_fraction)
+            if others
+            else config.train_per_client
+        )
         names = [own[i % len(own)] for i in range(n_own)]
         names += [others[i % len(others)] for i in range(config.train_per_client - n_own)]
         rng.shuffle(names)
@@ -275,7 +382,9 @@ def exact_match(prediction: str, answer: str) -> bool:
     return normalize(prediction) == normalize(answer)
 
 
-def score(predictions: Sequence[str], examples: Sequence[Example]) -> tuple[float, dict[str, float]]:
+def score(
+    predictions: Sequence[str], examples: Sequence[Example]
+) -> tuple[float, dict[str, float]]:
     """(overall exact match, per-family exact match) of `predictions` against `examples`."""
     if len(predictions) != len(examples):
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")

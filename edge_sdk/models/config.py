@@ -85,31 +85,57 @@ class ModelConfig:
                 f"architecture {self.arch!r} is not supported for training; "
                 f"supported: {', '.join(SUPPORTED_ARCHS)}"
             )
-        for name in ("n_layer", "n_head", "n_kv_head", "head_dim", "d_model", "d_ff", "vocab_size",
-                     "context_length"):
+        for name in (
+            "n_layer",
+            "n_head",
+            "n_kv_head",
+            "head_dim",
+            "d_model",
+            "d_ff",
+            "vocab_size",
+            "context_length",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` should be a positive integer, got {value!r}")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"`n_head` ({self.n_head}) should be a multiple of `n_kv_head` ({self.n_kv_head})")
+            raise ValueError(
+                f"`n_head` ({self.n_head}) should be a multiple of `n_kv_head` ({self.n_kv_head})"
+            )
         if self.head_dim % 2:
             raise ValueError(f"`head_dim` should be even for RoPE, got {self.head_dim}")
-        if self.rope_dim is not None and (self.rope_dim <= 0 or self.rope_dim > self.head_dim or self.rope_dim % 2):
-            raise ValueError(f"`rope_dim` should be an even integer in (0, head_dim], got {self.rope_dim}")
+        if self.rope_dim is not None and (
+            self.rope_dim <= 0 or self.rope_dim > self.head_dim or self.rope_dim % 2
+        ):
+            raise ValueError(
+                f"`rope_dim` should be an even integer in (0, head_dim], got {self.rope_dim}"
+            )
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"`activation` should be one of {_ACTIVATIONS}, got {self.activation!r}")
+            raise ValueError(
+                f"`activation` should be one of {_ACTIVATIONS}, got {self.activation!r}"
+            )
         if self.norm_eps <= 0:
             raise ValueError(f"`norm_eps` should be positive, got {self.norm_eps}")
         if self.rope_base <= 0 or self.rope_scale <= 0:
-            raise ValueError(f"`rope_base`/`rope_scale` should be positive, got {self.rope_base}/{self.rope_scale}")
+            raise ValueError(
+                f"`rope_base`/`rope_scale` should be positive, got {self.rope_base}/{self.rope_scale}"
+            )
         if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"`sliding_window` should be a positive integer or None, got {self.sliding_window}")
+            raise ValueError(
+                f"`sliding_window` should be a positive integer or None, got {self.sliding_window}"
+            )
         if self.local_layers and len(self.local_layers) != self.n_layer:
-            raise ValueError(f"`local_layers` should have n_layer={self.n_layer} entries, got {len(self.local_layers)}")
+            raise ValueError(
+                f"`local_layers` should have n_layer={self.n_layer} entries, got {len(self.local_layers)}"
+            )
         if any(self.local_layers) and self.sliding_window is None:
-            raise ValueError("`local_layers` marks sliding-window layers but `sliding_window` is None")
+            raise ValueError(
+                "`local_layers` marks sliding-window layers but `sliding_window` is None"
+            )
         if self.final_logit_softcap is not None and self.final_logit_softcap <= 0:
-            raise ValueError(f"`final_logit_softcap` should be positive or None, got {self.final_logit_softcap}")
+            raise ValueError(
+                f"`final_logit_softcap` should be positive or None, got {self.final_logit_softcap}"
+            )
 
     # -- derived -------------------------------------------------------------------------------
 
@@ -149,7 +175,9 @@ class ModelConfig:
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf_fields(cls, meta: Mapping[str, Any], tensor_names: set[str] | None = None) -> ModelConfig:
+    def from_gguf_fields(
+        cls, meta: Mapping[str, Any], tensor_names: set[str] | None = None
+    ) -> ModelConfig:
         """Build from GGUF key/values (`{key: python value}`) and optionally the tensor names.
 
         `tensor_names` decides `tie_embeddings` (no `output.weight` means tied); without it the
@@ -172,7 +200,9 @@ class ModelConfig:
         d_model = int(get("embedding_length", required=True))
         n_head = int(get("attention.head_count", required=True))
         if n_head <= 0:  # gguf_check refuses this first; kept so that no path divides by zero
-            raise InvalidModelError(f"`{arch}.attention.head_count` should be positive, got {n_head}")
+            raise InvalidModelError(
+                f"`{arch}.attention.head_count` should be positive, got {n_head}"
+            )
         n_kv_head = int(get("attention.head_count_kv", n_head))
         head_dim = int(get("attention.key_length", d_model // n_head))
         n_layer = int(get("block_count", required=True))
@@ -190,7 +220,9 @@ class ModelConfig:
         elif scaling_type not in (None, "none"):
             # YaRN / llama3-style scaling only matter beyond the original context; refuse rather
             # than silently computing different positions than llama.cpp.
-            raise UnsupportedArchitectureError(f"RoPE scaling type {scaling_type!r} is not supported")
+            raise UnsupportedArchitectureError(
+                f"RoPE scaling type {scaling_type!r} is not supported"
+            )
 
         kwargs: dict[str, Any] = dict(  # noqa: C408 - reads like the dataclass call
             arch=arch,
@@ -222,7 +254,9 @@ class ModelConfig:
             scalar = d_model // n_head if n_layer == 62 else head_dim
             kwargs.update(
                 sliding_window=int(window) if window else None,
-                local_layers=tuple((i + 1) % pattern != 0 for i in range(n_layer)) if window else (),
+                local_layers=tuple((i + 1) % pattern != 0 for i in range(n_layer))
+                if window
+                else (),
                 rope_base_local=float(get("rope.freq_base_swa", 10000.0)),
                 qk_norm=True,
                 sandwich_norm=True,

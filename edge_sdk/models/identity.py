@@ -111,8 +111,18 @@ class ModelIdentity:
         return d
 
 
-_PROVENANCE_KEYS = ("organization", "basename", "finetune", "size_label", "license.name",
-                    "license.link", "url", "repo_url", "source.url", "source.repo_url")
+_PROVENANCE_KEYS = (
+    "organization",
+    "basename",
+    "finetune",
+    "size_label",
+    "license.name",
+    "license.link",
+    "url",
+    "repo_url",
+    "source.url",
+    "source.repo_url",
+)
 
 
 def open_gguf(path: Path) -> GGUFFile:

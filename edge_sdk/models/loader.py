@@ -161,15 +161,32 @@ def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str
         # compress_statistics=False: no double quantization of the absmax; it would save
         # 0.4 bit per weight but cost a second dequantization on every forward and backward.
         packed, absmax = quantize_nf4(weight, NF4_BLOCKSIZE)
-        state = QuantState(absmax=absmax, shape=weight.shape, dtype=torch.float32, blocksize=NF4_BLOCKSIZE,
-                           code=get_4bit_type("nf4", device="cpu"), quant_type="nf4")
+        state = QuantState(
+            absmax=absmax,
+            shape=weight.shape,
+            dtype=torch.float32,
+            blocksize=NF4_BLOCKSIZE,
+            code=get_4bit_type("nf4", device="cpu"),
+            quant_type="nf4",
+        )
         layer = bnb.nn.Linear4bit(
-            in_f, out_f, bias=bias is not None, compute_dtype=torch.float32,
-            compress_statistics=False, quant_type="nf4", device="meta",
+            in_f,
+            out_f,
+            bias=bias is not None,
+            compute_dtype=torch.float32,
+            compress_statistics=False,
+            quant_type="nf4",
+            device="meta",
         )
         layer.weight = bnb.nn.Params4bit(
-            packed, requires_grad=False, quant_state=state, blocksize=NF4_BLOCKSIZE, compress_statistics=False,
-            quant_type="nf4", module=layer, bnb_quantized=True,
+            packed,
+            requires_grad=False,
+            quant_state=state,
+            blocksize=NF4_BLOCKSIZE,
+            compress_statistics=False,
+            quant_type="nf4",
+            module=layer,
+            bnb_quantized=True,
         )
         layer.quant_state = state
         # On CPUs with AVX512-BF16, bitsandbytes (>= 0.49) repacks the weight into another
@@ -199,7 +216,9 @@ def _set_param(root: nn.Module, path: str, value: torch.Tensor) -> None:
     module = root.get_submodule(module_path)
     current = getattr(module, name)
     if tuple(current.shape) != tuple(value.shape):
-        raise InvalidModelError(f"tensor for {path} has shape {tuple(value.shape)}, expected {tuple(current.shape)}")
+        raise InvalidModelError(
+            f"tensor for {path} has shape {tuple(value.shape)}, expected {tuple(current.shape)}"
+        )
     setattr(module, name, _frozen(value))
 
 
@@ -234,7 +253,11 @@ def _rope_factors(factors: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Check `rope_freqs.weight` (one positive divisor per rotated frequency) and return it fp32."""
     want = (config.rope_dim or config.head_dim) // 2
     factors = factors.reshape(-1).float()
-    if factors.numel() != want or not bool(torch.isfinite(factors).all()) or bool((factors <= 0).any()):
+    if (
+        factors.numel() != want
+        or not bool(torch.isfinite(factors).all())
+        or bool((factors <= 0).any())
+    ):
         raise InvalidModelError(
             f"`rope_freqs.weight` should hold {want} positive factors, got shape {tuple(factors.shape)}"
         )
@@ -326,7 +349,12 @@ def load_model(
 
     leftover = sorted(set(tensors) - used)
     if leftover:
-        log.warning("ignored %d GGUF tensors not used by %s: %s", len(leftover), arch, ", ".join(leftover[:8]))
+        log.warning(
+            "ignored %d GGUF tensors not used by %s: %s",
+            len(leftover),
+            arch,
+            ", ".join(leftover[:8]),
+        )
     meta_left = [n for n, p in model.named_parameters() if p.is_meta]
     if meta_left:
         raise InvalidModelError(f"GGUF did not provide: {', '.join(meta_left[:8])}")
@@ -337,14 +365,24 @@ def load_model(
         from edge_sdk.training.lora import apply_lora
 
         apply_lora(model, lora)
-    log.info("loaded %s (%s, %d layers) as %s in %.2f s", Path(path).name, arch, config.n_layer,
-             precision, time.perf_counter() - t0)
+    log.info(
+        "loaded %s (%s, %d layers) as %s in %.2f s",
+        Path(path).name,
+        arch,
+        config.n_layer,
+        precision,
+        time.perf_counter() - t0,
+    )
     return model
 
 
 def _build_blocks(
-    model: Transformer, config: ModelConfig, take: Callable[..., torch.Tensor | None],
-    prefetch: Callable[[int], None], precision: str, progress: bool,
+    model: Transformer,
+    config: ModelConfig,
+    take: Callable[..., torch.Tensor | None],
+    prefetch: Callable[[int], None],
+    precision: str,
+    progress: bool,
 ) -> None:
     """Fill every decoder block of a meta-device `model`, one block at a time."""
     permuted = config.arch in PERMUTED_ARCHS
@@ -400,8 +438,13 @@ def write_f32_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
         writer.add_key_value(key, value, vtype, sub_type=sub)
     for t in reader.tensors:
         shape = [int(d) for d in reversed(t.shape.tolist())]
-        writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4,
-                               raw_dtype=gguf.GGMLQuantizationType.F32)
+        writer.add_tensor_info(
+            t.name,
+            shape,
+            np.dtype(np.float32),
+            int(np.prod(shape)) * 4,
+            raw_dtype=gguf.GGMLQuantizationType.F32,
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

@@ -33,7 +33,9 @@ _GGUF_NAME = re.compile(r"^blk\.(\d+)\.(\w+)$")
 
 def _check_target(target: str) -> None:
     if target not in _TARGETS:
-        raise ValueError(f"unknown LoRA target {target!r}; expected one of {', '.join(LORA_TARGETS)}")
+        raise ValueError(
+            f"unknown LoRA target {target!r}; expected one of {', '.join(LORA_TARGETS)}"
+        )
 
 
 def hf_module(layer: int, target: str) -> str:

@@ -24,7 +24,11 @@ DEFAULT_MODEL = "smollm2-135m"
 def cache_dir() -> Path:
     """Where derived files (assembled models, sha256 cache) live: `$FEDLM_CACHE_DIR` or ~/.cache."""
     env = os.environ.get("FEDLM_CACHE_DIR")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedlm"
+    base = (
+        Path(env)
+        if env
+        else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedlm"
+    )
     base.mkdir(parents=True, exist_ok=True)
     return base
 

@@ -54,7 +54,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_cache(
-    positions: torch.Tensor, dim: int, base: float, scale: float = 1.0,
+    positions: torch.Tensor,
+    dim: int,
+    base: float,
+    scale: float = 1.0,
     freq_factors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (T, dim) for the rotate-half RoPE form (Su et al. 2021, §3.4.2).
@@ -128,7 +131,11 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = (
+            config.n_head,
+            config.n_kv_head,
+            config.head_dim,
+        )
         self.scale = config.softmax_scale
         self.window = config.sliding_window if config.is_local(layer) else None
         self.q_proj = nn.Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
@@ -168,11 +175,21 @@ class Attention(nn.Module):
         if spans is None:
             y = self._sdpa(q, k, v)  # (B, nh, T, hd)
         else:
-            y = torch.cat([
-                torch.cat([self._sdpa(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e])
-                           for s, e in row], dim=2)  # (1, nh, T, hd)
-                for b, row in enumerate(spans)
-            ], dim=0)  # (B, nh, T, hd)
+            y = torch.cat(
+                [
+                    torch.cat(
+                        [
+                            self._sdpa(
+                                q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e]
+                            )
+                            for s, e in row
+                        ],
+                        dim=2,
+                    )  # (1, nh, T, hd)
+                    for b, row in enumerate(spans)
+                ],
+                dim=0,
+            )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
 
@@ -203,8 +220,12 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
-        self.post_attn_norm = RMSNorm(config.d_model, config.norm_eps) if config.sandwich_norm else None
-        self.post_ffn_norm = RMSNorm(config.d_model, config.norm_eps) if config.sandwich_norm else None
+        self.post_attn_norm = (
+            RMSNorm(config.d_model, config.norm_eps) if config.sandwich_norm else None
+        )
+        self.post_ffn_norm = (
+            RMSNorm(config.d_model, config.norm_eps) if config.sandwich_norm else None
+        )
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: Spans | None = None
@@ -243,7 +264,11 @@ class Transformer(nn.Module):
                 norm=RMSNorm(config.d_model, config.norm_eps),
             )
         )
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
         self.rope_freq_factors: torch.Tensor | None
         """(rope_dim/2,) divisors of the global layers' RoPE frequencies, or None (the loader
         sets them from `rope_freqs.weight`)."""
@@ -261,7 +286,9 @@ class Transformer(nn.Module):
             return rope_cache(positions, dim, c.rope_base_local)  # local layers are not scaled
         return rope_cache(positions, dim, c.rope_base, c.rope_scale, self.rope_freq_factors)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Final-normed hidden states (B, T, d_model) in `compute_dtype`.
 
         `position_ids` (B, T) marks packed examples: positions restart at 0 where an example
@@ -272,18 +299,26 @@ class Transformer(nn.Module):
             raise ValueError(f"input_ids should have shape (B, T), got {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
         if T > self.config.context_length:
-            raise ValueError(f"sequence length {T} exceeds the model's context length {self.config.context_length}")
+            raise ValueError(
+                f"sequence length {T} exceeds the model's context length {self.config.context_length}"
+            )
         spans = None
         if position_ids is not None:
             if position_ids.shape != input_ids.shape:
-                raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape "
-                                 f"{tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"position_ids shape {tuple(position_ids.shape)} != input_ids shape "
+                    f"{tuple(input_ids.shape)}"
+                )
             spans = packed_spans(position_ids)
         x = self.model["embed_tokens"](input_ids).to(self.compute_dtype)  # (B, T, d)
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
         # Given positions get per-row RoPE tables (B, 1, T, dim); otherwise all share one (T, dim).
-        pos = position_ids.to(x.device) if position_ids is not None else torch.arange(T, device=x.device)
+        pos = (
+            position_ids.to(x.device)
+            if position_ids is not None
+            else torch.arange(T, device=x.device)
+        )
         ropes = {False: self._rope(pos, local=False)}
         if any(self.config.local_layers):
             ropes[True] = self._rope(pos, local=True)
@@ -296,7 +331,10 @@ class Transformer(nn.Module):
         return self.model["norm"](x)
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean",
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        reduction: str = "mean",
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) fp32 when `labels` is None, else the loss (see the class docstring).
@@ -310,7 +348,9 @@ class Transformer(nn.Module):
             cap = self.config.final_logit_softcap
             return cap * torch.tanh(logits / cap) if cap else logits
         if labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
         if reduction not in ("mean", "sum"):
             raise ValueError(f"`reduction` should be 'mean' or 'sum', got {reduction!r}")
         h = h[:, :-1].reshape(-1, h.shape[-1])  # (B*(T-1), d)
@@ -321,8 +361,13 @@ class Transformer(nn.Module):
             # Only scored positions go through the output projection: with prompt tokens
             # masked (chat / instruction data) this skips their share of the V-wide matmuls.
             idx = scored.nonzero().squeeze(1)
-            h, targets = h.index_select(0, idx), targets.index_select(0, idx)  # (n_scored, d), (n_scored,)
-        total = fused_linear_cross_entropy(h, self.output_weight, targets, self.config.final_logit_softcap)
+            h, targets = (
+                h.index_select(0, idx),
+                targets.index_select(0, idx),
+            )  # (n_scored, d), (n_scored,)
+        total = fused_linear_cross_entropy(
+            h, self.output_weight, targets, self.config.final_logit_softcap
+        )
         if reduction == "sum":
             return total
         return total / max(n_scored, 1)
@@ -338,7 +383,9 @@ class _FusedLinearCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None):  # type: ignore[override]
+    def forward(
+        ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None
+    ):  # type: ignore[override]
         N, _ = h.shape
         V = weight.shape[0]
         chunk = max(1, _CE_CHUNK_ELEMENTS // V)

@@ -33,8 +33,18 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
-_REQUIRED = ("version", "fingerprint", "step", "position", "tokens", "elapsed", "adapter",
-             "optimizer", "rng", "history")
+_REQUIRED = (
+    "version",
+    "fingerprint",
+    "step",
+    "position",
+    "tokens",
+    "elapsed",
+    "adapter",
+    "optimizer",
+    "rng",
+    "history",
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,11 +90,15 @@ def load_checkpoint(path: str | os.PathLike[str], fingerprint: str | None = None
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError/UnpicklingError/EOFError on bad files
-        raise CheckpointError(f"{p}: unreadable checkpoint ({exc.__class__.__name__}: {exc})") from exc
+        raise CheckpointError(
+            f"{p}: unreadable checkpoint ({exc.__class__.__name__}: {exc})"
+        ) from exc
     if not isinstance(state, dict) or any(k not in state for k in _REQUIRED):
         raise CheckpointError(f"{p}: not a fedlm training checkpoint")
     if state["version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{p}: checkpoint format {state['version']}, expected {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{p}: checkpoint format {state['version']}, expected {FORMAT_VERSION}"
+        )
     if fingerprint is not None and state["fingerprint"] != fingerprint:
         raise CheckpointError(
             f"{p}: checkpoint was written by a run with another configuration, data or base model; "

@@ -154,7 +154,9 @@ def _parse_record(record: Any, where: str) -> tuple[str, Any]:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise _bad(where, f"messages[{j}] should be an object with `role` and `content`")
             if m["role"] not in _ROLES:
-                raise _bad(where, f"messages[{j}].role {m['role']!r} is not one of {', '.join(_ROLES)}")
+                raise _bad(
+                    where, f"messages[{j}].role {m['role']!r} is not one of {', '.join(_ROLES)}"
+                )
             if not isinstance(m["content"], str):
                 raise _bad(where, f"messages[{j}].content should be a string")
             clean.append({"role": m["role"], "content": m["content"]})
@@ -200,7 +202,9 @@ def _looks_like_jsonl(text: str) -> bool:
     return isinstance(record, dict) and bool(_RECORD_KEYS & set(record))
 
 
-def _iter_json(path: Path, text: str, stats: DataStats, skip_bad: bool) -> Iterator[tuple[str, Any, str]]:
+def _iter_json(
+    path: Path, text: str, stats: DataStats, skip_bad: bool
+) -> Iterator[tuple[str, Any, str]]:
     """A .json file: an array of JSONL records, one record, or JSONL under a .json name."""
     try:
         doc = json.loads(text)
@@ -261,17 +265,23 @@ def _iter_table(
         except StopIteration:
             return
         except csv.Error as exc:
-            raise DataFormatError(f"{path}:{rows.line_num}: not valid {path.suffix} ({exc})") from None
+            raise DataFormatError(
+                f"{path}:{rows.line_num}: not valid {path.suffix} ({exc})"
+            ) from None
         where = f"{path}:{rows.line_num}"
         if not any(cell.strip() for cell in row):
             continue
         try:
             if len(row) < len(header):
-                raise _bad(where, f"expected {len(header)} columns as in the header, got {len(row)}")
+                raise _bad(
+                    where, f"expected {len(header)} columns as in the header, got {len(row)}"
+                )
             if kind == "text":
                 payload: Any = _check_text(row[cols[0]], where, "text")
             else:
-                payload = _parse_record({"prompt": row[cols[0]], "completion": row[cols[1]]}, where)[1]
+                payload = _parse_record(
+                    {"prompt": row[cols[0]], "completion": row[cols[1]]}, where
+                )[1]
         except DataFormatError as err:
             _skip_or_raise(err, stats, skip_bad)
             continue
@@ -305,7 +315,9 @@ def iter_records(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple
         yield "text", para.strip("\n"), f"{path}:paragraph {n + 1}"
 
 
-def _iter_jsonl(path: Path, raw: bytes, stats: DataStats, skip_bad: bool) -> Iterator[tuple[str, Any, str]]:
+def _iter_jsonl(
+    path: Path, raw: bytes, stats: DataStats, skip_bad: bool
+) -> Iterator[tuple[str, Any, str]]:
     for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
         where = f"{path}:{lineno}"
         if not line_bytes.strip():
@@ -322,7 +334,9 @@ def _iter_jsonl(path: Path, raw: bytes, stats: DataStats, skip_bad: bool) -> Ite
 # --------------------------------------------------------------------------- tokenization
 
 
-def _assistant_spans(tok: Tokenizer, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
+def _assistant_spans(
+    tok: Tokenizer, messages: list[dict[str, str]], where: str
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered chat and the [start, end) character spans of its assistant turns."""
     if not tok.has_chat_template:
         raise DataFormatError(
@@ -365,7 +379,10 @@ def _tokenize_spans(
     straddles a boundary, it belongs to the side that the common prefix gives it.
     """
     ids = tok.encode(text, add_bos=add_bos)
-    cache: dict[int, int] = {0: 0 if not (add_bos and tok.bos_id is not None) else 1, len(text): len(ids)}
+    cache: dict[int, int] = {
+        0: 0 if not (add_bos and tok.bos_id is not None) else 1,
+        len(text): len(ids),
+    }
 
     def token_index(c: int) -> int:
         if c not in cache:
@@ -383,10 +400,13 @@ def tokenize_record(tok: Tokenizer, kind: str, payload: Any, where: str) -> list
     """Token ids and loss mask of one record."""
     if kind == "instruction" and tok.has_chat_template:
         prompt, completion = payload
-        kind, payload = "chat", [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": completion},
-        ]
+        kind, payload = (
+            "chat",
+            [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": completion},
+            ],
+        )
     if kind == "chat":
         # The template writes its own BOS when the model wants one (llama-cpp-python adds none).
         full, spans = _assistant_spans(tok, payload, where)
@@ -399,7 +419,9 @@ def tokenize_record(tok: Tokenizer, kind: str, payload: Any, where: str) -> list
     elif kind == "text":
         ids = tok.encode(payload, add_bos=True) + [tok.eos_id]
         # BOS is never a prediction target: nothing predicts the start of a document.
-        mask = [not (i == 0 and tok.bos_id is not None and t == tok.bos_id) for i, t in enumerate(ids)]
+        mask = [
+            not (i == 0 and tok.bos_id is not None and t == tok.bos_id) for i, t in enumerate(ids)
+        ]
     else:  # pragma: no cover - _parse_record only yields the kinds above
         raise AssertionError(kind)
     return [Example(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), where)]
@@ -412,7 +434,11 @@ def _fit(example: Example, kind: str, seq_len: int, stats: DataStats) -> list[Ex
         return [example]
     if kind == "text":
         return [
-            Example(example.input_ids[s : s + seq_len], example.loss_mask[s : s + seq_len], example.source)
+            Example(
+                example.input_ids[s : s + seq_len],
+                example.loss_mask[s : s + seq_len],
+                example.source,
+            )
             for s in range(0, n, seq_len)
         ]
     stats.truncated += 1
@@ -548,7 +574,11 @@ class Dataset:
         """Validation sequences in fixed order, `batch_size` at a time."""
         v = self.val
         for s in range(0, len(v.ids), batch_size):
-            yield Batch(v.ids[s : s + batch_size], v.labels[s : s + batch_size], v.positions[s : s + batch_size])
+            yield Batch(
+                v.ids[s : s + batch_size],
+                v.labels[s : s + batch_size],
+                v.positions[s : s + batch_size],
+            )
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -597,8 +627,11 @@ def build_dataset(
         detail = f" ({stats.skipped_bad} malformed lines skipped)" if stats.skipped_bad else ""
         raise EmptyDatasetError(f"no usable training examples in {names}{detail}")
     if stats.truncated:
-        logger.warning("%d examples were longer than seq_len=%d and were truncated",
-                       stats.truncated, config.seq_len)
+        logger.warning(
+            "%d examples were longer than seq_len=%d and were truncated",
+            stats.truncated,
+            config.seq_len,
+        )
 
     train_idx, val_idx = _split(len(records), config.val_fraction, config.seed)
     stats.train_examples, stats.val_examples = len(train_idx), len(val_idx)
@@ -614,10 +647,16 @@ def build_dataset(
     stats.train_target_tokens = int((train.labels != IGNORE_INDEX).sum())
     stats.val_target_tokens = int((val.labels != IGNORE_INDEX).sum())
     if not len(val.ids) and config.val_fraction > 0:  # with 0 the caller asked for no split
-        logger.warning("no validation split (%d example(s)); eval loss will not be reported",
-                       len(records))
-    logger.info("data: %d examples -> %d train / %d val sequences of %d tokens",
-                len(records), len(train.ids), len(val.ids), config.seq_len)
+        logger.warning(
+            "no validation split (%d example(s)); eval loss will not be reported", len(records)
+        )
+    logger.info(
+        "data: %d examples -> %d train / %d val sequences of %d tokens",
+        len(records),
+        len(train.ids),
+        len(val.ids),
+        config.seq_len,
+    )
     return Dataset(train, val, config.seed, stats)
 
 

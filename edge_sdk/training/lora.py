@@ -46,7 +46,11 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"`rank` should be a positive integer, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if (
+            not isinstance(self.alpha, (int, float))
+            or not math.isfinite(self.alpha)
+            or self.alpha <= 0
+        ):
             raise ValueError(f"`alpha` should be a positive number, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` should be in [0, 1), got {self.dropout!r}")
@@ -55,13 +59,17 @@ class LoraConfig:
             raise ValueError("`targets` should name at least one projection, got an empty list")
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown:
-            raise ValueError(f"`targets` has unknown modules {unknown}; expected a subset of {list(LORA_TARGETS)}")
+            raise ValueError(
+                f"`targets` has unknown modules {unknown}; expected a subset of {list(LORA_TARGETS)}"
+            )
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"`targets` lists a module twice: {list(self.targets)}")
         if self.layers is not None:
             self.layers = tuple(self.layers)
             if any(not isinstance(i, int) or i < 0 for i in self.layers):
-                raise ValueError(f"`layers` should be non-negative integers, got {list(self.layers)}")
+                raise ValueError(
+                    f"`layers` should be non-negative integers, got {list(self.layers)}"
+                )
 
     @property
     def scale(self) -> float:
@@ -72,15 +80,23 @@ class LoRALinear(nn.Module):
     """y = base(x) + scale · B·A·dropout(x). Only `lora_A` / `lora_B` can require grad."""
 
     def __init__(
-        self, base: nn.Module, in_features: int, out_features: int, rank: int, alpha: float,
-        dropout: float = 0.0, freeze_a: bool = False,
+        self,
+        base: nn.Module,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        freeze_a: bool = False,
     ) -> None:
         super().__init__()
         self.base = base
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.scale = rank, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features), requires_grad=not freeze_a)  # (r, in)
+        self.lora_A = nn.Parameter(
+            torch.empty(rank, in_features), requires_grad=not freeze_a
+        )  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))  # (out, r)
         self.enabled = True
         """False bypasses the adapter (the output is the base's)."""
@@ -99,7 +115,9 @@ class LoRALinear(nn.Module):
         state = getattr(self.base.weight, "quant_state", None)
         if state is not None and isinstance(self.dropout, nn.Identity) and x.dtype == torch.float32:
             bias = getattr(self.base, "bias", None)
-            return _MergedNF4LoRA.apply(x, self.lora_A, self.lora_B, self.scale, self.base.weight, state, bias)
+            return _MergedNF4LoRA.apply(
+                x, self.lora_A, self.lora_B, self.scale, self.base.weight, state, bias
+            )
         y = self.base(x)
         a = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T  # (..., r)
         return y + (a @ self.lora_B.T * self.scale).to(y.dtype)  # (..., out)
@@ -113,7 +131,9 @@ class LoRALinear(nn.Module):
         return dense_weight(self.base)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, scale={self.scale:g}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.rank}, scale={self.scale:g}"
+        )
 
 
 _scratch = threading.local()
@@ -137,8 +157,15 @@ def _dequantize_scratch(weight: torch.Tensor, state: Any) -> torch.Tensor:
     """
     shape = tuple(state.shape)
     lib = _bnb_cpu_lib()
-    if (lib is None or weight.device.type != "cpu" or state.quant_type != "nf4" or state.nested
-            or len(shape) != 2 or shape[1] % 2 or weight.dtype != torch.uint8):
+    if (
+        lib is None
+        or weight.device.type != "cpu"
+        or state.quant_type != "nf4"
+        or state.nested
+        or len(shape) != 2
+        or shape[1] % 2
+        or weight.dtype != torch.uint8
+    ):
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(weight.data, state).float()
@@ -148,9 +175,12 @@ def _dequantize_scratch(weight: torch.Tensor, state: Any) -> torch.Tensor:
         buf = bufs[shape] = torch.empty(shape, dtype=torch.float32)
     absmax = state.absmax.float().contiguous()
     lib.cdequantize_blockwise_cpu_nf4_fp32(
-        ctypes.c_void_p(weight.data.data_ptr()), ctypes.c_void_p(absmax.data_ptr()),
-        ctypes.c_void_p(buf.data_ptr()), ctypes.c_longlong(state.blocksize),
-        ctypes.c_longlong(shape[0]), ctypes.c_longlong(shape[1]),
+        ctypes.c_void_p(weight.data.data_ptr()),
+        ctypes.c_void_p(absmax.data_ptr()),
+        ctypes.c_void_p(buf.data_ptr()),
+        ctypes.c_longlong(state.blocksize),
+        ctypes.c_longlong(shape[0]),
+        ctypes.c_longlong(shape[1]),
     )
     return buf
 
@@ -218,7 +248,9 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig, generator: torch.Generator | None = None) -> nn.Module:
+def apply_lora(
+    model: nn.Module, cfg: LoraConfig, generator: torch.Generator | None = None
+) -> nn.Module:
     """Wrap the configured projections of `model` in `LoRALinear` (in place) and return it.
 
     Every other parameter is frozen. `generator` seeds A's init for reproducible runs.
@@ -258,9 +290,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_lora_state_dict(
-    model: nn.Module, tensors: Mapping[str, Any], strict: bool = True
-) -> None:
+def load_lora_state_dict(model: nn.Module, tensors: Mapping[str, Any], strict: bool = True) -> None:
     """Copy adapter tensors (numpy arrays or torch tensors) into the model's LoRA layers.
 
     `strict`: every LoRA layer of the model must be covered and no key may be unknown.
@@ -275,19 +305,25 @@ def load_lora_state_dict(
         parse_hf_module(path)  # ValueError for a non-target path
         if path not in modules:
             if strict:
-                raise AdapterMismatchError(f"adapter has {key!r} but the model has no LoRA layer at {path}")
+                raise AdapterMismatchError(
+                    f"adapter has {key!r} but the model has no LoRA layer at {path}"
+                )
             continue
         t = torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
         param = getattr(modules[path], kind)
         if tuple(t.shape) != tuple(param.shape):
-            raise AdapterMismatchError(f"{key}: shape {tuple(t.shape)} != expected {tuple(param.shape)}")
+            raise AdapterMismatchError(
+                f"{key}: shape {tuple(t.shape)} != expected {tuple(param.shape)}"
+            )
         if not torch.isfinite(t).all():
             raise AdapterMismatchError(f"{key}: contains NaN or infinite values")
         with torch.no_grad():
             param.copy_(t.to(param.dtype))
         seen.add(key)
     if strict:
-        missing = [f"{p}.{k}" for p in modules for k in ("lora_A", "lora_B") if f"{p}.{k}" not in seen]
+        missing = [
+            f"{p}.{k}" for p in modules for k in ("lora_A", "lora_B") if f"{p}.{k}" not in seen
+        ]
         if missing:
             raise AdapterMismatchError(f"adapter lacks {len(missing)} tensors, e.g. {missing[0]}")
 
@@ -300,7 +336,9 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
 
 def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """W + scale·B·A (out, in), fp32, per adapted module path: for checks and dense export."""
-    return {path: m.base_weight() + m.delta_weight().detach().float() for path, m in lora_modules(model)}
+    return {
+        path: m.base_weight() + m.delta_weight().detach().float() for path, m in lora_modules(model)
+    }
 
 
 def max_merge_error(model: nn.Module, x: torch.Tensor) -> float:

@@ -84,7 +84,9 @@ class LlamaCppTokenizer:
         templates = model_templates(checked)
         try:
             with _native_stderr_silenced(), llama_log.capture() as lines:
-                self._llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+                self._llm = llama_cpp.Llama(
+                    model_path=str(self.path), vocab_only=True, verbose=False
+                )
         except (ValueError, RuntimeError, OSError) as exc:
             reason = LlamaLog.reason(lines) or str(exc)
             raise TokenizerError(
@@ -93,7 +95,9 @@ class LlamaCppTokenizer:
         meta: dict[str, str] = dict(self._llm.metadata)
         bos, eos = self._llm.token_bos(), self._llm.token_eos()
         if eos < 0:
-            raise TokenizerError(f"{show_path(self.path)}: the vocabulary has no end-of-sequence token")
+            raise TokenizerError(
+                f"{show_path(self.path)}: the vocabulary has no end-of-sequence token"
+            )
         self.eos_id: int = eos
         # llama.cpp adds BOS on `add_bos=True` only when the vocab says so; mirror that here so
         # that `bos_id is None` means "plain text starts without BOS".

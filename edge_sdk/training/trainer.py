@@ -117,7 +117,9 @@ class TrainConfig:
                 raise ValueError(f"`{name}` should be a non-negative integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"`lr` should be a positive number, got {self.lr!r}")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+        if not (
+            isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0
+        ):
             raise ValueError(f"`alpha` should be a positive number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` should be in [0, 1), got {self.dropout!r}")
@@ -126,22 +128,32 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ValueError(f"`weight_decay` should be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"`max_grad_norm` should be positive or None, got {self.max_grad_norm!r}")
+            raise ValueError(
+                f"`max_grad_norm` should be positive or None, got {self.max_grad_norm!r}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"`precision` should be one of {PRECISIONS}, got {self.precision!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if not self.targets or unknown:
-            raise ValueError(f"`targets` should be a non-empty subset of {list(LORA_TARGETS)}, got {list(self.targets)}")
+            raise ValueError(
+                f"`targets` should be a non-empty subset of {list(LORA_TARGETS)}, got {list(self.targets)}"
+            )
         DataConfig(seq_len=self.seq_len, val_fraction=self.val_fraction, seed=self.seed)
 
     def lora_config(self) -> LoraConfig:
-        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          targets=self.targets, freeze_a=self.freeze_a)
+        return LoraConfig(
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            targets=self.targets,
+            freeze_a=self.freeze_a,
+        )
 
     def data_config(self, skip_bad: bool = False) -> DataConfig:
-        return DataConfig(seq_len=self.seq_len, val_fraction=self.val_fraction, seed=self.seed,
-                          skip_bad=skip_bad)
+        return DataConfig(
+            seq_len=self.seq_len, val_fraction=self.val_fraction, seed=self.seed, skip_bad=skip_bad
+        )
 
     def trajectory_fields(self) -> dict[str, Any]:
         """The fields that change the optimization path (not how often we look at it)."""
@@ -212,12 +224,19 @@ def adapter_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     return {path: (m.out_features, m.in_features) for path, m in lora_modules(model)}
 
 
-def load_for_training(model_path: str | os.PathLike[str], config: TrainConfig, *, progress: bool = False) -> torch.nn.Module:
+def load_for_training(
+    model_path: str | os.PathLike[str], config: TrainConfig, *, progress: bool = False
+) -> torch.nn.Module:
     """The frozen base (in `config.precision`) with LoRA layers attached."""
     from edge_sdk.models.loader import load_model
 
-    return load_model(model_path, precision=config.precision, lora=config.lora_config(),
-                      gradient_checkpointing=config.gradient_checkpointing, progress=progress)
+    return load_model(
+        model_path,
+        precision=config.precision,
+        lora=config.lora_config(),
+        gradient_checkpointing=config.gradient_checkpointing,
+        progress=progress,
+    )
 
 
 def _check_model(model: torch.nn.Module, config: TrainConfig) -> None:
@@ -237,12 +256,18 @@ def _check_model(model: torch.nn.Module, config: TrainConfig) -> None:
 
 def _batch_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Summed loss of a packed batch, each example isolated from the others in its row."""
-    return model(torch.from_numpy(batch.ids), torch.from_numpy(batch.labels), reduction="sum",
-                 position_ids=torch.from_numpy(batch.positions))
+    return model(
+        torch.from_numpy(batch.ids),
+        torch.from_numpy(batch.labels),
+        reduction="sum",
+        position_ids=torch.from_numpy(batch.positions),
+    )
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Dataset, *, batch_size: int = 4, max_batches: int = 0) -> EvalResult | None:
+def evaluate(
+    model: torch.nn.Module, dataset: Dataset, *, batch_size: int = 4, max_batches: int = 0
+) -> EvalResult | None:
     """Token-weighted mean loss and perplexity on the validation split (None when it is empty)."""
     if not len(dataset.val_ids):
         return None
@@ -283,12 +308,19 @@ class _Progress:
         if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.initial, desc="train", unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self.total,
+                initial=self.initial,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+            )
 
     def update(self, loss: float, tok_s: float, lr: float) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}", refresh=False
+            )
             self.bar.update(1)
 
     def note(self, text: str) -> None:
@@ -344,8 +376,9 @@ def fit(
         m.lora_A.requires_grad_(not config.freeze_a)
         m.lora_B.requires_grad_(True)
     params = lora_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
+    )
 
     digest = fingerprint(config, dataset, base_id)
     step = position = tokens = target_tokens = 0
@@ -366,18 +399,29 @@ def fit(
         eval_before = state.get("eval_before")
         logger.info("resumed from %s at step %d/%d", ckpt, step, config.steps)
     if step > config.steps:
-        raise CheckpointError(f"checkpoint is at step {step}, past the configured {config.steps} steps")
+        raise CheckpointError(
+            f"checkpoint is at step {step}, past the configured {config.steps} steps"
+        )
 
     def checkpoint() -> None:
         if ckpt is None:
             return
-        save_checkpoint(ckpt, {
-            "fingerprint": digest, "step": step, "position": position, "tokens": tokens,
-            "target_tokens": target_tokens, "elapsed": elapsed, "history": history,
-            "eval_before": eval_before,
-            "adapter": {k: torch.from_numpy(v) for k, v in _adapter_numpy(model).items()},
-            "optimizer": optimizer.state_dict(), "rng": rng_state(),
-        })
+        save_checkpoint(
+            ckpt,
+            {
+                "fingerprint": digest,
+                "step": step,
+                "position": position,
+                "tokens": tokens,
+                "target_tokens": target_tokens,
+                "elapsed": elapsed,
+                "history": history,
+                "eval_before": eval_before,
+                "adapter": {k: torch.from_numpy(v) for k, v in _adapter_numpy(model).items()},
+                "optimizer": optimizer.state_dict(),
+                "rng": rng_state(),
+            },
+        )
 
     eval_bs = max(1, config.batch_size)
     if step == 0 and eval_before is None:
@@ -392,11 +436,18 @@ def fit(
     try:
         while step < config.steps:
             t0 = time.perf_counter()
-            lr = lr_at(step, base_lr=config.lr, warmup=config.warmup, total=config.steps,
-                       min_ratio=config.min_lr_ratio)
+            lr = lr_at(
+                step,
+                base_lr=config.lr,
+                warmup=config.warmup,
+                total=config.steps,
+                min_ratio=config.min_lr_ratio,
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [dataset.train_batch(position + k * micro, micro) for k in range(config.grad_accum)]
+            batches = [
+                dataset.train_batch(position + k * micro, micro) for k in range(config.grad_accum)
+            ]
             n_scored = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
@@ -416,18 +467,28 @@ def fit(
             target_tokens += n_scored
             dt = time.perf_counter() - t0
             elapsed += dt
-            record = {"step": step, "loss": step_loss, "lr": lr,
-                      "tokens_per_s": sum(b.ids.size for b in batches) / dt}
+            record = {
+                "step": step,
+                "loss": step_loss,
+                "lr": lr,
+                "tokens_per_s": sum(b.ids.size for b in batches) / dt,
+            }
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 ev = evaluate(model, dataset, batch_size=eval_bs, max_batches=config.eval_batches)
                 if ev:
                     record["eval_loss"] = ev.loss
-                    bar.note(f"step {step}: eval loss {ev.loss:.4f}, perplexity {ev.perplexity:.2f}")
+                    bar.note(
+                        f"step {step}: eval loss {ev.loss:.4f}, perplexity {ev.perplexity:.2f}"
+                    )
             history.append(record)
             bar.update(step_loss, tokens / elapsed if elapsed else 0.0, lr)
             if on_step is not None:
                 on_step(record)
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            if (
+                config.checkpoint_every
+                and step % config.checkpoint_every == 0
+                and step < config.steps
+            ):
                 checkpoint()
     finally:
         bar.close()
@@ -518,16 +579,32 @@ def run(
     base_sha = model_sha256(model_path)
     torch_model = load_for_training(model_path, config, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    result = fit(torch_model, dataset, config, checkpoint_path=ckpt, resume=resume,
-                 base_id=base_sha, progress=progress, on_step=on_step)
+    result = fit(
+        torch_model,
+        dataset,
+        config,
+        checkpoint_path=ckpt,
+        resume=resume,
+        base_id=base_sha,
+        progress=progress,
+        on_step=on_step,
+    )
     info = BaseModelInfo.from_gguf(model_path, sha256=base_sha)
-    paths = export_adapter(out, result.adapter, rank=config.rank, alpha=config.alpha,
-                           dropout=config.dropout, base=info,
-                           base_model_name=model_name or str(model),
-                           n_layer=torch_model.config.n_layer)
+    paths = export_adapter(
+        out,
+        result.adapter,
+        rank=config.rank,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        base=info,
+        base_model_name=model_name or str(model),
+        n_layer=torch_model.config.n_layer,
+    )
     metrics_path = out / "metrics.json"
     doc = {
-        "model": str(model), "model_path": str(model_path), "model_sha256": base_sha,
+        "model": str(model),
+        "model_path": str(model_path),
+        "model_sha256": base_sha,
         "config": dataclasses.asdict(config),
         "data": dataclasses.asdict(dataset.stats),
         "metrics": dataclasses.asdict(result.metrics),

@@ -52,7 +52,9 @@ class MessageKind(enum.IntEnum):
 def pack(kind: MessageKind, body: dict[str, Any], *, deflate: bool = False) -> bytes:
     raw = msgpack.packb(body, use_bin_type=True, strict_types=False)
     if deflate:
-        return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(kind), FLAG_DEFLATE) + zlib.compress(raw, DEFLATE_LEVEL)
+        return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(kind), FLAG_DEFLATE) + zlib.compress(
+            raw, DEFLATE_LEVEL
+        )
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(kind), 0) + raw
 
 
@@ -62,15 +64,21 @@ def _inflate(body: memoryview, limits: DecodeLimits) -> memoryview:
     try:
         out = inflater.decompress(body, limits.max_bytes)
     except zlib.error as exc:
-        raise MalformedMessageError(f"FLAG_DEFLATE set but the body is not zlib data: {exc}") from None
+        raise MalformedMessageError(
+            f"FLAG_DEFLATE set but the body is not zlib data: {exc}"
+        ) from None
     if inflater.unconsumed_tail:
         raise LimitExceededError(f"decompressed body exceeds max_bytes={limits.max_bytes}")
     if not inflater.eof or inflater.unused_data:
-        raise MalformedMessageError("FLAG_DEFLATE set but the zlib stream is truncated or has trailing bytes")
+        raise MalformedMessageError(
+            "FLAG_DEFLATE set but the zlib stream is truncated or has trailing bytes"
+        )
     return memoryview(out)
 
 
-def read_header(data: bytes | bytearray | memoryview, limits: DecodeLimits) -> tuple[MessageKind, int]:
+def read_header(
+    data: bytes | bytearray | memoryview, limits: DecodeLimits
+) -> tuple[MessageKind, int]:
     """Check size, magic, version and flags; returns the message kind and the flags."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"expected bytes, got {type(data).__name__}")

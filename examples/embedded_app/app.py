@@ -22,8 +22,13 @@ def main() -> None:
     model = EdgeModel("smollm2-135m")
     last_input = time.monotonic()
     client = FederatedClient(
-        ClientConfig(model="smollm2-135m", data=tuple(args.data), state_dir=Path(args.state_dir),
-                     coordinator_url=args.coordinator, threads=1),  # leave a core for chat
+        ClientConfig(
+            model="smollm2-135m",
+            data=tuple(args.data),
+            state_dir=Path(args.state_dir),
+            coordinator_url=args.coordinator,
+            threads=1,
+        ),  # leave a core for chat
         runtime=model,  # every new global adapter is hot-swapped into this model
         schedule=(lambda: time.monotonic() - last_input > 60) if args.idle_only else None,
     )

@@ -42,7 +42,10 @@ def write_base_stub(path: Path, arch: str = "llama", n_layer: int = N_LAYER) -> 
         w.add_tensor(f"blk.{layer}.attn_norm.weight", np.ones(D, np.float32))
         w.add_tensor(f"blk.{layer}.ffn_norm.weight", np.ones(D, np.float32))
         for target, shape in TARGET_SHAPES.items():
-            w.add_tensor(naming.gguf_stem(layer, target) + ".weight", rng.standard_normal(shape).astype(np.float32))
+            w.add_tensor(
+                naming.gguf_stem(layer, target) + ".weight",
+                rng.standard_normal(shape).astype(np.float32),
+            )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -51,7 +54,10 @@ def write_base_stub(path: Path, arch: str = "llama", n_layer: int = N_LAYER) -> 
 
 
 def random_adapter(
-    rank: int = 4, n_layer: int = N_LAYER, targets: tuple[str, ...] = naming.LORA_TARGETS, seed: int = 1
+    rank: int = 4,
+    n_layer: int = N_LAYER,
+    targets: tuple[str, ...] = naming.LORA_TARGETS,
+    seed: int = 1,
 ) -> dict[str, np.ndarray]:
     """Naming-convention tensors with non-zero A and B."""
     rng = np.random.default_rng(seed)
@@ -63,5 +69,3 @@ def random_adapter(
             out[module + ".lora_A"] = rng.standard_normal((rank, i)).astype(np.float32)
             out[module + ".lora_B"] = rng.standard_normal((o, rank)).astype(np.float32)
     return out
-
-

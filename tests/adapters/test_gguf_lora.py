@@ -117,7 +117,9 @@ def test_check_accepts_matching_adapter(tmp_path: Path, llama_base: Path) -> Non
     check_adapter_compatible(path, BaseModelInfo.from_gguf(llama_base))
 
 
-def test_check_rejects_other_architecture(tmp_path: Path, llama_base: Path, gemma_base: Path) -> None:
+def test_check_rejects_other_architecture(
+    tmp_path: Path, llama_base: Path, gemma_base: Path
+) -> None:
     path = write_gguf_lora(tmp_path / "a.gguf", random_adapter(), alpha=8.0, base=gemma_base)
     with pytest.raises(AdapterMismatchError, match="'gemma3'.*'llama'"):
         check_adapter_compatible(path, llama_base)
@@ -125,8 +127,12 @@ def test_check_rejects_other_architecture(tmp_path: Path, llama_base: Path, gemm
 
 def test_check_rejects_missing_tensor_and_shapes(tmp_path: Path, llama_base: Path) -> None:
     deep_base = write_base_stub(tmp_path / "deep.gguf", n_layer=3)
-    path = write_gguf_lora(tmp_path / "a.gguf", random_adapter(n_layer=3), alpha=8.0, base=deep_base)
-    with pytest.raises(AdapterMismatchError, match=r"tensor 'blk\.2\.\w+\.weight' does not exist in base model"):
+    path = write_gguf_lora(
+        tmp_path / "a.gguf", random_adapter(n_layer=3), alpha=8.0, base=deep_base
+    )
+    with pytest.raises(
+        AdapterMismatchError, match=r"tensor 'blk\.2\.\w+\.weight' does not exist in base model"
+    ):
         check_adapter_compatible(path, llama_base)
 
     # Same names, other width: an adapter for a model with d_model 64.
@@ -185,5 +191,3 @@ def test_check_rejects_non_lora_adapter_and_nan(tmp_path: Path, llama_base: Path
         check_adapter_compatible(tmp_path / "nan.gguf", llama_base)
     with pytest.raises(InvalidAdapterError, match="NaN"):
         read_gguf_lora(tmp_path / "nan.gguf")
-
-

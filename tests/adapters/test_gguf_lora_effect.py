@@ -65,7 +65,10 @@ class _Engines:
             handle = llama_cpp.llama_adapter_lora_init(self.llm.model, str(adapter_path).encode())
             assert handle, f"llama.cpp refused {adapter_path}"
             arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
-            assert llama_cpp.llama_set_adapters_lora(self.llm.ctx, arr, 1, (ctypes.c_float * 1)(1.0)) == 0
+            assert (
+                llama_cpp.llama_set_adapters_lora(self.llm.ctx, arr, 1, (ctypes.c_float * 1)(1.0))
+                == 0
+            )
         try:
             self.llm.reset()
             self.llm.eval(self.tokens)
@@ -80,7 +83,9 @@ class _Engines:
 def engines(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> _Engines:
     from edge_sdk.models.loader import write_f32_copy
 
-    return _Engines(write_f32_copy(smollm2_path, tmp_path_factory.mktemp("f32") / "smollm2.f32.gguf"))
+    return _Engines(
+        write_f32_copy(smollm2_path, tmp_path_factory.mktemp("f32") / "smollm2.f32.gguf")
+    )
 
 
 def _random_adapter(model: object, seed: int = 0) -> dict[str, np.ndarray]:
@@ -90,12 +95,18 @@ def _random_adapter(model: object, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
     for path, m in lora_modules(model):
-        out[f"{path}.lora_A"] = (rng.uniform(-1, 1, (RANK, m.in_features)) / np.sqrt(m.in_features)).astype(np.float32)
-        out[f"{path}.lora_B"] = (rng.standard_normal((m.out_features, RANK)) * 0.02).astype(np.float32)
+        out[f"{path}.lora_A"] = (
+            rng.uniform(-1, 1, (RANK, m.in_features)) / np.sqrt(m.in_features)
+        ).astype(np.float32)
+        out[f"{path}.lora_B"] = (rng.standard_normal((m.out_features, RANK)) * 0.02).astype(
+            np.float32
+        )
     return out
 
 
-def test_adapter_effect_matches_between_torch_and_llama_cpp(tmp_path: Path, engines: _Engines) -> None:
+def test_adapter_effect_matches_between_torch_and_llama_cpp(
+    tmp_path: Path, engines: _Engines
+) -> None:
     assert len(engines.tokens) >= 64
     adapter = _random_adapter(engines.model)
     zero_b = {k: v if k.endswith("lora_A") else np.zeros_like(v) for k, v in adapter.items()}
@@ -109,7 +120,10 @@ def test_adapter_effect_matches_between_torch_and_llama_cpp(tmp_path: Path, engi
     figures = {}
     for name, keep in (("all", lambda k: True), ("qk", is_qk)):
         part = {k: v for k, v in adapter.items() if keep(k)}
-        in_torch = {k: v if keep(k) or k.endswith("lora_A") else np.zeros_like(v) for k, v in adapter.items()}
+        in_torch = {
+            k: v if keep(k) or k.endswith("lora_A") else np.zeros_like(v)
+            for k, v in adapter.items()
+        }
         path = write_gguf_lora(tmp_path / f"{name}.gguf", part, alpha=ALPHA, base=engines.path)
         d_torch = engines.torch_logits(in_torch) - torch_base
         d_cpp = engines.cpp_logits(path) - cpp_base
@@ -124,10 +138,14 @@ def test_adapter_effect_matches_between_torch_and_llama_cpp(tmp_path: Path, engi
     qk = {k: v for k, v in adapter.items() if is_qk(k)}
     cfg = engines.model.config
     unpermuted = {
-        k: unpermute_qk(v, cfg.n_head if ".q_proj." in k else cfg.n_kv_head) if k.endswith("lora_B") else v
+        k: unpermute_qk(v, cfg.n_head if ".q_proj." in k else cfg.n_kv_head)
+        if k.endswith("lora_B")
+        else v
         for k, v in qk.items()
     }
     wrong = write_gguf_lora(tmp_path / "wrong.gguf", unpermuted, alpha=ALPHA, base=engines.path)
     d_wrong = engines.cpp_logits(wrong) - cpp_base
-    in_torch = {k: v if is_qk(k) or k.endswith("lora_A") else np.zeros_like(v) for k, v in adapter.items()}
+    in_torch = {
+        k: v if is_qk(k) or k.endswith("lora_A") else np.zeros_like(v) for k, v in adapter.items()
+    }
     assert _mean_cosine(engines.torch_logits(in_torch) - torch_base, d_wrong) < 0.5

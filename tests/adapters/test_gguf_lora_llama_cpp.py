@@ -15,14 +15,18 @@ from edge_sdk.models import naming
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
-def _adapter_for(info: BaseModelInfo, n_layer: int, rank: int, seed: int = 0) -> dict[str, np.ndarray]:
+def _adapter_for(
+    info: BaseModelInfo, n_layer: int, rank: int, seed: int = 0
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
     for layer in range(n_layer):
         for target in naming.LORA_TARGETS:
             o, i = info.tensor_shapes[naming.gguf_stem(layer, target) + ".weight"]
             module = naming.hf_module(layer, target)
-            out[module + ".lora_A"] = (rng.standard_normal((rank, i)) / np.sqrt(i)).astype(np.float32)
+            out[module + ".lora_A"] = (rng.standard_normal((rank, i)) / np.sqrt(i)).astype(
+                np.float32
+            )
             out[module + ".lora_B"] = (rng.standard_normal((o, rank)) * 0.05).astype(np.float32)
     return out
 
@@ -34,13 +38,17 @@ def _last_logits(llm: llama_cpp.Llama, tokens: list[int]) -> np.ndarray:
 
 
 def _load(path: Path) -> llama_cpp.Llama:
-    return llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False, logits_all=True)
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=64, n_threads=2, verbose=False, logits_all=True
+    )
 
 
 def test_adapter_loads_and_changes_logits(tmp_path: Path, smollm2_path: Path) -> None:
     info = BaseModelInfo.from_gguf(smollm2_path)
     n_layer = sum(1 for n in info.tensor_shapes if n.endswith(".attn_q.weight"))
-    path = write_gguf_lora(tmp_path / "a.gguf", _adapter_for(info, n_layer, 4), alpha=8.0, base=smollm2_path)
+    path = write_gguf_lora(
+        tmp_path / "a.gguf", _adapter_for(info, n_layer, 4), alpha=8.0, base=smollm2_path
+    )
     check_adapter_compatible(path, smollm2_path)
 
     llm = _load(smollm2_path)
@@ -66,7 +74,9 @@ def test_llama_cpp_and_checker_both_reject_foreign_adapter(
 ) -> None:
     tiny = BaseModelInfo.from_gguf(tiny_gguf)
     assert tiny.arch == "llama"
-    path = write_gguf_lora(tmp_path / "tiny.gguf", _adapter_for(tiny, 1, 2), alpha=4.0, base=tiny_gguf)
+    path = write_gguf_lora(
+        tmp_path / "tiny.gguf", _adapter_for(tiny, 1, 2), alpha=4.0, base=tiny_gguf
+    )
     with pytest.raises(AdapterMismatchError, match=r"tensor 'blk\.0\.\w+\.weight': adapter lora_a"):
         check_adapter_compatible(path, smollm2_path)
     llm = _load(smollm2_path)

@@ -18,14 +18,28 @@ from tests.adapters.base_stub import N_LAYER, random_adapter
 
 def test_save_writes_peft_names_and_config(tmp_path: Path) -> None:
     tensors = random_adapter(rank=4, targets=("q_proj", "v_proj", "down_proj"))
-    save_peft(tmp_path, tensors, rank=4, alpha=8.0, dropout=0.05, base_model_name_or_path="tiny",
-              n_layer=N_LAYER, metadata={"fedlm.base_model.sha256": "ab"})
+    save_peft(
+        tmp_path,
+        tensors,
+        rank=4,
+        alpha=8.0,
+        dropout=0.05,
+        base_model_name_or_path="tiny",
+        n_layer=N_LAYER,
+        metadata={"fedlm.base_model.sha256": "ab"},
+    )
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert (tmp_path / WEIGHTS_NAME).stat().st_mode & 0o777 == 0o644  # shareable, not mkstemp's 0600
+    assert (
+        tmp_path / WEIGHTS_NAME
+    ).stat().st_mode & 0o777 == 0o644  # shareable, not mkstemp's 0600
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (4, 8.0, 0.05)
     assert cfg["target_modules"] == ["q_proj", "v_proj", "down_proj"]
-    assert cfg["bias"] == "none" and cfg["fan_in_fan_out"] is False and cfg["layers_to_transform"] is None
+    assert (
+        cfg["bias"] == "none"
+        and cfg["fan_in_fan_out"] is False
+        and cfg["layers_to_transform"] is None
+    )
     assert cfg["base_model_name_or_path"] == "tiny"
     stored = load_file(str(tmp_path / WEIGHTS_NAME))
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
@@ -39,7 +53,12 @@ def test_save_writes_peft_names_and_config(tmp_path: Path) -> None:
     for k, v in tensors.items():
         np.testing.assert_array_equal(loaded.tensors[k], v)
     lc = loaded.lora_config()
-    assert (lc.rank, lc.alpha, lc.targets, lc.layers) == (4, 8.0, ("q_proj", "v_proj", "down_proj"), (0, 1))
+    assert (lc.rank, lc.alpha, lc.targets, lc.layers) == (
+        4,
+        8.0,
+        ("q_proj", "v_proj", "down_proj"),
+        (0, 1),
+    )
 
 
 def test_partial_layers_are_listed(tmp_path: Path) -> None:
@@ -60,12 +79,17 @@ def test_import_foreign_variants(tmp_path: Path) -> None:
     a = rng.standard_normal((2, 32)).astype(np.float16)
     b = rng.standard_normal((32, 2)).astype(np.float16)
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    d = _foreign(tmp_path, {"use_rslora": True},
-                 {f"{prefix}.lora_A.default.weight": a, f"{prefix}.lora_B.default.weight": b})
+    d = _foreign(
+        tmp_path,
+        {"use_rslora": True},
+        {f"{prefix}.lora_A.default.weight": a, f"{prefix}.lora_B.default.weight": b},
+    )
     got = load_peft(d)
     assert got.alpha == pytest.approx(16 * math.sqrt(2))  # rsLoRA: alpha / sqrt(r) == alpha' / r
     assert got.tensors["model.layers.0.self_attn.q_proj.lora_A"].dtype == np.float32
-    np.testing.assert_array_equal(got.tensors["model.layers.0.self_attn.q_proj.lora_B"], b.astype(np.float32))
+    np.testing.assert_array_equal(
+        got.tensors["model.layers.0.self_attn.q_proj.lora_B"], b.astype(np.float32)
+    )
 
 
 @pytest.mark.parametrize(
@@ -105,9 +129,15 @@ def test_import_rejects_broken_files(tmp_path: Path) -> None:
     with pytest.raises(InvalidAdapterError, match="unreadable safetensors"):
         load_peft(tmp_path)
     nan = np.full((2, 32), np.nan, np.float32)
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": nan,
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((32, 2), np.float32)},
-              str(tmp_path / WEIGHTS_NAME))
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": nan,
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones(
+                (32, 2), np.float32
+            ),
+        },
+        str(tmp_path / WEIGHTS_NAME),
+    )
     with pytest.raises(InvalidAdapterError, match="NaN"):
         load_peft(tmp_path)
 
@@ -127,8 +157,14 @@ def test_hf_peft_loads_our_adapter(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     tensors = random_adapter(rank=4)
     save_peft(tmp_path, tensors, rank=4, alpha=8.0, n_layer=2)
@@ -136,7 +172,8 @@ def test_hf_peft_loads_our_adapter(tmp_path: Path) -> None:
     state = peft_model.state_dict()
     for k, v in tensors.items():
         hf_key = "base_model.model." + k.replace(".lora_A", ".lora_A.default.weight").replace(
-            ".lora_B", ".lora_B.default.weight")
+            ".lora_B", ".lora_B.default.weight"
+        )
         np.testing.assert_array_equal(state[hf_key].detach().numpy(), v)
     assert peft_model.peft_config["default"].lora_alpha == 8.0
     del torch

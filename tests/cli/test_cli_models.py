@@ -11,7 +11,13 @@ from tests.tiny_models import TinySpec, write_tiny_gguf
 
 
 def fedlm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge_sdk.cli", *args], capture_output=True, text=True, check=False, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_sdk.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
 
 
 def test_inspect_json_real_model(smollm2_path: Path) -> None:
@@ -35,7 +41,9 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, tiny_gguf: Path) -> Non
     trunc = tmp_path / "trunc.gguf"
     trunc.write_bytes(tiny_gguf.read_bytes()[:30_000])
     weird = write_tiny_gguf(tmp_path / "weird.gguf", arch="notanarch")
-    other = write_tiny_gguf(tmp_path / "other.gguf", spec=TinySpec(d_model=32, n_head=2, n_kv_head=1, d_ff=64))
+    other = write_tiny_gguf(
+        tmp_path / "other.gguf", spec=TinySpec(d_model=32, n_head=2, n_kv_head=1, d_ff=64)
+    )
     wrong_adapter = random_adapter(tmp_path / "wrong-adapter.gguf", other)
     cases = [
         (("inspect", str(tmp_path / "missing.gguf")), "missing.gguf: no such file"),
@@ -44,7 +52,10 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, tiny_gguf: Path) -> Non
         (("generate", str(notgguf), "hi"), "notgguf.gguf: not a GGUF file"),
         (("generate", str(trunc), "hi"), "trunc.gguf: "),
         (("generate", str(weird), "hi"), "weird.gguf: llama.cpp refused the model: "),
-        (("generate", str(tiny_gguf), "hi", "--adapter", str(wrong_adapter)), "wrong-adapter.gguf: tensor 'blk.0."),
+        (
+            ("generate", str(tiny_gguf), "hi", "--adapter", str(wrong_adapter)),
+            "wrong-adapter.gguf: tensor 'blk.0.",
+        ),
         (("generate", str(tiny_gguf), "hi", "--adapter", str(notgguf)), "notgguf.gguf: "),
     ]
     for args, needle in cases:
@@ -57,8 +68,22 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, tiny_gguf: Path) -> Non
 
 def test_chat_reads_turns_from_stdin_and_keeps_history(tiny_gguf: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "edge_sdk.cli", "chat", str(tiny_gguf), "--max-tokens", "4", "--n-ctx", "256"],
-        input="hello\nthe world\n", capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "edge_sdk.cli",
+            "chat",
+            str(tiny_gguf),
+            "--max-tokens",
+            "4",
+            "--n-ctx",
+            "256",
+        ],
+        input="hello\nthe world\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == 2  # one answer line per user turn

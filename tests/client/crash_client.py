@@ -21,7 +21,11 @@ def main(argv: list[str]) -> int:
     state_dir, model, data, url = argv
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     config = client_config(
-        Path(state_dir), Path(model), Path(data), coordinator_url=url, final_wait_s=0.5,
+        Path(state_dir),
+        Path(model),
+        Path(data),
+        coordinator_url=url,
+        final_wait_s=0.5,
         join_token=None,  # enrolls with $FEDLM_JOIN_CODE (the coordinator serves TLS)
     )
     summary = FederatedClient(config).run()

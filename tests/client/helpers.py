@@ -21,7 +21,9 @@ TARGETS = ("q_proj", "v_proj")
 CANARY = "zqxjcanaryvw"
 """A string that exists only in the local training data; no request body may contain it."""
 
-FAST_RETRY = RetryConfig(attempts=40, initial_s=0.05, max_s=0.4, jitter_s=0.05, timeout_s=15.0, connect_timeout_s=2.0)
+FAST_RETRY = RetryConfig(
+    attempts=40, initial_s=0.05, max_s=0.4, jitter_s=0.05, timeout_s=15.0, connect_timeout_s=2.0
+)
 
 
 def write_data(path: Path, n: int = 24, canary: str = CANARY) -> Path:

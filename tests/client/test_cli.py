@@ -45,7 +45,9 @@ def test_join_then_ledger(tmp_path: Path) -> None:
     async def scenario() -> tuple[int, str, str]:
         config = coordinator_config(tmp_path, model, strategy=FedBuff(buffer_size=1))
         async with Service(config) as service:
-            env = _env() | {"FEDLM_JOIN_CODE": join_code(service)}  # the join code from the environment
+            env = _env() | {
+                "FEDLM_JOIN_CODE": join_code(service)
+            }  # the join code from the environment
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "edge_sdk.cli", "join", str(model), "--data", str(data),
                 "--coordinator", service.url, "--max-rounds", "1", "--state-dir", str(state),
@@ -78,8 +80,17 @@ def test_join_usage_errors_exit_2(tmp_path: Path) -> None:
     data = write_data(tmp_path / "data.jsonl")
     bad_policy = _fedlm("join", "x.gguf", "--data", str(data), "--refuse-licence", "bogus")
     assert bad_policy.returncode == 2 and "unknown licence class 'bogus'" in bad_policy.stderr
-    missing = _fedlm("join", str(tmp_path / "missing.gguf"), "--data", str(data), "--coordinator",
-                     "http://127.0.0.1:9", "--insecure", "--state-dir", str(tmp_path / "s"))
+    missing = _fedlm(
+        "join",
+        str(tmp_path / "missing.gguf"),
+        "--data",
+        str(data),
+        "--coordinator",
+        "http://127.0.0.1:9",
+        "--insecure",
+        "--state-dir",
+        str(tmp_path / "s"),
+    )
     assert missing.returncode == 2 and missing.stderr.startswith("fedlm: error:")
     no_state = _fedlm("ledger", "--state-dir", str(tmp_path / "nothing"))
     assert no_state.returncode == 2 and "no client state directory" in no_state.stderr
@@ -90,13 +101,36 @@ def test_join_flags_reach_the_client_config(tmp_path: Path) -> None:
     from edge_sdk.cli.join_cmd import _config
 
     data = write_data(tmp_path / "data.jsonl")
-    args = build_parser().parse_args(["join", "m.gguf", "--data", str(data), "--seed", "7",
-                                      "--coordinator-name", "kitchen", "--discovery-timeout", "30",
-                                      "--val-fraction", "0", "--poll-interval", "0.5"])
+    args = build_parser().parse_args(
+        [
+            "join",
+            "m.gguf",
+            "--data",
+            str(data),
+            "--seed",
+            "7",
+            "--coordinator-name",
+            "kitchen",
+            "--discovery-timeout",
+            "30",
+            "--val-fraction",
+            "0",
+            "--poll-interval",
+            "0.5",
+        ]
+    )
     config = _config(args)
-    assert (config.seed, config.coordinator_name, config.discovery_timeout_s) == (7, "kitchen", 30.0)
+    assert (config.seed, config.coordinator_name, config.discovery_timeout_s) == (
+        7,
+        "kitchen",
+        30.0,
+    )
     assert (config.val_fraction, config.poll_interval_s) == (0.0, 0.5)
     default = _config(build_parser().parse_args(["join", "m.gguf", "--data", str(data)]))
     assert (default.seed, default.val_fraction, default.poll_interval_s) == (0, 0.1, 2.0)
     with pytest.raises(ValueError, match="`val_fraction`"):
-        _config(build_parser().parse_args(["join", "m.gguf", "--data", str(data), "--val-fraction", "1"]))
+        _config(
+            build_parser().parse_args(
+                ["join", "m.gguf", "--data", str(data), "--val-fraction", "1"]
+            )
+        )

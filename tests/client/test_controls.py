@@ -23,13 +23,19 @@ pytestmark = pytest.mark.timeout(120)
 def test_privatize_clips_the_change_and_adds_calibrated_noise() -> None:
     base = {"b": np.ones((200, 50), np.float32)}
     trained = {"b": base["b"] + 0.5}  # ‖Δ‖ = 0.5 * 100 = 50
-    clipped, norm = privatize(trained, base, LocalDpConfig(clip_norm=2.0, noise_multiplier=0.0), np.random.default_rng(0))
+    clipped, norm = privatize(
+        trained, base, LocalDpConfig(clip_norm=2.0, noise_multiplier=0.0), np.random.default_rng(0)
+    )
     assert math.isclose(norm, 50.0, rel_tol=1e-6)
     assert math.isclose(float(np.linalg.norm(clipped["b"] - base["b"])), 2.0, rel_tol=1e-5)
     small = {"b": base["b"] + 1e-3}  # already inside the ball: unchanged
-    same, _ = privatize(small, base, LocalDpConfig(clip_norm=2.0, noise_multiplier=0.0), np.random.default_rng(0))
+    same, _ = privatize(
+        small, base, LocalDpConfig(clip_norm=2.0, noise_multiplier=0.0), np.random.default_rng(0)
+    )
     np.testing.assert_allclose(same["b"], small["b"], rtol=0, atol=1e-7)
-    noisy, _ = privatize(trained, base, LocalDpConfig(clip_norm=2.0, noise_multiplier=0.5), np.random.default_rng(1))
+    noisy, _ = privatize(
+        trained, base, LocalDpConfig(clip_norm=2.0, noise_multiplier=0.5), np.random.default_rng(1)
+    )
     noise = noisy["b"] - clipped["b"]
     assert abs(float(noise.std()) - 1.0) < 0.05  # σ·C = 0.5 * 2
     with pytest.raises(ValueError, match="clip_norm"):
@@ -41,12 +47,20 @@ def test_privatize_clips_the_change_and_adds_calibrated_noise() -> None:
 def test_client_config_validates_fields(tmp_path: Path) -> None:
     ok = ClientConfig(model="m.gguf", data="d.jsonl", state_dir=tmp_path)  # type: ignore[arg-type]
     assert ok.data == ("d.jsonl",) and ok.refuse_licences and ok.name
-    for field, value in (("coordinator_url", "ftp://x"), ("max_rounds", 0), ("threads", 0),
-                         ("precision", "int3"), ("poll_interval_s", 0.0), ("data", ())):
+    for field, value in (
+        ("coordinator_url", "ftp://x"),
+        ("max_rounds", 0),
+        ("threads", 0),
+        ("precision", "int3"),
+        ("poll_interval_s", 0.0),
+        ("data", ()),
+    ):
         with pytest.raises(ValueError, match=field):
             ClientConfig(**{"model": "m.gguf", "data": ("d",), "state_dir": tmp_path, field: value})
     with pytest.raises(ValueError):
-        ClientConfig(model="m.gguf", data=("d",), state_dir=tmp_path, refuse_licences=frozenset({"nope"}))
+        ClientConfig(
+            model="m.gguf", data=("d",), state_dir=tmp_path, refuse_licences=frozenset({"nope"})
+        )
 
 
 def test_schedule_hook_defers_training_and_local_dp_bounds_the_update(tmp_path: Path) -> None:
@@ -70,7 +84,9 @@ def test_schedule_hook_defers_training_and_local_dp_bounds_the_update(tmp_path: 
             v0 = GlobalAdapter.from_bytes(service.coordinator.current_adapter()[0]).dense_tensors()
             bodies: list[bytes] = []
 
-            async def on_chunk(session: object, ctx: object, params: aiohttp.TraceRequestChunkSentParams) -> None:
+            async def on_chunk(
+                session: object, ctx: object, params: aiohttp.TraceRequestChunkSentParams
+            ) -> None:
                 if params.url.path == "/v1/updates":
                     bodies.append(params.chunk)
 

@@ -95,10 +95,14 @@ def test_a_kill_at_any_step_neither_loses_an_update_nor_trains_twice(
     async def scenario() -> tuple[list[tuple[str, int, str]], str]:
         async with Service(config) as service:
             for point in KILL_POINTS:
-                rc, output = await _run_client(state_dir, model, data, service.url, join_code(service), point)
+                rc, output = await _run_client(
+                    state_dir, model, data, service.url, join_code(service), point
+                )
                 # Killed where asked: proves the run reached that step.
                 assert rc == -signal.SIGKILL, f"{point}: exit {rc}\n{output[-3000:]}"
-            rc, output = await _run_client(state_dir, model, data, service.url, join_code(service), None)
+            rc, output = await _run_client(
+                state_dir, model, data, service.url, join_code(service), None
+            )
             assert rc == 0, output[-3000:]
         return _stored_updates(tmp_path / "coordinator.sqlite"), output
 

@@ -74,7 +74,9 @@ def test_with_a_pin_only_offers_advertising_it_are_candidates() -> None:
     assert report.chosen is not None and report.chosen.instance == "1-real"
     why = {o.instance: reason for o, reason in report.ignored}
     assert "serves plain HTTP; the pinned coordinator serves TLS" in why["0-evil"]
-    assert f"advertises certificate {OTHER_FP[:16]}…, not the pinned {PIN[:16]}…" in why["0-evil-tls"]
+    assert (
+        f"advertises certificate {OTHER_FP[:16]}…, not the pinned {PIN[:16]}…" in why["0-evil-tls"]
+    )
     assert "re-enroll with its new join code" in why["0-evil-tls"]
     assert "checked against the pin" in report.explain()[-1]
 
@@ -129,11 +131,12 @@ def test_mdns_ignores_a_wrong_model_coordinator_and_finds_ours(tmp_path: Path) -
     (tmp_path / "b").mkdir()
 
     async def scenario() -> None:
-        async with Service(
-            coordinator_config(tmp_path / "a", ours, mdns=True, mdns_name="ours")
-        ) as good, Service(
-            coordinator_config(tmp_path / "b", theirs, mdns=True, model_name="theirs.gguf")
-        ) as wrong:
+        async with (
+            Service(coordinator_config(tmp_path / "a", ours, mdns=True, mdns_name="ours")) as good,
+            Service(
+                coordinator_config(tmp_path / "b", theirs, mdns=True, model_name="theirs.gguf")
+            ) as wrong,
+        ):
             assert good.tls is not None and wrong.tls is not None
             pin = good.tls.fingerprint
             report = await discover(sha, pin=pin, timeout_s=2.0, interfaces=["127.0.0.1"])
@@ -143,10 +146,15 @@ def test_mdns_ignores_a_wrong_model_coordinator_and_finds_ours(tmp_path: Path) -
             ignored = {o.port: why for o, why in report.ignored}
             assert "trains model 'theirs.gguf'" in ignored[wrong.port]
             # Choosing by name returns as soon as that advert resolves.
-            named = await discover(sha, name="ours", pin=pin, timeout_s=5.0, interfaces=["127.0.0.1"])
+            named = await discover(
+                sha, name="ours", pin=pin, timeout_s=5.0, interfaces=["127.0.0.1"]
+            )
             assert named.chosen is not None and named.chosen.port == good.port
             other = await discover(
-                model_sha256(theirs), pin=wrong.tls.fingerprint, timeout_s=1.5, interfaces=["127.0.0.1"]
+                model_sha256(theirs),
+                pin=wrong.tls.fingerprint,
+                timeout_s=1.5,
+                interfaces=["127.0.0.1"],
             )
             assert other.chosen is not None and other.chosen.port == wrong.port
 

@@ -53,10 +53,17 @@ class _Capture:
         self.requests += 1
         self.bodies.append(b"")
 
-    async def _headers(self, session: object, ctx: object, params: aiohttp.TraceRequestHeadersSentParams) -> None:
-        self.headers.append(f"{params.method} {params.url}\n" + "\n".join(f"{k}: {v}" for k, v in params.headers.items()))
+    async def _headers(
+        self, session: object, ctx: object, params: aiohttp.TraceRequestHeadersSentParams
+    ) -> None:
+        self.headers.append(
+            f"{params.method} {params.url}\n"
+            + "\n".join(f"{k}: {v}" for k, v in params.headers.items())
+        )
 
-    async def _chunk(self, session: object, ctx: object, params: aiohttp.TraceRequestChunkSentParams) -> None:
+    async def _chunk(
+        self, session: object, ctx: object, params: aiohttp.TraceRequestChunkSentParams
+    ) -> None:
         self.bodies[-1] += params.chunk
 
 
@@ -121,7 +128,11 @@ def test_licence_policy_refuses_before_anything_is_sent(tmp_path: Path) -> None:
     unlicensed = write_tiny_gguf(tmp_path / "nolicence.gguf", licence=None)
     data = write_data(tmp_path / "data.jsonl")
     config = client_config(
-        tmp_path / "state", unlicensed, data, coordinator_url=f"http://127.0.0.1:{free_port()}", insecure=True
+        tmp_path / "state",
+        unlicensed,
+        data,
+        coordinator_url=f"http://127.0.0.1:{free_port()}",
+        insecure=True,
     )
     client = FederatedClient(config)
     with pytest.raises(LicenceRefusedError, match="class unknown"):
@@ -132,13 +143,17 @@ def test_licence_policy_refuses_before_anything_is_sent(tmp_path: Path) -> None:
     assert FederatedClient(permissive).verify_model().licence_class.value == "unknown"
 
 
-def test_a_coordinator_for_another_model_is_refused_before_training(tmp_path: Path, model: Path) -> None:
+def test_a_coordinator_for_another_model_is_refused_before_training(
+    tmp_path: Path, model: Path
+) -> None:
     other = write_tiny_gguf(tmp_path / "other.gguf", seed=7)
     data = write_data(tmp_path / "data.jsonl")
 
     async def scenario() -> None:
         async with Service(coordinator_config(tmp_path, other)) as service:
-            client = FederatedClient(client_config(tmp_path / "state", model, data, service=service))
+            client = FederatedClient(
+                client_config(tmp_path / "state", model, data, service=service)
+            )
             with pytest.raises(ModelMismatchError, match="refusing to train") as refused:
                 await client.run_async()
             assert "'tiny.gguf'" in str(refused.value)  # names the local model, not only hashes
@@ -153,14 +168,20 @@ def test_unacknowledged_update_is_resent_with_the_same_id(tmp_path: Path, model:
 
     async def scenario() -> None:
         # Plain HTTP (insecure on both sides): the proxy reads the requests to drop the right answer.
-        config = coordinator_config(tmp_path, model, strategy=FedBuff(buffer_size=1), max_rounds=1, tls=False)
+        config = coordinator_config(
+            tmp_path, model, strategy=FedBuff(buffer_size=1), max_rounds=1, tls=False
+        )
         async with Service(config) as service:
             proxy = _LossyProxy(service.port)
             await proxy.start()
             try:
                 client = FederatedClient(
                     client_config(
-                        tmp_path / "state", model, data, coordinator_url=f"http://127.0.0.1:{proxy.port}", insecure=True
+                        tmp_path / "state",
+                        model,
+                        data,
+                        coordinator_url=f"http://127.0.0.1:{proxy.port}",
+                        insecure=True,
                     )
                 )
                 summary = await asyncio.wait_for(client.run_async(), timeout=120)
@@ -170,7 +191,9 @@ def test_unacknowledged_update_is_resent_with_the_same_id(tmp_path: Path, model:
         assert summary.reason == "task_complete" and summary.global_version == 1
         [report] = summary.rounds
         assert report.outcome == "duplicate"  # the retry found the first copy stored
-        updates = [e for e in ClientState(tmp_path / "state").ledger.entries() if e.kind == "update"]
+        updates = [
+            e for e in ClientState(tmp_path / "state").ledger.entries() if e.kind == "update"
+        ]
         assert [e.attempt for e in updates] == [1, 2]
         assert {e.detail["update_id"] for e in updates} == {report.update_id}
         assert updates[0].sha256 == updates[1].sha256  # byte-identical resend
@@ -224,7 +247,12 @@ def test_three_clients_with_mdns_and_a_coordinator_restart(tmp_path: Path, model
     rounds = 3
     port = free_port()
     config = coordinator_config(
-        tmp_path, model, port=port, mdns=True, strategy=FedBuff(buffer_size=3, max_staleness=4, min_updates=3), max_rounds=rounds
+        tmp_path,
+        model,
+        port=port,
+        mdns=True,
+        strategy=FedBuff(buffer_size=3, max_staleness=4, min_updates=3),
+        max_rounds=rounds,
     )
     names = ("alpha", "bravo", "charlie")
     # The certificate the coordinator will load, made first so the join code is known up front.
@@ -234,7 +262,9 @@ def test_three_clients_with_mdns_and_a_coordinator_restart(tmp_path: Path, model
     runtimes = {n: EdgeModel(model, n_ctx=64, n_threads=1) for n in names}
     clients = {
         n: FederatedClient(
-            client_config(tmp_path / n, model, write_data(tmp_path / f"{n}.jsonl"), seed=i, join_code=code),
+            client_config(
+                tmp_path / n, model, write_data(tmp_path / f"{n}.jsonl"), seed=i, join_code=code
+            ),
             runtime=runtimes[n],
             trace_configs=[captures[n].config],
         )
@@ -284,7 +314,10 @@ def test_three_clients_with_mdns_and_a_coordinator_restart(tmp_path: Path, model
         delivered |= {r.update_id for r in summary.rounds}
         # The app's runtime serves the newest global adapter.
         assert served[name] == summary.adapter_path
-        assert summary.adapter_path is not None and summary.adapter_path.name == f"global-v{rounds:06d}.gguf"
+        assert (
+            summary.adapter_path is not None
+            and summary.adapter_path.name == f"global-v{rounds:06d}.gguf"
+        )
 
         state = ClientState(tmp_path / name)
         assert stat.S_IMODE(state.token_path.stat().st_mode) == 0o600
@@ -296,7 +329,10 @@ def test_three_clients_with_mdns_and_a_coordinator_restart(tmp_path: Path, model
         updates = [e for e in entries if e.kind == "update"]
         assert {e.detail["update_id"] for e in updates} == {r.update_id for r in summary.rounds}
         for e in updates:
-            assert {t["name"].rsplit(".", 1)[-1] for t in e.detail["tensors"]} == {"lora_A", "lora_B"}
+            assert {t["name"].rsplit(".", 1)[-1] for t in e.detail["tensors"]} == {
+                "lora_A",
+                "lora_B",
+            }
         # The canary is in every training record and in no byte that left the device.
         assert all(CANARY.encode() not in b for b in cap.bodies)
         assert all(CANARY not in h for h in cap.headers)

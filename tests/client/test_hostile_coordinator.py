@@ -77,7 +77,9 @@ def test_a_400_mib_adapter_is_aborted_and_memory_stays_bounded(tmp_path: Path, m
             handler, sent = streaming(HOSTILE_SIZE)
             server.handlers["/v1/adapter"] = handler
             client = FederatedClient(
-                client_config(tmp_path / "state", model, data, coordinator_url=server.url, insecure=True)
+                client_config(
+                    tmp_path / "state", model, data, coordinator_url=server.url, insecure=True
+                )
             )
             baseline = rss_bytes()
             peak = [baseline]
@@ -210,7 +212,9 @@ def test_a_hostile_task_is_refused_before_anything_is_allocated(
 
             server.handlers["/v1/task"] = hostile_task
             client = FederatedClient(
-                client_config(tmp_path / "state", model, data, coordinator_url=server.url, insecure=True)
+                client_config(
+                    tmp_path / "state", model, data, coordinator_url=server.url, insecure=True
+                )
             )
             with pytest.raises(TaskRefusedError) as caught:
                 await asyncio.wait_for(client.run_async(), timeout=60)
@@ -240,7 +244,9 @@ def test_an_unknown_codec_in_the_task_is_a_clear_protocol_error(
 
             server.handlers["/v1/task"] = hostile_task
             client = FederatedClient(
-                client_config(tmp_path / "state", model, data, coordinator_url=server.url, insecure=True)
+                client_config(
+                    tmp_path / "state", model, data, coordinator_url=server.url, insecure=True
+                )
             )
             with pytest.raises(ProtocolError) as caught:
                 await asyncio.wait_for(client.run_async(), timeout=60)
@@ -325,7 +331,13 @@ def test_a_bad_global_is_refused_and_the_previous_one_keeps_serving(
     async def scenario(runtime: EdgeModel) -> tuple[Any, Any, HostileCoordinator]:
         async with HostileCoordinator(task, [good, bad]) as server:
             cfg = client_config(
-                state_dir, model, data, coordinator_url=server.url, insecure=True, max_rounds=1, final_wait_s=1.5
+                state_dir,
+                model,
+                data,
+                coordinator_url=server.url,
+                insecure=True,
+                max_rounds=1,
+                final_wait_s=1.5,
             )
             first = await asyncio.wait_for(
                 FederatedClient(cfg, runtime=runtime).run_async(), timeout=120
@@ -374,7 +386,13 @@ def test_a_saved_global_that_fails_the_checks_is_set_aside_not_swapped_at_every_
     async def scenario() -> Any:
         async with HostileCoordinator(task, [good]) as server:
             cfg = client_config(
-                state_dir, model, data, coordinator_url=server.url, insecure=True, max_rounds=1, final_wait_s=0.2
+                state_dir,
+                model,
+                data,
+                coordinator_url=server.url,
+                insecure=True,
+                max_rounds=1,
+                final_wait_s=0.2,
             )
             return await asyncio.wait_for(FederatedClient(cfg).run_async(), timeout=120)
 
@@ -393,9 +411,7 @@ def test_a_bad_data_file_fails_before_any_request(tmp_path: Path, model: Path) -
 
     async def scenario() -> tuple[BaseException, int]:
         async with Service(coordinator_config(tmp_path, model)) as service:
-            client = FederatedClient(
-                client_config(tmp_path / "state", model, bad, service=service)
-            )
+            client = FederatedClient(client_config(tmp_path / "state", model, bad, service=service))
             with pytest.raises(DataFormatError) as caught:
                 await client.run_async()
             return caught.value, service.coordinator.storage.count_clients()
@@ -452,7 +468,9 @@ def test_a_client_with_no_good_adapter_yet_keeps_running_and_polls_cheaply(
     async def scenario() -> tuple[Any, HostileCoordinator]:
         async with HostileCoordinator(task, [bad]) as server:
             client = FederatedClient(
-                client_config(tmp_path / "state", model, data, coordinator_url=server.url, insecure=True)
+                client_config(
+                    tmp_path / "state", model, data, coordinator_url=server.url, insecure=True
+                )
             )
             run = asyncio.create_task(client.run_async())
             await asyncio.sleep(2.0)  # about 20 polls at poll_interval_s = 0.1

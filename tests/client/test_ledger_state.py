@@ -22,8 +22,15 @@ def _update(update_id: str = "u-1") -> AdapterUpdate:
         "model.layers.0.self_attn.q_proj.lora_B": rng.normal(size=(8, 4)).astype(np.float32),
     }
     return AdapterUpdate.build(
-        client_id="c-1", base_version=2, model_sha256="ab" * 32, lora=LoraSpec(4, 8.0, ("q_proj",)),
-        tensors=tensors, num_examples=10, metrics={"train_loss": 1.25}, codec="fp16", update_id=update_id,
+        client_id="c-1",
+        base_version=2,
+        model_sha256="ab" * 32,
+        lora=LoraSpec(4, 8.0, ("q_proj",)),
+        tensors=tensors,
+        num_examples=10,
+        metrics={"train_loss": 1.25},
+        codec="fp16",
+        update_id=update_id,
     )
 
 
@@ -33,8 +40,12 @@ def test_ledger_records_size_hash_and_update_tensors(tmp_path: Path) -> None:
     body = update.to_bytes()
     ledger.record(method="GET", url="http://127.0.0.1:1/v1/task", kind="task")
     entry = ledger.record(
-        method="POST", url="http://127.0.0.1:1/v1/updates", kind="update", body=body,
-        content_type="application/x-fedlm+msgpack", detail=describe_update(update),
+        method="POST",
+        url="http://127.0.0.1:1/v1/updates",
+        kind="update",
+        body=body,
+        content_type="application/x-fedlm+msgpack",
+        detail=describe_update(update),
     )
     assert entry.seq == 2 and entry.bytes == len(body)
     import hashlib
@@ -42,7 +53,9 @@ def test_ledger_records_size_hash_and_update_tensors(tmp_path: Path) -> None:
     assert entry.sha256 == hashlib.sha256(body).hexdigest()
     assert stat.S_IMODE((tmp_path / "outbox.jsonl").stat().st_mode) == 0o600
     # A new Ledger object continues the sequence (the client restarted).
-    again = Ledger(tmp_path / "outbox.jsonl").record(method="GET", url="http://127.0.0.1:1/v1/adapter", kind="adapter")
+    again = Ledger(tmp_path / "outbox.jsonl").record(
+        method="GET", url="http://127.0.0.1:1/v1/adapter", kind="adapter"
+    )
     assert again.seq == 3
     entries = Ledger(tmp_path / "outbox.jsonl").entries()
     assert [e.kind for e in entries] == ["task", "update", "adapter"]
@@ -114,7 +127,10 @@ def test_encoder_residual_persists_and_resets_on_codec_change(tmp_path: Path) ->
         loaded.residual["model.layers.0.self_attn.q_proj.lora_B"],
         encoder.residual["model.layers.0.self_attn.q_proj.lora_B"],
     )
-    assert isinstance(state.load_encoder("fp16"), UpdateEncoder) and not state.load_encoder("fp16").residual
+    assert (
+        isinstance(state.load_encoder("fp16"), UpdateEncoder)
+        and not state.load_encoder("fp16").residual
+    )
     state.close()
 
 

@@ -33,7 +33,9 @@ def test_every_try_is_ledgered_before_it_is_sent(tmp_path: Path, model: Path) ->
         ledger = Ledger(tmp_path / "outbox.jsonl")
         seen_at_send: list[int] = []
 
-        async def on_start(session: object, ctx: object, params: aiohttp.TraceRequestStartParams) -> None:
+        async def on_start(
+            session: object, ctx: object, params: aiohttp.TraceRequestStartParams
+        ) -> None:
             seen_at_send.append(len(ledger.entries()))  # what the ledger held as the request left
 
         trace = aiohttp.TraceConfig()
@@ -76,8 +78,14 @@ def test_errors_are_typed_and_not_retried(tmp_path: Path, model: Path) -> None:
                 joined = await t.join(JOIN_TOKEN, "dev")
                 t.token = joined["token"]
                 with pytest.raises(RequestRejectedError) as bad:
-                    await t.request("POST", "/v1/updates", kind="update", body=b"FDLMjunk",
-                                    content_type="application/x-fedlm+msgpack", ok=(202,))
+                    await t.request(
+                        "POST",
+                        "/v1/updates",
+                        kind="update",
+                        body=b"FDLMjunk",
+                        content_type="application/x-fedlm+msgpack",
+                        ok=(202,),
+                    )
                 assert bad.value.status == 400
         assert [e.attempt for e in ledger.entries()] == [1, 1, 1, 1]  # 4xx: one try each
 
@@ -120,7 +128,9 @@ def test_stop_interrupts_a_backoff_wait(tmp_path: Path) -> None:
     async def scenario() -> None:
         stop = asyncio.Event()
         slow = RetryConfig(attempts=10, initial_s=30.0, max_s=30.0, jitter_s=0.0)
-        async with Transport(f"http://127.0.0.1:{free_port()}", Ledger(tmp_path / "l.jsonl"), retry=slow, stop=stop) as t:
+        async with Transport(
+            f"http://127.0.0.1:{free_port()}", Ledger(tmp_path / "l.jsonl"), retry=slow, stop=stop
+        ) as t:
             asyncio.get_running_loop().call_later(0.3, stop.set)
             with pytest.raises(StopRequested):
                 await asyncio.wait_for(t.task(), timeout=10)
@@ -133,7 +143,9 @@ def test_tls_fingerprint_is_pinned(tmp_path: Path, model: Path) -> None:
         ledger = Ledger(tmp_path / "outbox.jsonl")
         async with Service(coordinator_config(tmp_path, model, tls=True)) as service:
             assert service.tls is not None
-            async with Transport(service.url, ledger, tls_fingerprint=service.tls.fingerprint, retry=FAST_RETRY) as t:
+            async with Transport(
+                service.url, ledger, tls_fingerprint=service.tls.fingerprint, retry=FAST_RETRY
+            ) as t:
                 joined = await t.join(JOIN_TOKEN, "dev")
             assert joined["token"]
             wrong = "00" * 32
@@ -141,7 +153,10 @@ def test_tls_fingerprint_is_pinned(tmp_path: Path, model: Path) -> None:
                 with pytest.raises(TlsPinError, match=service.tls.fingerprint) as refused:
                     await t.join(JOIN_TOKEN, "dev")
             assert "nothing was sent" in str(refused.value) and "re-enroll" in str(refused.value)
-            assert [e.attempt for e in ledger.entries() if e.kind == "join"] == [1, 1]  # not retried
+            assert [e.attempt for e in ledger.entries() if e.kind == "join"] == [
+                1,
+                1,
+            ]  # not retried
 
         with pytest.raises(TlsPinError, match="not https"):
             Transport("http://127.0.0.1:1", ledger, tls_fingerprint=wrong)

@@ -368,9 +368,7 @@ def test_a_metrics_bomb_is_refused_and_status_stays_small(tmp_path: Path) -> Non
 def test_a_device_name_cannot_forge_log_lines(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    forged = (
-        "phone\n2026-01-01 00:00:00 INFO coordinator.state_machine client c-admin (root) joined\x1b[2J\u202e"
-    )
+    forged = "phone\n2026-01-01 00:00:00 INFO coordinator.state_machine client c-admin (root) joined\x1b[2J\u202e"
 
     async def scenario() -> None:
         config = make_config(tmp_path, operator_token=OPERATOR)

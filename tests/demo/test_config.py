@@ -16,8 +16,16 @@ def test_presets_keep_the_steps_per_client_of_their_schedule() -> None:
 
 @pytest.mark.parametrize(
     "field,value",
-    [("rounds", 0), ("local_steps", -1), ("lr", 0.0), ("mode", "mean"), ("seq_len", 8),
-     ("threads", 0), ("precision", "int8"), ("own_fraction", 2.0)],
+    [
+        ("rounds", 0),
+        ("local_steps", -1),
+        ("lr", 0.0),
+        ("mode", "mean"),
+        ("seq_len", 8),
+        ("threads", 0),
+        ("precision", "int8"),
+        ("own_fraction", 2.0),
+    ],
 )
 def test_bad_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"`{field}`"):

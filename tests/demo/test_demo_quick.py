@@ -16,8 +16,19 @@ def test_quick_demo_report_shows_federation_helped(smollm2_path: Path, tmp_path:
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report) >= {"base", "local_only", "federated", "centralized", "bytes", "rounds",
-                           "global_versions", "wall_time_s", "targets", "chat", "artifacts"}
+    assert set(report) >= {
+        "base",
+        "local_only",
+        "federated",
+        "centralized",
+        "bytes",
+        "rounds",
+        "global_versions",
+        "wall_time_s",
+        "targets",
+        "chat",
+        "artifacts",
+    }
     assert len(report["local_only"]) == 4
     assert report["federated"]["exact_match"] > report["base"]["exact_match"]
     assert report["federated"]["eval_loss"] < report["base"]["eval_loss"]

@@ -23,12 +23,22 @@ def test_view_tracks_phases_versions_and_clients() -> None:
     view("local", {"client": 1, "exact_match": 0.1875})
     assert view.phase == "local_only"
     view("version", {"version": 2, "eval_loss": 0.5, "exact_match": 0.25})
-    view("federation", {"version": 2, "rounds": 3, "updates": [2, 3], "latest_loss": [0.91, None],
-                        "bytes_sent": [2048, 3 * 1024 * 1024]})
+    view(
+        "federation",
+        {
+            "version": 2,
+            "rounds": 3,
+            "updates": [2, 3],
+            "latest_loss": [0.91, None],
+            "bytes_sent": [2048, 3 * 1024 * 1024],
+        },
+    )
     now[0] = 142.0
 
     text = _text(view)
-    assert "training local-only baselines" in text and "42 s" in text and "global version 2/3" in text
+    assert (
+        "training local-only baselines" in text and "42 s" in text and "global version 2/3" in text
+    )
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") >= 5}
     assert "18.8%" in rows["1"] and "3/3" in rows["1"] and "3,072" in rows["1"]
     assert "2/3" in rows["0"] and "0.910" in rows["0"] and " 2 " in rows["0"]

@@ -86,7 +86,9 @@ def test_two_clients_two_rounds_over_processes(tiny_gguf: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_versions_queued_behind_a_slow_observer_are_all_delivered(tiny_gguf: Path, tmp_path: Path) -> None:
+def test_versions_queued_behind_a_slow_observer_are_all_delivered(
+    tiny_gguf: Path, tmp_path: Path
+) -> None:
     """Clients can finish the task while `on_version` is still busy with an early version: the
     federation must then deliver the queued versions, not report the clients as stuck."""
     import time

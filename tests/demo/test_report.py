@@ -24,9 +24,18 @@ def test_gap_closed() -> None:
 
 
 def test_build_report_targets() -> None:
-    kw = {"model": "m", "config": {}, "base": _s(0.0), "client_families": [["date"], ["phone"]],
-          "centralized": _s(1.0), "bytes_sent": [100, 100], "fp32_bytes": [900, 700],
-          "versions": [(1, _s(0.5)), (2, _s(0.95))], "wall_time_s": {"total": 100.0}, "wall_budget_s": 600.0}
+    kw = {
+        "model": "m",
+        "config": {},
+        "base": _s(0.0),
+        "client_families": [["date"], ["phone"]],
+        "centralized": _s(1.0),
+        "bytes_sent": [100, 100],
+        "fp32_bytes": [900, 700],
+        "versions": [(1, _s(0.5)), (2, _s(0.95))],
+        "wall_time_s": {"total": 100.0},
+        "wall_budget_s": 600.0,
+    }
     r = build_report(local_only=[_s(0.5), _s(0.6)], federated=_s(0.95), **kw)  # type: ignore[arg-type]
     t = r["targets"]
     assert t["gap_closed"] == pytest.approx(0.95) and t["gap_closed_met"]
@@ -49,12 +58,33 @@ def test_run_demo_on_a_tiny_model_writes_a_complete_report(tiny_gguf: Path, tmp_
     from edge_sdk.adapters.gguf_lora import read_gguf_lora
     from edge_sdk.demo.run import run_demo
 
-    config = DemoConfig(model=str(tiny_gguf), clients=2, rounds=2, local_steps=2, batch_size=2,
-                        seq_len=128, train_per_client=8, eval_per_family=2, precision="fp32",
-                        lr=1e-2, codec="delta+int4")
+    config = DemoConfig(
+        model=str(tiny_gguf),
+        clients=2,
+        rounds=2,
+        local_steps=2,
+        batch_size=2,
+        seq_len=128,
+        train_per_client=8,
+        eval_per_family=2,
+        precision="fp32",
+        lr=1e-2,
+        codec="delta+int4",
+    )
     report = run_demo(config, tmp_path / "run")
-    assert set(report) >= {"base", "local_only", "federated", "centralized", "bytes", "rounds",
-                           "global_versions", "wall_time_s", "targets", "chat", "artifacts"}
+    assert set(report) >= {
+        "base",
+        "local_only",
+        "federated",
+        "centralized",
+        "bytes",
+        "rounds",
+        "global_versions",
+        "wall_time_s",
+        "targets",
+        "chat",
+        "artifacts",
+    }
     assert len(report["local_only"]) == 2 and report["rounds"] == 2
     assert [v["version"] for v in report["global_versions"]] == [1, 2]
     for part in ("base", "federated", "centralized", *report["local_only"]):

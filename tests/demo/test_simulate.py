@@ -17,9 +17,20 @@ def setup(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory):  # type: i
     from edge_sdk.training.tokenizer import load_tokenizer
     from edge_sdk.training.trainer import load_for_training
 
-    config = DemoConfig(model=str(tiny_gguf), clients=2, rounds=1, local_steps=2, batch_size=2,
-                        seq_len=128, train_per_client=6, eval_per_family=1, precision="fp32",
-                        lr=1e-2, codec="fp32", greedy_eval=False)
+    config = DemoConfig(
+        model=str(tiny_gguf),
+        clients=2,
+        rounds=1,
+        local_steps=2,
+        batch_size=2,
+        seq_len=128,
+        train_per_client=6,
+        eval_per_family=1,
+        precision="fp32",
+        lr=1e-2,
+        codec="fp32",
+        greedy_eval=False,
+    )
     data = generate(TaskConfig(clients=2, train_per_client=6, eval_per_family=1))
     paths, _ = write_task_data(data, tmp_path_factory.mktemp("sim"))
     tok = load_tokenizer(tiny_gguf)
@@ -49,8 +60,12 @@ def test_one_client_exact_round_reproduces_its_update(setup) -> None:  # type: i
 def test_int4_deltas_shrink_the_updates_and_still_move_the_adapter(setup) -> None:  # type: ignore[no-untyped-def]
     config, datasets, model = setup
     events: list[tuple[str, dict]] = []
-    fed = simulate_federation(model, datasets, config.replace(codec="delta+int4", rounds=2),
-                              progress=lambda event, fields: events.append((event, fields)))
+    fed = simulate_federation(
+        model,
+        datasets,
+        config.replace(codec="delta+int4", rounds=2),
+        progress=lambda event, fields: events.append((event, fields)),
+    )
     assert len(fed.versions) == 3 and len(fed.bytes_sent) == 2
     # One "federation" event per client update, counting what the live view shows.
     assert [e for e, _ in events] == ["federation"] * 4

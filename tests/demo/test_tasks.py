@@ -100,14 +100,23 @@ def test_config_rejects_more_families_than_exist() -> None:
 def test_user_records_keep_their_own_system_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "mine.jsonl"
     rows = [
-        {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2"},
-                      {"role": "assistant", "content": "4"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "2+2"},
+                {"role": "assistant", "content": "4"},
+            ]
+        },
         {"prompt": "capital of France", "completion": "Paris"},
         {"text": "not scorable"},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     a, b = read_examples(path)
-    assert a.messages(with_answer=False) == [{"role": "system", "content": "Be terse."},
-                                             {"role": "user", "content": "2+2"}]
-    assert b.messages() == [{"role": "user", "content": "capital of France"},
-                            {"role": "assistant", "content": "Paris"}]
+    assert a.messages(with_answer=False) == [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "2+2"},
+    ]
+    assert b.messages() == [
+        {"role": "user", "content": "capital of France"},
+        {"role": "assistant", "content": "Paris"},
+    ]

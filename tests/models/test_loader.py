@@ -38,7 +38,12 @@ def _ids(n: int = 16, seed: int = 0) -> torch.Tensor:
 def test_config_from_gguf(family_paths: dict[str, Path], arch: str) -> None:
     cfg = read_config(family_paths[arch])
     spec = FamilySpec()
-    assert (cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_kv_head) == (arch, spec.n_layer, spec.n_head, spec.n_kv_head)
+    assert (cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_kv_head) == (
+        arch,
+        spec.n_layer,
+        spec.n_head,
+        spec.n_kv_head,
+    )
     assert (cfg.head_dim, cfg.d_model, cfg.d_ff) == (spec.head_dim, spec.d_model, spec.d_ff)
     assert cfg.vocab_size > 256
     assert cfg.tie_embeddings == (arch == "gemma3")
@@ -56,7 +61,9 @@ def test_config_from_gguf(family_paths: dict[str, Path], arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "nf4"])
-def test_load_shapes_and_precision(family_paths: dict[str, Path], arch: str, precision: str) -> None:
+def test_load_shapes_and_precision(
+    family_paths: dict[str, Path], arch: str, precision: str
+) -> None:
     model = load_model(family_paths[arch], precision=precision)
     ids = _ids()
     with torch.no_grad():
@@ -163,8 +170,16 @@ def test_permute_matches_llama_cpp_convention() -> None:
 
 
 def test_model_config_validation() -> None:
-    base = {"arch": "llama", "n_layer": 1, "n_head": 4, "n_kv_head": 2, "head_dim": 8, "d_model": 32, "d_ff": 64,
-            "vocab_size": 10}
+    base = {
+        "arch": "llama",
+        "n_layer": 1,
+        "n_head": 4,
+        "n_kv_head": 2,
+        "head_dim": 8,
+        "d_model": 32,
+        "d_ff": 64,
+        "vocab_size": 10,
+    }
     ModelConfig(**base)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`n_head`"):
         ModelConfig(**{**base, "n_kv_head": 3})  # type: ignore[arg-type]

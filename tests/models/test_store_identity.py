@@ -83,7 +83,10 @@ def test_licence_classes(licence: str | None, expected: LicenceClass) -> None:
 
 
 def test_policy_parsing() -> None:
-    assert parse_policy("unknown, open-weights-restricted") == {LicenceClass.UNKNOWN, LicenceClass.RESTRICTED}
+    assert parse_policy("unknown, open-weights-restricted") == {
+        LicenceClass.UNKNOWN,
+        LicenceClass.RESTRICTED,
+    }
     assert parse_policy(None) == frozenset()
     with pytest.raises(ValueError, match="unknown licence class 'closed'"):
         parse_policy("closed")

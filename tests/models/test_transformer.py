@@ -14,7 +14,9 @@ from edge_sdk.models.loader import load_model
 from edge_sdk.models.transformer import apply_rope, fused_linear_cross_entropy, rope_cache
 from tests.models.tiny_families import FamilySpec, write_family_gguf
 
-needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing")
+needs_llama_cpp = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing"
+)
 
 
 @needs_llama_cpp
@@ -101,7 +103,9 @@ def test_gradient_checkpointing_same_grads(tmp_path: Path) -> None:
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = load_model(path, precision="fp32", lora=LoraConfig(rank=4), gradient_checkpointing=ckpt)
+        model = load_model(
+            path, precision="fp32", lora=LoraConfig(rank=4), gradient_checkpointing=ckpt
+        )
         for p in lora_parameters(model):  # non-zero B so that A gets a gradient too
             torch.nn.init.normal_(p, std=0.02)
         model.train()
@@ -124,7 +128,9 @@ def test_rope_rotates_pairs_half_apart() -> None:
 
 def test_sliding_window_limits_attention(tmp_path: Path) -> None:
     """Changing a token outside every window of a later query leaves that query's logits alone."""
-    path = write_family_gguf(tmp_path / "g.gguf", "gemma3", spec=FamilySpec(n_layer=1, sliding_window=4))
+    path = write_family_gguf(
+        tmp_path / "g.gguf", "gemma3", spec=FamilySpec(n_layer=1, sliding_window=4)
+    )
     model = load_model(path, precision="fp32")
     ids = torch.from_numpy(np.random.default_rng(0).integers(5, 290, size=(1, 12)))
     changed = ids.clone()

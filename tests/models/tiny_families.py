@@ -82,7 +82,9 @@ def write_family_gguf(
 
     w.add_tensor("token_embd.weight", rand(vocab, spec.d_model, scale=0.5))
     if rope_freqs:  # divisors from 1 (high frequencies kept) to 40 (low ones slowed)
-        w.add_tensor("rope_freqs.weight", np.geomspace(1.0, 40.0, spec.head_dim // 2).astype(np.float32))
+        w.add_tensor(
+            "rope_freqs.weight", np.geomspace(1.0, 40.0, spec.head_dim // 2).astype(np.float32)
+        )
     for i in range(spec.n_layer):
         b = f"blk.{i}"
         w.add_tensor(f"{b}.attn_norm.weight", norm(spec.d_model))

@@ -22,19 +22,32 @@ from edge_sdk.runtime import EdgeModel, GenerationConfig
 from tests.tiny_models import TinySpec, write_tiny_gguf
 
 
-def random_adapter(path: Path, base: Path, *, rank: int = 4, seed: int = 0, targets=("q_proj", "v_proj", "down_proj"),
-                   scale: float = 0.05) -> Path:
+def random_adapter(
+    path: Path,
+    base: Path,
+    *,
+    rank: int = 4,
+    seed: int = 0,
+    targets=("q_proj", "v_proj", "down_proj"),
+    scale: float = 0.05,
+) -> Path:
     """A random LoRA adapter (B non-zero) shaped for `base`."""
     info = BaseModelInfo.from_gguf(base)
     rng = np.random.default_rng(seed)
-    n_layer = 1 + max(int(name.split(".")[1]) for name in info.tensor_shapes if name.startswith("blk."))
+    n_layer = 1 + max(
+        int(name.split(".")[1]) for name in info.tensor_shapes if name.startswith("blk.")
+    )
     tensors: dict[str, np.ndarray] = {}
     for layer in range(n_layer):
         for target in targets:
             out_f, in_f = info.tensor_shapes[naming.gguf_stem(layer, target) + ".weight"]
             key = naming.hf_module(layer, target)
-            tensors[key + ".lora_A"] = (rng.standard_normal((rank, in_f)) * scale).astype(np.float32)
-            tensors[key + ".lora_B"] = (rng.standard_normal((out_f, rank)) * scale).astype(np.float32)
+            tensors[key + ".lora_A"] = (rng.standard_normal((rank, in_f)) * scale).astype(
+                np.float32
+            )
+            tensors[key + ".lora_B"] = (rng.standard_normal((out_f, rank)) * scale).astype(
+                np.float32
+            )
     return write_gguf_lora(path, tensors, alpha=2.0 * rank, base=info)
 
 
@@ -70,7 +83,9 @@ def test_tiny_hot_swap_and_restore(tiny_model: EdgeModel, tiny_gguf: Path, tmp_p
     np.testing.assert_array_equal(tiny_model.next_token_logits("hello world the"), base)
 
 
-def test_swap_refused_while_generating(tiny_model: EdgeModel, tiny_gguf: Path, tmp_path: Path) -> None:
+def test_swap_refused_while_generating(
+    tiny_model: EdgeModel, tiny_gguf: Path, tmp_path: Path
+) -> None:
     adapter = random_adapter(tmp_path / "a.gguf", tiny_gguf)
     stream = tiny_model.generate("hello", max_tokens=64, stream=True)
     next(iter(stream))  # a generation is now running
@@ -87,8 +102,12 @@ def test_swap_refused_while_generating(tiny_model: EdgeModel, tiny_gguf: Path, t
     tiny_model.remove_adapter()
 
 
-def test_wrong_base_adapter_refused_before_llama_cpp(tiny_model: EdgeModel, tmp_path: Path, monkeypatch) -> None:
-    other = write_tiny_gguf(tmp_path / "other.gguf", spec=TinySpec(d_model=32, n_head=2, n_kv_head=1, d_ff=64))
+def test_wrong_base_adapter_refused_before_llama_cpp(
+    tiny_model: EdgeModel, tmp_path: Path, monkeypatch
+) -> None:
+    other = write_tiny_gguf(
+        tmp_path / "other.gguf", spec=TinySpec(d_model=32, n_head=2, n_kv_head=1, d_ff=64)
+    )
     wrong_shapes = random_adapter(tmp_path / "wrong.gguf", other)
     gemma_like = write_tiny_gguf(tmp_path / "g.gguf", arch="gemma3")
     wrong_arch = random_adapter(tmp_path / "wrong-arch.gguf", gemma_like)
@@ -108,7 +127,10 @@ def test_wrong_base_adapter_refused_before_llama_cpp(tiny_model: EdgeModel, tmp_
 
 def test_unsupported_architecture_is_one_clear_error(tmp_path: Path) -> None:
     weird = write_tiny_gguf(tmp_path / "weird.gguf", arch="notanarch")
-    with pytest.raises(InvalidModelError, match=r"weird\.gguf: llama\.cpp refused the model: .*unknown model architecture: 'notanarch'"):
+    with pytest.raises(
+        InvalidModelError,
+        match=r"weird\.gguf: llama\.cpp refused the model: .*unknown model architecture: 'notanarch'",
+    ):
         EdgeModel(weird, n_ctx=256)
 
 
@@ -130,7 +152,9 @@ def test_real_greedy_generation_is_reproducible(smollm2: EdgeModel) -> None:
     assert "4" in answer
 
 
-def test_real_hot_swap_changes_and_restores_logits(smollm2: EdgeModel, smollm2_path: Path, tmp_path: Path) -> None:
+def test_real_hot_swap_changes_and_restores_logits(
+    smollm2: EdgeModel, smollm2_path: Path, tmp_path: Path
+) -> None:
     prompt = "Federated learning keeps data on the device because"
     base = smollm2.next_token_logits(prompt)
     a1 = random_adapter(tmp_path / "a1.gguf", smollm2_path, rank=8, seed=1)
@@ -155,7 +179,9 @@ def test_real_hot_swap_changes_and_restores_logits(smollm2: EdgeModel, smollm2_p
 # --------------------------------------------------------------------------- first-use errors
 
 
-def test_busy_error_says_how_to_wait(tiny_model: EdgeModel, tiny_gguf: Path, tmp_path: Path) -> None:
+def test_busy_error_says_how_to_wait(
+    tiny_model: EdgeModel, tiny_gguf: Path, tmp_path: Path
+) -> None:
     adapter = random_adapter(tmp_path / "a.gguf", tiny_gguf)
     stream = iter(tiny_model.generate("hello", max_tokens=64, stream=True))
     next(stream)
@@ -166,14 +192,18 @@ def test_busy_error_says_how_to_wait(tiny_model: EdgeModel, tiny_gguf: Path, tmp
             f"cannot swap the adapter of {tiny_gguf.name}: a generation is running; finish or "
             "close the stream first, or pass wait=SECONDS to wait for it"
         )
-        with pytest.raises(RuntimeBusyError, match=r"did not finish within wait=0\.05 s; .*wait=SECONDS"):
+        with pytest.raises(
+            RuntimeBusyError, match=r"did not finish within wait=0\.05 s; .*wait=SECONDS"
+        ):
             tiny_model.load_adapter(adapter, wait=0.05)
     finally:
         stream.close()
     assert tiny_model.adapter_path is None
 
 
-def test_adapter_directory_gets_a_hint(tiny_model: EdgeModel, tiny_gguf: Path, tmp_path: Path) -> None:
+def test_adapter_directory_gets_a_hint(
+    tiny_model: EdgeModel, tiny_gguf: Path, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     random_adapter(run_dir / "adapter.gguf", tiny_gguf)
@@ -190,7 +220,9 @@ def test_adapter_directory_gets_a_hint(tiny_model: EdgeModel, tiny_gguf: Path, t
         tiny_model.load_adapter(peft_dir)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(InvalidAdapterError, match=r"empty: is a directory; pass a GGUF LoRA adapter file"):
+    with pytest.raises(
+        InvalidAdapterError, match=r"empty: is a directory; pass a GGUF LoRA adapter file"
+    ):
         tiny_model.load_adapter(empty)
     assert tiny_model.adapter_path is None
 

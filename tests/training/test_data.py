@@ -63,8 +63,8 @@ def test_chat_loss_only_on_assistant_turns(tmp_path: Path, tok: LlamaCppTokenize
     # the sequence is the template's rendering tokenized in one go, then padding
     full_ids = tok.encode(tok.render_chat(messages, add_generation_prompt=False), add_bos=False)
     assert ds.train_ids[0][: len(full_ids)].tolist() == full_ids
-    assert (ds.train_ids[0][len(full_ids):] == tok.eos_id).all()
-    assert (ds.train_labels[0][len(full_ids):] == IGNORE_INDEX).all()
+    assert (ds.train_ids[0][len(full_ids) :] == tok.eos_id).all()
+    assert (ds.train_labels[0][len(full_ids) :] == IGNORE_INDEX).all()
 
 
 def test_prompt_tokens_match_inference_tokenization(tmp_path: Path, smollm2_path: Path) -> None:
@@ -94,7 +94,9 @@ def test_instruction_without_template(tmp_path: Path, plain_tok: LlamaCppTokeniz
 def test_chat_without_template_is_a_bad_line(tmp_path: Path, plain_tok: LlamaCppTokenizer) -> None:
     chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     data = _jsonl(tmp_path / "c.jsonl", [{"text": "hello world"}, chat])
-    with pytest.raises(DataFormatError, match=r"c\.jsonl:2: chat records need the model's chat template"):
+    with pytest.raises(
+        DataFormatError, match=r"c\.jsonl:2: chat records need the model's chat template"
+    ):
         build_dataset(data, plain_tok)
     ds = build_dataset(data, plain_tok, DataConfig(skip_bad=True, val_fraction=0.0))
     assert ds.stats.skipped_bad == 1 and ds.stats.formats == {"text": 1}
@@ -113,10 +115,14 @@ def test_template_refusal_names_the_line(tmp_path: Path) -> None:
     data = _jsonl(tmp_path / "d.jsonl", [ok, bad])
     with pytest.raises(DataFormatError, match=r"d\.jsonl:2: .*System role not supported"):
         build_dataset(data, tok)
-    assert build_dataset(data, tok, DataConfig(skip_bad=True, val_fraction=0.0)).stats.skipped_bad == 1
+    assert (
+        build_dataset(data, tok, DataConfig(skip_bad=True, val_fraction=0.0)).stats.skipped_bad == 1
+    )
 
 
-def test_plain_text_is_scored_everywhere_and_chunked(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
+def test_plain_text_is_scored_everywhere_and_chunked(
+    tmp_path: Path, tok: LlamaCppTokenizer
+) -> None:
     long_para = " ".join(["the world is hello"] * 40)
     (tmp_path / "t.txt").write_text(f"hello world\n\n\n{long_para}\n")
     ds = build_dataset(tmp_path / "t.txt", tok, DataConfig(seq_len=32, val_fraction=0.0))
@@ -137,7 +143,9 @@ def test_malformed_line_names_file_and_line(tmp_path: Path, tok: LlamaCppTokeniz
         build_dataset(path, tok)
     ds = build_dataset(path, tok, DataConfig(skip_bad=True, val_fraction=0.0))
     assert ds.stats.skipped_bad == 2 and ds.stats.examples == 2
-    path.write_text(good + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    path.write_text(
+        good + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+    )
     with pytest.raises(DataFormatError, match=r"bad\.jsonl:2: .*no non-empty assistant"):
         build_dataset(path, tok)
     path.write_text(json.dumps({"input": "a", "output": "b"}) + "\n")
@@ -160,9 +168,7 @@ def test_empty_dataset_is_a_clear_error(tmp_path: Path, tok: LlamaCppTokenizer) 
 
 
 def test_pack_keeps_examples_whole() -> None:
-    exs = [
-        Example(np.arange(1, n + 1), np.ones(n, bool), f"e{n}") for n in (5, 4, 3, 6)
-    ]
+    exs = [Example(np.arange(1, n + 1), np.ones(n, bool), f"e{n}") for n in (5, 4, 3, 6)]
     packed = pack(exs, seq_len=8, pad_id=0)
     ids, labels, positions = packed.ids, packed.labels, packed.positions
     assert ids.shape == labels.shape == positions.shape == (3, 8)
@@ -180,11 +186,14 @@ def test_pack_keeps_examples_whole() -> None:
 
 def test_truncation_and_dropping(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
     long_prompt = " ".join(["hello"] * 100)
-    data = _jsonl(tmp_path / "d.jsonl", [
-        {"prompt": "hello", "completion": " ".join(["world"] * 100)},  # truncated, still learns
-        {"prompt": long_prompt, "completion": "world"},  # truncation leaves no target: dropped
-        {"prompt": "a", "completion": "the world"},
-    ])
+    data = _jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "hello", "completion": " ".join(["world"] * 100)},  # truncated, still learns
+            {"prompt": long_prompt, "completion": "world"},  # truncation leaves no target: dropped
+            {"prompt": "a", "completion": "the world"},
+        ],
+    )
     ds = build_dataset(data, tok, DataConfig(seq_len=48, val_fraction=0.0))
     assert ds.stats.truncated == 2 and ds.stats.dropped_no_target == 1 and ds.stats.examples == 2
 
@@ -256,21 +265,29 @@ def test_json_single_record_and_jsonl_named_json(tmp_path: Path, tok: LlamaCppTo
 def test_json_bad_record_names_its_index(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
     path = tmp_path / "d.json"
     path.write_text(json.dumps([_PAIRS[0], {"question": "q", "answer": "a"}]))
-    with pytest.raises(DataFormatError, match=r"d\.json:\[1\]: expected `messages`.*got keys: answer, question"):
+    with pytest.raises(
+        DataFormatError, match=r"d\.json:\[1\]: expected `messages`.*got keys: answer, question"
+    ):
         _formats(path, tok)
 
 
 @pytest.mark.parametrize(
     "content,match",
     [
-        ('{"data": [1, 2]}', (r"d\.json: a JSON object with keys data is not a list of training "
-                              r"records; pass a JSON array or a \.jsonl file")),
+        (
+            '{"data": [1, 2]}',
+            (
+                r"d\.json: a JSON object with keys data is not a list of training "
+                r"records; pass a JSON array or a \.jsonl file"
+            ),
+        ),
         ('"just a string"', r"d\.json: expected a JSON array of records, got a JSON str"),
         ("[1, 2", r"d\.json: invalid JSON \(.*\); a \.json data file holds one array of records"),
     ],
 )
-def test_json_that_is_not_records_is_refused(tmp_path: Path, tok: LlamaCppTokenizer,
-                                              content: str, match: str) -> None:
+def test_json_that_is_not_records_is_refused(
+    tmp_path: Path, tok: LlamaCppTokenizer, content: str, match: str
+) -> None:
     path = tmp_path / "d.json"
     path.write_text(content)
     with pytest.raises(DataFormatError, match=match) as exc:
@@ -280,11 +297,17 @@ def test_json_that_is_not_records_is_refused(tmp_path: Path, tok: LlamaCppTokeni
 
 def test_csv_with_prompt_completion_header(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
     path = tmp_path / "d.csv"
-    path.write_text('id,prompt,completion\n1,hello a,"a, world"\n2,"multi\nline",b world\n\n3,x,y\n')
+    path.write_text(
+        'id,prompt,completion\n1,hello a,"a, world"\n2,"multi\nline",b world\n\n3,x,y\n'
+    )
     ds = build_dataset(path, tok, DataConfig(seq_len=64, val_fraction=0.0))
     assert ds.stats.formats == {"instruction": 3}
-    scored = [tok.decode([int(i) for i, lab in zip(ds.train_ids[r], ds.train_labels[r]) if lab != IGNORE_INDEX])
-              for r in range(len(ds.train_ids))]
+    scored = [
+        tok.decode(
+            [int(i) for i, lab in zip(ds.train_ids[r], ds.train_labels[r]) if lab != IGNORE_INDEX]
+        )
+        for r in range(len(ds.train_ids))
+    ]
     assert any("a, world" in s for s in scored)  # the quoted comma stays inside the field
 
 
@@ -297,16 +320,24 @@ def test_tsv_with_text_header(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
 def test_csv_without_known_columns_is_refused(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
     path = tmp_path / "d.csv"
     path.write_text("question,answer\nwhat,this\n")
-    with pytest.raises(DataFormatError, match=(
-        r"d\.csv: a \.csv data file needs a header row with `prompt` and `completion` columns "
-        r"or a `text` column, got columns 'question', 'answer'; or convert it to JSONL")):
+    with pytest.raises(
+        DataFormatError,
+        match=(
+            r"d\.csv: a \.csv data file needs a header row with `prompt` and `completion` columns "
+            r"or a `text` column, got columns 'question', 'answer'; or convert it to JSONL"
+        ),
+    ):
         _formats(path, tok)
 
 
-def test_csv_short_row_names_the_line_and_can_be_skipped(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
+def test_csv_short_row_names_the_line_and_can_be_skipped(
+    tmp_path: Path, tok: LlamaCppTokenizer
+) -> None:
     path = tmp_path / "d.csv"
     path.write_text("prompt,completion\nhello,world\nonly one cell\nhi,there\n")
-    with pytest.raises(DataFormatError, match=r"d\.csv:3: expected 2 columns as in the header, got 1"):
+    with pytest.raises(
+        DataFormatError, match=r"d\.csv:3: expected 2 columns as in the header, got 1"
+    ):
         _formats(path, tok)
     ds = build_dataset(path, tok, DataConfig(seq_len=64, val_fraction=0.0, skip_bad=True))
     assert ds.stats.skipped_bad == 1 and ds.stats.formats == {"instruction": 2}
@@ -314,9 +345,13 @@ def test_csv_short_row_names_the_line_and_can_be_skipped(tmp_path: Path, tok: Ll
 
 def test_jsonl_records_in_a_text_file_are_refused(tmp_path: Path, tok: LlamaCppTokenizer) -> None:
     path = _jsonl(tmp_path / "d.txt", _PAIRS)
-    with pytest.raises(DataFormatError, match=(
-        r"d\.txt: holds JSON records but is not named \.jsonl, so it would be trained on as "
-        r"plain text; rename it to d\.jsonl")):
+    with pytest.raises(
+        DataFormatError,
+        match=(
+            r"d\.txt: holds JSON records but is not named \.jsonl, so it would be trained on as "
+            r"plain text; rename it to d\.jsonl"
+        ),
+    ):
         _formats(path, tok)
 
 

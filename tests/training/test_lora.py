@@ -71,7 +71,9 @@ def test_only_adapter_trains(tiny_path: Path, precision: str) -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
     assert len(trainable) == 2 * len(LORA_TARGETS) * model.config.n_layer
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype.is_floating_point}
+    before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if p.dtype.is_floating_point
+    }
     opt = torch.optim.SGD(lora_parameters(model), lr=0.5)
     for _ in range(2):  # the first step moves only B (A's grad is B^T·…, zero while B = 0)
         model(_ids(), _ids()).backward()
@@ -150,7 +152,9 @@ def test_load_state_dict_rejects_mismatches(tiny_path: Path) -> None:
         load_lora_state_dict(model, {k: v for k, v in sd.items() if k != key})
     with pytest.raises(AdapterMismatchError, match="no LoRA layer"):
         load_lora_state_dict(model, {**sd, f"{hf_module(0, 'q_proj')}.lora_A": torch.zeros(2, 64)})
-    load_lora_state_dict(model, {f"{hf_module(0, 'q_proj')}.lora_A": torch.zeros(2, 64)}, strict=False)
+    load_lora_state_dict(
+        model, {f"{hf_module(0, 'q_proj')}.lora_A": torch.zeros(2, 64)}, strict=False
+    )
 
 
 def test_frozen_a_trains_b_only(tiny_path: Path) -> None:
@@ -160,7 +164,9 @@ def test_frozen_a_trains_b_only(tiny_path: Path) -> None:
     params = lora_parameters(model)
     assert params and all(p.shape[1] == 4 for p in params)  # only B (out, r)
     g2 = torch.Generator().manual_seed(42)
-    again = apply_lora(load_model(tiny_path, precision="fp32"), LoraConfig(rank=4, freeze_a=True), generator=g2)
+    again = apply_lora(
+        load_model(tiny_path, precision="fp32"), LoraConfig(rank=4, freeze_a=True), generator=g2
+    )
     a1, a2 = lora_state_dict(model), lora_state_dict(again)
     assert all(torch.equal(a1[k], a2[k]) for k in a1)  # a shared seed gives the same A everywhere
 

@@ -17,8 +17,22 @@ from edge_sdk.adapters.gguf_lora import check_adapter_compatible, read_gguf_lora
 from edge_sdk.adapters.peft import load_peft
 from edge_sdk.cli import main
 
-ARGS = ["--steps", "4", "--seq-len", "64", "--batch-size", "2", "--precision", "fp32", "--rank", "2",
-        "--lr", "1e-2", "--checkpoint-every", "2"]
+ARGS = [
+    "--steps",
+    "4",
+    "--seq-len",
+    "64",
+    "--batch-size",
+    "2",
+    "--precision",
+    "fp32",
+    "--rank",
+    "2",
+    "--lr",
+    "1e-2",
+    "--checkpoint-every",
+    "2",
+]
 
 
 @pytest.fixture
@@ -29,25 +43,50 @@ def data(tmp_path: Path) -> Path:
     return path
 
 
-def test_bad_line_fails_with_file_and_line(tmp_path: Path, tiny_gguf: Path, data: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_line_fails_with_file_and_line(
+    tmp_path: Path, tiny_gguf: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc = main(["train", str(tiny_gguf), "--data", str(data), "--out", str(tmp_path / "o"), *ARGS])
     err = capsys.readouterr().err
     assert rc == 2 and f"{data}:5: invalid JSON" in err and "Traceback" not in err
 
 
-def test_missing_file_and_bad_value_are_one_line_errors(tmp_path: Path, tiny_gguf: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["train", str(tiny_gguf), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
+def test_missing_file_and_bad_value_are_one_line_errors(
+    tmp_path: Path, tiny_gguf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        [
+            "train",
+            str(tiny_gguf),
+            "--data",
+            str(tmp_path / "nope.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2 and "nope.jsonl: cannot read" in capsys.readouterr().err
-    rc = main(["train", str(tiny_gguf), "--data", str(tmp_path / "x"), "--out", str(tmp_path / "o"), "--rank", "0"])
+    rc = main(
+        [
+            "train",
+            str(tiny_gguf),
+            "--data",
+            str(tmp_path / "x"),
+            "--out",
+            str(tmp_path / "o"),
+            "--rank",
+            "0",
+        ]
+    )
     assert rc == 2 and "`rank` should be a positive integer, got 0" in capsys.readouterr().err
 
 
-def test_train_skip_bad_then_convert(tmp_path: Path, tiny_gguf: Path, data: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_skip_bad_then_convert(
+    tmp_path: Path, tiny_gguf: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
-    rc = main(["train", str(tiny_gguf), "--data", str(data), "--out", str(out), "--skip-bad", *ARGS])
+    rc = main(
+        ["train", str(tiny_gguf), "--data", str(data), "--out", str(out), "--skip-bad", *ARGS]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "1 malformed lines skipped" in captured.out and "eval loss" in captured.out
@@ -56,7 +95,9 @@ def test_train_skip_bad_then_convert(tmp_path: Path, tiny_gguf: Path, data: Path
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["skipped_bad"] == 1 and metrics["metrics"]["steps"] == 4
 
-    rc = main(["convert-adapter", str(out), "--model", str(tiny_gguf), "--out", str(tmp_path / "c.gguf")])
+    rc = main(
+        ["convert-adapter", str(out), "--model", str(tiny_gguf), "--out", str(tmp_path / "c.gguf")]
+    )
     assert rc == 0
     converted, peft = read_gguf_lora(tmp_path / "c.gguf"), load_peft(out)
     assert converted.tensors.keys() == peft.tensors.keys()
@@ -68,20 +109,39 @@ def test_train_skip_bad_then_convert(tmp_path: Path, tiny_gguf: Path, data: Path
 @pytest.mark.parametrize(
     "name,content,message",
     [
-        ("d.csv", "question,answer\nwhat,this\n",
-         ("d.csv: a .csv data file needs a header row with `prompt` and `completion` columns or "
-          "a `text` column, got columns 'question', 'answer'; or convert it to JSONL with one "
-          "object per line")),
-        ("d.json", '{"rows": []}',
-         ("d.json: a JSON object with keys rows is not a list of training records; pass a JSON "
-          "array or a .jsonl file with one object per line")),
-        ("d.txt", '{"prompt": "a", "completion": "b"}\n',
-         ("d.txt: holds JSON records but is not named .jsonl, so it would be trained on as plain "
-          "text; rename it to d.jsonl")),
+        (
+            "d.csv",
+            "question,answer\nwhat,this\n",
+            (
+                "d.csv: a .csv data file needs a header row with `prompt` and `completion` columns or "
+                "a `text` column, got columns 'question', 'answer'; or convert it to JSONL with one "
+                "object per line"
+            ),
+        ),
+        (
+            "d.json",
+            '{"rows": []}',
+            (
+                "d.json: a JSON object with keys rows is not a list of training records; pass a JSON "
+                "array or a .jsonl file with one object per line"
+            ),
+        ),
+        (
+            "d.txt",
+            '{"prompt": "a", "completion": "b"}\n',
+            (
+                "d.txt: holds JSON records but is not named .jsonl, so it would be trained on as plain "
+                "text; rename it to d.jsonl"
+            ),
+        ),
     ],
 )
 def test_data_in_the_wrong_format_is_a_one_line_error(
-    tmp_path: Path, tiny_gguf: Path, capsys: pytest.CaptureFixture[str], name: str, content: str,
+    tmp_path: Path,
+    tiny_gguf: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    content: str,
     message: str,
 ) -> None:
     path = tmp_path / name
@@ -94,16 +154,21 @@ def test_data_in_the_wrong_format_is_a_one_line_error(
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
-def test_json_array_trains_like_jsonl(tmp_path: Path, tiny_gguf: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_array_trains_like_jsonl(
+    tmp_path: Path, tiny_gguf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "d.json"
-    path.write_text(json.dumps([{"prompt": f"hello {w}", "completion": f"{w} world"} for w in "abcdefgh"]))
+    path.write_text(
+        json.dumps([{"prompt": f"hello {w}", "completion": f"{w} world"} for w in "abcdefgh"])
+    )
     rc = main(["train", str(tiny_gguf), "--data", str(path), "--out", str(tmp_path / "o"), *ARGS])
     out = capsys.readouterr().out
     assert rc == 0 and "data: 8 examples" in out and "(8 instruction)" in out
 
 
-def test_output_is_flushed_line_by_line_into_a_pipe(tmp_path: Path, tiny_gguf: Path, data: Path) -> None:
+def test_output_is_flushed_line_by_line_into_a_pipe(
+    tmp_path: Path, tiny_gguf: Path, data: Path
+) -> None:
     """`fedlm train > log`: the data summary and the progress lines arrive while it runs.
 
     stdout and stderr are pipes here (not a terminal). The run is long enough that it is still
@@ -112,9 +177,28 @@ def test_output_is_flushed_line_by_line_into_a_pipe(tmp_path: Path, tiny_gguf: P
     """
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     env.pop("PYTHONUNBUFFERED", None)
-    cmd = [sys.executable, "-m", "edge_sdk.cli", "train", str(tiny_gguf), "--data", str(data),
-           "--out", str(tmp_path / "o"), "--skip-bad", "--steps", "3000", "--seq-len", "32",
-           "--precision", "fp32", "--rank", "2", "--checkpoint-every", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_sdk.cli",
+        "train",
+        str(tiny_gguf),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "o"),
+        "--skip-bad",
+        "--steps",
+        "3000",
+        "--seq-len",
+        "32",
+        "--precision",
+        "fp32",
+        "--rank",
+        "2",
+        "--checkpoint-every",
+        "0",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         first = _read_line(proc.stdout, deadline=time.monotonic() + 240)
@@ -159,7 +243,10 @@ def _read_line(stream: Any, deadline: float) -> str:
 
 
 def test_readme_training_example_runs(
-    tmp_path: Path, tiny_gguf: Path, data: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tiny_gguf: Path,
+    data: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The README's Python training example, as written, on the tiny model (2 fp32 steps)."""

@@ -42,9 +42,18 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(**kw: object) -> TrainConfig:
-    base: dict[str, object] = {"steps": 12, "seq_len": 64, "batch_size": 2, "lr": 1e-2, "warmup": 2,
-                               "precision": "fp32", "dropout": 0.1, "checkpoint_every": 4, "rank": 4,
-                               "alpha": 8.0}
+    base: dict[str, object] = {
+        "steps": 12,
+        "seq_len": 64,
+        "batch_size": 2,
+        "lr": 1e-2,
+        "warmup": 2,
+        "precision": "fp32",
+        "dropout": 0.1,
+        "checkpoint_every": 4,
+        "rank": 4,
+        "alpha": 8.0,
+    }
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
 
@@ -80,20 +89,28 @@ def test_seeded_adapter_is_seeded_per_module() -> None:
     shapes = {"model.layers.0.self_attn.q_proj": (8, 16), "model.layers.1.mlp.up_proj": (32, 16)}
     a = seeded_adapter(shapes, 4, seed=3)
     b = seeded_adapter({"model.layers.1.mlp.up_proj": (32, 16)}, 4, seed=3)
-    np.testing.assert_array_equal(a["model.layers.1.mlp.up_proj.lora_A"], b["model.layers.1.mlp.up_proj.lora_A"])
+    np.testing.assert_array_equal(
+        a["model.layers.1.mlp.up_proj.lora_A"], b["model.layers.1.mlp.up_proj.lora_A"]
+    )
     assert not (a["model.layers.0.self_attn.q_proj.lora_B"]).any()
     assert np.abs(a["model.layers.0.self_attn.q_proj.lora_A"]).max() <= 1 / 4  # 1/sqrt(16)
     c = seeded_adapter(shapes, 4, seed=4)
-    assert not np.array_equal(a["model.layers.0.self_attn.q_proj.lora_A"], c["model.layers.0.self_attn.q_proj.lora_A"])
+    assert not np.array_equal(
+        a["model.layers.0.self_attn.q_proj.lora_A"], c["model.layers.0.self_attn.q_proj.lora_A"]
+    )
 
 
-def test_fit_learns_trains_only_adapter_and_is_deterministic(tiny_gguf: Path, data_file: Path) -> None:
+def test_fit_learns_trains_only_adapter_and_is_deterministic(
+    tiny_gguf: Path, data_file: Path
+) -> None:
     config = _config(steps=16, checkpoint_every=0)
     model, ds, res = _fit(tiny_gguf, data_file, config)
     m = res.metrics
     assert m.eval_loss is not None and m.eval_loss_before is not None
     assert m.eval_loss < 0.5 * m.eval_loss_before
-    assert m.steps == 16 and m.num_tokens == 16 * 2 * 64 and m.num_examples == ds.stats.train_examples
+    assert (
+        m.steps == 16 and m.num_tokens == 16 * 2 * 64 and m.num_examples == ds.stats.train_examples
+    )
     assert m.tokens_per_s > 0 and len(m.history) == 16
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
@@ -109,8 +126,12 @@ def test_freeze_a_and_init_adapter(tiny_gguf: Path, data_file: Path) -> None:
     ds = build_dataset(data_file, tok, config.data_config())
     model = load_for_training(tiny_gguf, config)
     rng = np.random.default_rng(0)
-    start = {k: rng.standard_normal(v.shape).astype(np.float32) * 0.01
-             for k, v in seeded_adapter({p: (m.out_features, m.in_features) for p, m in lora_modules(model)}, 4, 0).items()}
+    start = {
+        k: rng.standard_normal(v.shape).astype(np.float32) * 0.01
+        for k, v in seeded_adapter(
+            {p: (m.out_features, m.in_features) for p, m in lora_modules(model)}, 4, 0
+        ).items()
+    }
     res = fit(model, ds, config, init_adapter=start)
     for k, v in res.adapter.items():
         if k.endswith("lora_A"):
@@ -119,7 +140,9 @@ def test_freeze_a_and_init_adapter(tiny_gguf: Path, data_file: Path) -> None:
             assert not np.array_equal(v, start[k])
 
 
-def test_resume_after_crash_equals_uninterrupted(tmp_path: Path, tiny_gguf: Path, data_file: Path) -> None:
+def test_resume_after_crash_equals_uninterrupted(
+    tmp_path: Path, tiny_gguf: Path, data_file: Path
+) -> None:
     config = _config(steps=12, checkpoint_every=4)
     _, _, full = _fit(tiny_gguf, data_file, config, checkpoint_path=tmp_path / "a.pt")
 
@@ -148,22 +171,63 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path: Path, tiny_gguf: Path
 
 
 def _cli(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "edge_sdk.cli", "train", str(model), "--data", str(data), "--out", str(out),
-            "--steps", "40", "--seq-len", "64", "--batch-size", "2", "--lr", "1e-2", "--warmup", "2",
-            "--rank", "4", "--dropout", "0.1", "--precision", "fp32", "--checkpoint-every", "2",
-            "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "edge_sdk.cli",
+        "train",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "40",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "2",
+        "--rank",
+        "4",
+        "--dropout",
+        "0.1",
+        "--precision",
+        "fp32",
+        "--checkpoint-every",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bitwise_equal(tmp_path: Path, tiny_gguf: Path, data_file: Path) -> None:
+def test_sigkill_then_resume_is_bitwise_equal(
+    tmp_path: Path, tiny_gguf: Path, data_file: Path
+) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    done = subprocess.run(_cli(tiny_gguf, data_file, ref), check=False, env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        _cli(tiny_gguf, data_file, ref),
+        check=False,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
 
-    proc = subprocess.Popen(_cli(tiny_gguf, data_file, killed), env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(tiny_gguf, data_file, killed),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt = killed / CHECKPOINT_NAME
     try:
         deadline = time.monotonic() + 240
@@ -180,11 +244,25 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path: Path, tiny_gguf: Path, d
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert 6 <= step < 40 and not (killed / "adapter.gguf").exists()
 
-    again = subprocess.run(_cli(tiny_gguf, data_file, killed), check=False, env=env, cwd=REPO, capture_output=True,
-                           text=True, timeout=300)
+    again = subprocess.run(
+        _cli(tiny_gguf, data_file, killed),
+        check=False,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 2 and "--resume" in again.stderr  # refuses to clobber the checkpoint
-    resumed = subprocess.run(_cli(tiny_gguf, data_file, killed, "--resume"), check=False, env=env, cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _cli(tiny_gguf, data_file, killed, "--resume"),
+        check=False,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     a = load_file(str(ref / "adapter_model.safetensors"))
     b = load_file(str(killed / "adapter_model.safetensors"))
@@ -216,8 +294,17 @@ def test_run_writes_both_formats(tmp_path: Path, tiny_gguf: Path, data_file: Pat
 def test_real_model_learns_the_capitals_format(tmp_path: Path, smollm2_path: Path) -> None:
     """QLoRA (NF4) on SmolLM2 with the shipped capitals->JSON data lowers the eval loss."""
     data = REPO / "tests" / "data" / "capitals_json.jsonl"
-    config = TrainConfig(steps=8, seq_len=128, batch_size=1, lr=2e-3, warmup=2, rank=8, alpha=16.0,
-                         checkpoint_every=0, eval_batches=4)
+    config = TrainConfig(
+        steps=8,
+        seq_len=128,
+        batch_size=1,
+        lr=2e-3,
+        warmup=2,
+        rank=8,
+        alpha=16.0,
+        checkpoint_every=0,
+        eval_batches=4,
+    )
     out = run(smollm2_path, data, tmp_path / "out", config)
     m = out.result.metrics
     assert m.eval_loss is not None and m.eval_loss_before is not None

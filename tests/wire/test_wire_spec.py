@@ -322,9 +322,7 @@ def test_uint_range_in_the_doc_is_what_the_code_accepts() -> None:
     with pytest.raises(InvalidFieldError, match="a_seed"):
         TaskConfig.from_bytes(_raw(MessageKind.TASK_CONFIG, body))
     # ... and the encoder refuses to write what decoders refuse to read.
-    with pytest.raises(
-        ValueError, match=r"`a_seed` should be at most 2\^63-1"
-    ):
+    with pytest.raises(ValueError, match=r"`a_seed` should be at most 2\^63-1"):
         LoraSpec(rank=2, alpha=4.0, targets=("q_proj",), mode="frozen-a", a_seed=top + 1)
 
 
