@@ -114,9 +114,15 @@ def config_for(
         mode=mode, rank=RANK, alpha=ALPHA, exact_max_rank=exact_max_rank
     )
     return CoordinatorConfig(
-        model_sha256=sha, shapes=shapes, db_path=db, aggregation=aggregation,
-        strategy=FedBuff(buffer_size=buffer, max_staleness=8), codec=CODEC, join_token=JOIN_TOKEN, mdns=False,
-    )  # fmt: skip
+        model_sha256=sha,
+        shapes=shapes,
+        db_path=db,
+        aggregation=aggregation,
+        strategy=FedBuff(buffer_size=buffer, max_staleness=8),
+        codec=CODEC,
+        join_token=JOIN_TOKEN,
+        mdns=False,
+    )
 
 
 # -- aggregation ------------------------------------------------------------------------------
@@ -207,11 +213,26 @@ def bench_aggregation(
                 # (the clip's first pass decodes them); "ingest": through `submit` in the child.
                 size = fill(shapes, sha, db, mode, n) if fill_mode == "storage" else 0
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child-aggregate", str(db), "--mode", mode, "--n", str(n),
-                     "--exact-max-rank", str(exact_max_rank), "--fill", fill_mode],
-                    capture_output=True, text=True, check=True, cwd=CODE,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child-aggregate",
+                        str(db),
+                        "--mode",
+                        mode,
+                        "--n",
+                        str(n),
+                        "--exact-max-rank",
+                        str(exact_max_rank),
+                        "--fill",
+                        fill_mode,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    cwd=CODE,
                     env={**os.environ, "FEDLM_BENCH_CODE": str(code or ROOT)},
-                )  # fmt: skip
+                )
                 result = json.loads(out.stdout.strip().splitlines()[-1])
             row = {
                 "code": str(code or ROOT),
@@ -232,11 +253,36 @@ def bench_aggregation(
 def start_server(model: Path, db: Path, posts: int) -> tuple[subprocess.Popen[str], str]:
     """`python -m coordinator` on 127.0.0.1:0; returns the process and its URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
-         "--db", str(db), "--no-mdns", "--join-token", JOIN_TOKEN, "--buffer-size", str(10 * posts),
-         "--codec", CODEC, "--rate", "10000", "--max-body-mb", "16", "--log-level", "warning"],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "coordinator",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--db",
+            str(db),
+            "--no-mdns",
+            "--join-token",
+            JOIN_TOKEN,
+            "--buffer-size",
+            str(10 * posts),
+            "--codec",
+            CODEC,
+            "--rate",
+            "10000",
+            "--max-body-mb",
+            "16",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("fedlm coordinator http://"):
@@ -363,7 +409,8 @@ def main() -> None:
         return
     shapes, sha, model = smollm2_shapes()
     print(
-        f"adapter: {len(shapes)} layers, {adapter_parameters(shapes, RANK):,} parameters at r={RANK}",
+        f"adapter: {len(shapes)} layers, "
+        f"{adapter_parameters(shapes, RANK):,} parameters at r={RANK}",
         flush=True,
     )
     results: dict = {"parameters": adapter_parameters(shapes, RANK)}

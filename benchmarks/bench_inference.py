@@ -70,10 +70,12 @@ def main() -> None:
     med = statistics.median
     print(f"model: {path.name}")
     print(
-        f"load (EdgeModel)                 median {med(loads):.3f} s   min {min(loads):.3f}  max {max(loads):.3f}"
+        f"load (EdgeModel)                 median {med(loads):.3f} "
+        f"s   min {min(loads):.3f}  max {max(loads):.3f}"
     )
     print(
-        f"generation, greedy, {args.tokens} tokens    median {med(rates):.1f} tok/s  min {min(rates):.1f}  max {max(rates):.1f}"
+        f"generation, greedy, {args.tokens} tokens    median "
+        f"{med(rates):.1f} tok/s  min {min(rates):.1f}  max {max(rates):.1f}"
     )
     print(f"adapter hot-swap (r=8, all linear) median {med(swaps) * 1e3:.1f} ms")
     print(f"reload with lora_path (baseline)   median {med(reloads) * 1e3:.1f} ms")

@@ -195,7 +195,8 @@ def main() -> None:
     med = {b: {k: statistics.median(x[k] for x in rs) for k in keys} for b, rs in runs.items()}
     med["onnx"]["convert_ms"] = statistics.median(x["convert_ms"] for x in runs["onnx"])
     print(
-        f"model {args.model}, {args.threads} threads, prompt {runs['onnx'][0]['prompt_tokens']} tokens, "
+        f"model {args.model}, {args.threads} threads, "
+        f"prompt {runs['onnx'][0]['prompt_tokens']} tokens, "
         f"{args.decode_tokens} decode steps, median of {args.repeats}"
     )
     print(f"{'':14}{'llama.cpp':>12}{'onnx':>12}{'ratio':>8}")

@@ -69,10 +69,14 @@ async def main():
 
         g = GlobalAdapter.from_bytes(body).dense_tensors()
         got = np.concatenate([np.asarray(g[k], np.float64).ravel() for k in sec.keys])
+        rel_rmse = np.sqrt(np.mean((got - exact) ** 2)) / np.sqrt(np.mean(exact**2))
         print(
-            f"n={n} g={sec.params.grid_bits} b={sec.params.ring_bits} N={sec.vector_len} masked={sec.params.packed_len} "
-            f"fp32={4 * sec.vector_len} x{4 * sec.vector_len / sec.params.packed_len:.2f} round_wall_s={wall:.2f} "
-            f"stats={s.coordinator.last_aggregation['secure']} rmse/rms={np.sqrt(np.mean((got - exact) ** 2)) / np.sqrt(np.mean(exact**2)):.3f}"
+            f"n={n} g={sec.params.grid_bits} b={sec.params.ring_bits} "
+            f"N={sec.vector_len} masked={sec.params.packed_len} "
+            f"fp32={4 * sec.vector_len} "
+            f"x{4 * sec.vector_len / sec.params.packed_len:.2f} round_wall_s={wall:.2f} "
+            f"stats={s.coordinator.last_aggregation['secure']} "
+            f"rmse/rms={rel_rmse:.3f}"
         )
         for d in devs:
             await d.transport.close()

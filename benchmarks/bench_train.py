@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         "--stacks",
         default="ours,hf,ours-lowmem",
         help="comma list of: ours, ours-packed (rows of isolated packed examples), ours-lowmem "
-        "(FEDLM_LOW_MEMORY=1), isolation-ab (paired isolated vs unisolated steps), ours-ckpt (that + gradient checkpointing), ours-fp32, hf, hf-fp32, "
+        "(FEDLM_LOW_MEMORY=1), isolation-ab (paired isolated vs unisolated steps), "
+        "ours-ckpt (that + gradient checkpointing), ours-fp32, hf, hf-fp32, "
         "floor (the step's fp32 GEMMs + attention timed alone)",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -401,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {s: summarize(s, r, args.seq_len * args.batch_size) for s, r in runs.items()}
     for r in results.values():
         print(
-            f"{r['stack']:10s} {r['tokens_per_s']:7.1f} tok/s (best {r['best_tokens_per_s']:6.1f})  "
+            f"{r['stack']:10s} {r['tokens_per_s']:7.1f} "
+            f"tok/s (best {r['best_tokens_per_s']:6.1f})  "
             f"step {r['median_step_s']:.2f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
             f"load {r['load_s']:5.2f} s (+ imports {r['import_s']:.2f} s)"
         )
@@ -410,13 +412,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"ratios ours/hf: tokens/s {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x median, "
             f"{ours['best_tokens_per_s'] / hf['best_tokens_per_s']:.2f}x best  "
-            f"peak RSS {ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x  load {ours['load_s'] / hf['load_s']:.3f}x"
+            f"peak RSS {ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x "
+            f" load {ours['load_s'] / hf['load_s']:.3f}x"
         )
     if "ours" in results and "ours-packed" in results:
         ours, packed = results["ours"], results["ours-packed"]
         spread = [t / ours["median_step_s"] for t in packed["step_s"]]
         print(
-            f"isolation cost: ours-packed / ours step time {packed['median_step_s'] / ours['median_step_s']:.3f}x "
+            "isolation cost: ours-packed / ours step time "
+            f"{packed['median_step_s'] / ours['median_step_s']:.3f}x "
             f"median (packed steps span {min(spread):.2f}x..{max(spread):.2f}x of ours' median)"
         )
     if "isolation-ab" in results:
@@ -425,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         print(
             f"isolation, paired in one process: isolated / unisolated step time median "
-            f"{statistics.median(ratios):.3f}x (quartiles {q[0]:.3f}..{q[2]:.3f}, {len(ratios)} pairs); "
+            f"{statistics.median(ratios):.3f}x (quartiles "
+            f"{q[0]:.3f}..{q[2]:.3f}, {len(ratios)} pairs); "
             f"unisolated steps {statistics.median(before):.2f} s median, "
             f"{min(before):.2f}..{max(before):.2f} s"
         )
@@ -433,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         floor, hf = results["floor"], results["hf"]
         parts = runs["floor"][-1]
         print(
-            f"floor: GEMMs {sum(parts['gemm_s'].values()):.2f} s + attention {parts['attention_s']:.2f} s "
+            f"floor: GEMMs {sum(parts['gemm_s'].values()):.2f} "
+            f"s + attention {parts['attention_s']:.2f} s "
             f"= {floor['median_step_s']:.2f} s per step; no fp32 step can beat "
             f"{floor['tokens_per_s'] / hf['tokens_per_s']:.2f}x HF's tokens/s on this machine"
         )

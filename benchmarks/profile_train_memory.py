@@ -134,7 +134,8 @@ def main() -> int:
         end = inside[-1] if inside else 0
         print(f"{name:28s} {start / 2**20:10.0f} {end / 2**20:10.0f} {max(inside) / 2**20:13.0f}")
     print(
-        f"peak RSS (ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; "
+        "peak RSS (ru_maxrss): "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; "
         f"highest sample {max(r for _, r in _samples) / 2**20:.0f} MB; exit {rc}"
     )
     return rc

@@ -28,6 +28,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 
+from typing_extensions import Self
 from zeroconf import InterfaceChoice, IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
@@ -136,7 +137,7 @@ class Advertiser:
             await zc.async_close()
         log.info("stopped advertising %s", info.name if info else self.instance)
 
-    async def __aenter__(self) -> Advertiser:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

@@ -196,7 +196,8 @@ def build_spec(version: str, join_max_bytes: int = 4096) -> dict[str, Any]:
             "/v1/task": {
                 "get": {
                     "summary": "The task: model sha256, LoRA spec, codec, local training settings.",
-                    "description": f"JSON by default; the wire TaskConfig with `Accept: {CONTENT_TYPE}`.",
+                    "description": "JSON by default; the wire TaskConfig "
+                    f"with `Accept: {CONTENT_TYPE}`.",
                     "security": bearer,
                     "responses": {
                         "200": {
@@ -231,7 +232,8 @@ def build_spec(version: str, join_max_bytes: int = 4096) -> dict[str, Any]:
             },
             "/v1/updates": {
                 "post": {
-                    "summary": "Submit an adapter update (wire AdapterUpdate); acknowledged once durable.",
+                    "summary": "Submit an adapter update (wire "
+                    "AdapterUpdate); acknowledged once durable.",
                     "security": bearer,
                     "requestBody": {"required": True, "content": {CONTENT_TYPE: {"schema": wire}}},
                     "responses": {

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
 from aiohttp import web
+from typing_extensions import Self
 
 import edge_sdk
 from coordinator import connections, http_api
@@ -319,7 +320,7 @@ class Service:
         if sock is not None:
             sock.close()
 
-    async def __aenter__(self) -> Service:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

@@ -305,7 +305,8 @@ class Coordinator:
     # -- clients ----------------------------------------------------------------------------
 
     def check_join_token(self, join_token: str) -> None:
-        """`AuthError` unless `join_token` is the task's (constant time; cheap enough for the loop)."""
+        """`AuthError` unless `join_token` is the task's (constant time; cheap enough for the
+        loop)."""
         if not tokens_equal(join_token, self.config.join_token):
             raise AuthError("invalid join token")
 
@@ -396,7 +397,8 @@ class Coordinator:
             )
         if update.model_sha256 != cfg.model_sha256:
             raise UpdateRejectedError(
-                f"update is for model {update.model_sha256[:16]}…, this task trains {cfg.model_sha256[:16]}…",
+                f"update is for model {update.model_sha256[:16]}…, "
+                f"this task trains {cfg.model_sha256[:16]}…",
                 code="wrong_model",
             )
         self._check_lora(update.lora)
@@ -405,7 +407,8 @@ class Coordinator:
             missing = sorted(self._expected_keys - keys)[:3]
             extra = sorted(keys - self._expected_keys)[:3]
             raise UpdateRejectedError(
-                f"tensor keys differ from the task's {agg.mode} adapter: missing {missing}, unexpected {extra}",
+                f"tensor keys differ from the task's {agg.mode} "
+                f"adapter: missing {missing}, unexpected {extra}",
                 code="wrong_tensors",
             )
         for key, tensor in update.tensors.items():

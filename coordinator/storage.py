@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from typing_extensions import Self
+
 from coordinator.errors import DuplicateUpdateError, StorageError
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,10 @@ CREATE TABLE IF NOT EXISTS globals (
     stats TEXT NOT NULL,
     body BLOB
 );
-CREATE TABLE IF NOT EXISTS strategy_state (id INTEGER PRIMARY KEY CHECK (id = 0), value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS strategy_state (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, data BLOB NOT NULL);
 """
 
@@ -217,7 +222,7 @@ class SQLiteStorage:
         for conn in connections:
             conn.close()
 
-    def __enter__(self) -> SQLiteStorage:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -392,7 +397,8 @@ class SQLiteStorage:
         row = (
             self._conn()
             .execute(
-                "SELECT version, created_at, etag, stats, body FROM globals ORDER BY version DESC LIMIT 1"
+                "SELECT version, created_at, etag, stats, body "
+                "FROM globals ORDER BY version DESC LIMIT 1"
             )
             .fetchone()
         )
@@ -428,7 +434,8 @@ class SQLiteStorage:
             raise ValueError("`new_global.body` must hold the encoded adapter")
         with self._write() as conn:
             conn.execute(
-                "INSERT INTO globals (version, created_at, etag, stats, body) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO globals (version, created_at, "
+                "etag, stats, body) VALUES (?, ?, ?, ?, ?)",
                 (
                     new_global.version,
                     new_global.created_at,
@@ -459,7 +466,8 @@ class SQLiteStorage:
         """Retire pending updates that no aggregation will use (e.g. too stale)."""
         with self._write() as conn:
             conn.executemany(
-                "UPDATE updates SET status = 'dropped', body = NULL WHERE update_id = ? AND status = 'pending'",
+                "UPDATE updates SET status = 'dropped', body = "
+                "NULL WHERE update_id = ? AND status = 'pending'",
                 [(uid,) for uid in update_ids],
             )
 

@@ -29,7 +29,8 @@ class TlsMaterial:
     cert_path: Path
     key_path: Path
     fingerprint: str
-    """sha256 of the DER certificate, lowercase hex (what `openssl x509 -fingerprint -sha256` shows)."""
+    """sha256 of the DER certificate, lowercase hex (what `openssl x509 -fingerprint -sha256`
+    shows)."""
 
     def server_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

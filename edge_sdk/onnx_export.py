@@ -176,7 +176,8 @@ def hf_config(config: ModelConfig, bos: int | None, eos: int | None) -> dict[str
             },
         }
     raise UnsupportedArchitectureError(
-        f"ONNX export does not support architecture {config.arch!r}; supported: {', '.join(EXPORT_ARCHS)}"
+        "ONNX export does not support architecture "
+        f"{config.arch!r}; supported: {', '.join(EXPORT_ARCHS)}"
     )
 
 
@@ -201,7 +202,8 @@ def write_hf_folder(gguf_path: Path, out: Path, progress: ProgressFn) -> ModelCo
     model = load_model(gguf_path, precision="fp32")
     if getattr(model, "rope_freq_factors", None) is not None:
         raise UnsupportedArchitectureError(
-            f"{gguf_path.name}: per-frequency RoPE factors (rope_freqs.weight) are not supported by export"
+            f"{gguf_path.name}: per-frequency RoPE factors "
+            "(rope_freqs.weight) are not supported by export"
         )
     tensors = hf_state_dict(model, config)
     del model

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from typing_extensions import Self
 
 from edge_sdk.errors import (
     AdapterMismatchError,
@@ -47,7 +48,8 @@ def import_genai() -> Any:
         import onnxruntime_genai as og
     except ImportError as exc:
         raise OnnxNotInstalledError(
-            f"the ONNX backend needs the `onnx` extra ({exc.name} is missing): pip install 'fedlm-edge[onnx]'"
+            f"the ONNX backend needs the `onnx` extra ({exc.name} "
+            "is missing): pip install 'fedlm-edge[onnx]'"
         ) from None
     return og
 
@@ -308,7 +310,8 @@ class OnnxEdgeModel:
     # ---------------------------------------------------------------- adapters
 
     def convert_adapter(self, path: str | os.PathLike[str], scale: float = 1.0) -> Path:
-        """`path` (GGUF LoRA or PEFT directory) as an `.onnx_adapter` file in this model's work dir."""
+        """`path` (GGUF LoRA or PEFT directory) as an `.onnx_adapter` file in this model's work
+        dir."""
         from edge_sdk.onnx_adapters import (
             lora_input_shapes,
             onnx_lora_tensors,
@@ -400,7 +403,7 @@ class OnnxEdgeModel:
         self._model = None
         shutil.rmtree(self._workdir, ignore_errors=True)
 
-    def __enter__(self) -> OnnxEdgeModel:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from typing_extensions import Self
 
 from edge_sdk._llama_log import LlamaLog, llama_log
 from edge_sdk.errors import (
@@ -387,7 +388,7 @@ class EdgeModel:
         llm.close()
         self._llm = None
 
-    def __enter__(self) -> EdgeModel:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

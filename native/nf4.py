@@ -60,7 +60,8 @@ def quantize_nf4_torch(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tens
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """NF4-quantize `w` like bitsandbytes: (packed uint8 (ceil(n/2), 1), absmax float32 (blocks,))."""
+    """NF4-quantize `w` like bitsandbytes: (packed uint8 (ceil(n/2), 1), absmax float32
+    (blocks,))."""
     lib = native_lib()
     n = w.numel()
     if lib is None or n % blocksize or blocksize % 2 or blocksize > 4096:

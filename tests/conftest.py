@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny generated models for unit tests, the real embedded model for integration."""
+"""Shared fixtures: tiny generated models for unit tests, the real embedded model for
+integration."""
 
 from __future__ import annotations
 

@@ -457,7 +457,8 @@ def check_adapter_compatible(
     arch = architecture(reader)
     if arch != info.arch:
         raise AdapterMismatchError(
-            f"{shown}: adapter is for architecture {quote(arch)}, base model {base_desc} is {quote(info.arch)}"
+            f"{shown}: adapter is for architecture {quote(arch)}, "
+            f"base model {base_desc} is {quote(info.arch)}"
         )
     for name, pair in sorted(pairs.items()):
         want = info.tensor_shapes.get(name)

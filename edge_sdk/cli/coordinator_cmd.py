@@ -190,7 +190,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--join-token",
         default=None,
         # 8 = coordinator.config.MIN_JOIN_TOKEN_CHARS (not imported: it pulls numpy into --help)
-        help=f"enrollment secret, at least 8 characters (default: ${JOIN_TOKEN_ENV}, else generated)",
+        help="enrollment secret, at least 8 characters "
+        f"(default: ${JOIN_TOKEN_ENV}, else generated)",
     )
     p.add_argument(
         "--operator-token",

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="federate a QLoRA adapter across simulated clients and report what it gained",
         description="Generate non-IID instruction data for N clients (or use --data DIR), train "
-        "local-only and centralized baselines, federate an adapter (a coordinator advertised by mDNS "
+        "local-only and centralized baselines, federate "
+        "an adapter (a coordinator advertised by mDNS "
         "on 127.0.0.1 and N `fedlm join` processes that discover it), and report eval loss, exact "
         "match, bytes sent and wall time (report.json, a plot and both adapter formats in --out).",
     )
@@ -98,11 +99,13 @@ def _demo(args: argparse.Namespace) -> int:
             console.print(f"{clock} {fields['name']} done in {fields['seconds']:.1f} s")
         elif event == "local":
             console.print(
-                f"{clock}   local-only client {fields['client']}: exact match {fields['exact_match']:.1%}"
+                f"{clock}   local-only client {fields['client']}: "
+                f"exact match {fields['exact_match']:.1%}"
             )
         elif event == "version":
             console.print(
-                f"{clock}   global version {fields['version']}: eval loss {fields['eval_loss']:.3f}, "
+                f"{clock}   global version {fields['version']}: "
+                f"eval loss {fields['eval_loss']:.3f}, "
                 f"exact match {fields['exact_match']:.1%}"
             )
 

@@ -20,10 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "join",
         help="join a federation: train on local data, send only adapter updates",
         formatter_class=DefaultsHelpFormatter,
-        description="Find a coordinator for MODEL on the LAN (mDNS) or use --coordinator, verify the "
-        "model and its licence, then train locally and exchange LoRA adapter updates until the task "
-        "ends. The first time, give the join code that `fedlm coordinator` printed: the device then "
-        "talks only to the coordinator whose certificate the code names, and remembers it. Raw data "
+        description="Find a coordinator for MODEL on the LAN "
+        "(mDNS) or use --coordinator, verify the "
+        "model and its licence, then train locally and "
+        "exchange LoRA adapter updates until the task "
+        "ends. The first time, give the join code that "
+        "`fedlm coordinator` printed: the device then "
+        "talks only to the coordinator whose certificate "
+        "the code names, and remembers it. Raw data "
         "never leaves the device; every request is listed by `fedlm ledger`. "
         "Ctrl-C stops after saving (run again to continue).",
     )
@@ -53,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tls-fingerprint",
         metavar="HEX",
-        help="pin this certificate SHA-256, for --join-token (default: none; a join code carries it)",
+        help="pin this certificate SHA-256, for --join-token "
+        "(default: none; a join code carries it)",
     )
     p.add_argument(
         "--insecure",
@@ -220,7 +225,8 @@ def _join(args: argparse.Namespace) -> int:
     for r in summary.rounds:
         resumed = f", resumed at step {r.resumed_from_step}" if r.resumed_from_step else ""
         print(
-            f"round {r.round}: {r.steps} steps from version {r.base_version}{resumed}, loss {r.train_loss:.4f}, "
+            f"round {r.round}: {r.steps} steps from version "
+            f"{r.base_version}{resumed}, loss {r.train_loss:.4f}, "
             f"update {r.update_id} ({r.update_bytes} bytes) {r.outcome}"
         )
     print(

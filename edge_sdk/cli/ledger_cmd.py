@@ -46,12 +46,17 @@ def _ledger(args: argparse.Namespace) -> int:
         for e in entries:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
             retry = f" (try {e.attempt})" if e.attempt > 1 else ""
-            line = f"{e.seq:>5} {when} {e.method:<4} {e.url} {e.kind} {e.bytes} B sha256:{e.sha256[:16]}{retry}"
+            line = (
+                f"{e.seq:>5} {when} {e.method:<4} {e.url} {e.kind} {e.bytes} B "
+                f"sha256:{e.sha256[:16]}{retry}"
+            )
             if e.kind == "update":
                 tensors = e.detail.get("tensors", [])
                 line += (
-                    f"\n      update {e.detail.get('update_id')} base v{e.detail.get('base_version')} "
-                    f"{e.detail.get('codec')}: {len(tensors)} tensors, metrics {e.detail.get('metrics')}"
+                    f"\n      update {e.detail.get('update_id')} "
+                    f"base v{e.detail.get('base_version')} "
+                    f"{e.detail.get('codec')}: {len(tensors)} "
+                    f"tensors, metrics {e.detail.get('metrics')}"
                 )
             print(line)
     print(format_summary(summary))

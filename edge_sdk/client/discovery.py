@@ -138,7 +138,8 @@ class DiscoveryReport:
         lines += [f"  usable  {offer.describe()}" for offer in self.accepted]
         if self.chosen is not None:
             how = (
-                f"its certificate is checked against the pin {self.pin[:16]}… before anything is sent"
+                "its certificate is checked against the pin "
+                f"{self.pin[:16]}… before anything is sent"
                 if self.pin
                 else "the only usable offer; plain HTTP (--insecure): not authenticated"
             )
@@ -157,7 +158,8 @@ def _why_unusable(
     local_model_name: str,
 ) -> str | None:
     if offer.protocol_version is None:
-        return f"no protocol version in its TXT record ({_printable(offer.properties.get('proto', ''))!r})"
+        proto = _printable(offer.properties.get("proto", ""))
+        return f"no protocol version in its TXT record ({proto!r})"
     if offer.protocol_version not in versions:
         return f"protocol version {offer.protocol_version}, this client speaks {sorted(versions)}"
     if offer.model_sha256 != model_sha256:
@@ -170,10 +172,14 @@ def _why_unusable(
     if not offer.addresses or not 0 < offer.port < 65536:
         return "no reachable IPv4 address or port in the advert"
     if "fp" in offer.properties and offer.tls_fingerprint is None:
-        return f"malformed certificate fingerprint in its TXT record ({_printable(offer.properties['fp'], 20)!r})"
+        shown = _printable(offer.properties["fp"], 20)
+        return f"malformed certificate fingerprint in its TXT record ({shown!r})"
     if pin is not None:
         if not offer.tls:
-            return "serves plain HTTP; the pinned coordinator serves TLS (a fake, or another coordinator)"
+            return (
+                "serves plain HTTP; the pinned coordinator serves TLS "
+                "(a fake, or another coordinator)"
+            )
         if offer.tls_fingerprint is None:
             return "serves TLS without advertising a certificate fingerprint"
         if offer.tls_fingerprint != pin:
@@ -365,9 +371,15 @@ async def discover(
     else:
         offers = await browse(timeout_s, interfaces)
     report = evaluate_offers(
-        offers, model_sha256, name=name, pin=pin, insecure=insecure,
-        local_model_name=local_model_name, interfaces=interfaces, protocol_versions=protocol_versions,
-    )  # fmt: skip
+        offers,
+        model_sha256,
+        name=name,
+        pin=pin,
+        insecure=insecure,
+        local_model_name=local_model_name,
+        interfaces=interfaces,
+        protocol_versions=protocol_versions,
+    )
     for line in report.explain():
         log.info("%s", line)
     return report

@@ -50,7 +50,8 @@ class AdapterRefusedError(ProtocolError):
 
 
 class TaskRefusedError(VerificationError):
-    """The coordinator's task exceeds a bound of the client's `TaskPolicy` (field and bound named)."""
+    """The coordinator's task exceeds a bound of the client's `TaskPolicy` (field and bound
+    named)."""
 
 
 class RequestRejectedError(ClientError):

@@ -200,7 +200,8 @@ class ClientConfig:
             ("http://", "https://")
         ):
             raise ValueError(
-                f"`coordinator_url` should start with http:// or https://, got {self.coordinator_url!r}"
+                "`coordinator_url` should start with http:// "
+                f"or https://, got {self.coordinator_url!r}"
             )
         code = None
         if self.join_code is not None:
@@ -215,17 +216,20 @@ class ClientConfig:
             object.__setattr__(self, "tls_fingerprint", pin)
             if code is not None and code.fingerprint != pin:
                 raise ValueError(
-                    "`tls_fingerprint` differs from the fingerprint in the join code; give only the join code"
+                    "`tls_fingerprint` differs from the fingerprint "
+                    "in the join code; give only the join code"
                 )
         if self.coordinator_url is not None and self.coordinator_url.startswith("http://"):
             if code is not None or self.tls_fingerprint is not None:
                 raise ValueError(
-                    f"`coordinator_url` {self.coordinator_url!r} is plain http://, but a certificate pin was "
+                    f"`coordinator_url` {self.coordinator_url!r} "
+                    "is plain http://, but a certificate pin was "
                     "given (join code or tls_fingerprint): use https://"
                 )
             if not self.insecure:
                 raise ValueError(
-                    f"`coordinator_url` {self.coordinator_url!r} is plain http://: use https:// with the join "
+                    f"`coordinator_url` {self.coordinator_url!r} "
+                    "is plain http://: use https:// with the join "
                     "code, or allow plain HTTP with insecure=True (--insecure, on both sides)"
                 )
         if not self.name or len(self.name) > 128:
@@ -421,9 +425,15 @@ class FederatedClient:
         if self._dataset is None:
             cfg = self.config
             self._dataset = build_dataset(
-                list(cfg.data), load_tokenizer(identity.path),
-                DataConfig(seq_len=_CHECK_SEQ_LEN, val_fraction=cfg.val_fraction, seed=cfg.seed, skip_bad=cfg.skip_bad),
-            )  # fmt: skip
+                list(cfg.data),
+                load_tokenizer(identity.path),
+                DataConfig(
+                    seq_len=_CHECK_SEQ_LEN,
+                    val_fraction=cfg.val_fraction,
+                    seed=cfg.seed,
+                    skip_bad=cfg.skip_bad,
+                ),
+            )
         return self._dataset
 
     def _join_code(self) -> JoinCode | None:
@@ -448,7 +458,8 @@ class FederatedClient:
                 pin = normalize_fingerprint(stored.tls_fingerprint)
             except ValueError:
                 raise StateError(
-                    f"{self.state.token_path}: the stored pin is damaged; enroll again with the join code"
+                    f"{self.state.token_path}: the stored pin is "
+                    "damaged; enroll again with the join code"
                 ) from None
             return pin, f"the pin stored at enrollment in {self.state.token_path}"
         return None, ""
@@ -456,13 +467,17 @@ class FederatedClient:
     def _no_pin_error(self) -> InsecureError:
         if self.config.join_token or os.environ.get(JOIN_TOKEN_ENV):
             return InsecureError(
-                f"a join token alone (--join-token / ${JOIN_TOKEN_ENV}) cannot tell the coordinator from an "
-                f"impostor on the LAN, so it is not sent: give the join code that `fedlm coordinator` prints "
-                f"(--join-code or ${JOIN_CODE_ENV}), or add --tls-fingerprint HEX, or, for a plain-HTTP "
+                f"a join token alone (--join-token / ${JOIN_TOKEN_ENV}) "
+                "cannot tell the coordinator from an "
+                "impostor on the LAN, so it is not sent: give "
+                "the join code that `fedlm coordinator` prints "
+                f"(--join-code or ${JOIN_CODE_ENV}), or add "
+                "--tls-fingerprint HEX, or, for a plain-HTTP "
                 "coordinator, --insecure"
             )
         return InsecureError(
-            f"not enrolled and no coordinator to trust yet: give the join code that `fedlm coordinator` "
+            "not enrolled and no coordinator to trust yet: "
+            "give the join code that `fedlm coordinator` "
             f"prints (--join-code or ${JOIN_CODE_ENV})"
         )
 
@@ -486,9 +501,15 @@ class FederatedClient:
         # the second browses for the whole timeout and checks every candidate it finds.
         for early_stop in (True, False) if pin is not None else (True,):
             report = await discover(
-                sha256, name=cfg.coordinator_name, pin=pin, insecure=cfg.insecure, local_model_name=local_name,
-                timeout_s=cfg.discovery_timeout_s, interfaces=cfg.discovery_interfaces, early_stop=early_stop,
-            )  # fmt: skip
+                sha256,
+                name=cfg.coordinator_name,
+                pin=pin,
+                insecure=cfg.insecure,
+                local_model_name=local_name,
+                timeout_s=cfg.discovery_timeout_s,
+                interfaces=cfg.discovery_interfaces,
+                early_stop=early_stop,
+            )
             if report.chosen is None:
                 raise DiscoveryError(
                     "; ".join(report.explain()) + " (--coordinator URL skips discovery)"
@@ -543,9 +564,11 @@ class FederatedClient:
             url, fingerprint, source = await self._find_coordinator(identity.sha256)
             if fingerprint is None:
                 log.warning(
-                    "coordinator %s over plain HTTP (--insecure): tokens cross the LAN in clear text and "
-                    "the coordinator is not authenticated", url,
-                )  # fmt: skip
+                    "coordinator %s over plain HTTP (--insecure): "
+                    "tokens cross the LAN in clear text and "
+                    "the coordinator is not authenticated",
+                    url,
+                )
             else:
                 log.info(
                     "coordinator %s (TLS, certificate pinned %s…: %s)",
@@ -554,9 +577,14 @@ class FederatedClient:
                     source,
                 )
             async with Transport(
-                url, self.state.ledger, tls_fingerprint=fingerprint, pin_source=source, retry=cfg.retry,
-                stop=self._stop_async, trace_configs=self._trace_configs,
-            ) as transport:  # fmt: skip
+                url,
+                self.state.ledger,
+                tls_fingerprint=fingerprint,
+                pin_source=source,
+                retry=cfg.retry,
+                stop=self._stop_async,
+                trace_configs=self._trace_configs,
+            ) as transport:
                 try:
                     return await self._federate(transport, identity)
                 except StopRequested:
@@ -590,7 +618,8 @@ class FederatedClient:
             token = self.config.join_token or os.environ.get(JOIN_TOKEN_ENV) or ""
             if not token:
                 raise ClientError(
-                    f"not enrolled at {transport.base_url}: give the join code that `fedlm coordinator` "
+                    f"not enrolled at {transport.base_url}: give "
+                    "the join code that `fedlm coordinator` "
                     f"prints (--join-code or ${JOIN_CODE_ENV})"
                 )
             if pin is None and not self.config.insecure:
@@ -598,8 +627,13 @@ class FederatedClient:
         transport.token = None
         joined = await transport.join(token, self.config.name)
         creds = Credentials(
-            transport.base_url, joined["client_id"], joined["token"], joined["task_id"], self.config.name, pin,
-        )  # fmt: skip
+            transport.base_url,
+            joined["client_id"],
+            joined["token"],
+            joined["task_id"],
+            self.config.name,
+            pin,
+        )
         self.state.save_credentials(creds)
         transport.token = creds.token
         if pin is not None:
@@ -625,7 +659,8 @@ class FederatedClient:
         if task.model_sha256 != self._identity.sha256:
             theirs = f"{self._offer_model_name!r} " if self._offer_model_name else ""
             raise ModelMismatchError(
-                f"the task {task.task_id} trains model {theirs}({task.model_sha256[:16]}…), the local model "
+                f"the task {task.task_id} trains model "
+                f"{theirs}({task.model_sha256[:16]}…), the local model "
                 f"{Path(self._identity.path).name!r} ({self._identity.name or 'unnamed'}) is "
                 f"{self._identity.sha256[:16]}…; refusing to train"
             )
@@ -812,8 +847,11 @@ class FederatedClient:
                 write_gguf_lora, path, adapter.dense_tensors(), alpha=adapter.lora.alpha, base=base
             )
         except (FedlmError, ValueError, OSError) as exc:  # AdapterMismatchError is a FedlmError
-            log.warning("cannot write global version %d as GGUF (%s); the runtime keeps what it serves",
-                        adapter.version, exc)  # fmt: skip
+            log.warning(
+                "cannot write global version %d as GGUF (%s); the runtime keeps what it serves",
+                adapter.version,
+                exc,
+            )
             return
         if self.runtime is not None:
             try:
@@ -857,10 +895,15 @@ class FederatedClient:
         ):  # check_data packs at 256
             tokenizer = load_tokenizer(self._identity.path)
             self._dataset = build_dataset(
-                list(self.config.data), tokenizer,
-                DataConfig(seq_len=task.seq_len, val_fraction=self.config.val_fraction, seed=self.config.seed,
-                           skip_bad=self.config.skip_bad),
-            )  # fmt: skip
+                list(self.config.data),
+                tokenizer,
+                DataConfig(
+                    seq_len=task.seq_len,
+                    val_fraction=self.config.val_fraction,
+                    seed=self.config.seed,
+                    skip_bad=self.config.skip_bad,
+                ),
+            )
         key = (task.lora.rank, task.lora.alpha, task.lora.targets, task.lora.mode)
         if self._model is None or self._model_key != key:
             self._model = load_for_training(self._identity.path, self._train_config(task, 0))
@@ -887,9 +930,11 @@ class FederatedClient:
                 raise _Interrupted
 
         kwargs: dict[str, Any] = {
-            "init_adapter": base.dense_tensors(), "checkpoint_path": self.state.checkpoint_path,
-            "base_id": f"{task.model_sha256}:{task.task_id}:{marker.base_version}", "on_step": on_step,
-        }  # fmt: skip
+            "init_adapter": base.dense_tensors(),
+            "checkpoint_path": self.state.checkpoint_path,
+            "base_id": f"{task.model_sha256}:{task.task_id}:{marker.base_version}",
+            "on_step": on_step,
+        }
         try:
             try:
                 result = fit(self._model, dataset, config, resume=resume, **kwargs)
@@ -981,10 +1026,16 @@ class FederatedClient:
         crash_point("round_finished")
         outcome = await self._push(transport, pending, task)
         report = RoundReport(
-            round=round_no, base_version=base.version, update_id=pending.update_id, steps=metrics.steps,
-            resumed_from_step=resumed_from, train_loss=float(metrics.train_loss),
-            update_bytes=len(pending.body), outcome=outcome, seconds=time.perf_counter() - started,
-        )  # fmt: skip
+            round=round_no,
+            base_version=base.version,
+            update_id=pending.update_id,
+            steps=metrics.steps,
+            resumed_from_step=resumed_from,
+            train_loss=float(metrics.train_loss),
+            update_bytes=len(pending.body),
+            outcome=outcome,
+            seconds=time.perf_counter() - started,
+        )
         self.rounds.append(report)
         return report
 
@@ -1087,7 +1138,8 @@ class FederatedClient:
             or any(k not in base for k in keys)
         ):
             raise ProtocolError(
-                f"secure aggregation: the task's keys {str(keys)[:80]} are not this update's tensors"
+                "secure aggregation: the task's keys "
+                f"{str(keys)[:80]} are not this update's tensors"
             )
         x = np.concatenate([(np.asarray(dense[k], np.float64) - base[k]).ravel() for k in keys])
         return x, int(update.num_examples)

@@ -53,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Self
+
 from edge_sdk.client.errors import StateError
 from edge_sdk.client.ledger import LEDGER_NAME, Ledger
 from edge_sdk.wire import UpdateEncoder
@@ -253,7 +255,7 @@ class ClientState:
         if fd is not None:
             os.close(fd)
 
-    def __enter__(self) -> ClientState:
+    def __enter__(self) -> Self:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
@@ -325,7 +327,8 @@ class ClientState:
     # -- codec state ------------------------------------------------------------------------
 
     def load_encoder(self, codec: str) -> UpdateEncoder:
-        """The persisted encoder if it uses `codec`, else a fresh one (residual of another codec is useless).
+        """The persisted encoder if it uses `codec`, else a fresh one (residual of another codec
+        is useless).
 
         A damaged file (empty, truncated zip, bad arrays) is set aside: losing the residual
         costs one round of error feedback, while failing here would stop every start.
@@ -337,7 +340,8 @@ class ClientState:
             except Exception as exc:  # noqa: BLE001 - np.load raises EOFError, BadZipFile, ValueError, ...
                 set_aside(
                     path,
-                    f"unreadable codec state ({type(exc).__name__}: {exc}); the residual restarts at 0",
+                    f"unreadable codec state ({type(exc).__name__}: "
+                    f"{exc}); the residual restarts at 0",
                 )
             else:
                 if str(encoder.codec) == codec:

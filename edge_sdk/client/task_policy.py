@@ -156,7 +156,8 @@ class TaskPolicy:
             raise AdapterRefusedError(f"{where}: version exceeds {self.max_rounds}")
         if adapter.lora != task.lora:
             raise AdapterRefusedError(
-                f"{where}: LoRA spec {adapter.lora.to_obj()} differs from the task's {task.lora.to_obj()}"
+                f"{where}: LoRA spec {adapter.lora.to_obj()} "
+                f"differs from the task's {task.lora.to_obj()}"
             )
         rank = task.lora.rank
         expected: dict[str, tuple[int, int]] = {}

@@ -51,6 +51,7 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential_jitter,
 )
+from typing_extensions import Self
 
 from edge_sdk.client.errors import (
     AuthenticationError,
@@ -198,7 +199,8 @@ def _human(n: int) -> str:
 async def _read_capped(
     resp: aiohttp.ClientResponse, limit: int, what: str, *, truncate: bool
 ) -> bytes:
-    """The body of `resp`, at most `limit` bytes: past it, truncate or raise `ResponseTooLargeError`."""
+    """The body of `resp`, at most `limit` bytes: past it, truncate or raise
+    `ResponseTooLargeError`."""
 
     def too_large(seen: str) -> ResponseTooLargeError:
         return ResponseTooLargeError(
@@ -295,7 +297,7 @@ class Transport:
             return cached[1]
         return True  # https without a pin: ordinary CA verification; http: unused
 
-    async def __aenter__(self) -> Transport:
+    async def __aenter__(self) -> Self:
         self._ensure_session()
         return self
 
@@ -364,7 +366,8 @@ class Transport:
         ok: tuple[int, ...] = (200,),
         max_bytes: int = SMALL_RESPONSE_BYTES,
     ) -> Response:
-        """Send with retries; every try is ledgered first. Returns a response whose status is in `ok`.
+        """Send with retries; every try is ledgered first. Returns a response whose status is in
+        `ok`.
 
         An answer in `ok` longer than `max_bytes` raises `ResponseTooLargeError` (no retry).
         """

@@ -155,5 +155,6 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        """`fedlm demo --quick` (130 s measured on 2 idle cores; target 180 s): fewer rounds and examples."""
+        """`fedlm demo --quick` (130 s measured on 2 idle cores; target 180 s): fewer rounds and
+        examples."""
         return cls(rounds=3, train_per_client=60, eval_per_family=8, greedy_eval=False)

@@ -25,10 +25,13 @@ Progress = Callable[[str, dict[str, Any]], None]
 as client updates are sent; "version" {version, eval_loss, exact_match}."""
 
 _PHASE_TITLES = {
-    "data": "preparing data", "load": "loading the model", "local_only": "training local-only baselines",
-    "centralized": "training the centralized reference", "federated": "federating",
+    "data": "preparing data",
+    "load": "loading the model",
+    "local_only": "training local-only baselines",
+    "centralized": "training the centralized reference",
+    "federated": "federating",
     "evaluate_export": "evaluating and exporting",
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -87,7 +90,10 @@ class DemoView:
     def __rich__(self) -> Table:
         elapsed = self._clock() - self._start
         phase = self.phase
-        title = f"fedlm demo · {_PHASE_TITLES.get(phase, phase)} · {elapsed:.0f} s · global version {self.version}/{self.rounds}"
+        title = (
+            f"fedlm demo · {_PHASE_TITLES.get(phase, phase)} · {elapsed:.0f} s · "
+            f"global version {self.version}/{self.rounds}"
+        )
         table = Table(
             title=title,
             title_justify="left",

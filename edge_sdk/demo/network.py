@@ -11,9 +11,10 @@ The coordinator serves TLS, as by default. Its certificate is made here, before 
 (`coordinator.tls.ensure_self_signed` in the directory the coordinator would use), so that the
 join code (token + certificate fingerprint) is known while the clients start alongside it.
 The join token reaches the coordinator through $FEDLM_JOIN_TOKEN and the join code reaches
-the clients through $FEDLM_JOIN_CODE, so neither appears on a command line. Bytes sent are read back from each client's outbox ledger
-(what actually left the device, retries included). Every process runs in its own process
-group and is terminated (SIGTERM, then SIGKILL after a grace period) on exit, error or Ctrl-C.
+the clients through $FEDLM_JOIN_CODE, so neither appears on a command line. Bytes sent are
+read back from each client's outbox ledger (what actually left the device, retries included).
+Every process runs in its own process group and is terminated (SIGTERM, then SIGKILL after a
+grace period) on exit, error or Ctrl-C.
 
 Differences from `InProcessFederation`, both from what `fedlm join` trains: a client's round uses
 a constant learning rate without warmup (the coordinator's task has no warmup or schedule
@@ -85,8 +86,16 @@ def _strategy_flags(config: DemoConfig) -> list[str]:
                 "--secure-grid-bits", str(config.secure_grid_bits),
                 # A phase waits for the slowest client's training; a short one would fail rounds.
                 "--secure-phase", "300"]  # fmt: skip
-    return ["--strategy", "fedbuff", "--buffer-size", str(config.clients),
-            "--min-updates", str(config.clients), "--max-staleness", str(config.rounds)]  # fmt: skip
+    return [
+        "--strategy",
+        "fedbuff",
+        "--buffer-size",
+        str(config.clients),
+        "--min-updates",
+        str(config.clients),
+        "--max-staleness",
+        str(config.rounds),
+    ]
 
 
 def read_client_ledger(state_dir: Path) -> ClientProgress:
@@ -316,32 +325,94 @@ class NetworkFederation:
         try:
             coordinator_log = work / "coordinator.log"
             coordinator = self._spawn(
-                ["coordinator", "--model", config.model, "--host", LOOPBACK, "--port", "0", "--db", str(db),
-                 *_strategy_flags(config), "--lora-mode", config.mode,
-                 "--rank", str(config.rank), "--alpha", str(config.alpha), "--a-seed", str(config.seed),
-                 "--server-lr", str(config.server_lr), "--codec", config.codec,
-                 "--local-steps", str(config.local_steps), "--batch-size", str(config.batch_size),
-                 "--seq-len", str(config.seq_len), "--lr", str(config.lr), "--max-rounds", str(config.rounds),
-                 "--mdns-interface", LOOPBACK, "--mdns-name", instance, "--rate", "50"],
-                coordinator_log, self._env(None) | {JOIN_TOKEN_ENV: join_token}, procs,
-            )  # fmt: skip
+                [
+                    "coordinator",
+                    "--model",
+                    config.model,
+                    "--host",
+                    LOOPBACK,
+                    "--port",
+                    "0",
+                    "--db",
+                    str(db),
+                    *_strategy_flags(config),
+                    "--lora-mode",
+                    config.mode,
+                    "--rank",
+                    str(config.rank),
+                    "--alpha",
+                    str(config.alpha),
+                    "--a-seed",
+                    str(config.seed),
+                    "--server-lr",
+                    str(config.server_lr),
+                    "--codec",
+                    config.codec,
+                    "--local-steps",
+                    str(config.local_steps),
+                    "--batch-size",
+                    str(config.batch_size),
+                    "--seq-len",
+                    str(config.seq_len),
+                    "--lr",
+                    str(config.lr),
+                    "--max-rounds",
+                    str(config.rounds),
+                    "--mdns-interface",
+                    LOOPBACK,
+                    "--mdns-name",
+                    instance,
+                    "--rate",
+                    "50",
+                ],
+                coordinator_log,
+                self._env(None) | {JOIN_TOKEN_ENV: join_token},
+                procs,
+            )
             # Clients start at once, so their imports and model checks overlap the
             # coordinator's start-up; each then waits for the advert to appear.
             state_dirs = [work / f"client-{c}" for c in range(config.clients)]
             clients = []
             for c, (data, state_dir) in enumerate(zip(client_paths, state_dirs, strict=True)):
                 # No --coordinator: the client must discover it by mDNS on the loopback interface.
-                clients.append(self._spawn(
-                    ["join", config.model, "--data", str(data), "--state-dir", str(state_dir),
-                     "--name", f"demo-client-{c}", "--threads", str(self.client_threads),
-                     "--max-rounds", str(config.rounds), "--precision", config.precision, "--seed", str(config.seed),
-                     # The demo scores a central held-out set: clients train on all their data
-                     # (as the local-only baselines do) and look for new versions often.
-                     "--val-fraction", "0", "--poll-interval", str(self.poll_s),
-                     "--coordinator-name", instance, "--discovery-timeout", str(self.discovery_timeout_s),
-                     "--interface", LOOPBACK],
-                    work / f"client-{c}.log", self._env(self.client_threads) | {JOIN_CODE_ENV: join_code}, procs,
-                ))  # fmt: skip
+                clients.append(
+                    self._spawn(
+                        [
+                            "join",
+                            config.model,
+                            "--data",
+                            str(data),
+                            "--state-dir",
+                            str(state_dir),
+                            "--name",
+                            f"demo-client-{c}",
+                            "--threads",
+                            str(self.client_threads),
+                            "--max-rounds",
+                            str(config.rounds),
+                            "--precision",
+                            config.precision,
+                            "--seed",
+                            str(config.seed),
+                            # The demo scores a central held-out set: clients train on all their
+                            # data
+                            # (as the local-only baselines do) and look for new versions often.
+                            "--val-fraction",
+                            "0",
+                            "--poll-interval",
+                            str(self.poll_s),
+                            "--coordinator-name",
+                            instance,
+                            "--discovery-timeout",
+                            str(self.discovery_timeout_s),
+                            "--interface",
+                            LOOPBACK,
+                        ],
+                        work / f"client-{c}.log",
+                        self._env(self.client_threads) | {JOIN_CODE_ENV: join_code},
+                        procs,
+                    )
+                )
             url = self._wait_ready(coordinator, coordinator_log)
             logger.info("coordinator listening at %s (clients find it by mDNS)", url)
             api = _Coordinator(url, timeout_s=30.0, cafile=tls.cert_path)
@@ -369,9 +440,13 @@ class NetworkFederation:
             [ledger.loss.get(v, float("nan")) for ledger in ledgers] for v in range(config.rounds)
         ]
         return FederationRecord(
-            versions=versions, bytes_sent=[x.bytes_sent for x in ledgers], fp32_bytes=[x.fp32_bytes for x in ledgers],
-            client_loss=client_loss, tokens=sum(x.tokens for x in ledgers), seconds=time.perf_counter() - t0,
-        )  # fmt: skip
+            versions=versions,
+            bytes_sent=[x.bytes_sent for x in ledgers],
+            fp32_bytes=[x.fp32_bytes for x in ledgers],
+            client_loss=client_loss,
+            tokens=sum(x.tokens for x in ledgers),
+            seconds=time.perf_counter() - t0,
+        )
 
     def _follow(
         self,

@@ -242,7 +242,8 @@ def render(report: Mapping[str, Any], console: Any | None = None) -> None:
         return "[green]met[/green]" if ok else "[red]missed[/red]"
 
     con.print(
-        f"gap closed (exact match): {_pct(t['gap_closed'])} (target >= {_pct(t['gap_closed_target'])}) "
+        f"gap closed (exact match): {_pct(t['gap_closed'])} "
+        f"(target >= {_pct(t['gap_closed_target'])}) "
         f"{mark(t['gap_closed_met'])}"
     )
     con.print(f"beats every local-only client: {mark(t['beats_every_local_only'])}")

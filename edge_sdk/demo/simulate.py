@@ -230,10 +230,16 @@ def simulate_federation(
             sent[c] += len(body)
             latest[c] = run.train_loss
             if progress is not None:
-                progress("federation", {
-                    "version": rnd, "rounds": config.rounds, "updates": [rnd + (i <= c) for i in range(len(datasets))],
-                    "latest_loss": list(latest), "bytes_sent": list(sent),
-                })  # fmt: skip
+                progress(
+                    "federation",
+                    {
+                        "version": rnd,
+                        "rounds": config.rounds,
+                        "updates": [rnd + (i <= c) for i in range(len(datasets))],
+                        "latest_loss": list(latest),
+                        "bytes_sent": list(sent),
+                    },
+                )
             # The reference is what plain federated LoRA sends: the whole adapter (A and B) in fp32.
             fp32[c] += sum(int(np.asarray(v).size) * 4 for v in run.adapter.values())
             decoded = AdapterUpdate.from_bytes(body).dense_tensors({k: current[k] for k in keys})

@@ -118,7 +118,8 @@ class ModelConfig:
             raise ValueError(f"`norm_eps` should be positive, got {self.norm_eps}")
         if self.rope_base <= 0 or self.rope_scale <= 0:
             raise ValueError(
-                f"`rope_base`/`rope_scale` should be positive, got {self.rope_base}/{self.rope_scale}"
+                "`rope_base`/`rope_scale` should be positive, "
+                f"got {self.rope_base}/{self.rope_scale}"
             )
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(
@@ -126,7 +127,8 @@ class ModelConfig:
             )
         if self.local_layers and len(self.local_layers) != self.n_layer:
             raise ValueError(
-                f"`local_layers` should have n_layer={self.n_layer} entries, got {len(self.local_layers)}"
+                f"`local_layers` should have n_layer={self.n_layer} "
+                f"entries, got {len(self.local_layers)}"
             )
         if any(self.local_layers) and self.sliding_window is None:
             raise ValueError(
@@ -158,7 +160,8 @@ class ModelConfig:
         return bool(self.local_layers) and self.local_layers[layer]
 
     def target_shapes(self) -> dict[str, tuple[int, int]]:
-        """(out_features, in_features) of every LoRA target projection, keyed like `LORA_TARGETS`."""
+        """(out_features, in_features) of every LoRA target projection, keyed like
+        `LORA_TARGETS`."""
         d, q, kv, ff = self.d_model, self.q_dim, self.kv_dim, self.d_ff
         shapes = {
             "q_proj": (q, d),
@@ -188,7 +191,8 @@ class ModelConfig:
             raise InvalidModelError("GGUF has no `general.architecture`")
         if arch not in SUPPORTED_ARCHS:
             raise UnsupportedArchitectureError(
-                f"architecture {arch!r} is not supported for training; supported: {', '.join(SUPPORTED_ARCHS)}"
+                f"architecture {arch!r} is not supported for "
+                f"training; supported: {', '.join(SUPPORTED_ARCHS)}"
             )
 
         def get(key: str, default: Any = None, *, required: bool = False) -> Any:

@@ -435,5 +435,6 @@ def check_runnable(f: GGUFFile) -> None:
     if missing:
         raise refuse(
             f,
-            f"the vocabulary has no token for {len(missing)} of the 256 bytes (first: 0x{missing[0]:02X})",
+            f"the vocabulary has no token for {len(missing)} "
+            f"of the 256 bytes (first: 0x{missing[0]:02X})",
         )

@@ -118,7 +118,8 @@ class GGUFField:
     count: int = 1
     item_type: GGUFValueType | None = None
     _value: Any = None
-    """Scalar: the Python value. Numeric array: a numpy view. String array: (buffer, starts, lengths)."""
+    """Scalar: the Python value. Numeric array: a numpy view. String array: (buffer, starts,
+    lengths)."""
 
     @property
     def types(self) -> list[GGUFValueType]:
@@ -174,7 +175,8 @@ class GGUFTensor:
 
     @property
     def data(self) -> np.ndarray:
-        """A read-only numpy view of the tensor's bytes (typed for F32/F16/..., else uint8 blocks)."""
+        """A read-only numpy view of the tensor's bytes (typed for F32/F16/..., else uint8
+        blocks)."""
         raw = np.frombuffer(
             self._buffer, dtype=np.uint8, count=self.n_bytes, offset=self.data_offset
         )
@@ -200,7 +202,8 @@ class GGUFFile:
     ) -> None:
         self.path = path
         self.error = error
-        """The error class that checks of this file raise (`InvalidModelError`, `InvalidAdapterError`)."""
+        """The error class that checks of this file raise (`InvalidModelError`,
+        `InvalidAdapterError`)."""
         self.data = buffer
         self.version = version
         self.fields = fields
@@ -379,11 +382,13 @@ class _Parser:
         item_size = 8 if itype == GGUFValueType.STRING else _SCALARS[itype][1].itemsize
         if count > L.MAX_ARRAY_ELEMENTS:
             raise _Refused(
-                f"array {quote(key)} claims {count} elements, more than the limit of {L.MAX_ARRAY_ELEMENTS}"
+                f"array {quote(key)} claims {count} elements, "
+                f"more than the limit of {L.MAX_ARRAY_ELEMENTS}"
             )
         if count * item_size > self.size - offs:
             raise _Refused(
-                f"truncated or corrupt GGUF: array {quote(key)} claims {count} elements past the end of the file"
+                f"truncated or corrupt GGUF: array {quote(key)} "
+                f"claims {count} elements past the end of the file"
             )
         self.elements += count
         if self.elements > L.MAX_METADATA_ELEMENTS:
@@ -411,7 +416,8 @@ class _Parser:
             n = unpack(buf, offs)[0]
             if n > limit or offs + 8 + n > end_of_header:
                 raise _Refused(
-                    f"string {i} of {quote(key)} is {n} bytes long (limit {limit}, or the end of the file)"
+                    f"string {i} of {quote(key)} is {n} bytes "
+                    f"long (limit {limit}, or the end of the file)"
                 )
             try:
                 str(buf[offs + 8 : offs + 8 + n], "utf-8")
@@ -461,7 +467,8 @@ class _Parser:
             block, type_size = GGML_QUANT_SIZES[ttype]
             if dims[0] % block:
                 raise _Refused(
-                    f"{what}: row length {dims[0]} is not a multiple of {ttype.name}'s block of {block}"
+                    f"{what}: row length {dims[0]} is not a "
+                    f"multiple of {ttype.name}'s block of {block}"
                 )
             n_elements = 1
             for d in dims:  # Python ints: no silent wrap-around
@@ -474,7 +481,8 @@ class _Parser:
                 )
             if rel % alignment:
                 raise _Refused(
-                    f"{what} starts at data offset {rel}, not a multiple of the alignment {alignment}"
+                    f"{what} starts at data offset {rel}, not "
+                    f"a multiple of the alignment {alignment}"
                 )
             spans.append((rel, rel + n_bytes, name))
             tensors.append(

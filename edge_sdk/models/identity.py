@@ -126,7 +126,8 @@ _PROVENANCE_KEYS = (
 
 
 def open_gguf(path: Path) -> GGUFFile:
-    """Open and check a GGUF model file (`gguf_check.open_model`); errors name the file and reason."""
+    """Open and check a GGUF model file (`gguf_check.open_model`); errors name the file and
+    reason."""
     return open_model(path)
 
 
@@ -169,7 +170,8 @@ def inspect_model(model: str | os.PathLike[str]) -> ModelIdentity:
             continue
         if field.is_array:
             raise InvalidModelError(
-                f"{show_path(path)}: general.{k} should be a single value, got an array of {field.count}"
+                f"{show_path(path)}: general.{k} should be a "
+                f"single value, got an array of {field.count}"
             )
         extra[k] = _display(field.contents())
     name = value(reader, "general.name", STR)

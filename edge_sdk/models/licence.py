@@ -93,7 +93,8 @@ def classify(licence: str | None) -> LicenceClass:
 
 
 def parse_policy(refused: str | list[str] | tuple[str, ...] | None) -> frozenset[LicenceClass]:
-    """Licence classes a policy refuses, from a comma list like `"unknown,open-weights-restricted"`."""
+    """Licence classes a policy refuses, from a comma list like
+    `"unknown,open-weights-restricted"`."""
     if refused is None:
         return frozenset()
     items = refused.split(",") if isinstance(refused, str) else list(refused)

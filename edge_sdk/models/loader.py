@@ -259,7 +259,8 @@ def _rope_factors(factors: torch.Tensor, config: ModelConfig) -> torch.Tensor:
         or bool((factors <= 0).any())
     ):
         raise InvalidModelError(
-            f"`rope_freqs.weight` should hold {want} positive factors, got shape {tuple(factors.shape)}"
+            f"`rope_freqs.weight` should hold {want} positive "
+            f"factors, got shape {tuple(factors.shape)}"
         )
     return factors
 
@@ -289,7 +290,8 @@ def load_model(
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise UnsupportedArchitectureError(
-            f"architecture {arch!r} is not supported for training; supported: {', '.join(SUPPORTED_ARCHS)}"
+            f"architecture {arch!r} is not supported for "
+            f"training; supported: {', '.join(SUPPORTED_ARCHS)}"
         )
     tensors = {t.name: t for t in reader.tensors}
     config = _config(reader)

@@ -89,7 +89,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 Spans = tuple[tuple[tuple[int, int], ...], ...]
-"""Per batch row, the [start, end) token spans of its packed examples, in order, covering the row."""
+"""Per batch row, the [start, end) token spans of its packed examples, in order, covering the
+row."""
 
 
 def packed_spans(position_ids: torch.Tensor) -> Spans | None:
@@ -300,7 +301,8 @@ class Transformer(nn.Module):
         T = input_ids.shape[1]
         if T > self.config.context_length:
             raise ValueError(
-                f"sequence length {T} exceeds the model's context length {self.config.context_length}"
+                f"sequence length {T} exceeds the model's "
+                f"context length {self.config.context_length}"
             )
         spans = None
         if position_ids is not None:

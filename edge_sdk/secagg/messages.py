@@ -9,16 +9,16 @@ only in `RoundSetup.params`. Decoding checks the length of the whole message, ev
 length, every list's and map's count, every id's range and the exact field count and types
 before any value is used, and raises only `MessageError`.
 
-| kind | message              | direction       | fields                                              |
-|------|----------------------|-----------------|-----------------------------------------------------|
-| 1    | RoundSetup           | server → device | round_id, device_id, params, server_key             |
-| 2    | AdvertiseKeys        | device → server | round_id, device_id, mask_key, enc_key              |
-| 3    | ShareKeysRequest     | server → device | round_id, device_id, graph_seed, members, keys      |
-| 4    | ShareKeys            | device → server | round_id, device_id, commitment, shares             |
-| 5    | MaskedInputRequest   | server → device | round_id, device_id, shares                         |
-| 6    | MaskedInput          | device → server | round_id, device_id, payload, tag                   |
-| 7    | UnmaskRequest        | server → device | round_id, device_id, active, dropped                |
-| 8    | UnmaskResponse       | device → server | round_id, device_id, seed_shares, key_shares        |
+| kind | message              | direction       | fields                                         |
+|------|----------------------|-----------------|------------------------------------------------|
+| 1    | RoundSetup           | server → device | round_id, device_id, params, server_key        |
+| 2    | AdvertiseKeys        | device → server | round_id, device_id, mask_key, enc_key         |
+| 3    | ShareKeysRequest     | server → device | round_id, device_id, graph_seed, members, keys |
+| 4    | ShareKeys            | device → server | round_id, device_id, commitment, shares        |
+| 5    | MaskedInputRequest   | server → device | round_id, device_id, shares                    |
+| 6    | MaskedInput          | device → server | round_id, device_id, payload, tag              |
+| 7    | UnmaskRequest        | server → device | round_id, device_id, active, dropped           |
+| 8    | UnmaskResponse       | device → server | round_id, device_id, seed_shares, key_shares   |
 
 `keys` maps a neighbour id to [mask_key, enc_key]; `shares` maps a peer id to a ChaCha20-Poly1305
 ciphertext; `seed_shares`/`key_shares` map a device id to [share index, 32-byte share].
@@ -283,7 +283,8 @@ class MaskedInput:
 
 @dataclass(frozen=True)
 class UnmaskRequest:
-    """Server → device: which devices survived (reveal seed shares) and which dropped (key shares)."""
+    """Server → device: which devices survived (reveal seed shares) and which dropped (key
+    shares)."""
 
     KIND: ClassVar[int] = 7
     round_id: bytes

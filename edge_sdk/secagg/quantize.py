@@ -92,7 +92,8 @@ def weighted_mean(sum_y: np.ndarray, total_weight: int, params: SecAggParams) ->
 
 
 def pack(ring: np.ndarray, params: SecAggParams) -> bytes:
-    """N values at exactly `ring_bits` bits (little-endian bit order), then the 32-bit weight word."""
+    """N values at exactly `ring_bits` bits (little-endian bit order), then the 32-bit weight
+    word."""
     if ring.shape != (params.vector_len + 1,) or ring.dtype != np.uint32:
         raise ValueError(f"ring vector should be uint32 of shape ({params.vector_len + 1},)")
     b = params.ring_bits

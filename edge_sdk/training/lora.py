@@ -60,7 +60,8 @@ class LoraConfig:
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown:
             raise ValueError(
-                f"`targets` has unknown modules {unknown}; expected a subset of {list(LORA_TARGETS)}"
+                f"`targets` has unknown modules {unknown}; "
+                f"expected a subset of {list(LORA_TARGETS)}"
             )
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"`targets` lists a module twice: {list(self.targets)}")

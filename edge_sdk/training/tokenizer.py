@@ -34,7 +34,8 @@ class Tokenizer(Protocol):
     has_chat_template: bool
 
     def encode(self, text: str, *, add_bos: bool) -> list[int]:
-        """Token ids of `text`, special tokens parsed; BOS only when asked and the vocab uses one."""
+        """Token ids of `text`, special tokens parsed; BOS only when asked and the vocab uses
+        one."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str: ...

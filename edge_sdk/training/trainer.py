@@ -137,7 +137,8 @@ class TrainConfig:
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if not self.targets or unknown:
             raise ValueError(
-                f"`targets` should be a non-empty subset of {list(LORA_TARGETS)}, got {list(self.targets)}"
+                "`targets` should be a non-empty subset of "
+                f"{list(LORA_TARGETS)}, got {list(self.targets)}"
             )
         DataConfig(seq_len=self.seq_len, val_fraction=self.val_fraction, seed=self.seed)
 

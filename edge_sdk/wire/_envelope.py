@@ -88,18 +88,21 @@ def read_header(
         )
     if len(data) < HEADER_SIZE:
         raise BadMagicError(
-            f"expected at least an {HEADER_SIZE}-byte header starting with {MAGIC!r}, got {len(data)} bytes"
+            f"expected at least an {HEADER_SIZE}-byte header "
+            f"starting with {MAGIC!r}, got {len(data)} bytes"
         )
     magic, version, kind, flags = HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise BadMagicError(f"expected magic {MAGIC!r}, got {bytes(magic)!r}")
     if version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersionError(
-            f"expected protocol version {', '.join(map(str, sorted(SUPPORTED_VERSIONS)))}, got {version}"
+            "expected protocol version "
+            f"{', '.join(map(str, sorted(SUPPORTED_VERSIONS)))}, got {version}"
         )
     if flags & ~KNOWN_FLAGS:
         raise MalformedMessageError(
-            f"expected flags within {KNOWN_FLAGS:#04x} in protocol version {version}, got {flags:#04x}"
+            f"expected flags within {KNOWN_FLAGS:#04x} in "
+            f"protocol version {version}, got {flags:#04x}"
         )
     try:
         return MessageKind(kind), flags
@@ -116,7 +119,8 @@ def unpack(
     kind, flags = read_header(data, limits)
     if expected is not None and kind != expected:
         raise UnexpectedMessageError(
-            f"expected a {expected.name} message (kind {int(expected)}), got {kind.name} (kind {int(kind)})"
+            f"expected a {expected.name} message (kind "
+            f"{int(expected)}), got {kind.name} (kind {int(kind)})"
         )
     unpacker = msgpack.Unpacker(
         raw=False,

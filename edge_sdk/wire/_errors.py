@@ -51,7 +51,8 @@ class InvalidMetricsError(InvalidFieldError):
 
 
 class InvalidKeyError(InvalidFieldError):
-    """A tensor, metric or metadata key is empty, too long, or uses characters outside the charset."""
+    """A tensor, metric or metadata key is empty, too long, or uses characters outside the
+    charset."""
 
 
 class UnknownCodecError(WireError):

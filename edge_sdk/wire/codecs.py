@@ -61,7 +61,8 @@ _BLOCK_SPELLING = re.compile(r"[0-9]+")
 
 @dataclass(frozen=True)
 class CodecSpec:
-    """A parsed codec pipeline. `str(spec)` is its canonical string, e.g. "delta+topk:0.01+int8:64"."""
+    """A parsed codec pipeline. `str(spec)` is its canonical string, e.g.
+    "delta+topk:0.01+int8:64"."""
 
     values: str = "fp32"
     """Value format of the transmitted numbers: fp32, fp16, bf16, int8, int4 or nf4."""
@@ -246,7 +247,8 @@ class EncodedTensor:
                 )
             if len(self.indices) != self.nnz * self.index_width:  # type: ignore[operator]
                 raise ShapeMismatchError(
-                    f"{where}.idx: expected {self.nnz} x {self.index_width} bytes, got {len(self.indices)}"
+                    f"{where}.idx: expected {self.nnz} x "
+                    f"{self.index_width} bytes, got {len(self.indices)}"
                 )
             idx = _quant.decode_gaps(self.indices, self.index_width)  # type: ignore[arg-type]
             if idx.size and (idx[-1] >= n or (idx.size > 1 and np.any(np.diff(idx) <= 0))):
@@ -259,7 +261,8 @@ class EncodedTensor:
         want = _quant.payload_len(self.values, m)  # type: ignore[arg-type]
         if len(self.data) != want:
             raise ShapeMismatchError(
-                f"{where}.data: expected {want} bytes for {m} {self.values} values of shape {self.shape}, "
+                f"{where}.data: expected {want} bytes for {m} "
+                f"{self.values} values of shape {self.shape}, "
                 f"got {len(self.data)}"
             )
         if self.values in _quant.BLOCK_FORMATS:
@@ -304,7 +307,8 @@ class EncodedTensor:
             raise InvalidFieldError(f"{where}.scales: expected non-negative absmax scales")
 
     def payload(self) -> np.ndarray:
-        """The transmitted quantity as dense float32 of `shape` (before adding a delta reference)."""
+        """The transmitted quantity as dense float32 of `shape` (before adding a delta
+        reference)."""
         m = self.nnz if self.sparse else self.numel
         scales = (
             None
@@ -448,7 +452,8 @@ class EncodedTensor:
         return tensor
 
     def matches(self, spec: CodecSpec) -> bool:
-        """Whether this tensor is encoded the way `spec` says (block sizes may differ per tensor)."""
+        """Whether this tensor is encoded the way `spec` says (block sizes may differ per
+        tensor)."""
         return (
             self.values == spec.values
             and self.sparse == (spec.topk is not None)
@@ -634,7 +639,8 @@ class UpdateEncoder:
             self.set_reference(reference)
 
     def set_reference(self, tensors: Mapping[str, np.ndarray]) -> None:
-        """Remember the dense tensors of the last global adapter received (`GlobalAdapter.dense_tensors()`)."""
+        """Remember the dense tensors of the last global adapter received
+        (`GlobalAdapter.dense_tensors()`)."""
         self.reference = {k: np.asarray(v, dtype=np.float32).copy() for k, v in tensors.items()}
 
     def reset(self) -> None:

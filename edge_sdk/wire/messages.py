@@ -90,13 +90,15 @@ class LoraSpec:
     """The LoRA configuration an adapter was trained with."""
 
     rank: int
-    """r of this sender's factors: lora_A is (r, in), lora_B is (out, r). May differ per client in exact mode."""
+    """r of this sender's factors: lora_A is (r, in), lora_B is (out, r). May differ per client
+    in exact mode."""
     alpha: float
     """LoRA scaling numerator: the update is (alpha / r) * B @ A."""
     targets: tuple[str, ...]
     """Adapted projections, e.g. ("q_proj", "v_proj") (edge_sdk.models.naming.LORA_TARGETS)."""
     mode: str = "exact"
-    """Aggregation mode: "naive" (average A and B), "frozen-a" (A from `a_seed`, only B trained), "exact"."""
+    """Aggregation mode: "naive" (average A and B), "frozen-a" (A from `a_seed`, only B trained),
+    "exact"."""
     a_seed: int | None = None
     """Seed of the shared frozen A (required in frozen-a mode)."""
 
@@ -236,7 +238,8 @@ class _Message:
     def from_bytes(
         cls, data: bytes | bytearray | memoryview, limits: DecodeLimits | None = None
     ) -> Self:
-        """Decode untrusted bytes; raises only `WireError` subclasses (or TypeError for non-bytes)."""
+        """Decode untrusted bytes; raises only `WireError` subclasses (or TypeError for
+        non-bytes)."""
         limits = limits or DEFAULT_LIMITS
         _, body = _envelope.unpack(data, cls.KIND, limits)
         return cls._from_body(body, limits)
@@ -253,7 +256,8 @@ class AdapterUpdate(_Message):
 
     client_id: str
     update_id: str
-    """Unique per update; the coordinator ignores a second update with the same id (idempotent retries)."""
+    """Unique per update; the coordinator ignores a second update with the same id (idempotent
+    retries)."""
     base_version: int
     """Version of the global adapter this update was trained from (and delta-coded against)."""
     model_sha256: str

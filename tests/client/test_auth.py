@@ -171,17 +171,31 @@ def test_fake_adverts_never_receive_a_token(tmp_path: Path, model: Path) -> None
                 ):
                     # First run: the join code; --insecure too, to show it loosens nothing
                     # once a pin is known.
-                    first = FederatedClient(client_config(
-                        state, model, data, join_code=join_code(service), insecure=True, max_rounds=1,
-                        final_wait_s=0.0,
-                    ))  # fmt: skip
+                    first = FederatedClient(
+                        client_config(
+                            state,
+                            model,
+                            data,
+                            join_code=join_code(service),
+                            insecure=True,
+                            max_rounds=1,
+                            final_wait_s=0.0,
+                        )
+                    )
                     summary = await asyncio.wait_for(first.run_async(), timeout=150)
                     assert summary.coordinator == service.url and len(summary.rounds) == 1
                     # Second run: no join code, the stored pin; asking for `kitchen` by name.
-                    second = FederatedClient(client_config(
-                        state, model, data, join_token=None, coordinator_name="kitchen", max_rounds=2,
-                        final_wait_s=0.0,
-                    ))  # fmt: skip
+                    second = FederatedClient(
+                        client_config(
+                            state,
+                            model,
+                            data,
+                            join_token=None,
+                            coordinator_name="kitchen",
+                            max_rounds=2,
+                            final_wait_s=0.0,
+                        )
+                    )
                     again = await asyncio.wait_for(second.run_async(), timeout=150)
                     assert again.coordinator == service.url and again.client_id == summary.client_id
                 clients = service.coordinator.storage.count_clients()
@@ -258,10 +272,17 @@ def test_insecure_without_a_pin_never_breaks_a_tie_on_names(tmp_path: Path, mode
                     DiscoveryError, match="2 usable plain-HTTP coordinators .*--coordinator-name"
                 ):
                     await ambiguous.run_async()
-                named = FederatedClient(client_config(
-                    tmp_path / "b", model, data, insecure=True, coordinator_name="kitchen", max_rounds=1,
-                    final_wait_s=0.0,
-                ))  # fmt: skip
+                named = FederatedClient(
+                    client_config(
+                        tmp_path / "b",
+                        model,
+                        data,
+                        insecure=True,
+                        coordinator_name="kitchen",
+                        max_rounds=1,
+                        final_wait_s=0.0,
+                    )
+                )
                 summary = await asyncio.wait_for(named.run_async(), timeout=150)
                 assert summary.coordinator == service.url
         finally:
@@ -369,9 +390,17 @@ def test_stored_pin_follows_the_coordinator_to_a_new_address(tmp_path: Path, mod
             summary = await asyncio.wait_for(first.run_async(), timeout=150)
         async with Service(config) as moved:  # the same database and certificate, another port
             assert moved.url != service.url
-            again = FederatedClient(client_config(
-                state, model, data, coordinator_url=moved.url, join_token=None, max_rounds=1, final_wait_s=0.0,
-            ))  # fmt: skip
+            again = FederatedClient(
+                client_config(
+                    state,
+                    model,
+                    data,
+                    coordinator_url=moved.url,
+                    join_token=None,
+                    max_rounds=1,
+                    final_wait_s=0.0,
+                )
+            )
             resumed = await asyncio.wait_for(again.run_async(), timeout=60)
             assert resumed.client_id == summary.client_id and resumed.reason == "max_rounds"
             assert moved.coordinator.storage.count_clients() == 1  # no second enrollment

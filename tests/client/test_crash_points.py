@@ -53,9 +53,18 @@ async def _run_client(
     if point is not None and point != MID_TRAINING:
         env[CRASH_ENV] = point
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.client.crash_client", str(state_dir), str(model), str(data), url,
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "tests.client.crash_client",
+        str(state_dir),
+        str(model),
+        str(data),
+        url,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     if point == MID_TRAINING:
         checkpoint = ClientState(state_dir).checkpoint_path
 

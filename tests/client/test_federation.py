@@ -1,4 +1,5 @@
-"""Whole federations on 127.0.0.1: real coordinator, real clients, mDNS, restarts, lost acks, crashes."""
+"""Whole federations on 127.0.0.1: real coordinator, real clients, mDNS, restarts, lost acks,
+crashes."""
 
 from __future__ import annotations
 
@@ -167,7 +168,8 @@ def test_unacknowledged_update_is_resent_with_the_same_id(tmp_path: Path, model:
     data = write_data(tmp_path / "data.jsonl")
 
     async def scenario() -> None:
-        # Plain HTTP (insecure on both sides): the proxy reads the requests to drop the right answer.
+        # Plain HTTP (insecure on both sides): the proxy reads the requests to drop the right
+        # answer.
         config = coordinator_config(
             tmp_path, model, strategy=FedBuff(buffer_size=1), max_rounds=1, tls=False
         )

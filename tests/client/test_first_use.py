@@ -35,14 +35,31 @@ def _fedlm(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "edge_sdk.cli", *args], capture_output=True, text=True, timeout=timeout,
-        env=env or _env(), cwd=REPO, check=False,
-    )  # fmt: skip
+        [sys.executable, "-m", "edge_sdk.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or _env(),
+        cwd=REPO,
+        check=False,
+    )
 
 
 def _coordinator_args(model: Path, db: Path, port: int = 0) -> list[str]:
-    return ["coordinator", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--db", str(db),
-            "--no-mdns", "--targets", ",".join(TARGETS)]  # fmt: skip
+    return [
+        "coordinator",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--db",
+        str(db),
+        "--no-mdns",
+        "--targets",
+        ",".join(TARGETS),
+    ]
 
 
 def _one_line_error(stderr: str) -> str:
@@ -86,9 +103,13 @@ def _start_coordinator(
     args: list[str], env: dict[str, str]
 ) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_sdk.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env, cwd=REPO,
-    )  # fmt: skip
+        [sys.executable, "-m", "edge_sdk.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert proc.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + 90
@@ -101,7 +122,8 @@ def _start_coordinator(
             return proc, lines
     proc.kill()
     raise AssertionError(
-        f"the coordinator printed no join instructions: {lines} {proc.stderr.read() if proc.stderr else ''}"
+        "the coordinator printed no join instructions: "
+        f"{lines} {proc.stderr.read() if proc.stderr else ''}"
     )
 
 
@@ -143,8 +165,18 @@ def test_plain_http_needs_insecure_on_both_sides(tmp_path: Path, model: Path) ->
             line.split()[-1] for line in lines if line.startswith("join token (shown once)")
         )
         # A device without --insecure refuses the http:// URL (one line, exit 2)...
-        refused = _fedlm("join", str(model), "--data", str(data), "--coordinator", url, "--join-token", token,
-                         "--state-dir", str(tmp_path / "s"))  # fmt: skip
+        refused = _fedlm(
+            "join",
+            str(model),
+            "--data",
+            str(data),
+            "--coordinator",
+            url,
+            "--join-token",
+            token,
+            "--state-dir",
+            str(tmp_path / "s"),
+        )
         assert refused.returncode == 2
         line = _one_line_error(refused.stderr)
         assert "plain http://" in line and "--insecure" in line
@@ -158,8 +190,18 @@ def test_an_unreachable_coordinator_fails_within_seconds(tmp_path: Path, model: 
     data = write_data(tmp_path / "d.jsonl")
     url = f"https://127.0.0.1:{free_port()}"  # nothing listens
     started = time.monotonic()
-    done = _fedlm("join", str(model), "--data", str(data), "--coordinator", url, "--state-dir", str(tmp_path / "s"),
-                  "--join-code", make_join_code("ab" * 32, "a-join-token"))  # fmt: skip
+    done = _fedlm(
+        "join",
+        str(model),
+        "--data",
+        str(data),
+        "--coordinator",
+        url,
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--join-code",
+        make_join_code("ab" * 32, "a-join-token"),
+    )
     elapsed = time.monotonic() - started
     assert done.returncode == 2
     line = _one_line_error(done.stderr)

@@ -288,14 +288,17 @@ def _bad_adapters(model: Path) -> dict[str, tuple[bytes, str]]:
     extra = {**good, "model.layers.9.self_attn.q_proj.lora_A": good[q_a]}
     other_lora = LoraSpec(rank=4, alpha=16.0, targets=TARGETS, mode="exact", a_seed=0)
     return {
-        "wrong_shape": (global_body(2, task.lora, wrong_shape), "has shape (48, 4), the base model implies (64, 4)"),
+        "wrong_shape": (
+            global_body(2, task.lora, wrong_shape),
+            "has shape (48, 4), the base model implies (64, 4)",
+        ),
         "huge_values": (global_body(2, task.lora, huge), "has an entry of magnitude 3e+38"),
         "nan": (nan_body, "expected finite fp32 values"),
         "takeover": (global_body(2, task.lora, takeover), "changes its weight by ||s·B·A||_F"),
         "missing_key": (global_body(2, task.lora, missing), "tensor keys differ"),
         "extra_key": (global_body(2, task.lora, extra), "unexpected ['model.layers.9"),
         "other_spec": (global_body(2, other_lora, good), "differs from the task's"),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize(
@@ -429,11 +432,28 @@ def test_fedlm_join_with_bad_data_exits_2_with_one_line_and_sends_nothing(
     bad.write_text("not json at all\n")
     state = tmp_path / "state"
     proc = subprocess.run(
-        [sys.executable, "-m", "edge_sdk.cli", "join", str(model), "--data", str(bad),
-         "--coordinator", f"http://127.0.0.1:{free_port()}", "--state-dir", str(state),
-         "--join-token", "a-long-enough-token", "--insecure"],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2], check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "edge_sdk.cli",
+            "join",
+            str(model),
+            "--data",
+            str(bad),
+            "--coordinator",
+            f"http://127.0.0.1:{free_port()}",
+            "--state-dir",
+            str(state),
+            "--join-token",
+            "a-long-enough-token",
+            "--insecure",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and f"{bad}:1" in errors[0], proc.stderr

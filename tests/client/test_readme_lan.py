@@ -63,10 +63,27 @@ def test_the_readme_lan_example_works_as_written(tmp_path: Path) -> None:
         return [sys.executable, "-m", "edge_sdk.cli", *out]
 
     coordinator = subprocess.Popen(
-        swap(coordinator_cmd) + ["--host", "127.0.0.1", "--port", "0", "--targets", ",".join(TARGETS),
-                                 "--local-steps", "2", "--seq-len", "32", "--batch-size", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-    )  # fmt: skip
+        swap(coordinator_cmd)
+        + [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--targets",
+            ",".join(TARGETS),
+            "--local-steps",
+            "2",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     try:
         assert coordinator.stdout is not None
         code = ""
@@ -80,11 +97,30 @@ def test_the_readme_lan_example_works_as_written(tmp_path: Path) -> None:
         devices = []
         for n in range(2):
             state = tmp_path / f"device-{n}"
-            devices.append(subprocess.Popen(
-                swap(join_cmd, code) + ["--state-dir", str(state), "--name", f"device-{n}", "--interface", "127.0.0.1",
-                                        "--precision", "fp32", "--threads", "1", "--final-wait", "60"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-            ))  # fmt: skip
+            devices.append(
+                subprocess.Popen(
+                    swap(join_cmd, code)
+                    + [
+                        "--state-dir",
+                        str(state),
+                        "--name",
+                        f"device-{n}",
+                        "--interface",
+                        "127.0.0.1",
+                        "--precision",
+                        "fp32",
+                        "--threads",
+                        "1",
+                        "--final-wait",
+                        "60",
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                    cwd=tmp_path,
+                )
+            )
         results = [d.communicate(timeout=480) for d in devices]
         for device, (out, err) in zip(devices, results, strict=True):
             assert device.returncode == 0, err[-3000:]
@@ -94,9 +130,13 @@ def test_the_readme_lan_example_works_as_written(tmp_path: Path) -> None:
             )
             assert "TLS, certificate pinned" in err  # it talked TLS to the pinned coordinator
         ledger = subprocess.run(
-            swap(ledger_cmd) + ["--state-dir", str(tmp_path / "device-0")], capture_output=True, text=True,
-            env=env, timeout=60, check=False,
-        )  # fmt: skip
+            swap(ledger_cmd) + ["--state-dir", str(tmp_path / "device-0")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
         assert ledger.returncode == 0 and "update" in ledger.stdout
     finally:
         coordinator.send_signal(signal.SIGINT)

@@ -67,26 +67,28 @@ def test_every_try_is_ledgered_before_it_is_sent(tmp_path: Path, model: Path) ->
 def test_errors_are_typed_and_not_retried(tmp_path: Path, model: Path) -> None:
     async def scenario() -> None:
         ledger = Ledger(tmp_path / "outbox.jsonl")
-        async with Service(coordinator_config(tmp_path, model, tls=False)) as service:
-            async with Transport(service.url, ledger, retry=FAST_RETRY) as t:
-                with pytest.raises(AuthenticationError) as auth:
-                    await t.join("not-the-token", "dev")
-                assert auth.value.status == 401 and auth.value.code == "unauthorized"
-                t.token = "bogus"
-                with pytest.raises(AuthenticationError):
-                    await t.task()
-                joined = await t.join(JOIN_TOKEN, "dev")
-                t.token = joined["token"]
-                with pytest.raises(RequestRejectedError) as bad:
-                    await t.request(
-                        "POST",
-                        "/v1/updates",
-                        kind="update",
-                        body=b"FDLMjunk",
-                        content_type="application/x-fedlm+msgpack",
-                        ok=(202,),
-                    )
-                assert bad.value.status == 400
+        async with (
+            Service(coordinator_config(tmp_path, model, tls=False)) as service,
+            Transport(service.url, ledger, retry=FAST_RETRY) as t,
+        ):
+            with pytest.raises(AuthenticationError) as auth:
+                await t.join("not-the-token", "dev")
+            assert auth.value.status == 401 and auth.value.code == "unauthorized"
+            t.token = "bogus"
+            with pytest.raises(AuthenticationError):
+                await t.task()
+            joined = await t.join(JOIN_TOKEN, "dev")
+            t.token = joined["token"]
+            with pytest.raises(RequestRejectedError) as bad:
+                await t.request(
+                    "POST",
+                    "/v1/updates",
+                    kind="update",
+                    body=b"FDLMjunk",
+                    content_type="application/x-fedlm+msgpack",
+                    ok=(202,),
+                )
+            assert bad.value.status == 400
         assert [e.attempt for e in ledger.entries()] == [1, 1, 1, 1]  # 4xx: one try each
 
     asyncio.run(scenario())
@@ -249,8 +251,12 @@ def test_redirects_are_not_followed_with_the_bearer_token(tmp_path: Path) -> Non
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         try:
-            async with Transport(f"http://127.0.0.1:{port}", Ledger(tmp_path / "l.jsonl"), token="bearer-secret",
-                                 retry=FAST_RETRY) as t:  # fmt: skip
+            async with Transport(
+                f"http://127.0.0.1:{port}",
+                Ledger(tmp_path / "l.jsonl"),
+                token="bearer-secret",
+                retry=FAST_RETRY,
+            ) as t:
                 with pytest.raises(RequestRejectedError, match="HTTP 302"):
                     await t.task()
         finally:

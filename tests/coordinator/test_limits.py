@@ -368,7 +368,10 @@ def test_a_metrics_bomb_is_refused_and_status_stays_small(tmp_path: Path) -> Non
 def test_a_device_name_cannot_forge_log_lines(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    forged = "phone\n2026-01-01 00:00:00 INFO coordinator.state_machine client c-admin (root) joined\x1b[2J\u202e"
+    forged = (
+        "phone\n2026-01-01 00:00:00 INFO coordinator.state_machine client c-admin (root) "
+        "joined\x1b[2J\u202e"
+    )
 
     async def scenario() -> None:
         config = make_config(tmp_path, operator_token=OPERATOR)
@@ -500,7 +503,9 @@ def _start_upload(port: int, headers: dict[str, str], size: int) -> socket.socke
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     return _connect(
         port,
-        f"POST /v1/updates HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}Content-Length: {size}\r\n\r\n".encode()
+        (
+            f"POST /v1/updates HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}Content-Length: {size}\r\n\r\n"
+        ).encode()
         + b"FDLM",
     )
 

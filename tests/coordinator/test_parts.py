@@ -41,8 +41,10 @@ def test_bearer_parsing_and_hashing() -> None:
 def test_shapes_from_tiny_gguf(tiny_gguf: Path) -> None:
     shapes = shapes_from_gguf(tiny_gguf, ("q_proj", "k_proj", "down_proj"))
     assert list(shapes)[:3] == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.mlp.down_proj",
-    ]  # fmt: skip
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.mlp.down_proj",
+    ]
     assert shapes["model.layers.0.self_attn.k_proj"] == (32, 64)  # (out = kv dim, in = hidden)
     assert shapes["model.layers.1.mlp.down_proj"] == (64, 128)
     with pytest.raises(ValueError, match="unknown LoRA targets"):

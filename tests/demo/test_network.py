@@ -66,7 +66,8 @@ def test_two_clients_two_rounds_over_processes(tiny_gguf: Path, tmp_path: Path) 
     assert set(final) == set(record.versions[0])
     b_keys = [k for k in final if k.endswith(".lora_B")]
     assert b_keys and not all(np.allclose(record.versions[0][k], final[k]) for k in b_keys)
-    # The clients found the coordinator by mDNS (no URL was passed) and each sent one update per round.
+    # The clients found the coordinator by mDNS (no URL was passed) and each sent one update per
+    # round.
     for c in range(2):
         log = (tmp_path / "fed" / f"client-{c}.log").read_text()
         assert "on mDNS" in log and "finished" in log, log[-2000:]
@@ -93,9 +94,19 @@ def test_versions_queued_behind_a_slow_observer_are_all_delivered(
     federation must then deliver the queued versions, not report the clients as stuck."""
     import time
 
-    config = DemoConfig(model=str(tiny_gguf), clients=2, rounds=4, local_steps=1, batch_size=2, seq_len=128,
-                        train_per_client=8, eval_per_family=1, precision="fp32", codec="delta+int8",
-                        greedy_eval=False)  # fmt: skip
+    config = DemoConfig(
+        model=str(tiny_gguf),
+        clients=2,
+        rounds=4,
+        local_steps=1,
+        batch_size=2,
+        seq_len=128,
+        train_per_client=8,
+        eval_per_family=1,
+        precision="fp32",
+        codec="delta+int8",
+        greedy_eval=False,
+    )
     paths, _ = write_task_data(generate(config.task_config()), tmp_path / "data")
     seen: list[int] = []
 

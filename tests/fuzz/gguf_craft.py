@@ -94,7 +94,8 @@ class TensorInfo:
 
 @dataclass
 class Parts:
-    """A GGUF file taken apart; `build()` puts it back together (counts from the lists unless set)."""
+    """A GGUF file taken apart; `build()` puts it back together (counts from the lists unless
+    set)."""
 
     kvs: list[tuple[str, bytes]]
     """(key, raw record) in file order; the record includes the key."""

@@ -80,7 +80,10 @@ _INTS = (
 _TEMPLATES = (
     "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
     "{{ 'x' * 100000000 }}",
-    "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    (
+        "{% set ns = namespace(s='ab') %}{% for i in range(60) %}"
+        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}"
+    ),
     "{{ raise_exception('no') }}",
     "{% for m in messages %}{{ m.content }}{% endfor %",
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",

@@ -45,12 +45,19 @@ def test_renders_like_llama_cpp_python_real_templates(smollm2_path: Path) -> Non
 @pytest.mark.parametrize(
     "template",
     [
-        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",  # silent loops
+        # silent loops
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
         "{{ 'x' * 1000000000 }}",  # one huge repetition
         "{{ 'x' | center(1000000000) }}",  # a padding filter
         "{{ 2 ** 100000000 }}",  # a huge integer
-        "{% set ns = namespace(s=[1]) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
-        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        (
+            "{% set ns = namespace(s=[1]) %}{% for i in range(40) %}"
+            "{% set ns.s = ns.s + ns.s %}{% endfor %}"
+        ),
+        (
+            "{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
+            "{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+        ),
         "{% for i in range(1000001) %}{% endfor %}",  # a range past jinja's cap
     ],
 )

@@ -1,4 +1,5 @@
-"""GGUF → torch loading on tiny generated models: config, shapes, precisions, errors, permutation."""
+"""GGUF → torch loading on tiny generated models: config, shapes, precisions, errors,
+permutation."""
 
 from __future__ import annotations
 

@@ -319,7 +319,8 @@ def test_backend_dispatch_and_gguf_hint(exported):
         EdgeModel(gguf, backend="tensorflow")
 
 
-# -- command line -----------------------------------------------------------------------------------
+# -- command line
+# -----------------------------------------------------------------------------------
 
 
 def test_cli_export_then_generate_with_gguf_adapter(tmp_path, capsys):

@@ -129,7 +129,8 @@ def test_unsupported_architecture_is_one_clear_error(tmp_path: Path) -> None:
     weird = write_tiny_gguf(tmp_path / "weird.gguf", arch="notanarch")
     with pytest.raises(
         InvalidModelError,
-        match=r"weird\.gguf: llama\.cpp refused the model: .*unknown model architecture: 'notanarch'",
+        match=r"weird\.gguf: llama\.cpp refused the model: "
+        r".*unknown model architecture: 'notanarch'",
     ):
         EdgeModel(weird, n_ctx=256)
 

@@ -1,4 +1,5 @@
-"""The benchmark's round runner on a small vector, so that benchmarks/bench_secagg.py keeps working."""
+"""The benchmark's round runner on a small vector, so that benchmarks/bench_secagg.py keeps
+working."""
 
 from __future__ import annotations
 

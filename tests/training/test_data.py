@@ -1,4 +1,5 @@
-"""Data pipeline: formats, assistant-only loss masks, errors, packing, split, deterministic order."""
+"""Data pipeline: formats, assistant-only loss masks, errors, packing, split, deterministic
+order."""
 
 from __future__ import annotations
 

@@ -216,8 +216,13 @@ def test_an_eval_of_the_disabled_adapter_keeps_the_nf4_layout(tiny_path: Path) -
     set_lora_enabled(model, True)
     model.train()
     packed = [
-        m for m in model.modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None),
-                                              "packing_format_for_cpu", False)
-    ]  # fmt: skip
+        m
+        for m in model.modules()
+        if getattr(
+            getattr(getattr(m, "weight", None), "quant_state", None),
+            "packing_format_for_cpu",
+            False,
+        )
+    ]
     assert packed == []
     torch.testing.assert_close(model(ids).detach(), before)

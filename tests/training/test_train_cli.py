@@ -113,8 +113,10 @@ def test_train_skip_bad_then_convert(
             "d.csv",
             "question,answer\nwhat,this\n",
             (
-                "d.csv: a .csv data file needs a header row with `prompt` and `completion` columns or "
-                "a `text` column, got columns 'question', 'answer'; or convert it to JSONL with one "
+                "d.csv: a .csv data file needs a header row "
+                "with `prompt` and `completion` columns or "
+                "a `text` column, got columns 'question', "
+                "'answer'; or convert it to JSONL with one "
                 "object per line"
             ),
         ),
@@ -122,7 +124,8 @@ def test_train_skip_bad_then_convert(
             "d.json",
             '{"rows": []}',
             (
-                "d.json: a JSON object with keys rows is not a list of training records; pass a JSON "
+                "d.json: a JSON object with keys rows is "
+                "not a list of training records; pass a JSON "
                 "array or a .jsonl file with one object per line"
             ),
         ),
@@ -130,7 +133,8 @@ def test_train_skip_bad_then_convert(
             "d.txt",
             '{"prompt": "a", "completion": "b"}\n',
             (
-                "d.txt: holds JSON records but is not named .jsonl, so it would be trained on as plain "
+                "d.txt: holds JSON records but is not named "
+                ".jsonl, so it would be trained on as plain "
                 "text; rename it to d.jsonl"
             ),
         ),

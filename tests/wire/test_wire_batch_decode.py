@@ -57,13 +57,21 @@ def _update_bytes(rng: np.random.Generator, codec: str = "int4") -> AdapterUpdat
     from edge_sdk.models.naming import LORA_TARGETS
 
     tensors = {
-        f"model.layers.0.self_attn.{p}.lora_{k}": rng.normal(0, 0.05, (8, 16) if k == "A" else (16, 8)).astype(np.float32)
-        for p in ("q_proj", "k_proj") for k in ("A", "B")
-    }  # fmt: skip
+        f"model.layers.0.self_attn.{p}.lora_{k}": rng.normal(
+            0, 0.05, (8, 16) if k == "A" else (16, 8)
+        ).astype(np.float32)
+        for p in ("q_proj", "k_proj")
+        for k in ("A", "B")
+    }
     return AdapterUpdate.build(
-        client_id="c", base_version=0, model_sha256=SHA, lora=LoraSpec(8, 16.0, LORA_TARGETS, "exact", 0),
-        tensors=tensors, num_examples=3, codec=codec,
-    )  # fmt: skip
+        client_id="c",
+        base_version=0,
+        model_sha256=SHA,
+        lora=LoraSpec(8, 16.0, LORA_TARGETS, "exact", 0),
+        tensors=tensors,
+        num_examples=3,
+        codec=codec,
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Codec round trips within each codec's error bound, top-k selection, error feedback, encoder state."""
+"""Codec round trips within each codec's error bound, top-k selection, error feedback, encoder
+state."""
 
 from __future__ import annotations
 

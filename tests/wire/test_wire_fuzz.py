@@ -1,4 +1,5 @@
-"""Hostile input: random bytes, mutated valid messages and type-confused bodies raise only WireError."""
+"""Hostile input: random bytes, mutated valid messages and type-confused bodies raise only
+WireError."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ LIMITS = [
 
 
 def _decode_only_wire_errors(data: bytes) -> None:
-    """Decode with each limit set and, on success, decode the tensors too; only WireError may escape."""
+    """Decode with each limit set and, on success, decode the tensors too; only WireError may
+    escape."""
     for limits in LIMITS:
         try:
             msg = decode_message(data, limits)

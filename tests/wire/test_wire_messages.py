@@ -305,7 +305,10 @@ def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
 
 
 def test_wire_imports_neither_torch_nor_aiohttp() -> None:
-    code = "import sys, edge_sdk.wire; bad=[m for m in ('torch','aiohttp') if m in sys.modules]; print(bad)"
+    code = (
+        "import sys, edge_sdk.wire; "
+        "bad=[m for m in ('torch','aiohttp') if m in sys.modules]; print(bad)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )

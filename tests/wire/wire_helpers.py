@@ -1,4 +1,5 @@
-"""Shared builders for the wire tests: small realistic LoRA tensors and one valid message of each kind."""
+"""Shared builders for the wire tests: small realistic LoRA tensors and one valid message of each
+kind."""
 
 from __future__ import annotations
 
