@@ -117,7 +117,7 @@ class _GuardedProtocol(asyncio.Protocol):
         if self._inner is not None:
             self._inner.resume_writing()
 
-    def connection_lost(self, exc: BaseException | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._cancel()
         self._cancel_send()
         self._content = None

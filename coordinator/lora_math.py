@@ -257,8 +257,8 @@ class LowRankSum:
 
 
 try:  # scipy is optional: it saves a temporary per flush and most of the final eigensolve
-    from scipy.linalg import eigh as _scipy_eigh  # type: ignore[import-untyped]
-    from scipy.linalg.blas import sgemm as _SGEMM  # type: ignore[import-untyped]
+    from scipy.linalg import eigh as _scipy_eigh
+    from scipy.linalg.blas import sgemm as _SGEMM
 except ImportError:  # pragma: no cover - depends on the environment
     _SGEMM = None
     _scipy_eigh = None

@@ -547,9 +547,9 @@ def _base_stacks(
     reference: Mapping[str, np.ndarray], modules: list[str], s: float, dtype: type
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """s·B_b (L, out, r), A_b (L, r, in) and (s·B_b)ᵀ(s·B_b) (L, r, r) of one layer shape."""
-    b_b = np.stack([reference[b_key(m)] for m in modules], dtype=dtype)
+    b_b: np.ndarray = np.stack([reference[b_key(m)] for m in modules], dtype=dtype)
     b_b *= dtype(s)
-    a_b = np.stack([reference[a_key(m)] for m in modules], dtype=dtype)
+    a_b: np.ndarray = np.stack([reference[a_key(m)] for m in modules], dtype=dtype)
     return b_b, a_b, np.matmul(b_b.transpose(0, 2, 1), b_b)
 
 
@@ -594,9 +594,9 @@ def _exact_terms_as(
                 if cache is not None:
                     cache[key] = cached
             b_b, a_b, gram_bb = cached
-            b_i = np.stack([item.tensors[b_key(m)] for m in modules], dtype=dtype)
+            b_i: np.ndarray = np.stack([item.tensors[b_key(m)] for m in modules], dtype=dtype)
             b_i *= dtype(item.scale)  # (L, out, rᵢ)
-            a_i = np.stack([item.tensors[a_key(m)] for m in modules], dtype=dtype)
+            a_i: np.ndarray = np.stack([item.tensors[a_key(m)] for m in modules], dtype=dtype)
             if a_i.shape[1] == rank:
                 b_i -= b_b  # now b_own = sᵢ·Bᵢ - s·B_b
                 a_delta = a_i - a_b

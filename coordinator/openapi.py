@@ -20,7 +20,7 @@ def build_spec(version: str, join_max_bytes: int = 4096) -> dict[str, Any]:
         "format": "binary",
         "description": f"fedlm wire format v{PROTOCOL_VERSION}",
     }
-    bearer = [{"bearer": []}]
+    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
     secagg = {
         "type": "string",
         "format": "binary",

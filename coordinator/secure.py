@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 PHASES = ("advertise", "share_keys", "masked_input", "unmask")
 """The device-to-coordinator phases, in protocol order (`POST /v1/secagg/{phase}`)."""
 
-MESSAGE_OF: dict[str, type] = {
+MESSAGE_OF: dict[str, type[AdvertiseKeys | ShareKeys | MaskedInput | UnmaskResponse]] = {
     "advertise": AdvertiseKeys,
     "share_keys": ShareKeys,
     "masked_input": MaskedInput,

@@ -79,6 +79,7 @@ from edge_sdk.wire import (
 
 if TYPE_CHECKING:
     from coordinator.secure import SecureAggregation
+    from edge_sdk.wire import EncodedTensor
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +216,12 @@ class Coordinator:
     def _encode_global(
         self, version: int, tensors: Tensors, metadata: dict[str, Any]
     ) -> GlobalRecord:
+        # The coordinator's globals are dense; the field also takes encoded tensors.
+        dense: dict[str, EncodedTensor | np.ndarray] = dict(tensors)
         adapter = GlobalAdapter(
             version=version,
             lora=self.lora,
-            tensors=tensors,
+            tensors=dense,
             metadata=metadata,
             codec=self.config.global_codec,
         )

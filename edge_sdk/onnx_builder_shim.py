@@ -18,17 +18,15 @@ from typing import Any
 
 def _patch() -> None:
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path)
-    from builders import base  # type: ignore[import-not-found]
+    from builders import base
 
     original = base.Model.make_rope_init
 
     def make_rope_init(self: Any, config: Any) -> None:
         params = getattr(config, "rope_parameters", None)
         if isinstance(params, dict) and "full_attention" in params and "rope_type" not in params:
-            full, local = (
-                params["full_attention"],
-                params.get("sliding_attention", params["full_attention"]),
-            )
+            full: dict[str, Any] = params["full_attention"]
+            local: dict[str, Any] = params.get("sliding_attention", full)
             config.rope_theta = full.get("rope_theta", getattr(config, "rope_theta", 10000.0))
             config.rope_local_base_freq = local.get("rope_theta", config.rope_theta)
             config.rope_parameters = dict(full)

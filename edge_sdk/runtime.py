@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from typing_extensions import Self
@@ -228,7 +228,10 @@ class EdgeModel:
                 lambda chunk: chunk["choices"][0].get("text", ""),
             )
         with self._generating(), self._template_errors():
-            out = self._llm.create_completion(prompt, **cfg.completion_kwargs())
+            # Not streaming: one response dict (the stub's return type is the union).
+            out = cast(
+                dict[str, Any], self._llm.create_completion(prompt, **cfg.completion_kwargs())
+            )
         return str(out["choices"][0]["text"])
 
     def chat(
@@ -249,7 +252,7 @@ class EdgeModel:
                 lambda chunk: chunk["choices"][0]["delta"].get("content") or "",
             )
         with self._generating(), self._template_errors():
-            out = self._llm.create_chat_completion(msgs, **kwargs)  # type: ignore[arg-type]
+            out = cast(dict[str, Any], self._llm.create_chat_completion(msgs, **kwargs))  # type: ignore[arg-type]
         return str(out["choices"][0]["message"]["content"] or "")
 
     @contextmanager
@@ -386,7 +389,7 @@ class EdgeModel:
             self._llama_cpp.llama_adapter_lora_free(self._adapter.handle)
             self._adapter = None
         llm.close()
-        self._llm = None
+        self._llm = None  # type: ignore[assignment]  # closed; `close` tests for None
 
     def __enter__(self) -> Self:
         return self

@@ -26,7 +26,7 @@ def native_lib() -> ctypes.CDLL | None:
             fn = getattr(lib, name)
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-        lib._fedlm_typed = True
+        lib._fedlm_typed = True  # type: ignore[attr-defined]  # a CDLL takes any attribute
     return lib
 
 
@@ -37,7 +37,8 @@ def dequantize(data: np.ndarray, qtype: int) -> np.ndarray:
     if lib is None or kernel is None or data.dtype != np.uint8 or data.shape[-1] % kernel[1]:
         import gguf
 
-        return gguf.quants.dequantize(data, qtype)
+        # Any int works: GGMLQuantizationType is an IntEnum and gguf only looks it up.
+        return gguf.quants.dequantize(data, qtype)  # type: ignore[arg-type]
     name, block_bytes = kernel
     src = np.ascontiguousarray(data)
     nblocks = src.size // block_bytes

@@ -41,7 +41,7 @@ def native_lib() -> ctypes.CDLL | None:
             ctypes.c_void_p,
             ctypes.c_void_p,
         ]
-        lib._fedlm_typed = True
+        lib._fedlm_typed = True  # type: ignore[attr-defined]  # a CDLL takes any attribute
     return lib
 
 

@@ -219,8 +219,8 @@ def _join(args: argparse.Namespace) -> int:
     try:
         summary = client.run()
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
     print(f"coordinator {summary.coordinator}  task {summary.task_id}  client {summary.client_id}")
     for r in summary.rounds:
         resumed = f", resumed at step {r.resumed_from_step}" if r.resumed_from_step else ""

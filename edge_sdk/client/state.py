@@ -209,7 +209,7 @@ class ClientState:
 
     # -- lifetime ---------------------------------------------------------------------------
 
-    def open(self) -> ClientState:
+    def open(self) -> Self:
         """Create the directory (0700) and lock it; `StateError` if another client holds it."""
         import fcntl
 

@@ -172,7 +172,7 @@ class TaskPolicy:
                 f"(missing {missing}, unexpected {extra})"
             )
         for key, want in expected.items():
-            got = tuple(adapter.tensors[key].shape)  # type: ignore[union-attr]
+            got = tuple(adapter.tensors[key].shape)
             if got != want:
                 raise AdapterRefusedError(
                     f"{where}: {key} has shape {got}, the base model implies {want}"

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # torch and llama.cpp load lazily
     import torch
     from typing_extensions import Self
 
+    from edge_sdk.models.transformer import Transformer
     from edge_sdk.training.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class TeacherForcedEvaluator:
             raise ValueError("`examples` should hold at least one held-out example")
         if batch_size < 1:
             raise ValueError(f"`batch_size` should be a positive integer, got {batch_size!r}")
-        self.model = model
+        self.model = cast("Transformer", model)
         self.examples = list(examples)
         eot = tokenizer.encode(END_OF_TURN, add_bos=False)
         eot_id = eot[0] if len(eot) == 1 else tokenizer.eos_id

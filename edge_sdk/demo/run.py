@@ -51,6 +51,7 @@ from edge_sdk.demo.tasks import (
     write_jsonl,
     write_task_data,
 )
+from edge_sdk.models.config import model_config
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def run_demo(
         alpha=config.alpha,
         base=info,
         base_model_name=config.model,
-        n_layer=model.config.n_layer,
+        n_layer=model_config(model).n_layer,
     )
     greedy: dict[str, EvalScores] = {}
     if config.greedy_eval:

@@ -236,7 +236,8 @@ def budgeted_formatter(
             self.bos_token = bos_token
             self.add_generation_prompt = add_generation_prompt
             self.stop_token_ids = set(stop_token_ids) if stop_token_ids is not None else None
-            self._environment = _BudgetedTemplate(*_compile(template))
+            # A duck-typed stand-in for the jinja Template the parent holds.
+            self._environment = _BudgetedTemplate(*_compile(template))  # type: ignore[assignment]
 
     return BudgetedChatFormatter()
 

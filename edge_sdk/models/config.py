@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from edge_sdk.errors import InvalidModelError, UnsupportedArchitectureError
 from edge_sdk.models.naming import LORA_TARGETS
@@ -278,3 +278,8 @@ class ModelConfig:
 
 def _positive_or_none(value: Any) -> float | None:
     return float(value) if value is not None and float(value) > 0 else None
+
+
+def model_config(model: Any) -> ModelConfig:
+    """The `ModelConfig` of a loaded `Transformer` (typed: `nn.Module` attributes are not)."""
+    return cast(ModelConfig, model.config)

@@ -65,7 +65,7 @@ _INTEGER_TYPES = frozenset(t for t in _SCALARS if t.name.startswith(("UINT", "IN
 _FLOAT_TYPES = frozenset({GGUFValueType.FLOAT32, GGUFValueType.FLOAT64})
 
 # Tensor types whose data is one plain numpy dtype (the rest are bytes, like gguf.GGUFReader).
-_PLAIN_DTYPES = {
+_PLAIN_DTYPES: dict[GGMLQuantizationType, np.dtype[Any]] = {
     GGMLQuantizationType.F32: np.dtype("<f4"),
     GGMLQuantizationType.F16: np.dtype("<f2"),
     GGMLQuantizationType.F64: np.dtype("<f8"),
@@ -365,10 +365,10 @@ class _Parser:
         if vtype != GGUFValueType.ARRAY:
             st = _STRUCTS[vtype]
             self._need(offs, st.size, f"value of {quote(key)}")
-            value = st.unpack_from(self.buf, offs)[0]
+            scalar = st.unpack_from(self.buf, offs)[0]
             if vtype == GGUFValueType.BOOL:
-                value = bool(value)
-            return GGUFField(key, vtype, start, _value=value), offs + st.size
+                scalar = bool(scalar)
+            return GGUFField(key, vtype, start, _value=scalar), offs + st.size
         itype = self._value_type(
             self._u32(offs, f"array type of {quote(key)}"), f"array {quote(key)}"
         )

@@ -198,11 +198,11 @@ def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str
             layer.bias = _frozen(bias)
         return layer
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    layer = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
-    layer.weight = _frozen(weight.to(dtype))
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+    linear.weight = _frozen(weight.to(dtype))
     if bias is not None:
-        layer.bias = _frozen(bias.to(dtype))
-    return layer
+        linear.bias = _frozen(bias.to(dtype))
+    return linear
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -401,7 +401,7 @@ def _build_blocks(
                 w = unpermute_qk(w, heads)
                 b = unpermute_qk(b, heads) if b is not None else None
             _set_module(model, hf_module(i, target), _make_linear(w, b, precision))
-        block = model.model["layers"][i]
+        block = model.get_submodule(f"model.layers.{i}")
         for suffix, module_path in _BLOCK_NORMS.items():
             try:
                 block.get_submodule(module_path)

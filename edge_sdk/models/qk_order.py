@@ -8,7 +8,7 @@ rows of `lora_B` (the rows of B·A are the rows of the weight). Works on numpy a
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -16,7 +16,10 @@ PERMUTED_ARCHS: frozenset[str] = frozenset({"llama"})
 """Architectures whose GGUF Q/K rows are permuted by llama.cpp's converter (gemma3 and qwen
 use NEOX rope and are not)."""
 
-ArrayT = TypeVar("ArrayT")  # numpy array or torch tensor
+if TYPE_CHECKING:
+    import torch
+
+ArrayT = TypeVar("ArrayT", "np.ndarray", "torch.Tensor")
 
 
 def permute_qk(w: ArrayT, n_head: int) -> ArrayT:

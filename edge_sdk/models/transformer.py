@@ -15,6 +15,7 @@ like llama.cpp, and the logits are returned in fp32.
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +149,7 @@ class Attention(nn.Module):
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal (and, on local layers, windowed) attention of q (B, nh, T, hd) over k, v."""
-        gqa: dict[str, bool] = {}
+        gqa: dict[str, Any] = {}
         if self.n_kv_head != self.n_head:
             if _SDPA_GQA:  # torch >= 2.5 shares kv heads inside SDPA, without copies
                 gqa = {"enable_gqa": True}
@@ -278,7 +279,8 @@ class Transformer(nn.Module):
     @property
     def output_weight(self) -> torch.Tensor:
         """(V, d_model): the output projection (the embedding when tied)."""
-        return self.model["embed_tokens"].weight if self.lm_head is None else self.lm_head.weight
+        head = self.model["embed_tokens"] if self.lm_head is None else self.lm_head
+        return cast(torch.Tensor, head.weight)
 
     def _rope(self, positions: torch.Tensor, local: bool) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -324,7 +326,7 @@ class Transformer(nn.Module):
         ropes = {False: self._rope(pos, local=False)}
         if any(self.config.local_layers):
             ropes[True] = self._rope(pos, local=True)
-        for block in self.model["layers"]:
+        for block in cast("list[Block]", self.model["layers"]):
             cos, sin = ropes[block.local and True in ropes]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, spans, use_reentrant=False)
@@ -387,7 +389,7 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None
-    ):  # type: ignore[override]
+    ):
         N, _ = h.shape
         V = weight.shape[0]
         chunk = max(1, _CE_CHUNK_ELEMENTS // V)
@@ -414,7 +416,7 @@ class _FusedLinearCE(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
         return grad_h * grad_out.to(grad_h.dtype), None, None, None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 MIN_COHORT = 3
 """Smallest cohort the protocol accepts. With two devices each could subtract its own update
@@ -143,7 +144,7 @@ class SecAggParams:
         ]
 
     @classmethod
-    def from_list(cls, values: list[int | float]) -> SecAggParams:
+    def from_list(cls, values: list[Any]) -> SecAggParams:
         """Inverse of `to_list`; raises `ValueError` on any bad field."""
         if not isinstance(values, list) or len(values) != 7:
             raise ValueError(f"params should be a list of 7 values, got {values!r:.80}")

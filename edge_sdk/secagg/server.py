@@ -19,6 +19,7 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -152,13 +153,13 @@ class ServerRound:
             raise ProtocolViolationError(
                 f"message for round {message.round_id.hex()} sent to round {self.round_id.hex()}"
             )
-        handler = {
+        handlers: dict[ServerState, Callable[[Any], None]] = {
             ServerState.ADVERTISE: self._on_advertise,
             ServerState.SHARE_KEYS: self._on_share_keys,
             ServerState.MASKED_INPUT: self._on_masked_input,
             ServerState.UNMASK: self._on_unmask,
-        }[phase]
-        handler(message)
+        }
+        handlers[phase](message)
 
     def _on_advertise(self, m: AdvertiseKeys) -> None:
         if m.device_id not in self._invited:
@@ -335,9 +336,11 @@ class ServerRound:
         total = self._total.copy()  # Σ of the masked inputs of U3 (see _on_masked_input)
         for i in active:
             commitment = self._shares[i].commitment
-            seed = self._reconstruct(
-                i, "seed", lambda b, c=commitment: crypto.seed_commitment(b, self._binding) == c
-            )
+
+            def seed_ok(b: bytes, c: bytes = commitment) -> bool:
+                return crypto.seed_commitment(b, self._binding) == c
+
+            seed = self._reconstruct(i, "seed", seed_ok)
             total -= crypto.prg_words(crypto.self_mask_key(seed, self._binding), count)
         for j in dropped:
             # Only survivors that received j's shares masked with j (see close_share_keys).
@@ -345,11 +348,11 @@ class ServerRound:
             if not partners:
                 continue
             advertised = self._keys[j][0]
-            raw = self._reconstruct(
-                j,
-                "mask key",
-                lambda b, a=advertised: crypto.public_bytes(crypto.private_from_bytes(b)) == a,
-            )
+
+            def key_ok(b: bytes, a: bytes = advertised) -> bool:
+                return crypto.public_bytes(crypto.private_from_bytes(b)) == a
+
+            raw = self._reconstruct(j, "mask key", key_ok)
             sk = crypto.private_from_bytes(raw)
             for i in partners:
                 words = crypto.prg_words(

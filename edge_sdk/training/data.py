@@ -249,7 +249,8 @@ def _iter_table(
     except csv.Error as exc:
         raise DataFormatError(f"{path}:1: not a readable {path.suffix} header ({exc})") from None
     if "prompt" in header and "completion" in header:
-        cols, kind = (header.index("prompt"), header.index("completion")), "instruction"
+        cols: tuple[int, ...] = (header.index("prompt"), header.index("completion"))
+        kind = "instruction"
     elif "text" in header:
         cols, kind = (header.index("text"),), "text"
     else:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from edge_sdk.errors import AdapterMismatchError
+from edge_sdk.models.config import model_config
 from edge_sdk.models.naming import LORA_TARGETS, hf_module, parse_hf_module
 
 
@@ -198,7 +199,7 @@ class _MergedNF4LoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scale, weight, state, bias):  # type: ignore[no-untyped-def,override]
+    def forward(ctx, x, lora_A, lora_B, scale, weight, state, bias):
         w = _dequantize_scratch(weight, state)  # (out, in)
         w.addmm_(lora_B, lora_A, alpha=scale)  # W + s·B·A
         ctx.save_for_backward(x, lora_A, lora_B)
@@ -206,7 +207,7 @@ class _MergedNF4LoRA(torch.autograd.Function):
         return torch.nn.functional.linear(x, w, bias)  # (..., out)
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
+    def backward(ctx, g):
         x, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scale
         grad_x = grad_a = grad_b = None
@@ -229,7 +230,7 @@ class _MergedNF4LoRA(torch.autograd.Function):
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:
     """The (out, in) weight of a plain or bitsandbytes 4-bit linear layer, as fp32."""
-    w = linear.weight
+    w: torch.Tensor = linear.weight  # type: ignore[assignment]  # nn.Module attrs are Tensor | Module
     state = getattr(w, "quant_state", None)
     if state is not None:
         import bitsandbytes.functional as bnbf
@@ -256,7 +257,7 @@ def apply_lora(
 
     Every other parameter is frozen. `generator` seeds A's init for reproducible runs.
     """
-    n_layer = model.config.n_layer  # type: ignore[union-attr]
+    n_layer = model_config(model).n_layer
     layers = range(n_layer) if cfg.layers is None else cfg.layers
     bad = [i for i in layers if i >= n_layer]
     if bad:

@@ -34,6 +34,7 @@ import torch
 
 from edge_sdk._docfields import document_fields
 from edge_sdk.adapters.seeded import frozen_a_matrix
+from edge_sdk.models.config import model_config
 from edge_sdk.models.naming import LORA_TARGETS, parse_hf_module
 from edge_sdk.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -599,7 +600,7 @@ def run(
         dropout=config.dropout,
         base=info,
         base_model_name=model_name or str(model),
-        n_layer=torch_model.config.n_layer,
+        n_layer=model_config(torch_model).n_layer,
     )
     metrics_path = out / "metrics.json"
     doc = {

@@ -250,7 +250,7 @@ class EncodedTensor:
                     f"{where}.idx: expected {self.nnz} x "
                     f"{self.index_width} bytes, got {len(self.indices)}"
                 )
-            idx = _quant.decode_gaps(self.indices, self.index_width)  # type: ignore[arg-type]
+            idx = _quant.decode_gaps(self.indices, self.index_width)
             if idx.size and (idx[-1] >= n or (idx.size > 1 and np.any(np.diff(idx) <= 0))):
                 raise ShapeMismatchError(
                     f"{where}.idx: expected strictly increasing indices below {n}"
@@ -694,7 +694,8 @@ class UpdateEncoder:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
+                # numpy's stub types **kwds as the `allow_pickle` flag.
+                np.savez(fh, **arrays)  # type: ignore[arg-type]
                 fh.flush()
                 # The bytes reach the disk before the rename makes them current.
                 os.fsync(fh.fileno())
