@@ -59,11 +59,12 @@ from coordinator.lora_math import (
     trimmed_mean,
 )
 from coordinator.privacy import DpConfig, epsilon_spent, privatize_sum
+from edge_sdk.choices import LORA_MODES, ROBUST_AGGREGATORS, LoraMode, RobustAggregator
 
 log = logging.getLogger(__name__)
 
-MODES = ("naive", "frozen-a", "exact")
-ROBUST = ("mean", "trimmed-mean", "median")
+MODES = LORA_MODES
+ROBUST = ROBUST_AGGREGATORS
 
 MAX_SCALE = 1024.0
 """Largest LoRA scale alpha / r a task may use (PEFT tasks use 0.1-16; rsLoRA up to ~64)."""
@@ -84,7 +85,7 @@ def b_key(module: str) -> str:
 class AggregationConfig:
     """How client adapters are combined."""
 
-    mode: str = "exact"
+    mode: LoraMode = "exact"
     """`naive`, `frozen-a` or `exact` (see the module docstring of `coordinator.lora_math`)."""
     rank: int = 8
     """r of the global adapter."""
@@ -94,7 +95,7 @@ class AggregationConfig:
     """Seed of the initial (and, in frozen-a, the fixed) A matrices: `frozen_a_matrix`."""
     server_lr: float = 1.0
     """η: how far the server moves along the averaged delta (1.0 = plain FedAvg)."""
-    robust: str = "mean"
+    robust: RobustAggregator = "mean"
     """`mean` (weighted, streaming), `trimmed-mean` or `median` (coordinate-wise, unweighted)."""
     trim_ratio: float = 0.1
     """Fraction cut from each end per coordinate for `trimmed-mean`."""

@@ -306,6 +306,3 @@ class FedBuff:
             "max_staleness": self.max_staleness,
             "staleness_exponent": self.staleness_exponent,
         }
-
-
-STRATEGIES = ("fedavg", "fedbuff")

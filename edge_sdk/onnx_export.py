@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edge_sdk.choices import ONNX_PRECISIONS
 from edge_sdk.errors import UnsupportedArchitectureError
 from edge_sdk.models.config import ModelConfig
 from edge_sdk.models.naming import LORA_TARGETS
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 EXPORT_ARCHS: tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma3")
 """GGUF architectures `export_onnx` can build (the genai builder's llama/qwen/gemma3 paths)."""
 
-PRECISIONS: tuple[str, ...] = ("int4", "fp32")
+PRECISIONS = ONNX_PRECISIONS
 """`--precision` values: int4 (MatMulNBits, block 32) or fp32 (exact parity)."""
 
 PLACEHOLDER_RANK = 1

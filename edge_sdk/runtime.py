@@ -27,6 +27,7 @@ import numpy as np
 from typing_extensions import Self
 
 from edge_sdk._llama_log import LlamaLog, llama_log
+from edge_sdk.choices import Backend
 from edge_sdk.errors import (
     GenerationError,
     InvalidAdapterError,
@@ -102,7 +103,7 @@ class EdgeModel:
         cls,
         model: str | os.PathLike[str] = DEFAULT_MODEL,
         *args: Any,
-        backend: str = "llama.cpp",
+        backend: Backend = "llama.cpp",
         **kwargs: Any,
     ) -> Any:
         # backend="onnx" serves an `fedlm export-onnx` folder through ONNX Runtime GenAI
@@ -125,7 +126,7 @@ class EdgeModel:
         adapter: str | os.PathLike[str] | None = None,
         adapter_scale: float = 1.0,
         verbose: bool = False,
-        backend: str = "llama.cpp",
+        backend: Backend = "llama.cpp",
         providers: Sequence[str] = ("cpu",),
     ) -> None:
         import llama_cpp

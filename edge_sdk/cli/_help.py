@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+from typing import Any
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -16,3 +19,38 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigDefault:
+    """An option's default that lives in a config dataclass field, so it is declared once.
+
+    The CLI's option modules must not import their config modules while the parser is built
+    (that would load numpy and aiohttp for every command, and the coordinator must set its BLAS
+    threads before numpy loads), so the field is read only when needed: by `--help` (through
+    `str`) and by `resolve` when the command runs.
+    """
+
+    module: str
+    """Dotted module path, e.g. "edge_sdk.client.loop"."""
+    cls: str
+    """The dataclass in `module`."""
+    field: str
+    """The field whose default this is."""
+
+    def value(self) -> Any:
+        config = getattr(importlib.import_module(self.module), self.cls)
+        spec = {f.name: f for f in dataclasses.fields(config)}[self.field]
+        if spec.default is not dataclasses.MISSING:
+            return spec.default
+        if spec.default_factory is not dataclasses.MISSING:
+            return spec.default_factory()
+        raise TypeError(f"{self.module}.{self.cls}.{self.field} has no default")
+
+    def __str__(self) -> str:
+        return str(self.value())
+
+
+def resolve(value: Any) -> Any:
+    """An option's parsed value, with a `ConfigDefault` (the option was not given) resolved."""
+    return value.value() if isinstance(value, ConfigDefault) else value

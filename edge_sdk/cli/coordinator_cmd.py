@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_sdk.cli._help import DefaultsHelpFormatter
+from edge_sdk.choices import LOG_LEVELS, LORA_MODES, ROBUST_AGGREGATORS, STRATEGIES
+from edge_sdk.cli._help import ConfigDefault, DefaultsHelpFormatter, resolve
+from edge_sdk.env import JOIN_TOKEN_ENV, OPERATOR_TOKEN_ENV
 from edge_sdk.models.naming import LORA_TARGETS
 
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
-
-JOIN_TOKEN_ENV = "FEDLM_JOIN_TOKEN"
-OPERATOR_TOKEN_ENV = "FEDLM_OPERATOR_TOKEN"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="smollm2-135m", help="model name or .gguf path")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: all)")
-    p.add_argument("--port", type=int, default=8750, help="TCP port; 0 picks a free one")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=ConfigDefault("coordinator.config", "CoordinatorConfig", "port"),
+        help="TCP port; 0 picks a free one",
+    )
     p.add_argument(
         "--db",
         default="fedlm-coordinator.sqlite",
@@ -41,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--strategy",
-        choices=("fedavg", "fedbuff"),
+        choices=STRATEGIES,
         default=None,
         help="aggregation schedule (default: fedbuff; fedavg with --secure)",
     )
@@ -61,73 +65,111 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--min-cohort",
         type=int,
-        default=3,
-        help="--secure: smallest cohort a round closes with (default: 3; raised to the "
+        default=ConfigDefault("coordinator.config", "CoordinatorConfig", "min_cohort"),
+        help="--secure: smallest cohort a round closes with (default: %(default)s; raised to the "
         "protocol's floor, stated in the task)",
     )
     p.add_argument(
         "--secure-clip",
         type=float,
-        default=0.01,
-        help="--secure: devices clip each B-delta value to [-C, C] (default: 0.01)",
+        default=ConfigDefault("coordinator.config", "CoordinatorConfig", "secure_clip"),
+        help="--secure: devices clip each B-delta value to [-C, C]",
     )
     p.add_argument(
         "--secure-grid-bits",
         type=int,
-        default=4,
-        help="--secure: integer grid bits over [-C, C] (default: 4; ring = bits + "
+        default=ConfigDefault("coordinator.config", "CoordinatorConfig", "secure_grid_bits"),
+        help="--secure: integer grid bits over [-C, C] (default: %(default)s; ring = bits + "
         "ceil(log2 cohort), at most 7 keeps a masked update >= 4x below fp32)",
     )
     p.add_argument(
         "--secure-phase",
         type=float,
-        default=30.0,
+        default=ConfigDefault("coordinator.config", "CoordinatorConfig", "secure_phase_s"),
         metavar="SECONDS",
         help="--secure: each protocol phase closes after this long; late devices drop out",
     )
     p.add_argument(
-        "--min-clients", type=int, default=1, help="fedavg: close at the deadline with this many"
+        "--min-clients",
+        type=int,
+        default=ConfigDefault("coordinator.strategies", "FedAvg", "min_clients"),
+        help="fedavg: close at the deadline with this many",
     )
     p.add_argument(
-        "--deadline", type=float, default=600.0, help="fedavg: round deadline in seconds"
+        "--deadline",
+        type=float,
+        default=ConfigDefault("coordinator.strategies", "FedAvg", "deadline_s"),
+        help="fedavg: round deadline in seconds",
     )
     p.add_argument(
-        "--buffer-size", type=int, default=4, help="fedbuff: aggregate every K updates (default: 4)"
+        "--buffer-size",
+        type=int,
+        default=ConfigDefault("coordinator.strategies", "FedBuff", "buffer_size"),
+        help="fedbuff: aggregate every K updates",
     )
     p.add_argument(
         "--min-updates",
         type=int,
-        default=2,
+        default=ConfigDefault("coordinator.strategies", "FedBuff", "min_updates"),
         help="fedbuff: a partial buffer with at least this many updates is aggregated after "
-        "--max-wait (default: 2)",
+        "--max-wait",
     )
     p.add_argument(
         "--max-wait",
         type=float,
-        default=30.0,
+        default=ConfigDefault("coordinator.strategies", "FedBuff", "max_wait_s"),
         metavar="SECONDS",
-        help="fedbuff: longest wait after a buffer's first update (default: 30)",
+        help="fedbuff: longest wait after a buffer's first update",
     )
-    p.add_argument("--max-staleness", type=int, default=8, help="fedbuff: refuse older updates")
+    p.add_argument(
+        "--max-staleness",
+        type=int,
+        default=ConfigDefault("coordinator.strategies", "FedBuff", "max_staleness"),
+        help="fedbuff: refuse older updates",
+    )
     p.add_argument(
         "--lora-mode",
-        choices=("naive", "frozen-a", "exact"),
+        choices=LORA_MODES,
         default=None,
         help="how LoRA factors are aggregated (default: exact; frozen-a with --secure, the "
         "only mode exact under secure sums)",
     )
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=ConfigDefault("coordinator.next_version", "AggregationConfig", "rank"),
+        help="LoRA rank",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=ConfigDefault("coordinator.next_version", "AggregationConfig", "alpha"),
+        help="LoRA alpha",
+    )
     p.add_argument("--targets", default=",".join(LORA_TARGETS), help="comma-separated LoRA targets")
-    p.add_argument("--a-seed", type=int, default=0, help="seed of the initial / frozen A matrices")
-    p.add_argument("--codec", default="delta+int4+zlib", help="codec clients are asked to use")
+    p.add_argument(
+        "--a-seed",
+        type=int,
+        default=ConfigDefault("coordinator.next_version", "AggregationConfig", "a_seed"),
+        help="seed of the initial / frozen A matrices",
+    )
+    p.add_argument(
+        "--codec",
+        default=ConfigDefault("coordinator.config", "CoordinatorConfig", "codec"),
+        help="codec clients are asked to use",
+    )
     p.add_argument(
         "--exact-max-rank",
         type=int,
-        default=0,
+        default=ConfigDefault("coordinator.next_version", "AggregationConfig", "exact_max_rank"),
         help="exact mode: rank kept by the streaming sum between folds (0: 4·rank)",
     )
-    p.add_argument("--server-lr", type=float, default=1.0, help="server learning rate")
+    p.add_argument(
+        "--server-lr",
+        type=float,
+        default=ConfigDefault("coordinator.next_version", "AggregationConfig", "server_lr"),
+        help="server learning rate",
+    )
     p.add_argument(
         "--fedadam", action="store_true", help="FedAdam server optimizer (naive/frozen-a)"
     )
@@ -141,13 +183,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--clip-multiplier",
         type=float,
-        default=2.0,
+        default=ConfigDefault("coordinator.next_version", "AggregationConfig", "clip_multiplier"),
         metavar="C",
         help="adaptive clip: bound each update's effect to C x the lower median norm of the "
-        "buffer and the last --clip-history updates (default: 2)",
+        "buffer and the last --clip-history updates",
     )
     p.add_argument(
-        "--clip-history", type=int, default=16, help="adaptive clip: earlier norms (default: 16)"
+        "--clip-history",
+        type=int,
+        default=ConfigDefault("coordinator.next_version", "AggregationConfig", "clip_history"),
+        help="adaptive clip: earlier norms",
     )
     p.add_argument(
         "--no-clip",
@@ -163,11 +208,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--robust",
-        choices=("mean", "trimmed-mean", "median"),
-        default="mean",
+        choices=ROBUST_AGGREGATORS,
+        default=ConfigDefault("coordinator.next_version", "AggregationConfig", "robust"),
         help="robust aggregation",
     )
-    p.add_argument("--trim-ratio", type=float, default=0.1, help="trimmed-mean: share cut")
+    p.add_argument(
+        "--trim-ratio",
+        type=float,
+        default=ConfigDefault("coordinator.next_version", "AggregationConfig", "trim_ratio"),
+        help="trimmed-mean: share cut",
+    )
     p.add_argument(
         "--dp-noise",
         type=float,
@@ -175,11 +225,36 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="central DP noise multiplier, enables DP (default: off)",
     )
     p.add_argument("--dp-clip", type=float, default=1.0, help="central DP clip norm")
-    p.add_argument("--dp-delta", type=float, default=1e-5, help="central DP delta")
-    p.add_argument("--local-steps", type=int, default=20, help="task: local steps per round")
-    p.add_argument("--batch-size", type=int, default=4, help="task: local batch size")
-    p.add_argument("--seq-len", type=int, default=256, help="task: sequence length in tokens")
-    p.add_argument("--lr", type=float, default=2e-4, help="task: local learning rate")
+    p.add_argument(
+        "--dp-delta",
+        type=float,
+        default=ConfigDefault("coordinator.privacy", "DpConfig", "delta"),
+        help="central DP delta",
+    )
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=ConfigDefault("coordinator.config", "CoordinatorConfig", "local_steps"),
+        help="task: local steps per round",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=ConfigDefault("coordinator.config", "CoordinatorConfig", "batch_size"),
+        help="task: local batch size",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=ConfigDefault("coordinator.config", "CoordinatorConfig", "seq_len"),
+        help="task: sequence length in tokens",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=ConfigDefault("coordinator.config", "CoordinatorConfig", "lr"),
+        help="task: local learning rate",
+    )
     p.add_argument(
         "--max-rounds",
         type=int,
@@ -219,11 +294,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="IPv4 address to advertise on, repeatable (default: the --host address, or all)",
     )
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest accepted update, MiB")
-    p.add_argument("--rate", type=float, default=5.0, help="per-client requests per second")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=ConfigDefault("coordinator.config", "CoordinatorConfig", "rate_per_s"),
+        help="per-client requests per second",
+    )
     p.add_argument(
         "--log-level",
         default="info",
-        choices=("debug", "info", "warning", "error"),
+        choices=LOG_LEVELS,
         help="log level of the coordinator",
     )
     p.set_defaults(func=_run)
@@ -239,15 +319,17 @@ def _config(
     from coordinator.shapes import shapes_from_gguf
     from coordinator.strategies import FedAvg, FedBuff
     from edge_sdk.models.identity import model_sha256
-    from edge_sdk.models.store import resolve
+    from edge_sdk.models.store import resolve as resolve_model
 
-    path = resolve(args.model)
+    # Options not given carry their config field's default (`ConfigDefault`).
+    args = argparse.Namespace(**{k: resolve(v) for k, v in vars(args).items()})
+    path = resolve_model(args.model)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     secure = bool(getattr(args, "secure", False))
-    strategy_name = args.strategy or ("fedavg" if secure else "fedbuff")
+    strategy_name = args.strategy or ("fedavg" if secure else FedBuff.name)
     clients_per_round = args.clients_per_round
     if clients_per_round is None:
-        clients_per_round = max(3, args.min_cohort) if secure else 2
+        clients_per_round = max(3, args.min_cohort) if secure else FedAvg.clients_per_round
     strategy = (
         FedAvg(clients_per_round, args.min_clients, args.deadline)
         if strategy_name == "fedavg"
@@ -259,7 +341,7 @@ def _config(
         )
     )
     aggregation = AggregationConfig(
-        mode=args.lora_mode or ("frozen-a" if secure else "exact"),
+        mode=args.lora_mode or ("frozen-a" if secure else AggregationConfig.mode),
         rank=args.rank,
         alpha=args.alpha,
         a_seed=args.a_seed,

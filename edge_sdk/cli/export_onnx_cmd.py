@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from edge_sdk.choices import ONNX_PRECISIONS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=("int4", "fp32"),
+        choices=ONNX_PRECISIONS,
         default="int4",
         help="int4 MatMulNBits weights (default) or fp32 (exact)",
     )

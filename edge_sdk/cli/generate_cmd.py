@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edge_sdk.choices import BACKENDS
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model name (see `fedlm models`) or path to a .gguf file")
@@ -17,7 +19,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=2048, metavar="N", help="context window")
     p.add_argument(
         "--backend",
-        choices=("llama.cpp", "onnx"),
+        choices=BACKENDS,
         default="llama.cpp",
         help="onnx: MODEL is a `fedlm export-onnx` folder; the adapter may be GGUF or PEFT",
     )

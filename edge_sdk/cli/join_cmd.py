@@ -9,10 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.cli._help import DefaultsHelpFormatter
+from edge_sdk.choices import PRECISIONS
+from edge_sdk.cli._help import ConfigDefault, DefaultsHelpFormatter, resolve
+from edge_sdk.env import JOIN_CODE_ENV, JOIN_TOKEN_ENV
 
 DEFAULT_STATE_DIR = "~/.fedlm/client"
-JOIN_CODE_ENV = "FEDLM_JOIN_CODE"  # = edge_sdk.client.joincode.JOIN_CODE_ENV (lazy imports)
+
+
+def _client_default(field: str) -> ConfigDefault:
+    """The default of `ClientConfig.<field>`: the CLI declares none of its own."""
+    return ConfigDefault("edge_sdk.client.loop", "ClientConfig", field)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--join-code",
         metavar="CODE",
-        help="the join code `fedlm coordinator` printed (default: $FEDLM_JOIN_CODE); needed once",
+        help=f"the join code `fedlm coordinator` printed (default: ${JOIN_CODE_ENV}); needed once",
     )
     p.add_argument(
         "--coordinator", metavar="URL", help="coordinator base URL (default: find it by mDNS)"
@@ -51,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--join-token",
         metavar="TOKEN",
-        help="enrollment secret without a join code (default: $FEDLM_JOIN_TOKEN); "
+        help=f"enrollment secret without a join code (default: ${JOIN_TOKEN_ENV}); "
         "only with --tls-fingerprint or --insecure",
     )
     p.add_argument(
@@ -75,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--final-wait",
         type=float,
-        default=30.0,
+        default=_client_default("final_wait_s"),
         metavar="S",
         help="after the last update, wait up to S seconds for the version it feeds into",
     )
@@ -116,31 +122,38 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="local DP: noise multiplier (std = SIGMA * C; needs --dp-clip)",
     )
     p.add_argument(
-        "--precision", choices=("nf4", "bf16", "fp32"), default="nf4", help="frozen base precision"
+        "--precision",
+        choices=PRECISIONS,
+        default=_client_default("precision"),
+        help="frozen base precision",
     )
     p.add_argument(
         "--val-fraction",
         type=float,
-        default=0.1,
+        default=_client_default("val_fraction"),
         metavar="F",
         help="share of the local data held out to report a validation loss (0: none)",
     )
     p.add_argument(
         "--poll-interval",
         type=float,
-        default=2.0,
+        default=_client_default("poll_interval_s"),
         metavar="S",
         help="how often to ask for a new global version while waiting, in seconds",
     )
     p.add_argument(
         "--seed",
         type=int,
-        default=0,
+        default=_client_default("seed"),
         metavar="S",
         help="seeds the validation split and, with the round number, each round's data order",
     )
     p.add_argument(
-        "--discovery-timeout", type=float, default=3.0, metavar="S", help="mDNS listening time, s"
+        "--discovery-timeout",
+        type=float,
+        default=_client_default("discovery_timeout_s"),
+        metavar="S",
+        help="mDNS listening time, s",
     )
     p.add_argument(
         "--interface",
@@ -168,17 +181,17 @@ def _config(args: argparse.Namespace) -> Any:  # -> ClientConfig (lazy import ke
         join_code=args.join_code or os.environ.get(JOIN_CODE_ENV) or None,
         join_token=args.join_token,
         insecure=args.insecure,
-        final_wait_s=args.final_wait,
+        final_wait_s=resolve(args.final_wait),
         max_rounds=args.max_rounds,
         refuse_licences=parse_policy(args.refuse_licence),
         threads=args.threads,
         memory_limit_mb=args.memory_mb,
         local_dp=LocalDpConfig(args.dp_clip, args.dp_noise) if args.dp_clip is not None else None,
-        precision=args.precision,
-        seed=args.seed,
-        val_fraction=args.val_fraction,
-        poll_interval_s=args.poll_interval,
-        discovery_timeout_s=args.discovery_timeout,
+        precision=resolve(args.precision),
+        seed=resolve(args.seed),
+        val_fraction=resolve(args.val_fraction),
+        poll_interval_s=resolve(args.poll_interval),
+        discovery_timeout_s=resolve(args.discovery_timeout),
         discovery_interfaces=tuple(args.interface) if args.interface else None,
         **extra,
     )

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edge_sdk.choices import PRECISIONS
+from edge_sdk.cli._help import ConfigDefault
+from edge_sdk.cli._help import resolve as resolve_default
 from edge_sdk.models.naming import LORA_TARGETS
 
 
@@ -61,9 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=("nf4", "bf16", "fp32"),
-        default="nf4",
-        help="frozen base precision (nf4 = QLoRA)",
+        choices=PRECISIONS,
+        default=ConfigDefault("edge_sdk.training.trainer", "TrainConfig", "precision"),
+        help="frozen base precision (default: %(default)s; nf4 = QLoRA)",
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
@@ -116,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction,
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
-            precision=args.precision,
+            precision=resolve_default(args.precision),
             gradient_checkpointing=args.gradient_checkpointing,
         )
     except ValueError as exc:

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from edge_sdk.client.errors import JoinCodeError
 
 PREFIX = "fedlm1-"
-JOIN_CODE_ENV = "FEDLM_JOIN_CODE"
 _DOMAIN = b"fedlm-join-code-v1"
 _FP_BYTES = 32
 _CHECK_BYTES = 4

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from edge_sdk._docfields import document_fields
+from edge_sdk.choices import PRECISIONS, Precision
 from edge_sdk.client.controls import LocalDpConfig, apply_memory_cap, apply_thread_cap, privatize
 from edge_sdk.client.discovery import Offer, discover
 from edge_sdk.client.errors import (
@@ -60,7 +61,7 @@ from edge_sdk.client.errors import (
     TaskRefusedError,
     TlsPinError,
 )
-from edge_sdk.client.joincode import JOIN_CODE_ENV, JoinCode, normalize_fingerprint
+from edge_sdk.client.joincode import JoinCode, normalize_fingerprint
 from edge_sdk.client.state import (
     ClientState,
     Credentials,
@@ -71,6 +72,7 @@ from edge_sdk.client.state import (
 )
 from edge_sdk.client.task_policy import Shapes, TaskPolicy, adapter_bytes_cap, target_shapes
 from edge_sdk.client.transport import RetryConfig, StopRequested, Transport, tls_peer_fingerprint
+from edge_sdk.env import JOIN_CODE_ENV, JOIN_TOKEN_ENV
 from edge_sdk.errors import FedlmError
 from edge_sdk.models.licence import LicenceClass
 from edge_sdk.secagg import (
@@ -102,8 +104,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
-
-JOIN_TOKEN_ENV = "FEDLM_JOIN_TOKEN"
 
 
 _CHECK_SEQ_LEN = 256
@@ -157,7 +157,7 @@ class ClientConfig:
     """Cap on the process's address space (RLIMIT_AS); None = no cap. Process-wide."""
     local_dp: LocalDpConfig | None = None
     """Clip + Gaussian noise on the update before it leaves the device; None = off."""
-    precision: str = "nf4"
+    precision: Precision = "nf4"
     """Frozen base precision for training: nf4 (QLoRA), bf16 or fp32."""
     checkpoint_every: int = 5
     """Training checkpoint interval in optimizer steps (what a crash can lose at most)."""
@@ -245,7 +245,7 @@ class ClientConfig:
         )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"`threads` should be >= 1, got {self.threads!r}")
-        if self.precision not in ("nf4", "bf16", "fp32"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"`checkpoint_every` should be >= 1, got {self.checkpoint_every!r}")

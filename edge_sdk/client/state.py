@@ -57,6 +57,7 @@ from typing_extensions import Self
 
 from edge_sdk.client.errors import StateError
 from edge_sdk.client.ledger import LEDGER_NAME, Ledger
+from edge_sdk.env import CRASH_ENV
 from edge_sdk.wire import UpdateEncoder
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,6 @@ _PRIVATE = 0o600
 _KEEP_CORRUPT = 3
 """Set-aside copies kept per file name (older ones are deleted)."""
 
-CRASH_ENV = "FEDLM_CRASH_AT"
 """Crash injection for the kill-at-every-step tests (tests/client/test_crash_points.py)."""
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from edge_sdk.choices import LORA_MODES, PRECISIONS, LoraMode, Precision, RobustAggregator
 from edge_sdk.demo.tasks import TaskConfig
 
 
@@ -39,11 +40,11 @@ class DemoConfig:
     """LoRA rank on every attention and MLP projection."""
     alpha: float = 16.0
     """LoRA alpha."""
-    mode: str = "exact"
+    mode: LoraMode = "exact"
     """Coordinator LoRA aggregation: exact, frozen-a or naive."""
     server_lr: float = 1.0
     """Server step on the averaged delta."""
-    robust: str = "mean"
+    robust: RobustAggregator = "mean"
     """Coordinator statistic: mean (weighted), trimmed-mean or median (coordinate-wise; naive
     and frozen-a modes only)."""
     trim_ratio: float = 0.25
@@ -62,7 +63,7 @@ class DemoConfig:
     """Share of a client's data from its own families (non-IID skew)."""
     seed: int = 0
     """Seeds the data, the adapter init and every run."""
-    precision: str = "nf4"
+    precision: Precision = "nf4"
     """Frozen base precision of every torch run: nf4 (QLoRA), bf16 or fp32."""
     threads: int | None = None
     """torch threads of the in-process runs; None keeps torch's default (all cores). On a busy
@@ -106,9 +107,9 @@ class DemoConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"`{name}` should be a positive number, got {value!r}")
-        if self.precision not in ("nf4", "bf16", "fp32"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")
-        if self.mode not in ("exact", "frozen-a", "naive"):
+        if self.mode not in LORA_MODES:
             raise ValueError(f"`mode` should be exact, frozen-a or naive, got {self.mode!r}")
         if self.secure and self.mode != "frozen-a":
             raise ValueError(f"`mode` should be frozen-a with `secure`, got {self.mode!r}")

@@ -48,13 +48,12 @@ from edge_sdk.demo.config import DemoConfig
 from edge_sdk.demo.errors import FederationError
 from edge_sdk.demo.live import Progress
 from edge_sdk.demo.simulate import FederationRecord
+from edge_sdk.env import JOIN_CODE_ENV, JOIN_TOKEN_ENV
 from edge_sdk.errors import FedlmError
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-JOIN_TOKEN_ENV = "FEDLM_JOIN_TOKEN"
-JOIN_CODE_ENV = "FEDLM_JOIN_CODE"
 _READY = re.compile(r"fedlm coordinator (https?://\S+)")
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 

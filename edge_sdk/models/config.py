@@ -15,10 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from edge_sdk.choices import ARCHITECTURES
 from edge_sdk.errors import InvalidModelError, UnsupportedArchitectureError
 from edge_sdk.models.naming import LORA_TARGETS
 
-SUPPORTED_ARCHS: tuple[str, ...] = ("llama", "gemma3", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ARCHITECTURES
 """`general.architecture` values that have a torch implementation."""
 
 _ACTIVATIONS = ("silu", "gelu_tanh")

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_sdk.choices import PRECISIONS, Precision
+from edge_sdk.env import LOW_MEMORY_ENV
 from edge_sdk.errors import InvalidModelError, ModelNotFoundError, UnsupportedArchitectureError
 from edge_sdk.models.config import SUPPORTED_ARCHS, ModelConfig
 from edge_sdk.models.gguf_meta import GGUFFile, quote, show_path
@@ -51,7 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PRECISIONS: tuple[str, ...] = ("nf4", "bf16", "fp32")
 """Frozen-base precisions `load_model` accepts."""
 
 NF4_BLOCKSIZE = 64
@@ -267,7 +268,7 @@ def _rope_factors(factors: torch.Tensor, config: ModelConfig) -> torch.Tensor:
 
 def load_model(
     path: str | os.PathLike[str],
-    precision: str = "nf4",
+    precision: Precision = "nf4",
     lora: LoraConfig | None = None,
     gradient_checkpointing: bool = False,
     progress: bool = False,
@@ -283,7 +284,7 @@ def load_model(
     if precision not in PRECISIONS:
         raise ValueError(f"`precision` should be one of {PRECISIONS}, got {precision!r}")
     t0 = time.perf_counter()
-    if os.environ.get("FEDLM_LOW_MEMORY") == "1":
+    if os.environ.get(LOW_MEMORY_ENV) == "1":
         return_freed_memory_to_os()
     reader = _open(path)
     meta = read_metadata(reader)

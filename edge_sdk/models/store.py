@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_sdk.env import CACHE_DIR_ENV
 from edge_sdk.errors import ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -23,7 +24,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def cache_dir() -> Path:
     """Where derived files (assembled models, sha256 cache) live: `$FEDLM_CACHE_DIR` or ~/.cache."""
-    env = os.environ.get("FEDLM_CACHE_DIR")
+    env = os.environ.get(CACHE_DIR_ENV)
     base = (
         Path(env)
         if env

@@ -34,6 +34,7 @@ import torch
 
 from edge_sdk._docfields import document_fields
 from edge_sdk.adapters.seeded import frozen_a_matrix
+from edge_sdk.choices import PRECISIONS, Precision
 from edge_sdk.models.config import model_config
 from edge_sdk.models.naming import LORA_TARGETS, parse_hf_module
 from edge_sdk.training.checkpoint import (
@@ -55,8 +56,6 @@ from edge_sdk.training.lora import (
 from edge_sdk.training.schedule import lr_at
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = ("nf4", "bf16", "fp32")
 
 
 @document_fields
@@ -100,7 +99,7 @@ class TrainConfig:
     """Cap on validation batches per evaluation (0: the whole split)."""
     checkpoint_every: int = 50
     """Write a checkpoint every N steps (0: never; `run()` only)."""
-    precision: str = "nf4"
+    precision: Precision = "nf4"
     """Frozen base precision: nf4 (QLoRA), bf16 or fp32."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward (less memory, about 30% slower)."""

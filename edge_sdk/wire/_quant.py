@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-FLOAT_FORMATS = ("fp32", "fp16", "bf16")
-BLOCK_FORMATS = ("int8", "int4", "nf4")
-VALUE_FORMATS = FLOAT_FORMATS + BLOCK_FORMATS
-
 # Bytes per element of the float formats.
 FLOAT_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 SCALE_ITEMSIZE = {"f16": 2, "f32": 4}

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_sdk.choices import BLOCK_FORMATS, CODEC_STAGES, FLOAT_FORMATS, VALUE_FORMATS
 from edge_sdk.wire import _quant
 from edge_sdk.wire._errors import (
     InvalidFieldError,
@@ -46,8 +47,7 @@ from edge_sdk.wire.limits import DEFAULT_LIMITS, DecodeLimits
 
 logger = logging.getLogger(__name__)
 
-VALUE_FORMATS = _quant.VALUE_FORMATS
-CODEC_NAMES = ("delta", "topk") + VALUE_FORMATS + ("zlib",)
+CODEC_NAMES = CODEC_STAGES
 DEFAULT_BLOCK = 64
 DEFAULT_TOPK_FRACTION = 0.01
 MAX_BLOCK = 1 << 16
@@ -105,7 +105,7 @@ class CodecSpec:
 
     @property
     def blockwise(self) -> bool:
-        return self.values in _quant.BLOCK_FORMATS
+        return self.values in BLOCK_FORMATS
 
     def __str__(self) -> str:
         stages = ["delta"] if self.delta else []
@@ -160,7 +160,7 @@ def parse_codec(codec: str | CodecSpec) -> CodecSpec:
             else:
                 fields["values"] = name
                 if param:
-                    if name in _quant.FLOAT_FORMATS:
+                    if name in FLOAT_FORMATS:
                         raise ValueError(f"{name} takes no parameter")
                     if not _BLOCK_SPELLING.fullmatch(param):
                         raise ValueError(f"block {param!r} should be decimal digits such as 64")
@@ -265,7 +265,7 @@ class EncodedTensor:
                 f"{self.values} values of shape {self.shape}, "
                 f"got {len(self.data)}"
             )
-        if self.values in _quant.BLOCK_FORMATS:
+        if self.values in BLOCK_FORMATS:
             self._check_blocks(where, m, scale_values)  # type: ignore[arg-type]
         else:
             if self.block is not None or self.scales is not None or self.scale_dtype is not None:
@@ -384,7 +384,7 @@ class EncodedTensor:
                 f"{where}: {math.prod(shape)} elements exceed max_elements={limits.max_elements}"
             )
         values = get_str(obj, "values", where, 16)
-        blockwise = values in _quant.BLOCK_FORMATS
+        blockwise = values in BLOCK_FORMATS
         # Optional fields may be absent or nil (docs/wire-format.md, section 1): a nil `nnz`
         # is a dense tensor, as an absent one is.
         sparse = obj.get("nnz") is not None
@@ -420,7 +420,7 @@ class EncodedTensor:
             type(shape) is not list
             or len(shape) > limits.max_ndim
             or type(values) is not str
-            or values not in _quant.BLOCK_FORMATS
+            or values not in BLOCK_FORMATS
             or type(data) is not bytes
             or type(block) is not int
             or not 1 <= block <= MAX_BLOCK

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from edge_sdk.choices import LORA_MODES, LoraMode
 from edge_sdk.wire import _envelope
 from edge_sdk.wire._envelope import PROTOCOL_VERSION, MessageKind
 from edge_sdk.wire._errors import (
@@ -49,7 +50,6 @@ from edge_sdk.wire.codecs import (
 )
 from edge_sdk.wire.limits import DEFAULT_LIMITS, INT_MAX, DecodeLimits
 
-LORA_MODES = ("naive", "frozen-a", "exact")
 MAX_RANK = 65536
 _ID_MAX = 128
 _ERROR_CODE = re.compile(r"[a-z0-9_.\-]{1,64}")
@@ -96,7 +96,7 @@ class LoraSpec:
     """LoRA scaling numerator: the update is (alpha / r) * B @ A."""
     targets: tuple[str, ...]
     """Adapted projections, e.g. ("q_proj", "v_proj") (edge_sdk.models.naming.LORA_TARGETS)."""
-    mode: str = "exact"
+    mode: LoraMode = "exact"
     """Aggregation mode: "naive" (average A and B), "frozen-a" (A from `a_seed`, only B trained),
     "exact"."""
     a_seed: int | None = None
