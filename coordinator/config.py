@@ -10,6 +10,7 @@ from pathlib import Path
 from coordinator.next_version import AggregationConfig, Shapes
 from coordinator.strategies import FedAvg, FedBuff
 from edge_sdk.models.naming import LORA_TARGETS
+from edge_sdk.validators import is_int
 from edge_sdk.wire import parse_codec
 from edge_sdk.wire.limits import INT_MAX
 
@@ -231,10 +232,8 @@ class CoordinatorConfig:
                 f"`aggregation.robust` should be 'mean' with secure aggregation (robust "
                 f"statistics need individual updates), got {agg.robust!r}"
             )
-        if isinstance(self.min_cohort, bool) or not isinstance(self.min_cohort, int):
-            raise ValueError(  # noqa: TRY004 (style: a bad config field is a ValueError)
-                f"`min_cohort` should be an integer, got {self.min_cohort!r}"
-            )
+        if not is_int(self.min_cohort):
+            raise ValueError(f"`min_cohort` should be an integer, got {self.min_cohort!r}")
         if self.min_cohort < 3:
             raise ValueError(f"`min_cohort` should be >= 3, got {self.min_cohort}")
         if self.min_cohort > self.strategy.clients_per_round:

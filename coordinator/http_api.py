@@ -40,6 +40,7 @@ from coordinator.metrics import Metrics
 from coordinator.secure import CONTROL_MAX_BYTES, SecureAggregation, decode_control
 from coordinator.secure import PHASES as SECAGG_PHASES
 from coordinator.state_machine import Coordinator
+from edge_sdk.validators import is_int_in
 from edge_sdk.wire import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
@@ -317,7 +318,7 @@ async def secagg_setup(request: web.Request) -> web.Response:
     secure = _secure(request)
     obj = decode_control(await _read_capped(request, CONTROL_MAX_BYTES), ("version",))
     version = obj["version"]
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+    if not is_int_in(version, 0):
         raise BadRequestError(f"`version` should be a non-negative integer, got {version!r:.40}")
     body = await _in_thread(request.app[RUNTIME].ingest, secure.setup, client_id, version)
     return web.Response(body=body, content_type=SECAGG_CONTENT_TYPE)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_sdk.validators import is_finite, is_positive_finite
+
 log = logging.getLogger(__name__)
 
 
@@ -29,17 +31,9 @@ class LocalDpConfig:
     """σ: the noise standard deviation is σ·C per coordinate (0 clips without noise)."""
 
     def __post_init__(self) -> None:
-        if not (
-            isinstance(self.clip_norm, (int, float))
-            and math.isfinite(self.clip_norm)
-            and self.clip_norm > 0
-        ):
+        if not is_positive_finite(self.clip_norm):
             raise ValueError(f"`clip_norm` should be a positive number, got {self.clip_norm!r}")
-        if not (
-            isinstance(self.noise_multiplier, (int, float))
-            and math.isfinite(self.noise_multiplier)
-            and self.noise_multiplier >= 0
-        ):
+        if not (is_finite(self.noise_multiplier) and self.noise_multiplier >= 0):
             raise ValueError(f"`noise_multiplier` should be >= 0, got {self.noise_multiplier!r}")
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from edge_sdk.client.errors import AdapterRefusedError, TaskRefusedError
 from edge_sdk.models.naming import LORA_TARGETS, hf_module, parse_gguf_stem
+from edge_sdk.validators import is_int_in, is_positive_finite, require_positive_ints
 from edge_sdk.wire import GlobalAdapter, TaskConfig, WireError
 from edge_sdk.wire.codecs import parse_codec
 
@@ -92,12 +93,10 @@ class TaskPolicy:
             "max_seq_len", "max_batch_size", "max_tokens_per_step", "max_local_steps",
             "max_rank", "max_rounds", "max_staleness",
         ):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` should be a positive integer, got {value!r}")
+            require_positive_ints(self, name)
         for name in ("max_scaling", "max_lr", "max_abs_value", "max_delta_rms"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            if not is_positive_finite(value):
                 raise ValueError(f"`{name}` should be a finite positive number, got {value!r}")
 
     # -- the task ---------------------------------------------------------------------------
@@ -139,7 +138,7 @@ class TaskPolicy:
             if not isinstance(strategy, dict):
                 raise refuse("extra.strategy", type(strategy).__name__, "a map")
             staleness = strategy.get("max_staleness", 0)
-            if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+            if not is_int_in(staleness, 0):
                 raise refuse("extra.strategy.max_staleness", staleness, "an integer >= 0")
             at_most("extra.strategy.max_staleness", staleness, self.max_staleness)
 

@@ -68,6 +68,7 @@ from edge_sdk.client.task_policy import (
     STATUS_RESPONSE_BYTES,
     TASK_RESPONSE_BYTES,
 )
+from edge_sdk.validators import is_int_in, is_positive_finite
 from edge_sdk.wire import CONTENT_TYPE, AdapterUpdate, TaskConfig, WireError
 from edge_sdk.wire.limits import DEFAULT_LIMITS
 
@@ -100,15 +101,11 @@ class RetryConfig:
     before the request fails with "is `fedlm coordinator` running at URL?"."""
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.attempts, bool)
-            or not isinstance(self.attempts, int)
-            or self.attempts < 1
-        ):
+        if not is_int_in(self.attempts, 1):
             raise ValueError(f"`attempts` should be a positive integer, got {self.attempts!r}")
         for name in ("initial_s", "max_s", "timeout_s", "connect_timeout_s", "first_contact_s"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not is_positive_finite(value):
                 raise ValueError(f"`{name}` should be a positive number of seconds, got {value!r}")
         if not (math.isfinite(self.jitter_s) and self.jitter_s >= 0):
             raise ValueError(f"`jitter_s` should be >= 0, got {self.jitter_s!r}")

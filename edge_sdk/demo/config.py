@@ -9,11 +9,11 @@ closed 102% of the base -> centralized exact-match gap (4 rounds x 4 steps: 85%,
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from edge_sdk.choices import LORA_MODES, PRECISIONS, LoraMode, Precision, RobustAggregator
 from edge_sdk.demo.tasks import TaskConfig
+from edge_sdk.validators import is_int_in, is_positive_finite, require_positive_ints
 
 
 @dataclass(frozen=True)
@@ -90,14 +90,10 @@ class DemoConfig:
             "eval_per_family",
             "families_per_client",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` should be a positive integer, got {value!r}")
+            require_positive_ints(self, name)
         if self.seq_len < 16:
             raise ValueError(f"`seq_len` should be >= 16, got {self.seq_len!r}")
-        if self.threads is not None and (
-            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
-        ):
+        if self.threads is not None and not is_int_in(self.threads, 1):
             raise ValueError(
                 f"`threads` should be a positive integer or None, got {self.threads!r}"
             )
@@ -105,7 +101,7 @@ class DemoConfig:
             raise ValueError(f"`warmup` should be >= 0, got {self.warmup!r}")
         for name in ("lr", "alpha", "server_lr"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not is_positive_finite(value):
                 raise ValueError(f"`{name}` should be a positive number, got {value!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")

@@ -50,6 +50,7 @@ from edge_sdk.demo.live import Progress
 from edge_sdk.demo.simulate import FederationRecord
 from edge_sdk.env import JOIN_CODE_ENV, JOIN_TOKEN_ENV
 from edge_sdk.errors import FedlmError
+from edge_sdk.validators import is_int_in, is_positive_finite
 
 logger = logging.getLogger(__name__)
 
@@ -200,17 +201,13 @@ class NetworkFederation:
     """Process ids started by the last `run` (all stopped when it returns)."""
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.client_threads, bool)
-            or not isinstance(self.client_threads, int)
-            or self.client_threads < 1
-        ):
+        if not is_int_in(self.client_threads, 1):
             raise ValueError(
                 f"`client_threads` should be a positive integer, got {self.client_threads!r}"
             )
         for name in ("timeout_s", "startup_timeout_s", "discovery_timeout_s", "poll_s", "grace_s"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not is_positive_finite(value):
                 raise ValueError(f"`{name}` should be a positive number of seconds, got {value!r}")
 
     # -- processes --------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_sdk.validators import require_positive_ints
+
 logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = "Apply the rule."
@@ -220,10 +222,9 @@ class TaskConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("clients", "families_per_client", "train_per_client", "eval_per_family"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` should be a positive integer, got {value!r}")
+        require_positive_ints(
+            self, "clients", "families_per_client", "train_per_client", "eval_per_family"
+        )
         if self.num_families > len(FAMILIES):
             raise ValueError(
                 f"`clients` * `families_per_client` = {self.num_families} exceeds the "

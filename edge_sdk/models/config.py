@@ -18,6 +18,7 @@ from typing import Any, cast
 from edge_sdk.choices import ARCHITECTURES
 from edge_sdk.errors import InvalidModelError, UnsupportedArchitectureError
 from edge_sdk.models.naming import LORA_TARGETS
+from edge_sdk.validators import require_architecture
 
 SUPPORTED_ARCHS = ARCHITECTURES
 """`general.architecture` values that have a torch implementation."""
@@ -81,11 +82,7 @@ class ModelConfig:
     """Metadata kept for reports (name, file type); not used by the model."""
 
     def __post_init__(self) -> None:
-        if self.arch not in SUPPORTED_ARCHS:
-            raise UnsupportedArchitectureError(
-                f"architecture {self.arch!r} is not supported for training; "
-                f"supported: {', '.join(SUPPORTED_ARCHS)}"
-            )
+        require_architecture(self.arch)
         for name in (
             "n_layer",
             "n_head",
@@ -190,11 +187,7 @@ class ModelConfig:
         arch = meta.get("general.architecture")
         if not isinstance(arch, str):
             raise InvalidModelError("GGUF has no `general.architecture`")
-        if arch not in SUPPORTED_ARCHS:
-            raise UnsupportedArchitectureError(
-                f"architecture {arch!r} is not supported for "
-                f"training; supported: {', '.join(SUPPORTED_ARCHS)}"
-            )
+        require_architecture(arch)
 
         def get(key: str, default: Any = None, *, required: bool = False) -> Any:
             value = meta.get(f"{arch}.{key}", default)

@@ -41,12 +41,13 @@ from torch import nn
 
 from edge_sdk.choices import PRECISIONS, Precision
 from edge_sdk.env import LOW_MEMORY_ENV
-from edge_sdk.errors import InvalidModelError, ModelNotFoundError, UnsupportedArchitectureError
-from edge_sdk.models.config import SUPPORTED_ARCHS, ModelConfig
+from edge_sdk.errors import InvalidModelError, ModelNotFoundError
+from edge_sdk.models.config import ModelConfig
 from edge_sdk.models.gguf_meta import GGUFFile, quote, show_path
 from edge_sdk.models.naming import LORA_TARGETS, gguf_stem, hf_module
 from edge_sdk.models.qk_order import PERMUTED_ARCHS, permute_qk, unpermute_qk  # noqa: F401 (re-export)
 from edge_sdk.models.transformer import Transformer
+from edge_sdk.validators import require_architecture
 
 if TYPE_CHECKING:
     from edge_sdk.training.lora import LoraConfig
@@ -289,11 +290,7 @@ def load_model(
     reader = _open(path)
     meta = read_metadata(reader)
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise UnsupportedArchitectureError(
-            f"architecture {arch!r} is not supported for "
-            f"training; supported: {', '.join(SUPPORTED_ARCHS)}"
-        )
+    require_architecture(arch)
     tensors = {t.name: t for t in reader.tensors}
     config = _config(reader)
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32

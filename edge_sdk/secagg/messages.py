@@ -34,6 +34,7 @@ import msgpack
 from edge_sdk.secagg.crypto import KEY_LEN, NONCE_LEN, SHARE_LEN
 from edge_sdk.secagg.errors import MessageError
 from edge_sdk.secagg.params import MAX_COHORT, SecAggParams
+from edge_sdk.validators import is_int_in, require_positive_ints
 
 MAGIC = b"FSAG"
 VERSION = 1
@@ -55,10 +56,7 @@ class SecAggLimits:
     """Most ids in any list or map."""
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_members"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` should be a positive integer, got {value!r}")
+        require_positive_ints(self, "max_bytes", "max_members")
 
 
 DEFAULT_LIMITS = SecAggLimits()
@@ -78,7 +76,7 @@ def _bin(value: Any, name: str, length: int | None = None, max_len: int | None =
 
 
 def _id(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DEVICE_ID:
+    if not is_int_in(value, 0, MAX_DEVICE_ID):
         raise MessageError(
             f"field `{name}` should be a device id in [0, {MAX_DEVICE_ID}], got {value!r:.40}"
         )
@@ -108,7 +106,7 @@ def _share(value: Any, name: str) -> tuple[int, bytes]:
     if not isinstance(value, list) or len(value) != 2:
         raise MessageError(f"field `{name}` should be [index, share]")
     index, share = value
-    if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= MAX_COHORT:
+    if not is_int_in(index, 1, MAX_COHORT):
         raise MessageError(
             f"field `{name}` share index should be in [1, {MAX_COHORT}], got {index!r:.40}"
         )

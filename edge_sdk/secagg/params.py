@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_sdk.validators import is_positive_finite, require_int_in
+
 MIN_COHORT = 3
 """Smallest cohort the protocol accepts. With two devices each could subtract its own update
 from the sum and learn the other's; the threshold must also exceed half the degree (see
@@ -68,17 +70,13 @@ class SecAggParams:
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int, hi: int) -> int:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ValueError(f"`{name}` should be an integer in [{lo}, {hi}], got {value!r}")
-            return value
+            return require_int_in(name, getattr(self, name), lo, hi)
 
         n = _int("cohort_size", MIN_COHORT, MAX_COHORT)
         _int("vector_len", 1, 1 << 30)
         g = _int("grid_bits", 1, MAX_RING_BITS - 1)
         _int("weight_cap", 1, ((1 << WEIGHT_RING_BITS) - 1) // n)
-        clip_ok = not isinstance(self.clip, bool) and isinstance(self.clip, (int, float))
-        if not (clip_ok and math.isfinite(self.clip) and self.clip > 0):
+        if not is_positive_finite(self.clip):
             raise ValueError(f"`clip` should be a positive finite number, got {self.clip!r}")
         ring_bits = g + math.ceil(math.log2(n))
         if ring_bits > MAX_RING_BITS:

@@ -47,6 +47,7 @@ from edge_sdk.secagg.messages import (
     UnmaskResponse,
 )
 from edge_sdk.secagg.params import MIN_COHORT, SecAggParams
+from edge_sdk.validators import is_int
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class ServerRound:
     def setup(self, device_id: int) -> RoundSetup:
         """Invite `device_id` to the round (at most `cohort_size` devices, each once)."""
         self._expect(ServerState.ADVERTISE, "SETUP")
-        if isinstance(device_id, bool) or not isinstance(device_id, int):
+        if not is_int(device_id):
             raise TypeError(f"device_id should be an int, got {device_id!r}")
         if not 0 <= device_id <= MAX_DEVICE_ID:
             raise ValueError(f"device_id should be in [0, {MAX_DEVICE_ID}], got {device_id}")

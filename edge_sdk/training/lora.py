@@ -25,6 +25,7 @@ from torch import nn
 from edge_sdk.errors import AdapterMismatchError
 from edge_sdk.models.config import model_config
 from edge_sdk.models.naming import LORA_TARGETS, hf_module, parse_hf_module
+from edge_sdk.validators import is_int_in
 
 
 @dataclass
@@ -45,7 +46,7 @@ class LoraConfig:
     """Train B only, A fixed (the federated 'frozen-a' mode: A comes from a shared seed)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+        if not is_int_in(self.rank, 1):
             raise ValueError(f"`rank` should be a positive integer, got {self.rank!r}")
         if (
             not isinstance(self.alpha, (int, float))

@@ -54,6 +54,7 @@ from edge_sdk.training.lora import (
     lora_state_dict,
 )
 from edge_sdk.training.schedule import lr_at
+from edge_sdk.validators import is_positive_finite, require_non_negative_ints, require_positive_ints
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +108,11 @@ class TrainConfig:
     """Train B only, with A fixed at its (seeded or given) value."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "rank", "seq_len", "batch_size", "grad_accum"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` should be a positive integer, got {value!r}")
-        for name in ("warmup", "eval_every", "eval_batches", "checkpoint_every", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` should be a non-negative integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        require_positive_ints(self, "steps", "rank", "seq_len", "batch_size", "grad_accum")
+        require_non_negative_ints(
+            self, "warmup", "eval_every", "eval_batches", "checkpoint_every", "seed"
+        )
+        if not is_positive_finite(self.lr):
             raise ValueError(f"`lr` should be a positive number, got {self.lr!r}")
         if not (
             isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from edge_sdk.validators import is_int, is_number
 from edge_sdk.wire._errors import (
     InvalidFieldError,
     InvalidKeyError,
@@ -75,7 +76,7 @@ def get_int(
 ) -> int:
     """An integer in [lo, hi]; `hi` never exceeds INT_MAX (every integer fits a signed 64-bit)."""
     value = get(obj, name, where, default)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise InvalidFieldError(f"{where}.{name}: expected an integer, got {_describe(value)}")
     hi = min(hi, INT_MAX)
     if not lo <= value <= hi:
@@ -92,7 +93,7 @@ def get_opt_int(
 
 
 def as_float(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise InvalidFieldError(f"{where}: expected a number, got {_describe(value)}")
     out = float(value)
     if not math.isfinite(out):

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk.choices import BLOCK_FORMATS, CODEC_STAGES, FLOAT_FORMATS, VALUE_FORMATS
+from edge_sdk.validators import is_int_in, is_number
 from edge_sdk.wire import _quant
 from edge_sdk.wire._errors import (
     InvalidFieldError,
@@ -82,17 +83,9 @@ class CodecSpec:
             raise ValueError(
                 f"`values` should be one of {', '.join(VALUE_FORMATS)}, got {self.values!r}"
             )
-        if self.topk is not None and (
-            isinstance(self.topk, bool)
-            or not isinstance(self.topk, (int, float))
-            or not 0.0 < self.topk <= 1.0
-        ):
+        if self.topk is not None and (not is_number(self.topk) or not 0.0 < self.topk <= 1.0):
             raise ValueError(f"`topk` should be a fraction in (0, 1], got {self.topk!r}")
-        if (
-            isinstance(self.block, bool)
-            or not isinstance(self.block, int)
-            or not 1 <= self.block <= MAX_BLOCK
-        ):
+        if not is_int_in(self.block, 1, MAX_BLOCK):
             raise ValueError(
                 f"`block` should be an integer in [1, {MAX_BLOCK}], got {self.block!r}"
             )
@@ -227,7 +220,7 @@ class EncodedTensor:
 
     def _check(self, where: str, scale_values: bool = True) -> None:
         for d in self.shape:
-            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            if not is_int_in(d, 0):
                 raise InvalidFieldError(
                     f"{where}.shape: expected non-negative integers, got {self.shape!r}"
                 )
@@ -274,11 +267,7 @@ class EncodedTensor:
                 raise NonFiniteError(f"{where}.data: expected finite {self.values} values")
 
     def _check_blocks(self, where: str, m: int, scale_values: bool = True) -> None:
-        if (
-            isinstance(self.block, bool)
-            or not isinstance(self.block, int)
-            or not 1 <= self.block <= MAX_BLOCK
-        ):
+        if not is_int_in(self.block, 1, MAX_BLOCK):
             raise InvalidFieldError(
                 f"{where}.block: expected an integer in [1, {MAX_BLOCK}], got {self.block!r}"
             )
@@ -375,7 +364,7 @@ class EncodedTensor:
                 f"{where}.shape: expected a list of at most {limits.max_ndim} integers"
             )
         for d in shape:
-            if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= limits.max_elements:
+            if not is_int_in(d, 0, limits.max_elements):
                 raise InvalidFieldError(
                     f"{where}.shape: expected integers in [0, {limits.max_elements}], got {shape}"
                 )

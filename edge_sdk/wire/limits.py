@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_sdk.validators import require_positive_ints
+
 _MIB = 1 << 20
 
 # Protocol bounds, the same for every decoder (not tunable like `DecodeLimits`):
@@ -52,9 +54,7 @@ class DecodeLimits:
             "max_container_len",
             "max_depth",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` should be a positive integer, got {value!r}")
+            require_positive_ints(self, name)
         if self.max_bytes < 16:
             raise ValueError(f"`max_bytes` should be at least 16, got {self.max_bytes}")
 

@@ -6,7 +6,6 @@ bytes and raises only `WireError` subclasses. Field names and types: docs/wire-f
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from edge_sdk.choices import LORA_MODES, LoraMode
+from edge_sdk.validators import is_int_in, is_positive_finite
 from edge_sdk.wire import _envelope
 from edge_sdk.wire._envelope import PROTOCOL_VERSION, MessageKind
 from edge_sdk.wire._errors import (
@@ -70,7 +70,7 @@ def _check_id(value: Any, name: str) -> str:
 
 def _check_count(value: Any, name: str, lo: int = 0) -> int:
     # INT_MAX, not 2^64-1: whatever is encoded must also decode and fit a SQLite INTEGER.
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+    if not is_int_in(value, lo):
         raise ValueError(f"`{name}` should be an integer >= {lo}, got {value!r}")
     if value > INT_MAX:
         raise ValueError(
@@ -106,11 +106,7 @@ class LoraSpec:
         _check_count(self.rank, "rank", lo=1)
         if self.rank > MAX_RANK:
             raise ValueError(f"`rank` should be at most {MAX_RANK}, got {self.rank}")
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float))
-            or not (math.isfinite(self.alpha) and self.alpha > 0)
-        ):
+        if not is_positive_finite(self.alpha):
             raise ValueError(f"`alpha` should be a finite positive number, got {self.alpha!r}")
         object.__setattr__(self, "alpha", float(self.alpha))
         if isinstance(self.targets, str) or not isinstance(self.targets, (tuple, list)):
@@ -475,11 +471,7 @@ class TaskConfig(_Message):
         object.__setattr__(self, "codec", str(parse_codec(self.codec)))
         for name in ("local_steps", "batch_size", "seq_len"):
             _check_count(getattr(self, name), name, lo=1)
-        if (
-            isinstance(self.lr, bool)
-            or not isinstance(self.lr, (int, float))
-            or not (math.isfinite(self.lr) and self.lr > 0)
-        ):
+        if not is_positive_finite(self.lr):
             raise ValueError(f"`lr` should be a finite positive number, got {self.lr!r}")
         object.__setattr__(self, "lr", float(self.lr))
         if self.max_rounds is not None:
