@@ -3,7 +3,7 @@
 Shapes follow PEFT: for a target linear layer W (out, in), a rank-r adapter holds
 `lora_A` (r, in) and `lora_B` (out, r), and the layer computes W·x + (alpha/r)·B·A·x.
 
-Three ways to combine client adapters (DESIGN.md, "Federated LoRA, done right"):
+Three ways to combine client adapters:
 
 - naive:    average A and B separately. Cheap, but mean(B)·mean(A) != mean(B·A).
 - frozen-a: A is fixed from a shared seed (`frozen_a_matrix`) and only B is trained, so

@@ -58,7 +58,7 @@ def _demo(args: argparse.Namespace) -> int:
     from edge_sdk.demo.live import DemoView
     from edge_sdk.demo.network import NetworkFederation
     from edge_sdk.demo.report import render
-    from edge_sdk.demo.run import FULL_BUDGET_S, QUICK_BUDGET_S, InProcessFederation, run_demo
+    from edge_sdk.demo.run import FULL_BUDGET_S, QUICK_BUDGET_S, run_demo
 
     config = DemoConfig.quick() if args.quick else DemoConfig.full()
     changes: dict[str, Any] = {
@@ -110,8 +110,9 @@ def _demo(args: argparse.Namespace) -> int:
             )
 
     # Client processes get one torch thread each: N of them share the machine's cores.
+    # None: run_demo federates in this process, on the model it loaded for the baselines.
     federation = (
-        InProcessFederation(progress=progress)
+        None
         if args.in_process
         else NetworkFederation(work_dir=out / "federation", progress=progress)
     )

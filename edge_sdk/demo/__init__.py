@@ -4,7 +4,8 @@
     report = run_demo(DemoConfig.quick(), "out/")   # also out/report.json, plot, adapters
 
 Modules: `tasks` (built-in non-IID data + exact match), `evaluate` (eval loss and exact match),
-`simulate` (in-process runs and federation), `report` (report.json, table, plot), `run`.
+`federation` (the backend contract), `simulate` (in-process runs and `InProcessFederation`),
+`network` (`NetworkFederation`: real processes), `report` (report.json, table, plot), `run`.
 """
 
 from __future__ import annotations

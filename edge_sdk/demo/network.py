@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
+from typing_extensions import Self
 
 from edge_sdk.demo.config import DemoConfig
 from edge_sdk.demo.errors import FederationError
+from edge_sdk.demo.federation import FederationRecord, OnVersion, Tensors
 from edge_sdk.demo.live import Progress
-from edge_sdk.demo.simulate import FederationRecord
 from edge_sdk.env import JOIN_CODE_ENV, JOIN_TOKEN_ENV
 from edge_sdk.errors import FedlmError
 from edge_sdk.validators import is_int_in, is_positive_finite
@@ -57,8 +57,6 @@ logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 _READY = re.compile(r"fedlm coordinator (https?://\S+)")
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-
-Tensors = dict[str, np.ndarray]
 
 
 @dataclass
@@ -285,12 +283,7 @@ class NetworkFederation:
     # -- the federation ---------------------------------------------------------------------
 
     def run(
-        self,
-        model: Any,
-        datasets: Sequence[Any],
-        client_paths: Sequence[Path],
-        config: DemoConfig,
-        on_version: Callable[[int, Tensors], None],
+        self, client_paths: Sequence[Path], config: DemoConfig, on_version: OnVersion
     ) -> FederationRecord:
         """Federate over real processes; `on_version(v, adapter)` for every version v >= 1 seen."""
         if len(client_paths) != config.clients:
@@ -417,18 +410,19 @@ class NetworkFederation:
             if v0 != 0:  # a client would need to load, train and upload within the observer's join
                 raise FederationError(f"the observer joined at global version {v0}, not 0")
             versions: list[Tensors] = [initial]
-            self._follow(
-                api,
-                v0,
-                versions,
-                coordinator,
-                clients,
-                state_dirs,
-                work,
-                config,
-                on_version,
+            _Observer(
+                federation=self,
+                api=api,
+                coordinator=coordinator,
+                clients=clients,
+                state_dirs=state_dirs,
+                work=work,
+                config=config,
+                on_version=on_version,
                 deadline=time.monotonic() + self.timeout_s - (time.perf_counter() - t0),
-            )
+                versions=versions,
+                seen=v0,
+            ).follow()
             ledgers = [read_client_ledger(d) for d in state_dirs]
         finally:
             self._stop(procs)
@@ -444,111 +438,6 @@ class NetworkFederation:
             seconds=time.perf_counter() - t0,
         )
 
-    def _follow(
-        self,
-        api: _Coordinator,
-        version: int,
-        versions: list[Tensors],
-        coordinator: subprocess.Popen[bytes],
-        clients: Sequence[subprocess.Popen[bytes]],
-        state_dirs: Sequence[Path],
-        work: Path,
-        config: DemoConfig,
-        on_version: Callable[[int, Tensors], None],
-        *,
-        deadline: float,
-    ) -> None:
-        """Poll until version `config.rounds` is published and every client has exited."""
-        # A watcher thread fetches each new version at once, so that a slow `on_version`
-        # (the demo scores every version) cannot make the observer miss one.
-        found: queue.Queue[tuple[int, Tensors] | BaseException] = queue.Queue()
-        stop = threading.Event()
-        published = [version]  # the coordinator's newest version, as the watcher last saw it
-
-        def watch() -> None:
-            last = version
-            try:
-                while not stop.is_set() and last < config.rounds:
-                    current = int(api.status()["version"])
-                    published[0] = current
-                    if current > last:
-                        got, tensors = api.adapter()
-                        if got > last + 1:
-                            logger.warning(
-                                "versions %d..%d were replaced before the observer saw them",
-                                last + 1,
-                                got - 1,
-                            )
-                        found.put((got, tensors))
-                        last = got
-                    stop.wait(self.poll_s)
-            except (
-                OSError,
-                ValueError,
-                KeyError,
-                FedlmError,
-            ) as exc:  # HTTP, JSON or wire: to the main thread
-                found.put(exc)
-
-        watcher = threading.Thread(target=watch, name="fedlm-demo-observer", daemon=True)
-        watcher.start()
-        seen = version
-        all_exited_at: float | None = None
-        reported_at = 0.0
-        try:
-            while True:
-                try:
-                    item = found.get(timeout=self.poll_s)
-                except queue.Empty:
-                    item = None
-                if isinstance(item, BaseException):
-                    raise FederationError(f"observing the coordinator failed: {item}") from item
-                if item is not None:
-                    seen = item[0]
-                    versions.append(item[1])
-                    on_version(seen, item[1])
-                # The ledgers are small files: re-reading them each second keeps the live
-                # view's per-client updates, loss and bytes current between versions.
-                if item is not None or time.monotonic() - reported_at >= 1.0:
-                    self._report(seen, config, state_dirs)
-                    reported_at = time.monotonic()
-                if coordinator.poll() is not None:
-                    raise FederationError(
-                        f"the coordinator exited with code {coordinator.returncode}: "
-                        f"{_tail(work / 'coordinator.log')}"
-                    )
-                running = [p for p in clients if p.poll() is None]
-                if seen >= config.rounds and not running:
-                    return
-                if running:
-                    all_exited_at = None
-                elif all_exited_at is None:
-                    all_exited_at = time.monotonic()
-                elif (
-                    time.monotonic() - all_exited_at > 5.0 + 4 * self.poll_s
-                    and published[0] < config.rounds
-                    and found.empty()
-                ):
-                    # No client is left to move the task on (the watcher had time to see a
-                    # version published just before the last one exited). When the clients
-                    # finished the task, the loop instead drains the versions still queued
-                    # behind a slow `on_version`.
-                    raise FederationError(
-                        f"every client exited at global version {seen} of {config.rounds}: "
-                        + "; ".join(
-                            f"client {c} (exit {p.returncode}): {_tail(work / f'client-{c}.log')}"
-                            for c, p in enumerate(clients)
-                        )
-                    )
-                if time.monotonic() > deadline:
-                    raise FederationError(
-                        f"the federation reached version {seen} of {config.rounds} "
-                        f"within {self.timeout_s:.0f} s"
-                    )
-        finally:
-            stop.set()
-            watcher.join(timeout=api.timeout_s + self.poll_s)
-
     def _report(self, version: int, config: DemoConfig, state_dirs: Sequence[Path]) -> None:
         if self.progress is None:
             return
@@ -558,6 +447,133 @@ class NetworkFederation:
             "latest_loss": [x.loss[max(x.loss)] if x.loss else None for x in ledgers],
             "bytes_sent": [x.bytes_sent for x in ledgers],
         })  # fmt: skip
+
+
+class _VersionWatcher:
+    """A thread that fetches each newly published global version at once, so that a slow
+    `on_version` (the demo scores every version) cannot make the observer miss one."""
+
+    def __init__(self, api: _Coordinator, version: int, rounds: int, poll_s: float) -> None:
+        self.api = api
+        self.rounds = rounds
+        self.poll_s = poll_s
+        self.published = version
+        """The coordinator's newest version, as the watcher last saw it."""
+        self.found: queue.Queue[tuple[int, Tensors] | BaseException] = queue.Queue()
+        """Each fetched (version, adapter), or the error that stopped the watcher."""
+        self._last = version
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="fedlm-demo-observer", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.api.timeout_s + self.poll_s)
+
+    def _watch(self) -> None:
+        try:
+            while not self._stop.is_set() and self._last < self.rounds:
+                self.published = int(self.api.status()["version"])
+                if self.published > self._last:
+                    got, tensors = self.api.adapter()
+                    if got > self._last + 1:
+                        logger.warning(
+                            "versions %d..%d were replaced before the observer saw them",
+                            self._last + 1,
+                            got - 1,
+                        )
+                    self.found.put((got, tensors))
+                    self._last = got
+                self._stop.wait(self.poll_s)
+        except (OSError, ValueError, KeyError, FedlmError) as exc:  # HTTP, JSON or wire
+            self.found.put(exc)  # raised in the main thread
+
+
+@dataclass
+class _Observer:
+    """Follows one demo federation until version `config.rounds` is published and every client
+    has exited: hands each version to `on_version`, reports progress, and fails fast when the
+    coordinator dies, every client exits early, or the deadline passes."""
+
+    federation: NetworkFederation
+    api: _Coordinator
+    coordinator: subprocess.Popen[bytes]
+    clients: Sequence[subprocess.Popen[bytes]]
+    state_dirs: Sequence[Path]
+    work: Path
+    config: DemoConfig
+    on_version: Callable[[int, Tensors], None]
+    deadline: float
+    """time.monotonic() past which the federation has failed."""
+    versions: list[Tensors]
+    """Every global version seen, from the initial one (appended to)."""
+    seen: int = 0
+    """The newest version handed to `on_version`."""
+    all_exited_at: float | None = None
+    """When the last client process was first seen exited (None: some still run)."""
+    reported_at: float = 0.0
+
+    def follow(self) -> None:
+        poll_s = self.federation.poll_s
+        with _VersionWatcher(self.api, self.seen, self.config.rounds, poll_s) as watcher:
+            while True:
+                try:
+                    item = watcher.found.get(timeout=poll_s)
+                except queue.Empty:
+                    item = None
+                if isinstance(item, BaseException):
+                    raise FederationError(f"observing the coordinator failed: {item}") from item
+                if item is not None:
+                    self.seen = item[0]
+                    self.versions.append(item[1])
+                    self.on_version(self.seen, item[1])
+                # The ledgers are small files: re-reading them each second keeps the live
+                # view's per-client updates, loss and bytes current between versions.
+                if item is not None or time.monotonic() - self.reported_at >= 1.0:
+                    self.federation._report(self.seen, self.config, self.state_dirs)
+                    self.reported_at = time.monotonic()
+                if self._finished(watcher):
+                    return
+
+    def _finished(self, watcher: _VersionWatcher) -> bool:
+        """True once the task is done; raises `FederationError` when it cannot be."""
+        if self.coordinator.poll() is not None:
+            raise FederationError(
+                f"the coordinator exited with code {self.coordinator.returncode}: "
+                f"{_tail(self.work / 'coordinator.log')}"
+            )
+        rounds = self.config.rounds
+        running = [p for p in self.clients if p.poll() is None]
+        if self.seen >= rounds and not running:
+            return True
+        if running:
+            self.all_exited_at = None
+        elif self.all_exited_at is None:
+            self.all_exited_at = time.monotonic()
+        elif (
+            time.monotonic() - self.all_exited_at > 5.0 + 4 * self.federation.poll_s
+            and watcher.published < rounds
+            and watcher.found.empty()
+        ):
+            # No client is left to move the task on (the watcher had time to see a version
+            # published just before the last one exited). When the clients finished the task,
+            # the loop instead drains the versions still queued behind a slow `on_version`.
+            raise FederationError(
+                f"every client exited at global version {self.seen} of {rounds}: "
+                + "; ".join(
+                    f"client {c} (exit {p.returncode}): {_tail(self.work / f'client-{c}.log')}"
+                    for c, p in enumerate(self.clients)
+                )
+            )
+        if time.monotonic() > self.deadline:
+            raise FederationError(
+                f"the federation reached version {self.seen} of {rounds} "
+                f"within {self.federation.timeout_s:.0f} s"
+            )
+        return False
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:

@@ -8,11 +8,12 @@ Phases (each timed into `report["wall_time_s"]`):
 3. baselines, in-process: base model, each client alone (local-only, the federation's total
    steps on its own partition), and centralized training on the pooled data (the same steps at
    clients x the batch: the federation's compute);
-4. federated: a `Federation` backend returns the global adapter of every version and the
-   bytes each client sent. `InProcessFederation` runs the coordinator's aggregation on
-   locally trained, wire-encoded updates in this process; `edge_sdk.demo.network.NetworkFederation`
-   (what `fedlm demo` uses) runs a coordinator advertised by mDNS and `fedlm join` client
-   processes that discover it;
+4. federated: a backend returns the global adapter of every version and the bytes each client
+   sent (`edge_sdk.demo.federation`). A `Federation` works from the client files:
+   `edge_sdk.demo.network.NetworkFederation` (what `fedlm demo` uses) runs a coordinator
+   advertised by mDNS and `fedlm join` client processes that discover it. Without one,
+   `edge_sdk.demo.simulate.InProcessFederation` runs the coordinator's aggregation on
+   wire-encoded updates trained in this process on the model and datasets loaded in 2;
 5. evaluation of every version (eval loss curve), export of the final adapter (PEFT + GGUF),
    greedy exact match through llama.cpp, one chat exchange, report.json + plot + table.
 """
@@ -23,23 +24,21 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from edge_sdk.demo.config import DemoConfig
 from edge_sdk.demo.errors import DemoDataError, FederationError
 from edge_sdk.demo.evaluate import EvalScores, GreedyEvaluator, TeacherForcedEvaluator
+from edge_sdk.demo.federation import Federation
 from edge_sdk.demo.live import Progress
 from edge_sdk.demo.report import PLOT_NAME, build_report, chat_exchange, plot_curve, write_report
 from edge_sdk.demo.simulate import (
-    FederationRecord,
+    InProcessFederation,
     initial_global,
     load_dataset,
-    simulate_federation,
     train_config,
     train_run,
 )
@@ -57,43 +56,6 @@ logger = logging.getLogger(__name__)
 
 FULL_BUDGET_S = 600.0
 QUICK_BUDGET_S = 180.0
-
-
-class Federation(Protocol):
-    """Where the federated adapter comes from (in-process simulation or real processes)."""
-
-    name: str
-
-    def run(
-        self,
-        model: Any,
-        datasets: Sequence[Any],
-        client_paths: Sequence[Path],
-        config: DemoConfig,
-        on_version: Callable[[int, dict[str, np.ndarray]], None],
-    ) -> FederationRecord:
-        """Federate; call `on_version(v, adapter)` for every published global version v >= 1."""
-
-
-@dataclass
-class InProcessFederation:
-    """The coordinator's aggregation over wire-encoded client updates, without the network."""
-
-    name: str = "in-process"
-    progress: Progress | None = None
-    """Receives a "federation" event after each client update."""
-
-    def run(
-        self,
-        model: Any,
-        datasets: Sequence[Any],
-        client_paths: Sequence[Path],
-        config: DemoConfig,
-        on_version: Callable[[int, dict[str, np.ndarray]], None],
-    ) -> FederationRecord:
-        return simulate_federation(
-            model, datasets, config, on_version=on_version, progress=self.progress
-        )
 
 
 def _user_data(data_dir: Path, out: Path) -> tuple[list[Path], list[Example], list[list[str]]]:
@@ -124,7 +86,11 @@ def run_demo(
     budget_s: float = FULL_BUDGET_S,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run every phase and return the report (also written to `out_dir/report.json`)."""
+    """Run every phase and return the report (also written to `out_dir/report.json`).
+
+    `federation`: the federated arm's backend; None runs it in this process
+    (`InProcessFederation`, on the model and datasets loaded for the baselines).
+    """
     from edge_sdk.adapters.export import export_adapter
     from edge_sdk.adapters.gguf_lora import BaseModelInfo, write_gguf_lora
     from edge_sdk.models import resolve
@@ -135,7 +101,6 @@ def run_demo(
         if progress is not None:
             progress(event, fields)
 
-    federation = federation or InProcessFederation()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -204,7 +169,12 @@ def run_demo(
             exact_match=curve[-1][1].exact_match,
         )
 
-    fed = federation.run(model, datasets, client_paths, config, on_version)
+    if federation is None:  # in this process, on the model and datasets loaded above
+        federation_name = InProcessFederation.name
+        fed = InProcessFederation(model, datasets, progress).run(config, on_version)
+    else:
+        federation_name = federation.name
+        fed = federation.run(client_paths, config, on_version)
     if not curve:
         raise FederationError("the federation published no global version")
     final = fed.versions[-1]
@@ -241,7 +211,7 @@ def run_demo(
 
     report = build_report(
         model=config.model,
-        config=dataclasses.asdict(config) | {"federation": federation.name},
+        config=dataclasses.asdict(config) | {"federation": federation_name},
         base=base,
         local_only=local,
         client_families=families,

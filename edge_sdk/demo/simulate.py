@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from edge_sdk.demo.config import DemoConfig
 from edge_sdk.demo.evaluate import EvalScores, TeacherForcedEvaluator
+from edge_sdk.demo.federation import FederationRecord, OnVersion, Tensors
 from edge_sdk.demo.live import Progress
 
 if TYPE_CHECKING:  # torch loads lazily
@@ -39,8 +40,6 @@ if TYPE_CHECKING:  # torch loads lazily
     from edge_sdk.training.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
-
-Tensors = dict[str, np.ndarray]
 
 
 def train_config(
@@ -146,29 +145,6 @@ def train_run(
         m.train_loss,
     )
     return RunRecord(result.adapter, m.steps, m.num_tokens, m.seconds, m.train_loss)
-
-
-@dataclass
-class FederationRecord:
-    """The simulated federation's trajectory."""
-
-    versions: list[Tensors]
-    """Global adapter of every version, 0..rounds."""
-    bytes_sent: list[int]
-    """Update bytes each client sent (wire-encoded bodies)."""
-    fp32_bytes: list[int]
-    """What plain federated LoRA would send for the same rounds: every A and B tensor in fp32."""
-    client_loss: list[list[float]] = field(default_factory=list)
-    """Per round, each client's mean training loss."""
-    tokens: int = 0
-    seconds: float = 0.0
-    aggregation_s: float = 0.0
-    """Time spent in the coordinator's `aggregate` (all versions)."""
-    clipped: int = 0
-    """Updates the coordinator's clip scaled down (all versions)."""
-    norm_ratio_max: float = 0.0
-    """Largest effect norm / the clip's reference (lower median) over every version: the
-    smallest clip multiplier that would have left every update of this run unclipped."""
 
 
 def simulate_federation(
@@ -281,6 +257,26 @@ def simulate_federation(
         clipped,
         norm_ratio_max,
     )
+
+
+@dataclass
+class InProcessFederation:
+    """The coordinator's aggregation over wire-encoded client updates, without the network:
+    trains the demo's loaded QLoRA model on each client's tokenized dataset in turn."""
+
+    model: torch.nn.Module
+    """The base model with LoRA layers, loaded once for every in-process run."""
+    datasets: Sequence[Dataset]
+    """One tokenized dataset per client."""
+    progress: Progress | None = None
+    """Receives a "federation" event after each client update."""
+    name: str = "in-process"
+
+    def run(self, config: DemoConfig, on_version: OnVersion) -> FederationRecord:
+        """Federate `config.rounds` versions; call `on_version` for each one published."""
+        return simulate_federation(
+            self.model, self.datasets, config, on_version=on_version, progress=self.progress
+        )
 
 
 # --------------------------------------------------------------------------- the experiment

@@ -45,7 +45,7 @@ from edge_sdk.errors import InvalidModelError, ModelNotFoundError
 from edge_sdk.models.config import ModelConfig
 from edge_sdk.models.gguf_meta import GGUFFile, quote, show_path
 from edge_sdk.models.naming import LORA_TARGETS, gguf_stem, hf_module
-from edge_sdk.models.qk_order import PERMUTED_ARCHS, permute_qk, unpermute_qk  # noqa: F401 (re-export)
+from edge_sdk.models.qk_order import PERMUTED_ARCHS, unpermute_qk
 from edge_sdk.models.transformer import Transformer
 from edge_sdk.validators import require_architecture
 

@@ -57,7 +57,7 @@ def test_two_clients_two_rounds_over_processes(tiny_gguf: Path, tmp_path: Path) 
         timeout_s=400.0,
         progress=lambda event, fields: events.append(fields),
     )
-    record = fed.run(None, [], paths, config, lambda v, adapter: seen.append((v, adapter)))
+    record = fed.run(paths, config, lambda v, adapter: seen.append((v, adapter)))
 
     # Every version 1..rounds reached this process, and it moved the adapter away from version 0.
     assert [v for v, _ in seen] == [1, 2]
@@ -117,7 +117,7 @@ def test_versions_queued_behind_a_slow_observer_are_all_delivered(
         time.sleep(8.0)
 
     fed = NetworkFederation(work_dir=tmp_path / "fed", timeout_s=400.0)
-    fed.run(None, [], paths, config, slow_observer)
+    fed.run(paths, config, slow_observer)
     assert seen[0] == 1 and seen[-1] == 4
     assert all(_gone(pid) for pid in fed.pids)
 
@@ -129,7 +129,7 @@ def test_a_coordinator_that_cannot_start_is_reported_and_nothing_is_left(tmp_pat
     data = [tmp_path / "c0.jsonl", tmp_path / "c1.jsonl"]
     fed = NetworkFederation(work_dir=tmp_path / "fed", startup_timeout_s=60.0)
     with pytest.raises(FederationError, match="coordinator exited"):
-        fed.run(None, [], data, config, lambda v, adapter: None)
+        fed.run(data, config, lambda v, adapter: None)
     # The clients start alongside the coordinator; all three are stopped with their groups.
     assert len(fed.pids) == 3 and all(_gone(pid) and _group_gone(pid) for pid in fed.pids)
 

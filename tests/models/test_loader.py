@@ -15,11 +15,10 @@ from edge_sdk.models.config import SUPPORTED_ARCHS, ModelConfig
 from edge_sdk.models.loader import (
     dequantize_tensor,
     load_model,
-    permute_qk,
     read_config,
-    unpermute_qk,
     write_f32_copy,
 )
+from edge_sdk.models.qk_order import permute_qk, unpermute_qk
 from tests.models.tiny_families import FamilySpec, write_family_gguf
 
 ARCHS = ("llama", "gemma3", "qwen2", "qwen3")

@@ -582,7 +582,7 @@ def test_secure_network_federation_of_three_client_processes(
     paths, _ = write_task_data(generate(config.task_config()), tmp_path / "data")
     seen: list[int] = []
     fed = NetworkFederation(work_dir=tmp_path / "fed", timeout_s=400.0)
-    fed.run(None, [], paths, config, lambda v, adapter: seen.append(v))
+    fed.run(paths, config, lambda v, adapter: seen.append(v))
     assert seen == [1]
     for c in range(3):
         ledger = read_client_ledger(tmp_path / "fed" / f"client-{c}")
