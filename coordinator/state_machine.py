@@ -776,23 +776,30 @@ class Coordinator:
                 self._norms.pop(update_id, None)
 
     def publish_secure_sum(
-        self, base_version: int, tensors: Tensors, weight: float, stats: dict[str, Any]
+        self,
+        base_version: int,
+        tensors: Tensors,
+        weight: float,
+        stats: dict[str, Any],
+        max_staleness: int = 0,
     ) -> int:
-        """Publish version base_version + 1 from a secure-aggregation sum (`coordinator.secure`).
+        """Publish the next version from a secure-aggregation sum (`coordinator.secure`).
 
         `tensors` is the cohort's weighted mean B (Σ wᵢ·Bᵢ / Σ wᵢ, from the masked weight
-        coordinate): it enters aggregation as one update of weight Σ wᵢ. The coordinator's
-        clip is off for it: it cannot clip what it cannot see, so devices clip themselves to
-        the bound the task states (`TaskConfig.extra["secure"]["clip"]`).
+        coordinate): it enters aggregation as one update of weight Σ wᵢ, based on
+        `base_version` (at most `max_staleness` versions old: fedbuff cohorts; the caller has
+        applied the staleness weight). The coordinator's clip is off for it: it cannot clip
+        what it cannot see, so devices clip themselves to the bound the task states
+        (`TaskConfig.extra["secure"]["clip"]`).
         """
         with self._lock:
-            if self._aggregating or self.version != base_version:
+            if self._aggregating or not 0 <= self.version - base_version <= max_staleness:
                 raise ConflictError(
                     f"version {self.version} is current; a secure sum for {base_version} is stale",
                     code="stale_update",
                 )
             self._aggregating = True
-            current = self._current
+            current, version = self._current, self.version
         try:
             started = time.perf_counter()
             contribution = Contribution(
@@ -810,17 +817,17 @@ class Coordinator:
             stats = {
                 **outcome.stats,
                 **stats,
-                "version": base_version + 1,
+                "version": version + 1,
                 "seconds": round(seconds, 4),
                 "strategy": self.config.strategy.name,
-                "staleness_max": 0,
+                "staleness_max": version - base_version,
                 "max_weight_examples": self.weight_cap,
                 "dropped": 0,
             }
-            record = self._encode_global(base_version + 1, outcome.tensors, stats)
+            record = self._encode_global(version + 1, outcome.tensors, stats)
             self._finish([], [], record, outcome.state)
-            log.info("version %d from a secure sum (weight %g)", base_version + 1, weight)
-            return base_version + 1
+            log.info("version %d from a secure sum (weight %g)", version + 1, weight)
+            return version + 1
         finally:
             with self._lock:
                 self._aggregating = False
