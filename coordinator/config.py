@@ -221,11 +221,6 @@ class CoordinatorConfig:
                 f"`strategy` should be fedavg or fedbuff with secure aggregation, got "
                 f"{self.strategy.name!r}"
             )
-        if agg.dp is not None:
-            raise ValueError(
-                "`aggregation.dp` should be None with secure aggregation: central DP needs the "
-                "sum in the clear and distributed DP is not built; drop the --dp flags"
-            )
         if agg.robust != "mean":
             raise ValueError(
                 f"`aggregation.robust` should be 'mean' with secure aggregation (robust "
@@ -242,8 +237,8 @@ class CoordinatorConfig:
         cohort, flag = cohort_size_of(self), cohort_flag_of(self)
         if self.min_cohort > cohort:
             raise ValueError(
-                f"`min_cohort` {self.min_cohort} exceeds the cohort size ({flag} = {cohort}); "
-                f"raise {flag}"
+                f"secure aggregation: `min_cohort` {self.min_cohort} exceeds the cohort size "
+                f"({flag} = {cohort}); raise {flag}"
             )
         if not (self.secure_phase_s > 0 and math.isfinite(self.secure_phase_s)):
             raise ValueError(

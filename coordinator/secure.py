@@ -35,6 +35,7 @@ device ids and round ids. No unmasked individual update exists on the coordinato
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -69,6 +70,7 @@ from edge_sdk.secagg import (
     decode_as,
     encode,
 )
+from edge_sdk.secagg import dp as secagg_dp
 
 if TYPE_CHECKING:
     from coordinator.state_machine import Coordinator
@@ -105,14 +107,25 @@ def cohort_flag_of(config: Any) -> str:
 
 
 def secagg_params(config: Any, vector_len: int, weight_cap: int) -> SecAggParams:
-    """The round parameters a coordinator config implies (`config`: a `CoordinatorConfig`)."""
-    return SecAggParams(
+    """The round parameters a coordinator config implies (`config`: a `CoordinatorConfig`).
+
+    With `aggregation.dp` the DP is distributed (`edge_sdk.secagg.dp`): devices clip their
+    update's L2 norm to `dp.clip_norm` and add Skellam noise calibrated so that a sum of the
+    minimum cohort carries noise of std `dp.noise_multiplier` × the L2 sensitivity.
+    """
+    params = SecAggParams(
         cohort_size=cohort_size_of(config),
         vector_len=vector_len,
         clip=config.secure_clip,
         grid_bits=config.secure_grid_bits,
         weight_cap=weight_cap,
     )
+    dp_config = config.aggregation.dp
+    if dp_config is None:
+        return params
+    probe = dataclasses.replace(params, l2_clip=dp_config.clip_norm, noise_mu=1.0)
+    mu = secagg_dp.noise_mu_for(dp_config.noise_multiplier, probe, min_cohort_of(config, params))
+    return dataclasses.replace(probe, noise_mu=mu)
 
 
 def min_cohort_of(config: Any, params: SecAggParams) -> int:
@@ -213,7 +226,29 @@ class SecureAggregation:
             "degree": p.degree,
             "threshold": p.threshold,
             "phase_s": self.phase_s,
+            **({"dp": self._describe_dp()} if p.dp else {}),
         }
+
+    def _describe_dp(self) -> dict[str, Any]:
+        p, dp_config = self.params, self._coordinator.config.aggregation.dp
+        assert dp_config is not None
+        return {
+            "mechanism": "distributed Skellam (Agarwal et al. 2021): each device adds "
+            "Skellam(noise_mu, noise_mu) per grid value after clipping its L2 norm to l2_clip",
+            "l2_clip": p.l2_clip,
+            "noise_mu": p.noise_mu,
+            "noise_multiplier": dp_config.noise_multiplier,
+            "l2_sensitivity_grid_steps": secagg_dp.l2_sensitivity(p),
+            "min_summed": self.min_cohort,
+            "delta": dp_config.delta,
+        }
+
+    def epsilon(self, aggregations: int) -> float:
+        """ε after `aggregations` published sums (each of at least `min_cohort` devices)."""
+        dp_config = self._coordinator.config.aggregation.dp
+        if dp_config is None:
+            return 0.0
+        return secagg_dp.epsilon_spent(self.params, self.min_cohort, aggregations, dp_config.delta)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -406,6 +441,14 @@ class SecureAggregation:
             r.failed = str(exc)
             log.warning("secagg round %s failed: %s", r.server.round_id.hex(), exc)
             return
+        if self.params.dp and len(result.survivors) < self.min_cohort:
+            # The noise is calibrated for min_cohort shares; fewer would publish less noise.
+            r.failed = (
+                f"distributed DP: {len(result.survivors)} inputs summed, fewer than the "
+                f"{self.min_cohort} the noise is calibrated for; not published"
+            )
+            log.warning("secagg round %s failed: %s", r.server.round_id.hex(), r.failed)
+            return
         r.done = True
         reconstruct_s = time.perf_counter() - started
         strategy = self._coordinator.config.strategy
@@ -447,6 +490,7 @@ class SecureAggregation:
                 "staleness_scale": round(scale, 6),
             }
         }
+
         self._coordinator.publish_secure_sum(
             r.version,
             tensors,

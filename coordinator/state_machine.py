@@ -22,6 +22,7 @@ other version.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -809,10 +810,16 @@ class Coordinator:
                 base_version=base_version,
                 scale=self.lora.scaling,
             )
+            # Under --secure, DP is distributed: the devices' noise is already in the sum, so
+            # the aggregate adds none (dp=None) and only the DP ledger counts one more release.
+            dp = self.config.aggregation.dp
             outcome = aggregate(
-                self.config.aggregation, self.config.shapes, current, [contribution],
-                self.dense_version, self._server_state, self._rng, clip=ClipBound(None, "off"),
+                dataclasses.replace(self.config.aggregation, dp=None), self.config.shapes,
+                current, [contribution], self.dense_version, self._server_state, self._rng,
+                clip=ClipBound(None, "off"),
             )  # fmt: skip
+            if dp is not None:
+                outcome.state.dp_aggregations = self._server_state.dp_aggregations + 1
             seconds = time.perf_counter() - started
             stats = {
                 **outcome.stats,
@@ -824,6 +831,9 @@ class Coordinator:
                 "max_weight_examples": self.weight_cap,
                 "dropped": 0,
             }
+            if dp is not None and self.secure is not None:
+                stats["dp_epsilon"] = self.secure.epsilon(outcome.state.dp_aggregations)
+                stats["dp_delta"] = dp.delta
             record = self._encode_global(version + 1, outcome.tensors, stats)
             self._finish([], [], record, outcome.state)
             log.info("version %d from a secure sum (weight %g)", version + 1, weight)
@@ -845,6 +855,8 @@ class Coordinator:
         dp = self.config.aggregation.dp
         if dp is None:
             return 0.0
+        if self.secure is not None:  # distributed DP: the Skellam accountant
+            return self.secure.epsilon(self._server_state.dp_aggregations)
         from coordinator.privacy import epsilon_spent
 
         return epsilon_spent(dp.noise_multiplier, self._server_state.dp_aggregations, dp.delta)

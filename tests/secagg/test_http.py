@@ -523,10 +523,12 @@ def test_cli_secure_defaults_to_frozen_a_fedavg_and_refuses_other_modes(
         build_parser().parse_args([*base, "--secure", "--strategy", "fedbuff"]), JOIN_TOKEN
     )
     assert isinstance(buffered.strategy, FedBuff) and buffered.secure
+    # The DP flags under --secure mean distributed DP (devices add the noise).
+    noisy = _config(build_parser().parse_args([*base, "--secure", "--dp-noise", "1.0"]), JOIN_TOKEN)
+    assert noisy.secure and noisy.aggregation.dp is not None
     for extra in (
         ["--lora-mode", "exact"],
         ["--strategy", "fedbuff", "--buffer-size", "2"],
-        ["--dp-noise", "1.0"],
     ):
         assert main([*base, "--secure", *extra]) == 2
         assert "secure aggregation" in capsys.readouterr().err
@@ -707,3 +709,63 @@ def test_fedbuff_cohorts_of_one_version_enter_with_the_staleness_weight(
     assert out["stats"][1]["staleness"] == 1 and out["stats"][1]["base_version"] == 1
     assert out["stats"][1]["staleness_scale"] == pytest.approx(scale)
     assert out["too_old"].status == 409 and out["too_old"].code == "stale_update"
+
+
+def test_distributed_dp_round_publishes_a_noisy_sum_and_reports_epsilon(
+    tmp_path: Path, model: Path
+) -> None:
+    """--secure with the DP flags: DP is distributed. The task states the noise, three real
+    clients add their Skellam shares, the coordinator adds none, publishes the noisy mean and
+    reports ε from the Skellam accountant."""
+    from coordinator.privacy import DpConfig
+    from edge_sdk.secagg import dp as secagg_dp
+
+    dp_config = DpConfig(noise_multiplier=0.8, clip_norm=0.2, delta=1e-5)
+    config = secure_config(
+        tmp_path,
+        model,
+        cohort=3,
+        aggregation=AggregationConfig(
+            mode="frozen-a", rank=4, alpha=8.0, dp=dp_config, clip_multiplier=None
+        ),
+    )
+    names = ["alpha", "bravo", "charlie"]
+    recorder = Recorder()
+
+    async def scenario() -> dict[str, Any]:
+        async with Service(config) as service:
+            clients = _clients(tmp_path, model, service, names)
+            for n, c in clients.items():
+                recorder.attach(n, c)
+            summaries = await asyncio.wait_for(
+                asyncio.gather(*(c.run_async() for c in clients.values())), 200
+            )
+            secure = service.coordinator.secure
+            assert secure is not None
+            return {
+                "summaries": summaries,
+                "spec": secure.describe(),
+                "params": secure.params,
+                "stats": dict(service.coordinator.last_aggregation),
+                "epsilon": service.coordinator.epsilon_spent(),
+                "b": _flat(service, _global_b(service, 1)),
+                "min_cohort": secure.min_cohort,
+            }
+
+    out = asyncio.run(scenario())
+    p = out["params"]
+    assert all(s.reason == "task_complete" for s in out["summaries"])
+    assert p.dp and p.l2_clip == 0.2 and out["spec"]["dp"]["noise_mu"] == p.noise_mu
+    # Calibrated: the minimum cohort's summed noise has std z·Δ₂ grid steps.
+    sigma = 0.8 * secagg_dp.l2_sensitivity(p)
+    assert 2 * out["min_cohort"] * p.noise_mu == pytest.approx(sigma**2)
+    # Published B = mean of the L2- and value-clipped deltas + (Skellam sum)·Δ / 3.
+    plain = [
+        np.clip(secagg_dp.clip_l2(recorder.plain[n][0], p.l2_clip), -p.clip, p.clip) for n in names
+    ]
+    noise = (out["b"] - np.mean(plain, axis=0)) * 3 / quantize.grid_step(p)  # grid steps
+    expected = 2 * 3 * p.noise_mu + 3 / 4
+    assert 0.7 * expected < noise.var() < 1.3 * expected  # 768 values: a loose band
+    eps = secagg_dp.epsilon_spent(p, out["min_cohort"], 1, 1e-5)
+    assert out["stats"]["dp_epsilon"] == pytest.approx(eps)
+    assert out["epsilon"] == pytest.approx(eps) and 0 < eps < float("inf")
