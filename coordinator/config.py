@@ -217,15 +217,10 @@ class CoordinatorConfig:
                 f"`aggregation.mode` should be 'frozen-a' with secure aggregation (sums of B are "
                 f"exact only when A is shared), got {agg.mode!r}; use --lora-mode frozen-a"
             )
-        if not isinstance(self.strategy, FedAvg):
+        if not isinstance(self.strategy, (FedAvg, FedBuff)):
             raise ValueError(  # noqa: TRY004 (style: a bad config field is a ValueError)
-                f"`strategy` should be fedavg with secure aggregation (fedbuff cohorts are not "
-                f"built), got {self.strategy.name!r}; use --strategy fedavg"
-            )
-        if agg.dp is not None:
-            raise ValueError(
-                "`aggregation.dp` should be None with secure aggregation: central DP needs the "
-                "sum in the clear and distributed DP is not built; drop the --dp flags"
+                f"`strategy` should be fedavg or fedbuff with secure aggregation, got "
+                f"{self.strategy.name!r}"
             )
         if agg.robust != "mean":
             raise ValueError(
@@ -236,25 +231,25 @@ class CoordinatorConfig:
             raise ValueError(f"`min_cohort` should be an integer, got {self.min_cohort!r}")
         if self.min_cohort < 3:
             raise ValueError(f"`min_cohort` should be >= 3, got {self.min_cohort}")
-        if self.min_cohort > self.strategy.clients_per_round:
+        from coordinator.secure import cohort_flag_of, cohort_size_of, min_cohort_of, secagg_params
+
+        cohort, flag = cohort_size_of(self), cohort_flag_of(self)
+        if self.min_cohort > cohort:
             raise ValueError(
-                f"`min_cohort` {self.min_cohort} exceeds the cohort size (clients_per_round = "
-                f"{self.strategy.clients_per_round}); raise --clients-per-round"
+                f"secure aggregation: `min_cohort` {self.min_cohort} exceeds the cohort size "
+                f"({flag} = {cohort}); raise {flag}"
             )
         if not (self.secure_phase_s > 0 and math.isfinite(self.secure_phase_s)):
             raise ValueError(
                 f"`secure_phase_s` should be a finite number > 0, got {self.secure_phase_s}"
             )
-        from coordinator.secure import min_cohort_of, secagg_params
-
         try:  # the protocol's own checks: cohort size, grid bits vs ring width, clip
             params = secagg_params(self, 1, 1)
         except ValueError as exc:
             raise ValueError(f"secure aggregation: {exc}") from None
         floor = min_cohort_of(self, params)
-        if floor > self.strategy.clients_per_round:
+        if floor > cohort:
             raise ValueError(
-                f"a cohort of {self.strategy.clients_per_round} (clients_per_round) is below the "
-                f"protocol's minimum {floor} (threshold {params.threshold} + 1); raise "
-                "--clients-per-round"
+                f"a cohort of {cohort} ({flag}) is below the protocol's minimum {floor} "
+                f"(threshold {params.threshold} + 1); raise {flag}"
             )

@@ -13,13 +13,20 @@ of POST /v1/updates:
     POST /v1/secagg/next          {…, "phase": "unmask"}              -> UnmaskRequest
     POST /v1/secagg/unmask        UnmaskResponse                      -> 202
 
-The round's participants form the cohort: the first `cohort_size` devices that ask to join
-for the current version (FedAvg's `clients_per_round`). A phase closes when every device asked
+The cohort: with `fedavg`, the round's participants, i.e. the first `clients_per_round`
+devices that ask to join for the current version. With `fedbuff`, the first `buffer_size` (K)
+devices that pulled the same global version v and ask to join for it (v at most
+`max_staleness` versions old); several cohorts, of different versions or one after another of
+the same version, may run at once. `cohort_size_of` says which. A phase closes when every device asked
 has answered, or `secure_phase_s` after it opened (the advertise phase: after the first
 device joined, once at least `min_cohort` devices advertised keys). A device that has not
 answered by then is a drop-out, handled as the protocol specifies (`ServerRound.close_*`).
 When the unmask phase closes, the reconstructed *sum* enters aggregation as one update: the
 weighted mean B = Σ wᵢ·Bᵢ / Σ wᵢ, with Σ wᵢ recovered from the masked weight coordinate.
+With `fedbuff` the cohort is one buffered update of the version it trained from: a cohort of
+version v that closes when version v + s is current enters with its mean delta scaled by
+FedBuff's staleness weight (1 + s)^-a (`FedBuff.staleness_exponent`), and one more than
+`max_staleness` versions old is dropped.
 
 What is stored: the masked vectors (table `secagg_masked_inputs` of the coordinator's
 database, as received) and the published global adapter (the sum). What is logged: counts,
@@ -28,6 +35,7 @@ device ids and round ids. No unmasked individual update exists on the coordinato
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -42,6 +50,8 @@ import msgpack
 import numpy as np
 
 from coordinator.errors import BadRequestError, BusyError, ConflictError, ForbiddenError
+from coordinator.lora_math import staleness_weight
+from coordinator.strategies import FedBuff
 from edge_sdk.secagg import (
     MIN_COHORT,
     AdvertiseKeys,
@@ -60,6 +70,7 @@ from edge_sdk.secagg import (
     decode_as,
     encode,
 )
+from edge_sdk.secagg import dp as secagg_dp
 
 if TYPE_CHECKING:
     from coordinator.state_machine import Coordinator
@@ -83,21 +94,47 @@ PROTOCOL_OVERHEAD_BYTES = 1 << 20
 """Room for the protocol's own fields on top of a packed masked vector (keys, shares, ids)."""
 
 
+def cohort_size_of(config: Any) -> int:
+    """Most devices in one cohort: FedAvg's `clients_per_round`, or FedBuff's `buffer_size` K
+    (the first K devices that pull the same version)."""
+    strategy = config.strategy
+    return strategy.buffer_size if isinstance(strategy, FedBuff) else strategy.clients_per_round
+
+
+def cohort_flag_of(config: Any) -> str:
+    """The CLI flag that sets `cohort_size_of(config)` (for error messages)."""
+    return "--buffer-size" if isinstance(config.strategy, FedBuff) else "--clients-per-round"
+
+
 def secagg_params(config: Any, vector_len: int, weight_cap: int) -> SecAggParams:
-    """The round parameters a coordinator config implies (`config`: a `CoordinatorConfig`)."""
-    return SecAggParams(
-        cohort_size=config.strategy.clients_per_round,
+    """The round parameters a coordinator config implies (`config`: a `CoordinatorConfig`).
+
+    With `aggregation.dp` the DP is distributed (`edge_sdk.secagg.dp`): devices clip their
+    update's L2 norm to `dp.clip_norm` and add Skellam noise calibrated so that a sum of the
+    minimum cohort carries noise of std `dp.noise_multiplier` × the L2 sensitivity.
+    """
+    params = SecAggParams(
+        cohort_size=cohort_size_of(config),
         vector_len=vector_len,
         clip=config.secure_clip,
         grid_bits=config.secure_grid_bits,
         weight_cap=weight_cap,
     )
+    dp_config = config.aggregation.dp
+    if dp_config is None:
+        return params
+    probe = dataclasses.replace(params, l2_clip=dp_config.clip_norm, noise_mu=1.0)
+    mu = secagg_dp.noise_mu_for(dp_config.noise_multiplier, probe, min_cohort_of(config, params))
+    return dataclasses.replace(probe, noise_mu=mu)
 
 
 def min_cohort_of(config: Any, params: SecAggParams) -> int:
     """The smallest cohort a round accepts: the configured one, never below what the protocol
-    needs (3 devices, and threshold + 1 that advertise keys) nor FedAvg's `min_clients`."""
-    return max(config.min_cohort, MIN_COHORT, params.threshold + 1, config.strategy.min_clients)
+    needs (3 devices, and threshold + 1 that advertise keys) nor the strategy's own floor
+    (FedAvg's `min_clients`, FedBuff's `min_updates`)."""
+    strategy = config.strategy
+    floor = strategy.min_updates if isinstance(strategy, FedBuff) else strategy.min_clients
+    return max(config.min_cohort, MIN_COHORT, params.threshold + 1, floor)
 
 
 @dataclass
@@ -140,8 +177,16 @@ class SecureAggregation:
         self.min_cohort = min_cohort_of(cfg, self.params)
         self.phase_s = cfg.secure_phase_s
         self.limits = SecAggLimits(max_bytes=self.params.packed_len + PROTOCOL_OVERHEAD_BYTES)
-        self._round: _Round | None = None
+        self._rounds: list[_Round] = []
+        """Cohorts not yet done or failed (one with fedavg; with fedbuff one per version that
+        devices pulled, and a new one of a version once the previous one stopped taking
+        devices)."""
+        self._of_client: dict[str, _Round] = {}
+        """client id -> the cohort it joined last (kept after the round ends, so that late
+        calls get 410 rather than 403)."""
         self.completed = 0
+        self.dropped_stale = 0
+        """fedbuff cohorts whose sum came back more than max_staleness versions late."""
         self._db: sqlite3.Connection | None = sqlite3.connect(
             str(cfg.db_path), timeout=30.0, isolation_level=None, check_same_thread=False
         )
@@ -162,6 +207,13 @@ class SecureAggregation:
         p = self.params
         return {
             "protocol": "secagg+ (Bonawitz et al. 2017; Bell et al. 2020)",
+            "strategy": self._coordinator.config.strategy.name,
+            "cohort": (
+                "the first cohort_size devices that pull the same version; its sum is one "
+                "buffered update, its mean delta scaled by (1 + staleness)^-staleness_exponent"
+                if self._fedbuff
+                else "the round's participants (the first cohort_size that join)"
+            ),
             "min_cohort": self.min_cohort,
             "cohort_size": p.cohort_size,
             "vector_len": p.vector_len,
@@ -174,46 +226,94 @@ class SecureAggregation:
             "degree": p.degree,
             "threshold": p.threshold,
             "phase_s": self.phase_s,
+            **({"dp": self._describe_dp()} if p.dp else {}),
         }
+
+    def _describe_dp(self) -> dict[str, Any]:
+        p, dp_config = self.params, self._coordinator.config.aggregation.dp
+        assert dp_config is not None
+        return {
+            "mechanism": "distributed Skellam (Agarwal et al. 2021): each device adds "
+            "Skellam(noise_mu, noise_mu) per grid value after clipping its L2 norm to l2_clip",
+            "l2_clip": p.l2_clip,
+            "noise_mu": p.noise_mu,
+            "noise_multiplier": dp_config.noise_multiplier,
+            "l2_sensitivity_grid_steps": secagg_dp.l2_sensitivity(p),
+            "min_summed": self.min_cohort,
+            "delta": dp_config.delta,
+        }
+
+    def epsilon(self, aggregations: int) -> float:
+        """ε after `aggregations` published sums (each of at least `min_cohort` devices)."""
+        dp_config = self._coordinator.config.aggregation.dp
+        if dp_config is None:
+            return 0.0
+        return secagg_dp.epsilon_spent(self.params, self.min_cohort, aggregations, dp_config.delta)
 
     # -- requests ---------------------------------------------------------------------------
 
+    @property
+    def _fedbuff(self) -> bool:
+        return isinstance(self._coordinator.config.strategy, FedBuff)
+
+    def _check_version(self, version: int) -> None:
+        """fedavg: only the current version; fedbuff: at most max_staleness versions old."""
+        current = self._coordinator.version
+        strategy = self._coordinator.config.strategy
+        oldest = current - strategy.max_staleness if self._fedbuff else current
+        if not oldest <= version <= current:
+            what = (
+                f"versions {oldest}..{current} are open"
+                if self._fedbuff
+                else f"round {current} is open"
+            )
+            raise ConflictError(
+                f"{what}; this device trained from version {version} "
+                "(fetch /v1/adapter and train again)",
+                code="stale_update",
+            )
+
     def setup(self, client_id: str, version: int) -> bytes:
-        """Join the cohort of `version` (the current one); returns the encoded `RoundSetup`."""
+        """Join a cohort of `version`; returns the encoded `RoundSetup`."""
         with self._lock:
-            current = self._coordinator.version
-            if version != current:
-                raise ConflictError(
-                    f"round {current} is open; this device trained from version {version} "
-                    "(fetch /v1/adapter and train again)",
-                    code="stale_update",
-                )
+            self._check_version(version)
             self._coordinator.check_open()
-            r = self._round
-            if r is None or r.version != version or r.failed is not None or r.done:
-                if r is not None and r.done and r.version == version:
-                    raise ConflictError(f"round {version} is closing; retry", code="round_closed")
-                r = self._round = _Round(version, ServerRound(self.params), self._clock())
+            mine = self._of_client.get(client_id)
+            if mine is not None and mine.version == version and mine in self._rounds:
+                device_id = mine.devices[client_id]  # a retried setup: the same answer
+                return mine.setups[device_id]
+            r = next(
+                (
+                    r
+                    for r in self._rounds
+                    if r.version == version
+                    and r.phase == 0
+                    and len(r.devices) < self.params.cohort_size
+                ),
+                None,
+            )
+            if r is None:
+                if not self._fedbuff and any(x.version == version for x in self._rounds):
+                    raise ConflictError(
+                        f"the cohort of round {version} is closed; wait for version {version + 1}",
+                        code="cohort_closed",
+                    )
+                r = _Round(version, ServerRound(self.params), self._clock())
+                self._rounds.append(r)
                 log.info("secagg round %s opened for version %d", r.server.round_id.hex(), version)
-            if client_id in r.devices:  # a retried setup: the same answer
-                return r.setups[r.devices[client_id]]
-            if r.phase != 0 or len(r.devices) >= self.params.cohort_size:
-                raise ConflictError(
-                    f"the cohort of round {version} is closed; wait for version {version + 1}",
-                    code="cohort_closed",
-                )
             device_id = len(r.devices) + 1
             body = encode(r.server.setup(device_id))
             r.devices[client_id] = device_id
             r.setups[device_id] = body
+            self._of_client[client_id] = r
             if len(r.devices) == 1:
                 r.phase_opened_at = self._clock()
             return body
 
     def _device(self, client_id: str) -> tuple[_Round, int]:
-        r = self._round
-        if r is None or client_id not in r.devices:
-            raise ForbiddenError(f"client {client_id} is not in the open secure-aggregation cohort")
+        r = self._of_client.get(client_id)
+        if r is None:
+            raise ForbiddenError(f"client {client_id} is not in an open secure-aggregation cohort")
         return r, r.devices[client_id]
 
     def receive(self, client_id: str, phase: str, body: bytes) -> None:
@@ -282,11 +382,18 @@ class SecureAggregation:
     def tick(self) -> None:
         """Close a phase whose deadline passed (called every tick by the service)."""
         with self._lock:
-            if self._round is not None:
-                self._maybe_close(self._round)
+            for r in list(self._rounds):
+                self._maybe_close(r)
 
     def _maybe_close(self, r: _Round) -> None:
-        if r.failed is not None or r.done or not r.devices:
+        if not r.devices:
+            return
+        self._close_phase(r)
+        if (r.failed is not None or r.done) and r in self._rounds:
+            self._rounds.remove(r)
+
+    def _close_phase(self, r: _Round) -> None:
+        if r.failed is not None or r.done:
             return
         now = self._clock()
         late = now >= r.phase_opened_at + self.phase_s
@@ -334,10 +441,32 @@ class SecureAggregation:
             r.failed = str(exc)
             log.warning("secagg round %s failed: %s", r.server.round_id.hex(), exc)
             return
+        if self.params.dp and len(result.survivors) < self.min_cohort:
+            # The noise is calibrated for min_cohort shares; fewer would publish less noise.
+            r.failed = (
+                f"distributed DP: {len(result.survivors)} inputs summed, fewer than the "
+                f"{self.min_cohort} the noise is calibrated for; not published"
+            )
+            log.warning("secagg round %s failed: %s", r.server.round_id.hex(), r.failed)
+            return
         r.done = True
         reconstruct_s = time.perf_counter() - started
+        strategy = self._coordinator.config.strategy
+        staleness = self._coordinator.version - r.version
+        scale = 1.0
+        if self._fedbuff:
+            if staleness > strategy.max_staleness:
+                self.dropped_stale += 1
+                log.warning(
+                    "secagg round %s: the sum of version %d came back %d versions late "
+                    "(max_staleness %d); dropped",
+                    r.server.round_id.hex(), r.version, staleness, strategy.max_staleness,
+                )  # fmt: skip
+                return
+            # FedBuff's staleness weight, on the cohort: its sum is one buffered update.
+            scale = staleness_weight(staleness, strategy.staleness_exponent)
         base = self._coordinator.dense_version(r.version)
-        mean = result.mean
+        mean = result.mean * scale
         tensors: dict[str, np.ndarray] = {}
         offset = 0
         for key in self.keys:
@@ -356,9 +485,19 @@ class SecureAggregation:
                 "masked_bytes_per_device": self.params.packed_len,
                 "reconstruct_s": round(reconstruct_s, 4),
                 "round_s": round(self._clock() - r.opened_at, 3),
+                "base_version": r.version,
+                "staleness": staleness,
+                "staleness_scale": round(scale, 6),
             }
         }
-        self._coordinator.publish_secure_sum(r.version, tensors, float(result.total_weight), stats)
+
+        self._coordinator.publish_secure_sum(
+            r.version,
+            tensors,
+            float(result.total_weight),
+            stats,
+            max_staleness=strategy.max_staleness if self._fedbuff else 0,
+        )
         self.completed += 1
 
 
@@ -382,6 +521,8 @@ __all__ = [
     "PHASES",
     "SecureAggregation",
     "ServerState",
+    "cohort_flag_of",
+    "cohort_size_of",
     "decode_control",
     "min_cohort_of",
     "secagg_params",

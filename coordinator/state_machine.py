@@ -22,6 +22,7 @@ other version.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -782,23 +783,30 @@ class Coordinator:
                 self._norms.pop(update_id, None)
 
     def publish_secure_sum(
-        self, base_version: int, tensors: Tensors, weight: float, stats: dict[str, Any]
+        self,
+        base_version: int,
+        tensors: Tensors,
+        weight: float,
+        stats: dict[str, Any],
+        max_staleness: int = 0,
     ) -> int:
-        """Publish version base_version + 1 from a secure-aggregation sum (`coordinator.secure`).
+        """Publish the next version from a secure-aggregation sum (`coordinator.secure`).
 
         `tensors` is the cohort's weighted mean B (Σ wᵢ·Bᵢ / Σ wᵢ, from the masked weight
-        coordinate): it enters aggregation as one update of weight Σ wᵢ. The coordinator's
-        clip is off for it: it cannot clip what it cannot see, so devices clip themselves to
-        the bound the task states (`TaskConfig.extra["secure"]["clip"]`).
+        coordinate): it enters aggregation as one update of weight Σ wᵢ, based on
+        `base_version` (at most `max_staleness` versions old: fedbuff cohorts; the caller has
+        applied the staleness weight). The coordinator's clip is off for it: it cannot clip
+        what it cannot see, so devices clip themselves to the bound the task states
+        (`TaskConfig.extra["secure"]["clip"]`).
         """
         with self._lock:
-            if self._aggregating or self.version != base_version:
+            if self._aggregating or not 0 <= self.version - base_version <= max_staleness:
                 raise ConflictError(
                     f"version {self.version} is current; a secure sum for {base_version} is stale",
                     code="stale_update",
                 )
             self._aggregating = True
-            current = self._current
+            current, version = self._current, self.version
         try:
             started = time.perf_counter()
             contribution = Contribution(
@@ -808,25 +816,34 @@ class Coordinator:
                 base_version=base_version,
                 scale=self.lora.scaling,
             )
+            # Under --secure, DP is distributed: the devices' noise is already in the sum, so
+            # the aggregate adds none (dp=None) and only the DP ledger counts one more release.
+            dp = self.config.aggregation.dp
             outcome = aggregate(
-                self.config.aggregation, self.config.shapes, current, [contribution],
-                self.dense_version, self._server_state, self._rng, clip=ClipBound(None, "off"),
+                dataclasses.replace(self.config.aggregation, dp=None), self.config.shapes,
+                current, [contribution], self.dense_version, self._server_state, self._rng,
+                clip=ClipBound(None, "off"),
             )  # fmt: skip
+            if dp is not None:
+                outcome.state.dp_aggregations = self._server_state.dp_aggregations + 1
             seconds = time.perf_counter() - started
             stats = {
                 **outcome.stats,
                 **stats,
-                "version": base_version + 1,
+                "version": version + 1,
                 "seconds": round(seconds, 4),
                 "strategy": self.config.strategy.name,
-                "staleness_max": 0,
+                "staleness_max": version - base_version,
                 "max_weight_examples": self.weight_cap,
                 "dropped": 0,
             }
-            record = self._encode_global(base_version + 1, outcome.tensors, stats)
+            if dp is not None and self.secure is not None:
+                stats["dp_epsilon"] = self.secure.epsilon(outcome.state.dp_aggregations)
+                stats["dp_delta"] = dp.delta
+            record = self._encode_global(version + 1, outcome.tensors, stats)
             self._finish([], [], record, outcome.state)
-            log.info("version %d from a secure sum (weight %g)", base_version + 1, weight)
-            return base_version + 1
+            log.info("version %d from a secure sum (weight %g)", version + 1, weight)
+            return version + 1
         finally:
             with self._lock:
                 self._aggregating = False
@@ -844,6 +861,8 @@ class Coordinator:
         dp = self.config.aggregation.dp
         if dp is None:
             return 0.0
+        if self.secure is not None:  # distributed DP: the Skellam accountant
+            return self.secure.epsilon(self._server_state.dp_aggregations)
         from coordinator.privacy import epsilon_spent
 
         return epsilon_spent(dp.noise_multiplier, self._server_state.dp_aggregations, dp.delta)

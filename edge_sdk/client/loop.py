@@ -1219,10 +1219,13 @@ class FederatedClient:
                 pending.update_id, len(masked.payload), setup.params.ring_bits, 4 * x.size,
             )  # fmt: skip
             request3 = await next_request("unmask", UnmaskRequest)
-            if len(request3.active) < MIN_COHORT:  # a sum of two reveals each to the other
+            # A sum of two reveals each to the other; under distributed DP a sum of fewer than
+            # the minimum cohort carries less noise than the task promised.
+            least = int(spec["dp"]["min_summed"]) if setup.params.dp else MIN_COHORT
+            if len(request3.active) < least:
                 raise ConsistencyError(
                     f"only {len(request3.active)} masked inputs are in the sum; at least "
-                    f"{MIN_COHORT} are needed before this device reveals its shares"
+                    f"{least} are needed before this device reveals its shares"
                 )
             await send("unmask", session.unmask(request3))
             return "accepted"
@@ -1244,14 +1247,19 @@ class FederatedClient:
 def _check_secure_params(params: SecAggParams, spec: Mapping[str, Any], length: int) -> None:
     """The round's parameters must be the ones the task stated (a coordinator may not widen
     the clip, shrink the cohort or change the grid between the task and the round)."""
+    dp = spec.get("dp") if isinstance(spec.get("dp"), Mapping) else {}
     stated = {
         "vector_len": length,
         "clip": spec.get("clip"),
         "grid_bits": spec.get("grid_bits"),
         "weight_cap": spec.get("weight_cap"),
+        # Distributed DP: the round may not lower the noise or widen the L2 bound the task set.
+        "l2_clip": dp.get("l2_clip", 0.0),
+        "noise_mu": dp.get("noise_mu", 0.0),
     }
     got = {"vector_len": params.vector_len, "clip": params.clip, "grid_bits": params.grid_bits,
-           "weight_cap": params.weight_cap}  # fmt: skip
+           "weight_cap": params.weight_cap, "l2_clip": params.l2_clip,
+           "noise_mu": params.noise_mu}  # fmt: skip
     min_cohort = spec.get("min_cohort")
     if (
         got != stated

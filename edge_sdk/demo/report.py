@@ -34,6 +34,9 @@ GAP_TARGET = 0.9
 """Federated must close this share of the base -> centralized exact-match gap."""
 BYTES_TARGET = 8.0
 """Federated updates must be this many times smaller than fp32 updates."""
+SECURE_BYTES_TARGET = 4.0
+"""`fedlm demo --secure`: masked updates >= 4x smaller than fp32 (issue 12); the masks are
+uniform in the ring, so no codec can shrink them further."""
 REPORT_NAME = "report.json"
 PLOT_NAME = "eval_loss.png"
 
@@ -68,8 +71,10 @@ def build_report(
     wall_time_s: Mapping[str, float],
     wall_budget_s: float,
     greedy: Mapping[str, EvalScores] | None = None,
+    bytes_target: float = BYTES_TARGET,
 ) -> dict[str, Any]:
-    """The report document (see the module docstring)."""
+    """The report document (see the module docstring). `bytes_target`: the least fp32 / sent
+    ratio that meets the bytes target (`SECURE_BYTES_TARGET` for masked updates)."""
     if len(local_only) != len(client_families) or len(bytes_sent) != len(fp32_bytes):
         raise ValueError("one local-only score, family list and byte count per client is needed")
     greedy = dict(greedy or {})
@@ -87,8 +92,8 @@ def build_report(
         "gap_closed_met": gap is not None and gap >= GAP_TARGET,
         "beats_every_local_only": all(federated.exact_match > s.exact_match for s in local_only),
         "bytes_ratio": ratio,
-        "bytes_ratio_target": BYTES_TARGET,
-        "bytes_ratio_met": ratio is not None and ratio >= BYTES_TARGET,
+        "bytes_ratio_target": bytes_target,
+        "bytes_ratio_met": ratio is not None and ratio >= bytes_target,
         "better_than_base": federated.exact_match > base.exact_match,
         "wall_time_s": total,
         "wall_time_budget_s": wall_budget_s,
@@ -289,6 +294,7 @@ __all__ = [
     "GAP_TARGET",
     "PLOT_NAME",
     "REPORT_NAME",
+    "SECURE_BYTES_TARGET",
     "build_report",
     "chat_exchange",
     "gap_closed",

@@ -34,7 +34,15 @@ from edge_sdk.demo.errors import DemoDataError, FederationError
 from edge_sdk.demo.evaluate import EvalScores, GreedyEvaluator, TeacherForcedEvaluator
 from edge_sdk.demo.federation import Federation
 from edge_sdk.demo.live import Progress
-from edge_sdk.demo.report import PLOT_NAME, build_report, chat_exchange, plot_curve, write_report
+from edge_sdk.demo.report import (
+    BYTES_TARGET,
+    PLOT_NAME,
+    SECURE_BYTES_TARGET,
+    build_report,
+    chat_exchange,
+    plot_curve,
+    write_report,
+)
 from edge_sdk.demo.simulate import (
     InProcessFederation,
     initial_global,
@@ -223,6 +231,7 @@ def run_demo(
         wall_time_s=timings,
         wall_budget_s=budget_s,
         greedy=greedy,
+        bytes_target=SECURE_BYTES_TARGET if config.secure else BYTES_TARGET,
     )
     report["chat"] = chat
     # CPU seconds let a run on a busy machine be projected to an idle one (wall ~ cpu / threads).

@@ -264,7 +264,10 @@ class DeviceSession:
                     DecryptionError(f"device {self.device_id}: share from {sender}: {exc}")
                 )
         weight = quantize.capped_weight(num_examples, p)
-        ring = quantize.encode(update, weight, p, self._rng)  # (N + 1,) uint32
+        if p.dp:  # DP bounds one device's effect: every device counts the same, as central DP
+            weight = p.weight_cap
+        # (N + 1,) uint32; under DP with this device's share of the noise (os.urandom-seeded)
+        ring = quantize.encode(update, weight, p, self._rng)
         count = p.vector_len + 1
         ring += crypto.prg_words(crypto.self_mask_key(self._seed, self._binding), count)
         for j in sorted(held):

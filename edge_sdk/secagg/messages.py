@@ -385,7 +385,7 @@ def decode(data: bytes, limits: SecAggLimits = DEFAULT_LIMITS) -> Message:
             max_bin_len=limits.max_bytes,
             max_str_len=0,
             max_ext_len=0,
-            max_array_len=max(n, 8),
+            max_array_len=max(n, 9),  # 9: the params list under distributed DP
             max_map_len=n,
         )
     except (ValueError, TypeError, msgpack.exceptions.UnpackException) as exc:

@@ -24,6 +24,11 @@ MAX_COHORT = 4096
 MAX_RING_BITS = 32
 """Masks are 32-bit words from the PRG, so the ring Z_{2^b} needs b <= 32."""
 
+NOISE_TAIL_SIGMAS = 10.0
+"""Distributed DP: the ring holds the summed noise out to this many standard deviations on
+either side (a normal tail beyond 10σ is below 2e-23 per coordinate), so that a noisy sum
+decodes without wrapping."""
+
 WEIGHT_RING_BITS = 32
 """The weight coordinate (Σ wᵢ) is masked in its own ring Z_{2^32}: it is one value, and
 giving it the full width lets the cap stay large while the update coordinates stay narrow."""
@@ -65,8 +70,18 @@ class SecAggParams:
     """Neighbours k of each device in the SecAgg+ graph; 0 picks `default_degree(n)`."""
     threshold: int = 0
     """Shamir threshold t (shares needed to reconstruct); 0 picks `default_threshold(k)`."""
+    l2_clip: float = 0.0
+    """Distributed DP (with `noise_mu`): devices first clip the L2 norm of their update to this
+    bound, the sensitivity of the sum (`edge_sdk.secagg.dp`); 0 = no DP."""
+    noise_mu: float = 0.0
+    """Distributed DP: each device adds Skellam(μ, μ) noise (variance 2μ, in grid steps) to
+    every coordinate, so that a sum of s devices carries Skellam(s·μ, s·μ); 0 = no noise."""
     ring_bits: int = field(init=False)
-    """Derived: b = g + ceil(log2 n), the width of the ring Z_{2^b} and of each packed value."""
+    """Derived: b = g + ceil(log2 n) (with noise: enough for n·(2^g - 1) plus twice
+    `noise_headroom`), the width of the ring Z_{2^b} and of each packed value."""
+    noise_headroom: int = field(init=False)
+    """Derived: 0 without noise; else ceil(NOISE_TAIL_SIGMAS · √(2·n·μ)), how far below 0 (and
+    above n·(2^g - 1)) a noisy sum may land and still decode (`quantize.decode_sum`)."""
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int, hi: int) -> int:
@@ -78,11 +93,26 @@ class SecAggParams:
         _int("weight_cap", 1, ((1 << WEIGHT_RING_BITS) - 1) // n)
         if not is_positive_finite(self.clip):
             raise ValueError(f"`clip` should be a positive finite number, got {self.clip!r}")
+        for name in ("l2_clip", "noise_mu"):
+            value = getattr(self, name)
+            ok = not isinstance(value, bool) and isinstance(value, (int, float))
+            if not (ok and math.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` should be a finite number >= 0, got {value!r}")
+        if (self.l2_clip > 0) != (self.noise_mu > 0):
+            raise ValueError(
+                f"`l2_clip` and `noise_mu` go together (distributed DP), got l2_clip="
+                f"{self.l2_clip!r}, noise_mu={self.noise_mu!r}"
+            )
         ring_bits = g + math.ceil(math.log2(n))
+        headroom = 0
+        if self.noise_mu > 0:
+            headroom = math.ceil(NOISE_TAIL_SIGMAS * math.sqrt(2 * n * self.noise_mu))
+            ring_bits = math.ceil(math.log2(n * ((1 << g) - 1) + 2 * headroom + 1))
+        object.__setattr__(self, "noise_headroom", headroom)
         if ring_bits > MAX_RING_BITS:
             raise ValueError(
-                f"`grid_bits` {g} + ceil(log2 cohort_size {n}) = {ring_bits} exceeds "
-                f"{MAX_RING_BITS} ring bits; use fewer grid bits"
+                f"`grid_bits` {g} + ceil(log2 cohort_size {n}) (+ noise headroom {headroom}) "
+                f"= {ring_bits} exceeds {MAX_RING_BITS} ring bits; use fewer grid bits"
             )
         object.__setattr__(self, "ring_bits", ring_bits)
         if self.degree:
@@ -129,9 +159,15 @@ class SecAggParams:
         """Bytes of a packed masked update: N values at b bits, then the 4-byte weight word."""
         return (self.vector_len * self.ring_bits + 7) // 8 + WEIGHT_RING_BITS // 8
 
+    @property
+    def dp(self) -> bool:
+        """Whether devices add distributed-DP noise."""
+        return self.noise_mu > 0
+
     def to_list(self) -> list[int | float]:
-        """Canonical form, for messages and for the round binding (order is part of the format)."""
-        return [
+        """Canonical form, for messages and for the round binding (order is part of the format):
+        7 values, then l2_clip and noise_mu only under distributed DP."""
+        out: list[int | float] = [
             self.cohort_size,
             self.vector_len,
             float(self.clip),
@@ -140,11 +176,19 @@ class SecAggParams:
             self.degree,
             self.threshold,
         ]
+        if self.dp:
+            out += [float(self.l2_clip), float(self.noise_mu)]
+        return out
 
     @classmethod
     def from_list(cls, values: list[Any]) -> SecAggParams:
         """Inverse of `to_list`; raises `ValueError` on any bad field."""
-        if not isinstance(values, list) or len(values) != 7:
-            raise ValueError(f"params should be a list of 7 values, got {values!r:.80}")
+        if not isinstance(values, list) or len(values) not in (7, 9):
+            raise ValueError(f"params should be a list of 7 or 9 values, got {values!r:.80}")
+        if len(values) == 9:
+            n, length, clip, g, cap, k, t, l2, mu = values
+            if not (l2 and mu):  # the no-DP form is the 7-value one: one form per meaning
+                raise ValueError(f"params: 9 values need l2_clip and noise_mu > 0, got {l2}, {mu}")
+            return cls(n, length, clip, g, cap, k, t, l2, mu)
         n, length, clip, g, cap, k, t = values
         return cls(n, length, clip, g, cap, k, t)

@@ -43,12 +43,19 @@ def capped_weight(num_examples: int, params: SecAggParams) -> int:
 
 
 def encode(
-    update: np.ndarray, weight: int, params: SecAggParams, rng: np.random.Generator
+    update: np.ndarray,
+    weight: int,
+    params: SecAggParams,
+    rng: np.random.Generator,
+    noise: np.random.Generator | None = None,
 ) -> np.ndarray:
     """The device's plain ring vector: N grid indices then the weight, shape (N + 1,), uint32.
 
     `update` must be a finite float vector of length `params.vector_len`; `weight` an integer
     in [0, weight_cap] (callers cap the number of examples with `min(num_examples, cap)`).
+    Under distributed DP (`params.dp`, see `edge_sdk.secagg.dp`) the update is clipped to
+    `l2_clip` first, rounded conditionally, and Skellam(μ, μ) noise from `noise` (by default a
+    Generator seeded from os.urandom) is added to every index, modulo 2^b.
     """
     x = np.asarray(update)
     if x.ndim != 1 or x.shape[0] != params.vector_len:
@@ -60,13 +67,25 @@ def encode(
     if not 0 <= int(weight) <= params.weight_cap:
         raise ValueError(f"weight should be in [0, {params.weight_cap}], got {weight}")
     c = params.clip
-    y = np.clip(x.astype(np.float64), -c, c) * (int(weight) / params.weight_cap)  # (N,)
     levels = (1 << params.grid_bits) - 1
+    out = np.empty(params.vector_len + 1, dtype=np.uint32)
+    out[-1] = int(weight)
+    if params.dp:
+        from edge_sdk.secagg import dp
+
+        # DP needs a bounded L2 effect: clip the norm, then each value (never longer), round
+        # so that rounding keeps the norm bound (Kairouz et al. 2021), add this device's noise.
+        y = np.clip(dp.clip_l2(x.astype(np.float64), params.l2_clip), -c, c)
+        y *= int(weight) / params.weight_cap
+        z = (y + c) / grid_step(params)  # in [0, levels]
+        q = dp.conditional_round(z, levels / 2, dp.l2_sensitivity(params), rng)
+        q += dp.skellam(params.noise_mu, params.vector_len, noise or dp.noise_rng())
+        out[:-1] = (q & ((1 << params.ring_bits) - 1)).astype(np.uint32)  # two's complement mod 2^b
+        return out
+    y = np.clip(x.astype(np.float64), -c, c) * (int(weight) / params.weight_cap)  # (N,)
     z = (y + c) / grid_step(params)  # in [0, levels]
     q = np.clip(stochastic_round(z, rng), 0, levels)  # clip only guards float round-off
-    out = np.empty(params.vector_len + 1, dtype=np.uint32)
     out[:-1] = q.astype(np.uint32)
-    out[-1] = int(weight)
     return out
 
 
@@ -78,10 +97,12 @@ def decode_sum(ring_sum: np.ndarray, n_summed: int, params: SecAggParams) -> tup
         )
     if not 1 <= n_summed <= params.cohort_size:
         raise ValueError(f"n_summed should be in [1, {params.cohort_size}], got {n_summed}")
-    q = (ring_sum[:-1].astype(np.uint64) & np.uint64((1 << params.ring_bits) - 1)).astype(
-        np.float64
-    )
-    return q * grid_step(params) - n_summed * params.clip, int(ring_sum[-1])
+    q = (ring_sum[:-1].astype(np.uint64) & np.uint64((1 << params.ring_bits) - 1)).astype(np.int64)
+    if params.noise_headroom:
+        # A noisy sum lies in [-h, n·(2^g - 1) + h] and the ring has room for all of it: the
+        # top h residues are the negative sums.
+        q[q >= (1 << params.ring_bits) - params.noise_headroom] -= 1 << params.ring_bits
+    return q.astype(np.float64) * grid_step(params) - n_summed * params.clip, int(ring_sum[-1])
 
 
 def weighted_mean(sum_y: np.ndarray, total_weight: int, params: SecAggParams) -> np.ndarray:

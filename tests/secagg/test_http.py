@@ -280,7 +280,10 @@ def test_three_clients_complete_a_secure_round_and_the_coordinator_keeps_only_ma
 def test_a_device_that_drops_after_its_masked_input_is_still_summed(
     tmp_path: Path, model: Path
 ) -> None:
-    config = secure_config(tmp_path, model, cohort=4)
+    # The leaver joins at once and the clients only after training: a phase of 10 s closed
+    # the advertise phase without a client under load (a cohort of 3, where one drop-out
+    # leaves a device with fewer than t = 2 share holders). The unmask phase waits it out.
+    config = secure_config(tmp_path, model, cohort=4, secure_phase_s=45.0)
     names = ["alpha", "bravo", "charlie"]
     recorder = Recorder()
 
@@ -457,8 +460,9 @@ def test_secure_config_refuses_what_it_cannot_honour(tmp_path: Path, model: Path
             cohort=3,
             aggregation=AggregationConfig(mode="exact", rank=4, alpha=8.0),
         )
-    with pytest.raises(ValueError, match="fedavg"):
-        secure_config(tmp_path, model, cohort=3, strategy=FedBuff(buffer_size=3))
+    # fedbuff cohorts are the first buffer_size devices of a version: below 3, refused.
+    with pytest.raises(ValueError, match="--buffer-size"):
+        secure_config(tmp_path, model, cohort=3, strategy=FedBuff(buffer_size=2))
     with pytest.raises(ValueError, match="min_cohort"):
         secure_config(tmp_path, model, cohort=3, min_cohort=2)
     with pytest.raises(ValueError, match="min_cohort"):
@@ -515,7 +519,17 @@ def test_cli_secure_defaults_to_frozen_a_fedavg_and_refuses_other_modes(
     plain = _config(build_parser().parse_args(base), JOIN_TOKEN)
     assert not plain.secure and plain.aggregation.mode == "exact"
     assert isinstance(plain.strategy, FedBuff)
-    for extra in (["--lora-mode", "exact"], ["--strategy", "fedbuff"], ["--dp-noise", "1.0"]):
+    buffered = _config(
+        build_parser().parse_args([*base, "--secure", "--strategy", "fedbuff"]), JOIN_TOKEN
+    )
+    assert isinstance(buffered.strategy, FedBuff) and buffered.secure
+    # The DP flags under --secure mean distributed DP (devices add the noise).
+    noisy = _config(build_parser().parse_args([*base, "--secure", "--dp-noise", "1.0"]), JOIN_TOKEN)
+    assert noisy.secure and noisy.aggregation.dp is not None
+    for extra in (
+        ["--lora-mode", "exact"],
+        ["--strategy", "fedbuff", "--buffer-size", "2"],
+    ):
         assert main([*base, "--secure", *extra]) == 2
         assert "secure aggregation" in capsys.readouterr().err
 
@@ -612,3 +626,146 @@ def test_a_pinned_transport_reuses_its_connection(tmp_path: Path, model: Path) -
             return counts
 
     assert asyncio.run(scenario()) == [1] * 6
+
+
+def _current_b(service: Service) -> tuple[int, np.ndarray]:
+    body, _, version = service.coordinator.current_adapter()
+    tensors = GlobalAdapter.from_bytes(body).dense_tensors()
+    return version, _flat(service, {k: v for k, v in tensors.items() if k.endswith(".lora_B")})
+
+
+def test_fedbuff_cohorts_of_one_version_enter_with_the_staleness_weight(
+    tmp_path: Path, model: Path
+) -> None:
+    """fedbuff: a cohort is the first buffer_size devices that pulled one version; its sum is
+    one buffered update. A cohort of version 1 that closes when version 2 is current moves the
+    adapter by (1 + 1)^-0.5 times its mean delta; a version past max_staleness is refused."""
+    strategy = FedBuff(buffer_size=3, max_staleness=1, min_updates=3, staleness_exponent=0.5)
+    config = secure_config(tmp_path, model, cohort=3, strategy=strategy, max_rounds=None)
+
+    async def scenario() -> dict[str, Any]:
+        async with Service(config) as service:
+            secure = service.coordinator.secure
+            assert secure is not None
+            p = secure.params
+            rng = np.random.default_rng(11)
+            devices = {}
+            for name in ("a", "b", "c", "d", "e", "f", "g", "h", "i", "late"):
+                devices[name] = Device(service, tmp_path, name)
+                await devices[name].join()
+            task = await devices["a"].transport.task()
+
+            def inputs() -> list[np.ndarray]:
+                return [rng.normal(0.0, CLIP / 2, p.vector_len) for _ in range(3)]
+
+            async def cohort(names: list[str], version: int, xs: list[np.ndarray]) -> None:
+                await asyncio.wait_for(
+                    asyncio.gather(
+                        *(devices[n].run(version, x, p.weight_cap) for n, x in zip(names, xs))
+                    ),
+                    120,
+                )
+
+            out: dict[str, Any] = {"spec": task.extra["secure"], "params": p}
+            xs0 = inputs()
+            await cohort(["a", "b", "c"], 0, xs0)  # version 0 -> 1, fresh
+            v1, b1 = _current_b(service)
+            xs1, xs1_stale = inputs(), inputs()
+            await cohort(["d", "e", "f"], 1, xs1)  # version 1 -> 2, fresh
+            v2, b2 = _current_b(service)
+            stats2 = dict(service.coordinator.last_aggregation["secure"])
+            await cohort(["g", "h", "i"], 1, xs1_stale)  # trained from 1, lands on 2: stale 1
+            v3, b3 = _current_b(service)
+            stats3 = dict(service.coordinator.last_aggregation["secure"])
+            with pytest.raises(RequestRejectedError) as too_old:  # 3 - 1 > max_staleness
+                await devices["late"].transport.secagg_setup(1)
+            for d in devices.values():
+                await d.transport.close()
+            out.update(
+                versions=(v1, v2, v3), b=(b1, b2, b3), xs=(xs0, xs1, xs1_stale),
+                stats=(stats2, stats3), too_old=too_old.value,
+            )  # fmt: skip
+            return out
+
+    out = asyncio.run(scenario())
+    p = out["params"]
+    assert out["spec"]["strategy"] == "fedbuff" and out["spec"]["cohort_size"] == 3
+    assert out["spec"]["min_cohort"] == 3 and "first cohort_size devices" in out["spec"]["cohort"]
+    assert out["versions"] == (1, 2, 3)
+    b1, b2, b3 = out["b"]
+    xs0, xs1, stale = out["xs"]
+
+    def mean(xs: list[np.ndarray]) -> np.ndarray:
+        return np.mean([np.clip(x, -p.clip, p.clip) for x in xs], axis=0)
+
+    bound = 3 * quantize.grid_step(p)  # n·Δ·W/Σw with equal weights at the cap: Δ per device
+    assert np.abs(b1 - mean(xs0)).max() < bound
+    assert np.abs((b2 - b1) - mean(xs1)).max() < bound
+    scale = 2.0**-0.5
+    assert np.abs((b3 - b2) - scale * mean(stale)).max() < scale * bound
+    # Not the unweighted step: the difference is far above the grid's rounding.
+    assert np.abs((b3 - b2) - mean(stale)).max() > 10 * bound
+    assert out["stats"][0]["staleness"] == 0 and out["stats"][0]["staleness_scale"] == 1.0
+    assert out["stats"][1]["staleness"] == 1 and out["stats"][1]["base_version"] == 1
+    assert out["stats"][1]["staleness_scale"] == pytest.approx(scale)
+    assert out["too_old"].status == 409 and out["too_old"].code == "stale_update"
+
+
+def test_distributed_dp_round_publishes_a_noisy_sum_and_reports_epsilon(
+    tmp_path: Path, model: Path
+) -> None:
+    """--secure with the DP flags: DP is distributed. The task states the noise, three real
+    clients add their Skellam shares, the coordinator adds none, publishes the noisy mean and
+    reports ε from the Skellam accountant."""
+    from coordinator.privacy import DpConfig
+    from edge_sdk.secagg import dp as secagg_dp
+
+    dp_config = DpConfig(noise_multiplier=0.8, clip_norm=0.2, delta=1e-5)
+    config = secure_config(
+        tmp_path,
+        model,
+        cohort=3,
+        aggregation=AggregationConfig(
+            mode="frozen-a", rank=4, alpha=8.0, dp=dp_config, clip_multiplier=None
+        ),
+    )
+    names = ["alpha", "bravo", "charlie"]
+    recorder = Recorder()
+
+    async def scenario() -> dict[str, Any]:
+        async with Service(config) as service:
+            clients = _clients(tmp_path, model, service, names)
+            for n, c in clients.items():
+                recorder.attach(n, c)
+            summaries = await asyncio.wait_for(
+                asyncio.gather(*(c.run_async() for c in clients.values())), 200
+            )
+            secure = service.coordinator.secure
+            assert secure is not None
+            return {
+                "summaries": summaries,
+                "spec": secure.describe(),
+                "params": secure.params,
+                "stats": dict(service.coordinator.last_aggregation),
+                "epsilon": service.coordinator.epsilon_spent(),
+                "b": _flat(service, _global_b(service, 1)),
+                "min_cohort": secure.min_cohort,
+            }
+
+    out = asyncio.run(scenario())
+    p = out["params"]
+    assert all(s.reason == "task_complete" for s in out["summaries"])
+    assert p.dp and p.l2_clip == 0.2 and out["spec"]["dp"]["noise_mu"] == p.noise_mu
+    # Calibrated: the minimum cohort's summed noise has std z·Δ₂ grid steps.
+    sigma = 0.8 * secagg_dp.l2_sensitivity(p)
+    assert 2 * out["min_cohort"] * p.noise_mu == pytest.approx(sigma**2)
+    # Published B = mean of the L2- and value-clipped deltas + (Skellam sum)·Δ / 3.
+    plain = [
+        np.clip(secagg_dp.clip_l2(recorder.plain[n][0], p.l2_clip), -p.clip, p.clip) for n in names
+    ]
+    noise = (out["b"] - np.mean(plain, axis=0)) * 3 / quantize.grid_step(p)  # grid steps
+    expected = 2 * 3 * p.noise_mu + 3 / 4
+    assert 0.7 * expected < noise.var() < 1.3 * expected  # 768 values: a loose band
+    eps = secagg_dp.epsilon_spent(p, out["min_cohort"], 1, 1e-5)
+    assert out["stats"]["dp_epsilon"] == pytest.approx(eps)
+    assert out["epsilon"] == pytest.approx(eps) and 0 < eps < float("inf")
