@@ -3,12 +3,16 @@
 `Coordinator` is synchronous and thread-safe; the aiohttp layer calls it from worker threads
 so that decoding, fsync and numpy never block the event loop.
 
-Ingest of one update (`submit`):
+Ingest of one update (`stage`, or `submit` which waits for it):
   1. decode the wire bytes under `DecodeLimits` (bad bytes -> 400, nothing stored);
   2. check client id, model sha256, LoRA spec, tensor keys and shapes against the task and
-     the model's layer shapes, and decode every tensor (NaN/Inf -> 422, nothing stored);
-  3. under the state lock: the strategy admits it (stale, duplicate, round closed -> 409),
-     then it is committed to storage; only then is it acknowledged.
+     the model's layer shapes;
+  3. under the state lock, once: the strategy admits its record (stale, duplicate, round
+     closed -> 409) and the update reserves its place (its client's slot in the buffer);
+  4. decode every tensor (NaN/Inf -> 422, the reservation is released, nothing stored) and
+     measure its effect norm;
+  5. queue it for the next group commit (`coordinator.group_commit`): it joins the pending
+     updates, and is acknowledged, only after the transaction that stores it has committed.
 
 Aggregation (`aggregate`) snapshots the pending updates and streams them from storage twice:
 once to measure each update's effect norm (the adaptive clip's reference, and a finite check
@@ -31,7 +35,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -51,6 +55,7 @@ from coordinator.errors import (
     StorageError,
     UpdateRejectedError,
 )
+from coordinator.group_commit import GroupCommit, Staged
 from coordinator.next_version import (
     ClipBound,
     Contribution,
@@ -123,6 +128,12 @@ class Coordinator:
         self._clock = clock
         self._rng = rng if rng is not None else np.random.default_rng()
         self._lock = threading.RLock()
+        self._settled = threading.Condition(self._lock)
+        """Notified whenever reserved updates are stored or released (`_reserved` shrinks)."""
+        self._reserved: dict[str, UpdateRecord] = {}
+        """Admitted updates not yet stored (decoding, or queued for the next group commit):
+        they hold their client's slot, and their ids count as seen."""
+        self._commits = GroupCommit(storage, self._settle)
         self._aggregating = False
         self._waiting_logged: tuple[Any, ...] | None = None
         self.on_drop: Callable[[str], None] | None = None
@@ -340,6 +351,14 @@ class Coordinator:
 
     def submit(self, client_id: str, body: bytes) -> dict[str, Any]:
         """Validate, admit and durably store one update; returns the acknowledgement."""
+        return self.stage(client_id, body).result()
+
+    def stage(self, client_id: str, body: bytes) -> Future[dict[str, Any]]:
+        """Validate and admit one update and queue it for the next group commit.
+
+        Raises at once (nothing stored) when the update is refused; otherwise the future
+        resolves to the acknowledgement after the transaction that stores it has committed
+        (or to the storage error that kept it out). Call from a worker thread: this decodes."""
         if self.secure is not None:
             raise ConflictError(
                 "this task uses secure aggregation: updates are summed through /v1/secagg/*, "
@@ -347,35 +366,93 @@ class Coordinator:
                 code="secure_aggregation_required",
             )
         update = self._decode(body)
-        record, norm = self._validate(client_id, update, len(body))
+        self._check_update(client_id, update)
+        if self.storage.has_update(update.update_id):
+            raise DuplicateUpdateError(f"update {update.update_id!r} was already received")
+        record = self._record(client_id, update, len(body))
         with self._lock:
             self._check_open()
+            if record.update_id in self._reserved:
+                raise DuplicateUpdateError(f"update {record.update_id!r} was already received")
+            # The one admission: against the stored buffer and the updates on their way to it.
             self.config.strategy.admit(
-                record, self.version, self._pending, self.config.aggregation.dp is not None
+                record, self.version, [*self._pending, *self._reserved.values()]
             )
-            self.storage.add_update(record, body)  # durable when it returns
-            self._pending.append(record)
-            if norm is not None:
-                self._norms[record.update_id] = norm
+            self._reserved[record.update_id] = record
+        try:
+            norm = self._dense_norm(update)
+            item = Staged(record, body, norm)
+            self._commits.put(item)
+        except BaseException:
+            self._release([record.update_id])
+            raise
+        return item.future
+
+    def _settle(self, batch: Sequence[Staged], results: Sequence[BaseException | None]) -> None:
+        """After a group commit (in its writer thread): the stored updates join the buffer,
+        then every future resolves, so an acknowledgement always follows its fsync."""
+        with self._lock:
+            for item, error in zip(batch, results):
+                del self._reserved[item.record.update_id]
+                if error is None:
+                    self._pending.append(item.record)
+                    if item.norm is not None:
+                        self._norms[item.record.update_id] = item.norm
+            self._settled.notify_all()
             pending, version = len(self._pending), self.version
-        log.debug("accepted %s from %s (base %d)", record.update_id, client_id, record.base_version)
-        return {
-            "update_id": record.update_id,
-            "accepted": True,
-            "version": version,
-            "pending": pending,
-        }
+        for item, error in zip(batch, results):
+            if error is not None:
+                item.future.set_exception(error)
+                continue
+            log.debug(
+                "accepted %s from %s (base %d)",
+                item.record.update_id, item.record.client_id, item.record.base_version,
+            )  # fmt: skip
+            item.future.set_result(
+                {
+                    "update_id": item.record.update_id,
+                    "accepted": True,
+                    "version": version,
+                    "pending": pending,
+                }
+            )
+
+    def _release(self, update_ids: Sequence[str]) -> None:
+        with self._lock:
+            for update_id in update_ids:
+                self._reserved.pop(update_id, None)
+            self._settled.notify_all()
+
+    def close(self) -> None:
+        """Store what is queued for the group commit, then stop its writer (before the storage
+        closes; idempotent)."""
+        self._commits.close()
 
     def check_open(self) -> None:
         """`ConflictError` when the task is finished or a FedAvg round is closing."""
         self._check_open()
+
+    @property
+    def _closes_rounds(self) -> bool:
+        """Whether the strategy admits nothing while its round is aggregated (FedAvg)."""
+        return self.config.strategy.name == "fedavg"
+
+    def _await_reserved(self, timeout_s: float = 60.0) -> None:
+        """With the lock held and new admissions refused: wait until the updates admitted
+        before are stored (or refused), so the round's snapshot holds every update it
+        admitted, as when admission and storage were one step."""
+        if not self._settled.wait_for(lambda: not self._reserved, timeout_s):
+            log.warning(
+                "%d admitted updates were not stored within %.0f s; they join the next round",
+                len(self._reserved), timeout_s,
+            )  # fmt: skip
 
     def _check_open(self) -> None:
         if self.config.max_rounds is not None and self.version >= self.config.max_rounds:
             raise ConflictError(
                 f"the task finished after {self.config.max_rounds} rounds", code="task_complete"
             )
-        if self._aggregating and self.config.strategy.name == "fedavg":
+        if self._aggregating and self._closes_rounds:
             raise ConflictError(
                 f"round {self.version} is closing; retry shortly", code="round_closed"
             )
@@ -384,11 +461,8 @@ class Coordinator:
         with _wire_errors_as_http():
             return AdapterUpdate.from_bytes(body, self._limits)
 
-    def _validate(
-        self, client_id: str, update: AdapterUpdate, size: int
-    ) -> tuple[UpdateRecord, float | None]:
-        """The record to store, and the update's effect norm (None when it is not finite: the
-        aggregation's first pass then drops it, as it would have without this measurement)."""
+    def _check_update(self, client_id: str, update: AdapterUpdate) -> None:
+        """Everything about an update that does not depend on the task's changing state."""
         cfg, agg = self.config, self.config.aggregation
         if update.client_id != client_id:
             raise ForbiddenError(
@@ -415,24 +489,19 @@ class Coordinator:
                     f"{key}: expected shape {expected}, got {tuple(tensor.shape)}",
                     code="wrong_shape",
                 )
-        if self.storage.has_update(update.update_id):
-            raise DuplicateUpdateError(f"update {update.update_id!r} was already received")
-        with self._lock:
-            self._check_open()
-            self.config.strategy.admit(
-                self._record(client_id, update, size),
-                self.version,
-                self._pending,
-                agg.dp is not None,
-            )
+
+    def _dense_norm(self, update: AdapterUpdate) -> float | None:
+        """Decode every tensor (raises on any non-finite value) and return the update's effect
+        norm (None when it is not finite: the aggregation's first pass then drops it, as it
+        would have without this measurement)."""
         reference = (
             self.dense_version(update.base_version)
             if any(t.delta for t in update.tensors.values())
             else None
         )
         with _wire_errors_as_http():
-            dense = update.dense_tensors(reference)  # raises on any non-finite value
-        return self._record(client_id, update, size), self._effect_norm(update, dense)
+            dense = update.dense_tensors(reference)
+        return self._effect_norm(update, dense)
 
     def _effect_norm(self, update: AdapterUpdate, dense: Tensors) -> float | None:
         if len(self._norm_cache) > 64:  # per (base version, layer shape): a handful at a time
@@ -523,6 +592,8 @@ class Coordinator:
             ):
                 return None
             self._aggregating = True
+            if self._closes_rounds:
+                self._await_reserved()
             snapshot, version, current = list(self._pending), self.version, self._current
         try:
             weights = {r.update_id: strategy.weight(r, version, self.weight_cap) for r in snapshot}

@@ -5,9 +5,9 @@ bytes until it is aggregated (its id is kept afterwards so that a retry is still
 the global adapter versions (recent bodies), the strategy state as JSON, and opaque blobs for
 server-optimizer state.
 
-Durability: `add_update` returns only after its transaction is committed with
-`synchronous=FULL`, so the service acknowledges an update only once it survives `kill -9` or
-a power cut. `commit_aggregation` writes the new version, consumes the aggregated updates and
+Durability: `add_update`, and `add_updates` (a batch in one transaction: one WAL fsync for
+many updates), return only after their transaction is committed with `synchronous=FULL`, so
+the service acknowledges an update only once it survives `kill -9` or a power cut. `commit_aggregation` writes the new version, consumes the aggregated updates and
 saves the strategy state in one transaction: a crash leaves either the old round (updates still
 pending) or the new one, never a mix.
 
@@ -111,6 +111,10 @@ class Storage(Protocol):
     def count_clients(self) -> int: ...
 
     def add_update(self, record: UpdateRecord, body: bytes) -> None: ...
+
+    def add_updates(
+        self, items: Sequence[tuple[UpdateRecord, bytes]]
+    ) -> list[DuplicateUpdateError | StorageError | None]: ...
 
     def has_update(self, update_id: str) -> bool: ...
 
@@ -259,33 +263,63 @@ class SQLiteStorage:
 
     # -- updates ----------------------------------------------------------------------------
 
+    _INSERT_UPDATE = (
+        "INSERT INTO updates (update_id, client_id, base_version, num_examples, "
+        "num_tokens, rank, received_at, size, metrics, status, body) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)"
+    )
+
+    @staticmethod
+    def _update_row(record: UpdateRecord, body: bytes) -> tuple[Any, ...]:
+        return (
+            record.update_id,
+            record.client_id,
+            record.base_version,
+            record.num_examples,
+            record.num_tokens,
+            record.rank,
+            record.received_at,
+            record.size,
+            json.dumps(record.metrics),
+            sqlite3.Binary(body),
+        )
+
     def add_update(self, record: UpdateRecord, body: bytes) -> None:
         """Store a pending update durably; `DuplicateUpdateError` if its id was ever seen."""
         try:
             with self._write() as conn:
-                conn.execute(
-                    "INSERT INTO updates (update_id, client_id, base_version, num_examples, "
-                    "num_tokens, rank, received_at, size, metrics, status, body) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-                    (
-                        record.update_id,
-                        record.client_id,
-                        record.base_version,
-                        record.num_examples,
-                        record.num_tokens,
-                        record.rank,
-                        record.received_at,
-                        record.size,
-                        json.dumps(record.metrics),
-                        sqlite3.Binary(body),
-                    ),
-                )
+                conn.execute(self._INSERT_UPDATE, self._update_row(record, body))
         except sqlite3.IntegrityError as exc:
             if "update_id" in str(exc):
                 raise DuplicateUpdateError(
                     f"update {record.update_id!r} was already received"
                 ) from exc
             raise StorageError(f"cannot store update {record.update_id!r}: {exc}") from exc
+
+    def add_updates(
+        self, items: Sequence[tuple[UpdateRecord, bytes]]
+    ) -> list[DuplicateUpdateError | StorageError | None]:
+        """Store several pending updates in one transaction: one commit, so one fsync of the
+        WAL for the whole batch (group commit). When it returns, every update whose entry in
+        the returned list is None is durable; an entry that is an error (a duplicate id) names
+        why that one was not stored, and does not affect the others.
+
+        A failure of the machinery (disk full, I/O error) raises for the whole batch, of which
+        nothing was committed."""
+        try:
+            with self._write() as conn:
+                conn.executemany(self._INSERT_UPDATE, [self._update_row(r, b) for r, b in items])
+            return [None] * len(items)
+        except sqlite3.IntegrityError:
+            pass  # a duplicate id in the batch (all rolled back): store them one by one
+        results: list[DuplicateUpdateError | StorageError | None] = []
+        for record, body in items:
+            try:
+                self.add_update(record, body)
+                results.append(None)
+            except (DuplicateUpdateError, StorageError) as exc:
+                results.append(exc)
+        return results
 
     def has_update(self, update_id: str) -> bool:
         row = (
