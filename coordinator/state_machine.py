@@ -644,7 +644,9 @@ class Coordinator:
         if not candidates:
             return None, []
         try:
-            return self._attempt(candidates, weights, current, norms, drops), candidates
+            outcome, unusable = self._attempt(candidates, weights, current, norms)
+            drops.update(unusable)
+            return outcome, candidates
         except Exception as exc:
             if isinstance(exc, _INFRASTRUCTURE_ERRORS):
                 raise
@@ -659,7 +661,9 @@ class Coordinator:
         if not rest:
             return None, []
         try:
-            return self._attempt(rest, weights, current, norms, drops), rest
+            outcome, unusable = self._attempt(rest, weights, current, norms)
+            drops.update(unusable)
+            return outcome, rest
         except Exception as exc:
             if isinstance(exc, _INFRASTRUCTURE_ERRORS):
                 raise
@@ -678,7 +682,8 @@ class Coordinator:
             if record.update_id in self._norms:
                 norms[record.update_id] = self._norms[record.update_id]
         missing = [r for r in used if r.update_id not in norms]
-        for item in self._contributions(missing, weights, drops):
+        items, unusable = self._contributions(missing, weights)
+        for item in items:
             try:
                 norms[item.update_id] = effect_norm(
                     agg, self.config.shapes, item, self.dense_version(item.base_version)
@@ -691,6 +696,7 @@ class Coordinator:
                     raise
                 drops[item.update_id] = "aggregation_failed"
                 log.debug("effect of %s: %s: %s", item.update_id, type(exc).__name__, exc)
+        drops.update(unusable)
         return norms
 
     def _attempt(
@@ -699,17 +705,19 @@ class Coordinator:
         weights: dict[str, float],
         current: Tensors,
         norms: dict[str, float],
-        drops: dict[str, str],
-    ) -> Outcome:
-        """Pass 2: one aggregation of `records` under the bound their norms give."""
+    ) -> tuple[Outcome, dict[str, str]]:
+        """Pass 2: one aggregation of `records` under the bound their norms give; also the
+        updates found unusable on the way (update id -> reason)."""
         agg = self.config.aggregation
         clip: ClipBound = clip_bound(
             agg, [norms[r.update_id] for r in records], self._server_state.norm_history
         )
-        return aggregate(
-            agg, self.config.shapes, current, self._contributions(records, weights, drops),
+        items, unusable = self._contributions(records, weights)
+        outcome = aggregate(
+            agg, self.config.shapes, current, items,
             self.dense_version, self._server_state, self._rng, clip=clip,
         )  # fmt: skip
+        return outcome, unusable
 
     def _isolate(
         self,
@@ -723,11 +731,10 @@ class Coordinator:
         else the one whose removal lets the rest aggregate, else all of them."""
         if isinstance(error, ContributionError):
             return {error.update_id}
-        scratch: dict[str, str] = {}
 
         def fails(records: list[UpdateRecord]) -> bool:
             try:
-                self._attempt(records, weights, current, norms, scratch)
+                self._attempt(records, weights, current, norms)
             except Exception as exc:
                 if isinstance(exc, _INFRASTRUCTURE_ERRORS):
                     raise
@@ -757,15 +764,31 @@ class Coordinator:
                 self.on_drop(reason)
 
     def _contributions(
-        self, used: list[UpdateRecord], weights: dict[str, float], unusable: dict[str, str]
-    ) -> Iterator[Contribution]:
+        self, used: list[UpdateRecord], weights: dict[str, float]
+    ) -> tuple[Iterator[Contribution], dict[str, str]]:
         """Decode stored updates one at a time (O(adapter) memory however many there are).
 
-        Every update was validated at ingest, so a failure here means its delta reference is
-        gone, the file was tampered with, or it was stored under an older, laxer check (its
-        LoRA spec is checked again): that update is dropped (into `unusable`, with the reason)
-        rather than blocking every future aggregation.
+        Returns the stream of contributions and the updates it found unusable (update id ->
+        reason; complete once the stream is exhausted). Every update was validated at ingest,
+        so a failure here means its delta reference is gone, the file was tampered with, or it
+        was stored under an older, laxer check (its LoRA spec is checked again): that update is
+        left out and dropped rather than blocking every future aggregation.
         """
+        unusable: dict[str, str] = {}
+
+        def usable() -> Iterator[Contribution]:
+            for done in self._decoded(used, weights):
+                if isinstance(done, Contribution):
+                    yield done
+                else:
+                    unusable[done[0]] = done[1]
+
+        return usable(), unusable
+
+    def _decoded(
+        self, used: list[UpdateRecord], weights: dict[str, float]
+    ) -> Iterator[Contribution | tuple[str, str]]:
+        """Each stored update of `used`, decoded: a `Contribution`, or (update id, reason)."""
         by_id = {r.update_id: r for r in used}
         # The references, resolved here: the decoding thread never touches storage (a thread
         # that opened a connection would keep it until the storage closes).
@@ -806,18 +829,10 @@ class Coordinator:
             for update_id, body in self.storage.iter_update_bodies([r.update_id for r in used]):
                 submitted = worker.submit(decode, update_id, body)
                 if ahead is not None:
-                    done = ahead.result()
-                    if isinstance(done, Contribution):
-                        yield done
-                    else:
-                        unusable[done[0]] = done[1]
+                    yield ahead.result()
                 ahead = submitted
             if ahead is not None:
-                done = ahead.result()
-                if isinstance(done, Contribution):
-                    yield done
-                else:
-                    unusable[done[0]] = done[1]
+                yield ahead.result()
 
     def _finish(
         self,
