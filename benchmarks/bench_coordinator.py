@@ -132,12 +132,20 @@ def fill(shapes: Shapes, sha: str, db: Path, mode: str, n: int) -> int:
     with SQLiteStorage(db) as storage:
         coordinator = Coordinator(config_for(shapes, sha, db, mode, n), storage)
         bodies = make_updates(coordinator.dense_version(0), mode, sha, min(DISTINCT, n))
+        items = []
         for i in range(n):
             body = bodies[i % len(bodies)]
             record = UpdateRecord(
                 uuid.uuid4().hex, "bench", 0, 10 + i % 50, 0, RANK, time.time(), len(body)
             )
-            storage.add_update(record, body)
+            items.append((record, body))
+        add_updates = getattr(storage, "add_updates", None)  # one fsync per 50 where it exists
+        for start in range(0, n, 50):
+            if add_updates is not None:
+                assert not any(add_updates(items[start : start + 50]))
+            else:
+                for record, body in items[start : start + 50]:
+                    storage.add_update(record, body)
         return len(bodies[0])
 
 

@@ -111,6 +111,18 @@ class Server:
     """(start, end, updates) of each aggregation, from the coordinator's log (monotonic)."""
     log_tail: list[str] = field(default_factory=list)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the coordinator process so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def write_bytes(self) -> int:
+        """Bytes the coordinator process has caused to be written to storage so far."""
+        for line in Path(f"/proc/{self.proc.pid}/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+        return 0
+
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -322,6 +334,8 @@ async def run_load(
 
                 prober = asyncio.create_task(probe_loop())
                 tasks = []
+                server_cpu0, server_written0 = server.cpu_seconds(), server.write_bytes()
+                own_cpu0 = time.process_time()
                 load_start = time.perf_counter()
                 n = int(rate * seconds)
                 # Sends still waiting for a connection 5 s after the last one was due are not
@@ -336,6 +350,9 @@ async def run_load(
                     tasks.append(asyncio.create_task(send(i, due)))
                 results = await asyncio.gather(*tasks, return_exceptions=True)
                 elapsed = time.perf_counter() - load_start
+                server_cpu = server.cpu_seconds() - server_cpu0
+                server_written = server.write_bytes() - server_written0
+                own_cpu = time.process_time() - own_cpu0
                 stop.set()
                 await prober
                 errors = [repr(r) for r in results if isinstance(r, BaseException)]
@@ -384,6 +401,14 @@ async def run_load(
             "aggregations": len(server.aggregations),
             "aggregation_seconds": [round(end - start, 2) for start, end, _ in server.aggregations],
             "server_peak_rss_mb": peak,
+            # CPU per accepted update, all threads: the coordinator's (ingest, TLS, HTTP and
+            # aggregation together) and this load generator's (framing, TLS, HTTP); on a shared
+            # machine these are steadier than the rate, and 2000 / their sum is the rate 2
+            # otherwise idle cores could sustain.
+            "server_cpu_ms_per_accepted": 1000 * server_cpu / max(1, len(acked)),
+            "loadgen_cpu_ms_per_accepted": 1000 * own_cpu / max(1, len(acked)),
+            "server_cpu_utilisation": server_cpu / elapsed,
+            "server_disk_write_mb_per_accepted": server_written / 1e6 / max(1, len(acked)),
             "acked_lost": len(lost),
             "acked_dropped_at_aggregation": sum(stored.get(u) == "dropped" for u in acked),
         }

@@ -245,7 +245,10 @@ async def updates(request: web.Request) -> web.Response:
         runtime.inflight_bytes += reserved
         try:
             body = await request.read()  # aiohttp enforces client_max_size (413) when chunked
-            ack = await _in_thread(runtime.ingest, app[COORDINATOR].submit, client_id, body)
+            # Checked and admitted in a worker thread, which then goes on to the next update;
+            # the 202 waits for the group commit that stores this one (its fsync), not before.
+            stored = await _in_thread(runtime.ingest, app[COORDINATOR].stage, client_id, body)
+            ack = await asyncio.wrap_future(stored)
         finally:
             runtime.inflight_clients.discard(client_id)
             runtime.inflight_bytes -= reserved

@@ -89,6 +89,10 @@ def build_app(
             app[http_api.COORDINATOR].on_drop = lambda reason: dropped.labels(reason=reason).inc()
             yield
         finally:
+            if http_api.COORDINATOR in app:  # the updates queued for the group commit first
+                await asyncio.get_running_loop().run_in_executor(
+                    None, app[http_api.COORDINATOR].close
+                )
             storage.close()
 
     async def executors_ctx(app: web.Application) -> AsyncIterator[None]:

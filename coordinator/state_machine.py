@@ -3,12 +3,16 @@
 `Coordinator` is synchronous and thread-safe; the aiohttp layer calls it from worker threads
 so that decoding, fsync and numpy never block the event loop.
 
-Ingest of one update (`submit`):
+Ingest of one update (`stage`, or `submit` which waits for it):
   1. decode the wire bytes under `DecodeLimits` (bad bytes -> 400, nothing stored);
   2. check client id, model sha256, LoRA spec, tensor keys and shapes against the task and
-     the model's layer shapes, and decode every tensor (NaN/Inf -> 422, nothing stored);
-  3. under the state lock: the strategy admits it (stale, duplicate, round closed -> 409),
-     then it is committed to storage; only then is it acknowledged.
+     the model's layer shapes;
+  3. under the state lock, once: the strategy admits its record (stale, duplicate, round
+     closed -> 409) and the update reserves its place (its client's slot in the buffer);
+  4. decode every tensor (NaN/Inf -> 422, the reservation is released, nothing stored) and
+     measure its effect norm;
+  5. queue it for the next group commit (`coordinator.group_commit`): it joins the pending
+     updates, and is acknowledged, only after the transaction that stores it has committed.
 
 Aggregation (`aggregate`) snapshots the pending updates and streams them from storage twice:
 once to measure each update's effect norm (the adaptive clip's reference, and a finite check
@@ -32,7 +36,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -52,6 +56,7 @@ from coordinator.errors import (
     StorageError,
     UpdateRejectedError,
 )
+from coordinator.group_commit import GroupCommit, Staged
 from coordinator.next_version import (
     ClipBound,
     Contribution,
@@ -125,6 +130,12 @@ class Coordinator:
         self._clock = clock
         self._rng = rng if rng is not None else np.random.default_rng()
         self._lock = threading.RLock()
+        self._settled = threading.Condition(self._lock)
+        """Notified whenever reserved updates are stored or released (`_reserved` shrinks)."""
+        self._reserved: dict[str, UpdateRecord] = {}
+        """Admitted updates not yet stored (decoding, or queued for the next group commit):
+        they hold their client's slot, and their ids count as seen."""
+        self._commits = GroupCommit(storage, self._settle)
         self._aggregating = False
         self._waiting_logged: tuple[Any, ...] | None = None
         self.on_drop: Callable[[str], None] | None = None
@@ -345,6 +356,14 @@ class Coordinator:
 
     def submit(self, client_id: str, body: bytes) -> dict[str, Any]:
         """Validate, admit and durably store one update; returns the acknowledgement."""
+        return self.stage(client_id, body).result()
+
+    def stage(self, client_id: str, body: bytes) -> Future[dict[str, Any]]:
+        """Validate and admit one update and queue it for the next group commit.
+
+        Raises at once (nothing stored) when the update is refused; otherwise the future
+        resolves to the acknowledgement after the transaction that stores it has committed
+        (or to the storage error that kept it out). Call from a worker thread: this decodes."""
         if self.secure is not None:
             raise ConflictError(
                 "this task uses secure aggregation: updates are summed through /v1/secagg/*, "
@@ -352,35 +371,93 @@ class Coordinator:
                 code="secure_aggregation_required",
             )
         update = self._decode(body)
-        record, norm = self._validate(client_id, update, len(body))
+        self._check_update(client_id, update)
+        if self.storage.has_update(update.update_id):
+            raise DuplicateUpdateError(f"update {update.update_id!r} was already received")
+        record = self._record(client_id, update, len(body))
         with self._lock:
             self._check_open()
+            if record.update_id in self._reserved:
+                raise DuplicateUpdateError(f"update {record.update_id!r} was already received")
+            # The one admission: against the stored buffer and the updates on their way to it.
             self.config.strategy.admit(
-                record, self.version, self._pending, self.config.aggregation.dp is not None
+                record, self.version, [*self._pending, *self._reserved.values()]
             )
-            self.storage.add_update(record, body)  # durable when it returns
-            self._pending.append(record)
-            if norm is not None:
-                self._norms[record.update_id] = norm
+            self._reserved[record.update_id] = record
+        try:
+            norm = self._dense_norm(update)
+            item = Staged(record, body, norm)
+            self._commits.put(item)
+        except BaseException:
+            self._release([record.update_id])
+            raise
+        return item.future
+
+    def _settle(self, batch: Sequence[Staged], results: Sequence[BaseException | None]) -> None:
+        """After a group commit (in its writer thread): the stored updates join the buffer,
+        then every future resolves, so an acknowledgement always follows its fsync."""
+        with self._lock:
+            for item, error in zip(batch, results):
+                del self._reserved[item.record.update_id]
+                if error is None:
+                    self._pending.append(item.record)
+                    if item.norm is not None:
+                        self._norms[item.record.update_id] = item.norm
+            self._settled.notify_all()
             pending, version = len(self._pending), self.version
-        log.debug("accepted %s from %s (base %d)", record.update_id, client_id, record.base_version)
-        return {
-            "update_id": record.update_id,
-            "accepted": True,
-            "version": version,
-            "pending": pending,
-        }
+        for item, error in zip(batch, results):
+            if error is not None:
+                item.future.set_exception(error)
+                continue
+            log.debug(
+                "accepted %s from %s (base %d)",
+                item.record.update_id, item.record.client_id, item.record.base_version,
+            )  # fmt: skip
+            item.future.set_result(
+                {
+                    "update_id": item.record.update_id,
+                    "accepted": True,
+                    "version": version,
+                    "pending": pending,
+                }
+            )
+
+    def _release(self, update_ids: Sequence[str]) -> None:
+        with self._lock:
+            for update_id in update_ids:
+                self._reserved.pop(update_id, None)
+            self._settled.notify_all()
+
+    def close(self) -> None:
+        """Store what is queued for the group commit, then stop its writer (before the storage
+        closes; idempotent)."""
+        self._commits.close()
 
     def check_open(self) -> None:
         """`ConflictError` when the task is finished or a FedAvg round is closing."""
         self._check_open()
+
+    @property
+    def _closes_rounds(self) -> bool:
+        """Whether the strategy admits nothing while its round is aggregated (FedAvg)."""
+        return self.config.strategy.name == "fedavg"
+
+    def _await_reserved(self, timeout_s: float = 60.0) -> None:
+        """With the lock held and new admissions refused: wait until the updates admitted
+        before are stored (or refused), so the round's snapshot holds every update it
+        admitted, as when admission and storage were one step."""
+        if not self._settled.wait_for(lambda: not self._reserved, timeout_s):
+            log.warning(
+                "%d admitted updates were not stored within %.0f s; they join the next round",
+                len(self._reserved), timeout_s,
+            )  # fmt: skip
 
     def _check_open(self) -> None:
         if self.config.max_rounds is not None and self.version >= self.config.max_rounds:
             raise ConflictError(
                 f"the task finished after {self.config.max_rounds} rounds", code="task_complete"
             )
-        if self._aggregating and self.config.strategy.name == "fedavg":
+        if self._aggregating and self._closes_rounds:
             raise ConflictError(
                 f"round {self.version} is closing; retry shortly", code="round_closed"
             )
@@ -389,11 +466,8 @@ class Coordinator:
         with _wire_errors_as_http():
             return AdapterUpdate.from_bytes(body, self._limits)
 
-    def _validate(
-        self, client_id: str, update: AdapterUpdate, size: int
-    ) -> tuple[UpdateRecord, float | None]:
-        """The record to store, and the update's effect norm (None when it is not finite: the
-        aggregation's first pass then drops it, as it would have without this measurement)."""
+    def _check_update(self, client_id: str, update: AdapterUpdate) -> None:
+        """Everything about an update that does not depend on the task's changing state."""
         cfg, agg = self.config, self.config.aggregation
         if update.client_id != client_id:
             raise ForbiddenError(
@@ -422,24 +496,19 @@ class Coordinator:
                     f"{key}: expected shape {expected}, got {tuple(tensor.shape)}",
                     code="wrong_shape",
                 )
-        if self.storage.has_update(update.update_id):
-            raise DuplicateUpdateError(f"update {update.update_id!r} was already received")
-        with self._lock:
-            self._check_open()
-            self.config.strategy.admit(
-                self._record(client_id, update, size),
-                self.version,
-                self._pending,
-                agg.dp is not None,
-            )
+
+    def _dense_norm(self, update: AdapterUpdate) -> float | None:
+        """Decode every tensor (raises on any non-finite value) and return the update's effect
+        norm (None when it is not finite: the aggregation's first pass then drops it, as it
+        would have without this measurement)."""
         reference = (
             self.dense_version(update.base_version)
             if any(t.delta for t in update.tensors.values())
             else None
         )
         with _wire_errors_as_http():
-            dense = update.dense_tensors(reference)  # raises on any non-finite value
-        return self._record(client_id, update, size), self._effect_norm(update, dense)
+            dense = update.dense_tensors(reference)
+        return self._effect_norm(update, dense)
 
     def _effect_norm(self, update: AdapterUpdate, dense: Tensors) -> float | None:
         if len(self._norm_cache) > 64:  # per (base version, layer shape): a handful at a time
@@ -530,6 +599,8 @@ class Coordinator:
             ):
                 return None
             self._aggregating = True
+            if self._closes_rounds:
+                self._await_reserved()
             snapshot, version, current = list(self._pending), self.version, self._current
         try:
             weights = {r.update_id: strategy.weight(r, version, self.weight_cap) for r in snapshot}
@@ -580,7 +651,9 @@ class Coordinator:
         if not candidates:
             return None, []
         try:
-            return self._attempt(candidates, weights, current, norms, drops), candidates
+            outcome, unusable = self._attempt(candidates, weights, current, norms)
+            drops.update(unusable)
+            return outcome, candidates
         except Exception as exc:
             if isinstance(exc, _INFRASTRUCTURE_ERRORS):
                 raise
@@ -595,7 +668,9 @@ class Coordinator:
         if not rest:
             return None, []
         try:
-            return self._attempt(rest, weights, current, norms, drops), rest
+            outcome, unusable = self._attempt(rest, weights, current, norms)
+            drops.update(unusable)
+            return outcome, rest
         except Exception as exc:
             if isinstance(exc, _INFRASTRUCTURE_ERRORS):
                 raise
@@ -614,7 +689,8 @@ class Coordinator:
             if record.update_id in self._norms:
                 norms[record.update_id] = self._norms[record.update_id]
         missing = [r for r in used if r.update_id not in norms]
-        for item in self._contributions(missing, weights, drops):
+        items, unusable = self._contributions(missing, weights)
+        for item in items:
             try:
                 norms[item.update_id] = effect_norm(
                     agg, self.config.shapes, item, self.dense_version(item.base_version)
@@ -627,6 +703,7 @@ class Coordinator:
                     raise
                 drops[item.update_id] = "aggregation_failed"
                 log.debug("effect of %s: %s: %s", item.update_id, type(exc).__name__, exc)
+        drops.update(unusable)
         return norms
 
     def _attempt(
@@ -635,17 +712,19 @@ class Coordinator:
         weights: dict[str, float],
         current: Tensors,
         norms: dict[str, float],
-        drops: dict[str, str],
-    ) -> Outcome:
-        """Pass 2: one aggregation of `records` under the bound their norms give."""
+    ) -> tuple[Outcome, dict[str, str]]:
+        """Pass 2: one aggregation of `records` under the bound their norms give; also the
+        updates found unusable on the way (update id -> reason)."""
         agg = self.config.aggregation
         clip: ClipBound = clip_bound(
             agg, [norms[r.update_id] for r in records], self._server_state.norm_history
         )
-        return aggregate(
-            agg, self.config.shapes, current, self._contributions(records, weights, drops),
+        items, unusable = self._contributions(records, weights)
+        outcome = aggregate(
+            agg, self.config.shapes, current, items,
             self.dense_version, self._server_state, self._rng, clip=clip,
         )  # fmt: skip
+        return outcome, unusable
 
     def _isolate(
         self,
@@ -659,11 +738,10 @@ class Coordinator:
         else the one whose removal lets the rest aggregate, else all of them."""
         if isinstance(error, ContributionError):
             return {error.update_id}
-        scratch: dict[str, str] = {}
 
         def fails(records: list[UpdateRecord]) -> bool:
             try:
-                self._attempt(records, weights, current, norms, scratch)
+                self._attempt(records, weights, current, norms)
             except Exception as exc:
                 if isinstance(exc, _INFRASTRUCTURE_ERRORS):
                     raise
@@ -693,15 +771,31 @@ class Coordinator:
                 self.on_drop(reason)
 
     def _contributions(
-        self, used: list[UpdateRecord], weights: dict[str, float], unusable: dict[str, str]
-    ) -> Iterator[Contribution]:
+        self, used: list[UpdateRecord], weights: dict[str, float]
+    ) -> tuple[Iterator[Contribution], dict[str, str]]:
         """Decode stored updates one at a time (O(adapter) memory however many there are).
 
-        Every update was validated at ingest, so a failure here means its delta reference is
-        gone, the file was tampered with, or it was stored under an older, laxer check (its
-        LoRA spec is checked again): that update is dropped (into `unusable`, with the reason)
-        rather than blocking every future aggregation.
+        Returns the stream of contributions and the updates it found unusable (update id ->
+        reason; complete once the stream is exhausted). Every update was validated at ingest,
+        so a failure here means its delta reference is gone, the file was tampered with, or it
+        was stored under an older, laxer check (its LoRA spec is checked again): that update is
+        left out and dropped rather than blocking every future aggregation.
         """
+        unusable: dict[str, str] = {}
+
+        def usable() -> Iterator[Contribution]:
+            for done in self._decoded(used, weights):
+                if isinstance(done, Contribution):
+                    yield done
+                else:
+                    unusable[done[0]] = done[1]
+
+        return usable(), unusable
+
+    def _decoded(
+        self, used: list[UpdateRecord], weights: dict[str, float]
+    ) -> Iterator[Contribution | tuple[str, str]]:
+        """Each stored update of `used`, decoded: a `Contribution`, or (update id, reason)."""
         by_id = {r.update_id: r for r in used}
         # The references, resolved here: the decoding thread never touches storage (a thread
         # that opened a connection would keep it until the storage closes).
@@ -742,18 +836,10 @@ class Coordinator:
             for update_id, body in self.storage.iter_update_bodies([r.update_id for r in used]):
                 submitted = worker.submit(decode, update_id, body)
                 if ahead is not None:
-                    done = ahead.result()
-                    if isinstance(done, Contribution):
-                        yield done
-                    else:
-                        unusable[done[0]] = done[1]
+                    yield ahead.result()
                 ahead = submitted
             if ahead is not None:
-                done = ahead.result()
-                if isinstance(done, Contribution):
-                    yield done
-                else:
-                    unusable[done[0]] = done[1]
+                yield ahead.result()
 
     def _finish(
         self,

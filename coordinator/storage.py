@@ -5,11 +5,19 @@ bytes until it is aggregated (its id is kept afterwards so that a retry is still
 the global adapter versions (recent bodies), the strategy state as JSON, and opaque blobs for
 server-optimizer state.
 
-Durability: `add_update` returns only after its transaction is committed with
-`synchronous=FULL`, so the service acknowledges an update only once it survives `kill -9` or
-a power cut. `commit_aggregation` writes the new version, consumes the aggregated updates and
-saves the strategy state in one transaction: a crash leaves either the old round (updates still
-pending) or the new one, never a mix.
+Update bodies (about 1 MB each) live outside the database, appended to segment files in
+`<db>.bodies/`; the `updates` row holds the segment, offset, size and CRC-32. Inside SQLite a
+body was written twice (to the WAL, then by the checkpoint) and freeing it after aggregation
+walked its overflow pages (a minute for 1,000 updates); appended to a segment it is written
+once, and a segment is deleted as a whole once none of its updates is pending.
+
+Durability: `add_update` and `add_updates` (a batch: one segment fsync and one transaction,
+so one WAL fsync, for many updates) return only after the bodies are fsynced and then the rows
+committed with `synchronous=FULL`, so the service acknowledges an update only once it survives
+`kill -9` or a power cut (a crash in between leaves unreferenced bytes in a segment, never a
+row without its body). `commit_aggregation` writes the new version, consumes the aggregated
+updates and saves the strategy state in one transaction: a crash leaves either the old round
+(updates still pending) or the new one, never a mix.
 
 A server database (PostgreSQL) would implement the same `Storage` protocol.
 """
@@ -18,9 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +42,12 @@ from coordinator.errors import DuplicateUpdateError, StorageError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: update bodies in segment files (`segment`, `body_offset`, `body_crc`); a version-1 file
+is migrated in place (its inline bodies stay readable)."""
+
+SEGMENT_BYTES = 64 * 1024 * 1024
+"""A new segment file is started once the current one holds this many bytes."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,7 +70,10 @@ CREATE TABLE IF NOT EXISTS updates (
     metrics TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('pending', 'aggregated', 'dropped')),
     aggregated_into INTEGER,
-    body BLOB
+    body BLOB,
+    segment INTEGER,
+    body_offset INTEGER,
+    body_crc INTEGER
 );
 CREATE INDEX IF NOT EXISTS updates_pending ON updates (status, seq);
 CREATE INDEX IF NOT EXISTS updates_by_client ON updates (client_id, seq);
@@ -117,6 +135,10 @@ class Storage(Protocol):
 
     def add_update(self, record: UpdateRecord, body: bytes) -> None: ...
 
+    def add_updates(
+        self, items: Sequence[tuple[UpdateRecord, bytes]]
+    ) -> list[DuplicateUpdateError | StorageError | None]: ...
+
     def has_update(self, update_id: str) -> bool: ...
 
     def pending_updates(self) -> list[UpdateRecord]: ...
@@ -167,6 +189,10 @@ class SQLiteStorage:
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
+        self.bodies_dir = self.path.with_name(self.path.name + ".bodies")
+        """Where the update bodies' segment files live (`seg-<n>`), beside the database."""
+        self._append_lock = threading.Lock()
+        self._segment: tuple[int, int, int] | None = None  # (number, fd, size) being appended
         try:
             self._conn().executescript(_SCHEMA)
             with self._write() as conn:
@@ -174,6 +200,13 @@ class SQLiteStorage:
                 if row is None:
                     conn.execute(
                         "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),),
+                    )
+                elif row[0] == "1":  # additive: bodies may also live in segment files
+                    for column in ("segment", "body_offset", "body_crc"):
+                        conn.execute(f"ALTER TABLE updates ADD COLUMN {column} INTEGER")
+                    conn.execute(
+                        "UPDATE meta SET value = ? WHERE key = 'schema_version'",
                         (str(SCHEMA_VERSION),),
                     )
                 elif row[0] != str(SCHEMA_VERSION):
@@ -221,6 +254,10 @@ class SQLiteStorage:
             self._closed = True
         for conn in connections:
             conn.close()
+        with self._append_lock:
+            segment, self._segment = self._segment, None
+        if segment is not None:
+            os.close(segment[1])
 
     def __enter__(self) -> Self:
         return self
@@ -264,33 +301,122 @@ class SQLiteStorage:
 
     # -- updates ----------------------------------------------------------------------------
 
+    _INSERT_UPDATE = (
+        "INSERT INTO updates (update_id, client_id, base_version, num_examples, num_tokens, "
+        "rank, received_at, size, metrics, status, segment, body_offset, body_crc) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)"
+    )
+
     def add_update(self, record: UpdateRecord, body: bytes) -> None:
         """Store a pending update durably; `DuplicateUpdateError` if its id was ever seen."""
-        try:
-            with self._write() as conn:
-                conn.execute(
-                    "INSERT INTO updates (update_id, client_id, base_version, num_examples, "
-                    "num_tokens, rank, received_at, size, metrics, status, body) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-                    (
-                        record.update_id,
-                        record.client_id,
-                        record.base_version,
-                        record.num_examples,
-                        record.num_tokens,
-                        record.rank,
-                        record.received_at,
-                        record.size,
-                        json.dumps(record.metrics),
-                        sqlite3.Binary(body),
-                    ),
+        error = self.add_updates([(record, body)])[0]
+        if error is not None:
+            raise error
+
+    def add_updates(
+        self, items: Sequence[tuple[UpdateRecord, bytes]]
+    ) -> list[DuplicateUpdateError | StorageError | None]:
+        """Store several pending updates: the bodies appended to a segment and fsynced once,
+        then the rows in one transaction, so one WAL fsync for the whole batch (group commit).
+        When it returns, every update whose entry in the returned list is None is durable; an
+        entry that is an error (a duplicate id) names why that one was not stored, and does not
+        affect the others.
+
+        A failure of the machinery (disk full, I/O error) raises for the whole batch, of which
+        no row was committed."""
+        with self._append_lock:
+            places = self._append([body for _, body in items])
+            rows = [
+                (
+                    record.update_id, record.client_id, record.base_version, record.num_examples,
+                    record.num_tokens, record.rank, record.received_at, len(body),
+                    json.dumps(record.metrics), segment, offset, zlib.crc32(body),
                 )
-        except sqlite3.IntegrityError as exc:
-            if "update_id" in str(exc):
-                raise DuplicateUpdateError(
-                    f"update {record.update_id!r} was already received"
-                ) from exc
-            raise StorageError(f"cannot store update {record.update_id!r}: {exc}") from exc
+                for (record, body), (segment, offset) in zip(items, places)
+            ]  # fmt: skip
+            try:
+                with self._write() as conn:
+                    conn.executemany(self._INSERT_UPDATE, rows)
+                return [None] * len(items)
+            except sqlite3.IntegrityError:
+                pass  # a duplicate id in the batch (all rolled back): insert the rows one by one
+            results: list[DuplicateUpdateError | StorageError | None] = []
+            for row in rows:
+                try:
+                    with self._write() as conn:
+                        conn.execute(self._INSERT_UPDATE, row)
+                    results.append(None)
+                except sqlite3.IntegrityError as exc:
+                    if "update_id" in str(exc):
+                        results.append(
+                            DuplicateUpdateError(f"update {row[0]!r} was already received")
+                        )
+                    else:
+                        results.append(StorageError(f"cannot store update {row[0]!r}: {exc}"))
+            return results
+
+    def _append(self, bodies: Sequence[bytes]) -> list[tuple[int, int]]:
+        """Append `bodies` to the current segment and fsync it; their (segment, offset)."""
+        if self._closed:
+            raise StorageError(f"{self.path}: storage is closed")
+        if self._segment is None or self._segment[2] >= SEGMENT_BYTES:
+            self._start_segment()
+        assert self._segment is not None
+        number, fd, size = self._segment
+        places = []
+        try:
+            for body in bodies:
+                places.append((number, size))
+                view = memoryview(body)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                size += len(body)
+            os.fsync(fd)
+        except OSError as exc:
+            # A partial append: start a fresh segment next time, so offsets stay exact.
+            os.close(fd)
+            self._segment = None
+            raise StorageError(f"cannot store update bodies in {self.bodies_dir}: {exc}") from exc
+        self._segment = (number, fd, size)
+        return places
+
+    def _start_segment(self) -> None:
+        if self._segment is not None:
+            os.close(self._segment[1])
+            self._segment = None
+        self.bodies_dir.mkdir(parents=True, exist_ok=True)
+        numbers = [_segment_number(p.name) for p in self.bodies_dir.iterdir()]
+        number = max([n for n in numbers if n is not None], default=0) + 1
+        path = self.bodies_dir / f"seg-{number:08d}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        # The new name must survive a power cut too, before any row points into the file.
+        dir_fd = os.open(self.bodies_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._segment = (number, fd, 0)
+
+    def _delete_spent_segments(self) -> None:
+        """Delete every segment but the current one that holds no pending update."""
+        if not self.bodies_dir.is_dir():
+            return
+        # Under the append lock: every body appended so far has its row committed (or failed),
+        # so a segment that no pending row names now is spent for good.
+        with self._append_lock:
+            live = {
+                int(r[0])
+                for r in self._conn().execute(
+                    "SELECT DISTINCT segment FROM updates WHERE status = 'pending' "
+                    "AND segment IS NOT NULL"
+                )
+            }
+            current = self._segment[0] if self._segment is not None else None
+            for path in self.bodies_dir.iterdir():
+                number = _segment_number(path.name)
+                if number is not None and number != current and number not in live:
+                    path.unlink(missing_ok=True)
 
     def has_update(self, update_id: str) -> bool:
         row = (
@@ -325,15 +451,42 @@ class SQLiteStorage:
         ]
 
     def iter_update_bodies(self, update_ids: Sequence[str]) -> Iterator[tuple[str, bytes]]:
-        """Bodies one at a time, so that aggregation holds one update in memory, not all."""
+        """Bodies one at a time, so that aggregation holds one update in memory, not all.
+
+        A body whose segment bytes are missing or fail their CRC-32 (the files were damaged or
+        tampered with) is logged and yielded empty: the decoder refuses it, so that update is
+        dropped like any undecodable one instead of blocking every aggregation."""
         conn = self._conn()
         for update_id in update_ids:
             row = conn.execute(
-                "SELECT body FROM updates WHERE update_id = ?", (update_id,)
+                "SELECT body, segment, body_offset, size, body_crc FROM updates "
+                "WHERE update_id = ?",
+                (update_id,),
             ).fetchone()
-            if row is None or row[0] is None:
+            if row is None or (row[0] is None and row[1] is None):
                 raise StorageError(f"update {update_id!r} has no stored body")
-            yield update_id, bytes(row[0])
+            if row[0] is not None:  # a body stored inline (schema version 1)
+                yield update_id, bytes(row[0])
+            else:
+                yield update_id, self._read_segment(update_id, *row[1:])
+
+    def _read_segment(
+        self, update_id: str, segment: int, offset: int, size: int, crc: int
+    ) -> bytes:
+        path = self.bodies_dir / f"seg-{segment:08d}"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            log.error("the body of update %s is gone (%s is missing)", update_id, path)
+            return b""
+        try:
+            body = os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+        if len(body) != size or zlib.crc32(body) != crc:
+            log.error("the body of update %s in %s is damaged (size or CRC-32)", update_id, path)
+            return b""
+        return body
 
     def update_counts(self) -> dict[str, int]:
         rows = (
@@ -461,6 +614,7 @@ class SQLiteStorage:
                     "ON CONFLICT(name) DO UPDATE SET data = excluded.data",
                     (name, sqlite3.Binary(data)),
                 )
+        self._delete_spent_segments()
 
     def drop_updates(self, update_ids: Sequence[str]) -> None:
         """Retire pending updates that no aggregation will use (e.g. too stale)."""
@@ -470,6 +624,7 @@ class SQLiteStorage:
                 "NULL WHERE update_id = ? AND status = 'pending'",
                 [(uid,) for uid in update_ids],
             )
+        self._delete_spent_segments()
 
     # -- strategy state and blobs -----------------------------------------------------------
 
@@ -512,3 +667,9 @@ class _Transaction:
             self._conn.execute("COMMIT")
         else:
             self._conn.execute("ROLLBACK")
+
+
+def _segment_number(name: str) -> int | None:
+    if name.startswith("seg-") and name[4:].isdigit():
+        return int(name[4:])
+    return None

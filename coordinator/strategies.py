@@ -35,17 +35,12 @@ class Strategy(Protocol):
 
     name: str
 
-    def admit(
-        self,
-        update: UpdateRecord,
-        version: int,
-        pending: Sequence[UpdateRecord],
-        one_per_client: bool,
-    ) -> None:
+    def admit(self, update: UpdateRecord, version: int, pending: Sequence[UpdateRecord]) -> None:
         """Raise `ConflictError`/`UpdateRejectedError` if `update` may not join the buffer now.
 
-        One update per client per round or buffer is always enforced; `one_per_client` is
-        kept for callers of the earlier contract (it was True only under DP)."""
+        `pending` holds the buffer's updates and those admitted but not yet stored; one update
+        per client per round or buffer is always enforced. The coordinator calls this once per
+        update, under its state lock, right before the update takes its place."""
 
     def due(
         self, pending: Sequence[UpdateRecord], version: int, round_started_at: float, now: float
@@ -123,13 +118,7 @@ class FedAvg:
         if not self.deadline_s > 0:
             raise ValueError(f"`deadline_s` should be > 0, got {self.deadline_s}")
 
-    def admit(
-        self,
-        update: UpdateRecord,
-        version: int,
-        pending: Sequence[UpdateRecord],
-        one_per_client: bool,
-    ) -> None:
+    def admit(self, update: UpdateRecord, version: int, pending: Sequence[UpdateRecord]) -> None:
         _check_base(update, version)
         if update.base_version != version:
             raise StaleUpdateError(
@@ -229,13 +218,7 @@ class FedBuff:
     def staleness(self, update: UpdateRecord, version: int) -> int:
         return version - update.base_version
 
-    def admit(
-        self,
-        update: UpdateRecord,
-        version: int,
-        pending: Sequence[UpdateRecord],
-        one_per_client: bool,
-    ) -> None:
+    def admit(self, update: UpdateRecord, version: int, pending: Sequence[UpdateRecord]) -> None:
         _check_base(update, version)
         staleness = self.staleness(update, version)
         if staleness > self.max_staleness:

@@ -166,6 +166,33 @@ def parse_codec(codec: str | CodecSpec) -> CodecSpec:
     return spec_for_check
 
 
+@dataclass(frozen=True)
+class BlockScales:
+    """Side data of a blockwise format (int8/int4/nf4): one absmax scale per `block` values."""
+
+    block: int
+    scales: bytes
+    dtype: str
+    """"f16" or "f32": how `scales` are stored."""
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"block": self.block, "scales": self.scales, "sdt": self.dtype}
+
+
+@dataclass(frozen=True)
+class SparseIndex:
+    """Which entries a sparse (top-k) tensor transmits."""
+
+    nnz: int
+    """Number of transmitted entries."""
+    indices: bytes
+    """Gap-coded flat indices, `width` bytes each, little-endian."""
+    width: int
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"nnz": self.nnz, "idx": self.indices, "idxw": self.width}
+
+
 @dataclass(frozen=True, eq=True)
 class EncodedTensor:
     """One tensor as it travels: its shape, value format, payload bytes and codec side data.
@@ -177,15 +204,10 @@ class EncodedTensor:
     shape: tuple[int, ...]
     values: str
     data: bytes
-    block: int | None = None
-    scales: bytes | None = None
-    scale_dtype: str | None = None
-    """"f16" or "f32": how `scales` are stored."""
-    nnz: int | None = None
-    """Number of transmitted entries of a sparse (top-k) tensor; None for dense tensors."""
-    indices: bytes | None = None
-    """Gap-coded flat indices of a sparse tensor, `index_width` bytes each, little-endian."""
-    index_width: int | None = None
+    blocks: BlockScales | None = None
+    """Block size and scales: present exactly for the blockwise formats."""
+    index: SparseIndex | None = None
+    """The transmitted entries of a sparse (top-k) tensor; None for dense tensors."""
     delta: bool = False
 
     def __post_init__(self) -> None:
@@ -211,12 +233,21 @@ class EncodedTensor:
 
     @property
     def sparse(self) -> bool:
-        return self.nnz is not None
+        return self.index is not None
+
+    @property
+    def count(self) -> int:
+        """Number of transmitted values: `nnz` for a sparse tensor, else every element."""
+        return self.index.nnz if self.index is not None else self.numel
 
     @property
     def nbytes(self) -> int:
         """Payload bytes: data + scales + indices (the msgpack framing adds ~60 bytes)."""
-        return len(self.data) + len(self.scales or b"") + len(self.indices or b"")
+        return (
+            len(self.data)
+            + (len(self.blocks.scales) if self.blocks is not None else 0)
+            + (len(self.index.indices) if self.index is not None else 0)
+        )
 
     def _check(self, where: str, scale_values: bool = True) -> None:
         for d in self.shape:
@@ -229,29 +260,28 @@ class EncodedTensor:
                 f"{where}.values: expected one of {', '.join(VALUE_FORMATS)}, got {self.values!r}"
             )
         n = self.numel
-        if self.sparse:
-            if self.indices is None or self.index_width not in _INDEX_WIDTHS:
+        if self.index is not None:
+            index = self.index
+            if not isinstance(index.indices, bytes) or index.width not in _INDEX_WIDTHS:
                 raise InvalidFieldError(
                     f"{where}: a sparse tensor needs `idx` and `idxw` in {_INDEX_WIDTHS}"
                 )
-            if not 0 <= self.nnz <= n:  # type: ignore[operator]
+            if not 0 <= index.nnz <= n:
                 raise ShapeMismatchError(
-                    f"{where}.nnz: expected 0..{n} for shape {self.shape}, got {self.nnz}"
+                    f"{where}.nnz: expected 0..{n} for shape {self.shape}, got {index.nnz}"
                 )
-            if len(self.indices) != self.nnz * self.index_width:  # type: ignore[operator]
+            if len(index.indices) != index.nnz * index.width:
                 raise ShapeMismatchError(
-                    f"{where}.idx: expected {self.nnz} x "
-                    f"{self.index_width} bytes, got {len(self.indices)}"
+                    f"{where}.idx: expected {index.nnz} x {index.width} bytes, "
+                    f"got {len(index.indices)}"
                 )
-            idx = _quant.decode_gaps(self.indices, self.index_width)
+            idx = _quant.decode_gaps(index.indices, index.width)
             if idx.size and (idx[-1] >= n or (idx.size > 1 and np.any(np.diff(idx) <= 0))):
                 raise ShapeMismatchError(
                     f"{where}.idx: expected strictly increasing indices below {n}"
                 )
-        elif self.indices is not None or self.index_width is not None:
-            raise InvalidFieldError(f"{where}: `idx`/`idxw` given without `nnz`")
-        m = self.nnz if self.sparse else n
-        want = _quant.payload_len(self.values, m)  # type: ignore[arg-type]
+        m = self.count
+        want = _quant.payload_len(self.values, m)
         if len(self.data) != want:
             raise ShapeMismatchError(
                 f"{where}.data: expected {want} bytes for {m} "
@@ -259,27 +289,30 @@ class EncodedTensor:
                 f"got {len(self.data)}"
             )
         if self.values in BLOCK_FORMATS:
-            self._check_blocks(where, m, scale_values)  # type: ignore[arg-type]
+            self._check_blocks(where, m, scale_values)
         else:
-            if self.block is not None or self.scales is not None or self.scale_dtype is not None:
+            if self.blocks is not None:
                 raise InvalidFieldError(f"{where}: {self.values} takes no `block`/`scales`/`sdt`")
-            if not np.isfinite(_quant.decode_values(self.data, self.values, m, None, None)).all():  # type: ignore[arg-type]
+            if not np.isfinite(_quant.decode_values(self.data, self.values, m, None, None)).all():
                 raise NonFiniteError(f"{where}.data: expected finite {self.values} values")
 
     def _check_blocks(self, where: str, m: int, scale_values: bool = True) -> None:
-        if not is_int_in(self.block, 1, MAX_BLOCK):
+        blocks = self.blocks
+        block = None if blocks is None else blocks.block
+        if not is_int_in(block, 1, MAX_BLOCK):
             raise InvalidFieldError(
-                f"{where}.block: expected an integer in [1, {MAX_BLOCK}], got {self.block!r}"
+                f"{where}.block: expected an integer in [1, {MAX_BLOCK}], got {block!r}"
             )
-        if self.scale_dtype not in _quant.SCALE_ITEMSIZE or self.scales is None:
+        assert blocks is not None
+        if blocks.dtype not in _quant.SCALE_ITEMSIZE or not isinstance(blocks.scales, bytes):
             raise InvalidFieldError(
                 f"{where}: {self.values} needs `scales` and `sdt` in ('f16', 'f32')"
             )
-        nb = _quant.num_blocks(m, self.block)
-        want = nb * _quant.SCALE_ITEMSIZE[self.scale_dtype]
-        if len(self.scales) != want:
+        nb = _quant.num_blocks(m, blocks.block)
+        want = nb * _quant.SCALE_ITEMSIZE[blocks.dtype]
+        if len(blocks.scales) != want:
             raise ShapeMismatchError(
-                f"{where}.scales: expected {want} bytes for {nb} blocks, got {len(self.scales)}"
+                f"{where}.scales: expected {want} bytes for {nb} blocks, got {len(blocks.scales)}"
             )
         if self.values != "int8" and m % 2 and self.data[-1] >> 4:
             raise InvalidFieldError(
@@ -289,7 +322,9 @@ class EncodedTensor:
             self._check_scale_values(where)
 
     def _check_scale_values(self, where: str) -> None:
-        scales = _quant.decode_scales(self.scales, self.scale_dtype)  # type: ignore[arg-type]
+        if self.blocks is None:
+            return
+        scales = _quant.decode_scales(self.blocks.scales, self.blocks.dtype)
         if not np.isfinite(scales).all():
             raise NonFiniteError(f"{where}.scales: expected finite scales")
         if np.any(scales < 0):
@@ -298,16 +333,17 @@ class EncodedTensor:
     def payload(self) -> np.ndarray:
         """The transmitted quantity as dense float32 of `shape` (before adding a delta
         reference)."""
-        m = self.nnz if self.sparse else self.numel
-        scales = (
-            None
-            if self.scales is None
-            else _quant.decode_scales(self.scales, self.scale_dtype or "f32")
+        blocks = self.blocks
+        vals = _quant.decode_values(
+            self.data,
+            self.values,
+            self.count,
+            None if blocks is None else blocks.block,
+            None if blocks is None else _quant.decode_scales(blocks.scales, blocks.dtype),
         )
-        vals = _quant.decode_values(self.data, self.values, m, self.block, scales)  # type: ignore[arg-type]
-        if self.sparse:
+        if self.index is not None:
             dense = np.zeros(self.numel, dtype=np.float32)
-            dense[_quant.decode_gaps(self.indices, self.index_width)] = vals  # type: ignore[arg-type]
+            dense[_quant.decode_gaps(self.index.indices, self.index.width)] = vals
             vals = dense
         return vals.reshape(self.shape)
 
@@ -331,10 +367,10 @@ class EncodedTensor:
     def to_obj(self) -> dict[str, Any]:
         """The msgpack map of this tensor (see docs/wire-format.md, "Encoded tensor")."""
         obj: dict[str, Any] = {"shape": list(self.shape), "values": self.values, "data": self.data}
-        if self.block is not None:
-            obj.update(block=self.block, scales=self.scales, sdt=self.scale_dtype)
-        if self.sparse:
-            obj.update(nnz=self.nnz, idx=self.indices, idxw=self.index_width)
+        if self.blocks is not None:
+            obj.update(self.blocks.to_obj())
+        if self.index is not None:
+            obj.update(self.index.to_obj())
         if self.delta:
             obj["delta"] = True
         return obj
@@ -382,12 +418,20 @@ class EncodedTensor:
             shape=tuple(shape),
             values=values,
             data=get_bytes(obj, "data", where),
-            block=get_int(obj, "block", where, 1, MAX_BLOCK) if blockwise else None,
-            scales=get_bytes(obj, "scales", where) if blockwise else None,
-            scale_dtype=get_str(obj, "sdt", where, 8) if blockwise else None,
-            nnz=get_int(obj, "nnz", where, 0, limits.max_elements) if sparse else None,
-            indices=get_bytes(obj, "idx", where) if sparse else None,
-            index_width=get_int(obj, "idxw", where, 1, 8) if sparse else None,
+            blocks=BlockScales(
+                get_int(obj, "block", where, 1, MAX_BLOCK),
+                get_bytes(obj, "scales", where),
+                get_str(obj, "sdt", where, 8),
+            )
+            if blockwise
+            else None,
+            index=SparseIndex(
+                get_int(obj, "nnz", where, 0, limits.max_elements),
+                get_bytes(obj, "idx", where),
+                get_int(obj, "idxw", where, 1, 8),
+            )
+            if sparse
+            else None,
             delta=get_bool(obj, "delta", where, default=False),
         )
 
@@ -435,8 +479,8 @@ class EncodedTensor:
             return None
         tensor = cls.__new__(cls)
         tensor.__dict__.update(
-            shape=tuple(shape), values=values, data=data, block=block, scales=scales,
-            scale_dtype=sdt, nnz=None, indices=None, index_width=None, delta=bool(delta),
+            shape=tuple(shape), values=values, data=data,
+            blocks=BlockScales(block, scales, sdt), index=None, delta=bool(delta),
         )  # fmt: skip
         return tensor
 
@@ -456,14 +500,13 @@ def check_scales(tensors: Mapping[str, EncodedTensor], where: str = "tensors") -
     the tensors are checked one by one, so the error names the first bad one."""
     groups: dict[str, list[bytes]] = {}
     for t in tensors.values():
-        if t.scales is not None and t.scale_dtype is not None:
-            groups.setdefault(t.scale_dtype, []).append(t.scales)
+        if t.blocks is not None:
+            groups.setdefault(t.blocks.dtype, []).append(t.blocks.scales)
     for dtype, parts in groups.items():
         scales = _quant.decode_scales(b"".join(parts), dtype)
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
             for key, t in tensors.items():
-                if t.scales is not None:
-                    t._check_scale_values(f"{where}[{key}]")
+                t._check_scale_values(f"{where}[{key}]")
             raise AssertionError("unreachable: a batch of scales failed but none alone")
 
 
@@ -478,34 +521,36 @@ def decode_many(
     The returned arrays are views into one buffer per group (disjoint; each may be written)."""
     out: dict[str, np.ndarray] = {}
     groups: dict[tuple[str, int, str], list[str]] = {}
+    refs: Mapping[str, np.ndarray] = reference if reference is not None else {}
     for key, t in tensors.items():
-        if t.delta and (reference is None or key not in reference):
+        if t.delta and key not in refs:
             raise MissingReferenceError(
                 f"{key}: delta-coded, expected the reference adapter's tensor"
             )
-        n = t.numel
+        n, blocks = t.numel, t.blocks
         if (
-            t.block is None
+            blocks is None
             or t.sparse
-            or t.scale_dtype is None
             or n == 0
-            or n % t.block
+            or n % blocks.block
             or (t.values != "int8" and n % 2)
         ):
-            out[key] = t.decode(reference[key] if t.delta else None, name=key)  # type: ignore[index]
+            out[key] = t.decode(refs[key] if t.delta else None, name=key)
         else:
-            groups.setdefault((t.values, t.block, t.scale_dtype), []).append(key)
+            groups.setdefault((t.values, blocks.block, blocks.dtype), []).append(key)
     for (fmt, block, scale_dtype), keys in groups.items():
         members = [tensors[k] for k in keys]
         total = sum(t.numel for t in members)
-        scales = _quant.decode_scales(b"".join(t.scales for t in members), scale_dtype)  # type: ignore[misc]
+        scales = _quant.decode_scales(
+            b"".join(t.blocks.scales for t in members if t.blocks is not None), scale_dtype
+        )
         flat = _quant.decode_values(b"".join(t.data for t in members), fmt, total, block, scales)
         offset = 0
         for key, t in zip(keys, members):
             view = flat[offset : offset + t.numel].reshape(t.shape)
             offset += t.numel
             if t.delta:
-                ref = np.asarray(reference[key], dtype=np.float32)  # type: ignore[index]
+                ref = np.asarray(refs[key], dtype=np.float32)
                 if ref.shape != t.shape:
                     raise ShapeMismatchError(
                         f"{key}: expected a reference of shape {t.shape}, got {ref.shape}"
@@ -560,7 +605,7 @@ def encode_tensor(
     if residual is not None:
         target = target + residual
     flat = np.ascontiguousarray(target, dtype=np.float32).reshape(-1)
-    sparse: dict[str, Any] = {}
+    index: SparseIndex | None = None
     if spec.topk is not None:
         k = min(flat.size, max(1, math.ceil(spec.topk * flat.size))) if flat.size else 0
         # argpartition is O(n); sorting only the k survivors keeps gaps non-negative.
@@ -571,7 +616,7 @@ def encode_tensor(
         )
         vals = flat[idx]
         gap_bytes, width = _quant.encode_gaps(idx)
-        sparse = {"nnz": int(k), "indices": gap_bytes, "index_width": width}
+        index = SparseIndex(int(k), gap_bytes, width)
     else:
         vals = flat
     if (
@@ -588,11 +633,11 @@ def encode_tensor(
             shape=arr.shape,
             values=spec.values,
             data=data,
-            block=spec.block if spec.blockwise else None,
-            scales=scales,
-            scale_dtype=scale_dtype,
+            blocks=BlockScales(spec.block, scales, scale_dtype)
+            if spec.blockwise and scales is not None and scale_dtype is not None
+            else None,
+            index=index,
             delta=spec.delta,
-            **sparse,
         )
     except NonFiniteError as exc:  # bf16 rounding of values near float32 max
         raise ValueError(f"{name}: values overflow {spec.values}: {exc}") from None
@@ -648,7 +693,7 @@ class UpdateEncoder:
         new_residual: dict[str, np.ndarray] = {}
         for key, value in tensors.items():
             check_key(key, "tensors", DEFAULT_LIMITS)
-            if self.codec.delta and key not in ref:  # type: ignore[operator]
+            if self.codec.delta and (ref is None or key not in ref):
                 raise MissingReferenceError(f"{key}: no reference tensor for codec {self.codec}")
             res = self.residual.get(key) if self.error_feedback else None
             if res is not None and res.shape != np.shape(value):
@@ -659,7 +704,7 @@ class UpdateEncoder:
             enc, leftover = encode_tensor(
                 value,
                 self.codec,
-                reference=ref[key] if self.codec.delta else None,  # type: ignore[index]
+                reference=ref[key] if self.codec.delta and ref is not None else None,
                 residual=res,
                 name=key,
                 with_residual=self.error_feedback,

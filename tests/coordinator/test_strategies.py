@@ -27,17 +27,16 @@ def test_fedbuff_weights_by_examples_and_inverse_sqrt_staleness() -> None:
 
 def test_fedbuff_admission_and_due() -> None:
     strategy = FedBuff(buffer_size=2, max_staleness=2)
-    strategy.admit(_rec("a", base=3), 5, [], one_per_client=False)
+    strategy.admit(_rec("a", base=3), 5, [])
     with pytest.raises(StaleUpdateError, match="3 versions old"):
-        strategy.admit(_rec("b", base=2), 5, [], one_per_client=False)
+        strategy.admit(_rec("b", base=2), 5, [])
     with pytest.raises(UpdateRejectedError, match="base version 6"):
-        strategy.admit(_rec("c", base=6), 5, [], one_per_client=False)
+        strategy.admit(_rec("c", base=6), 5, [])
     pending = [_rec("a")]
-    for one_per_client in (False, True):  # one update per client per buffer, DP or not
-        with pytest.raises(ConflictError, match="already has an update") as info:
-            strategy.admit(_rec("b"), 0, pending, one_per_client=one_per_client)
-        assert info.value.code == "already_submitted"
-    strategy.admit(_rec("b", "c2"), 0, pending, one_per_client=False)
+    with pytest.raises(ConflictError, match="already has an update") as info:  # DP or not
+        strategy.admit(_rec("b"), 0, pending)
+    assert info.value.code == "already_submitted"
+    strategy.admit(_rec("b", "c2"), 0, pending)
     assert not strategy.due(pending, 0, 0.0, 0.0)
     assert strategy.due([*pending, _rec("b", "c2")], 0, 0.0, 0.0)
 
@@ -77,11 +76,11 @@ def test_weights_count_at_most_max_examples() -> None:
 def test_fedavg_rounds_min_clients_and_deadline() -> None:
     strategy = FedAvg(clients_per_round=3, min_clients=2, deadline_s=60.0)
     with pytest.raises(StaleUpdateError, match="round 4 is open"):
-        strategy.admit(_rec("a", base=3), 4, [], one_per_client=False)
+        strategy.admit(_rec("a", base=3), 4, [])
     pending = [_rec("a", "c1", 4)]
     with pytest.raises(ConflictError, match="already has an update in round 4"):
-        strategy.admit(_rec("b", "c1", 4), 4, pending, one_per_client=False)
-    strategy.admit(_rec("b", "c2", 4), 4, pending, one_per_client=False)
+        strategy.admit(_rec("b", "c1", 4), 4, pending)
+    strategy.admit(_rec("b", "c2", 4), 4, pending)
     assert not strategy.due(pending, 4, round_started_at=100.0, now=200.0)  # deadline, but 1 < min
     two = [*pending, _rec("b", "c2", 4)]
     assert not strategy.due(two, 4, round_started_at=100.0, now=150.0)  # 2 < 3 before the deadline

@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edge_sdk.wire import (
+    BlockScales,
     CodecSpec,
     EncodedTensor,
     MissingReferenceError,
     NonFiniteError,
     ShapeMismatchError,
+    SparseIndex,
     UnknownCodecError,
     UpdateEncoder,
     encode_tensor,
@@ -87,13 +89,13 @@ def test_topk_keeps_largest_and_bounds_kept_values(
     enc, _ = encode_tensor(x, CodecSpec(values=values, topk=fraction, block=16))
     flat = x.reshape(-1)
     k = max(1, int(np.ceil(fraction * flat.size)))
-    assert enc.nnz == min(k, flat.size)
+    assert enc.index is not None and enc.index.nnz == min(k, flat.size)
     out = enc.decode().reshape(-1)
     kept = np.zeros(flat.size, bool)
     from edge_sdk.wire._quant import decode_gaps
 
-    kept[decode_gaps(enc.indices, enc.index_width)] = True
-    assert kept.sum() == enc.nnz
+    kept[decode_gaps(enc.index.indices, enc.index.width)] = True
+    assert kept.sum() == enc.index.nnz
     if (~kept).any():  # every dropped entry is no larger than every kept one
         assert np.abs(flat[~kept]).max() <= np.abs(flat[kept]).min()
         assert np.all(out[~kept] == 0)
@@ -174,13 +176,13 @@ def test_nf4_levels_decode_exactly() -> None:
     x = (NF4_LEVELS * 3.0).astype(np.float32)
     enc, _ = encode_tensor(x, "nf4:16")
     np.testing.assert_allclose(enc.decode(), x, rtol=1e-3)
-    assert len(enc.data) == 8 and enc.scale_dtype == "f16"
+    assert len(enc.data) == 8 and enc.blocks is not None and enc.blocks.dtype == "f16"
 
 
 def test_tiny_scales_fall_back_to_f32() -> None:
     x = np.full(64, 1e-7, np.float32)  # below fp16's normal range
     enc, _ = encode_tensor(x, "int8")
-    assert enc.scale_dtype == "f32"
+    assert enc.blocks is not None and enc.blocks.dtype == "f32"
     np.testing.assert_allclose(enc.decode(), x, rtol=1e-2)
 
 
@@ -272,6 +274,18 @@ def test_encoded_tensor_checks_lengths(kwargs: dict, error: type[Exception]) -> 
         "scales": b"\x00\x3c" * 2,
         "scale_dtype": "f16",
     }
-    EncodedTensor(**base)  # the base is valid
+
+    def tensor(shape, values, data, block, scales, scale_dtype, **sparse) -> EncodedTensor:
+        return EncodedTensor(
+            shape,
+            values,
+            data,
+            blocks=BlockScales(block, scales, scale_dtype),
+            index=SparseIndex(sparse["nnz"], sparse["indices"], sparse["index_width"])
+            if sparse
+            else None,
+        )
+
+    tensor(**base)  # the base is valid
     with pytest.raises(error):
-        EncodedTensor(**{**base, **kwargs})
+        tensor(**{**base, **kwargs})
