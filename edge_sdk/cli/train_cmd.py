@@ -3,22 +3,67 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from edge_sdk.models.naming import LORA_TARGETS
+from edge_sdk.training.methods import (
+    DEFAULT_BETA,
+    DEFAULT_DPO_LOSS,
+    DEFAULT_METHOD,
+    DEFAULT_REFERENCE,
+    DPO_LOSSES,
+    DPO_REFERENCES,
+    TRAIN_METHODS,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a LoRA adapter on local data (QLoRA on the model's own GGUF)",
-        description="Train a LoRA adapter on JSONL (chat / prompt+completion / text), a .json "
-        "array of the same objects, .csv/.tsv with prompt,completion or text columns, or plain "
-        "text. Writes adapter_model.safetensors + adapter_config.json (PEFT) and "
-        "adapter.gguf (llama.cpp) into --out.",
+        help="train a LoRA adapter on local data (QLoRA on the model's own GGUF): SFT or DPO",
+        description="Train a LoRA adapter. --method sft (default) reads JSONL (chat / "
+        "prompt+completion / text), a .json array of the same objects, .csv/.tsv with "
+        "prompt,completion or text columns, or plain text. --method dpo reads JSONL preference "
+        'pairs, {"prompt" or "messages", "chosen", "rejected"} per line. Writes '
+        "adapter_model.safetensors + adapter_config.json (PEFT) and adapter.gguf (llama.cpp) "
+        "into --out.",
     )
     p.add_argument("model", help="model name (see `fedlm models`) or path to a .gguf file")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="training data file(s)")
+    p.add_argument(
+        "--method",
+        choices=TRAIN_METHODS,
+        default=DEFAULT_METHOD,
+        help=f"sft: examples; dpo: preference pairs ({DEFAULT_METHOD})",
+    )
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=DEFAULT_BETA,
+        metavar="B",
+        help=f"DPO/IPO beta, the pull towards the reference ({DEFAULT_BETA})",
+    )
+    p.add_argument(
+        "--loss",
+        dest="dpo_loss",
+        choices=DPO_LOSSES,
+        default=DEFAULT_DPO_LOSS,
+        help=f"DPO loss: sigmoid (DPO) or ipo (IPO) ({DEFAULT_DPO_LOSS})",
+    )
+    p.add_argument(
+        "--reference",
+        choices=DPO_REFERENCES,
+        default=DEFAULT_REFERENCE,
+        help="DPO reference policy: base (adapter disabled) or start (the --init-adapter) "
+        f"({DEFAULT_REFERENCE})",
+    )
+    p.add_argument(
+        "--init-adapter",
+        metavar="DIR",
+        help="start from this PEFT adapter directory (e.g. an earlier `fedlm train --out`); "
+        "its rank, alpha and targets are used",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--steps", type=int, default=200, metavar="N", help="optimizer steps (200)")
     p.add_argument("--rank", type=int, default=8, metavar="R", help="LoRA rank (8)")
@@ -96,17 +141,32 @@ def _line_buffered() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from edge_sdk.training.lora import LoraConfig
     from edge_sdk.training.trainer import TrainConfig, run
 
     _line_buffered()
 
+    init = None
     try:
+        if args.init_adapter is not None:
+            from edge_sdk.adapters import load_peft
+
+            init = load_peft(args.init_adapter)
+            lora = dataclasses.replace(init.lora_config(), dropout=args.dropout)
+        else:
+            lora = LoraConfig(
+                rank=args.rank,
+                alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                dropout=args.dropout,
+                targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            )
         config = TrainConfig(
             steps=args.steps,
-            rank=args.rank,
-            alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
-            dropout=args.dropout,
-            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            lora=lora,
+            method=args.method,
+            beta=args.beta,
+            dpo_loss=args.dpo_loss,
+            reference=args.reference,
             seq_len=args.seq_len,
             batch_size=args.batch_size,
             grad_accum=args.grad_accum,
@@ -129,7 +189,17 @@ def _train(args: argparse.Namespace) -> int:
         # Without a terminal (logs, CI) a bar is noise: print a line every 10% instead.
         step = int(record["step"])
         if step % every == 0 or step == args.steps:
-            extra = f", eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+            extra = ""
+            if "reward_accuracy" in record:
+                extra += (
+                    f", reward acc {record['reward_accuracy']:.2f}, margin "
+                    f"{record['reward_margin']:.3f}, logps chosen {record['chosen_logps']:.2f} "
+                    f"rejected {record['rejected_logps']:.2f}"
+                )
+            if "eval_loss" in record:
+                extra += f", eval loss {record['eval_loss']:.4f}"
+            if "eval_reward_accuracy" in record:
+                extra += f", eval reward acc {record['eval_reward_accuracy']:.2f}"
             print(
                 f"step {step}/{args.steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
                 f"{record['tokens_per_s']:.0f} tokens/s{extra}",
@@ -148,6 +218,7 @@ def _train(args: argparse.Namespace) -> int:
         model_name=args.model,
         on_step=None if bar or args.no_progress else log_line,
         on_data=lambda summary: print(f"data: {summary}", flush=True),
+        init_adapter=init.tensors if init is not None else None,
     )
     m = out.result.metrics
     print(
@@ -156,7 +227,17 @@ def _train(args: argparse.Namespace) -> int:
     )
     if m.eval_loss is not None:
         before = f"{m.eval_loss_before:.4f} -> " if m.eval_loss_before is not None else ""
-        print(f"eval loss {before}{m.eval_loss:.4f} (perplexity {m.perplexity:.2f})")
+        if m.perplexity is not None:
+            print(f"eval loss {before}{m.eval_loss:.4f} (perplexity {m.perplexity:.2f})")
+        else:
+            print(f"eval loss {before}{m.eval_loss:.4f}")
+    if "reward_accuracy" in m.eval_metrics:
+        acc0 = m.eval_metrics_before.get("reward_accuracy")
+        was = f"{acc0:.2f} -> " if acc0 is not None else ""
+        print(
+            f"eval reward accuracy {was}{m.eval_metrics['reward_accuracy']:.2f}, "
+            f"margin {m.eval_metrics['reward_margin']:.3f}"
+        )
     print(
         f"wrote {out.gguf_path} and {out.peft_dir / 'adapter_model.safetensors'} "
         f"(+ adapter_config.json, metrics.json)"

@@ -906,15 +906,18 @@ class FederatedClient:
     # -- one round --------------------------------------------------------------------------
 
     def _train_config(self, task: TaskConfig, seed: int) -> TrainConfig:
+        from edge_sdk.training.lora import LoraConfig
         from edge_sdk.training.trainer import TrainConfig
 
+        lora = LoraConfig(
+            rank=task.lora.rank, alpha=task.lora.alpha, targets=task.lora.targets,
+            freeze_a=task.lora.mode == "frozen-a",
+        )  # fmt: skip
         return TrainConfig(
-            steps=task.local_steps, rank=task.lora.rank, alpha=task.lora.alpha,
-            targets=task.lora.targets, seq_len=task.seq_len, batch_size=task.batch_size,
+            steps=task.local_steps, lora=lora, seq_len=task.seq_len, batch_size=task.batch_size,
             lr=task.lr, warmup=0, min_lr_ratio=1.0,  # constant lr: a round is a slice of one run
             seed=seed, eval_batches=self.config.eval_batches,
             checkpoint_every=self.config.checkpoint_every, precision=self.config.precision,
-            freeze_a=task.lora.mode == "frozen-a",
         )  # fmt: skip
 
     def _missing_data(self, method: MethodSpec) -> str | None:

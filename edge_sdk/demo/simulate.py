@@ -47,12 +47,12 @@ def train_config(
     config: DemoConfig, steps: int, *, batch_size: int | None = None, seed: int = 0
 ) -> TrainConfig:
     """The trainer's config for one run of the demo."""
+    from edge_sdk.training.lora import LoraConfig
     from edge_sdk.training.trainer import TrainConfig
 
     return TrainConfig(
         steps=steps,
-        rank=config.rank,
-        alpha=config.alpha,
+        lora=LoraConfig(rank=config.rank, alpha=config.alpha, freeze_a=config.mode == "frozen-a"),
         seq_len=config.seq_len,
         batch_size=batch_size or config.batch_size,
         lr=config.lr,
@@ -60,7 +60,6 @@ def train_config(
         seed=seed,
         val_fraction=0.0,
         checkpoint_every=0,
-        freeze_a=config.mode == "frozen-a",
         precision=config.precision,
     )
 

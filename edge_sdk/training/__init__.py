@@ -17,6 +17,10 @@ The steps `run` is made of can be used on their own (a federated client does):
     model = load_for_training(path, config)                 # frozen base + LoRA layers (torch)
     result = fit(model, dataset, config)                    # result.adapter: {key: ndarray}
 
+Preference tuning (DPO / IPO) on JSONL pairs `{"prompt", "chosen", "rejected"}` is the same
+loop with `TrainConfig(method="dpo")`: `build_preference_dataset` replaces `build_dataset`
+(`edge_sdk.training.preferences`, `edge_sdk.training.dpo`).
+
 Data formats are described in `edge_sdk.training.data`; every data, tokenizer and checkpoint
 failure is a `TrainingError` whose one-line message names the file (and line) at fault.
 
@@ -30,12 +34,20 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from edge_sdk.training.data import DataConfig, Dataset, build_dataset
+    from edge_sdk.training.dpo import fit_dpo, preference_loss
     from edge_sdk.training.errors import (
         CheckpointError,
         DataFormatError,
         EmptyDatasetError,
         TokenizerError,
         TrainingError,
+    )
+    from edge_sdk.training.lora import LoraConfig
+    from edge_sdk.training.preferences import (
+        PreferenceDataset,
+        PreferencePair,
+        build_preference_dataset,
+        load_preferences,
     )
     from edge_sdk.training.tokenizer import load_tokenizer
     from edge_sdk.training.trainer import (
@@ -49,6 +61,13 @@ if TYPE_CHECKING:
     )
 
 _EXPORTS = {
+    "LoraConfig": "lora",
+    "PreferencePair": "preferences",
+    "PreferenceDataset": "preferences",
+    "load_preferences": "preferences",
+    "build_preference_dataset": "preferences",
+    "fit_dpo": "dpo",
+    "preference_loss": "dpo",
     "TrainConfig": "trainer",
     "TrainMetrics": "trainer",
     "TrainResult": "trainer",
@@ -73,6 +92,9 @@ __all__ = [
     "DataFormatError",
     "Dataset",
     "EmptyDatasetError",
+    "LoraConfig",
+    "PreferenceDataset",
+    "PreferencePair",
     "RunOutput",
     "TokenizerError",
     "TrainConfig",
@@ -80,9 +102,13 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "build_dataset",
+    "build_preference_dataset",
     "fit",
+    "fit_dpo",
     "load_for_training",
+    "load_preferences",
     "load_tokenizer",
+    "preference_loss",
     "run",
 ]
 

@@ -44,7 +44,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,25 +141,28 @@ def _check_text(value: Any, where: str, name: str) -> str:
     return value
 
 
+def parse_messages(messages: Any, where: str, name: str = "messages") -> list[dict[str, str]]:
+    """A chat as plain {role, content} dicts; `DataFormatError` naming `where` when malformed."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad(where, f"`{name}` should be a non-empty list")
+    clean = []
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise _bad(where, f"{name}[{j}] should be an object with `role` and `content`")
+        if m["role"] not in _ROLES:
+            raise _bad(where, f"{name}[{j}].role {m['role']!r} is not one of {', '.join(_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise _bad(where, f"{name}[{j}].content should be a string")
+        clean.append({"role": m["role"], "content": m["content"]})
+    return clean
+
+
 def _parse_record(record: Any, where: str) -> tuple[str, Any]:
     """(kind, payload) of one JSON line; `DataFormatError` naming `where` when malformed."""
     if not isinstance(record, dict):
         raise _bad(where, f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise _bad(where, "`messages` should be a non-empty list")
-        clean = []
-        for j, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise _bad(where, f"messages[{j}] should be an object with `role` and `content`")
-            if m["role"] not in _ROLES:
-                raise _bad(
-                    where, f"messages[{j}].role {m['role']!r} is not one of {', '.join(_ROLES)}"
-                )
-            if not isinstance(m["content"], str):
-                raise _bad(where, f"messages[{j}].content should be a string")
-            clean.append({"role": m["role"], "content": m["content"]})
+        clean = parse_messages(record["messages"], where)
         if not any(m["role"] == "assistant" and m["content"].strip() for m in clean):
             raise _bad(where, "the conversation has no non-empty assistant message to learn from")
         return "chat", clean
@@ -316,14 +319,19 @@ def iter_records(path: Path, stats: DataStats, skip_bad: bool) -> Iterator[tuple
 
 
 def _iter_jsonl(
-    path: Path, raw: bytes, stats: DataStats, skip_bad: bool
+    path: Path,
+    raw: bytes,
+    stats: DataStats,
+    skip_bad: bool,
+    parse: Callable[[Any, str], tuple[str, Any]] = _parse_record,
 ) -> Iterator[tuple[str, Any, str]]:
+    """(kind, payload, where) of every non-blank line, each parsed by `parse(record, where)`."""
     for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
         where = f"{path}:{lineno}"
         if not line_bytes.strip():
             continue
         try:
-            kind, payload = _parse_record(json.loads(line_bytes.decode("utf-8")), where)
+            kind, payload = parse(json.loads(line_bytes.decode("utf-8")), where)
         except (UnicodeDecodeError, json.JSONDecodeError, DataFormatError) as exc:
             err = exc if isinstance(exc, DataFormatError) else _bad(where, f"invalid JSON ({exc})")
             _skip_or_raise(err, stats, skip_bad)
@@ -427,6 +435,39 @@ def tokenize_record(tok: Tokenizer, kind: str, payload: Any, where: str) -> list
     return [Example(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), where)]
 
 
+def tokenize_completion(
+    tok: Tokenizer, prompt: Sequence[Mapping[str, str]], completion: str, where: str
+) -> Example:
+    """Token ids of `prompt` + one assistant turn `completion`, scoring that turn only.
+
+    The path of chat and instruction records: with a chat template the turn's span (content
+    and end-of-turn marker) is scored and earlier assistant turns of `prompt` are not; without
+    one, `prompt` must be a single user turn and this is the instruction record's
+    `prompt + completion + EOS`.
+    """
+    messages = [dict(m) for m in prompt] + [{"role": "assistant", "content": completion}]
+    if not tok.has_chat_template:
+        if len(prompt) != 1 or prompt[0]["role"] != "user":
+            raise _bad(
+                where,
+                "a multi-turn prompt needs the model's chat template, and this model has none; "
+                "give the prompt as one string",
+            )
+        return tokenize_record(tok, "instruction", (prompt[0]["content"], completion), where)[0]
+    # The answer's span, as `_assistant_spans` finds each turn's: [len(P), len(F)).
+    full = tok.render_chat(messages, add_generation_prompt=False)
+    prefix = tok.render_chat(messages[:-1], add_generation_prompt=True)
+    if not full.startswith(prefix) or len(full) == len(prefix):
+        raise _bad(
+            where,
+            "the chat template does not render the answer after the prompt, so its tokens "
+            "cannot be located",
+        )
+    spans = [(len(prefix), len(full))]
+    ids, mask = _tokenize_spans(tok, full, spans, add_bos=False)
+    return Example(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), where)
+
+
 def _fit(example: Example, kind: str, seq_len: int, stats: DataStats) -> list[Example]:
     """Truncate (or, for plain text, chunk) an example to at most `seq_len` tokens."""
     n = len(example.input_ids)
@@ -516,6 +557,27 @@ class Batch:
     positions: np.ndarray
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Permutation of n training items for one epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def stream_indexes(seed: int, n: int, position: int, count: int) -> np.ndarray:
+    """The `count` item indexes after `position` items have been consumed, across epochs.
+
+    Item k of the stream is `epoch_order(seed, k // n, n)[k % n]`, so a resumed run only needs
+    to know how many items it has consumed.
+    """
+    orders: dict[int, np.ndarray] = {}
+    rows = []
+    for k in range(position, position + count):
+        epoch, offset = divmod(k, n)
+        if epoch not in orders:
+            orders[epoch] = epoch_order(seed, epoch, n)
+        rows.append(orders[epoch][offset])
+    return np.asarray(rows, dtype=np.int64)
+
+
 @dataclass
 class Dataset:
     """Packed train and validation sequences, ready to batch."""
@@ -552,22 +614,14 @@ class Dataset:
 
     def train_order(self, epoch: int) -> np.ndarray:
         """Permutation of the training sequences for one epoch: a pure function of (seed, epoch)."""
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.train.ids))
+        return epoch_order(self.seed, epoch, len(self.train.ids))
 
     def train_batch(self, position: int, batch_size: int) -> Batch:
         """The `batch_size` sequences after `position` sequences have been consumed.
 
         Positions run across epochs: sequence k is `train_order(k // N)[k % N]`.
         """
-        n = len(self.train.ids)
-        orders: dict[int, np.ndarray] = {}
-        rows = []
-        for k in range(position, position + batch_size):
-            epoch, offset = divmod(k, n)
-            if epoch not in orders:
-                orders[epoch] = self.train_order(epoch)
-            rows.append(orders[epoch][offset])
-        idx = np.asarray(rows)
+        idx = stream_indexes(self.seed, len(self.train.ids), position, batch_size)
         return Batch(self.train.ids[idx], self.train.labels[idx], self.train.positions[idx])
 
     def val_batches(self, batch_size: int) -> Iterator[Batch]:

@@ -21,7 +21,7 @@ from edge_sdk.models.identity import model_sha256
 from edge_sdk.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from edge_sdk.training.data import build_dataset
 from edge_sdk.training.errors import CheckpointError
-from edge_sdk.training.lora import lora_modules
+from edge_sdk.training.lora import LoraConfig, lora_modules
 from edge_sdk.training.schedule import lr_at
 from edge_sdk.training.tokenizer import load_tokenizer
 from edge_sdk.training.trainer import TrainConfig, fit, load_for_training, run, seeded_adapter
@@ -49,13 +49,14 @@ def _config(**kw: object) -> TrainConfig:
         "lr": 1e-2,
         "warmup": 2,
         "precision": "fp32",
-        "dropout": 0.1,
         "checkpoint_every": 4,
-        "rank": 4,
-        "alpha": 8.0,
     }
+    lora = {"rank": 4, "alpha": 8.0, "dropout": 0.1}
+    for name in ("rank", "alpha", "dropout", "freeze_a"):
+        if name in kw:
+            lora[name] = kw.pop(name)
     base.update(kw)
-    return TrainConfig(**base)  # type: ignore[arg-type]
+    return TrainConfig(lora=LoraConfig(**lora), **base)  # type: ignore[arg-type]
 
 
 def _fit(tiny_gguf: Path, data_file: Path, config: TrainConfig, **kw: object):
@@ -80,7 +81,15 @@ def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="`precision` should be one of"):
         TrainConfig(precision="int3")
     with pytest.raises(ValueError, match="`targets`"):
-        TrainConfig(targets=("qkv",))
+        TrainConfig(lora=LoraConfig(targets=("qkv",)))
+    with pytest.raises(ValueError, match="`lora` should be a LoraConfig, got dict"):
+        TrainConfig(lora={"rank": 4})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`method` should be one of"):
+        TrainConfig(method="ppo")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`beta` should be a positive number, got 0"):
+        TrainConfig(beta=0)
+    with pytest.raises(ValueError, match="`dpo_loss` should be one of"):
+        TrainConfig(dpo_loss="hinge")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`lr`"):
         TrainConfig(lr=float("nan"))
 
@@ -300,8 +309,7 @@ def test_real_model_learns_the_capitals_format(tmp_path: Path, smollm2_path: Pat
         batch_size=1,
         lr=2e-3,
         warmup=2,
-        rank=8,
-        alpha=16.0,
+        lora=LoraConfig(rank=8, alpha=16.0),
         checkpoint_every=0,
         eval_batches=4,
     )
