@@ -7,8 +7,8 @@ Both methods train the same LoRA adapter and federate the same way; only the loc
 and the data it needs differ (SFT: examples; DPO: chosen/rejected pairs). The spec lives in
 `extra` so that the envelope and `TaskConfig`'s fields stay as they are (protocol version 1).
 
-Standard library only: the coordinator, the device and the CLI (without numpy for --help)
-import it.
+Standard library only (the choices come from the torch-free `edge_sdk.training.methods`): the
+coordinator, the device and the CLI (without numpy for --help) import it.
 """
 
 from __future__ import annotations
@@ -16,18 +16,22 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-Method = Literal["sft", "dpo"]
-METHODS: tuple[Method, ...] = ("sft", "dpo")
+from edge_sdk.training.methods import (
+    DEFAULT_BETA,
+    DEFAULT_DPO_LOSS,
+    DEFAULT_METHOD,
+    DPO_LOSSES,
+    TRAIN_METHODS,
+    DpoLoss,
+    TrainMethod,
+)
+
+Method = TrainMethod
+METHODS: tuple[Method, ...] = TRAIN_METHODS
 """Post-training methods a task may name (the first is the default)."""
-DpoLoss = Literal["sigmoid", "ipo"]
-DPO_LOSSES: tuple[DpoLoss, ...] = ("sigmoid", "ipo")
-"""DPO loss variants: the paper's -log σ(β·m) (Rafailov et al. 2023), and IPO's
-(m - 1/(2β))² (Azar et al. 2023), with m the policy-vs-reference log-ratio margin."""
 
-DEFAULT_BETA = 0.1
-"""DPO's β in the paper and in TRL."""
 MAX_BETA = 100.0
 """Largest β any party accepts: β scales the log-ratio inside σ; past ~10 the loss is a step
 function of the margin and gradients vanish or explode. Devices hold tasks to a tighter
@@ -41,11 +45,11 @@ METHOD_KEY = "method"
 class MethodSpec:
     """The method a task trains with, and its parameters."""
 
-    name: Method = "sft"
+    name: Method = DEFAULT_METHOD
     """`sft` (examples) or `dpo` (preference pairs)."""
     beta: float = DEFAULT_BETA
     """DPO: strength of the pull towards the reference policy (ignored for sft)."""
-    loss: DpoLoss = "sigmoid"
+    loss: DpoLoss = DEFAULT_DPO_LOSS
     """DPO: `sigmoid` (the paper's loss) or `ipo` (ignored for sft)."""
 
     def __post_init__(self) -> None:

@@ -310,9 +310,13 @@ def _wait_for(predicate: Any, timeout: float) -> None:
     raise AssertionError("condition not reached in time")
 
 
-def test_feedback_recorded_in_the_app_reaches_the_next_round(tmp_path: Path, model: Path) -> None:
-    """An app-only device (no data files) sits the SFT round out with a clear status, sends
-    nothing; once the user edits an answer, the next round trains on it, the global adapter
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_feedback_recorded_in_the_app_reaches_the_next_round(
+    tmp_path: Path, model: Path, method: str
+) -> None:
+    """A device without data for the task's method (sft: no data files; dpo: SFT data but no
+    preference pairs) sits the round out with a clear status and sends nothing; once the user
+    edits answers in the app, the next round trains on that feedback, the global adapter
     changes, and no byte on the wire carries the feedback."""
     from edge_sdk.runtime import EdgeModel
 
@@ -322,12 +326,14 @@ def test_feedback_recorded_in_the_app_reaches_the_next_round(tmp_path: Path, mod
 
     async def scenario(client_holder: list[FederatedClient]) -> None:
         config = coordinator_config(
-            tmp_path, model, strategy=FedBuff(buffer_size=1), max_rounds=1, seq_len=128
-        )
+            tmp_path, model, strategy=FedBuff(buffer_size=1), max_rounds=1, seq_len=128,
+            method=MethodSpec(method, beta=0.5),
+        )  # fmt: skip
         async with Service(config) as service:
-            cfg = client_config(tmp_path / "state", model, tmp_path / "unused", service=service,
-                                val_fraction=0.0, eval_batches=0)  # fmt: skip
-            cfg = dataclasses.replace(cfg, data=())  # an app-only device: no data files
+            cfg = client_config(tmp_path / "state", model, write_data(tmp_path / "d.jsonl"),
+                                service=service, val_fraction=0.0, eval_batches=0)  # fmt: skip
+            if method == "sft":
+                cfg = dataclasses.replace(cfg, data=())  # an app-only device: no data files
             client = FederatedClient(cfg, runtime=runtime, trace_configs=[capture.config])
             client_holder.append(client)
             result["summary"] = await asyncio.wait_for(client.run_async(), timeout=240)
@@ -340,7 +346,7 @@ def test_feedback_recorded_in_the_app_reaches_the_next_round(tmp_path: Path, mod
     try:
         _wait_for(lambda: not thread.is_alive() or (holder and "sitting" in holder[0].status), 120)
         client = holder[0]
-        assert "no examples" in client.status
+        assert ("no preference pairs" if method == "dpo" else "no examples") in client.status
         time.sleep(0.5)  # a few more polls: still nothing sent
         kinds = [e.kind for e in ClientState(tmp_path / "state").ledger.entries()]
         assert "update" not in kinds
