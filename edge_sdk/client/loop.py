@@ -395,6 +395,11 @@ class FederatedClient:
     def stopping(self) -> bool:
         return self._stop_flag.is_set()
 
+    @property
+    def served_version(self) -> int:
+        """The global version written for (and hot-swapped into) the runtime; -1 before any."""
+        return self._served[0] if self._served is not None else -1
+
     def run(self) -> RunSummary:
         return asyncio.run(self.run_async())
 
