@@ -14,7 +14,8 @@ every decoder Linear replaced by an NF4 `Linear4bit`, `peft.get_peft_model`; the
 Reported per stack: median step time and tokens/s (chosen + rejected tokens, no padding, of the
 steps after warmup), the run's wall time and tokens/s including the reference log-probs (ours
 computes them once per pair before the first step; TRL by default once per step, or with
-`--trl-precompute` once per pair before training), and peak RSS.
+`precompute_ref_log_probs` (stack `trl-precompute`) once per pair before training), and peak
+RSS. Stack `ours-ckpt`: gradient checkpointing and `FEDLM_LOW_MEMORY=1`.
 
 Run: `.venv/bin/python benchmarks/bench_dpo.py --trl-python /tmp/trl-venv/bin/python`
 where the second interpreter has the `bench` extra's `trl` (a separate venv that sees the main
@@ -109,6 +110,7 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
         steps=n_steps, lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank),
         seq_len=args.seq_len, batch_size=args.batch_size, lr=1e-4, warmup=0, val_fraction=0.0,
         checkpoint_every=0, precision="nf4", method="dpo", beta=0.1, dpo_loss="sigmoid",
+        gradient_checkpointing=args.worker == "ours-ckpt",
     )  # fmt: skip
     text = pairs_text(n_steps * args.batch_size, args.seed)
     pairs = [PreferencePair(prompt=p["prompt"], chosen=p["chosen"], rejected=p["rejected"])
@@ -246,6 +248,8 @@ def run_worker(stack: str, args: argparse.Namespace) -> dict[str, Any]:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench_train.py: same for both stacks
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if stack == "ours-ckpt":  # gradient checkpointing + the pinned mmap threshold (BENCHMARKS.md)
+        env["FEDLM_LOW_MEMORY"] = "1"
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{stack} worker failed:\n{proc.stderr[-3000:]}")
@@ -284,7 +288,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.worker is not None:
-        out = worker_ours(args) if args.worker == "ours" else worker_trl(args)
+        out = worker_ours(args) if args.worker.startswith("ours") else worker_trl(args)
         out["peak_rss_mb"] = _peak_rss_mb()
         print(json.dumps(out))
         return 0
