@@ -32,6 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--data", required=True, nargs="+", metavar="FILE", help="local training data file(s)"
     )
     p.add_argument(
+        "--preferences",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="preference pair files (JSONL: prompt, chosen, rejected) for DPO tasks "
+        "(`fedlm coordinator --method dpo`), besides the app's recorded feedback",
+    )
+    p.add_argument(
         "--join-code",
         metavar="CODE",
         help="the join code `fedlm coordinator` printed (default: $FEDLM_JOIN_CODE); needed once",
@@ -156,6 +164,7 @@ def _config(args: argparse.Namespace) -> Any:  # -> ClientConfig (lazy import ke
     return ClientConfig(
         model=args.model,
         data=tuple(args.data),
+        preferences=tuple(getattr(args, "preferences", ())),
         state_dir=Path(args.state_dir),
         coordinator_url=args.coordinator,
         coordinator_name=args.coordinator_name,
