@@ -9,6 +9,7 @@ from pathlib import Path
 
 from coordinator.next_version import AggregationConfig, Shapes
 from coordinator.strategies import FedAvg, FedBuff
+from edge_sdk.method import MethodSpec
 from edge_sdk.models.naming import LORA_TARGETS
 from edge_sdk.validators import is_int
 from edge_sdk.wire import parse_codec
@@ -54,6 +55,10 @@ class CoordinatorConfig:
     """Task: training sequence length in tokens."""
     lr: float = 2e-4
     """Task: local learning rate."""
+    method: MethodSpec = field(default_factory=MethodSpec)
+    """Task: the post-training method devices run locally (sft on examples, or dpo on
+    preference pairs with its beta and loss); stated in `TaskConfig.extra["method"]`.
+    Updates of either method are validated and aggregated the same way."""
     max_rounds: int | None = None
     """Stop accepting updates once this many global versions were published; None = never."""
     join_token: str = ""
@@ -160,6 +165,10 @@ class CoordinatorConfig:
                 raise ValueError(f"`{name}` should be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"`lr` should be > 0, got {self.lr}")
+        if not isinstance(self.method, MethodSpec):
+            raise ValueError(  # noqa: TRY004 (style: a bad config field is a ValueError)
+                f"`method` should be a MethodSpec, got {type(self.method).__name__}"
+            )
         if self.max_rounds is not None and self.max_rounds < 1:
             raise ValueError(f"`max_rounds` should be >= 1 or None, got {self.max_rounds}")
         if len(self.join_token) < MIN_JOIN_TOKEN_CHARS:

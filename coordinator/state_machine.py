@@ -286,6 +286,7 @@ class Coordinator:
                 "max_client_rank": cfg.aggregation.max_client_rank,
                 "clip": self.clip_policy(),
                 "max_weight_examples": self.weight_cap,
+                "method": cfg.method.to_extra(),
                 **({"secure": self.secure.describe()} if self.secure is not None else {}),
             },
         )
@@ -988,6 +989,7 @@ class Coordinator:
             "round_started_at": started,
             "strategy": self.config.strategy.describe(),
             "lora": self.lora.to_obj(),
+            "method": self.config.method.to_extra(),
             "aggregation": {
                 "mode": agg.mode,
                 "robust": agg.robust,

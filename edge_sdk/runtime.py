@@ -17,6 +17,8 @@ import logging
 import os
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +43,57 @@ from edge_sdk.models.store import DEFAULT_MODEL, resolve
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
+
+ANSWERS_KEPT = 256
+"""Chat answers an `EdgeModel` remembers by id, so that the app can give feedback on them."""
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """A chat answer as it was served: what feedback on it (`FederatedClient.record_feedback`)
+    needs to make a training example or a preference pair. Kept in memory only."""
+
+    id: str
+    messages: tuple[Message, ...]
+    """The conversation the answer replies to (ends with the user's turn)."""
+    text: str
+    """The answer."""
+    adapter: str | None
+    """The adapter file that was served with it (None: the base model)."""
+    time: float
+
+
+class Answer(str):
+    """The text of a chat answer (a `str`, so existing callers see no change) with its `id`."""
+
+    id: str
+    record: AnswerRecord
+
+    def __new__(cls, record: AnswerRecord) -> Answer:  # noqa: PYI034
+        self = super().__new__(cls, record.text)
+        self.id = record.id
+        self.record = record
+        return self
+
+
+class AnswerStream:
+    """A streamed chat answer: iterate for its pieces; `id` is known at once, and the answer is
+    remembered under it (for feedback) when the stream is exhausted."""
+
+    def __init__(self, answer_id: str, pieces: Iterator[str]) -> None:
+        self.id = answer_id
+        self._pieces = pieces
+
+    def __iter__(self) -> AnswerStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass(frozen=True)
@@ -163,6 +216,8 @@ class EdgeModel:
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s in %.2f s", self.path.name, self.load_seconds)
         self._lock = threading.Lock()
+        self._answers: OrderedDict[str, AnswerRecord] = OrderedDict()
+        self._answers_lock = threading.Lock()
         self._adapter: _LoadedAdapter | None = None
         self._identity: ModelIdentity | None = None
         self._base_shapes: dict[str, tuple[int, ...]] | None = None
@@ -242,19 +297,61 @@ class EdgeModel:
         *,
         stream: bool = False,
         **overrides: Any,
-    ) -> str | Iterator[str]:
-        """Answer a conversation rendered with the model's own chat template."""
+    ) -> Answer | AnswerStream:
+        """Answer a conversation rendered with the model's own chat template.
+
+        Returns an `Answer` (a `str` with an `id`), or with `stream=True` an `AnswerStream` of
+        text pieces (its `id` at once). The model remembers the last `ANSWERS_KEPT` answers by
+        id (`answer(id)`), so that the app can record the user's feedback on one.
+        """
         cfg = _config(config, overrides)
         kwargs = cfg.completion_kwargs()
         msgs = [dict(m) for m in messages]
+        answer_id = uuid.uuid4().hex
         if stream:
-            return self._stream(
+            adapter = self._adapter_name()
+            parts: list[str] = []
+            pieces = self._stream(
                 lambda: self._llm.create_chat_completion(msgs, stream=True, **kwargs),  # type: ignore[arg-type]
                 lambda chunk: chunk["choices"][0]["delta"].get("content") or "",
             )
+
+            def remembered() -> Iterator[str]:
+                for piece in pieces:
+                    parts.append(piece)
+                    yield piece
+                self._remember(answer_id, msgs, "".join(parts), adapter)
+
+            return AnswerStream(answer_id, remembered())
         with self._generating(), self._template_errors():
             out = cast(dict[str, Any], self._llm.create_chat_completion(msgs, **kwargs))  # type: ignore[arg-type]
-        return str(out["choices"][0]["message"]["content"] or "")
+            adapter = self._adapter_name()  # under the lock: the adapter that answered
+        text = str(out["choices"][0]["message"]["content"] or "")
+        return Answer(self._remember(answer_id, msgs, text, adapter))
+
+    def answer(self, answer_id: str) -> AnswerRecord:
+        """A recent chat answer by id; `KeyError` names it when it is unknown or forgotten."""
+        with self._answers_lock:
+            record = self._answers.get(answer_id)
+        if record is None:
+            raise KeyError(
+                f"answer {answer_id!r} is not among the last {ANSWERS_KEPT} chat answers of this "
+                "model (an id from another process, or an older answer)"
+            )
+        return record
+
+    def _adapter_name(self) -> str | None:
+        return str(self._adapter.path) if self._adapter is not None else None
+
+    def _remember(
+        self, answer_id: str, msgs: Sequence[Message], text: str, adapter: str | None
+    ) -> AnswerRecord:
+        record = AnswerRecord(answer_id, tuple(dict(m) for m in msgs), text, adapter, time.time())
+        with self._answers_lock:
+            self._answers[answer_id] = record
+            while len(self._answers) > ANSWERS_KEPT:
+                self._answers.popitem(last=False)
+        return record
 
     @contextmanager
     def _template_errors(self) -> Iterator[None]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from edge_sdk.choices import LOG_LEVELS, LORA_MODES, ROBUST_AGGREGATORS, STRATEGIES
 from edge_sdk.cli._help import ConfigDefault, DefaultsHelpFormatter, resolve
 from edge_sdk.env import JOIN_TOKEN_ENV, OPERATOR_TOKEN_ENV
+from edge_sdk.method import DPO_LOSSES, METHODS, MethodSpec
 from edge_sdk.models.naming import LORA_TARGETS
 
 if TYPE_CHECKING:
@@ -256,6 +257,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="task: local learning rate",
     )
     p.add_argument(
+        "--method",
+        choices=METHODS,
+        default=MethodSpec.name,
+        help="task: post-training method devices run (dpo trains on the preference pairs "
+        "each device's app records; a device without pairs sits the round out)",
+    )
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=MethodSpec.beta,
+        help="task, dpo: strength of the pull to the reference",
+    )
+    p.add_argument(
+        "--dpo-loss", choices=DPO_LOSSES, default=MethodSpec.loss, help="task, dpo: loss variant"
+    )
+    p.add_argument(
         "--max-rounds",
         type=int,
         default=None,
@@ -372,6 +389,7 @@ def _config(
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lr=args.lr,
+        method=MethodSpec(args.method, args.beta, args.dpo_loss),
         max_rounds=args.max_rounds,
         join_token=join_token,
         operator_token=operator_token,

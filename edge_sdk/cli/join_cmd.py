@@ -42,6 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--data", required=True, nargs="+", metavar="FILE", help="local training data file(s)"
     )
     p.add_argument(
+        "--preferences",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="preference pair files (JSONL: prompt, chosen, rejected) for DPO tasks "
+        "(`fedlm coordinator --method dpo`), besides the app's recorded feedback",
+    )
+    p.add_argument(
         "--join-code",
         metavar="CODE",
         help=f"the join code `fedlm coordinator` printed (default: ${JOIN_CODE_ENV}); needed once",
@@ -174,6 +182,7 @@ def _config(args: argparse.Namespace) -> Any:  # -> ClientConfig (lazy import ke
     return ClientConfig(
         model=args.model,
         data=tuple(args.data),
+        preferences=tuple(getattr(args, "preferences", ())),
         state_dir=Path(args.state_dir),
         coordinator_url=args.coordinator,
         coordinator_name=args.coordinator_name,

@@ -61,6 +61,7 @@ from edge_sdk.client.errors import (
     TaskRefusedError,
     TlsPinError,
 )
+from edge_sdk.client.feedback import FeedbackLimits, FeedbackStore, record_answer_feedback
 from edge_sdk.client.joincode import JoinCode, normalize_fingerprint
 from edge_sdk.client.state import (
     ClientState,
@@ -74,6 +75,7 @@ from edge_sdk.client.task_policy import Shapes, TaskPolicy, adapter_bytes_cap, t
 from edge_sdk.client.transport import RetryConfig, StopRequested, Transport, tls_peer_fingerprint
 from edge_sdk.env import JOIN_CODE_ENV, JOIN_TOKEN_ENV
 from edge_sdk.errors import FedlmError
+from edge_sdk.method import MethodSpec
 from edge_sdk.models.licence import LicenceClass
 from edge_sdk.secagg import (
     MIN_COHORT,
@@ -97,7 +99,7 @@ if TYPE_CHECKING:
     import torch
 
     from edge_sdk.models.identity import ModelIdentity
-    from edge_sdk.runtime import EdgeModel
+    from edge_sdk.runtime import Answer, AnswerStream, EdgeModel
     from edge_sdk.training.data import Dataset
     from edge_sdk.training.trainer import TrainConfig
 
@@ -125,7 +127,8 @@ class ClientConfig:
     model: str
     """Model name (`smollm2-135m`) or path to the local base GGUF."""
     data: tuple[str, ...]
-    """Local training data files (JSONL chat / prompt+completion / text, or plain text)."""
+    """Local training data files (JSONL chat / prompt+completion / text, or plain text) for SFT
+    tasks; may be empty on a device that learns only from its app's feedback."""
     state_dir: Path
     """Token, codec residual, pending update, checkpoints, adapters and the outbox ledger."""
     coordinator_url: str | None = None
@@ -188,14 +191,20 @@ class ClientConfig:
     """Tries, backoff and timeouts of every request to the coordinator."""
     task_policy: TaskPolicy = field(default_factory=TaskPolicy)
     """Bounds on what a coordinator may ask (task sizes) and send (global adapters)."""
+    preferences: tuple[str, ...] = ()
+    """Preference pair files (JSONL with prompt or messages, chosen, rejected) for DPO tasks,
+    besides the pairs the app records with `FederatedClient.record_feedback`."""
+    feedback_limits: FeedbackLimits = field(default_factory=FeedbackLimits)
+    """Bounds on the feedback kept in `state_dir/feedback` (bytes in all, bytes per record)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
         if isinstance(self.data, (str, os.PathLike)):
             object.__setattr__(self, "data", (str(self.data),))
         object.__setattr__(self, "data", tuple(str(d) for d in self.data))
-        if not self.data:
-            raise ValueError("`data` should name at least one training file, got none")
+        if isinstance(self.preferences, (str, os.PathLike)):
+            object.__setattr__(self, "preferences", (str(self.preferences),))
+        object.__setattr__(self, "preferences", tuple(str(d) for d in self.preferences))
         if self.coordinator_url is not None and not self.coordinator_url.startswith(
             ("http://", "https://")
         ):
@@ -371,6 +380,10 @@ class FederatedClient:
         self._offer_model_name = ""
         self._shapes: Shapes | None = None
         self._refused_etag: str | None = None
+        self._data_key: tuple[Any, ...] | None = None
+        self.feedback = FeedbackStore(config.state_dir, config.feedback_limits)
+        self.status = "idle"
+        """What the client is doing now, in words (e.g. why it sits a round out)."""
         self.rounds: list[RoundReport] = []
 
     # -- control ----------------------------------------------------------------------------
@@ -386,8 +399,49 @@ class FederatedClient:
     def stopping(self) -> bool:
         return self._stop_flag.is_set()
 
+    @property
+    def served_version(self) -> int:
+        """The global version written for (and hot-swapped into) the runtime; -1 before any."""
+        return self._served[0] if self._served is not None else -1
+
     def run(self) -> RunSummary:
         return asyncio.run(self.run_async())
+
+    # -- feedback from the app --------------------------------------------------------------
+
+    def record_feedback(
+        self,
+        answer: str | Answer | AnswerStream,
+        *,
+        chosen: str | None = None,
+        rejected: str | None = None,
+        accepted: bool | None = None,
+        edit: str | None = None,
+        regenerated: str | Answer | AnswerStream | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Any:
+        """Keep what the user said about an answer of the runtime, for the next rounds.
+
+        `answer` is what `EdgeModel.chat` returned (or its `id`). One kind of feedback:
+        `chosen=` and `rejected=` (a pair; either defaults to the answer itself),
+        `accepted=True` (an example), `accepted=False, edit="..."` (the edit over the answer:
+        a pair and an example), or `regenerated=` the answer the user regenerated it into
+        (the new one over the old one). `messages` gives the prompt of an answer the runtime
+        does not know (another backend, an earlier process).
+
+        Stored append-only in `state_dir/feedback` (0600, fsync'ed; `FeedbackFullError` at
+        `ClientConfig.feedback_limits`); it never leaves the device: the next round trains on
+        it (SFT tasks: the examples, DPO tasks: the pairs) and only the adapter update is sent.
+        Returns the `FeedbackCounts` held now. Safe from any thread while `run()` runs.
+        """
+        return record_answer_feedback(
+            self.feedback, self.runtime, answer, chosen=chosen, rejected=rejected,
+            accepted=accepted, edit=edit, regenerated=regenerated, messages=messages,
+        )  # fmt: skip
+
+    def forget_feedback(self) -> None:
+        """Delete every feedback record kept on this device."""
+        self.feedback.forget()
 
     async def _sleep(self, seconds: float) -> None:
         assert self._stop_async is not None
@@ -412,16 +466,23 @@ class FederatedClient:
         self._identity = identity
         return identity
 
-    def check_data(self) -> Dataset:
+    def check_data(self) -> Dataset | None:
         """Read, tokenize and pack the local data (no network): a bad file fails here, first.
 
-        Packed at the coordinator's default seq_len (256); kept when the task uses the same,
-        else the task's round packs it again.
+        Packed at the coordinator's default seq_len (256); the task's round packs it again
+        with the app's feedback. The preference files are read and checked too. None when the
+        device has no data files (it learns only from its app's feedback).
         """
         from edge_sdk.training.data import DataConfig, build_dataset
         from edge_sdk.training.tokenizer import load_tokenizer
 
         identity = self._identity or self.verify_model()
+        if self.config.preferences:
+            from edge_sdk.training.preferences import load_preferences
+
+            load_preferences(list(self.config.preferences), skip_bad=self.config.skip_bad)
+        if not self.config.data:
+            return None
         if self._dataset is None:
             cfg = self.config
             self._dataset = build_dataset(
@@ -696,9 +757,11 @@ class FederatedClient:
     async def _federate(self, transport: Transport, identity: ModelIdentity) -> RunSummary:
         cfg, state = self.config, self.state
         creds, task = await self._task(transport)
+        method = cfg.task_policy.check_method(task)
         log.info(
-            "task %s: %s, %d local steps, codec %s",
+            "task %s: %s, %s, %d local steps, codec %s",
             task.task_id,
+            method.describe(),
             task.lora.mode,
             task.local_steps,
             task.codec,
@@ -757,11 +820,25 @@ class FederatedClient:
                 log.info("schedule says not now; asking again in %.0f s", cfg.schedule_poll_s)
                 await self._sleep(cfg.schedule_poll_s)
                 continue
+            missing = self._missing_data(method)
+            if missing is not None:
+                # Nothing is sent: the coordinator only sees that no update came (its strategy's
+                # deadline closes the round without us). Feedback may arrive meanwhile.
+                status = f"sitting this round out: {missing}"
+                if status != self.status:
+                    log.warning(
+                        "round %d (global version %d): %s", done + 1, self._global_version, missing
+                    )
+                self.status = status
+                await self._sleep(cfg.poll_interval_s)
+                continue
+            self.status = f"training round {done + 1} ({method.describe()})"
             report = await self._round(transport, creds, task, done + 1)
             if report is None:
                 break  # stopped during training; the checkpoint stays for the next start
             last_base = report.base_version
             waited_since = time.monotonic()
+            self.status = f"round {report.round}: update {report.outcome}"
             if report.outcome == "task_complete":
                 return await self._finish(transport, creds, task, "task_complete")
         return self._summary(transport.base_url, creds, task.task_id, "stopped")
@@ -886,26 +963,64 @@ class FederatedClient:
             checkpoint_every=self.config.checkpoint_every, precision=self.config.precision,
         )  # fmt: skip
 
+    def _missing_data(self, method: MethodSpec) -> str | None:
+        """Why this device cannot train the task's method now (None: it can)."""
+        counts = self.feedback.counts()
+        if method.name == "dpo":
+            if self.config.preferences or counts.pairs:
+                return None
+            return (
+                "the task trains DPO and this device has no preference pairs yet (no "
+                "ClientConfig.preferences files, and the app recorded no chosen/rejected, edit "
+                "or regenerate feedback)"
+            )
+        if self.config.data or counts.examples:
+            return None
+        return (
+            "the task trains SFT and this device has no examples (no data files, and the app "
+            "recorded no accepted answer or edit)"
+        )
+
     def _prepare(self, task: TaskConfig) -> None:
-        """Tokenize the data and load the trainable model once per task shape (worker thread)."""
+        """Tokenize the data and load the trainable model once per task shape (worker thread).
+
+        The data are the files of the task's method plus the app's feedback so far, so the
+        dataset is built again whenever feedback was recorded since the last round.
+        """
         from edge_sdk.training.data import DataConfig, build_dataset
         from edge_sdk.training.tokenizer import load_tokenizer
         from edge_sdk.training.trainer import load_for_training
 
         assert self._identity is not None
-        if (
-            self._dataset is None or self._dataset.seq_len != task.seq_len
-        ):  # check_data packs at 256
+        method = MethodSpec.from_extra(task.extra)  # checked against the policy in _federate
+        counts = self.feedback.counts()
+        key = (method.name, task.seq_len, counts)
+        if self._dataset is None or self._data_key != key:
+            cfg = self.config
             tokenizer = load_tokenizer(self._identity.path)
-            self._dataset = build_dataset(
-                list(self.config.data),
-                tokenizer,
-                DataConfig(
-                    seq_len=task.seq_len,
-                    val_fraction=self.config.val_fraction,
-                    seed=self.config.seed,
-                    skip_bad=self.config.skip_bad,
-                ),
+            data_config = DataConfig(seq_len=task.seq_len, val_fraction=cfg.val_fraction,
+                                     seed=cfg.seed, skip_bad=cfg.skip_bad)  # fmt: skip
+            if method.name == "dpo":
+                from edge_sdk.training.preferences import (
+                    build_preference_dataset,
+                    load_preferences,
+                )
+
+                pairs = load_preferences(list(cfg.preferences), skip_bad=cfg.skip_bad)
+                pairs += self.feedback.pairs()
+                self._dataset = build_preference_dataset(pairs, tokenizer, data_config)  # type: ignore[assignment]
+            else:
+                files = list(cfg.data)
+                snapshot = self.feedback.examples_snapshot(self.state.train_dir)
+                if snapshot is not None:
+                    files.append(str(snapshot))
+                self._dataset = build_dataset(files, tokenizer, data_config)
+            self._data_key = key
+            log.info(
+                "training data: %s (the app's feedback: %d pairs, %d examples; kept on this device)",
+                "preference pairs" if method.name == "dpo" else "examples",
+                counts.pairs,
+                counts.examples,
             )
         key = (task.lora.rank, task.lora.alpha, task.lora.targets, task.lora.mode)
         if self._model is None or self._model_key != key:
@@ -922,6 +1037,11 @@ class FederatedClient:
         self._prepare(task)
         assert self._dataset is not None and self._model is not None
         config = self._train_config(task, marker.seed)
+        method = MethodSpec.from_extra(task.extra)
+        if method.name == "dpo":  # the reference is the base model: the adapter disabled
+            config = dataclasses.replace(
+                config, method="dpo", beta=method.beta, dpo_loss=method.loss
+            )
         # Same packed sequences and split every round; the order differs per round.
         dataset = dataclasses.replace(self._dataset, seed=marker.seed)
         first_step: list[int] = []

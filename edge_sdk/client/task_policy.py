@@ -6,7 +6,7 @@ place, before it is used:
 
 - `TaskPolicy.check_task`: every number of a `TaskConfig` against a stated bound (seq_len,
   local_steps, batch_size, tokens per step, rank, alpha/rank, lr, rounds, codec, targets,
-  strategy settings). The wire decoder only checks types and 64-bit ranges; a task with
+  strategy settings, the method and its beta). The wire decoder only checks types and 64-bit ranges; a task with
   `seq_len = 2**40` decodes fine and would make the trainer try to allocate it.
 - `TaskPolicy.check_global`: a global adapter must have the task's LoRA spec, exactly the
   tensor keys and shapes the base model's target layers imply, finite values, and a bounded
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_sdk.client.errors import AdapterRefusedError, TaskRefusedError
+from edge_sdk.method import DPO_LOSSES, METHODS, MethodSpec
 from edge_sdk.models.naming import LORA_TARGETS, hf_module, parse_gguf_stem
 from edge_sdk.validators import is_int_in, is_positive_finite, require_positive_ints
 from edge_sdk.wire import GlobalAdapter, TaskConfig, WireError
@@ -87,6 +88,12 @@ class TaskPolicy:
     """Largest |entry| of a global adapter's A or B (see the module docstring)."""
     max_delta_rms: float = 1.0
     """Largest RMS entry of a layer's scaled delta s·B·A: ||ΔW||_F ≤ this · sqrt(out · in)."""
+    methods: tuple[str, ...] = METHODS
+    """Post-training methods this device runs for a coordinator (drop `dpo` to never train on
+    the app's feedback pairs)."""
+    max_beta: float = 5.0
+    """Highest DPO beta (papers and TRL use 0.01-0.5; a huge beta turns the loss into a step
+    function of the margin, whose gradients are zero or explode)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -94,7 +101,12 @@ class TaskPolicy:
             "max_rank", "max_rounds", "max_staleness",
         ):  # fmt: skip
             require_positive_ints(self, name)
-        for name in ("max_scaling", "max_lr", "max_abs_value", "max_delta_rms"):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not isinstance(self.methods, tuple):
+            raise ValueError(
+                f"`methods` should be a tuple of {', '.join(METHODS)}, got {self.methods!r}"
+            )
+        for name in ("max_scaling", "max_lr", "max_abs_value", "max_delta_rms", "max_beta"):
             value = getattr(self, name)
             if not is_positive_finite(value):
                 raise ValueError(f"`{name}` should be a finite positive number, got {value!r}")
@@ -141,6 +153,33 @@ class TaskPolicy:
             if not is_int_in(staleness, 0):
                 raise refuse("extra.strategy.max_staleness", staleness, "an integer >= 0")
             at_most("extra.strategy.max_staleness", staleness, self.max_staleness)
+        self.check_method(task)
+
+    def check_method(self, task: TaskConfig) -> MethodSpec:
+        """The task's method (`extra.method`), if this device runs it within its bounds."""
+        raw = task.extra.get("method")
+        try:
+            spec = MethodSpec.from_extra(task.extra)
+        except ValueError as exc:
+            shown = raw if not isinstance(raw, dict) else {k: raw[k] for k in list(raw)[:4]}
+            raise TaskRefusedError(
+                f"task {task.task_id}: `extra.method` = {str(shown)[:120]} is not a method this "
+                f"client runs ({exc}); refusing the task"
+            ) from None
+        if spec.name not in self.methods:
+            raise TaskRefusedError(
+                f"task {task.task_id}: method {spec.name!r} is not among this client's methods "
+                f"({', '.join(self.methods)}); refusing the task (TaskPolicy.methods)"
+            )
+        if spec.name == "dpo":
+            if not spec.beta <= self.max_beta:
+                raise TaskRefusedError(
+                    f"task {task.task_id}: `extra.method.beta` = {spec.beta!r} exceeds this "
+                    f"client's bound (at most {self.max_beta:g}); refusing the task (raise "
+                    "TaskPolicy.max_beta if the coordinator is trusted)"
+                )
+            assert spec.loss in DPO_LOSSES
+        return spec
 
     # -- the global adapter -----------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from edge_sdk.choices import LORA_MODES, PRECISIONS, LoraMode, Precision, RobustAggregator
 from edge_sdk.demo.tasks import TaskConfig
+from edge_sdk.method import MethodSpec
 from edge_sdk.validators import is_int_in, is_positive_finite, require_positive_ints
 
 
@@ -77,6 +78,13 @@ class DemoConfig:
     """--secure: devices clip each B-delta value to [-C, C]."""
     secure_grid_bits: int = 5
     """--secure: grid bits (ring = bits + ceil(log2 clients): 7 at 4 clients, 4.6x below fp32)."""
+    method: str = "sft"
+    """Local objective: sft (the rule examples) or dpo (preference pairs of the same prompts:
+    `edge_sdk.demo.preference`)."""
+    beta: float = 0.1
+    """dpo: strength of the pull towards the reference (the base model)."""
+    dpo_loss: str = "sigmoid"
+    """dpo: sigmoid (DPO) or ipo."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -107,6 +115,7 @@ class DemoConfig:
             raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")
         if self.mode not in LORA_MODES:
             raise ValueError(f"`mode` should be exact, frozen-a or naive, got {self.mode!r}")
+        MethodSpec(self.method, self.beta, self.dpo_loss)  # type: ignore[arg-type]
         if self.secure and self.mode != "frozen-a":
             raise ValueError(f"`mode` should be frozen-a with `secure`, got {self.mode!r}")
         from coordinator.next_version import AggregationConfig
@@ -149,6 +158,11 @@ class DemoConfig:
     def full(cls) -> DemoConfig:
         """`fedlm demo`: the measured configuration (<= 10 minutes on 2 cores)."""
         return cls()
+
+    @classmethod
+    def preference(cls) -> DemoConfig:
+        """`fedlm demo --method dpo`: the preference task's measured configuration."""
+        return cls(method="dpo")
 
     @classmethod
     def quick(cls) -> DemoConfig:

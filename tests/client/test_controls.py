@@ -47,13 +47,14 @@ def test_privatize_clips_the_change_and_adds_calibrated_noise() -> None:
 def test_client_config_validates_fields(tmp_path: Path) -> None:
     ok = ClientConfig(model="m.gguf", data="d.jsonl", state_dir=tmp_path)  # type: ignore[arg-type]
     assert ok.data == ("d.jsonl",) and ok.refuse_licences and ok.name
+    # No data files is allowed: a device may learn only from its app's feedback (issue 14).
+    assert ClientConfig(model="m.gguf", data=(), state_dir=tmp_path).data == ()
     for field, value in (
         ("coordinator_url", "ftp://x"),
         ("max_rounds", 0),
         ("threads", 0),
         ("precision", "int3"),
         ("poll_interval_s", 0.0),
-        ("data", ()),
     ):
         with pytest.raises(ValueError, match=field):
             ClientConfig(**{"model": "m.gguf", "data": ("d",), "state_dir": tmp_path, field: value})

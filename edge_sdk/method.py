@@ -1,0 +1,102 @@
+"""The post-training method a task asks for: `TaskConfig.extra["method"]` (docs/wire-format.md 3.4.1).
+
+    {"name": "sft"}                                        supervised fine-tuning (also: absent)
+    {"name": "dpo", "beta": 0.1, "loss": "sigmoid"}        DPO on preference pairs
+
+Both methods train the same LoRA adapter and federate the same way; only the local objective
+and the data it needs differ (SFT: examples; DPO: chosen/rejected pairs). The spec lives in
+`extra` so that the envelope and `TaskConfig`'s fields stay as they are (protocol version 1).
+
+Standard library only (the choices come from the torch-free `edge_sdk.training.methods`): the
+coordinator, the device and the CLI (without numpy for --help) import it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from edge_sdk.training.methods import (
+    DEFAULT_BETA,
+    DEFAULT_DPO_LOSS,
+    DEFAULT_METHOD,
+    DPO_LOSSES,
+    TRAIN_METHODS,
+    DpoLoss,
+    TrainMethod,
+)
+
+Method = TrainMethod
+METHODS: tuple[Method, ...] = TRAIN_METHODS
+"""Post-training methods a task may name (the first is the default)."""
+
+MAX_BETA = 100.0
+"""Largest β any party accepts: β scales the log-ratio inside σ; past ~10 the loss is a step
+function of the margin and gradients vanish or explode. Devices hold tasks to a tighter
+`TaskPolicy.max_beta`."""
+
+METHOD_KEY = "method"
+"""The key of the spec in `TaskConfig.extra`."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """The method a task trains with, and its parameters."""
+
+    name: Method = DEFAULT_METHOD
+    """`sft` (examples) or `dpo` (preference pairs)."""
+    beta: float = DEFAULT_BETA
+    """DPO: strength of the pull towards the reference policy (ignored for sft)."""
+    loss: DpoLoss = DEFAULT_DPO_LOSS
+    """DPO: `sigmoid` (the paper's loss) or `ipo` (ignored for sft)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"`method` should be one of {', '.join(METHODS)}, got {self.name!r}")
+        beta = self.beta
+        if (
+            isinstance(beta, bool)
+            or not isinstance(beta, (int, float))
+            or not (math.isfinite(beta) and 0.0 < beta <= MAX_BETA)
+        ):
+            raise ValueError(f"`beta` should be a finite number in (0, {MAX_BETA:g}], got {beta!r}")
+        object.__setattr__(self, "beta", float(beta))
+        if self.loss not in DPO_LOSSES:
+            raise ValueError(f"`loss` should be one of {', '.join(DPO_LOSSES)}, got {self.loss!r}")
+
+    def to_extra(self) -> dict[str, Any]:
+        """The JSON-like map stored at `extra["method"]`."""
+        if self.name == "sft":
+            return {"name": "sft"}
+        return {"name": self.name, "beta": self.beta, "loss": self.loss}
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any]) -> MethodSpec:
+        """The method a task's `extra` names (absent: sft); `ValueError` names the bad field.
+
+        Strict: an unknown key, a non-map, a bool for beta are refused rather than guessed
+        at, because a device trains on what this returns.
+        """
+        raw = extra.get(METHOD_KEY)
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"`extra.method` should be a map, got {type(raw).__name__}")  # noqa: TRY004
+        unknown = sorted(str(k) for k in raw if k not in ("name", "beta", "loss"))
+        if unknown:
+            raise ValueError(f"`extra.method` has unknown keys {unknown[:4]}")
+        name = raw.get("name", "sft")
+        if not isinstance(name, str):
+            raise ValueError(f"`extra.method.name` should be a string, got {name!r}")  # noqa: TRY004
+        loss = raw.get("loss", "sigmoid")
+        if not isinstance(loss, str):
+            raise ValueError(f"`extra.method.loss` should be a string, got {loss!r}")  # noqa: TRY004
+        try:
+            return cls(name=name, beta=raw.get("beta", DEFAULT_BETA), loss=loss)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ValueError(f"`extra.method`: {exc}") from None
+
+    def describe(self) -> str:
+        return "sft" if self.name == "sft" else f"dpo (beta {self.beta:g}, {self.loss} loss)"
