@@ -154,7 +154,7 @@ def main() -> None:
 
     model_path = resolve(args.model)
     if not (Path(args.export) / "genai_config.json").is_file():
-        from edge_sdk.onnx_export import export_onnx
+        from edge_sdk.onnx.export import export_onnx
 
         export_onnx(model_path, args.export, precision="int4", progress=print)
     runs: dict[str, list[dict]] = {"llama.cpp": [], "onnx": []}

@@ -45,7 +45,7 @@ TOKENS = [1, 5, 270, 280, 290, 10, 100, 200, 3, 4, 150, 160, 33, 44, 55, 66]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     """{arch: (gguf, fp32 export folder)} for llama and gemma3, built once per module."""
-    from edge_sdk.onnx_export import export_onnx
+    from edge_sdk.onnx.export import export_onnx
 
     root = tmp_path_factory.mktemp("onnx")
     out = {}
@@ -125,7 +125,7 @@ def test_fp32_export_matches_torch_teacher_forced(exported):
 def test_decode_through_kv_cache_equals_prefill_and_torch(exported, arch):
     """Prefill-then-decode (one token at a time) equals torch at every position and equals a
     full prefill at the last; for gemma3 the 16 tokens cross its 5-token sliding window."""
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
 
     gguf, folder = exported[arch]
     want = _torch_logits(gguf, TOKENS)
@@ -143,7 +143,7 @@ def test_decode_through_kv_cache_equals_prefill_and_torch(exported, arch):
 def test_no_adapter_equals_base_and_adapter_equals_torch_lora(exported, tmp_path):
     """A PEFT adapter (alpha/r = 2) converted on the device matches torch + LoRA; removing it
     gives the base logits back."""
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
 
     gguf, folder = exported["llama"]
     lora = _random_lora(gguf, seed=1)
@@ -166,7 +166,7 @@ def test_swap_gguf_a_then_b_then_none(exported, tmp_path, arch):
     """GGUF LoRA A → B (different rank, subset of targets) → none, each equal to torch.
 
     For llama the GGUF stores Q/K lora_B rows permuted; the conversion must undo it."""
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
 
     gguf, folder = exported[arch]
     lora_a = _random_lora(gguf, seed=2, rank=4)
@@ -188,7 +188,7 @@ def test_swap_gguf_a_then_b_then_none(exported, tmp_path, arch):
 def test_swap_refused_while_streaming_then_allowed(exported, tmp_path):
     """RuntimeBusyError while a stream is open (genai would also refuse the unload); after the
     stream is exhausted the swap goes through and changes the output."""
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
 
     gguf, folder = exported["llama"]
     file_a = write_gguf_lora(tmp_path / "a.gguf", _random_lora(gguf, seed=4), alpha=4.0, base=gguf)
@@ -222,7 +222,7 @@ def test_genai_refuses_unload_in_use(exported, tmp_path):
     generator uses (which is why the backend drops its generator before swapping)."""
     import onnxruntime_genai as og
 
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
 
     gguf, folder = exported["llama"]
     file_a = write_gguf_lora(tmp_path / "a.gguf", _random_lora(gguf, seed=5), alpha=4.0, base=gguf)
@@ -241,7 +241,7 @@ def test_genai_refuses_unload_in_use(exported, tmp_path):
 
 
 def test_adapter_for_another_model_is_refused(exported, tmp_path):
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
 
     llama_gguf, _ = exported["llama"]
     _, gemma_folder = exported["gemma3"]
@@ -254,7 +254,7 @@ def test_adapter_for_another_model_is_refused(exported, tmp_path):
 
 
 def test_adapter_with_wrong_shapes_is_refused(exported, tmp_path):
-    from edge_sdk.onnx_adapters import lora_input_shapes, onnx_lora_tensors
+    from edge_sdk.onnx.adapters import lora_input_shapes, onnx_lora_tensors
 
     gguf, folder = exported["llama"]
     shapes = lora_input_shapes(folder / "model.onnx")
@@ -272,8 +272,8 @@ def test_adapter_with_wrong_shapes_is_refused(exported, tmp_path):
 
 
 def test_export_is_idempotent_and_refuses_foreign_folders(exported, tmp_path):
-    from edge_sdk.onnx_errors import OnnxExportError
-    from edge_sdk.onnx_export import export_onnx
+    from edge_sdk.onnx.errors import OnnxExportError
+    from edge_sdk.onnx.export import export_onnx
 
     gguf, folder = exported["llama"]
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
@@ -293,7 +293,7 @@ def test_export_is_idempotent_and_refuses_foreign_folders(exported, tmp_path):
 
 
 def test_export_refuses_unsupported_rope(tmp_path):
-    from edge_sdk.onnx_export import export_onnx
+    from edge_sdk.onnx.export import export_onnx
 
     gguf = write_family_gguf(tmp_path / "l31.gguf", "llama", rope_freqs=True)
     with pytest.raises(UnsupportedArchitectureError, match="rope_freqs"):
@@ -302,7 +302,7 @@ def test_export_refuses_unsupported_rope(tmp_path):
 
 
 def test_backend_dispatch_and_gguf_hint(exported):
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
     from edge_sdk.runtime import EdgeModel
 
     gguf, folder = exported["llama"]

@@ -36,8 +36,8 @@ def test_federation_hot_swaps_into_the_onnx_backend(tmp_path: Path) -> None:
     from edge_sdk.adapters.gguf_lora import read_gguf_lora
     from edge_sdk.client import FederatedClient
     from edge_sdk.models.loader import load_model
-    from edge_sdk.onnx_export import export_onnx
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.export import export_onnx
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
     from tests.client.helpers import client_config, coordinator_config, write_data
     from tests.tiny_models import write_tiny_gguf
 

@@ -11,7 +11,7 @@ Route (see issue 13 for why not `torch.onnx.export`):
    fusing it into the base weight.
 3. The builder's LoRA initializers are turned into graph inputs whose rank axis is symbolic,
    each keeping its zero initializer as the default: with no adapter the graph is the base
-   model; an `.onnx_adapter` (`edge_sdk.onnx_adapters`) overrides them per run.
+   model; an `.onnx_adapter` (`edge_sdk.onnx.adapters`) overrides them per run.
 
 int4 quantizes twice (GGUF Q4_1 → fp32 → the builder's int4 RTN, blocks of 32): on SmolLM2 that
 costs top-1 0.60 / KL 0.48 against fp32 (BENCHMARKS.md); `precision="fp32"` is exact.
@@ -30,14 +30,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from edge_sdk.errors import UnsupportedArchitectureError
 from edge_sdk.models.config import ModelConfig
 from edge_sdk.models.naming import LORA_TARGETS
-from edge_sdk.onnx_errors import OnnxExportError
+from edge_sdk.onnx.errors import OnnxExportError
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,13 @@ def lora_node_names(config: ModelConfig) -> list[str]:
 
 
 def run_builder(
-    hf_dir: Path, adapter_dir: Path, out: Path, precision: str, cache: Path, config: ModelConfig
+    hf_dir: Path,
+    adapter_dir: Path,
+    out: Path,
+    precision: str,
+    cache: Path,
+    config: ModelConfig,
+    quant_options: Sequence[str] = (),
 ) -> None:
     """Run onnxruntime-genai's model builder in a child process (it is a script with globals).
 
@@ -276,10 +282,11 @@ def run_builder(
     extra = [f"adapter_path={adapter_dir}"]
     if precision == "int4":
         extra.append("nodes_to_exclude=" + ",".join(lora_node_names(config)))
+        extra += list(quant_options)
     cmd = [
         sys.executable,
         "-m",
-        "edge_sdk.onnx_builder_shim",
+        "edge_sdk.onnx.builder_shim",
         "-i",
         str(hf_dir),
         "-o",
@@ -293,8 +300,9 @@ def run_builder(
         "--extra_options",
         *extra,
     ]
-    # The child imports edge_sdk.onnx_builder_shim from the same tree as this module.
-    root = str(Path(__file__).resolve().parent.parent)
+    # The child imports edge_sdk.onnx.builder_shim from the same tree as this module (the repo
+    # root, not edge_sdk/: that would make `import onnx` find edge_sdk/onnx).
+    root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=path)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
