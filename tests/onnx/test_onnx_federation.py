@@ -9,23 +9,12 @@ that same GGUF adapter merged in.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-_MISSING = [
-    m
-    for m in ("onnxruntime", "onnxruntime_genai", "onnx", "transformers", "peft")
-    if importlib.util.find_spec(m) is None
-]
-pytestmark = [
-    pytest.mark.skipif(
-        bool(_MISSING), reason=f"the `onnx` extra is not installed (missing: {', '.join(_MISSING)})"
-    ),
-    pytest.mark.timeout(400),
-]
+pytestmark = pytest.mark.timeout(400)
 
 
 def test_federation_hot_swaps_into_the_onnx_backend(tmp_path: Path) -> None:
