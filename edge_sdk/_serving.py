@@ -20,6 +20,11 @@ from edge_sdk.errors import RuntimeBusyError
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+BACKENDS: tuple[str, ...] = ("llama.cpp", "onnx")
+"""Inference backends: llama.cpp on a GGUF (`edge_sdk.runtime.EdgeModel`), or ONNX Runtime GenAI
+on a `fedlm export-onnx` folder (`edge_sdk.onnx.runtime.OnnxEdgeModel`). Defined here, in a module
+that imports nothing heavy, so the CLI's argument parsers can use it."""
+
 
 def check_wait(wait: float) -> float:
     """`wait` (seconds a swap may wait for a running generation), or ValueError naming it."""

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._llama_log import LlamaLog, llama_log
-from edge_sdk._serving import ServingLock
+from edge_sdk._serving import BACKENDS, ServingLock
 from edge_sdk.errors import (
     GenerationError,
     InvalidAdapterError,
@@ -109,8 +109,8 @@ class EdgeModel(ServingLock):
             from edge_sdk.onnx.runtime import OnnxEdgeModel
 
             return OnnxEdgeModel(model, *args, **kwargs)
-        if backend != "llama.cpp":
-            raise ValueError(f"`backend` should be 'llama.cpp' or 'onnx', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"`backend` should be one of {BACKENDS}, got {backend!r}")
         return super().__new__(cls)
 
     def __init__(

@@ -7,6 +7,8 @@ import sys
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from edge_sdk._serving import BACKENDS
+
     p.add_argument("model", help="model name (see `fedlm models`) or path to a .gguf file")
     p.add_argument("--adapter", metavar="FILE", help="GGUF LoRA adapter to apply")
     p.add_argument("--max-tokens", type=int, default=256, metavar="N")
@@ -17,8 +19,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=2048, metavar="N", help="context window")
     p.add_argument(
         "--backend",
-        choices=("llama.cpp", "onnx"),
-        default="llama.cpp",
+        choices=BACKENDS,
+        default=BACKENDS[0],
         help="onnx: MODEL is a `fedlm export-onnx` folder; the adapter may be GGUF or PEFT",
     )
 
