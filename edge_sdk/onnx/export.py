@@ -13,8 +13,11 @@ Route (see issue 13 for why not `torch.onnx.export`):
    each keeping its zero initializer as the default: with no adapter the graph is the base
    model; an `.onnx_adapter` (`edge_sdk.onnx.adapters`) overrides them per run.
 
-int4 quantizes twice (GGUF Q4_1 → fp32 → the builder's int4 RTN, blocks of 32): on SmolLM2 that
-costs top-1 0.60 / KL 0.48 against fp32 (BENCHMARKS.md); `precision="fp32"` is exact.
+int4 would quantize twice (GGUF Q4_1 → fp32 → the builder's int4 RTN, blocks of 32: on SmolLM2
+top-1 0.69 / KL 0.48 against the GGUF). So after the build, the GGUF's own Q4_0/Q4_1 blocks are
+copied into the int4 `MatMulNBits` weights and its Q8_0 blocks into the 8-bit lm_head
+(`edge_sdk.onnx.gguf_blocks`): those weights are then the GGUF's exactly. Weights of other GGUF
+types (Gemma 3's Q4_K/Q5_0/Q6_K) keep the builder's requantization. `precision="fp32"` is exact.
 
 The output folder holds model.onnx (+ .data), genai_config.json, the tokenizer files and
 `fedlm_export.json` (the source file's size/mtime and options), so running the same export again
@@ -282,6 +285,8 @@ def run_builder(
     extra = [f"adapter_path={adapter_dir}"]
     if precision == "int4":
         extra.append("nodes_to_exclude=" + ",".join(lora_node_names(config)))
+        # lm_head at 8 bits: the tied embedding is Q8_0 in our GGUFs, and its blocks are copied in
+        extra.append("matmul_mixed_precision=last_matmul:int8")
         extra += list(quant_options)
     cmd = [
         sys.executable,
@@ -407,7 +412,7 @@ def export_onnx(
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
         "precision": precision,
-        "format": 1,
+        "format": 2,
     }
     manifest = out / MANIFEST
     if not force and manifest.is_file():
@@ -432,6 +437,13 @@ def export_onnx(
         write_placeholder_adapter(adapter_dir, config)
         say(f"building the {precision} ONNX graph (onnxruntime-genai model builder)")
         run_builder(hf_dir, adapter_dir, built, precision, work / "cache", config)
+        if precision == "int4":
+            from edge_sdk.onnx.gguf_blocks import transcode
+
+            say("copying the GGUF's 4/8-bit blocks into the graph (no second quantization)")
+            copied = transcode(built / "model.onnx", src, config)
+        else:
+            copied = {}
         say("turning LoRA weights into graph inputs")
         names = lora_inputs_from_initializers(built / "model.onnx")
         info = {
@@ -439,6 +451,7 @@ def export_onnx(
             "arch": config.arch,
             "n_layer": config.n_layer,
             "lora_inputs": len(names),
+            "gguf_blocks_copied": copied,
             "seconds": round(time.perf_counter() - t0, 2),
             **_chat_info(src),
         }

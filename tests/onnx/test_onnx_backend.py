@@ -361,3 +361,47 @@ def test_cli_export_then_generate_with_gguf_adapter(tmp_path, capsys):
     # a GGUF given where the export folder is expected: one line naming the fix, exit 2
     assert main(["generate", str(gguf), "hello", "--backend", "onnx"]) == 2
     assert "fedlm export-onnx" in capsys.readouterr().err
+
+
+# -- int4: the GGUF's own blocks, not a second quantization ---------------------------------------
+
+
+def test_int4_export_holds_the_gguf_q4_1_blocks_exactly(tmp_path):
+    """With Q4_1 projections, every int4 MatMulNBits weight of the export dequantizes to exactly
+    the GGUF's weight (as our loader reads it, Q/K rows unpermuted): the export adds no second
+    rounding. The logits then follow torch up to int8-activation noise."""
+    import gguf
+    import onnx
+    from onnx import numpy_helper
+
+    from edge_sdk.onnx.export import export_onnx
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
+
+    src = write_family_gguf(tmp_path / "q41.gguf", "llama", quant=gguf.GGMLQuantizationType.Q4_1)
+    folder = export_onnx(src, tmp_path / "int4", precision="int4")
+    manifest = (folder / "fedlm_export.json").read_text()
+    assert '"Q4_1": 21' in manifest  # 3 layers x 7 projections
+    model = onnx.load(str(folder / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    torch_model = load_model(src, precision="fp32")
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or "/layers." not in node.name:
+            continue
+        n_out = next(a.i for a in node.attribute if a.name == "N")
+        q = numpy_helper.to_array(inits[node.input[1]]).reshape(n_out, -1, 16)
+        q = np.stack([q & 0x0F, q >> 4], axis=-1).reshape(n_out, -1, 32).astype(np.float32)
+        d = numpy_helper.to_array(inits[node.input[2]]).reshape(n_out, -1, 1)
+        c = numpy_helper.to_array(inits[node.input[1] + "_offset"]).T.reshape(n_out, -1, 1)
+        got = (d * (q - 8) + c).reshape(n_out, -1)
+        layer, _group, target = node.name.split("/")[2:5]
+        module = hf_module(int(layer.split(".")[1]), target)
+        want = torch_model.get_submodule(module).weight.detach().numpy()
+        assert np.abs(got - want).max() <= 1e-6 * max(1.0, np.abs(want).max()), module
+        checked += 1
+    assert checked == 21
+    want = _torch_logits(src, TOKENS)[-1]
+    with OnnxEdgeModel(folder, n_threads=1) as served:
+        got = served.next_token_logits(TOKENS)
+    assert np.argmax(got) == np.argmax(want)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
