@@ -26,15 +26,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from typing_extensions import Self
 
 from edge_sdk._llama_log import LlamaLog, llama_log
-from edge_sdk.choices import Backend
+from edge_sdk._serving import ServingLock
+from edge_sdk.choices import BACKENDS, Backend
 from edge_sdk.errors import (
     GenerationError,
     InvalidAdapterError,
     InvalidModelError,
-    RuntimeBusyError,
 )
 from edge_sdk.models.gguf_meta import show_path
 from edge_sdk.models.identity import ModelIdentity, inspect_model
@@ -138,7 +137,7 @@ class _LoadedAdapter:
     scale: float
 
 
-class EdgeModel:
+class EdgeModel(ServingLock):
     """A GGUF model served locally by llama.cpp, whose LoRA adapter can be swapped live.
 
     Args:
@@ -148,7 +147,7 @@ class EdgeModel:
         adapter: a GGUF LoRA adapter to load at start.
         verbose: let llama.cpp print its own logs.
         backend: 'llama.cpp' (default) or 'onnx' (`model` is then a `fedlm export-onnx` folder;
-            returns an `edge_sdk.onnx_runtime.OnnxEdgeModel`).
+            returns an `edge_sdk.onnx.runtime.OnnxEdgeModel`).
         providers: ONNX Runtime execution providers (backend='onnx' only); CPU by default.
     """
 
@@ -160,13 +159,13 @@ class EdgeModel:
         **kwargs: Any,
     ) -> Any:
         # backend="onnx" serves an `fedlm export-onnx` folder through ONNX Runtime GenAI
-        # (edge_sdk.onnx_runtime.OnnxEdgeModel, same methods); Python then skips __init__.
+        # (edge_sdk.onnx.runtime.OnnxEdgeModel, same methods); Python then skips __init__.
         if backend == "onnx":
-            from edge_sdk.onnx_runtime import OnnxEdgeModel
+            from edge_sdk.onnx.runtime import OnnxEdgeModel
 
             return OnnxEdgeModel(model, *args, **kwargs)
-        if backend != "llama.cpp":
-            raise ValueError(f"`backend` should be 'llama.cpp' or 'onnx', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"`backend` should be one of {BACKENDS}, got {backend!r}")
         return super().__new__(cls)
 
     def __init__(
@@ -215,7 +214,7 @@ class EdgeModel:
         self._use_budgeted_templates(templates)
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s in %.2f s", self.path.name, self.load_seconds)
-        self._lock = threading.Lock()
+        self._init_lock()
         self._answers: OrderedDict[str, AnswerRecord] = OrderedDict()
         self._answers_lock = threading.Lock()
         self._adapter: _LoadedAdapter | None = None
@@ -256,11 +255,6 @@ class EdgeModel:
             self._llm._chat_handlers[name] = formatter.to_chat_handler()
 
     # ---------------------------------------------------------------- inference
-
-    @contextmanager
-    def _generating(self) -> Iterator[None]:
-        with self._lock:
-            yield
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
@@ -377,13 +371,12 @@ class EdgeModel:
         # The lock is held until the stream is exhausted or closed, so a swap cannot change
         # the adapter under a half-finished answer.
         def pieces() -> Iterator[str]:
-            with self._generating(), self._template_errors():
-                for chunk in start():
-                    piece = text_of(chunk)
-                    if piece:
-                        yield piece
+            for chunk in start():
+                piece = text_of(chunk)
+                if piece:
+                    yield piece
 
-        return pieces()
+        return self._locked_stream(pieces, self._template_errors)
 
     def next_token_logits(self, prompt: str | Sequence[int]) -> np.ndarray:
         """Logits (vocab,) for the token after `prompt`, evaluated from an empty cache."""
@@ -441,22 +434,6 @@ class EdgeModel:
             self._adapter = None
         log.info("adapter removed")
 
-    @contextmanager
-    def _swap_lock(self, wait: float) -> Iterator[None]:
-        acquired = (
-            self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)
-        )
-        if not acquired:
-            waited = f" and did not finish within wait={wait:g} s" if wait > 0 else ""
-            raise RuntimeBusyError(
-                f"cannot swap the adapter of {self.path.name}: a generation is running{waited}; "
-                "finish or close the stream first, or pass wait=SECONDS to wait for it"
-            )
-        try:
-            yield
-        finally:
-            self._lock.release()
-
     def _activate(self, handle: Any, scale: float) -> None:
         lc = self._llama_cpp
         if handle is None:
@@ -488,12 +465,6 @@ class EdgeModel:
             self._adapter = None
         llm.close()
         self._llm = None  # type: ignore[assignment]  # closed; `close` tests for None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _adapter_file(path: Path) -> Path:

@@ -42,10 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from edge_sdk.models.store import resolve
-    from edge_sdk.onnx_runtime import import_genai
+    from edge_sdk.onnx.runtime import import_genai
 
     import_genai()  # one clear line when the extra is missing, before any work
-    from edge_sdk.onnx_export import export_onnx
+    from edge_sdk.onnx.export import export_onnx
 
     src = resolve(args.model)
     t0 = time.perf_counter()
@@ -55,7 +55,7 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_onnx(src, args.out, precision=args.precision, progress=progress, force=args.force)
     if args.adapter:
-        from edge_sdk.onnx_adapters import convert_adapter
+        from edge_sdk.onnx.adapters import convert_adapter
 
         dest = convert_adapter(args.adapter, out, out / "adapter.onnx_adapter", base_gguf=src)
         progress(f"wrote {dest}")

@@ -20,7 +20,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         choices=BACKENDS,
-        default="llama.cpp",
+        default=BACKENDS[0],
         help="onnx: MODEL is a `fedlm export-onnx` folder; the adapter may be GGUF or PEFT",
     )
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.choices import PRECISIONS
+from edge_sdk.choices import BACKENDS, PRECISIONS
 from edge_sdk.cli._help import ConfigDefault, DefaultsHelpFormatter, resolve
 from edge_sdk.env import JOIN_CODE_ENV, JOIN_TOKEN_ENV
 
@@ -164,6 +164,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="mDNS listening time, s",
     )
     p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        metavar="{" + ",".join(BACKENDS) + "}",
+        help="also serve the model locally with this backend: every new global adapter is "
+        "hot-swapped into it while the device trains (default: no local runtime)",
+    )
+    p.add_argument(
+        "--serve-model",
+        metavar="PATH",
+        help="what the --backend runtime loads: for onnx the `fedlm export-onnx` folder of MODEL "
+        "(required); for llama.cpp a GGUF (default: MODEL)",
+    )
+    p.add_argument(
         "--interface",
         action="append",
         metavar="IPV4",
@@ -206,6 +219,22 @@ def _config(args: argparse.Namespace) -> Any:  # -> ClientConfig (lazy import ke
     )
 
 
+def _runtime(args: argparse.Namespace) -> Any:  # -> EdgeModel | OnnxEdgeModel | None
+    """The local runtime `--backend` asks for (None without it); ValueError names a bad flag."""
+    if args.backend is None:
+        if args.serve_model:
+            raise ValueError("--serve-model needs --backend")
+        return None
+    if args.backend == "onnx" and not args.serve_model:
+        raise ValueError(
+            "--backend onnx needs --serve-model DIR: the `fedlm export-onnx` folder of "
+            f"{args.model} (make it with `fedlm export-onnx {args.model} --out DIR`)"
+        )
+    from edge_sdk.runtime import EdgeModel
+
+    return EdgeModel(args.serve_model or args.model, backend=args.backend, n_threads=args.threads)
+
+
 def _join(args: argparse.Namespace) -> int:
     import logging
 
@@ -224,7 +253,12 @@ def _join(args: argparse.Namespace) -> int:
         logging.basicConfig()
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    client = FederatedClient(config)
+    try:
+        runtime = _runtime(args)
+    except ValueError as exc:
+        print(f"fedlm join: error: {exc}", file=sys.stderr)
+        return 2
+    client = FederatedClient(config, runtime=runtime)
     interrupted = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -241,8 +275,11 @@ def _join(args: argparse.Namespace) -> int:
     try:
         summary = client.run()
     finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        served = runtime.adapter_path if runtime is not None else None
+        if runtime is not None:
+            runtime.close()
     print(f"coordinator {summary.coordinator}  task {summary.task_id}  client {summary.client_id}")
     for r in summary.rounds:
         resumed = f", resumed at step {r.resumed_from_step}" if r.resumed_from_step else ""
@@ -255,6 +292,8 @@ def _join(args: argparse.Namespace) -> int:
         f"finished ({summary.reason}); global version {summary.global_version}"
         + (f", adapter {summary.adapter_path}" if summary.adapter_path else "")
     )
+    if runtime is not None:
+        print(f"{args.backend} runtime served: {served or 'the base model (no global adapter)'}")
     print(
         f"every request sent is listed by: fedlm ledger --state-dir {os.fspath(config.state_dir)}"
     )

@@ -2,27 +2,17 @@
 
 Every model here is generated (tests/models/tiny_families.py), exported with the real genai
 model builder at fp32 and compared with our own torch forward; nothing is downloaded. The
-whole module is skipped, with the reason, when the `onnx` extra is not installed.
+whole module is skipped, with the reason, when the `onnx` extra is not installed, and fails
+instead under FEDLM_REQUIRE_ONNX=1 (`make test`; tests/onnx/conftest.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-_MISSING = [
-    m
-    for m in ("onnxruntime", "onnxruntime_genai", "onnx", "transformers", "peft")
-    if importlib.util.find_spec(m) is None
-]
-pytestmark = pytest.mark.skipif(
-    bool(_MISSING), reason=f"the `onnx` extra is not installed (missing: {', '.join(_MISSING)})"
-)
-
 import torch
 
 from edge_sdk.adapters.gguf_lora import write_gguf_lora
@@ -45,7 +35,7 @@ TOKENS = [1, 5, 270, 280, 290, 10, 100, 200, 3, 4, 150, 160, 33, 44, 55, 66]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     """{arch: (gguf, fp32 export folder)} for llama and gemma3, built once per module."""
-    from edge_sdk.onnx_export import export_onnx
+    from edge_sdk.onnx.export import export_onnx
 
     root = tmp_path_factory.mktemp("onnx")
     out = {}
@@ -125,7 +115,7 @@ def test_fp32_export_matches_torch_teacher_forced(exported):
 def test_decode_through_kv_cache_equals_prefill_and_torch(exported, arch):
     """Prefill-then-decode (one token at a time) equals torch at every position and equals a
     full prefill at the last; for gemma3 the 16 tokens cross its 5-token sliding window."""
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
 
     gguf, folder = exported[arch]
     want = _torch_logits(gguf, TOKENS)
@@ -143,7 +133,7 @@ def test_decode_through_kv_cache_equals_prefill_and_torch(exported, arch):
 def test_no_adapter_equals_base_and_adapter_equals_torch_lora(exported, tmp_path):
     """A PEFT adapter (alpha/r = 2) converted on the device matches torch + LoRA; removing it
     gives the base logits back."""
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
 
     gguf, folder = exported["llama"]
     lora = _random_lora(gguf, seed=1)
@@ -166,7 +156,7 @@ def test_swap_gguf_a_then_b_then_none(exported, tmp_path, arch):
     """GGUF LoRA A → B (different rank, subset of targets) → none, each equal to torch.
 
     For llama the GGUF stores Q/K lora_B rows permuted; the conversion must undo it."""
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
 
     gguf, folder = exported[arch]
     lora_a = _random_lora(gguf, seed=2, rank=4)
@@ -188,7 +178,7 @@ def test_swap_gguf_a_then_b_then_none(exported, tmp_path, arch):
 def test_swap_refused_while_streaming_then_allowed(exported, tmp_path):
     """RuntimeBusyError while a stream is open (genai would also refuse the unload); after the
     stream is exhausted the swap goes through and changes the output."""
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
 
     gguf, folder = exported["llama"]
     file_a = write_gguf_lora(tmp_path / "a.gguf", _random_lora(gguf, seed=4), alpha=4.0, base=gguf)
@@ -222,7 +212,7 @@ def test_genai_refuses_unload_in_use(exported, tmp_path):
     generator uses (which is why the backend drops its generator before swapping)."""
     import onnxruntime_genai as og
 
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
 
     gguf, folder = exported["llama"]
     file_a = write_gguf_lora(tmp_path / "a.gguf", _random_lora(gguf, seed=5), alpha=4.0, base=gguf)
@@ -241,7 +231,7 @@ def test_genai_refuses_unload_in_use(exported, tmp_path):
 
 
 def test_adapter_for_another_model_is_refused(exported, tmp_path):
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
 
     llama_gguf, _ = exported["llama"]
     _, gemma_folder = exported["gemma3"]
@@ -254,7 +244,7 @@ def test_adapter_for_another_model_is_refused(exported, tmp_path):
 
 
 def test_adapter_with_wrong_shapes_is_refused(exported, tmp_path):
-    from edge_sdk.onnx_adapters import lora_input_shapes, onnx_lora_tensors
+    from edge_sdk.onnx.adapters import lora_input_shapes, onnx_lora_tensors
 
     gguf, folder = exported["llama"]
     shapes = lora_input_shapes(folder / "model.onnx")
@@ -272,8 +262,8 @@ def test_adapter_with_wrong_shapes_is_refused(exported, tmp_path):
 
 
 def test_export_is_idempotent_and_refuses_foreign_folders(exported, tmp_path):
-    from edge_sdk.onnx_errors import OnnxExportError
-    from edge_sdk.onnx_export import export_onnx
+    from edge_sdk.onnx.errors import OnnxExportError
+    from edge_sdk.onnx.export import export_onnx
 
     gguf, folder = exported["llama"]
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
@@ -293,7 +283,7 @@ def test_export_is_idempotent_and_refuses_foreign_folders(exported, tmp_path):
 
 
 def test_export_refuses_unsupported_rope(tmp_path):
-    from edge_sdk.onnx_export import export_onnx
+    from edge_sdk.onnx.export import export_onnx
 
     gguf = write_family_gguf(tmp_path / "l31.gguf", "llama", rope_freqs=True)
     with pytest.raises(UnsupportedArchitectureError, match="rope_freqs"):
@@ -302,7 +292,7 @@ def test_export_refuses_unsupported_rope(tmp_path):
 
 
 def test_backend_dispatch_and_gguf_hint(exported):
-    from edge_sdk.onnx_runtime import OnnxEdgeModel
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
     from edge_sdk.runtime import EdgeModel
 
     gguf, folder = exported["llama"]
@@ -372,3 +362,47 @@ def test_cli_export_then_generate_with_gguf_adapter(tmp_path, capsys):
     # a GGUF given where the export folder is expected: one line naming the fix, exit 2
     assert main(["generate", str(gguf), "hello", "--backend", "onnx"]) == 2
     assert "fedlm export-onnx" in capsys.readouterr().err
+
+
+# -- int4: the GGUF's own blocks, not a second quantization ---------------------------------------
+
+
+def test_int4_export_holds_the_gguf_q4_1_blocks_exactly(tmp_path):
+    """With Q4_1 projections, every int4 MatMulNBits weight of the export dequantizes to exactly
+    the GGUF's weight (as our loader reads it, Q/K rows unpermuted): the export adds no second
+    rounding. The logits then follow torch up to int8-activation noise."""
+    import gguf
+    import onnx
+    from onnx import numpy_helper
+
+    from edge_sdk.onnx.export import export_onnx
+    from edge_sdk.onnx.runtime import OnnxEdgeModel
+
+    src = write_family_gguf(tmp_path / "q41.gguf", "llama", quant=gguf.GGMLQuantizationType.Q4_1)
+    folder = export_onnx(src, tmp_path / "int4", precision="int4")
+    manifest = (folder / "fedlm_export.json").read_text()
+    assert '"Q4_1": 21' in manifest  # 3 layers x 7 projections
+    model = onnx.load(str(folder / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    torch_model = load_model(src, precision="fp32")
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or "/layers." not in node.name:
+            continue
+        n_out = next(a.i for a in node.attribute if a.name == "N")
+        q = numpy_helper.to_array(inits[node.input[1]]).reshape(n_out, -1, 16)
+        q = np.stack([q & 0x0F, q >> 4], axis=-1).reshape(n_out, -1, 32).astype(np.float32)
+        d = numpy_helper.to_array(inits[node.input[2]]).reshape(n_out, -1, 1)
+        c = numpy_helper.to_array(inits[node.input[1] + "_offset"]).T.reshape(n_out, -1, 1)
+        got = (d * (q - 8) + c).reshape(n_out, -1)
+        layer, _group, target = node.name.split("/")[2:5]
+        module = hf_module(int(layer.split(".")[1]), target)
+        want = torch_model.get_submodule(module).weight.detach().numpy()
+        assert np.abs(got - want).max() <= 1e-6 * max(1.0, np.abs(want).max()), module
+        checked += 1
+    assert checked == 21
+    want = _torch_logits(src, TOKENS)[-1]
+    with OnnxEdgeModel(folder, n_threads=1) as served:
+        got = served.next_token_logits(TOKENS)
+    assert np.argmax(got) == np.argmax(want)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

@@ -1,4 +1,4 @@
-"""PEFT or GGUF LoRA adapters → `.onnx_adapter` files for a model from `edge_sdk.onnx_export`.
+"""PEFT or GGUF LoRA adapters → `.onnx_adapter` files for a model from `edge_sdk.onnx.export`.
 
 The exported graph computes, per projection, `x @ W + (x @ A_onnx) @ B_onnx` where the builder
 names the LoRA weights `model.layers.{i}.attn.{q,k,v,o}_proj.lora_{A,B}.MatMul.weight` and
@@ -10,10 +10,12 @@ does not touch get zeros of the same rank, so every LoRA input of the graph is a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,17 +33,27 @@ def onnx_lora_name(layer: int, target: str, which: str) -> str:
     return f"model.layers.{layer}.{group}.{target}.lora_{which}.MatMul.weight"
 
 
+class AdapterSource(NamedTuple):
+    """An adapter as read from the network: naming-convention tensors and how to scale them."""
+
+    tensors: dict[str, np.ndarray]
+    scale: float
+    """alpha / r."""
+    arch: str | None
+    """The GGUF's `general.architecture` (None for PEFT, which does not record it)."""
+
+
 def read_adapter(
     path: str | os.PathLike[str],
     base_gguf: str | os.PathLike[str] | None = None,
-) -> tuple[dict[str, np.ndarray], float]:
-    """(naming-convention tensors, scale alpha/r) of a PEFT directory or a GGUF LoRA file."""
+) -> AdapterSource:
+    """A PEFT directory or a GGUF LoRA file, read (and validated) once."""
     p = Path(path)
     if p.is_dir():
         from edge_sdk.adapters.peft import load_peft
 
         peft = load_peft(p)
-        return peft.tensors, peft.alpha / peft.rank
+        return AdapterSource(peft.tensors, peft.alpha / peft.rank, None)
     if not p.is_file():
         raise InvalidAdapterError(
             f"no such adapter: {p} (expected a GGUF LoRA file or a PEFT directory)"
@@ -49,7 +61,25 @@ def read_adapter(
     from edge_sdk.adapters.gguf_lora import read_gguf_lora
 
     lora = read_gguf_lora(p, base=base_gguf) if base_gguf is not None else read_gguf_lora(p)
-    return lora.tensors, lora.scale
+    return AdapterSource(lora.tensors, lora.scale, lora.arch)
+
+
+def content_hash(path: str | os.PathLike[str]) -> str:
+    """sha256 of an adapter's bytes: the file, or a PEFT directory's config + weights.
+
+    The cache key of converted adapters: a federation re-sends the same global version under
+    new file names, and A -> B -> A swaps should not convert A twice.
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def onnx_lora_tensors(
@@ -149,8 +179,10 @@ def convert_adapter(
 ) -> Path:
     """Convert a PEFT directory or GGUF LoRA to an `.onnx_adapter` for the export in `model_dir`."""
     shapes = shapes or lora_input_shapes(Path(model_dir) / "model.onnx")
-    tensors, scale = read_adapter(adapter, base_gguf)
-    return write_onnx_adapter(onnx_lora_tensors(tensors, scale, shapes, source=str(adapter)), dest)
+    src = read_adapter(adapter, base_gguf)
+    return write_onnx_adapter(
+        onnx_lora_tensors(src.tensors, src.scale, shapes, source=str(adapter)), dest
+    )
 
 
 def targets_of(names: Iterable[str]) -> tuple[str, ...]:

@@ -3,7 +3,7 @@
 The model argument is a folder written by `fedlm export-onnx` (model.onnx, genai_config.json,
 tokenizer, fedlm_export.json). Adapters arrive as the federation ships them (a GGUF LoRA file or
 a PEFT directory) and are converted here, on the device, to an `.onnx_adapter` (see
-`edge_sdk.onnx_adapters`) which `onnxruntime_genai.Adapters` loads. A swap loads the new file,
+`edge_sdk.onnx.adapters`) which `onnxruntime_genai.Adapters` loads. A swap loads the new file,
 activates it for the next generation and unloads the old one: the base weights are untouched.
 
 Thread safety mirrors the llama.cpp backend: one lock serialises generations; a swap needs the
@@ -18,25 +18,23 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from typing_extensions import Self
 
+from edge_sdk._serving import ServingLock
 from edge_sdk.errors import (
     AdapterMismatchError,
     InvalidAdapterError,
     InvalidModelError,
     ModelNotFoundError,
-    RuntimeBusyError,
 )
-from edge_sdk.onnx_errors import OnnxNotInstalledError
+from edge_sdk.onnx.errors import OnnxNotInstalledError
 from edge_sdk.runtime import GenerationConfig, Message, _config
 
 log = logging.getLogger(__name__)
@@ -54,16 +52,36 @@ def import_genai() -> Any:
     return og
 
 
+RAM_DIRS: tuple[str, ...] = ("/dev/shm",)
+"""Where converted adapters go when one of these is a writable folder (else the temp folder)."""
+
+
+def _scratch_dir() -> Path:
+    """A private (0700) folder for converted adapters, RAM-backed where possible."""
+    for root in RAM_DIRS:
+        if os.path.isdir(root) and os.access(root, os.W_OK):
+            try:
+                return Path(tempfile.mkdtemp(prefix="fedlm-onnx-adapters-", dir=root))
+            except OSError:
+                continue
+    return Path(tempfile.mkdtemp(prefix="fedlm-onnx-adapters-"))
+
+
 @dataclass
 class _LoadedAdapter:
     path: Path
+    file: Path
+    """The converted `.onnx_adapter` being served."""
     name: str
     scale: float
     seconds: float
     """Time to convert + load + activate, for the benchmark."""
+    convert_seconds: float
+    """Of which reading, checking and writing the `.onnx_adapter` (0 on a cache hit)."""
+    cached: bool
 
 
-class OnnxEdgeModel:
+class OnnxEdgeModel(ServingLock):
     """An exported ONNX model served by onnxruntime-genai, whose LoRA adapter can be swapped live.
 
     Args:
@@ -73,6 +91,7 @@ class OnnxEdgeModel:
         adapter: a GGUF LoRA file or PEFT directory to serve from the start.
         providers: execution providers in priority order (genai names: 'cpu', 'cuda', 'dml',
             'qnn', ...); CPU by default. Other names are passed through as given.
+        adapter_cache: converted adapters kept (by content hash) for a swap back; >= 1.
     """
 
     def __init__(
@@ -87,6 +106,7 @@ class OnnxEdgeModel:
         provider_options: dict[str, dict[str, str]] | None = None,
         verbose: bool = False,
         n_batch: int | None = None,
+        adapter_cache: int = 3,
     ) -> None:
         # n_batch is llama.cpp's; accepted so that EdgeModel(..., backend="onnx") takes the same
         # keywords, and ignored (genai runs the whole prompt in one pass).
@@ -104,6 +124,8 @@ class OnnxEdgeModel:
             )
         if n_ctx < 2:
             raise ValueError(f"`n_ctx` should be at least 2, got {n_ctx}")
+        if adapter_cache < 1:
+            raise ValueError(f"`adapter_cache` should be at least 1, got {adapter_cache}")
         manifest = self.path / "fedlm_export.json"
         self.info: dict[str, Any] = json.loads(manifest.read_text()) if manifest.is_file() else {}
         genai_cfg = json.loads((self.path / "genai_config.json").read_text())["model"]
@@ -138,11 +160,14 @@ class OnnxEdgeModel:
         self._adapters = og.Adapters(self._model)
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s in %.2f s", self.path, self.load_seconds)
-        self._lock = threading.Lock()
+        self._init_lock()
         self._adapter: _LoadedAdapter | None = None
         self._adapter_shapes: dict[str, tuple[int, int]] | None = None
-        self._workdir = Path(tempfile.mkdtemp(prefix="fedlm-onnx-adapters-"))
-        self._counter = 0
+        self._workdir = _scratch_dir()
+        # (content hash, scale) -> converted file, least recently used first
+        self._converted: OrderedDict[tuple[str, float], Path] = OrderedDict()
+        self._cache_size = adapter_cache
+        self._loads = 0
         self._formatter: Any = None
         if adapter is not None:
             self.load_adapter(adapter, scale=adapter_scale)
@@ -156,7 +181,16 @@ class OnnxEdgeModel:
 
     @property
     def last_swap_seconds(self) -> float | None:
+        """Seconds the current adapter's `load_adapter` took (conversion included)."""
         return self._adapter.seconds if self._adapter else None
+
+    @property
+    def last_swap(self) -> dict[str, Any] | None:
+        """How the current adapter's swap went: total and conversion seconds, cache hit."""
+        a = self._adapter
+        if a is None:
+            return None
+        return {"seconds": a.seconds, "convert_seconds": a.convert_seconds, "cached": a.cached}
 
     # ---------------------------------------------------------------- tokens
 
@@ -171,11 +205,6 @@ class OnnxEdgeModel:
         return str(self._tokenizer.decode(np.asarray(list(tokens), dtype=np.int32)))
 
     # ---------------------------------------------------------------- inference
-
-    @contextmanager
-    def _generating(self) -> Iterator[None]:
-        with self._lock:
-            yield
 
     def _generator(self, tokens: Sequence[int], cfg: GenerationConfig | None) -> Any:
         og = self._og
@@ -239,13 +268,8 @@ class OnnxEdgeModel:
 
     def _run(self, tokens: list[int], cfg: GenerationConfig, stream: bool) -> str | Iterator[str]:
         if stream:
-
-            def pieces() -> Iterator[str]:
-                # The lock is held until the stream is exhausted or closed, as in EdgeModel.
-                with self._generating():
-                    yield from self._pieces(tokens, cfg)
-
-            return pieces()
+            # The lock is held until the stream is exhausted or closed, as in EdgeModel.
+            return self._locked_stream(lambda: self._pieces(tokens, cfg))
         with self._generating():
             return "".join(self._pieces(tokens, cfg))
 
@@ -310,42 +334,72 @@ class OnnxEdgeModel:
     # ---------------------------------------------------------------- adapters
 
     def convert_adapter(self, path: str | os.PathLike[str], scale: float = 1.0) -> Path:
-        """`path` (GGUF LoRA or PEFT directory) as an `.onnx_adapter` file in this model's work
-        dir."""
-        from edge_sdk.onnx_adapters import (
+        """`path` (GGUF LoRA or PEFT directory) as an `.onnx_adapter` file in this model's work dir.
+
+        Cached by content hash and scale: converting the same bytes again returns the same file.
+        """
+        return self._convert(Path(path), scale)[0]
+
+    def _convert(self, src: Path, scale: float) -> tuple[Path, bool]:
+        """(converted file, cache hit) for `src` at `scale`."""
+        from edge_sdk.onnx.adapters import (
+            content_hash,
             lora_input_shapes,
             onnx_lora_tensors,
             read_adapter,
             write_onnx_adapter,
         )
 
+        if not src.exists():
+            raise InvalidAdapterError(
+                f"no such adapter: {src} (expected a GGUF LoRA file or a PEFT directory)"
+            )
+        key = (content_hash(src), float(scale))
+        hit = self._converted.get(key)
+        if hit is not None and hit.is_file():
+            self._converted.move_to_end(key)
+            return hit, True
         if self._adapter_shapes is None:
             self._adapter_shapes = lora_input_shapes(self.path / "model.onnx")
-        src = Path(path)
-        tensors, lora_scale = read_adapter(src)
+        adapter = read_adapter(src)  # one read: tensors, alpha/r and the GGUF's architecture
         arch = self.info.get("arch")
-        if src.is_file() and arch:
-            from edge_sdk.adapters.gguf_lora import read_gguf_lora
+        if adapter.arch and arch and adapter.arch != arch:
+            raise AdapterMismatchError(
+                f"{src}: adapter is for {adapter.arch!r}, the model is {arch!r}"
+            )
+        tensors = onnx_lora_tensors(
+            adapter.tensors, adapter.scale * scale, self._adapter_shapes, source=str(src)
+        )
+        self._loads += 1
+        dest = self._workdir / f"a{self._loads}-{key[0][:12]}.onnx_adapter"
+        write_onnx_adapter(tensors, dest)
+        self._converted[key] = dest
+        return dest, False
 
-            got = read_gguf_lora(src).arch
-            if got != arch:
-                raise AdapterMismatchError(f"{src}: adapter is for {got!r}, the model is {arch!r}")
-        onnx = onnx_lora_tensors(tensors, lora_scale * scale, self._adapter_shapes, source=str(src))
-        self._counter += 1
-        return write_onnx_adapter(onnx, self._workdir / f"adapter-{self._counter}.onnx_adapter")
+    def _evict(self) -> None:
+        """Drop the least recently used converted files beyond `adapter_cache` (not the served one)."""
+        serving = self._adapter.file if self._adapter else None
+        for key in [k for k, f in self._converted.items() if f != serving]:
+            if len(self._converted) <= self._cache_size:
+                break
+            self._converted.pop(key).unlink(missing_ok=True)
 
     def load_adapter(
         self, path: str | os.PathLike[str], *, scale: float = 1.0, wait: float = 0.0
     ) -> None:
         """Serve a GGUF LoRA or PEFT adapter from now on, replacing the current one.
 
-        Converted and checked against the model's LoRA inputs before the swap; `wait` is how long
-        to wait for a running generation, after which the swap is refused with RuntimeBusyError.
+        Converted and checked against the model's LoRA inputs before the swap (outside the lock,
+        so a running generation is not held up); `wait` is how long to wait for a running
+        generation, after which the swap is refused with RuntimeBusyError.
         """
         t0 = time.perf_counter()
-        converted = self.convert_adapter(path, scale)
+        converted, cached = self._convert(Path(path), scale)
+        convert_s = time.perf_counter() - t0
         with self._swap_lock(wait):
-            name = converted.stem
+            # A name per load: the cached file may be loaded again while its old name is in use.
+            self._loads += 1
+            name = f"{converted.stem}#{self._loads}"
             try:
                 self._adapters.load(str(converted), name)
             except RuntimeError as exc:  # onnxruntime_genai raises plain RuntimeError
@@ -353,11 +407,19 @@ class OnnxEdgeModel:
                     f"{path}: onnxruntime-genai refused the adapter: {exc}"
                 ) from None
             old = self._adapter
-            self._adapter = _LoadedAdapter(Path(path), name, scale, time.perf_counter() - t0)
+            self._adapter = _LoadedAdapter(
+                Path(path), converted, name, scale, time.perf_counter() - t0, convert_s, cached
+            )
             if old is not None:
-                self._unload(old)
+                self._adapters.unload(old.name)
+        self._evict()
         log.info(
-            "serving adapter %s (scale %.3g) in %.1f ms", path, scale, self._adapter.seconds * 1e3
+            "serving adapter %s (scale %.3g) in %.1f ms (conversion %.1f ms%s)",
+            path,
+            scale,
+            self._adapter.seconds * 1e3,
+            convert_s * 1e3,
+            ", cached" if cached else "",
         )
 
     def remove_adapter(self, *, wait: float = 0.0) -> None:
@@ -366,28 +428,8 @@ class OnnxEdgeModel:
             if self._adapter is None:
                 return
             old, self._adapter = self._adapter, None
-            self._unload(old)
+            self._adapters.unload(old.name)
         log.info("adapter removed")
-
-    def _unload(self, adapter: _LoadedAdapter) -> None:
-        self._adapters.unload(adapter.name)
-        (self._workdir / f"{adapter.name}.onnx_adapter").unlink(missing_ok=True)
-
-    @contextmanager
-    def _swap_lock(self, wait: float) -> Iterator[None]:
-        acquired = (
-            self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)
-        )
-        if not acquired:
-            waited = f" and did not finish within wait={wait:g} s" if wait > 0 else ""
-            raise RuntimeBusyError(
-                f"cannot swap the adapter of {self.path.name}: a generation is running{waited}; "
-                "finish or close the stream first, or pass wait=SECONDS to wait for it"
-            )
-        try:
-            yield
-        finally:
-            self._lock.release()
 
     # ---------------------------------------------------------------- lifetime
 
@@ -402,9 +444,3 @@ class OnnxEdgeModel:
         self._tokenizer = None
         self._model = None
         shutil.rmtree(self._workdir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -11,10 +11,13 @@ Route (see issue 13 for why not `torch.onnx.export`):
    fusing it into the base weight.
 3. The builder's LoRA initializers are turned into graph inputs whose rank axis is symbolic,
    each keeping its zero initializer as the default: with no adapter the graph is the base
-   model; an `.onnx_adapter` (`edge_sdk.onnx_adapters`) overrides them per run.
+   model; an `.onnx_adapter` (`edge_sdk.onnx.adapters`) overrides them per run.
 
-int4 quantizes twice (GGUF Q4_1 → fp32 → the builder's int4 RTN, blocks of 32): on SmolLM2 that
-costs top-1 0.60 / KL 0.48 against fp32 (BENCHMARKS.md); `precision="fp32"` is exact.
+int4 would quantize twice (GGUF Q4_1 → fp32 → the builder's int4 RTN, blocks of 32: on SmolLM2
+top-1 0.69 / KL 0.48 against the GGUF). So after the build, the GGUF's own Q4_0/Q4_1 blocks are
+copied into the int4 `MatMulNBits` weights and its Q8_0 blocks into the 8-bit lm_head
+(`edge_sdk.onnx.gguf_blocks`): those weights are then the GGUF's exactly. Weights of other GGUF
+types (Gemma 3's Q4_K/Q5_0/Q6_K) keep the builder's requantization. `precision="fp32"` is exact.
 
 The output folder holds model.onnx (+ .data), genai_config.json, the tokenizer files and
 `fedlm_export.json` (the source file's size/mtime and options), so running the same export again
@@ -30,7 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ from edge_sdk.choices import ONNX_PRECISIONS
 from edge_sdk.errors import UnsupportedArchitectureError
 from edge_sdk.models.config import ModelConfig
 from edge_sdk.models.naming import LORA_TARGETS
-from edge_sdk.onnx_errors import OnnxExportError
+from edge_sdk.onnx.errors import OnnxExportError
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +273,13 @@ def lora_node_names(config: ModelConfig) -> list[str]:
 
 
 def run_builder(
-    hf_dir: Path, adapter_dir: Path, out: Path, precision: str, cache: Path, config: ModelConfig
+    hf_dir: Path,
+    adapter_dir: Path,
+    out: Path,
+    precision: str,
+    cache: Path,
+    config: ModelConfig,
+    quant_options: Sequence[str] = (),
 ) -> None:
     """Run onnxruntime-genai's model builder in a child process (it is a script with globals).
 
@@ -279,10 +288,13 @@ def run_builder(
     extra = [f"adapter_path={adapter_dir}"]
     if precision == "int4":
         extra.append("nodes_to_exclude=" + ",".join(lora_node_names(config)))
+        # lm_head at 8 bits: the tied embedding is Q8_0 in our GGUFs, and its blocks are copied in
+        extra.append("matmul_mixed_precision=last_matmul:int8")
+        extra += list(quant_options)
     cmd = [
         sys.executable,
         "-m",
-        "edge_sdk.onnx_builder_shim",
+        "edge_sdk.onnx.builder_shim",
         "-i",
         str(hf_dir),
         "-o",
@@ -296,8 +308,9 @@ def run_builder(
         "--extra_options",
         *extra,
     ]
-    # The child imports edge_sdk.onnx_builder_shim from the same tree as this module.
-    root = str(Path(__file__).resolve().parent.parent)
+    # The child imports edge_sdk.onnx.builder_shim from the same tree as this module (the repo
+    # root, not edge_sdk/: that would make `import onnx` find edge_sdk/onnx).
+    root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=path)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -402,7 +415,7 @@ def export_onnx(
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
         "precision": precision,
-        "format": 1,
+        "format": 2,
     }
     manifest = out / MANIFEST
     if not force and manifest.is_file():
@@ -427,6 +440,13 @@ def export_onnx(
         write_placeholder_adapter(adapter_dir, config)
         say(f"building the {precision} ONNX graph (onnxruntime-genai model builder)")
         run_builder(hf_dir, adapter_dir, built, precision, work / "cache", config)
+        if precision == "int4":
+            from edge_sdk.onnx.gguf_blocks import transcode
+
+            say("copying the GGUF's 4/8-bit blocks into the graph (no second quantization)")
+            copied = transcode(built / "model.onnx", src, config)
+        else:
+            copied = {}
         say("turning LoRA weights into graph inputs")
         names = lora_inputs_from_initializers(built / "model.onnx")
         info = {
@@ -434,6 +454,7 @@ def export_onnx(
             "arch": config.arch,
             "n_layer": config.n_layer,
             "lora_inputs": len(names),
+            "gguf_blocks_copied": copied,
             "seconds": round(time.perf_counter() - t0, 2),
             **_chat_info(src),
         }

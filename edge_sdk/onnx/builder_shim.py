@@ -1,6 +1,6 @@
 """Run onnxruntime-genai's model builder with a Gemma 3 config shim (a child-process entry point).
 
-Usage: python -m edge_sdk.onnx_builder_shim <model builder arguments>
+Usage: python -m edge_sdk.onnx.builder_shim <model builder arguments>
 
 transformers 5 stores Gemma 3's RoPE settings per layer type
 (`rope_parameters = {"full_attention": {...}, "sliding_attention": {...}}`); the builder's

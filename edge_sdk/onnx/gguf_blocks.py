@@ -1,0 +1,206 @@
+"""Put the GGUF's own 4-bit blocks into the int4 graph, instead of quantizing a second time.
+
+The model builder quantizes the fp32 weights it is given (round-to-nearest, blocks of 32). Those
+weights are already the GGUF's dequantized Q4_1 blocks, so a second rounding lands on a
+different 4-bit grid: on SmolLM2-135M that alone cost top-1 0.69 / KL 0.48 against the GGUF
+(BENCHMARKS.md). The builder's `MatMulNBits` uses the same block size (32, along the input
+axis) as Q4_0 / Q4_1, so the GGUF's codes can be copied in exactly:
+
+- Q4_0 (`w = d * (q - 8)`): codes and `d` go in as they are (implicit zero point 8).
+- Q4_1 (`w = d * q + m`): `w = d * (q - 8) + (m + 8d)`. The codes and `d` go in; the per-block
+  offset `c = m + 8d` becomes a small exact correction `y += blocksum(x) @ C`, with
+  `blocksum(x)` the sums of `x` over each block of 32 inputs (1/32 of the MatMul's work, fp32).
+  A float zero point would say the same in one node, but ONNX Runtime's CPU kernel then leaves
+  its fast path (50 ms instead of 0.03 ms for one 576x1536 decode step, measured).
+- Q8_0 (`w = d * q`, q int8) into an 8-bit `MatMulNBits` (implicit zero point 128): u = q + 128.
+
+Other GGUF types (Q4_K, Q5_0, Q6_K, ...: Gemma 3's file) keep the builder's quantization.
+Rows of llama's Q/K are stored permuted in the GGUF; the same row permutation as the loader's
+(`unpermute_qk`) is applied to the blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.models.config import ModelConfig
+from edge_sdk.models.naming import LORA_TARGETS, gguf_stem
+from edge_sdk.models.qk_order import PERMUTED_ARCHS, unpermute_qk
+
+log = logging.getLogger(__name__)
+
+_NODE = re.compile(r"^/model/layers\.(\d+)/(?:attn|mlp)/(\w+_proj)/MatMul_Q\d+$")
+BLOCK = 32
+
+
+def _codes(raw: np.ndarray, kind: str, rows: int, cols: int) -> tuple[np.ndarray, ...]:
+    """(codes (rows, nb, 32) uint8 in 0..15 or 0..255, d (rows, nb), offset (rows, nb) | None)."""
+    nb = cols // BLOCK
+    if kind == "Q4_1":
+        blocks = raw.reshape(rows, nb, 20)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = blocks[..., 4:20]
+    elif kind == "Q4_0":
+        blocks = raw.reshape(rows, nb, 18)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = None
+        qs = blocks[..., 2:18]
+    elif kind == "Q8_0":
+        blocks = raw.reshape(rows, nb, 34)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        q = blocks[..., 2:34].copy().view(np.int8).astype(np.int16) + 128
+        return q.astype(np.uint8), d, None
+    else:
+        raise ValueError(kind)
+    # ggml nibble order: byte j holds element j (low) and element j + 16 (high)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    return q, d, (m + 8.0 * d if m is not None else None)
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits layout (rows, nb, 32 * bits / 8): 4-bit pairs low nibble first."""
+    if bits == 8:
+        return np.ascontiguousarray(q)
+    return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))
+
+
+def transcode(model_path: Path, gguf_path: Path, config: ModelConfig) -> dict[str, int]:
+    """Replace the builder's requantized weights in `model_path` by the GGUF's blocks.
+
+    Returns {GGUF type: nodes replaced}. The model is saved in place (external data beside it).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from edge_sdk.models.gguf_meta import read_gguf
+
+    reader: Any = read_gguf(gguf_path)
+    tensors = {t.name: t for t in reader.tensors}
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    permuted = config.arch in PERMUTED_ARCHS
+    done: dict[str, int] = {}
+    new_nodes: list[Any] = []
+    sums: dict[str, str] = {}  # input name -> its block sums (shared by q/k/v, gate/up)
+    for node in list(graph.node):
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("block_size") != BLOCK or len(node.input) not in (3, 4):
+            continue
+        match = _NODE.match(node.name)
+        if match and match.group(2) in LORA_TARGETS:
+            layer, target = int(match.group(1)), match.group(2)
+            name = gguf_stem(layer, target) + ".weight"
+        elif node.name.startswith("/lm_head/"):
+            layer, target = -1, "lm_head"
+            name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+        else:
+            continue
+        t = tensors.get(name)
+        kind = getattr(getattr(t, "tensor_type", None), "name", None)
+        bits = attrs["bits"]
+        if t is None or (bits, kind) not in ((4, "Q4_0"), (4, "Q4_1"), (8, "Q8_0")):
+            continue
+        n_out, k_in = attrs["N"], attrs["K"]
+        raw = np.asarray(t.data).reshape(-1)
+        q, d, offset = _codes(raw, kind, n_out, k_in)
+        if permuted and target in ("q_proj", "k_proj"):
+            heads = config.n_head if target == "q_proj" else config.n_kv_head
+            order = unpermute_qk(np.arange(n_out), heads)
+            q, d = q[order], d[order]
+            offset = offset[order] if offset is not None else None
+        b_name, s_name = node.input[1], node.input[2]
+        want_b = list(inits[b_name].dims)
+        packed = _pack(q, bits).reshape(want_b)
+        inits[b_name].CopyFrom(numpy_helper.from_array(packed, b_name))
+        inits[s_name].CopyFrom(
+            numpy_helper.from_array(d.reshape(list(inits[s_name].dims)).astype(np.float32), s_name)
+        )
+        if len(node.input) == 4 and node.input[3] in inits:
+            # Explicit zero points (asymmetric builds): the implicit ones, 8 or 128, written out.
+            zp = inits[node.input[3]]
+            mid = 0x88 if bits == 4 else 128
+            inits[zp.name].CopyFrom(
+                numpy_helper.from_array(np.full(list(zp.dims), mid, np.uint8), zp.name)
+            )
+        if offset is not None:
+            x = node.input[0]
+            if x not in sums:
+                stem = f"{node.name}_blocksum"
+                shape = numpy_helper.from_array(
+                    np.array([0, 0, k_in // BLOCK, BLOCK], np.int64), f"{stem}/shape"
+                )
+                axes = numpy_helper.from_array(np.array([-1], np.int64), f"{stem}/axes")
+                graph.initializer.extend([shape, axes])
+                new_nodes += [
+                    helper.make_node(
+                        "Reshape", [x, shape.name], [f"{stem}/blocks"], name=f"{stem}/Reshape"
+                    ),
+                    helper.make_node(
+                        "ReduceSum",
+                        [f"{stem}/blocks", axes.name],
+                        [f"{stem}/output_0"],
+                        name=f"{stem}/ReduceSum",
+                        keepdims=0,
+                    ),
+                ]
+                sums[x] = f"{stem}/output_0"
+            out = node.output[0]
+            c_name = f"{b_name}_offset"
+            graph.initializer.append(
+                numpy_helper.from_array(np.ascontiguousarray(offset.T.astype(np.float32)), c_name)
+            )
+            node.output[0] = f"{out}/grid"
+            new_nodes += [
+                helper.make_node(
+                    "MatMul", [sums[x], c_name], [f"{out}/offset"], name=f"{node.name}_offset"
+                ),
+                helper.make_node(
+                    "Add", [f"{out}/grid", f"{out}/offset"], [out], name=f"{node.name}_add"
+                ),
+            ]
+        done[kind] = done.get(kind, 0) + 1
+    if not done:
+        return done
+    graph.node.extend(new_nodes)
+    _toposort(graph)
+    data = model_path.with_name(model_path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save(
+        model,
+        str(model_path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    log.info("copied GGUF blocks into %s: %s", model_path, done)
+    return done
+
+
+def _toposort(graph: Any) -> None:
+    """Reorder `graph.node` so every node comes after the producers of its inputs."""
+    produced = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in produced for i in n.input):
+                ordered.append(n)
+                produced.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a missing input near {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
