@@ -35,6 +35,7 @@ import torch
 from edge_sdk._docfields import document_fields
 from edge_sdk.adapters.seeded import frozen_a_matrix
 from edge_sdk.models.naming import LORA_TARGETS, parse_hf_module
+from edge_sdk.training.adamw import AdapterAdamW
 from edge_sdk.training.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -376,7 +377,8 @@ def fit(
         m.lora_A.requires_grad_(not config.freeze_a)
         m.lora_B.requires_grad_(True)
     params = lora_parameters(model)
-    optimizer = torch.optim.AdamW(
+    # Not torch.optim.AdamW: same arithmetic and state dict, without importing torch._dynamo.
+    optimizer = AdapterAdamW(
         params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
     )
 

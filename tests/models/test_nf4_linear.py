@@ -102,7 +102,7 @@ def test_bad_buffers_are_refused(packed: torch.Tensor, absmax: torch.Tensor, mes
 
 
 def test_cpu_training_never_imports_bitsandbytes(tmp_path: Path) -> None:
-    """Loading an NF4 model, forward + backward and an eval forward import neither bitsandbytes
+    """Loading an NF4 model, a training step (with our AdamW) and an eval import neither bitsandbytes
     nor torch._inductor (bitsandbytes' import pulls it in: ~120 MB RSS)."""
     path = write_family_gguf(tmp_path / "llama.gguf", "llama")
     code = f"""
@@ -112,7 +112,10 @@ from edge_sdk.training.lora import LoraConfig, lora_parameters
 m = load_model({str(path)!r}, precision="nf4", lora=LoraConfig(rank=4))
 ids = torch.randint(5, 200, (2, 10), generator=torch.Generator().manual_seed(0))
 m(ids, ids).backward()
-# (the optimizer is checked in tests/training/test_adamw.py)
+from edge_sdk.training.adamw import AdapterAdamW
+opt = AdapterAdamW(lora_parameters(m))
+opt.step()
+torch.nn.utils.clip_grad_norm_(lora_parameters(m), 1.0)
 m.eval()
 with torch.no_grad():
     m(ids)
