@@ -41,3 +41,60 @@ void nf4_quantize(const float *w, int64_t n, int64_t blocksize, const float *mid
             out[(start + i) >> 1] = (uint8_t)((codes[i] << 4) | codes[i + 1]);
     }
 }
+
+/* NF4 blockwise dequantization, the inverse of nf4_quantize: w = code[q] * absmax[block],
+ * first element of a byte in its high nibble. Equal to bitsandbytes' dequantize_4bit (nf4)
+ * bit for bit: each weight is one float32 product code[q] * absmax, computed here once per
+ * block and code into a 16-entry table. The pure-torch twin is native.nf4.dequantize_nf4_torch.
+ * n a multiple of blocksize, blocksize even (the caller checks).
+ *
+ * It runs on every forward and backward of every NF4 layer (106 M weights twice per SmolLM2
+ * step), bounded by writing the fp32 output: with AVX2 the 16-entry lookup is two in-register
+ * permutes and a blend per 8 codes (scalar table lookups measured 2.2x slower). */
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+static void nf4_block_scalar(const uint8_t *p, int64_t half, const float *lut, float *o) {
+    for (int64_t i = 0; i < half; i++) {
+        o[2 * i] = lut[p[i] >> 4];
+        o[2 * i + 1] = lut[p[i] & 0x0f];
+    }
+}
+
+void nf4_dequantize(const uint8_t *packed, const float *absmax, int64_t n, int64_t blocksize,
+                    const float *code, float *out) {
+    int64_t blocks = n / blocksize;
+    int64_t half = blocksize / 2;
+#pragma omp parallel for schedule(static) if (blocks >= 1024)
+    for (int64_t b = 0; b < blocks; b++) {
+        float lut[16];
+        float m = absmax[b];
+        for (int k = 0; k < 16; k++) lut[k] = code[k] * m;
+        const uint8_t *p = packed + b * half;
+        float *o = out + b * blocksize;
+#if defined(__AVX2__)
+        __m256 lut_lo = _mm256_loadu_ps(lut), lut_hi = _mm256_loadu_ps(lut + 8);
+        __m256i seven = _mm256_set1_epi32(7), fifteen = _mm256_set1_epi32(15);
+        int64_t i = 0;
+        for (; i + 8 <= half; i += 8) {
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + i)));
+            __m256i qh = _mm256_srli_epi32(v, 4), ql = _mm256_and_si256(v, fifteen);
+            /* permutevar8x32 uses the index's low 3 bits; bit 3 picks the table half. */
+            __m256 h = _mm256_blendv_ps(
+                _mm256_permutevar8x32_ps(lut_lo, qh), _mm256_permutevar8x32_ps(lut_hi, qh),
+                _mm256_castsi256_ps(_mm256_cmpgt_epi32(qh, seven)));
+            __m256 l = _mm256_blendv_ps(
+                _mm256_permutevar8x32_ps(lut_lo, ql), _mm256_permutevar8x32_ps(lut_hi, ql),
+                _mm256_castsi256_ps(_mm256_cmpgt_epi32(ql, seven)));
+            /* interleave: h0 l0 h1 l1 ... (unpack works per 128-bit lane; fix the lanes) */
+            __m256 a = _mm256_unpacklo_ps(h, l), c = _mm256_unpackhi_ps(h, l);
+            _mm256_storeu_ps(o + 2 * i, _mm256_permute2f128_ps(a, c, 0x20));
+            _mm256_storeu_ps(o + 2 * i + 8, _mm256_permute2f128_ps(a, c, 0x31));
+        }
+        nf4_block_scalar(p + i, half - i, lut, o + 2 * i);
+#else
+        nf4_block_scalar(p, half, lut, o);
+#endif
+    }
+}

@@ -3,7 +3,8 @@
 Profiling `load_model` on SmolLM2-135M showed bitsandbytes' CPU `quantize_4bit` (a
 `torch.bucketize` per weight, ~40 ns each) taking ~70% of the load. The C loop does the same
 arithmetic in ~2 ns per weight. Both produce exactly bitsandbytes' packed bytes and absmax
-(tested bit for bit), so the result goes straight into a `bnb.nn.Params4bit`.
+(tested bit for bit); `edge_sdk.models.nf4.NF4Linear` holds the result, and `nf4_dequantize`
+reads it back (also bit-identical to bitsandbytes), so the CPU path never imports bitsandbytes.
 
 The kernel is compiled once (native/_build.py) and called through ctypes, which releases the
 GIL while it runs. Without a compiler, or with `FEDLM_NO_NATIVE=1`, the torch twin runs.
@@ -18,13 +19,39 @@ import torch
 
 from native import _build
 
+NF4_CODE_VALUES: tuple[float, ...] = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+"""The 16 NF4 values (QLoRA, arXiv:2305.14314, Appendix E), sorted, exactly as bitsandbytes'
+`get_4bit_type("nf4")` holds them (tested): kept here so that the CPU path never imports
+bitsandbytes, whose import pulls in torch._inductor (~120 MB RSS, 1-10 s)."""
+
+
+@functools.lru_cache(maxsize=1)
+def nf4_code() -> torch.Tensor:
+    """(16,) float32 NF4 code values, sorted ascending."""
+    return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32)
+
 
 @functools.lru_cache(maxsize=1)
 def nf4_midpoints() -> torch.Tensor:
-    """(15,) float32 midpoints between bitsandbytes' sorted NF4 code values."""
-    from bitsandbytes.functional import get_4bit_type
-
-    code = get_4bit_type("nf4", device="cpu").float()  # (16,), sorted ascending
+    """(15,) float32 midpoints between the sorted NF4 code values, as bitsandbytes computes them."""
+    code = nf4_code()
     return ((code[:-1] + code[1:]) / 2).contiguous()
 
 
@@ -32,6 +59,15 @@ def native_lib() -> ctypes.CDLL | None:
     """The compiled kernel, or None when it is unavailable or disabled."""
     lib = _build.load("nf4.c")
     if lib is not None and not getattr(lib, "_fedlm_typed", False):
+        lib.nf4_dequantize.restype = None
+        lib.nf4_dequantize.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         lib.nf4_quantize.restype = None
         lib.nf4_quantize.argtypes = [
             ctypes.c_void_p,
@@ -74,3 +110,52 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
         flat.data_ptr(), n, blocksize, mid.data_ptr(), packed.data_ptr(), absmax.data_ptr()
     )
     return packed, absmax
+
+
+def dequantize_nf4_torch(
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int = 64
+) -> torch.Tensor:
+    """The pure-torch twin of the C kernel: packed uint8 (n/2,) + absmax (blocks,) -> fp32 (n,)."""
+    p = packed.reshape(-1)
+    q = torch.stack((p >> 4, p & 0x0F), dim=1).reshape(-1).long()  # (n,) codes, high nibble first
+    return (nf4_code()[q].view(-1, blocksize) * absmax.float()[:, None]).reshape(-1)
+
+
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int = 64,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """NF4 -> fp32 like bitsandbytes' `dequantize_4bit`: (n,) values, into `out` when given.
+
+    `out` (any shape with n elements, fp32, contiguous) is filled in place and returned; a
+    reused buffer spares the allocator ~0.9 GB of short-lived weights per SmolLM2 step.
+    """
+    n = packed.numel() * 2
+    lib = native_lib()
+    if (
+        lib is None
+        or n % blocksize
+        or blocksize % 2
+        or packed.dtype != torch.uint8
+        or not packed.is_contiguous()
+        or packed.device.type != "cpu"
+    ):
+        values = dequantize_nf4_torch(packed, absmax, blocksize)
+        if out is None:
+            return values
+        out.view(-1).copy_(values)
+        return out
+    if out is None:
+        out = torch.empty(n, dtype=torch.float32)
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.numel() == n
+    am = (
+        absmax
+        if absmax.dtype == torch.float32 and absmax.is_contiguous()
+        else absmax.float().contiguous()
+    )
+    lib.nf4_dequantize(
+        packed.data_ptr(), am.data_ptr(), n, blocksize, nf4_code().data_ptr(), out.data_ptr()
+    )
+    return out

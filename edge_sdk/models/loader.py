@@ -45,6 +45,7 @@ from edge_sdk.errors import InvalidModelError, ModelNotFoundError
 from edge_sdk.models.config import ModelConfig
 from edge_sdk.models.gguf_meta import GGUFFile, quote, show_path
 from edge_sdk.models.naming import LORA_TARGETS, gguf_stem, hf_module
+from edge_sdk.models.nf4 import NF4_BLOCKSIZE, NF4Linear
 from edge_sdk.models.qk_order import PERMUTED_ARCHS, unpermute_qk
 from edge_sdk.models.transformer import Transformer
 from edge_sdk.validators import require_architecture
@@ -54,10 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-"""Frozen-base precisions `load_model` accepts."""
-
-NF4_BLOCKSIZE = 64
-"""Weights per NF4 absmax block (bitsandbytes' and QLoRA's default)."""
 
 # Norm tensors per block: GGUF suffix -> module path inside the block.
 _BLOCK_NORMS = {
@@ -154,51 +151,12 @@ def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str
     """A frozen linear layer holding `weight` (out, in) fp32 in the requested precision."""
     out_f, in_f = weight.shape
     if precision == "nf4":
-        import bitsandbytes as bnb
-        from bitsandbytes.functional import QuantState, get_4bit_type
-
-        from native.nf4 import quantize_nf4
-
-        # Same bytes as Params4bit._quantize, ~16x faster (see native/nf4.py).
-        # compress_statistics=False: no double quantization of the absmax; it would save
+        # Our own NF4 layer with bitsandbytes' exact bytes (native/nf4.c quantizes ~16x faster
+        # than bitsandbytes' CPU path). No double quantization of the absmax: it would save
         # 0.4 bit per weight but cost a second dequantization on every forward and backward.
-        packed, absmax = quantize_nf4(weight, NF4_BLOCKSIZE)
-        state = QuantState(
-            absmax=absmax,
-            shape=weight.shape,
-            dtype=torch.float32,
-            blocksize=NF4_BLOCKSIZE,
-            code=get_4bit_type("nf4", device="cpu"),
-            quant_type="nf4",
-        )
-        layer = bnb.nn.Linear4bit(
-            in_f,
-            out_f,
-            bias=bias is not None,
-            compute_dtype=torch.float32,
-            compress_statistics=False,
-            quant_type="nf4",
-            device="meta",
-        )
-        layer.weight = bnb.nn.Params4bit(
-            packed,
-            requires_grad=False,
-            quant_state=state,
-            blocksize=NF4_BLOCKSIZE,
-            compress_statistics=False,
-            quant_type="nf4",
-            module=layer,
-            bnb_quantized=True,
-        )
-        layer.quant_state = state
-        # On CPUs with AVX512-BF16, bitsandbytes (>= 0.49) repacks the weight into another
-        # layout on the first eval-mode, no-grad forward and flags its quant_state. Our own NF4
-        # kernels (training.lora) read the standard layout, so a base-model evaluation before
-        # training silently corrupted every later step. Keep the one layout everywhere.
-        layer.support_avx512bf16_for_cpu = False
-        if bias is not None:
-            layer.bias = _frozen(bias)
-        return layer
+        # Not bitsandbytes' Linear4bit: its import alone costs ~120 MB RSS (torch._inductor),
+        # and its AVX512-BF16 repacking broke our kernels before (see edge_sdk.models.nf4).
+        return NF4Linear.from_float(weight, bias, NF4_BLOCKSIZE)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
     linear.weight = _frozen(weight.to(dtype))
@@ -276,7 +234,7 @@ def load_model(
 ) -> Transformer:
     """Build a frozen base model from a GGUF file, optionally with LoRA adapters attached.
 
-    precision: 'nf4' (QLoRA: bitsandbytes NF4 blocks of 64, fp32 compute), 'bf16' or 'fp32'.
+    precision: 'nf4' (QLoRA: NF4 blocks of 64 as bitsandbytes lays them out, fp32 compute), 'bf16' or 'fp32'.
     The embedding / tied output projection is kept in fp32 (bf16 for 'bf16'): LoRA does not
     touch it and quantizing it costs accuracy on every logit.
     Raises `UnsupportedArchitectureError` for a family without an implementation,

@@ -261,7 +261,14 @@ class Transformer(nn.Module):
         """When True (and training), each block's activations are recomputed in backward."""
         self.model = nn.ModuleDict(
             dict(  # noqa: C408 - keyword form mirrors HF's module names
-                embed_tokens=nn.Embedding(config.vocab_size, config.d_model),
+                # Uninitialised: the loader builds this on the meta device and fills it from
+                # the GGUF. nn.Embedding's own init (normal_) on meta goes through torch._refs,
+                # which imports torch._dynamo and torch._inductor: ~100 MB of RSS for nothing.
+                embed_tokens=nn.Embedding(
+                    config.vocab_size,
+                    config.d_model,
+                    _weight=torch.empty(config.vocab_size, config.d_model),
+                ),
                 layers=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
                 norm=RMSNorm(config.d_model, config.norm_eps),
             )
@@ -439,10 +446,16 @@ def fused_linear_cross_entropy(
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit parameters count their logical size."""
+    # A packed 4-bit weight holds two weights per byte: count its (out, in) shape instead.
+    logical = {
+        id(m.weight): math.prod(m.shape)
+        for m in model.modules()
+        if hasattr(m, "logical_numel") and hasattr(m, "shape")
+    }
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
-        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        n = logical.get(id(p), p.numel())
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)  # bitsandbytes' Params4bit
         if shape is not None:
             n = math.prod(shape)
         total += n

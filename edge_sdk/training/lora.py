@@ -1,7 +1,7 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685) on the frozen linear layers of a `Transformer`.
 
-`LoRALinear` wraps a frozen base projection (fp32/bf16 `nn.Linear` or bitsandbytes NF4
-`Linear4bit`) and adds `scale * B(A(dropout(x)))` with A (r, in) and B (out, r), scale = alpha/r.
+`LoRALinear` wraps a frozen base projection (fp32/bf16 `nn.Linear`, our CPU `NF4Linear`, or
+bitsandbytes' `Linear4bit`, e.g. on CUDA) and adds `scale * B(A(dropout(x)))` with A (r, in) and B (out, r), scale = alpha/r.
 B starts at zero, so a fresh adapter reproduces the base exactly.
 
 Tensor names follow `edge_sdk.models.naming` (and PEFT without its `base_model.model.` prefix
@@ -11,9 +11,7 @@ They are the parameter names inside the model, so `lora_state_dict` is a filter,
 
 from __future__ import annotations
 
-import ctypes
 import math
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +23,7 @@ from torch import nn
 from edge_sdk.errors import AdapterMismatchError
 from edge_sdk.models.config import model_config
 from edge_sdk.models.naming import LORA_TARGETS, hf_module, parse_hf_module
+from edge_sdk.models.nf4 import NF4Linear
 from edge_sdk.validators import is_int_in
 
 
@@ -115,12 +114,12 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        state = getattr(self.base.weight, "quant_state", None)
-        if state is not None and isinstance(self.dropout, nn.Identity) and x.dtype == torch.float32:
-            bias = getattr(self.base, "bias", None)
-            return _MergedNF4LoRA.apply(
-                x, self.lora_A, self.lora_B, self.scale, self.base.weight, state, bias
-            )
+        if (
+            isinstance(self.base, NF4Linear)
+            and isinstance(self.dropout, nn.Identity)
+            and x.dtype == torch.float32
+        ):
+            return _MergedNF4LoRA.apply(x, self.lora_A, self.lora_B, self.scale, self.base)
         y = self.base(x)
         a = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T  # (..., r)
         return y + (a @ self.lora_B.T * self.scale).to(y.dtype)  # (..., out)
@@ -139,55 +138,6 @@ class LoRALinear(nn.Module):
         )
 
 
-_scratch = threading.local()
-
-
-def _bnb_cpu_lib() -> Any:
-    """bitsandbytes' CPU library when it has the NF4 → fp32 kernel, else None."""
-    try:
-        from bitsandbytes.cextension import lib
-    except ImportError:
-        return None
-    return lib if hasattr(lib, "cdequantize_blockwise_cpu_nf4_fp32") else None
-
-
-def _dequantize_scratch(weight: torch.Tensor, state: Any) -> torch.Tensor:
-    """fp32 (out, in) dequantization of an NF4 weight into a per-thread, per-shape buffer.
-
-    Every NF4 layer dequantizes twice per step (forward and backward); with a fresh tensor
-    each time that is ~0.9 GB of short-lived allocations per SmolLM2 step. The buffer is only
-    valid until the next call: callers use it and drop it before returning.
-    """
-    shape = tuple(state.shape)
-    lib = _bnb_cpu_lib()
-    if (
-        lib is None
-        or weight.device.type != "cpu"
-        or state.quant_type != "nf4"
-        or state.nested
-        or len(shape) != 2
-        or shape[1] % 2
-        or weight.dtype != torch.uint8
-    ):
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, state).float()
-    bufs: dict[tuple[int, ...], torch.Tensor] = _scratch.__dict__.setdefault("bufs", {})
-    buf = bufs.get(shape)
-    if buf is None:
-        buf = bufs[shape] = torch.empty(shape, dtype=torch.float32)
-    absmax = state.absmax.float().contiguous()
-    lib.cdequantize_blockwise_cpu_nf4_fp32(
-        ctypes.c_void_p(weight.data.data_ptr()),
-        ctypes.c_void_p(absmax.data_ptr()),
-        ctypes.c_void_p(buf.data_ptr()),
-        ctypes.c_longlong(state.blocksize),
-        ctypes.c_longlong(shape[0]),
-        ctypes.c_longlong(shape[1]),
-    )
-    return buf
-
-
 class _MergedNF4LoRA(torch.autograd.Function):
     """y = x (W + s·B·A)^T + bias, for a frozen NF4 W, in one matmul each way.
 
@@ -200,12 +150,12 @@ class _MergedNF4LoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scale, weight, state, bias):
-        w = _dequantize_scratch(weight, state)  # (out, in)
+    def forward(ctx, x, lora_A, lora_B, scale, base):
+        w = base.dequantize_scratch()  # (out, in)
         w.addmm_(lora_B, lora_A, alpha=scale)  # W + s·B·A
         ctx.save_for_backward(x, lora_A, lora_B)
-        ctx.scale, ctx.weight, ctx.state = scale, weight, state
-        return torch.nn.functional.linear(x, w, bias)  # (..., out)
+        ctx.scale, ctx.base = scale, base
+        return torch.nn.functional.linear(x, w, base.bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, g):
@@ -215,7 +165,7 @@ class _MergedNF4LoRA(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         if ctx.needs_input_grad[0]:
-            w = _dequantize_scratch(ctx.weight, ctx.state)
+            w = ctx.base.dequantize_scratch()
             w.addmm_(lora_B, lora_A, alpha=s)
             grad_x = g @ w  # (..., in)
         # Operand orders below are chosen for CPU BLAS: a GEMM with 8 output columns runs
@@ -226,11 +176,13 @@ class _MergedNF4LoRA(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gb = (lora_B.T @ g2.T).T  # ((r, out) @ (out, N))^T -> (N, r)
             grad_a = (gb.T @ x2).mul_(s)  # (r, N) @ (N, in) -> (r, in)
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of a plain or bitsandbytes 4-bit linear layer, as fp32."""
+    """The (out, in) weight of a plain, `NF4Linear` or bitsandbytes 4-bit linear layer, as fp32."""
+    if isinstance(linear, NF4Linear):
+        return linear.dequantize()
     w: torch.Tensor = linear.weight  # type: ignore[assignment]  # nn.Module attrs are Tensor | Module
     state = getattr(w, "quant_state", None)
     if state is not None:

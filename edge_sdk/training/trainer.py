@@ -37,6 +37,7 @@ from edge_sdk.adapters.seeded import frozen_a_matrix
 from edge_sdk.choices import PRECISIONS, Precision
 from edge_sdk.models.config import model_config
 from edge_sdk.models.naming import parse_hf_module
+from edge_sdk.training.adamw import AdapterAdamW
 from edge_sdk.training.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -598,7 +599,8 @@ class Trainer:
             m.lora_A.requires_grad_(not config.lora.freeze_a)
             m.lora_B.requires_grad_(True)
         self.params = lora_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(
+        # Not torch.optim.AdamW: same arithmetic and state dict, without importing torch._dynamo.
+        self.optimizer = AdapterAdamW(
             self.params,
             lr=config.lr,
             weight_decay=config.weight_decay,

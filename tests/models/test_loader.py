@@ -73,9 +73,9 @@ def test_load_shapes_and_precision(
     assert not any(p.requires_grad for p in model.parameters())
     q = model.model["layers"][0].self_attn.q_proj
     if precision == "nf4":
-        import bitsandbytes as bnb
+        from edge_sdk.models.nf4 import NF4Linear
 
-        assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_state.quant_type == "nf4"
+        assert isinstance(q, NF4Linear) and q.weight.dtype == torch.uint8 and q.blocksize == 64
     else:
         assert q.weight.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
     if precision != "fp32":

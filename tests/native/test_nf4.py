@@ -64,3 +64,37 @@ def test_gguf_dequant_kernels_match_gguf(qtype: str) -> None:
     x[1, :32] = 6e-8  # fp16 subnormal scales
     q = gguf.quants.quantize(x, t)
     np.testing.assert_array_equal(dequantize(q, t), gguf.quants.dequantize(q, t))
+
+
+def test_code_table_is_bitsandbytes() -> None:
+    from bitsandbytes.functional import get_4bit_type
+
+    from native.nf4 import nf4_code
+
+    assert torch.equal(nf4_code(), get_4bit_type("nf4", device="cpu").float())
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("shape", [(96, 64), (1536, 576), (576, 1536)])
+def test_dequantize_matches_bitsandbytes_bit_for_bit(
+    shape: tuple[int, int], use_kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our NF4 -> fp32 (C kernel and torch twin) equals bitsandbytes' dequantize_4bit exactly."""
+    import bitsandbytes.functional as bnbf
+
+    from native import nf4
+
+    if use_kernel and native_lib() is None:
+        pytest.skip("no C compiler: the torch twin is in use")
+    if not use_kernel:
+        monkeypatch.setattr(nf4, "native_lib", lambda: None)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.05
+    w[0, :64] = 0.0
+    w[3, 7] = -8.0
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    ref = bnbf.dequantize_4bit(packed, state).float().reshape(-1)
+    out = torch.full((w.numel(),), float("nan"))
+    got = nf4.dequantize_nf4(packed, state.absmax, 64, out=out)
+    assert got.data_ptr() == out.data_ptr()  # filled in place
+    assert torch.equal(got, ref)
+    assert torch.equal(nf4.dequantize_nf4(packed, state.absmax, 64), ref)

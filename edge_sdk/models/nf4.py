@@ -1,0 +1,132 @@
+"""A frozen NF4 linear layer for CPU training that needs no bitsandbytes.
+
+QLoRA's NF4 (Dettmers et al. 2023, arXiv:2305.14314): weights in blocks of 64, each block
+scaled by its absmax and rounded to the nearest of 16 normal-quantile values, two 4-bit codes
+per byte. `NF4Linear` stores exactly bitsandbytes' bytes (packed codes, high nibble first, and
+one fp32 absmax per block: `native.nf4` quantizes and dequantizes them bit-identically), so a
+forward through it equals bitsandbytes' `Linear4bit` with fp32 compute (tested).
+
+Why not `bnb.nn.Linear4bit` on CPU: importing bitsandbytes imports `torch._inductor`, ~120 MB
+of RSS and 1-10 s that a CPU training process never uses, and bitsandbytes >= 0.49 silently
+repacks the weight on AVX512-BF16 CPUs. On CUDA bitsandbytes remains the right tool;
+`edge_sdk.training.lora` still accepts a `Linear4bit` base.
+
+Every forward and backward dequantizes the weight into a per-thread, per-shape fp32 scratch
+buffer (`dequantize_scratch`), used at once and never kept: the model is never held in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from native.nf4 import dequantize_nf4, quantize_nf4
+
+NF4_BLOCKSIZE = 64
+"""Weights per NF4 absmax block (bitsandbytes' and QLoRA's default)."""
+
+_scratch = threading.local()
+
+
+class NF4Linear(nn.Module):
+    """y = x Wᵀ + b for a frozen NF4 W (out, in); the input gradient is g W.
+
+    `weight` is the packed codes (out·in/2,) uint8 (a frozen parameter, so that parameter
+    counts and `requires_grad_` see it), `absmax` the per-block scales (out·in/64,) fp32.
+    """
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        out_features: int,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+        blocksize: int = NF4_BLOCKSIZE,
+    ) -> None:
+        super().__init__()
+        n = out_features * in_features
+        if packed.dtype != torch.uint8 or packed.numel() * 2 != n:
+            raise ValueError(
+                f"`packed` should hold {n // 2} uint8 bytes for a ({out_features}, {in_features}) "
+                f"weight, got {packed.numel()} {packed.dtype}"
+            )
+        if n % blocksize or absmax.numel() != n // blocksize:
+            raise ValueError(
+                f"`absmax` should hold {n // blocksize} block scales, got {absmax.numel()}"
+            )
+        self.in_features, self.out_features, self.blocksize = in_features, out_features, blocksize
+        self.weight = nn.Parameter(packed.reshape(-1).contiguous(), requires_grad=False)
+        self.register_buffer("absmax", absmax.reshape(-1).float().contiguous())
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, blocksize: int = NF4_BLOCKSIZE
+    ) -> NF4Linear:
+        """Quantize an (out, in) float weight (bitsandbytes' bytes, `native.nf4`)."""
+        out_f, in_f = weight.shape
+        packed, absmax = quantize_nf4(weight, blocksize)
+        return cls(packed, absmax, out_f, in_f, bias, blocksize)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in): the logical weight shape."""
+        return (self.out_features, self.in_features)
+
+    def logical_numel(self) -> int:
+        return math.prod(self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """A fresh fp32 (out, in) copy of the weight (for export and checks, not the step)."""
+        return dequantize_nf4(self.weight, self.absmax, self.blocksize).view(self.shape)
+
+    def dequantize_scratch(self) -> torch.Tensor:
+        """The fp32 (out, in) weight in a per-thread, per-shape buffer, valid until the next call.
+
+        Every NF4 layer dequantizes twice per step (forward and backward); a fresh tensor each
+        time is ~0.9 GB of short-lived allocations per SmolLM2 step. Callers use the buffer and
+        drop it before returning.
+        """
+        bufs: dict[tuple[int, int], torch.Tensor] = _scratch.__dict__.setdefault("bufs", {})
+        buf = bufs.get(self.shape)
+        if buf is None:
+            buf = bufs[self.shape] = torch.empty(self.shape, dtype=torch.float32)
+        return dequantize_nf4(self.weight, self.absmax, self.blocksize, out=buf)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _NF4Matmul.apply(x, self)
+        return F.linear(x, self.dequantize_scratch().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+            f"nf4 blocks of {self.blocksize}"
+        )
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x Wᵀ + b with W dequantized again in backward instead of saved (nothing fp32 is kept)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize_scratch().to(x.dtype), layer.bias)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        w = ctx.layer.dequantize_scratch()
+        return g @ w.to(g.dtype), None  # (..., in)
+
+
+def empty_scratch() -> None:
+    """Drop this thread's dequantization buffers (they are re-made on the next forward)."""
+    _scratch.__dict__.pop("bufs", None)
+
+
+__all__ = ["NF4_BLOCKSIZE", "NF4Linear", "empty_scratch"]
