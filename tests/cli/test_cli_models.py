@@ -6,19 +6,9 @@ import sys
 from pathlib import Path
 
 from edge_sdk.runtime import EdgeModel
-from tests.models.test_store_identity import SMOLLM2_SHA256
-from tests.runtime.test_runtime import random_adapter
+from tests.cli.helpers import fedlm
+from tests.helpers import SMOLLM2_SHA256, random_adapter
 from tests.tiny_models import TinySpec, write_tiny_gguf
-
-
-def fedlm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_sdk.cli", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
 
 
 def test_inspect_json_real_model(smollm2_path: Path) -> None:
