@@ -26,12 +26,12 @@ def _open(tmp_path: Path, **overrides) -> tuple[Coordinator, SQLiteStorage]:
 def test_join_and_authenticate(tmp_path: Path) -> None:
     coordinator, storage = _open(tmp_path)
     with storage:
-        with pytest.raises(AuthError):
+        with pytest.raises(AuthError, match="invalid join token"):
             coordinator.join("not-the-token", "x")
         joined = coordinator.join(JOIN_TOKEN, "laptop")
         assert coordinator.authenticate(joined["token"]) == joined["client_id"]
         for bad in (None, "", "x" * 43):
-            with pytest.raises(AuthError):
+            with pytest.raises(AuthError, match="bearer token"):
                 coordinator.authenticate(bad)
 
 

@@ -70,7 +70,7 @@ def test_commit_aggregation_is_atomic_and_keeps_ids_for_duplicates(tmp_path: Pat
         assert storage.update_counts() == {"pending": 1, "aggregated": 2, "dropped": 1}
         assert storage.strategy_state() == {"version": 1}
         assert storage.get_blob("server_state") == b"blob"
-        with pytest.raises(DuplicateUpdateError):
+        with pytest.raises(DuplicateUpdateError, match="'u1' was already received"):
             storage.add_update(_rec("u1"), b"again")  # aggregated long ago, still a duplicate
 
 

@@ -67,7 +67,7 @@ def test_swap_refused_while_generating(
     next(iter(stream))  # a generation is now running
     with pytest.raises(RuntimeBusyError, match="a generation is running"):
         tiny_model.load_adapter(adapter)
-    with pytest.raises(RuntimeBusyError):
+    with pytest.raises(RuntimeBusyError, match="a generation is running"):
         tiny_model.remove_adapter()
     # With `wait`, the swap goes through once the stream ends in another thread (and not
     # before: the flag is set before the stream is closed, so a swap that did not wait for
