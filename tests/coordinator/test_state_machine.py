@@ -119,7 +119,7 @@ def test_max_rounds_closes_the_task(tmp_path: Path) -> None:
         cid = coordinator.join(JOIN_TOKEN, "a")["client_id"]
         coordinator.submit(cid, update_bytes(cid, client_tensors(rng, 8)))
         assert coordinator.aggregate() == 1
-        with pytest.raises(ConflictError) as info:
+        with pytest.raises(ConflictError, match=r"the task finished after 1 rounds") as info:
             coordinator.submit(cid, update_bytes(cid, client_tensors(rng, 8), base_version=1))
         assert info.value.code == "task_complete"
 
