@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from edge_sdk.cli import main
-from tests.runtime.test_runtime import random_adapter
-
-
-def fedlm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_sdk.cli", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+from tests.cli.helpers import fedlm
+from tests.helpers import random_adapter
 
 
 @pytest.mark.parametrize(

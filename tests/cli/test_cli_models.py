@@ -5,19 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.models.test_store_identity import SMOLLM2_SHA256
-from tests.runtime.test_runtime import random_adapter
+from edge_sdk.runtime import EdgeModel
+from tests.cli.helpers import fedlm
+from tests.helpers import SMOLLM2_SHA256, random_adapter
 from tests.tiny_models import TinySpec, write_tiny_gguf
-
-
-def fedlm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_sdk.cli", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
 
 
 def test_inspect_json_real_model(smollm2_path: Path) -> None:
@@ -86,7 +77,18 @@ def test_chat_reads_turns_from_stdin_and_keeps_history(tiny_gguf: Path) -> None:
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    assert len(out.stdout.splitlines()) == 2  # one answer line per user turn
+    first, second = out.stdout.splitlines()  # one answer line per user turn
+    # The second answer is the one the model gives with the first exchange in its context
+    # (greedy, so reproducible here), not the one it gives to the second turn alone.
+    with EdgeModel(tiny_gguf, n_ctx=256) as model:
+        opts = {"max_tokens": 4, "temperature": 0.0, "seed": 0}
+        turn1 = {"role": "user", "content": "hello"}
+        turn2 = {"role": "user", "content": "the world"}
+        assert model.chat([turn1], **opts) == first
+        with_history = model.chat([turn1, {"role": "assistant", "content": first}, turn2], **opts)
+        alone = model.chat([turn2], **opts)
+    assert with_history != alone, "the tiny model answers alike with or without history"
+    assert second == with_history
 
 
 def test_generate_prints_prompt_and_greedy_continuation(tiny_gguf: Path) -> None:

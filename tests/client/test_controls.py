@@ -58,7 +58,7 @@ def test_client_config_validates_fields(tmp_path: Path) -> None:
     ):
         with pytest.raises(ValueError, match=field):
             ClientConfig(**{"model": "m.gguf", "data": ("d",), "state_dir": tmp_path, field: value})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'nope' is not a valid LicenceClass"):
         ClientConfig(
             model="m.gguf", data=("d",), state_dir=tmp_path, refuse_licences=frozenset({"nope"})
         )

@@ -7,7 +7,6 @@ Each test runs the real command line in a subprocess on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import subprocess
@@ -18,31 +17,10 @@ from pathlib import Path
 import pytest
 
 from edge_sdk.client.joincode import JoinCode, make_join_code
+from tests.cli.helpers import REPO, cli_env, fedlm
 from tests.client.helpers import TARGETS, free_port, write_data
 
 pytestmark = pytest.mark.timeout(180)
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("FEDLM_JOIN_TOKEN", "FEDLM_JOIN_CODE")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-def _fedlm(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_sdk.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env or _env(),
-        cwd=REPO,
-        check=False,
-    )
 
 
 def _coordinator_args(model: Path, db: Path, port: int = 0) -> list[str]:
@@ -75,7 +53,7 @@ def test_port_in_use_is_one_line_naming_the_port(tmp_path: Path, model: Path) ->
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = _fedlm(*_coordinator_args(model, tmp_path / "c.sqlite", port))
+        done = fedlm(*_coordinator_args(model, tmp_path / "c.sqlite", port))
     assert done.returncode == 2 and done.stderr.count("\n") == 1  # nothing else either
     line = _one_line_error(done.stderr)
     assert f"port {port} on 127.0.0.1 is already in use" in line and "--port 0" in line
@@ -91,9 +69,9 @@ def test_a_short_join_token_names_the_flag_and_the_minimum(
 ) -> None:
     args = _coordinator_args(model, tmp_path / "c.sqlite")
     if how == "flag":
-        done = _fedlm(*args, "--join-token", "secret")
+        done = fedlm(*args, "--join-token", "secret")
     else:
-        done = _fedlm(*args, env=_env(FEDLM_JOIN_TOKEN="secret"))
+        done = fedlm(*args, env=cli_env(FEDLM_JOIN_TOKEN="secret"))
     assert done.returncode == 2
     line = _one_line_error(done.stderr)
     assert named in line and "at least 8 characters, got 6" in line
@@ -135,7 +113,7 @@ def _stop(proc: subprocess.Popen[str]) -> str:
 
 def test_the_coordinator_serves_tls_and_prints_a_join_code(tmp_path: Path, model: Path) -> None:
     db = tmp_path / "c.sqlite"
-    env = _env(FEDLM_JOIN_TOKEN="a-token-from-the-env")
+    env = cli_env(FEDLM_JOIN_TOKEN="a-token-from-the-env")
     proc, lines = _start_coordinator(_coordinator_args(model, db), env)
     err = _stop(proc)
     assert lines[0].startswith("fedlm coordinator https://127.0.0.1:")
@@ -156,7 +134,7 @@ def test_the_coordinator_serves_tls_and_prints_a_join_code(tmp_path: Path, model
 def test_plain_http_needs_insecure_on_both_sides(tmp_path: Path, model: Path) -> None:
     data = write_data(tmp_path / "d.jsonl")
     proc, lines = _start_coordinator(
-        [*_coordinator_args(model, tmp_path / "c.sqlite"), "--insecure"], _env()
+        [*_coordinator_args(model, tmp_path / "c.sqlite"), "--insecure"], cli_env()
     )
     try:
         url = lines[0].split()[2]
@@ -165,7 +143,7 @@ def test_plain_http_needs_insecure_on_both_sides(tmp_path: Path, model: Path) ->
             line.split()[-1] for line in lines if line.startswith("join token (shown once)")
         )
         # A device without --insecure refuses the http:// URL (one line, exit 2)...
-        refused = _fedlm(
+        refused = fedlm(
             "join",
             str(model),
             "--data",
@@ -190,7 +168,7 @@ def test_an_unreachable_coordinator_fails_within_seconds(tmp_path: Path, model: 
     data = write_data(tmp_path / "d.jsonl")
     url = f"https://127.0.0.1:{free_port()}"  # nothing listens
     started = time.monotonic()
-    done = _fedlm(
+    done = fedlm(
         "join",
         str(model),
         "--data",
@@ -216,7 +194,7 @@ def test_a_mistyped_join_code_is_caught_before_anything_is_sent(tmp_path: Path) 
     data = write_data(tmp_path / "d.jsonl")
     code = make_join_code("ab" * 32, "a-join-token")
     typo = code[:20] + ("a" if code[20] != "a" else "b") + code[21:]
-    done = _fedlm(
+    done = fedlm(
         "join",
         "m.gguf",
         "--data",

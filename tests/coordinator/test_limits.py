@@ -3,7 +3,8 @@
 Each test is one attack from issue 11 ("the service can be stalled or crashed"): a 48 MiB join
 body, slowloris headers and bodies, a peer that stops reading, a connection flood from one
 address, a metrics bomb, integers past int64, a device name that forges log lines, and one
-client reading another's status. /healthz must answer within 100 ms throughout.
+client reading another's status. /healthz keeps answering throughout (median within 100 ms,
+no stall past 1 s).
 """
 
 from __future__ import annotations

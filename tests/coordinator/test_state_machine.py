@@ -26,12 +26,12 @@ def _open(tmp_path: Path, **overrides) -> tuple[Coordinator, SQLiteStorage]:
 def test_join_and_authenticate(tmp_path: Path) -> None:
     coordinator, storage = _open(tmp_path)
     with storage:
-        with pytest.raises(AuthError):
+        with pytest.raises(AuthError, match="invalid join token"):
             coordinator.join("not-the-token", "x")
         joined = coordinator.join(JOIN_TOKEN, "laptop")
         assert coordinator.authenticate(joined["token"]) == joined["client_id"]
         for bad in (None, "", "x" * 43):
-            with pytest.raises(AuthError):
+            with pytest.raises(AuthError, match="bearer token"):
                 coordinator.authenticate(bad)
 
 
@@ -119,7 +119,7 @@ def test_max_rounds_closes_the_task(tmp_path: Path) -> None:
         cid = coordinator.join(JOIN_TOKEN, "a")["client_id"]
         coordinator.submit(cid, update_bytes(cid, client_tensors(rng, 8)))
         assert coordinator.aggregate() == 1
-        with pytest.raises(ConflictError) as info:
+        with pytest.raises(ConflictError, match=r"the task finished after 1 rounds") as info:
             coordinator.submit(cid, update_bytes(cid, client_tensors(rng, 8), base_version=1))
         assert info.value.code == "task_complete"
 

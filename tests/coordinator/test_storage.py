@@ -53,7 +53,9 @@ def test_commit_aggregation_is_atomic_and_keeps_ids_for_duplicates(tmp_path: Pat
         )
         # A second commit of the same version fails and changes nothing.
         storage.add_update(_rec("u4"), b"u4")
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(
+            sqlite3.IntegrityError, match=r"UNIQUE constraint failed: globals\.version"
+        ):
             storage.commit_aggregation(
                 GlobalRecord(1, 3.0, '"x"', {}, b"x"), ["u4"], [], {"version": 9}, {}, 0
             )
@@ -70,7 +72,7 @@ def test_commit_aggregation_is_atomic_and_keeps_ids_for_duplicates(tmp_path: Pat
         assert storage.update_counts() == {"pending": 1, "aggregated": 2, "dropped": 1}
         assert storage.strategy_state() == {"version": 1}
         assert storage.get_blob("server_state") == b"blob"
-        with pytest.raises(DuplicateUpdateError):
+        with pytest.raises(DuplicateUpdateError, match="'u1' was already received"):
             storage.add_update(_rec("u1"), b"again")  # aggregated long ago, still a duplicate
 
 

@@ -35,5 +35,7 @@ def test_bad_values_name_the_field(field: str, value: object) -> None:
 def test_bad_codec_is_refused() -> None:
     from edge_sdk.wire import WireError
 
-    with pytest.raises((ValueError, WireError)):
+    with pytest.raises(
+        (ValueError, WireError), match=r"unknown codec stage 'int3' in 'delta\+int3'"
+    ):
         DemoConfig(codec="delta+int3")

@@ -31,7 +31,7 @@ import pytest
 
 from tests.fuzz.gguf_craft import Parts, V, array, nested_array, scalar
 from tests.fuzz.runner import Outcome, run
-from tests.runtime.test_runtime import random_adapter
+from tests.helpers import random_adapter
 from tests.tiny_models import write_tiny_gguf
 
 CASES = int(os.environ.get("FEDLM_FUZZ_CASES", "40"))

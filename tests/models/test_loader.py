@@ -149,7 +149,7 @@ def test_bad_precision_and_missing_file(family_paths: dict[str, Path], tmp_path:
         load_model(family_paths["llama"], precision="int3")
     from edge_sdk.errors import ModelNotFoundError
 
-    with pytest.raises(ModelNotFoundError):
+    with pytest.raises(ModelNotFoundError, match=r"no such GGUF file: .*nope\.gguf"):
         load_model(tmp_path / "nope.gguf")
 
 

@@ -11,9 +11,8 @@ from edge_sdk.errors import InvalidModelError, ModelNotFoundError
 from edge_sdk.models import resolve
 from edge_sdk.models.identity import inspect_model, model_sha256
 from edge_sdk.models.licence import LicenceClass, classify, parse_policy
+from tests.helpers import SMOLLM2_SHA256
 from tests.tiny_models import write_tiny_gguf
-
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def test_resolve_path_and_errors(tiny_gguf: Path, tmp_path: Path) -> None:

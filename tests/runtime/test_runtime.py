@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -10,45 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_sdk.adapters.gguf_lora import BaseModelInfo, write_gguf_lora
 from edge_sdk.errors import (
     AdapterMismatchError,
     InvalidAdapterError,
     InvalidModelError,
     RuntimeBusyError,
 )
-from edge_sdk.models import naming
 from edge_sdk.runtime import EdgeModel, GenerationConfig
+from tests.helpers import random_adapter
 from tests.tiny_models import TinySpec, write_tiny_gguf
-
-
-def random_adapter(
-    path: Path,
-    base: Path,
-    *,
-    rank: int = 4,
-    seed: int = 0,
-    targets=("q_proj", "v_proj", "down_proj"),
-    scale: float = 0.05,
-) -> Path:
-    """A random LoRA adapter (B non-zero) shaped for `base`."""
-    info = BaseModelInfo.from_gguf(base)
-    rng = np.random.default_rng(seed)
-    n_layer = 1 + max(
-        int(name.split(".")[1]) for name in info.tensor_shapes if name.startswith("blk.")
-    )
-    tensors: dict[str, np.ndarray] = {}
-    for layer in range(n_layer):
-        for target in targets:
-            out_f, in_f = info.tensor_shapes[naming.gguf_stem(layer, target) + ".weight"]
-            key = naming.hf_module(layer, target)
-            tensors[key + ".lora_A"] = (rng.standard_normal((rank, in_f)) * scale).astype(
-                np.float32
-            )
-            tensors[key + ".lora_B"] = (rng.standard_normal((out_f, rank)) * scale).astype(
-                np.float32
-            )
-    return write_gguf_lora(path, tensors, alpha=2.0 * rank, base=info)
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +37,14 @@ def test_config_validation() -> None:
 
 def test_tiny_generate_stream_and_chat(tiny_model: EdgeModel) -> None:
     text = tiny_model.generate("hello world", max_tokens=8)
-    assert isinstance(text, str)
+    # Greedy: the continuation is some tokens, at most max_tokens, and the same every time.
+    assert 0 < len(tiny_model.tokenize(text, add_bos=False)) <= 8, text
+    assert tiny_model.generate("hello world", max_tokens=8) == text
     assert "".join(tiny_model.generate("hello world", max_tokens=8, stream=True)) == text
-    assert isinstance(tiny_model.chat([{"role": "user", "content": "hello"}], max_tokens=4), str)
+    turn = [{"role": "user", "content": "hello"}]
+    answer = tiny_model.chat(turn, max_tokens=4)
+    assert len(tiny_model.tokenize(answer, add_bos=False)) <= 4, answer
+    assert "".join(tiny_model.chat(turn, max_tokens=4, stream=True)) == answer
 
 
 def test_tiny_hot_swap_and_restore(tiny_model: EdgeModel, tiny_gguf: Path, tmp_path: Path) -> None:
@@ -91,13 +67,20 @@ def test_swap_refused_while_generating(
     next(iter(stream))  # a generation is now running
     with pytest.raises(RuntimeBusyError, match="a generation is running"):
         tiny_model.load_adapter(adapter)
-    with pytest.raises(RuntimeBusyError):
+    with pytest.raises(RuntimeBusyError, match="a generation is running"):
         tiny_model.remove_adapter()
-    # With `wait`, the swap goes through once the stream ends in another thread.
-    threading.Timer(0.2, stream.close).start()
-    t0 = time.perf_counter()
+    # With `wait`, the swap goes through once the stream ends in another thread (and not
+    # before: the flag is set before the stream is closed, so a swap that did not wait for
+    # the close would see it unset).
+    closing = threading.Event()
+
+    def close() -> None:
+        closing.set()
+        stream.close()
+
+    threading.Timer(0.2, close).start()
     tiny_model.load_adapter(adapter, wait=10)
-    assert time.perf_counter() - t0 >= 0.1
+    assert closing.is_set()
     assert tiny_model.adapter_path == adapter
     tiny_model.remove_adapter()
 
@@ -160,13 +143,18 @@ def test_real_hot_swap_changes_and_restores_logits(
     base = smollm2.next_token_logits(prompt)
     a1 = random_adapter(tmp_path / "a1.gguf", smollm2_path, rank=8, seed=1)
     a2 = random_adapter(tmp_path / "a2.gguf", smollm2_path, rank=4, seed=2)
-    t0 = time.perf_counter()
-    smollm2.load_adapter(a1)
-    swap_s = time.perf_counter() - t0
+    swaps: list[float] = []
+
+    def timed_swap(adapter: Path) -> None:
+        t0 = time.perf_counter()
+        smollm2.load_adapter(adapter)
+        swaps.append(time.perf_counter() - t0)
+
+    timed_swap(a1)
     l1 = smollm2.next_token_logits(prompt)
-    smollm2.load_adapter(a2)  # replace without removing
+    timed_swap(a2)  # replace without removing
     l2 = smollm2.next_token_logits(prompt)
-    smollm2.load_adapter(a1)
+    timed_swap(a1)
     l1_again = smollm2.next_token_logits(prompt)
     smollm2.remove_adapter()
     restored = smollm2.next_token_logits(prompt)
@@ -174,7 +162,12 @@ def test_real_hot_swap_changes_and_restores_logits(
     assert np.abs(l2 - l1).max() > 1e-2
     np.testing.assert_array_equal(l1_again, l1)
     np.testing.assert_array_equal(restored, base)
-    assert swap_s < 2.0  # adapter-sized work, not a model reload
+    # Adapter-sized work, not a model reload: compared with loading the same model in this
+    # test (a fixed bound in seconds fails on a busy machine; the ratio does not).
+    t0 = time.perf_counter()
+    with EdgeModel(smollm2_path, n_ctx=256):
+        load_s = time.perf_counter() - t0
+    assert statistics.median(swaps) < load_s, (swaps, load_s)
 
 
 # --------------------------------------------------------------------------- first-use errors

@@ -135,7 +135,9 @@ def test_device_refuses_a_tampered_share() -> None:
     blob[-1] ^= 1
     shares = dict(req.shares)
     shares[sender] = bytes(blob)
-    with pytest.raises(DecryptionError):
+    with pytest.raises(
+        DecryptionError, match=r"device 1: share from 2: encrypted share does not verify for"
+    ):
         r.devices[1].masked_input(
             wire(MaskedInputRequest(req.round_id, 1, shares)), r.updates[1], r.weights[1]
         )
@@ -147,7 +149,9 @@ def test_device_refuses_a_share_redirected_from_another_pair() -> None:
     reqs = _to_phase(r, "masked_input")
     shares = dict(reqs[1].shares)
     shares[3] = reqs[2].shares[3]
-    with pytest.raises(DecryptionError):
+    with pytest.raises(
+        DecryptionError, match=r"device 1: share from 3: encrypted share does not verify for"
+    ):
         r.devices[1].masked_input(
             wire(MaskedInputRequest(reqs[1].round_id, 1, shares)), r.updates[1], r.weights[1]
         )
@@ -192,7 +196,7 @@ def test_replayed_masked_input_into_another_cohort_with_the_same_round_id_is_ref
     new.server = ServerRound(PARAMS, round_id=old.server.round_id)
     new.devices = {i: DeviceSession(wire(new.server.setup(i))) for i in range(1, 8)}
     _to_phase(new, "masked_input")
-    with pytest.raises(ReplayError):
+    with pytest.raises(ReplayError, match=r"device 1: masked input is not bound to round"):
         new.server.receive(wire(old_input))
 
 
@@ -200,7 +204,7 @@ def test_a_device_cannot_submit_anothers_masked_input_as_its_own() -> None:
     r = make_round(PARAMS, 8, seed=32)
     _, one = _masked_input(r, 1)
     stolen = dataclasses.replace(one, device_id=2)
-    with pytest.raises(ReplayError):
+    with pytest.raises(ReplayError, match=r"device 2: masked input is not bound to round"):
         r.server.receive(wire(stolen))
     r.server.receive(wire(one))
     with pytest.raises(ProtocolViolationError, match="may not send a masked input now"):

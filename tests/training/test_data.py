@@ -164,7 +164,7 @@ def test_empty_dataset_is_a_clear_error(tmp_path: Path, tok: LlamaCppTokenizer) 
     (tmp_path / "junk.jsonl").write_text("nope\n[1]\n")
     with pytest.raises(EmptyDatasetError, match="2 malformed lines skipped"):
         build_dataset(tmp_path / "junk.jsonl", tok, DataConfig(skip_bad=True))
-    with pytest.raises(EmptyDatasetError):
+    with pytest.raises(EmptyDatasetError, match="no data files given"):
         build_dataset([], tok)
 
 

@@ -71,7 +71,7 @@ def test_schedule_warmup_then_cosine() -> None:
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"`step` should be in \[0, 20\), got 20"):
         lr_at(20, base_lr=1.0, warmup=4, total=20)
 
 

@@ -100,7 +100,9 @@ def test_delta_update_needs_reference() -> None:
         update.dense_tensors()
     partial = dict(lora_tensors(7))
     partial.pop(next(iter(partial)))
-    with pytest.raises(MissingReferenceError):
+    with pytest.raises(
+        MissingReferenceError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A: delta-coded"
+    ):
         update.dense_tensors(partial)
 
 
@@ -203,7 +205,9 @@ def test_header_rejections() -> None:
     data = build_update("fp16").to_bytes()
     with pytest.raises(BadMagicError, match="expected magic b'FDLM'"):
         AdapterUpdate.from_bytes(b"XXXX" + data[4:])
-    with pytest.raises(BadMagicError):
+    with pytest.raises(
+        BadMagicError, match=r"expected at least an 8-byte header starting with b'FDLM'"
+    ):
         AdapterUpdate.from_bytes(data[:5])
     with pytest.raises(UnsupportedVersionError, match="expected protocol version 1, got 2"):
         AdapterUpdate.from_bytes(data[:4] + b"\x00\x02" + data[6:])
@@ -215,7 +219,7 @@ def test_header_rejections() -> None:
         decode_message(data[:7] + b"\x01" + data[8:])
     with pytest.raises(MalformedMessageError, match="trailing"):
         decode_message(data + b"\x00")
-    with pytest.raises(MalformedMessageError):
+    with pytest.raises(MalformedMessageError, match=r"body is not one valid msgpack object"):
         decode_message(data[:-3])
     with pytest.raises(MalformedMessageError, match="map"):
         decode_message(data[:8] + msgpack.packb([1, 2]))
@@ -293,7 +297,7 @@ def test_non_finite_payload_is_rejected() -> None:
     body = _body(data)
     t = next(iter(body["tensors"].values()))
     t["data"] = np.full(len(t["data"]) // 4, np.inf, "<f4").tobytes()
-    with pytest.raises(NonFiniteError):
+    with pytest.raises(NonFiniteError, match=r"tensor\.data: expected finite fp32 values"):
         AdapterUpdate.from_bytes(_repack(data, body))
 
 

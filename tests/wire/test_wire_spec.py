@@ -241,7 +241,7 @@ def test_rejected_codec_spellings(spelling: str) -> None:
 )
 def test_non_ascii_and_word_numbers_are_rejected(spelling: str) -> None:
     """Python's float()/int() read Arabic-Indic digits and "infinity"; the grammar does not."""
-    with pytest.raises(UnknownCodecError):
+    with pytest.raises(UnknownCodecError, match=r"bad parameter in codec stage '"):
         parse_codec(spelling)
 
 
@@ -250,7 +250,9 @@ def test_codec_string_length_and_repeats_are_as_documented() -> None:
     longest = "delta+topk:0." + "0" * 100 + "1+int8:64"
     assert len(longest) <= 128 and parse_codec(longest).topk == 1e-101
     for bad in ("", longest + "0" * (129 - len(longest)), "int8+int4", "delta+delta"):
-        with pytest.raises(UnknownCodecError):
+        with pytest.raises(
+            UnknownCodecError, match=r"stages joined by '\+' from delta, topk, fp32, fp16, bf16"
+        ):
             parse_codec(bad)
 
 
@@ -416,9 +418,15 @@ def test_task_extra_nests_the_same_in_msgpack_and_json() -> None:
     ok, deep = _task_body(extra=_nested(depth)), _task_body(extra=_nested(depth + 1))
     assert TaskConfig.from_bytes(_raw(MessageKind.TASK_CONFIG, ok)).extra == _nested(depth)
     assert TaskConfig.from_json_dict({"protocol_version": 1, **ok}).extra == _nested(depth)
-    with pytest.raises(LimitExceededError):
+    with pytest.raises(
+        LimitExceededError,
+        match=r"TaskConfig\.extra\.a\[0\]\[0\]\[0\]\[0\]\[0\]\[0\]\[0\]\[0\]: nesting deeper",
+    ):
         TaskConfig.from_bytes(_raw(MessageKind.TASK_CONFIG, deep))
-    with pytest.raises(LimitExceededError):
+    with pytest.raises(
+        LimitExceededError,
+        match=r"TaskConfig\.extra\.a\[0\]\[0\]\[0\]\[0\]\[0\]\[0\]\[0\]\[0\]: nesting deeper",
+    ):
         TaskConfig.from_json_dict({"protocol_version": 1, **deep})
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,26 +12,11 @@ import pytest
 
 from coordinator.server import Service
 from coordinator.strategies import FedBuff
+from tests.cli.helpers import REPO, cli_env, fedlm
 from tests.client.helpers import CANARY, JOIN_TOKEN, coordinator_config, join_code, write_data
 from tests.tiny_models import write_tiny_gguf
 
 pytestmark = pytest.mark.timeout(300)
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("FEDLM_JOIN_TOKEN", None)
-    env.pop("FEDLM_JOIN_CODE", None)
-    return env
-
-
-def _fedlm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_sdk.cli", *args], capture_output=True, text=True, timeout=120,
-        env=env or _env(), cwd=REPO, check=False,
-    )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -45,7 +28,7 @@ def test_join_then_ledger(tmp_path: Path) -> None:
     async def scenario() -> tuple[int, str, str]:
         config = coordinator_config(tmp_path, model, strategy=FedBuff(buffer_size=1))
         async with Service(config) as service:
-            env = _env() | {
+            env = cli_env() | {
                 "FEDLM_JOIN_CODE": join_code(service)
             }  # the join code from the environment
             proc = await asyncio.create_subprocess_exec(
@@ -64,7 +47,7 @@ def test_join_then_ledger(tmp_path: Path) -> None:
     assert "finished (max_rounds); global version 1" in out
     assert stat.S_IMODE((state / "token.json").stat().st_mode) == 0o600
 
-    listed = _fedlm("ledger", "--state-dir", str(state), "--json")
+    listed = fedlm("ledger", "--state-dir", str(state), "--json")
     assert listed.returncode == 0, listed.stderr
     doc = json.loads(listed.stdout)
     kinds = [e["kind"] for e in doc["entries"]]
@@ -72,15 +55,15 @@ def test_join_then_ledger(tmp_path: Path) -> None:
     assert doc["summary"]["requests"] == len(kinds) and doc["summary"]["distinct_updates"] == 1
     assert all(name.endswith(("lora_A", "lora_B")) for name in doc["summary"]["tensor_names"])
     assert CANARY not in listed.stdout and JOIN_TOKEN not in listed.stdout
-    text = _fedlm("ledger", "--state-dir", str(state))
+    text = fedlm("ledger", "--state-dir", str(state))
     assert text.returncode == 0 and "update" in text.stdout and "requests" in text.stdout
 
 
 def test_join_usage_errors_exit_2(tmp_path: Path) -> None:
     data = write_data(tmp_path / "data.jsonl")
-    bad_policy = _fedlm("join", "x.gguf", "--data", str(data), "--refuse-licence", "bogus")
+    bad_policy = fedlm("join", "x.gguf", "--data", str(data), "--refuse-licence", "bogus")
     assert bad_policy.returncode == 2 and "unknown licence class 'bogus'" in bad_policy.stderr
-    missing = _fedlm(
+    missing = fedlm(
         "join",
         str(tmp_path / "missing.gguf"),
         "--data",
@@ -92,7 +75,7 @@ def test_join_usage_errors_exit_2(tmp_path: Path) -> None:
         str(tmp_path / "s"),
     )
     assert missing.returncode == 2 and missing.stderr.startswith("fedlm: error:")
-    no_state = _fedlm("ledger", "--state-dir", str(tmp_path / "nothing"))
+    no_state = fedlm("ledger", "--state-dir", str(tmp_path / "nothing"))
     assert no_state.returncode == 2 and "no client state directory" in no_state.stderr
 
 
