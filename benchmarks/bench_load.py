@@ -116,21 +116,6 @@ class Server:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def thread_cpu_seconds(self) -> dict[str, float]:
-        """CPU seconds of the coordinator's live threads, summed by name (pool threads share a
-        prefix). Threads that have exited (the aggregation's pools, an idle commit writer) are
-        not listed: their time is in `cpu_seconds` only."""
-        out: dict[str, float] = {}
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            try:
-                name = re.sub(r"_\d+$", "", (task / "comm").read_text().strip())
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            out[name] = out.get(name, 0.0) + seconds
-        return out
-
     def write_bytes(self) -> int:
         """Bytes the coordinator process has caused to be written to storage so far."""
         for line in Path(f"/proc/{self.proc.pid}/io").read_text().splitlines():
@@ -350,7 +335,6 @@ async def run_load(
                 prober = asyncio.create_task(probe_loop())
                 tasks = []
                 server_cpu0, server_written0 = server.cpu_seconds(), server.write_bytes()
-                threads0 = server.thread_cpu_seconds()
                 own_cpu0 = time.process_time()
                 load_start = time.perf_counter()
                 n = int(rate * seconds)
@@ -367,10 +351,6 @@ async def run_load(
                 results = await asyncio.gather(*tasks, return_exceptions=True)
                 elapsed = time.perf_counter() - load_start
                 server_cpu = server.cpu_seconds() - server_cpu0
-                threads = {
-                    name: round(1000 * (cpu - threads0.get(name, 0.0)) / max(1, len(acked)), 1)
-                    for name, cpu in server.thread_cpu_seconds().items()
-                }
                 server_written = server.write_bytes() - server_written0
                 own_cpu = time.process_time() - own_cpu0
                 stop.set()
@@ -428,7 +408,6 @@ async def run_load(
             "server_cpu_ms_per_accepted": 1000 * server_cpu / max(1, len(acked)),
             "loadgen_cpu_ms_per_accepted": 1000 * own_cpu / max(1, len(acked)),
             "server_cpu_utilisation": server_cpu / elapsed,
-            "server_thread_cpu_ms_per_accepted": threads,
             "server_disk_write_mb_per_accepted": server_written / 1e6 / max(1, len(acked)),
             "acked_lost": len(lost),
             "acked_dropped_at_aggregation": sum(stored.get(u) == "dropped" for u in acked),
