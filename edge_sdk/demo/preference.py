@@ -112,10 +112,16 @@ def reward_accuracy(
 
 
 def experiment(
-    config: DemoConfig, work_dir: Path, *, arms: Sequence[str] = ARMS, greedy: bool = False
+    config: DemoConfig,
+    work_dir: Path,
+    *,
+    arms: Sequence[str] = ARMS,
+    clients: Sequence[int] | None = None,
+    greedy: bool = False,
 ) -> dict[str, Any]:
-    """Every arm in this process; returns the figures (also what `fedlm demo --method dpo`
-    writes to report.json)."""
+    """The arms in this process; returns the figures (also what `fedlm demo --method dpo`
+    writes to report.json). Arms (and local-only `clients`) can run in separate processes
+    and be merged: they share every seed."""
     import torch
 
     from edge_sdk.demo.evaluate import TeacherForcedEvaluator
@@ -160,6 +166,8 @@ def experiment(
     if "local" in arms:
         local = {}
         for c, ds in enumerate(datasets):
+            if clients is not None and c not in clients:
+                continue
             run = train_run(model, ds, config, init, steps, seed=config.seed * 1000 + 7 + c)
             local[str(c)] = rec(run.adapter) | {"train_s": round(run.seconds, 1)}
             logger.info("local-only client %d: %s", c, local[str(c)])
@@ -242,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - an exp
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--greedy", action="store_true", help="also judge llama.cpp greedy answers")
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--clients", default="", help="local-only clients to run (default: all)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args(argv)
@@ -256,7 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - an exp
     changes = dict(item.split("=", 1) for item in args.set)
     config = config.replace(**{k: _parse_value(v) for k, v in changes.items()})
     with tempfile.TemporaryDirectory(prefix="fedlm-dpo-") as tmp:
-        result = experiment(config, Path(tmp), arms=args.arms.split(","), greedy=args.greedy)
+        result = experiment(
+            config, Path(tmp), arms=args.arms.split(","), greedy=args.greedy,
+            clients=[int(c) for c in args.clients.split(",")] if args.clients else None,
+        )  # fmt: skip
     print(json.dumps(result))
     return 0
 
