@@ -127,9 +127,11 @@ class CoordinatorConfig:
     secure_clip: float = 0.01
     """Secure aggregation: per-coordinate bound C on a device's B delta (devices clip to
     [-C, C]; the coordinator cannot clip what it cannot see)."""
-    secure_grid_bits: int = 4
-    """Secure aggregation: bits g of the integer grid over [-C, C]. The ring is
-    g + ceil(log2 clients_per_round) bits; at most 7 keeps a masked update >= 4x below fp32."""
+    secure_grid_bits: int = 0
+    """Secure aggregation: bits g of the integer grid over [-C, C]; the ring is
+    g + ceil(log2 cohort) bits. 0 (default) picks the widest grid whose ring fits 7 bits
+    (`edge_sdk.secagg.params.grid_bits_for`: 5, 4, 3, 1 bits at cohorts 3, 8, 16, 64), which
+    keeps a masked update >= 4x below fp32; more bits buy accuracy at the cost of bytes."""
     secure_phase_s: float = 30.0
     """Secure aggregation: each protocol phase closes this many seconds after it opened (or
     as soon as every device asked has answered); a device that has not answered is a

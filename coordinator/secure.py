@@ -71,6 +71,7 @@ from edge_sdk.secagg import (
     encode,
 )
 from edge_sdk.secagg import dp as secagg_dp
+from edge_sdk.secagg.params import grid_bits_for
 
 if TYPE_CHECKING:
     from coordinator.state_machine import Coordinator
@@ -113,11 +114,12 @@ def secagg_params(config: Any, vector_len: int, weight_cap: int) -> SecAggParams
     update's L2 norm to `dp.clip_norm` and add Skellam noise calibrated so that a sum of the
     minimum cohort carries noise of std `dp.noise_multiplier` × the L2 sensitivity.
     """
+    cohort = cohort_size_of(config)
     params = SecAggParams(
-        cohort_size=cohort_size_of(config),
+        cohort_size=cohort,
         vector_len=vector_len,
         clip=config.secure_clip,
-        grid_bits=config.secure_grid_bits,
+        grid_bits=config.secure_grid_bits or grid_bits_for(cohort),
         weight_cap=weight_cap,
     )
     dp_config = config.aggregation.dp

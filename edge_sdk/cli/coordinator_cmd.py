@@ -61,7 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--secure",
         action="store_true",
         help="secure aggregation: devices send masked updates and the coordinator learns only "
-        "each round's sum (fedavg, --lora-mode frozen-a; docs/secure-aggregation.md)",
+        "each cohort's sum (default fedavg; fedbuff: a cohort is the first --buffer-size "
+        "devices of one version; --lora-mode frozen-a; the --dp-* flags make DP distributed; "
+        "docs/secure-aggregation.md)",
     )
     p.add_argument(
         "--min-cohort",
@@ -80,8 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--secure-grid-bits",
         type=int,
         default=ConfigDefault("coordinator.config", "CoordinatorConfig", "secure_grid_bits"),
-        help="--secure: integer grid bits over [-C, C] (default: %(default)s; ring = bits + "
-        "ceil(log2 cohort), at most 7 keeps a masked update >= 4x below fp32)",
+        help="--secure: integer grid bits over [-C, C] (0: the widest grid whose ring, bits + "
+        "ceil(log2 cohort), fits 7 bits, which keeps a masked update >= 4x below fp32)",
     )
     p.add_argument(
         "--secure-phase",

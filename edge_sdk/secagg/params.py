@@ -34,6 +34,24 @@ WEIGHT_RING_BITS = 32
 giving it the full width lets the cap stay large while the update coordinates stay narrow."""
 
 
+SIZE_TARGET_RING_BITS = 7
+"""The widest ring that keeps a masked update >= 4x smaller than fp32: N values at b bits plus
+the 4-byte weight word and the message's framing; at b = 8 it is 3.9998x."""
+
+
+def grid_bits_for(cohort_size: int, ring_bits: int = SIZE_TARGET_RING_BITS) -> int:
+    """The widest grid whose ring b = g + ceil(log2 n) stays within `ring_bits` (at least 1).
+
+    With the default 7-bit budget: 5, 4, 3 and 1 grid bits at n = 3, 8, 16 and 64, a masked
+    update 4.57x smaller than fp32. benchmarks/bench_secagg_grid.py measures what each grid
+    costs in accuracy (BENCHMARKS.md); a cohort of 33-64 has one bit left, an unbiased
+    stochastic sign, and a wider grid there costs the size target.
+    """
+    if isinstance(cohort_size, bool) or not isinstance(cohort_size, int) or cohort_size < 1:
+        raise ValueError(f"`cohort_size` should be a positive integer, got {cohort_size!r}")
+    return max(1, ring_bits - math.ceil(math.log2(cohort_size)))
+
+
 def default_degree(cohort_size: int) -> int:
     """Degree k of the SecAgg+ graph (Bell et al. 2020): O(log n), complete for small cohorts.
 

@@ -90,8 +90,14 @@ class AggregateResult:
 
     @property
     def mean(self) -> np.ndarray:
-        """The weighted mean Σ wᵢ·xᵢ / Σ wᵢ (float64 (N,))."""
-        return quantize.weighted_mean(self.sum_weighted, self.total_weight, self.params)
+        """The weighted mean Σ wᵢ·xᵢ / Σ wᵢ (float64 (N,)), clipped to [-C, C].
+
+        Honest inputs are clipped to [-C, C], so their mean is too (up to the grid's rounding).
+        The server cannot see a single input, but it can bound the sum: a device that masked a
+        value outside the grid (any residue of the ring) moves the mean at most to ±C here.
+        """
+        mean = quantize.weighted_mean(self.sum_weighted, self.total_weight, self.params)
+        return np.clip(mean, -self.params.clip, self.params.clip)
 
 
 class ServerRound:
@@ -365,6 +371,17 @@ class ServerRound:
                     total += words
         total[:-1] &= np.uint32((1 << p.ring_bits) - 1)
         sum_y, weight = quantize.decode_sum(total, len(active), p)
+        # The one clear check of the inputs the server has: honest weights are in [0, W] (all
+        # W under DP), so their sum is in [0, s·W]. A sum outside means a device masked a
+        # weight outside its range (to scale the mean); the round is refused, not published.
+        most = len(active) * p.weight_cap
+        if not 0 < weight <= most or (p.dp and weight != most):
+            self.state = ServerState.FAILED
+            raise ProtocolViolationError(
+                f"the masked weights of {len(active)} devices sum to {weight}, outside "
+                f"{'exactly ' + str(most) if p.dp else f'(0, {most}]'}: a device sent a weight "
+                "outside its range; the round is not published"
+            )
         self.state = ServerState.DONE
         not_in = sorted(set(self._keys) - set(active))
         log.info(

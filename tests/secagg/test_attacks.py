@@ -387,3 +387,56 @@ def test_server_setup_checks_ids_and_cohort_size() -> None:
         s.setup(3)
     with pytest.raises(ValueError, match="cohort is full"):
         s.setup(9)
+
+
+def _forging(monkeypatch: pytest.MonkeyPatch, victim: np.ndarray, forge) -> None:
+    """Make the device whose update is `victim` mask `forge(plain ring vector)` instead: what
+    a malicious device's own code can do (the server only ever sees the masked result)."""
+    from edge_sdk.secagg import device as device_module
+
+    honest = device_module.quantize.encode
+
+    def encode(update, weight, params, rng, noise=None):
+        ring = honest(update, weight, params, rng, noise)
+        return forge(ring) if update is victim else ring
+
+    monkeypatch.setattr(device_module.quantize, "encode", encode)
+
+
+def test_a_weight_outside_its_range_is_caught_in_the_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that masks a weight beyond the cap (to scale the mean up or down) makes the
+    masked weights sum outside [0, s·W]: the server refuses the round instead of publishing."""
+    r = make_round(PARAMS, 8, seed=21)
+
+    def big_weight(ring: np.ndarray) -> np.ndarray:
+        ring[-1] = np.uint32(1 << 31)
+        return ring
+
+    _forging(monkeypatch, r.updates[1], big_weight)
+    with pytest.raises(ProtocolViolationError, match="weights of 8 devices sum to"):
+        run(r)
+    assert r.server.state.value == "FAILED"
+
+
+def test_values_outside_the_grid_move_the_mean_at_most_to_the_clip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device can mask any residue of the ring, not only grid indices: the server cannot see
+    it. What it can do is bounded: the published mean stays in [-C, C] per coordinate (the
+    range of honest means), although this device pushes every coordinate far from the honest
+    mean."""
+    r = make_round(PARAMS, 8, seed=22)
+
+    def top_residue(ring: np.ndarray) -> np.ndarray:
+        ring[:-1] = np.uint32(1 << (PARAMS.ring_bits - 1))  # 4x the grid's top index 2^g - 1
+        return ring
+
+    _forging(monkeypatch, r.updates[1], top_residue)
+    result = run(r)
+    honest = {i: r.updates[i] for i in r.updates if i != 1}
+    exact = sum(np.clip(x, -1.0, 1.0) * r.weights[i] for i, x in honest.items())
+    exact /= sum(r.weights[i] for i in honest)
+    raw = quantize.weighted_mean(result.sum_weighted, result.total_weight, PARAMS)
+    assert raw.max() > 2 * PARAMS.clip  # unclipped, the forged values would dominate
+    assert np.abs(result.mean).max() <= PARAMS.clip
+    assert np.abs(result.mean - exact).mean() > 0.5  # the attack moved it: bounded, not stopped

@@ -52,3 +52,16 @@ def test_for_ring_bits_picks_the_widest_grid() -> None:
         assert (p.grid_bits, p.ring_bits, p.clip) == (g, 7, 0.5)
     with pytest.raises(ValueError, match="leaves no grid bit for a cohort of 128"):
         SecAggParams.for_ring_bits(128, 10, 7)
+
+
+def test_grid_bits_for_keeps_the_ring_within_the_size_budget() -> None:
+    from edge_sdk.secagg.params import SIZE_TARGET_RING_BITS, grid_bits_for
+
+    assert [grid_bits_for(n) for n in (3, 4, 8, 16, 64)] == [5, 5, 4, 3, 1]
+    for n in (3, 5, 8, 9, 16, 17, 33, 64):
+        p = SecAggParams(n, 1000, grid_bits=grid_bits_for(n))
+        assert p.ring_bits <= SIZE_TARGET_RING_BITS
+        assert 4 * 1000 / p.packed_len > 4 or n < 3
+    assert grid_bits_for(1000) == 1  # never below one bit (the ring then exceeds the budget)
+    with pytest.raises(ValueError, match="cohort_size"):
+        grid_bits_for(0)
