@@ -171,6 +171,7 @@ def transcode(model_path: Path, gguf_path: Path, config: ModelConfig) -> dict[st
     if not done:
         return done
     graph.node.extend(new_nodes)
+    _fix_tied_embedding(graph)
     _toposort(graph)
     data = model_path.with_name(model_path.name + ".data")
     data.unlink(missing_ok=True)
@@ -184,6 +185,46 @@ def transcode(model_path: Path, gguf_path: Path, config: ModelConfig) -> dict[st
     )
     log.info("copied GGUF blocks into %s: %s", model_path, done)
     return done
+
+
+def _fix_tied_embedding(graph: Any) -> None:
+    """Point a tied embedding's GatherBlockQuantized at the lm_head's 8-bit weights.
+
+    With `matmul_mixed_precision=last_matmul:int8` and tied embeddings, the builder (0.18) names
+    the embedding's inputs `..._Q8G32`, `..._scale`, `..._zp`, which nothing produces; the
+    lm_head's `..._Q8`, `..._scales` (and `..._zero_points`) hold the very same tensors.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    produced = (
+        {o for n in graph.node for o in n.output} | set(inits) | {i.name for i in graph.input}
+    )
+    head = next((n for n in graph.node if n.name.startswith("/lm_head/MatMul_Q8")), None)
+    if head is None:
+        return
+    by_producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type != "GatherBlockQuantized":
+            continue
+        data = by_producer.get(node.input[0])  # the Reshape of the shared weight
+        if data is not None and data.op_type == "Reshape" and data.input[0] not in produced:
+            data.input[0] = head.input[1]
+        if len(node.input) > 2 and node.input[2] not in produced:
+            node.input[2] = head.input[2]
+        if len(node.input) > 3 and node.input[3] not in produced:
+            if len(head.input) > 3:
+                node.input[3] = head.input[3]
+            else:  # symmetric 8-bit: the implicit zero point 128, written out
+                dims = list(inits[head.input[2]].dims)
+                name = f"{head.input[1]}_embed_zero_points"
+                graph.initializer.append(
+                    numpy_helper.from_array(np.full(dims, 128, np.uint8), name)
+                )
+                node.input[3] = name
+        bits = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "bits"), 0)
+        if bits != 8:
+            log.warning("tied embedding %s has %d-bit weights; left as built", node.name, bits)
 
 
 def _toposort(graph: Any) -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -168,6 +169,9 @@ class OnnxEdgeModel(ServingLock):
         self._converted: OrderedDict[tuple[str, float], Path] = OrderedDict()
         self._cache_size = adapter_cache
         self._loads = 0
+        # Conversions run outside the generation lock; this one keeps two concurrent swaps from
+        # racing on the cache (the federated client swaps from one thread, an app may not).
+        self._convert_lock = threading.Lock()
         self._formatter: Any = None
         if adapter is not None:
             self.load_adapter(adapter, scale=adapter_scale)
@@ -338,7 +342,8 @@ class OnnxEdgeModel(ServingLock):
 
         Cached by content hash and scale: converting the same bytes again returns the same file.
         """
-        return self._convert(Path(path), scale)[0]
+        with self._convert_lock:
+            return self._convert(Path(path), scale)[0]
 
     def _convert(self, src: Path, scale: float) -> tuple[Path, bool]:
         """(converted file, cache hit) for `src` at `scale`."""
@@ -394,7 +399,8 @@ class OnnxEdgeModel(ServingLock):
         generation, after which the swap is refused with RuntimeBusyError.
         """
         t0 = time.perf_counter()
-        converted, cached = self._convert(Path(path), scale)
+        with self._convert_lock:
+            converted, cached = self._convert(Path(path), scale)
         convert_s = time.perf_counter() - t0
         with self._swap_lock(wait):
             # A name per load: the cached file may be loaded again while its old name is in use.
@@ -407,17 +413,18 @@ class OnnxEdgeModel(ServingLock):
                     f"{path}: onnxruntime-genai refused the adapter: {exc}"
                 ) from None
             old = self._adapter
-            self._adapter = _LoadedAdapter(
+            self._adapter = new = _LoadedAdapter(
                 Path(path), converted, name, scale, time.perf_counter() - t0, convert_s, cached
             )
             if old is not None:
                 self._adapters.unload(old.name)
-        self._evict()
+            with self._convert_lock:
+                self._evict()
         log.info(
             "serving adapter %s (scale %.3g) in %.1f ms (conversion %.1f ms%s)",
             path,
             scale,
-            self._adapter.seconds * 1e3,
+            new.seconds * 1e3,
             convert_s * 1e3,
             ", cached" if cached else "",
         )

@@ -153,7 +153,8 @@ def test_no_adapter_equals_base_and_adapter_equals_torch_lora(exported, tmp_path
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_swap_gguf_a_then_b_then_none(exported, tmp_path, arch):
-    """GGUF LoRA A → B (different rank, subset of targets) → none, each equal to torch.
+    """GGUF LoRA A → B (different rank, subset of targets) → A (cached) → none, each equal to
+    torch.
 
     For llama the GGUF stores Q/K lora_B rows permuted; the conversion must undo it."""
     from edge_sdk.onnx.runtime import OnnxEdgeModel
@@ -170,6 +171,15 @@ def test_swap_gguf_a_then_b_then_none(exported, tmp_path, arch):
         model.load_adapter(file_a)
         assert np.abs(model.next_token_logits(TOKENS) - want_a).max() < TOL
         model.load_adapter(file_b)
+        assert np.abs(model.next_token_logits(TOKENS) - want_b).max() < TOL
+        assert model.last_swap["cached"] is False
+        # back to A: its conversion is reused (content-hash cache), and it is still A
+        model.load_adapter(file_a)
+        assert model.last_swap["cached"] is True
+        assert np.abs(model.next_token_logits(TOKENS) - want_a).max() < TOL
+        # the cache follows the bytes, not the name: A's file rewritten with B serves B
+        file_a.write_bytes(file_b.read_bytes())
+        model.load_adapter(file_a)
         assert np.abs(model.next_token_logits(TOKENS) - want_b).max() < TOL
         model.remove_adapter()
         assert np.abs(model.next_token_logits(TOKENS) - base).max() < TOL
