@@ -11,7 +11,12 @@ the way that config would build it: `from_pretrained(dir, gguf_file=...)` in fp3
 decoder `nn.Linear` is replaced by an NF4 `bnb.nn.Linear4bit` holding the same weight, then
 `peft.get_peft_model`. The HF fp32-LoRA figure (`--hf-fp32`) skips the replacement.
 
-Run: `.venv/bin/python benchmarks/bench_train.py [--steps 8] [--json out.json]`
+Every figure is for the whole worker process: imports, load and the timed steps (peak RSS is
+the process's `ru_maxrss`). One run prints each stack's tokens/s, peak RSS, load time, its
+ratios to HF and its fraction of the fp32 floor (floor step time / the stack's step time).
+
+Run: `.venv/bin/python benchmarks/bench_train.py [--steps 8] [--json out.json]
+[--stacks ours,ours-plain-backward,ours-torch-adamw,ours-lowmem,hf,floor]`
 (needs the `bench` extra: transformers, peft). Results go into BENCHMARKS.md by hand.
 """
 
@@ -71,14 +76,16 @@ def _time_steps(step: Any, steps: int, warmup: int) -> list[float]:
 
 def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
-    import bitsandbytes  # noqa: F401 - imported by load_model; timed here as for HF
     import torch
 
-    from edge_sdk.models import resolve
+    from edge_sdk.models import resolve, transformer
     from edge_sdk.models.loader import load_model
+    from edge_sdk.training.adamw import AdapterAdamW
     from edge_sdk.training.lora import LoraConfig, lora_parameters
 
     import_s = time.perf_counter() - t0
+    # ours-plain-backward: plain autograd through norms, RoPE and SwiGLU (what LEAN_BACKWARD saves).
+    transformer.LEAN_BACKWARD = args.stack != "ours-plain-backward"
     path = resolve(args.model)
     t0 = time.perf_counter()
     model = load_model(
@@ -89,7 +96,12 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     )
     load_s = time.perf_counter() - t0
     model.train()
-    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    # What `fedlm train` uses (torch.optim.AdamW would import torch._dynamo: ~70 MB RSS).
+    opt = (
+        torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+        if args.stack == "ours-torch-adamw"
+        else AdapterAdamW(lora_parameters(model), lr=1e-4)
+    )
     ids = _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
     # ours-packed: the rows hold examples of ~--pack-len tokens, isolated from each other (what
     # `fedlm train` does); the other stacks attend across the whole row (what it did before).
@@ -106,7 +118,10 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
 
     times = _time_steps(step, args.steps, args.warmup)
-    return {"import_s": import_s, "load_s": load_s, "step_s": times}
+    heavy = sorted(
+        k for k in ("bitsandbytes", "torch._dynamo", "torch._inductor") if k in sys.modules
+    )
+    return {"import_s": import_s, "load_s": load_s, "step_s": times, "heavy_imports": heavy}
 
 
 def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,17 +131,17 @@ def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
     unisolated step next to it (order alternating per pair) cancels that drift, which separate
     subprocess runs cannot.
     """
-    import torch
 
     from edge_sdk.models import resolve
     from edge_sdk.models.loader import load_model
+    from edge_sdk.training.adamw import AdapterAdamW
     from edge_sdk.training.lora import LoraConfig, lora_parameters
 
     model = load_model(
         resolve(args.model), precision="nf4", lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank)
     )
     model.train()
-    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    opt = AdapterAdamW(lora_parameters(model), lr=1e-4)
     ids = _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
     positions = _packed_positions(args.batch_size, args.seq_len, args.pack_len, args.seed)
 
@@ -367,10 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--stacks",
         default="ours,hf,ours-lowmem",
-        help="comma list of: ours, ours-packed (rows of isolated packed examples), ours-lowmem "
-        "(FEDLM_LOW_MEMORY=1), isolation-ab (paired isolated vs unisolated steps), "
-        "ours-ckpt (that + gradient checkpointing), ours-fp32, hf, hf-fp32, "
-        "floor (the step's fp32 GEMMs + attention timed alone)",
+        help="comma list of: ours (the default `fedlm train` path), ours-packed (rows of isolated "
+        "packed examples), ours-lowmem (FEDLM_LOW_MEMORY=1), ours-ckpt (that + gradient "
+        "checkpointing), ours-plain-backward (LEAN_BACKWARD off), ours-torch-adamw "
+        "(torch.optim.AdamW), ours-fp32, isolation-ab (paired isolated vs unisolated steps), "
+        "hf, hf-fp32, floor (the step's fp32 GEMMs + attention timed alone)",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -400,12 +416,25 @@ def main(argv: list[str] | None = None) -> int:
         for s in stacks:
             runs[s].append(run_worker(s, args))
     results = {s: summarize(s, r, args.seq_len * args.batch_size) for s, r in runs.items()}
+    hf_r, floor_r = results.get("hf"), results.get("floor")
     for r in results.values():
+        extra = ""
+        if hf_r is not None and r is not hf_r and r["stack"] != "floor":
+            extra += (
+                f"  vs HF: tokens/s {r['tokens_per_s'] / hf_r['tokens_per_s']:.2f}x, "
+                f"RSS {r['peak_rss_mb'] / hf_r['peak_rss_mb']:.2f}x"
+            )
+        if floor_r is not None and r is not floor_r:
+            r["fraction_of_floor"] = floor_r["median_step_s"] / r["median_step_s"]
+            extra += f"  {100 * r['fraction_of_floor']:.0f}% of the floor"
+        heavy = sorted({h for run in runs[r["stack"]] for h in run.get("heavy_imports", [])})
+        if r["stack"].startswith("ours") and heavy:
+            extra += f"  imported: {', '.join(heavy)}"
         print(
-            f"{r['stack']:10s} {r['tokens_per_s']:7.1f} "
+            f"{r['stack']:20s} {r['tokens_per_s']:7.1f} "
             f"tok/s (best {r['best_tokens_per_s']:6.1f})  "
             f"step {r['median_step_s']:.2f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
-            f"load {r['load_s']:5.2f} s (+ imports {r['import_s']:.2f} s)"
+            f"load {r['load_s']:5.2f} s (+ imports {r['import_s']:.2f} s){extra}"
         )
     if "ours" in results and "hf" in results:
         ours, hf = results["ours"], results["hf"]

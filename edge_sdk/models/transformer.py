@@ -28,10 +28,16 @@ IGNORE_INDEX = -100
 """Label value that is not scored (same convention as Hugging Face / PyTorch)."""
 
 # Tokens per chunk of the fused output-projection + cross-entropy is chosen so that one chunk
-# of logits holds about this many fp32 elements (4M elements = 16 MiB, ~85 tokens of a 49k
+# of logits holds about this many fp32 elements (1M elements = 4 MiB, ~21 tokens of a 49k
 # vocabulary). The loss is computed when every activation is alive, so its temporaries (logits,
-# softmax: 2-3 chunks) land on the step's memory peak; larger chunks measured no faster.
-_CE_CHUNK_ELEMENTS = 1 << 22
+# softmax: 2-3 chunks) land on the step's memory peak: 16 MiB chunks measured 60 MB more peak
+# RSS for a SmolLM2 step (1085 -> 1024 MB; issue 16).
+_CE_CHUNK_ELEMENTS = 1 << 20
+
+LEAN_BACKWARD = True
+"""Recompute RMSNorm, RoPE and the gated activation in backward instead of saving their
+intermediates (the `_RMSNormFn`, `_RopeFn`, `_GatedActFn` below). False: plain autograd, for
+measuring what it saves (`benchmarks/bench_train.py --stacks ours-plain-backward`)."""
 
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -49,9 +55,92 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            LEAN_BACKWARD
+            and x.requires_grad
+            and torch.is_grad_enabled()
+            and not self.weight.requires_grad
+        ):
+            return _RMSNormFn.apply(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
+
+
+# Memory-lean backward passes for the cheap element-wise parts of a block (issue 16, part 2).
+# Plain autograd saves every intermediate of these chains: the normalised x of each RMSNorm,
+# the rotated copy of q and k and their pre-RoPE values, SwiGLU's activation next to its two
+# inputs. These functions keep only what their backward cannot cheaply recompute (for SmolLM2
+# at seq 256: ~4 MB per block, ~120 MB per step) and recompute the rest, a few element-wise
+# passes against the step's GEMMs. Gradients equal plain autograd's (tests/models/test_transformer.py).
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = x · rsqrt(mean(x²) + eps) · w with a frozen w; saves x and the (…, 1) rsqrt only.
+
+    dx = r·(w∘g) − x·r³·mean(x∘w∘g), the RMSNorm input gradient (Zhang & Sennrich 2019).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, r, weight)
+        return (xf * r * weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, r, weight = ctx.saved_tensors
+        xf = x.float()
+        gw = g.float() * weight.float()  # (..., d)
+        dot = (gw * xf).mean(-1, keepdim=True)  # (..., 1)
+        dx = gw * r - xf * (r.pow(3) * dot)
+        return dx.to(x.dtype), None, None
+
+
+def _rotate_half_t(u: torch.Tensor) -> torch.Tensor:
+    """The transpose of x ↦ cat(−x2, x1): u ↦ cat(u2, −u1)."""
+    h = u.shape[-1] // 2
+    return torch.cat([u[..., h:], -u[..., :h]], dim=-1)
+
+
+class _RopeFn(torch.autograd.Function):
+    """Rotate-half RoPE on the first cos.shape[-1] channels; saves only cos and sin (shared by
+    every layer), since the map is linear: dx = g·cos + rot_halfᵀ(g·sin)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cos, sin)
+        return _apply_rope(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        rd = cos.shape[-1]
+        gr, gp = g[..., :rd], g[..., rd:]
+        grf = gr.float()
+        dx = (grf * cos + _rotate_half_t(grf * sin)).to(g.dtype)
+        return (torch.cat([dx, gp], dim=-1) if gp.shape[-1] else dx), None, None
+
+
+class _GatedActFn(torch.autograd.Function):
+    """act(gate) ∘ up (SwiGLU or tanh-GeGLU) saving gate and up only; act is recomputed."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        ctx.gelu = gelu
+        act = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
+        return act.mul_(up)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        with torch.enable_grad():
+            gd = gate.detach().requires_grad_(True)
+            act = F.gelu(gd, approximate="tanh") if ctx.gelu else F.silu(gd)
+            (d_gate,) = torch.autograd.grad(act, gd, g * up)
+        return d_gate, g * act.detach(), None
 
 
 def rope_cache(
@@ -81,6 +170,12 @@ def rope_cache(
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] channels of x (B, nh, T, hd); the rest pass through."""
+    if LEAN_BACKWARD and x.requires_grad and torch.is_grad_enabled():
+        return _RopeFn.apply(x, cos, sin)
+    return _apply_rope(x, cos, sin)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     rd = cos.shape[-1]
     xr, xp = x[..., :rd], x[..., rd:]
     x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
@@ -208,8 +303,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)  # (B, T, d_ff)
+        up = self.up_proj(x)  # (B, T, d_ff)
+        if LEAN_BACKWARD and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return self.down_proj(_GatedActFn.apply(gate, up, self.gelu))  # (B, T, d_model)
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(act * self.up_proj(x))  # (B, T, d_model)
+        return self.down_proj(act * up)  # (B, T, d_model)
 
 
 class Block(nn.Module):

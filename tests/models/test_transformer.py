@@ -147,3 +147,67 @@ def test_rejects_sequences_beyond_context(tmp_path: Path) -> None:
     model = load_model(path, precision="fp32")
     with pytest.raises(ValueError, match="context length 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def _plain_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * w.float()).to(x.dtype)
+
+
+def _grads(fn, *inputs: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    y = fn(*leaves)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    y.backward(g)
+    return [y.detach(), *(t.grad for t in leaves)]
+
+
+def test_lean_rmsnorm_backward_equals_autograd() -> None:
+    """The norm that saves only x and rsqrt gives plain autograd's output and input gradient."""
+    from edge_sdk.models.transformer import RMSNorm
+
+    norm = RMSNorm(48, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48) + 0.5)
+    x = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(1)) * 3
+    ours = _grads(norm, x)
+    ref = _grads(lambda t: _plain_rmsnorm(t, norm.weight, 1e-6), x)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_lean_rope_backward_equals_autograd(partial: bool, per_row: bool) -> None:
+    """RoPE's backward from cos/sin alone (it is linear) equals autograd's, for partial rotary
+    dims and for the per-row tables of packed rows."""
+    from edge_sdk.models.transformer import _apply_rope
+
+    hd, rd = 16, (8 if partial else 16)
+    pos = (
+        torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]]) if per_row else torch.arange(7)
+    )
+    cos, sin = rope_cache(pos, rd, 10000.0)
+    x = torch.randn(2, 3, 7, hd, generator=torch.Generator().manual_seed(2))
+    ours = _grads(lambda t: apply_rope(t, cos, sin), x)
+    ref = _grads(lambda t: _apply_rope(t, cos, sin), x)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_lean_gated_activation_backward_equals_autograd(gelu: bool) -> None:
+    from edge_sdk.models.transformer import _GatedActFn
+
+    g = torch.Generator().manual_seed(3)
+    gate, up = torch.randn(2, 5, 32, generator=g) * 2, torch.randn(2, 5, 32, generator=g)
+    act = (
+        (lambda t: torch.nn.functional.gelu(t, approximate="tanh"))
+        if gelu
+        else torch.nn.functional.silu
+    )
+    ours = _grads(lambda a, b: _GatedActFn.apply(a, b, gelu), gate, up)
+    ref = _grads(lambda a, b: act(a) * b, gate, up)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

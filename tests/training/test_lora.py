@@ -215,14 +215,8 @@ def test_an_eval_of_the_disabled_adapter_keeps_the_nf4_layout(tiny_path: Path) -
         model(ids)  # what the demo's base-model evaluation runs
     set_lora_enabled(model, True)
     model.train()
-    packed = [
-        m
-        for m in model.modules()
-        if getattr(
-            getattr(getattr(m, "weight", None), "quant_state", None),
-            "packing_format_for_cpu",
-            False,
-        )
-    ]
-    assert packed == []
+    # The loader builds our own NF4Linear (no bitsandbytes layer that could repack itself).
+    from edge_sdk.models.nf4 import NF4Linear
+
+    assert all(isinstance(m.base, NF4Linear) for m in model.modules() if isinstance(m, LoRALinear))
     torch.testing.assert_close(model(ids).detach(), before)
