@@ -110,7 +110,8 @@ class GroupCommit:
                 if idle and not self._queue:  # idle or closing: the next put starts a writer
                     self._writer = None
                     return None
-            batch, size = [], 0
+            batch: list[Staged] = []
+            size = 0
             while self._queue and len(batch) < self._max_batch:
                 nxt = len(self._queue[0].body)
                 if batch and size + nxt > self._max_batch_bytes:
@@ -125,7 +126,7 @@ class GroupCommit:
             try:
                 results = list(self._storage.add_updates([(s.record, s.body) for s in batch]))
             except Exception as exc:  # the disk or the database: nothing of the batch is stored
-                log.error("storing %d updates failed: %s", len(batch), exc, exc_info=True)
+                log.exception("storing %d updates failed", len(batch))
                 results = [exc] * len(batch)
             else:
                 self.batches += 1
