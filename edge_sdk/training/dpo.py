@@ -230,10 +230,23 @@ class DpoObjective:
 
     def prepare(self, model: torch.nn.Module, config: TrainConfig) -> None:
         bs = max(1, config.batch_size)
+        # The base model never changes, so its log-probs of the same pairs are reused across
+        # runs on this model (a federated client's rounds, the demo's): kept on the model,
+        # keyed by the very pair lists (identity, not equality).
+        cache: dict[str, list[tuple[object, torch.Tensor]]] = model.__dict__.setdefault(
+            "_fedlm_base_reference", {"train": [], "val": []}
+        )
         for split in ("train", "val"):
+            items = self.dataset.train if split == "train" else self.dataset.val
+            hit = next((t for key, t in cache[split] if key is items), None)
+            if config.reference == "base" and hit is not None:
+                self.reference[split] = hit
+                continue
             self.reference[split] = reference_logps(
                 model, self.dataset, split, reference=config.reference, batch_size=bs
             )
+            if config.reference == "base":
+                cache[split] = [*cache[split][-7:], (items, self.reference[split])]
         logger.info(
             "reference log-probs (%s) of %d train and %d val pairs computed",
             config.reference,
