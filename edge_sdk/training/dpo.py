@@ -16,9 +16,12 @@ reward accuracy (the share of pairs with r_w > r_l), the reward margin mean(r_w 
 mean chosen and rejected log-probs of the policy.
 
 The reference is the same model, not a second copy: the base (every LoRA layer bypassed,
-`reference="base"`) or the adapter the run started from (`reference="start"`). It is frozen,
-so its log-probs are computed once per pair, before the first step, and kept in the
-checkpoint: a resumed run neither recomputes them nor needs the starting adapter again.
+`reference="base"`) or the adapter the run started from (`reference="start"`, kept as a copy
+of the LoRA tensors only). It is frozen, so its log-probs are computed once per pair, the first
+time a step uses the pair (a short run over many pairs pays for what it uses), and cached; the
+held-out pairs' before training. The cache is part of the checkpoint, so a resumed run
+recomputes none of them. Reference passes run in eval mode under `no_grad` and draw no random
+numbers, so the trajectory does not depend on when they ran.
 
 The chosen and rejected answers of a micro-batch's pairs run as one (2B, T) batch. The
 per-answer sums reuse the SFT loss kernel (`fused_linear_cross_entropy`, one call per row on
@@ -42,7 +45,12 @@ import torch.nn.functional as F
 from edge_sdk.models.transformer import fused_linear_cross_entropy
 from edge_sdk.training.data import IGNORE_INDEX
 from edge_sdk.training.errors import CheckpointError
-from edge_sdk.training.lora import lora_modules, set_lora_enabled
+from edge_sdk.training.lora import (
+    load_lora_state_dict,
+    lora_modules,
+    lora_state_dict,
+    set_lora_enabled,
+)
 from edge_sdk.training.methods import DPO_LOSSES, DPO_REFERENCES, DpoLoss, DpoReference
 from edge_sdk.training.preferences import PairBatch, PreferenceDataset
 from edge_sdk.training.trainer import (
@@ -206,14 +214,44 @@ class _Totals:
         }
 
 
+@contextlib.contextmanager
+def _reference_policy(
+    model: torch.nn.Module, reference: DpoReference, start: Mapping[str, torch.Tensor] | None
+) -> Iterator[None]:
+    """The model as the reference policy meanwhile, in eval mode: adapter off ("base"), or the
+    starting adapter's tensors swapped in ("start"); the training state is restored exactly."""
+    was_training = model.training
+    model.eval()
+    try:
+        if reference == "base":
+            with adapter_disabled(model):
+                yield
+        else:
+            assert start is not None
+            current = {k: v.clone() for k, v in lora_state_dict(model).items()}
+            load_lora_state_dict(model, start, strict=True)
+            try:
+                yield
+            finally:
+                load_lora_state_dict(model, current, strict=True)
+    finally:
+        model.train(was_training)
+
+
 class DpoObjective:
     """The DPO/IPO objective for `Trainer` (see the module docstring)."""
 
     def __init__(self, dataset: PreferenceDataset) -> None:
         self.dataset = dataset
         self.num_examples = len(dataset.train)
-        self.reference: dict[str, torch.Tensor] = {}
-        """'train' (N, 2) and 'val' (M, 2) reference log-probs (chosen, rejected)."""
+        self.reference = {
+            split: torch.full((len(items), 2), float("nan"))
+            for split, items in (("train", dataset.train), ("val", dataset.val))
+        }
+        """'train' (N, 2) and 'val' (M, 2) reference log-probs (chosen, rejected); NaN where
+        not computed yet."""
+        self.start_adapter: dict[str, torch.Tensor] | None = None
+        """The LoRA tensors the run started from (reference="start" only)."""
 
     def fingerprint(self, config: TrainConfig, base_id: str) -> str:
         h = hashlib.sha256()
@@ -229,33 +267,33 @@ class DpoObjective:
         return h.hexdigest()
 
     def prepare(self, model: torch.nn.Module, config: TrainConfig) -> None:
-        bs = max(1, config.batch_size)
-        # The base model never changes, so its log-probs of the same pairs are reused across
-        # runs on this model (a federated client's rounds, the demo's): kept on the model,
-        # keyed by the very pair lists (identity, not equality).
-        cache: dict[str, list[tuple[object, torch.Tensor]]] = model.__dict__.setdefault(
-            "_fedlm_base_reference", {"train": [], "val": []}
-        )
-        for split in ("train", "val"):
-            items = self.dataset.train if split == "train" else self.dataset.val
-            hit = next((t for key, t in cache[split] if key is items), None)
-            if config.reference == "base" and hit is not None:
-                self.reference[split] = hit
-                continue
-            self.reference[split] = reference_logps(
-                model, self.dataset, split, reference=config.reference, batch_size=bs
+        if config.reference == "start":
+            self.start_adapter = lora_state_dict(model)
+        if self.dataset.val:
+            self.reference["val"] = reference_logps(
+                model,
+                self.dataset,
+                "val",
+                reference=config.reference,
+                batch_size=max(1, config.batch_size),
             )
-            if config.reference == "base":
-                cache[split] = [*cache[split][-7:], (items, self.reference[split])]
-        logger.info(
-            "reference log-probs (%s) of %d train and %d val pairs computed",
-            config.reference,
-            len(self.dataset.train),
-            len(self.dataset.val),
-        )
 
     def consumed(self, config: TrainConfig) -> int:
         return config.batch_size * config.grad_accum
+
+    def _reference_for(
+        self, model: torch.nn.Module, batch: PairBatch, config: TrainConfig
+    ) -> torch.Tensor:
+        """(B, 2) cached reference log-probs of the batch's pairs, computing missing ones."""
+        cache = self.reference["train"]
+        idx = torch.from_numpy(batch.index)
+        if torch.isnan(cache[idx]).any():
+            with torch.no_grad(), _reference_policy(model, config.reference, self.start_adapter):
+                chosen, rejected = _batch_logps(model, batch)
+            fresh = torch.stack([chosen.float(), rejected.float()], dim=1)  # (B, 2)
+            missing = torch.isnan(cache[idx]).any(dim=1)
+            cache[idx[missing]] = fresh[missing]
+        return cache[idx]
 
     def step(self, model: torch.nn.Module, position: int, config: TrainConfig) -> StepOutcome:
         micro = config.batch_size
@@ -265,8 +303,8 @@ class DpoObjective:
         n_pairs = sum(b.pairs for b in batches)
         totals = _Totals()
         for batch in batches:
+            ref = self._reference_for(model, batch, config)  # (B, 2)
             chosen, rejected = _batch_logps(model, batch)
-            ref = self.reference["train"][torch.from_numpy(batch.index)]  # (B, 2)
             out = preference_loss(
                 chosen, rejected, ref[:, 0], ref[:, 1], beta=config.beta, loss=config.dpo_loss
             )
@@ -303,7 +341,10 @@ class DpoObjective:
         return Evaluation(loss=totals.loss / max(totals.pairs, 1), metrics=totals.metrics())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": dict(self.reference)}
+        state: dict[str, Any] = {"reference": {k: v.clone() for k, v in self.reference.items()}}
+        if self.start_adapter is not None:
+            state["start_adapter"] = self.start_adapter
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         ref = state.get("reference")
@@ -316,7 +357,9 @@ class DpoObjective:
                 "the checkpoint holds no reference log-probs for these pairs; "
                 "start afresh in another output directory"
             )
-        self.reference = {k: ref[k].float() for k in sizes}
+        self.reference = {k: ref[k].float().clone() for k in sizes}
+        start = state.get("start_adapter")
+        self.start_adapter = dict(start) if isinstance(start, Mapping) else None
 
 
 def fit_dpo(

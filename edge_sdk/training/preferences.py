@@ -125,7 +125,9 @@ def _check_pair(
         if not value.strip():
             raise _bad(where, f"`{name}` is empty")
     if chosen == rejected:
-        raise _bad(where, "`chosen` and `rejected` are the same answer; a pair needs two different")
+        raise _bad(
+            where, "`chosen` and `rejected` are the same answer; a pair needs two different answers"
+        )
     if not prompt:
         raise _bad(where, "the prompt is empty; give `prompt` or `messages`")
     last = prompt[-1].get("role")
