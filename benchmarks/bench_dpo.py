@@ -170,7 +170,10 @@ def worker_trl(args: argparse.Namespace) -> dict[str, Any]:
     # transformers marks a model read from GGUF as quantized ("gguf"), and Trainer refuses to
     # train such a model; the weights were dequantized to fp32 on load, and the NF4 below is
     # bitsandbytes' own, so the stale marker goes.
-    model.hf_quantizer = None
+    for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+        model.__dict__.pop(attr, None)
+    model.config.__dict__.pop("quantization_config", None)
+    model.is_quantized = False
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
