@@ -449,11 +449,17 @@ def export_onnx(
             copied = {}
         say("turning LoRA weights into graph inputs")
         names = lora_inputs_from_initializers(built / "model.onnx")
+        from edge_sdk.onnx.adapters import lora_input_shapes
+
+        # Stored so that the runtime's first swap does not import onnx and parse the graph
+        # (8.8 s of a first swap on the loaded machine, BENCHMARKS.md).
+        shapes = {k: list(v) for k, v in lora_input_shapes(built / "model.onnx").items()}
         info = {
             **want,
             "arch": config.arch,
             "n_layer": config.n_layer,
             "lora_inputs": len(names),
+            "lora_input_shapes": shapes,
             "gguf_blocks_copied": copied,
             "seconds": round(time.perf_counter() - t0, 2),
             **_chat_info(src),

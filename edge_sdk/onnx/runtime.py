@@ -42,8 +42,13 @@ log = logging.getLogger(__name__)
 
 
 def import_genai() -> Any:
-    """`onnxruntime_genai`, or `OnnxNotInstalledError` naming the extra to install."""
+    """`onnxruntime_genai`, or `OnnxNotInstalledError` naming the extra to install.
+
+    Core onnxruntime is imported too: swaps write `.onnx_adapter` files with it, and importing it
+    here, with the model, keeps that cost out of the first swap.
+    """
     try:
+        import onnxruntime  # noqa: F401
         import onnxruntime_genai as og
     except ImportError as exc:
         raise OnnxNotInstalledError(
@@ -163,7 +168,14 @@ class OnnxEdgeModel(ServingLock):
         log.info("loaded %s in %.2f s", self.path, self.load_seconds)
         self._init_lock()
         self._adapter: _LoadedAdapter | None = None
-        self._adapter_shapes: dict[str, tuple[int, int]] | None = None
+        # The graph's LoRA inputs (in, out), as the export recorded them (older exports: read
+        # from the graph at the first swap).
+        stored = self.info.get("lora_input_shapes")
+        self._adapter_shapes: dict[str, tuple[int, int]] | None = (
+            {k: (int(v[0]), int(v[1])) for k, v in stored.items()}
+            if isinstance(stored, dict)
+            else None
+        )
         self._workdir = _scratch_dir()
         # (content hash, scale) -> converted file, least recently used first
         self._converted: OrderedDict[tuple[str, float], Path] = OrderedDict()

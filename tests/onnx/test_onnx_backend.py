@@ -196,8 +196,15 @@ def test_swap_refused_while_streaming_then_allowed(exported, tmp_path):
         greedy_a = model.generate("hello world", max_tokens=6)
         stream = model.generate("hello world", max_tokens=6, stream=True)
         first = next(stream)
-        with pytest.raises(RuntimeBusyError, match="generation is running"):
+        with pytest.raises(RuntimeBusyError) as busy:
             model.remove_adapter()
+        # word for word the llama.cpp backend's message (one shared helper, edge_sdk._serving)
+        assert str(busy.value) == (
+            f"cannot swap the adapter of {folder.name}: a generation is running; finish or "
+            "close the stream first, or pass wait=SECONDS to wait for it"
+        )
+        with pytest.raises(ValueError, match="`wait` should be >= 0"):
+            model.remove_adapter(wait=-1.0)
         with pytest.raises(RuntimeBusyError):
             model.load_adapter(file_a)
         assert first + "".join(stream) == greedy_a
