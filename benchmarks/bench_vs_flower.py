@@ -166,12 +166,12 @@ class CountingProxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                dst.sendall(data)
-                with self._lock:
+                with self._lock:  # counted before relaying: a reader never sees bytes uncounted
                     if direction == "up":
                         self.up += len(data)
                     else:
                         self.down += len(data)
+                dst.sendall(data)
         except OSError:
             pass
         finally:
