@@ -31,9 +31,11 @@ the first local step.
 
 **`--experiment async`** (part 4): the fedlm federation with client 0 made `--slowdown` times
 slower (after each local round it sleeps (slowdown - 1) x the round's training time), once
-with `fedavg` (synchronous rounds of all N clients), once with the demo's FedBuff K = N, and
-once with FedBuff K = `--buffer-size` (default N - 1 ... 2, each given); wall time to the
-target exact match, and the timeline of versions (which client's update built each).
+with `fedavg` (synchronous rounds of all N clients) and once with FedBuff for each K in
+`--buffer-sizes` (default 2; K = N is the demo's own setting), each FedBuff run given
+rounds x N / K versions so that every variant aggregates the same number of updates. Figures:
+wall time to the target exact match, and the timeline of updates (client, base version,
+arrival, the version it went into, staleness).
 
 Run from the repository root (needs the `bench` extra; Flower needs its own venv, see
 BENCHMARKS.md, given with `--flwr-bin`):
@@ -166,12 +168,12 @@ class CountingProxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                dst.sendall(data)
-                with self._lock:
+                with self._lock:  # counted before relaying: a reader never sees bytes uncounted
                     if direction == "up":
                         self.up += len(data)
                     else:
                         self.down += len(data)
+                dst.sendall(data)
         except OSError:
             pass
         finally:
