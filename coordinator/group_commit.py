@@ -31,8 +31,6 @@ MAX_BATCH = 64
 """Most updates in one transaction."""
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 """Most body bytes in one transaction (a batch always takes at least one update)."""
-IDLE_EXIT_S = 2.0
-"""The writer thread exits after this long without work; the next update starts another."""
 
 
 @dataclass
@@ -58,7 +56,10 @@ it must resolve every future (what it leaves unresolved is failed with its excep
 
 
 class GroupCommit:
-    """The writer thread and its queue; `put` never blocks on the disk."""
+    """The writer thread and its queue; `put` never blocks on the disk.
+
+    The writer starts with the first update and lives until `close` (a daemon thread): it
+    holds its own SQLite connection, which a thread started per burst would leak, one each."""
 
     def __init__(
         self,
@@ -67,7 +68,6 @@ class GroupCommit:
         *,
         max_batch: int = MAX_BATCH,
         max_batch_bytes: int = MAX_BATCH_BYTES,
-        idle_exit_s: float = IDLE_EXIT_S,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"`max_batch` should be >= 1, got {max_batch}")
@@ -75,7 +75,6 @@ class GroupCommit:
         self._settle = settle
         self._max_batch = max_batch
         self._max_batch_bytes = max_batch_bytes
-        self._idle_exit_s = idle_exit_s
         self._cond = threading.Condition()
         self._queue: list[Staged] = []
         self._writer: threading.Thread | None = None
@@ -106,10 +105,10 @@ class GroupCommit:
     def _take(self) -> list[Staged] | None:
         with self._cond:
             while not self._queue:
-                idle = self._closed or not self._cond.wait(self._idle_exit_s)
-                if idle and not self._queue:  # idle or closing: the next put starts a writer
+                if self._closed:
                     self._writer = None
                     return None
+                self._cond.wait()
             batch: list[Staged] = []
             size = 0
             while self._queue and len(batch) < self._max_batch:
