@@ -138,8 +138,11 @@ def main() -> int:
         f"highest sample {max(r for _, r in _samples) / 2**20:.0f} MB; exit {rc}"
     )
     heavy = sorted(
-        {k.split(".")[0] if k.startswith("bitsandbytes") else ".".join(k.split(".")[:2])
-         for k in sys.modules if k.startswith(("bitsandbytes", "torch._inductor", "torch._dynamo"))}
+        {
+            k.split(".")[0] if k.startswith("bitsandbytes") else ".".join(k.split(".")[:2])
+            for k in sys.modules
+            if k.startswith(("bitsandbytes", "torch._inductor", "torch._dynamo"))
+        }
     )
     print(f"heavy modules imported: {', '.join(heavy) or 'none'}")
     return rc
