@@ -30,13 +30,22 @@ _EXTRA_CFLAGS = {"nf4.c": ["-fopenmp"]}
 
 
 def _compile(source: Path) -> ctypes.CDLL | None:
-    from edge_sdk.models.store import cache_dir
-
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         log.info("no C compiler found; %s falls back to Python", source.name)
         return None
-    flags = [*_CFLAGS, *_EXTRA_CFLAGS.get(source.name, [])]
+    extra = _EXTRA_CFLAGS.get(source.name, [])
+    lib = _compile_with(cc, source, [*_CFLAGS, *extra])
+    if lib is None and extra:
+        # A compiler without OpenMP (e.g. clang without libomp) still gets the serial kernel.
+        log.info("building %s without %s", source.name, " ".join(extra))
+        lib = _compile_with(cc, source, _CFLAGS)
+    return lib
+
+
+def _compile_with(cc: str, source: Path, flags: list[str]) -> ctypes.CDLL | None:
+    from edge_sdk.models.store import cache_dir
+
     tag = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     out = cache_dir() / "native" / f"{source.stem}-{tag}.so"
     if not out.is_file():

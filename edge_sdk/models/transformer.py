@@ -305,6 +305,12 @@ class MLP(nn.Module):
         gate = self.gate_proj(x)  # (B, T, d_ff)
         up = self.up_proj(x)  # (B, T, d_ff)
         if LEAN_BACKWARD and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            # A LoRA down projection can recompute its input from gate and up in backward
+            # (`LoRALinear.forward_gated`), so the (B, T, d_ff) product is never saved.
+            fused = getattr(self.down_proj, "forward_gated", None)
+            y = fused(gate, up, self.gelu) if fused is not None else None
+            if y is not None:
+                return y  # (B, T, d_model)
             return self.down_proj(_GatedActFn.apply(gate, up, self.gelu))  # (B, T, d_model)
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(act * up)  # (B, T, d_model)

@@ -124,6 +124,27 @@ class LoRALinear(nn.Module):
         a = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T  # (..., r)
         return y + (a @ self.lora_B.T * self.scale).to(y.dtype)  # (..., out)
 
+    def forward_gated(
+        self, gate: torch.Tensor, up: torch.Tensor, gelu: bool
+    ) -> torch.Tensor | None:
+        """self(act(gate) ∘ up) without keeping act(gate) ∘ up for backward, or None when this
+        layer has no such path (the caller then applies the activation itself).
+
+        For the MLP's down projection: its input (tokens, d_ff) is the largest tensor a block
+        saves; backward recomputes it from gate and up, which the activation's own backward
+        keeps anyway (SmolLM2 at seq 256: -45 MB of saved tensors per sequence).
+        """
+        if (
+            not self.enabled
+            or not isinstance(self.base, NF4Linear)
+            or not isinstance(self.dropout, nn.Identity)
+            or gate.dtype != torch.float32
+        ):
+            return None
+        return _GatedMergedNF4LoRA.apply(
+            gate, up, gelu, self.lora_A, self.lora_B, self.scale, self.base
+        )
+
     def delta_weight(self) -> torch.Tensor:
         """scale · B·A, (out, in): what merging adds to the base weight."""
         return (self.lora_B @ self.lora_A) * self.scale
@@ -177,6 +198,54 @@ class _MergedNF4LoRA(torch.autograd.Function):
             gb = (lora_B.T @ g2.T).T  # ((r, out) @ (out, N))^T -> (N, r)
             grad_a = (gb.T @ x2).mul_(s)  # (r, N) @ (N, in) -> (r, in)
         return grad_x, grad_a, grad_b, None, None
+
+
+def _gated_act(gate: torch.Tensor, gelu: bool) -> torch.Tensor:
+    return (
+        torch.nn.functional.gelu(gate, approximate="tanh")
+        if gelu
+        else torch.nn.functional.silu(gate)
+    )
+
+
+class _GatedMergedNF4LoRA(torch.autograd.Function):
+    """y = (act(gate) ∘ up)(W + s·B·A)^T + bias: `_MergedNF4LoRA` with its input h = act(gate) ∘ up
+    recomputed in backward from gate and up instead of saved.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, gelu, lora_A, lora_B, scale, base):  # type: ignore[no-untyped-def,override]
+        h = _gated_act(gate, gelu).mul_(up)  # (..., d_ff)
+        w = base.dequantize_scratch()  # (out, d_ff)
+        w.addmm_(lora_B, lora_A, alpha=scale)
+        ctx.save_for_backward(gate, up, lora_A, lora_B)
+        ctx.gelu, ctx.scale, ctx.base = gelu, scale, base
+        return torch.nn.functional.linear(h, w, base.bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
+        gate, up, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scale
+        with torch.enable_grad():
+            gd = gate.detach().requires_grad_(True)
+            act = _gated_act(gd, ctx.gelu)
+        h = act.detach() * up  # (..., d_ff): recomputed, never saved
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        h2 = h.reshape(-1, h.shape[-1])  # (N, d_ff)
+        grad_gate = grad_up = grad_a = grad_b = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            w = ctx.base.dequantize_scratch()
+            w.addmm_(lora_B, lora_A, alpha=s)
+            grad_h = g @ w  # (..., d_ff)
+            grad_up = grad_h * act.detach()
+            (grad_gate,) = torch.autograd.grad(act, gd, grad_h.mul_(up))
+        if ctx.needs_input_grad[4]:
+            xa = h2 @ lora_A.T  # (N, r)
+            grad_b = (xa.T @ g2).T.mul_(s)  # (out, r)
+        if ctx.needs_input_grad[3]:
+            gb = (lora_B.T @ g2.T).T  # (N, r)
+            grad_a = (gb.T @ h2).mul_(s)  # (r, d_ff)
+        return grad_gate, grad_up, None, grad_a, grad_b, None, None
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:

@@ -220,3 +220,57 @@ def test_an_eval_of_the_disabled_adapter_keeps_the_nf4_layout(tiny_path: Path) -
 
     assert all(isinstance(m.base, NF4Linear) for m in model.modules() if isinstance(m, LoRALinear))
     torch.testing.assert_close(model(ids).detach(), before)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_down_projection_equals_the_unfused_path(gelu: bool) -> None:
+    """`forward_gated` (the MLP's down projection recomputing act(gate)·up in backward) gives
+    the output and the gate, up and adapter gradients of act(gate)·up through the layer."""
+    from edge_sdk.models.nf4 import NF4Linear
+
+    g = torch.Generator().manual_seed(4)
+    layer = LoRALinear(
+        NF4Linear.from_float(torch.randn(48, 64, generator=g) * 0.05), 64, 48, 4, 8.0
+    )
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(48, 4, generator=g) * 0.1)
+    gate0, up0 = torch.randn(2, 6, 64, generator=g), torch.randn(2, 6, 64, generator=g)
+    act = (
+        (lambda t: torch.nn.functional.gelu(t, approximate="tanh"))
+        if gelu
+        else torch.nn.functional.silu
+    )
+    results = []
+    for fused in (True, False):
+        gate, up = gate0.clone().requires_grad_(True), up0.clone().requires_grad_(True)
+        layer.zero_grad()
+        y = layer.forward_gated(gate, up, gelu) if fused else layer(act(gate) * up)
+        assert y is not None
+        (y * torch.linspace(-1, 1, 48)).sum().backward()
+        results.append((y.detach(), gate.grad, up.grad, layer.lora_A.grad, layer.lora_B.grad))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_lean_backward_gives_plain_autograds_gradients(tmp_path: Path, arch: str) -> None:
+    """The whole NF4 model with the memory-lean backward (norms, RoPE, gated activation and the
+    fused down projection) gives plain autograd's loss and LoRA gradients."""
+    from edge_sdk.models import transformer
+
+    path = write_family_gguf(tmp_path / f"{arch}.gguf", arch)
+    model = load_model(path, precision="nf4", lora=LoraConfig(rank=4))
+    _randomize_b(model, seed=5)
+    ids = _ids(6)
+    grads = []
+    for lean in (True, False):
+        transformer.LEAN_BACKWARD = lean
+        try:
+            model.zero_grad()
+            loss = model(ids, ids)
+            loss.backward()
+        finally:
+            transformer.LEAN_BACKWARD = True
+        grads.append([loss.detach(), *(p.grad.clone() for p in lora_parameters(model))])
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
