@@ -258,11 +258,16 @@ class SecureAggregation:
     def _fedbuff(self) -> bool:
         return isinstance(self._coordinator.config.strategy, FedBuff)
 
+    @property
+    def _max_staleness(self) -> int:
+        """How many versions old a cohort's base may be: 0 under fedavg."""
+        strategy = self._coordinator.config.strategy
+        return strategy.max_staleness if isinstance(strategy, FedBuff) else 0
+
     def _check_version(self, version: int) -> None:
         """fedavg: only the current version; fedbuff: at most max_staleness versions old."""
         current = self._coordinator.version
-        strategy = self._coordinator.config.strategy
-        oldest = current - strategy.max_staleness if self._fedbuff else current
+        oldest = current - self._max_staleness
         if not oldest <= version <= current:
             what = (
                 f"versions {oldest}..{current} are open"
@@ -456,7 +461,7 @@ class SecureAggregation:
         strategy = self._coordinator.config.strategy
         staleness = self._coordinator.version - r.version
         scale = 1.0
-        if self._fedbuff:
+        if isinstance(strategy, FedBuff):
             if staleness > strategy.max_staleness:
                 self.dropped_stale += 1
                 log.warning(
@@ -498,7 +503,7 @@ class SecureAggregation:
             tensors,
             float(result.total_weight),
             stats,
-            max_staleness=strategy.max_staleness if self._fedbuff else 0,
+            max_staleness=self._max_staleness,
         )
         self.completed += 1
 

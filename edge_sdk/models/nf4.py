@@ -39,6 +39,8 @@ class NF4Linear(nn.Module):
     counts and `requires_grad_` see it), `absmax` the per-block scales (out·in/64,) fp32.
     """
 
+    absmax: torch.Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(
         self,
         packed: torch.Tensor,
@@ -114,12 +116,12 @@ class _NF4Matmul(torch.autograd.Function):
     """x Wᵀ + b with W dequantized again in backward instead of saved (nothing fp32 is kept)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
         ctx.layer = layer
         return F.linear(x, layer.dequantize_scratch().to(x.dtype), layer.bias)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, g: torch.Tensor):
         w = ctx.layer.dequantize_scratch()
         return g @ w.to(g.dtype), None  # (..., in)
 

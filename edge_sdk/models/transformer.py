@@ -82,14 +82,14 @@ class _RMSNormFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
         r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         ctx.save_for_backward(x, r, weight)
         return (xf * r * weight.float()).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, g: torch.Tensor):
         x, r, weight = ctx.saved_tensors
         xf = x.float()
         gw = g.float() * weight.float()  # (..., d)
@@ -109,12 +109,12 @@ class _RopeFn(torch.autograd.Function):
     every layer), since the map is linear: dx = g·cos + rot_halfᵀ(g·sin)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
         return _apply_rope(x, cos, sin)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, g: torch.Tensor):
         cos, sin = ctx.saved_tensors
         rd = cos.shape[-1]
         gr, gp = g[..., :rd], g[..., rd:]
@@ -127,14 +127,14 @@ class _GatedActFn(torch.autograd.Function):
     """act(gate) ∘ up (SwiGLU or tanh-GeGLU) saving gate and up only; act is recomputed."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
         ctx.gelu = gelu
         act = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
         return act.mul_(up)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, g: torch.Tensor):
         gate, up = ctx.saved_tensors
         with torch.enable_grad():
             gd = gate.detach().requires_grad_(True)
@@ -552,7 +552,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit parameters count their logical size."""
     # A packed 4-bit weight holds two weights per byte: count its (out, in) shape instead.
     logical = {
-        id(m.weight): math.prod(m.shape)
+        id(m.weight): math.prod(cast(tuple[int, ...], m.shape))
         for m in model.modules()
         if hasattr(m, "logical_numel") and hasattr(m, "shape")
     }

@@ -76,8 +76,8 @@ class AdapterAdamW:
         idx = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not idx:
             return
-        params = [self.params[i] for i in idx]
-        grads = [p.grad for p in params]
+        params: list[torch.Tensor] = [self.params[i] for i in idx]
+        grads = [p.grad for p in params if p.grad is not None]
         m = [self.exp_avg[i] for i in idx]
         v = [self.exp_avg_sq[i] for i in idx]
         for i in idx:
