@@ -2,17 +2,19 @@
 
 - Only adapter parameters train (AdamW), with linear warmup and cosine decay
   (`edge_sdk.training.schedule`), gradient accumulation and clipping.
-- The loss is the mean cross-entropy over scored tokens of an optimizer step (all its
-  micro-batches together), so accumulation does not change what is optimized.
+- One loop (`Trainer`) for every method; what is trained on and how the loss is computed is
+  an `Objective`'s: SFT here (the mean cross-entropy over scored tokens of an optimizer step,
+  all its micro-batches together, so accumulation does not change what is optimized), DPO and
+  IPO in `edge_sdk.training.dpo` (`TrainConfig(method="dpo")`).
 - Deterministic: the adapter init is a seeded numpy draw (independent of device and of which
   modules are adapted), the data order is a pure function of (seed, epoch), and dropout draws
   from torch's generator, seeded here and saved in checkpoints. A resumed run reproduces an
   uninterrupted one bit for bit on the same machine.
 
 Library use (the federated client): load the model once, then
-`fit(model, dataset, TrainConfig(..., freeze_a=True), init_adapter=global_adapter)` returns the new
-adapter as numpy arrays plus metrics. The CLI uses `run()`, which adds loading, checkpoints
-and export of both adapter formats.
+`fit(model, dataset, TrainConfig(..., lora=LoraConfig(freeze_a=True)), init_adapter=global_adapter)`
+returns the new adapter as numpy arrays plus metrics. The CLI uses `run()`, which adds loading,
+checkpoints and export of both adapter formats.
 """
 
 from __future__ import annotations
