@@ -2,6 +2,7 @@
 
     {"name": "sft"}                                        supervised fine-tuning (also: absent)
     {"name": "dpo", "beta": 0.1, "loss": "sigmoid"}        DPO on preference pairs
+    {"name": "dpo", ..., "sft_weight": 1.0}                DPO + an NLL term on chosen (RPO)
 
 Both methods train the same LoRA adapter and federate the same way; only the local objective
 and the data it needs differ (SFT: examples; DPO: chosen/rejected pairs). The spec lives in
@@ -22,7 +23,9 @@ from edge_sdk.training.methods import (
     DEFAULT_BETA,
     DEFAULT_DPO_LOSS,
     DEFAULT_METHOD,
+    DEFAULT_SFT_WEIGHT,
     DPO_LOSSES,
+    MAX_SFT_WEIGHT,
     TRAIN_METHODS,
     DpoLoss,
     TrainMethod,
@@ -51,6 +54,9 @@ class MethodSpec:
     """DPO: strength of the pull towards the reference policy (ignored for sft)."""
     loss: DpoLoss = DEFAULT_DPO_LOSS
     """DPO: `sigmoid` (the paper's loss) or `ipo` (ignored for sft)."""
+    sft_weight: float = DEFAULT_SFT_WEIGHT
+    """DPO: RPO alpha, the weight of the chosen answer's per-token NLL (0: plain DPO; ignored
+    for sft). Devices hold tasks to `TaskPolicy.max_sft_weight`."""
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -65,12 +71,25 @@ class MethodSpec:
         object.__setattr__(self, "beta", float(beta))
         if self.loss not in DPO_LOSSES:
             raise ValueError(f"`loss` should be one of {', '.join(DPO_LOSSES)}, got {self.loss!r}")
+        sw = self.sft_weight
+        if (
+            isinstance(sw, bool)
+            or not isinstance(sw, (int, float))
+            or not (math.isfinite(sw) and 0.0 <= sw <= MAX_SFT_WEIGHT)
+        ):
+            raise ValueError(
+                f"`sft_weight` should be a finite number in [0, {MAX_SFT_WEIGHT:g}], got {sw!r}"
+            )
+        object.__setattr__(self, "sft_weight", float(sw))
 
     def to_extra(self) -> dict[str, Any]:
         """The JSON-like map stored at `extra["method"]`."""
         if self.name == "sft":
             return {"name": "sft"}
-        return {"name": self.name, "beta": self.beta, "loss": self.loss}
+        out: dict[str, Any] = {"name": self.name, "beta": self.beta, "loss": self.loss}
+        if self.sft_weight:  # absent when 0: a plain-DPO task's extra reads as before
+            out["sft_weight"] = self.sft_weight
+        return out
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any]) -> MethodSpec:
@@ -84,7 +103,7 @@ class MethodSpec:
             return cls()
         if not isinstance(raw, Mapping):
             raise ValueError(f"`extra.method` should be a map, got {type(raw).__name__}")  # noqa: TRY004
-        unknown = sorted(str(k) for k in raw if k not in ("name", "beta", "loss"))
+        unknown = sorted(str(k) for k in raw if k not in ("name", "beta", "loss", "sft_weight"))
         if unknown:
             raise ValueError(f"`extra.method` has unknown keys {unknown[:4]}")
         name = raw.get("name", "sft")
@@ -94,9 +113,17 @@ class MethodSpec:
         if not isinstance(loss, str):
             raise ValueError(f"`extra.method.loss` should be a string, got {loss!r}")  # noqa: TRY004
         try:
-            return cls(name=name, beta=raw.get("beta", DEFAULT_BETA), loss=loss)  # type: ignore[arg-type]
+            return cls(
+                name=name,  # type: ignore[arg-type]
+                beta=raw.get("beta", DEFAULT_BETA),
+                loss=loss,  # type: ignore[arg-type]
+                sft_weight=raw.get("sft_weight", DEFAULT_SFT_WEIGHT),
+            )
         except ValueError as exc:
             raise ValueError(f"`extra.method`: {exc}") from None
 
     def describe(self) -> str:
-        return "sft" if self.name == "sft" else f"dpo (beta {self.beta:g}, {self.loss} loss)"
+        if self.name == "sft":
+            return "sft"
+        sft = f", sft weight {self.sft_weight:g}" if self.sft_weight else ""
+        return f"dpo (beta {self.beta:g}, {self.loss} loss{sft})"

@@ -272,6 +272,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="task, dpo: strength of the pull to the reference",
     )
     p.add_argument(
+        "--sft-weight",
+        type=float,
+        default=MethodSpec.sft_weight,
+        help="task, dpo: weight of an NLL term on the chosen answer (RPO alpha; 0 = plain DPO)",
+    )
+    p.add_argument(
         "--dpo-loss", choices=DPO_LOSSES, default=MethodSpec.loss, help="task, dpo: loss variant"
     )
     p.add_argument(
@@ -391,7 +397,7 @@ def _config(
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lr=args.lr,
-        method=MethodSpec(args.method, args.beta, args.dpo_loss),
+        method=MethodSpec(args.method, args.beta, args.dpo_loss, args.sft_weight),
         max_rounds=args.max_rounds,
         join_token=join_token,
         operator_token=operator_token,

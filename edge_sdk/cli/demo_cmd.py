@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "federation runs in this process)",
     )
     p.add_argument("--beta", type=float, default=None, help="dpo: beta (default: 0.1)")
+    p.add_argument(
+        "--sft-weight", type=float, default=None, help="dpo: RPO alpha (default: the preset's)"
+    )
     p.add_argument("--greedy", action="store_true", help="dpo: also judge llama.cpp greedy answers")
     p.set_defaults(func=_demo)
 
@@ -163,7 +166,7 @@ def _preference_demo(args: argparse.Namespace) -> int:
         config = quick(config)
     changes = {k: v for k, v in (("clients", args.clients), ("rounds", args.rounds),
                ("model", args.model), ("seed", args.seed), ("threads", args.threads),
-               ("beta", args.beta)) if v is not None}  # fmt: skip
+               ("beta", args.beta), ("sft_weight", args.sft_weight)) if v is not None}  # fmt: skip
     try:
         config = config.replace(**changes)
     except ValueError as exc:
@@ -176,8 +179,9 @@ def _preference_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("edge_sdk.training.data").setLevel(logging.ERROR)
     console = Console()
-    console.print(f"preference demo (DPO, beta {config.beta:g}): {config.clients} clients, "
-                  f"{config.rounds} rounds x {config.local_steps} steps; writing {out}")  # fmt: skip
+    console.print(f"preference demo (DPO, beta {config.beta:g}, sft weight "
+                  f"{config.sft_weight:g}): {config.clients} clients, {config.rounds} "
+                  f"rounds x {config.local_steps} steps; writing {out}")  # fmt: skip
     report = experiment(config, out, greedy=args.greedy)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     table = Table(title="judged win rate (greedy answer in the users' preferred format)")

@@ -15,6 +15,7 @@ from edge_sdk.training.methods import (
     DEFAULT_DPO_LOSS,
     DEFAULT_METHOD,
     DEFAULT_REFERENCE,
+    DEFAULT_SFT_WEIGHT,
     DPO_LOSSES,
     DPO_REFERENCES,
     TRAIN_METHODS,
@@ -46,6 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_BETA,
         metavar="B",
         help=f"DPO/IPO beta, the pull towards the reference ({DEFAULT_BETA})",
+    )
+    p.add_argument(
+        "--sft-weight",
+        type=float,
+        default=DEFAULT_SFT_WEIGHT,
+        metavar="A",
+        help="DPO: weight of an NLL term on the chosen answer (RPO alpha; "
+        f"0 = plain DPO) ({DEFAULT_SFT_WEIGHT:g})",
     )
     p.add_argument(
         "--loss",
@@ -169,6 +178,7 @@ def _train(args: argparse.Namespace) -> int:
             method=args.method,
             beta=args.beta,
             dpo_loss=args.dpo_loss,
+            sft_weight=args.sft_weight,
             reference=args.reference,
             seq_len=args.seq_len,
             batch_size=args.batch_size,

@@ -1040,7 +1040,11 @@ class FederatedClient:
         method = MethodSpec.from_extra(task.extra)
         if method.name == "dpo":  # the reference is the base model: the adapter disabled
             config = dataclasses.replace(
-                config, method="dpo", beta=method.beta, dpo_loss=method.loss
+                config,
+                method="dpo",
+                beta=method.beta,
+                dpo_loss=method.loss,
+                sft_weight=method.sft_weight,
             )
         # Same packed sequences and split every round; the order differs per round.
         dataset = dataclasses.replace(self._dataset, seed=marker.seed)

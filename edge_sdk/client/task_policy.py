@@ -94,6 +94,9 @@ class TaskPolicy:
     max_beta: float = 5.0
     """Highest DPO beta (papers and TRL use 0.01-0.5; a huge beta turns the loss into a step
     function of the margin, whose gradients are zero or explode)."""
+    max_sft_weight: float = 10.0
+    """Highest DPO `sft_weight` (RPO alpha; the paper and TRL use 1): a huge one makes the
+    round plain SFT on the feedback's chosen answers."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -106,7 +109,8 @@ class TaskPolicy:
             raise ValueError(
                 f"`methods` should be a tuple of {', '.join(METHODS)}, got {self.methods!r}"
             )
-        for name in ("max_scaling", "max_lr", "max_abs_value", "max_delta_rms", "max_beta"):
+        for name in ("max_scaling", "max_lr", "max_abs_value", "max_delta_rms", "max_beta",
+                     "max_sft_weight"):  # fmt: skip
             value = getattr(self, name)
             if not is_positive_finite(value):
                 raise ValueError(f"`{name}` should be a finite positive number, got {value!r}")
@@ -177,6 +181,12 @@ class TaskPolicy:
                     f"task {task.task_id}: `extra.method.beta` = {spec.beta!r} exceeds this "
                     f"client's bound (at most {self.max_beta:g}); refusing the task (raise "
                     "TaskPolicy.max_beta if the coordinator is trusted)"
+                )
+            if not spec.sft_weight <= self.max_sft_weight:
+                raise TaskRefusedError(
+                    f"task {task.task_id}: `extra.method.sft_weight` = {spec.sft_weight!r} "
+                    f"exceeds this client's bound (at most {self.max_sft_weight:g}); refusing "
+                    "the task (raise TaskPolicy.max_sft_weight if the coordinator is trusted)"
                 )
             assert spec.loss in DPO_LOSSES
         return spec

@@ -85,6 +85,8 @@ class DemoConfig:
     """dpo: strength of the pull towards the reference (the base model)."""
     dpo_loss: str = "sigmoid"
     """dpo: sigmoid (DPO) or ipo."""
+    sft_weight: float = 0.0
+    """dpo: RPO alpha, the weight of the chosen answer's per-token NLL added to the loss."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -115,7 +117,7 @@ class DemoConfig:
             raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")
         if self.mode not in LORA_MODES:
             raise ValueError(f"`mode` should be exact, frozen-a or naive, got {self.mode!r}")
-        MethodSpec(self.method, self.beta, self.dpo_loss)  # type: ignore[arg-type]
+        MethodSpec(self.method, self.beta, self.dpo_loss, self.sft_weight)  # type: ignore[arg-type]
         if self.secure and self.mode != "frozen-a":
             raise ValueError(f"`mode` should be frozen-a with `secure`, got {self.mode!r}")
         from coordinator.next_version import AggregationConfig

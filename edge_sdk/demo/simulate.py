@@ -63,6 +63,7 @@ def train_config(
         method=config.method,  # type: ignore[arg-type]
         beta=config.beta,
         dpo_loss=config.dpo_loss,  # type: ignore[arg-type]
+        sft_weight=config.sft_weight,
     )
 
 

@@ -11,6 +11,11 @@ scored; `edge_sdk.training.preferences`). Then
 - sigmoid (DPO, Rafailov et al. 2023, arXiv:2305.18290, eq. 7): loss = -log σ(β·h);
 - ipo (IPO, Azar et al. 2023, arXiv:2310.12036, eq. 17): loss = (h - 1/(2β))².
 
+With `sft_weight` α > 0 (RPO, Pang et al. 2024, arXiv:2404.19733; TRL's `rpo_alpha`) each pair
+adds α · (-log π(y_w|x)) / |y_w|, the chosen answer's mean per-token negative log-likelihood:
+DPO alone only ranks y_w above y_l (it can push both down), the NLL term keeps y_w likely, so
+that greedy decoding actually produces the preferred answer.
+
 The implicit rewards are r_w = β·(log π(y_w|x) - log π_ref(y_w|x)) and r_l likewise; we log
 reward accuracy (the share of pairs with r_w > r_l), the reward margin mean(r_w - r_l), and the
 mean chosen and rejected log-probs of the policy.
@@ -98,10 +103,18 @@ def preference_loss(
     *,
     beta: float,
     loss: DpoLoss = "sigmoid",
+    sft_weight: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
 ) -> PreferenceLoss:
-    """DPO or IPO loss of B pairs from their summed answer log-probs, each (B,)."""
+    """DPO or IPO loss of B pairs from their summed answer log-probs, each (B,).
+
+    `sft_weight` > 0 adds sft_weight · (-policy_chosen / chosen_tokens) per pair (RPO);
+    `chosen_tokens` (B,) counts each chosen answer's scored tokens and is then required.
+    """
     if loss not in DPO_LOSSES:
         raise ValueError(f"`loss` should be one of {DPO_LOSSES}, got {loss!r}")
+    if sft_weight and chosen_tokens is None:
+        raise ValueError("`chosen_tokens` is needed when `sft_weight` > 0")
     chosen_ratio = policy_chosen - ref_chosen  # (B,) log π/π_ref of y_w
     rejected_ratio = policy_rejected - ref_rejected  # (B,)
     h = chosen_ratio - rejected_ratio
@@ -109,6 +122,10 @@ def preference_loss(
         losses = -F.logsigmoid(beta * h)
     else:
         losses = (h - 1.0 / (2.0 * beta)) ** 2
+    if sft_weight:
+        assert chosen_tokens is not None
+        n = chosen_tokens.to(policy_chosen.dtype).clamp(min=1)
+        losses = losses + sft_weight * (-policy_chosen / n)
     return PreferenceLoss(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
 
@@ -145,6 +162,12 @@ def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tens
         )
         out.append(-nll)
     return torch.stack(out)
+
+
+def _chosen_tokens(batch: PairBatch) -> torch.Tensor:
+    """(B,) scored tokens of each chosen answer (the RPO term's per-token normaliser)."""
+    labels = torch.from_numpy(batch.labels[: batch.pairs, 1:])
+    return (labels != IGNORE_INDEX).sum(dim=1)
 
 
 def _batch_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,7 +329,14 @@ class DpoObjective:
             ref = self._reference_for(model, batch, config)  # (B, 2)
             chosen, rejected = _batch_logps(model, batch)
             out = preference_loss(
-                chosen, rejected, ref[:, 0], ref[:, 1], beta=config.beta, loss=config.dpo_loss
+                chosen,
+                rejected,
+                ref[:, 0],
+                ref[:, 1],
+                beta=config.beta,
+                loss=config.dpo_loss,
+                sft_weight=config.sft_weight,
+                chosen_tokens=_chosen_tokens(batch),
             )
             # The step's mean over all its pairs, whatever the accumulation.
             (out.losses.sum() / n_pairs).backward()
@@ -333,7 +363,14 @@ class DpoObjective:
                 chosen, rejected = _batch_logps(model, batch)
                 ref = self.reference["val"][torch.from_numpy(batch.index)]
                 out = preference_loss(
-                    chosen, rejected, ref[:, 0], ref[:, 1], beta=config.beta, loss=config.dpo_loss
+                    chosen,
+                    rejected,
+                    ref[:, 0],
+                    ref[:, 1],
+                    beta=config.beta,
+                    loss=config.dpo_loss,
+                    sft_weight=config.sft_weight,
+                    chosen_tokens=_chosen_tokens(batch),
                 )
                 totals.add(out, chosen, rejected)
         finally:

@@ -61,8 +61,10 @@ from edge_sdk.training.methods import (
     DEFAULT_DPO_LOSS,
     DEFAULT_METHOD,
     DEFAULT_REFERENCE,
+    DEFAULT_SFT_WEIGHT,
     DPO_LOSSES,
     DPO_REFERENCES,
+    MAX_SFT_WEIGHT,
     TRAIN_METHODS,
     DpoLoss,
     DpoReference,
@@ -77,7 +79,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-_DPO_FIELDS = ("beta", "dpo_loss", "reference")
+_DPO_FIELDS = ("beta", "dpo_loss", "reference", "sft_weight")
 
 
 @document_fields
@@ -97,6 +99,9 @@ class TrainConfig:
     """sigmoid (DPO) or ipo (IPO) (dpo only)."""
     reference: DpoReference = DEFAULT_REFERENCE
     """DPO reference policy: base (adapter disabled) or start (the starting adapter) (dpo only)."""
+    sft_weight: float = DEFAULT_SFT_WEIGHT
+    """RPO alpha: weight of the chosen answer's per-token NLL added to the DPO loss (dpo only;
+    0: plain DPO)."""
     seq_len: int = 256
     """Tokens per training sequence."""
     batch_size: int = 1
@@ -140,6 +145,15 @@ class TrainConfig:
                 raise ValueError(
                     f"`{name}` should be a positive number, got {getattr(self, name)!r}"
                 )
+        sw = self.sft_weight
+        if (
+            isinstance(sw, bool)
+            or not isinstance(sw, (int, float))
+            or not (math.isfinite(sw) and 0.0 <= sw <= MAX_SFT_WEIGHT)
+        ):
+            raise ValueError(
+                f"`sft_weight` should be a finite number in [0, {MAX_SFT_WEIGHT:g}], got {sw!r}"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"`min_lr_ratio` should be in [0, 1], got {self.min_lr_ratio!r}")
         if self.weight_decay < 0:
@@ -181,6 +195,9 @@ class TrainConfig:
         out.update(lora)
         if self.method != "sft":
             out.update(method=self.method, **{k: getattr(self, k) for k in _DPO_FIELDS})
+            if self.sft_weight == 0.0:
+                # Plain DPO: a checkpoint written before the field existed keeps resuming.
+                del out["sft_weight"]
         return out
 
 

@@ -212,6 +212,16 @@ HOSTILE_METHODS: dict[str, tuple[Any, str]] = {
     "loss": ({"name": "dpo", "loss": "hinge"}, "`loss` should be one of sigmoid, ipo"),
     "extra key": ({"name": "dpo", "lr_multiplier": 1e9}, "unknown keys ['lr_multiplier']"),
     "not a map": ("dpo", "`extra.method` should be a map"),
+    "sft_weight huge": (
+        {"name": "dpo", "sft_weight": 1e6},
+        "`sft_weight` should be a finite number in [0, 100]",
+    ),
+    "sft_weight negative": ({"name": "dpo", "sft_weight": -1.0}, "`sft_weight` should be"),
+    "sft_weight bool": ({"name": "dpo", "sft_weight": True}, "`sft_weight` should be"),
+    "sft_weight above policy": (
+        {"name": "dpo", "sft_weight": 50.0},
+        "`extra.method.sft_weight` = 50.0 exceeds",
+    ),
 }
 
 
@@ -231,6 +241,10 @@ def test_task_policy_refuses_hostile_methods(model: Path) -> None:
     assert policy.check_method(tiny_task(model)) == MethodSpec()  # absent: sft
     spec = policy.check_method(tiny_task(model, extra={"method": {"name": "dpo", "beta": 0.5}}))
     assert (spec.name, spec.beta, spec.loss) == ("dpo", 0.5, "sigmoid")
+    assert spec.sft_weight == 0.0 and "sft_weight" not in spec.to_extra()  # plain DPO as before
+    rpo = MethodSpec("dpo", 0.5, "sigmoid", 2.0)
+    assert rpo.to_extra()["sft_weight"] == 2.0
+    assert policy.check_method(tiny_task(model, extra={"method": rpo.to_extra()})) == rpo
     with pytest.raises(TaskRefusedError, match="not among this client's methods"):
         TaskPolicy(methods=("sft",)).check_method(
             tiny_task(model, extra={"method": {"name": "dpo"}})

@@ -110,12 +110,33 @@ def _answer_logps_by_hand(model: torch.nn.Module, tok, prompt: str, answer: str)
     return sum(logp[t - 1, full[t]] for t in range(len(prefix), len(full)))  # type: ignore[return-value]
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def _answer_tokens_by_hand(tok, prompt: str, answer: str) -> int:  # type: ignore[no-untyped-def]
+    """|y|: the tokens the rendered answer adds after the rendered prompt."""
+    user = [{"role": "user", "content": prompt}]
+    prefix = tok.encode(tok.render_chat(user, add_generation_prompt=True), add_bos=False)
+    full = tok.encode(
+        tok.render_chat(
+            [*user, {"role": "assistant", "content": answer}], add_generation_prompt=False
+        ),
+        add_bos=False,
+    )
+    return len(full) - len(prefix)
+
+
+@pytest.mark.parametrize(
+    ("loss", "sft_weight"), [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.7), ("ipo", 1.5)]
+)
 def test_loss_and_gradient_match_the_papers_formula(
-    tiny_gguf: Path, tmp_path: Path, loss: str
+    tiny_gguf: Path, tmp_path: Path, loss: str, sft_weight: float
 ) -> None:
+    """DPO/IPO and, with sft_weight α > 0, RPO (Pang et al. 2024, eq. 3; TRL's rpo_alpha):
+    DPO + α · NLL(chosen) / |chosen|."""
     config = _config(
-        dpo_loss=loss, batch_size=3, val_fraction=0.0, lora=LoraConfig(rank=4, alpha=8.0)
+        dpo_loss=loss,
+        batch_size=3,
+        val_fraction=0.0,
+        lora=LoraConfig(rank=4, alpha=8.0),
+        sft_weight=sft_weight,
     )
     raw = [("hello world", "world hello", "hello world hello"), ("the a", "a the", "the the"),
            ("is of", "of is", "is")]  # fmt: skip
@@ -147,11 +168,16 @@ def test_loss_and_gradient_match_the_papers_formula(
             terms.append(-torch.log(1.0 / (1.0 + torch.exp(-beta * h))))
         else:  # Azar et al. 2023, eq. 17
             terms.append((h - 1.0 / (2.0 * beta)) ** 2)
+        if sft_weight:  # the chosen answer's mean per-token negative log-likelihood
+            n_w = _answer_tokens_by_hand(tok, prompt, chosen)
+            assert n_w >= 2
+            terms[-1] = terms[-1] + sft_weight * (-pi_w / n_w)
         correct += int(beta * (pi_w - ref_w) > beta * (pi_l - ref_l))
     expected = sum(terms) / len(terms)
     expected.backward()  # type: ignore[union-attr]
     assert out.loss == pytest.approx(float(expected.detach()), rel=1e-4, abs=1e-5)
-    assert out.loss != pytest.approx(math.log(2.0), abs=1e-3)  # the policy is not the reference
+    if not sft_weight:  # the policy is not the reference
+        assert out.loss != pytest.approx(math.log(2.0), abs=1e-3)
     assert out.metrics["reward_accuracy"] == pytest.approx(correct / 3)
     for name, g in grads.items():
         ref = dict(model.named_parameters())[name].grad
@@ -173,6 +199,21 @@ def test_preference_loss_values() -> None:
     torch.testing.assert_close(ipo.losses, (h - 1.0) ** 2)
     with pytest.raises(ValueError, match="`loss` should be one of"):
         preference_loss(pc, pr, rc, rr, beta=0.5, loss="hinge")  # type: ignore[arg-type]
+    rpo = preference_loss(
+        pc, pr, rc, rr, beta=0.5, sft_weight=2.0, chosen_tokens=torch.tensor([4, 10])
+    )
+    torch.testing.assert_close(
+        rpo.losses, torch.log1p(torch.exp(-0.5 * h)) + 2.0 * torch.tensor([1.0 / 4, 5.0 / 10])
+    )
+    torch.testing.assert_close(rpo.chosen_rewards, out.chosen_rewards)  # rewards unchanged
+    with pytest.raises(ValueError, match="`chosen_tokens` is needed"):
+        preference_loss(pc, pr, rc, rr, beta=0.5, sft_weight=1.0)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), 1e9, True, "1"])
+def test_sft_weight_is_validated(bad: object) -> None:
+    with pytest.raises(ValueError, match="`sft_weight` should be a finite number"):
+        TrainConfig(method="dpo", sft_weight=bad)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- reference
@@ -330,6 +371,9 @@ def test_sft_fingerprint_fields_are_unchanged() -> None:
     dpo_fields = TrainConfig(method="dpo").trajectory_fields()
     assert dpo_fields["method"] == "dpo" and dpo_fields["beta"] == 0.1
     assert dpo_fields["dpo_loss"] == "sigmoid" and dpo_fields["reference"] == "base"
+    # Plain DPO fingerprints as before sft_weight existed; a non-zero weight changes the path.
+    assert "sft_weight" not in dpo_fields
+    assert TrainConfig(method="dpo", sft_weight=1.0).trajectory_fields()["sft_weight"] == 1.0
 
 
 def test_fit_refuses_the_wrong_dataset_kind(tiny_gguf: Path, pairs_file: Path) -> None:
