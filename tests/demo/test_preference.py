@@ -50,3 +50,7 @@ def test_the_preference_config_is_validated() -> None:
     with pytest.raises(ValueError, match="`method`"):
         DemoConfig(method="ppo")
     assert DemoConfig.preference().method == "dpo"
+    with pytest.raises(ValueError, match="`sft_weight` should be a finite number"):
+        DemoConfig(method="dpo", sft_weight=-1.0)
+    # The preset trains with the RPO term: plain DPO ranks but does not change greedy answers.
+    assert DemoConfig.preference().sft_weight > 0
