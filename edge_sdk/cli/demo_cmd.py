@@ -176,8 +176,10 @@ def _preference_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("edge_sdk.training.data").setLevel(logging.ERROR)
     console = Console()
-    console.print(f"preference demo (DPO, beta {config.beta:g}): {config.clients} clients, "
-                  f"{config.rounds} rounds x {config.local_steps} steps; writing {out}")  # fmt: skip
+    console.print(
+        f"preference demo (DPO, beta {config.beta:g}): {config.clients} clients, "
+        f"{config.rounds} rounds x {config.local_steps} steps; writing {out}"
+    )
     report = experiment(config, out, greedy=args.greedy)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     table = Table(title="judged win rate (greedy answer in the users' preferred format)")

@@ -398,7 +398,8 @@ class OnnxEdgeModel(ServingLock):
         return dest, False
 
     def _evict(self) -> None:
-        """Drop the least recently used converted files beyond `adapter_cache` (not the served one)."""
+        """Drop the least recently used converted files beyond `adapter_cache` (never the one
+        being served)."""
         serving = self._adapter.file if self._adapter else None
         for key in [k for k, f in self._converted.items() if f != serving]:
             if len(self._converted) <= self._cache_size:

@@ -440,7 +440,8 @@ def test_converted_adapters_are_removed_even_without_close(exported, tmp_path):
         "from edge_sdk.onnx.runtime import OnnxEdgeModel\n"
         "m = OnnxEdgeModel(sys.argv[1], n_threads=1)\n"
         "m.load_adapter(sys.argv[2])\n"
-        "print(m._workdir, oct(stat.S_IMODE(os.stat(m._workdir).st_mode)), len(os.listdir(m._workdir)))\n"
+        "mode = oct(stat.S_IMODE(os.stat(m._workdir).st_mode))\n"
+        "print(m._workdir, mode, len(os.listdir(m._workdir)))\n"
     )
     repo = Path(__file__).resolve().parents[2]
     out = subprocess.run(
