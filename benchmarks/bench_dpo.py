@@ -193,7 +193,9 @@ def worker_trl(args: argparse.Namespace) -> dict[str, Any]:
                 setattr(module, child_name, q.to("cpu"))  # quantizes
     lora = peft.LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ],
     )  # fmt: skip
     model = peft.get_peft_model(model, lora)
     load_s = time.perf_counter() - t0

@@ -30,7 +30,8 @@ TEXTS = (
     (
         "The history of the city goes back many centuries. Merchants came from the coast, farmers "
         "from the hills, and scholars from distant universities. In the old market square, the "
-        "cathedral and the town hall still face each other, as they have since the fourteenth century."
+        "cathedral and the town hall still face each other, as they have since the fourteenth "
+        "century."
     ),
     (
         "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"

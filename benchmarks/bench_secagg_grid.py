@@ -16,7 +16,8 @@ with i.i.d. updates the mean shrinks as 1/√n and every grid looks worse at lar
 C = `--clip-sigmas`·σ, every device at the weight cap (the demo's case: weight = local steps ×
 batch = the cap) or, with `--spread-weights`, example counts from [W/20, W].
 
-    .venv/bin/python benchmarks/bench_secagg_grid.py [--cohorts 3 8 16 64] [--grid-bits 1 2 3 4 5 6 8]
+    .venv/bin/python benchmarks/bench_secagg_grid.py \
+        [--cohorts 3 8 16 64] [--grid-bits 1 2 3 4 5 6 8]
 """
 
 from __future__ import annotations

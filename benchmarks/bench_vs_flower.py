@@ -1,4 +1,5 @@
-"""The whole federation against Flower (issue 15 part 1), and asynchrony with a slow client (part 4).
+"""The whole federation against Flower (issue 15 part 1), and asynchrony with a slow client
+(part 4).
 
 **`--experiment flower`** runs the demo's federated task twice, back to back, on 127.0.0.1:
 
@@ -540,7 +541,8 @@ def run_flower(
     def spawn(cmd: list[str], name: str, label: str) -> subprocess.Popen[bytes]:
         log = (work / f"{name}.log").open("wb")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)  # fmt: skip
+                                stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)  # fmt: skip
         procs.append((proc, log))
         sampler.add(proc.pid, label)
         try:
@@ -720,7 +722,9 @@ def summarize(arms: Sequence[dict[str, Any]], target: float | None) -> dict[str,
             "peak_rss_client_node_mb": max(c["peak_rss_node_mb"] for c in arm["clients"]),
             "cpu_s_per_round_all": round(cpu_all / rounds, 1),
             "cpu_s_per_round_per_client": round(cpu_clients / rounds / n, 1),
-            "start_to_first_step_s": float(np.median([c["start_to_first_step_s"] for c in arm["clients"]])),
+            "start_to_first_step_s": float(
+                np.median([c["start_to_first_step_s"] for c in arm["clients"]])
+            ),
             "load": [arm["load_before"], arm["load_after"]],
         }  # fmt: skip
     return {"target_exact_match": goal, "arms": rows}
@@ -834,7 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int)
     p.add_argument("--arms", nargs="+", help="flower: fedlm flower; async: fedavg fedbuff-kK")
     p.add_argument("--flwr-bin", default="/tmp/flwr-bench-venv/bin",
-                   help="bin/ of a venv with flwr 1.42 that can import torch, transformers, peft")  # fmt: skip
+                   help="bin/ of a venv with flwr 1.42 that can import torch, transformers, "
+                   "peft")  # fmt: skip
     p.add_argument("--target", type=float, help="exact match to time (default: lower final)")
     p.add_argument("--slowdown", type=float, default=3.0, help="async: client 0's slowdown")
     p.add_argument("--buffer-sizes", type=int, nargs="+", default=[2])

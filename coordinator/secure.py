@@ -17,8 +17,8 @@ The cohort: with `fedavg`, the round's participants, i.e. the first `clients_per
 devices that ask to join for the current version. With `fedbuff`, the first `buffer_size` (K)
 devices that pulled the same global version v and ask to join for it (v at most
 `max_staleness` versions old); several cohorts, of different versions or one after another of
-the same version, may run at once. `cohort_size_of` says which. A phase closes when every device asked
-has answered, or `secure_phase_s` after it opened (the advertise phase: after the first
+the same version, may run at once. `cohort_size_of` says which. A phase closes when every
+device asked has answered, or `secure_phase_s` after it opened (the advertise phase: after the first
 device joined, once at least `min_cohort` devices advertised keys). A device that has not
 answered by then is a drop-out, handled as the protocol specifies (`ServerRound.close_*`).
 When the unmask phase closes, the reconstructed *sum* enters aggregation as one update: the

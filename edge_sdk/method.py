@@ -1,4 +1,6 @@
-"""The post-training method a task asks for: `TaskConfig.extra["method"]` (docs/wire-format.md 3.4.1).
+"""The post-training method a task asks for: `TaskConfig.extra["method"]`.
+
+See docs/wire-format.md, section 3.4.1.
 
     {"name": "sft"}                                        supervised fine-tuning (also: absent)
     {"name": "dpo", "beta": 0.1, "loss": "sigmoid"}        DPO on preference pairs

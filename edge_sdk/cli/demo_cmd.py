@@ -179,9 +179,11 @@ def _preference_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("edge_sdk.training.data").setLevel(logging.ERROR)
     console = Console()
-    console.print(f"preference demo (DPO, beta {config.beta:g}, sft weight "
-                  f"{config.sft_weight:g}): {config.clients} clients, {config.rounds} "
-                  f"rounds x {config.local_steps} steps; writing {out}")  # fmt: skip
+    console.print(
+        f"preference demo (DPO, beta {config.beta:g}, sft weight {config.sft_weight:g}): "
+        f"{config.clients} clients, {config.rounds} rounds x {config.local_steps} steps; "
+        f"writing {out}"
+    )
     report = experiment(config, out, greedy=args.greedy)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     table = Table(title="judged win rate (greedy answer in the users' preferred format)")

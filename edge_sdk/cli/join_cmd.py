@@ -275,8 +275,8 @@ def _join(args: argparse.Namespace) -> int:
     try:
         summary = client.run()
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
         served = runtime.adapter_path if runtime is not None else None
         if runtime is not None:
             runtime.close()

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 
 from edge_sdk.choices import PRECISIONS
-from edge_sdk.cli._help import ConfigDefault
+from edge_sdk.cli._help import ConfigDefault, DefaultsHelpFormatter
 from edge_sdk.cli._help import resolve as resolve_default
 from edge_sdk.models.naming import LORA_TARGETS
 from edge_sdk.training.methods import (
@@ -22,9 +22,20 @@ from edge_sdk.training.methods import (
 )
 
 
+def _train_default(field: str) -> ConfigDefault:
+    """The default of `TrainConfig.<field>`: the CLI declares none of its own."""
+    return ConfigDefault("edge_sdk.training.trainer", "TrainConfig", field)
+
+
+def _lora_default(field: str) -> ConfigDefault:
+    """The default of `LoraConfig.<field>`."""
+    return ConfigDefault("edge_sdk.training.lora", "LoraConfig", field)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
+        formatter_class=DefaultsHelpFormatter,
         help="train a LoRA adapter on local data (QLoRA on the model's own GGUF): SFT or DPO",
         description="Train a LoRA adapter. --method sft (default) reads JSONL (chat / "
         "prompt+completion / text), a .json array of the same objects, .csv/.tsv with "
@@ -39,14 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--method",
         choices=TRAIN_METHODS,
         default=DEFAULT_METHOD,
-        help=f"sft: examples; dpo: preference pairs ({DEFAULT_METHOD})",
+        help="sft: examples; dpo: preference pairs",
     )
     p.add_argument(
         "--beta",
         type=float,
         default=DEFAULT_BETA,
         metavar="B",
-        help=f"DPO/IPO beta, the pull towards the reference ({DEFAULT_BETA})",
+        help="DPO/IPO beta, the pull towards the reference",
     )
     p.add_argument(
         "--sft-weight",
@@ -61,14 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         dest="dpo_loss",
         choices=DPO_LOSSES,
         default=DEFAULT_DPO_LOSS,
-        help=f"DPO loss: sigmoid (DPO) or ipo (IPO) ({DEFAULT_DPO_LOSS})",
+        help="DPO loss: sigmoid (DPO) or ipo (IPO)",
     )
     p.add_argument(
         "--reference",
         choices=DPO_REFERENCES,
         default=DEFAULT_REFERENCE,
-        help="DPO reference policy: base (adapter disabled) or start (the --init-adapter) "
-        f"({DEFAULT_REFERENCE})",
+        help="DPO reference policy: base (adapter disabled) or start (the --init-adapter)",
     )
     p.add_argument(
         "--init-adapter",
@@ -77,50 +87,74 @@ def register(sub: argparse._SubParsersAction) -> None:
         "its rank, alpha and targets are used",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--steps", type=int, default=200, metavar="N", help="optimizer steps (200)")
-    p.add_argument("--rank", type=int, default=8, metavar="R", help="LoRA rank (8)")
-    p.add_argument("--alpha", type=float, default=None, metavar="A", help="LoRA alpha (2 x rank)")
-    p.add_argument("--dropout", type=float, default=0.0, metavar="P", help="LoRA dropout (0)")
+    p.add_argument(
+        "--steps", type=int, default=_train_default("steps"), metavar="N", help="optimizer steps"
+    )
+    p.add_argument("--rank", type=int, default=_lora_default("rank"), metavar="R", help="LoRA rank")
+    p.add_argument("--alpha", type=float, metavar="A", help="LoRA alpha (default: 2 x rank)")
+    p.add_argument(
+        "--dropout", type=float, default=_lora_default("dropout"), metavar="P", help="LoRA dropout"
+    )
     p.add_argument(
         "--targets",
         default=",".join(LORA_TARGETS),
         metavar="LIST",
-        help="comma-separated projections to adapt (all)",
+        help="comma-separated projections to adapt",
     )
     p.add_argument(
-        "--seq-len", type=int, default=256, metavar="L", help="tokens per sequence (256)"
+        "--seq-len",
+        type=int,
+        default=_train_default("seq_len"),
+        metavar="L",
+        help="tokens per sequence",
     )
     p.add_argument(
-        "--batch-size", type=int, default=1, metavar="B", help="sequences per micro-batch (1)"
+        "--batch-size",
+        type=int,
+        default=_train_default("batch_size"),
+        metavar="B",
+        help="sequences per micro-batch",
     )
     p.add_argument(
-        "--grad-accum", type=int, default=1, metavar="K", help="micro-batches per step (1)"
+        "--grad-accum",
+        type=int,
+        default=_train_default("grad_accum"),
+        metavar="K",
+        help="micro-batches per step",
     )
-    p.add_argument("--lr", type=float, default=2e-4, metavar="LR", help="peak learning rate (2e-4)")
-    p.add_argument("--warmup", type=int, default=10, metavar="N", help="warmup steps (10)")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument(
-        "--val-fraction", type=float, default=0.1, metavar="F", help="held-out share (0.1)"
+        "--lr", type=float, default=_train_default("lr"), metavar="LR", help="peak learning rate"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=_train_default("warmup"), metavar="N", help="warmup steps"
+    )
+    p.add_argument("--seed", type=int, default=_train_default("seed"), metavar="S", help="seed")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=_train_default("val_fraction"),
+        metavar="F",
+        help="held-out share",
     )
     p.add_argument(
         "--eval-every",
         type=int,
-        default=0,
+        default=_train_default("eval_every"),
         metavar="N",
         help="evaluate every N steps (0: before and after only)",
     )
     p.add_argument(
         "--checkpoint-every",
         type=int,
-        default=50,
+        default=_train_default("checkpoint_every"),
         metavar="N",
-        help="checkpoint every N steps (50; 0 disables)",
+        help="checkpoint every N steps (0 disables)",
     )
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default=ConfigDefault("edge_sdk.training.trainer", "TrainConfig", "precision"),
-        help="frozen base precision (default: %(default)s; nf4 = QLoRA)",
+        default=_train_default("precision"),
+        help="frozen base precision (nf4 = QLoRA)",
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
@@ -157,6 +191,7 @@ def _train(args: argparse.Namespace) -> int:
     from edge_sdk.training.trainer import TrainConfig, run
 
     _line_buffered()
+    args = argparse.Namespace(**{k: resolve_default(v) for k, v in vars(args).items()})
 
     init = None
     try:
@@ -189,7 +224,7 @@ def _train(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction,
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
-            precision=resolve_default(args.precision),
+            precision=args.precision,
             gradient_checkpointing=args.gradient_checkpointing,
         )
     except ValueError as exc:

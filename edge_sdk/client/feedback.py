@@ -21,7 +21,7 @@ before `record_feedback` returns; the directory is fsync'ed when a file is creat
 mid-write leaves a torn last line: it is closed with a newline before the next append, and
 readers skip it. The files never grow past `FeedbackLimits.max_bytes` (`FeedbackFullError`).
 Nothing here talks to the network: only the trained adapter update leaves the device
-(docs/security/dpofed.md).
+(docs/security/preference-feedback.md).
 """
 
 from __future__ import annotations

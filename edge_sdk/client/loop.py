@@ -1017,15 +1017,16 @@ class FederatedClient:
                 self._dataset = build_dataset(files, tokenizer, data_config)
             self._data_key = key
             log.info(
-                "training data: %s (the app's feedback: %d pairs, %d examples; kept on this device)",
+                "training data: %s (the app's feedback: %d pairs, %d examples; "
+                "kept on this device)",
                 "preference pairs" if method.name == "dpo" else "examples",
                 counts.pairs,
                 counts.examples,
             )
-        key = (task.lora.rank, task.lora.alpha, task.lora.targets, task.lora.mode)
-        if self._model is None or self._model_key != key:
+        model_key = (task.lora.rank, task.lora.alpha, task.lora.targets, task.lora.mode)
+        if self._model is None or self._model_key != model_key:
             self._model = load_for_training(self._identity.path, self._train_config(task, 0))
-            self._model_key = key
+            self._model_key = model_key
 
     def _fit(
         self, task: TaskConfig, marker: RoundMarker, base: GlobalAdapter, resume: bool
@@ -1374,7 +1375,8 @@ class FederatedClient:
 def _check_secure_params(params: SecAggParams, spec: Mapping[str, Any], length: int) -> None:
     """The round's parameters must be the ones the task stated (a coordinator may not widen
     the clip, shrink the cohort or change the grid between the task and the round)."""
-    dp = spec.get("dp") if isinstance(spec.get("dp"), Mapping) else {}
+    raw_dp = spec.get("dp")
+    dp: Mapping[str, Any] = raw_dp if isinstance(raw_dp, Mapping) else {}
     stated = {
         "vector_len": length,
         "clip": spec.get("clip"),

@@ -6,7 +6,8 @@ place, before it is used:
 
 - `TaskPolicy.check_task`: every number of a `TaskConfig` against a stated bound (seq_len,
   local_steps, batch_size, tokens per step, rank, alpha/rank, lr, rounds, codec, targets,
-  strategy settings, the method and its beta). The wire decoder only checks types and 64-bit ranges; a task with
+  strategy settings, the method and its beta). The wire decoder only checks types and 64-bit
+  ranges; a task with
   `seq_len = 2**40` decodes fine and would make the trainer try to allocate it.
 - `TaskPolicy.check_global`: a global adapter must have the task's LoRA spec, exactly the
   tensor keys and shapes the base model's target layers imply, finite values, and a bounded

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # torch loads lazily
 
     from coordinator.next_version import AggregationConfig
     from edge_sdk.training.data import Dataset
+    from edge_sdk.training.preferences import PreferenceDataset
     from edge_sdk.training.tokenizer import Tokenizer
     from edge_sdk.training.trainer import TrainConfig
 
@@ -80,7 +81,7 @@ def load_dataset(
     )
 
 
-def reorder(dataset: Dataset, seed: int) -> Dataset:
+def reorder(dataset: Dataset | PreferenceDataset, seed: int) -> Dataset | PreferenceDataset:
     """The same sequences in another seeded order, so successive rounds see different batches."""
     return dataclasses.replace(dataset, seed=seed)
 
@@ -126,7 +127,7 @@ class RunRecord:
 
 def train_run(
     model: torch.nn.Module,
-    dataset: Dataset,
+    dataset: Dataset | PreferenceDataset,
     config: DemoConfig,
     init: Mapping[str, np.ndarray],
     steps: int,
@@ -152,7 +153,7 @@ def train_run(
 
 def simulate_federation(
     model: torch.nn.Module,
-    datasets: Sequence[Dataset],
+    datasets: Sequence[Dataset | PreferenceDataset],
     config: DemoConfig,
     *,
     on_version: Callable[[int, Tensors], None] | None = None,

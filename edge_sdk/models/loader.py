@@ -234,7 +234,8 @@ def load_model(
 ) -> Transformer:
     """Build a frozen base model from a GGUF file, optionally with LoRA adapters attached.
 
-    precision: 'nf4' (QLoRA: NF4 blocks of 64 as bitsandbytes lays them out, fp32 compute), 'bf16' or 'fp32'.
+    precision: 'nf4' (QLoRA: NF4 blocks of 64 as bitsandbytes lays them out, fp32 compute),
+    'bf16' or 'fp32'.
     The embedding / tied output projection is kept in fp32 (bf16 for 'bf16'): LoRA does not
     touch it and quantizing it costs accuracy on every logit.
     Raises `UnsupportedArchitectureError` for a family without an implementation,

@@ -72,7 +72,8 @@ class RMSNorm(nn.Module):
 # the rotated copy of q and k and their pre-RoPE values, SwiGLU's activation next to its two
 # inputs. These functions keep only what their backward cannot cheaply recompute (for SmolLM2
 # at seq 256: ~4 MB per block, ~120 MB per step) and recompute the rest, a few element-wise
-# passes against the step's GEMMs. Gradients equal plain autograd's (tests/models/test_transformer.py).
+# passes against the step's GEMMs. Gradients equal plain autograd's
+# (tests/models/test_transformer.py).
 
 
 class _RMSNormFn(torch.autograd.Function):

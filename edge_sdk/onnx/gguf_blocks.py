@@ -38,7 +38,9 @@ _NODE = re.compile(r"^/model/layers\.(\d+)/(?:attn|mlp)/(\w+_proj)/MatMul_Q\d+$"
 BLOCK = 32
 
 
-def _codes(raw: np.ndarray, kind: str, rows: int, cols: int) -> tuple[np.ndarray, ...]:
+def _codes(
+    raw: np.ndarray, kind: str, rows: int, cols: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(codes (rows, nb, 32) uint8 in 0..15 or 0..255, d (rows, nb), offset (rows, nb) | None)."""
     nb = cols // BLOCK
     if kind == "Q4_1":
@@ -107,7 +109,7 @@ def transcode(model_path: Path, gguf_path: Path, config: ModelConfig) -> dict[st
         t = tensors.get(name)
         kind = getattr(getattr(t, "tensor_type", None), "name", None)
         bits = attrs["bits"]
-        if t is None or (bits, kind) not in ((4, "Q4_0"), (4, "Q4_1"), (8, "Q8_0")):
+        if t is None or kind is None or (bits, kind) not in ((4, "Q4_0"), (4, "Q4_1"), (8, "Q8_0")):
             continue
         n_out, k_in = attrs["N"], attrs["K"]
         raw = np.asarray(t.data).reshape(-1)

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -177,6 +178,9 @@ class OnnxEdgeModel(ServingLock):
             else None
         )
         self._workdir = _scratch_dir()
+        # Removed on close(), or at interpreter exit for a model never closed (the folder may be
+        # in RAM: /dev/shm outlives the process).
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._workdir, True)
         # (content hash, scale) -> converted file, least recently used first
         self._converted: OrderedDict[tuple[str, float], Path] = OrderedDict()
         self._cache_size = adapter_cache
@@ -394,7 +398,8 @@ class OnnxEdgeModel(ServingLock):
         return dest, False
 
     def _evict(self) -> None:
-        """Drop the least recently used converted files beyond `adapter_cache` (not the served one)."""
+        """Drop the least recently used converted files beyond `adapter_cache` (never the one
+        being served)."""
         serving = self._adapter.file if self._adapter else None
         for key in [k for k, f in self._converted.items() if f != serving]:
             if len(self._converted) <= self._cache_size:
@@ -462,4 +467,4 @@ class OnnxEdgeModel(ServingLock):
         self._adapters = None
         self._tokenizer = None
         self._model = None
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        self._cleanup()

@@ -41,7 +41,7 @@ import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -65,6 +65,9 @@ from edge_sdk.training.trainer import (
     TrainResult,
     fit,
 )
+
+if TYPE_CHECKING:
+    from edge_sdk.models.transformer import Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +152,11 @@ def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tens
     position t is scored on predicting labels[:, t]). Rows are independent sequences, right
     padded (padding is never scored, and causal attention keeps it out of the scored tokens).
     """
-    h = model.hidden_states(ids)[:, :-1]  # (R, T-1, d)
+    tf = cast("Transformer", model)
+    h = tf.hidden_states(ids)[:, :-1]  # (R, T-1, d)
     targets = labels[:, 1:]  # (R, T-1)
-    weight = model.output_weight
-    softcap = model.config.final_logit_softcap
+    weight = tf.output_weight
+    softcap = tf.config.final_logit_softcap
     out = []
     for r in range(ids.shape[0]):
         idx = (targets[r] != IGNORE_INDEX).nonzero().squeeze(1)

@@ -1,7 +1,8 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685) on the frozen linear layers of a `Transformer`.
 
 `LoRALinear` wraps a frozen base projection (fp32/bf16 `nn.Linear`, our CPU `NF4Linear`, or
-bitsandbytes' `Linear4bit`, e.g. on CUDA) and adds `scale * B(A(dropout(x)))` with A (r, in) and B (out, r), scale = alpha/r.
+bitsandbytes' `Linear4bit`, e.g. on CUDA) and adds `scale * B(A(dropout(x)))` with A (r, in)
+and B (out, r), scale = alpha/r.
 B starts at zero, so a fresh adapter reproduces the base exactly.
 
 Tensor names follow `edge_sdk.models.naming` (and PEFT without its `base_model.model.` prefix
@@ -214,7 +215,7 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gate, up, gelu, lora_A, lora_B, scale, base):  # type: ignore[no-untyped-def,override]
+    def forward(ctx, gate, up, gelu, lora_A, lora_B, scale, base):
         h = _gated_act(gate, gelu).mul_(up)  # (..., d_ff)
         w = base.dequantize_scratch()  # (out, d_ff)
         w.addmm_(lora_B, lora_A, alpha=scale)
@@ -223,7 +224,7 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
         return torch.nn.functional.linear(h, w, base.bias)  # (..., out)
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[no-untyped-def,override]
+    def backward(ctx, g):
         gate, up, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scale
         with torch.enable_grad():

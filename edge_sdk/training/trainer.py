@@ -580,7 +580,7 @@ class Trainer:
         self.base_id, self.progress, self.on_step = base_id, progress, on_step
         self.state = RunState()
         self.params: list[torch.nn.Parameter] = []
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: AdapterAdamW | None = None
         self.digest = ""
 
     # -- stages -----------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def main() -> None:
                 elif command == "/status":
                     counts = client.feedback.counts()
                     print(f"federation: {client.status}; serving {_served(model)}; feedback on "
-                          f"this device: {counts.pairs} pairs, {counts.examples} examples")  # fmt: skip
+                          f"this device: {counts.pairs} pairs, "
+                          f"{counts.examples} examples")  # fmt: skip
                 elif command == "/wait":
                     # Version 0 is the untrained start: wait for one the federation trained.
                     target = max(client.served_version, 0) + 1

@@ -102,7 +102,9 @@ def test_feedback_survives_a_killed_process(tmp_path: Path) -> None:
         from edge_sdk.client.feedback import FeedbackStore
         store = FeedbackStore({str(tmp_path)!r})
         for i in range(3):
-            store.add_pair({PROMPT!r}, f"chosen {{i}}", f"rejected {{i}}", answer_id=f"a{{i}}", kind="pair")
+            store.add_pair(
+                {PROMPT!r}, f"chosen {{i}}", f"rejected {{i}}", answer_id=f"a{{i}}", kind="pair"
+            )
         print("recorded", flush=True)
         time.sleep(60)
         """

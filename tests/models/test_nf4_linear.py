@@ -1,4 +1,5 @@
-"""Our CPU `NF4Linear` against bitsandbytes' `Linear4bit`, and a CPU NF4 path free of bitsandbytes."""
+"""Our CPU `NF4Linear` against bitsandbytes' `Linear4bit`, and a CPU NF4 path free of
+bitsandbytes."""
 
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def test_bad_buffers_are_refused(packed: torch.Tensor, absmax: torch.Tensor, mes
 
 
 def test_cpu_training_never_imports_bitsandbytes(tmp_path: Path) -> None:
-    """Loading an NF4 model, a training step (with our AdamW) and an eval import neither bitsandbytes
+    """Loading an NF4 model, a training step (with our AdamW) and an eval import neither
+    bitsandbytes
     nor torch._inductor (bitsandbytes' import pulls it in: ~120 MB RSS)."""
     path = write_family_gguf(tmp_path / "llama.gguf", "llama")
     code = f"""

@@ -423,3 +423,31 @@ def test_int4_export_holds_the_gguf_q4_1_blocks_exactly(tmp_path):
         got = served.next_token_logits(TOKENS)
     assert np.argmax(got) == np.argmax(want)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_converted_adapters_are_removed_even_without_close(exported, tmp_path):
+    """The converted-adapter folder (in RAM under /dev/shm where possible) is private (0700) and
+    removed when a process exits without calling close(): RAM is not leaked per crash-free exit."""
+    import subprocess
+    import sys
+
+    gguf, folder = exported["llama"]
+    adapter = write_gguf_lora(
+        tmp_path / "a.gguf", _random_lora(gguf, seed=11), alpha=4.0, base=gguf
+    )
+    code = (
+        "import os, stat, sys\n"
+        "from edge_sdk.onnx.runtime import OnnxEdgeModel\n"
+        "m = OnnxEdgeModel(sys.argv[1], n_threads=1)\n"
+        "m.load_adapter(sys.argv[2])\n"
+        "mode = oct(stat.S_IMODE(os.stat(m._workdir).st_mode))\n"
+        "print(m._workdir, mode, len(os.listdir(m._workdir)))\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(folder), str(adapter)],
+        capture_output=True, text=True, timeout=300, check=True, cwd=repo,
+    )  # fmt: skip
+    workdir, mode, files = out.stdout.split()
+    assert mode == "0o700" and int(files) == 1
+    assert not Path(workdir).exists()

@@ -542,9 +542,9 @@ def test_secagg_endpoint_of_a_secure_coordinator_survives_schemathesis(
     pytest.importorskip("schemathesis")
     import schemathesis
 
+    from tests.coordinator.fuzz_helpers import fuzz_operation, join_fuzz_client
     from tests.coordinator.helpers import JOIN_TOKEN as FUZZ_TOKEN
     from tests.coordinator.limits_helpers import ServiceThread
-    from tests.coordinator.test_openapi_fuzz import _fuzz, _join
 
     config = secure_config(
         tmp_path,
@@ -557,11 +557,11 @@ def test_secagg_endpoint_of_a_secure_coordinator_survives_schemathesis(
     )
     with ServiceThread(config) as st:
         schema = schemathesis.openapi.from_url(f"{st.url}/openapi.json")
-        token = _join(st.port)
+        token = join_fuzz_client(st.port)
         ops = [r.ok() for r in schema.get_all_operations()]
         (op,) = [o for o in ops if o.label == "POST /v1/secagg/{phase}"]
         for headers in ({"Authorization": f"Bearer {token}"}, {}):
-            _fuzz(op, st.url, headers)
+            fuzz_operation(op, st.url, headers)
 
 
 def test_demo_secure_runs_the_network_federation_with_secure_flags() -> None:

@@ -114,7 +114,8 @@ def test_sft_then_dpo_from_the_sft_adapter(
     )
     data = _pairs(tmp_path / "p.jsonl")
     rc = main(["train", str(tiny_gguf), "--data", str(data), "--out", str(dpo_out), *common,
-               "--method", "dpo", "--init-adapter", str(sft_out), "--reference", "start"])  # fmt: skip
+               "--method", "dpo", "--init-adapter", str(sft_out),
+               "--reference", "start"])  # fmt: skip
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     m = json.loads((dpo_out / "metrics.json").read_text())["metrics"]
