@@ -16,7 +16,6 @@ coordinator, the device and the CLI (without numpy for --help) import it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from edge_sdk.training.methods import (
     DpoLoss,
     TrainMethod,
 )
+from edge_sdk.validators import is_finite
 
 Method = TrainMethod
 METHODS: tuple[Method, ...] = TRAIN_METHODS
@@ -64,21 +64,13 @@ class MethodSpec:
         if self.name not in METHODS:
             raise ValueError(f"`method` should be one of {', '.join(METHODS)}, got {self.name!r}")
         beta = self.beta
-        if (
-            isinstance(beta, bool)
-            or not isinstance(beta, (int, float))
-            or not (math.isfinite(beta) and 0.0 < beta <= MAX_BETA)
-        ):
+        if not (is_finite(beta) and 0.0 < beta <= MAX_BETA):
             raise ValueError(f"`beta` should be a finite number in (0, {MAX_BETA:g}], got {beta!r}")
         object.__setattr__(self, "beta", float(beta))
         if self.loss not in DPO_LOSSES:
             raise ValueError(f"`loss` should be one of {', '.join(DPO_LOSSES)}, got {self.loss!r}")
         sw = self.sft_weight
-        if (
-            isinstance(sw, bool)
-            or not isinstance(sw, (int, float))
-            or not (math.isfinite(sw) and 0.0 <= sw <= MAX_SFT_WEIGHT)
-        ):
+        if not (is_finite(sw) and 0.0 <= sw <= MAX_SFT_WEIGHT):
             raise ValueError(
                 f"`sft_weight` should be a finite number in [0, {MAX_SFT_WEIGHT:g}], got {sw!r}"
             )

@@ -71,7 +71,12 @@ from edge_sdk.training.methods import (
     TrainMethod,
 )
 from edge_sdk.training.schedule import lr_at
-from edge_sdk.validators import is_positive_finite, require_non_negative_ints, require_positive_ints
+from edge_sdk.validators import (
+    is_finite,
+    is_positive_finite,
+    require_non_negative_ints,
+    require_positive_ints,
+)
 
 if TYPE_CHECKING:
     from edge_sdk.training.preferences import PreferenceDataset
@@ -146,11 +151,7 @@ class TrainConfig:
                     f"`{name}` should be a positive number, got {getattr(self, name)!r}"
                 )
         sw = self.sft_weight
-        if (
-            isinstance(sw, bool)
-            or not isinstance(sw, (int, float))
-            or not (math.isfinite(sw) and 0.0 <= sw <= MAX_SFT_WEIGHT)
-        ):
+        if not (is_finite(sw) and 0.0 <= sw <= MAX_SFT_WEIGHT):
             raise ValueError(
                 f"`sft_weight` should be a finite number in [0, {MAX_SFT_WEIGHT:g}], got {sw!r}"
             )
