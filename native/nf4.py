@@ -17,35 +17,15 @@ import functools
 
 import torch
 
+from edge_sdk.wire._quant import NF4_LEVELS
 from native import _build
-
-NF4_CODE_VALUES: tuple[float, ...] = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
-"""The 16 NF4 values (QLoRA, arXiv:2305.14314, Appendix E), sorted, exactly as bitsandbytes'
-`get_4bit_type("nf4")` holds them (tested): kept here so that the CPU path never imports
-bitsandbytes, whose import pulls in torch._inductor (~120 MB RSS, 1-10 s)."""
 
 
 @functools.lru_cache(maxsize=1)
 def nf4_code() -> torch.Tensor:
-    """(16,) float32 NF4 code values, sorted ascending."""
-    return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32)
+    """(16,) float32 NF4 code values, sorted ascending: the wire codec's table, equal to
+    bitsandbytes' `get_4bit_type("nf4")` (tested) without importing bitsandbytes."""
+    return torch.from_numpy(NF4_LEVELS.copy())  # the one NF4 table (float32)
 
 
 @functools.lru_cache(maxsize=1)
