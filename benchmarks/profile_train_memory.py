@@ -75,14 +75,14 @@ def main() -> int:
     import edge_sdk.training.data as data_mod
     import edge_sdk.training.tokenizer as tokenizer_mod
     from edge_sdk.cli import main as cli_main
-    from edge_sdk.training import trainer
+    from edge_sdk.training import pipeline, sft, trainer
 
     _wrap(tokenizer_mod, "load_tokenizer", "tokenizer load")
     _wrap(data_mod, "build_dataset", "tokenize + pack")
-    _wrap(trainer, "build_dataset", "tokenize + pack")
+    _wrap(pipeline, "build_dataset", "tokenize + pack")
     _wrap(identity_mod, "model_sha256", "model sha256")
-    _wrap(trainer, "load_for_training", "model load")
-    _wrap(trainer, "evaluate", "evaluate")
+    _wrap(pipeline, "load_for_training", "model load")
+    _wrap(sft, "evaluate", "evaluate")
     _wrap(export_mod, "export_adapter", "export")
     steps = {"n": 0}
 
