@@ -33,6 +33,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from edge_sdk.training.config import TrainConfig
     from edge_sdk.training.data import DataConfig, Dataset, build_dataset
     from edge_sdk.training.dpo import fit_dpo, preference_loss
     from edge_sdk.training.errors import (
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
         TrainingError,
     )
     from edge_sdk.training.lora import LoraConfig
+    from edge_sdk.training.model_setup import load_for_training
+    from edge_sdk.training.pipeline import RunOutput, run
     from edge_sdk.training.preferences import (
         PreferenceDataset,
         PreferencePair,
@@ -50,15 +53,7 @@ if TYPE_CHECKING:
         load_preferences,
     )
     from edge_sdk.training.tokenizer import load_tokenizer
-    from edge_sdk.training.trainer import (
-        RunOutput,
-        TrainConfig,
-        TrainMetrics,
-        TrainResult,
-        fit,
-        load_for_training,
-        run,
-    )
+    from edge_sdk.training.trainer import TrainMetrics, TrainResult, fit
 
 _EXPORTS = {
     "LoraConfig": "lora",
@@ -68,13 +63,13 @@ _EXPORTS = {
     "build_preference_dataset": "preferences",
     "fit_dpo": "dpo",
     "preference_loss": "dpo",
-    "TrainConfig": "trainer",
+    "TrainConfig": "config",
     "TrainMetrics": "trainer",
     "TrainResult": "trainer",
-    "RunOutput": "trainer",
-    "run": "trainer",
+    "RunOutput": "pipeline",
+    "run": "pipeline",
     "fit": "trainer",
-    "load_for_training": "trainer",
+    "load_for_training": "model_setup",
     "DataConfig": "data",
     "Dataset": "data",
     "build_dataset": "data",

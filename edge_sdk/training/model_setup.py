@@ -52,7 +52,8 @@ def load_for_training(
     )
 
 
-def _check_model(model: torch.nn.Module, config: TrainConfig) -> None:
+def check_lora_layers(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Refuse a model without LoRA layers, or whose rank or scale differ from `config.lora`."""
     modules = dict(lora_modules(model))
     if not modules:
         raise ValueError("the model has no LoRA layers; load it with lora=config.lora")
@@ -65,5 +66,6 @@ def _check_model(model: torch.nn.Module, config: TrainConfig) -> None:
             )
 
 
-def _adapter_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+def adapter_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's LoRA tensors as numpy arrays (naming-convention keys)."""
     return {k: v.numpy() for k, v in lora_state_dict(model).items()}

@@ -12,7 +12,7 @@ logger = logging.getLogger("edge_sdk.training.trainer")
 
 
 @dataclass
-class _Progress:
+class ProgressBar:
     """tqdm bar with loss, tokens/s and ETA (tqdm's), or nothing."""
 
     total: int

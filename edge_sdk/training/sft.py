@@ -80,7 +80,7 @@ def fingerprint(config: TrainConfig, dataset: Dataset, base_id: str = "") -> str
     return h.hexdigest()
 
 
-class _SupervisedObjective:
+class SupervisedObjective:
     """Mean cross-entropy over the scored tokens of a step's packed sequences."""
 
     def __init__(self, dataset: Dataset) -> None:

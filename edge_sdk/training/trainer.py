@@ -3,9 +3,10 @@
 - Only adapter parameters train (AdamW), with linear warmup and cosine decay
   (`edge_sdk.training.schedule`), gradient accumulation and clipping.
 - One loop (`Trainer`) for every method; what is trained on and how the loss is computed is
-  an `Objective`'s: SFT here (the mean cross-entropy over scored tokens of an optimizer step,
-  all its micro-batches together, so accumulation does not change what is optimized), DPO and
-  IPO in `edge_sdk.training.dpo` (`TrainConfig(method="dpo")`).
+  an `Objective`'s (`edge_sdk.training.objective`): SFT in `edge_sdk.training.sft` (the mean
+  cross-entropy over scored tokens of an optimizer step, all its micro-batches together, so
+  accumulation does not change what is optimized), DPO and IPO in `edge_sdk.training.dpo`
+  (`TrainConfig(method="dpo")`).
 - Deterministic: the adapter init is a seeded numpy draw (independent of device and of which
   modules are adapted), the data order is a pure function of (seed, epoch), and dropout draws
   from torch's generator, seeded here and saved in checkpoints. A resumed run reproduces an
@@ -13,8 +14,12 @@
 
 Library use (the federated client): load the model once, then
 `fit(model, dataset, TrainConfig(..., lora=LoraConfig(freeze_a=True)), init_adapter=global_adapter)`
-returns the new adapter as numpy arrays plus metrics. The CLI uses `run()`, which adds loading,
-checkpoints and export of both adapter formats.
+returns the new adapter as numpy arrays plus metrics. The CLI uses `run()`
+(`edge_sdk.training.pipeline`), which adds loading, checkpoints and export of both adapter formats.
+
+The other parts of a run: `TrainConfig` (`config`), the model and its starting adapter
+(`model_setup`), where a run is (`run_state`, written to `checkpoint`), the progress bar
+(`progress`). This module re-exports the names callers import from it.
 """
 
 from __future__ import annotations
@@ -43,18 +48,18 @@ from edge_sdk.training.data import Dataset
 from edge_sdk.training.errors import CheckpointError, TrainingError
 from edge_sdk.training.lora import load_lora_state_dict, lora_modules, lora_parameters
 from edge_sdk.training.model_setup import (
-    _adapter_numpy,
-    _check_model,
+    adapter_arrays,
     adapter_shapes,
+    check_lora_layers,
     load_for_training,
     seeded_adapter,
 )
 from edge_sdk.training.objective import Evaluation, Objective, StepOutcome
-from edge_sdk.training.pipeline import RunOutput, run
-from edge_sdk.training.progress import _Progress
+from edge_sdk.training.pipeline import run
+from edge_sdk.training.progress import ProgressBar
 from edge_sdk.training.run_state import RunState
 from edge_sdk.training.schedule import lr_at
-from edge_sdk.training.sft import _SupervisedObjective
+from edge_sdk.training.sft import SupervisedObjective
 
 if TYPE_CHECKING:
     from edge_sdk.training.preferences import PreferenceDataset
@@ -63,7 +68,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Evaluation",
-    "RunOutput",
     "StepOutcome",
     "TrainConfig",
     "TrainMetrics",
@@ -133,7 +137,7 @@ class Trainer:
         progress: bool = False,
         on_step: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
-        _check_model(model, config)
+        check_lora_layers(model, config)
         self.model, self.objective, self.config = model, objective, config
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.base_id, self.progress, self.on_step = base_id, progress, on_step
@@ -213,7 +217,7 @@ class Trainer:
             {
                 "fingerprint": self.digest,
                 **self.state.to_checkpoint(),
-                "adapter": {k: torch.from_numpy(v) for k, v in _adapter_numpy(self.model).items()},
+                "adapter": {k: torch.from_numpy(v) for k, v in adapter_arrays(self.model).items()},
                 "optimizer": self.optimizer.state_dict(),
                 "rng": rng_state(),
                 **({"objective": extra} if extra else {}),
@@ -222,7 +226,7 @@ class Trainer:
 
     def _loop(self) -> None:
         config, state = self.config, self.state
-        bar = _Progress(config.steps, state.step, self.progress)
+        bar = ProgressBar(config.steps, state.step, self.progress)
         self.model.train()
         try:
             while state.step < config.steps:
@@ -314,7 +318,7 @@ class Trainer:
             eval_metrics_before=dict(before.metrics) if before else {},
             eval_metrics=dict(final.metrics) if final else {},
         )
-        return TrainResult(adapter=_adapter_numpy(self.model), metrics=metrics)
+        return TrainResult(adapter=adapter_arrays(self.model), metrics=metrics)
 
 
 _BAR_METRICS = ("reward_accuracy", "reward_margin")
@@ -358,7 +362,7 @@ def fit(
     else:
         if not isinstance(dataset, Dataset):
             raise TypeError(f"method 'sft' trains on a Dataset, got {type(dataset).__name__}")
-        objective = _SupervisedObjective(dataset)
+        objective = SupervisedObjective(dataset)
     trainer = Trainer(
         model,
         objective,
