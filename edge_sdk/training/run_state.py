@@ -1,12 +1,21 @@
-"""`RunState`: where a run is, and how that is written to and read from a checkpoint."""
+"""Where a run is (`RunState`), and the checkpoint of a run: `save_run_checkpoint` writes it,
+with the adapter, AdamW, the RNG and the objective's own state; `restore_run_checkpoint` puts
+them back. The file format itself is `edge_sdk.training.checkpoint`'s."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from edge_sdk.training.objective import Evaluation
+import torch
+
+from edge_sdk.training.adamw import AdapterAdamW
+from edge_sdk.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from edge_sdk.training.lora import load_lora_state_dict
+from edge_sdk.training.model_setup import adapter_arrays
+from edge_sdk.training.objective import Evaluation, Objective
 
 
 @dataclass
@@ -53,3 +62,45 @@ class RunState:
             history=list(state["history"]),
             eval_before=ev,
         )
+
+
+def save_run_checkpoint(
+    path: Path,
+    state: RunState,
+    *,
+    fingerprint: str,
+    model: torch.nn.Module,
+    optimizer: AdapterAdamW,
+    objective: Objective,
+) -> None:
+    """Write everything a resumed run needs to continue as if never stopped."""
+    extra = objective.state_dict()
+    save_checkpoint(
+        path,
+        {
+            "fingerprint": fingerprint,
+            **state.to_checkpoint(),
+            "adapter": {k: torch.from_numpy(v) for k, v in adapter_arrays(model).items()},
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_state(),
+            **({"objective": extra} if extra else {}),
+        },
+    )
+
+
+def restore_run_checkpoint(
+    path: Path,
+    *,
+    fingerprint: str,
+    model: torch.nn.Module,
+    optimizer: AdapterAdamW,
+    objective: Objective,
+) -> RunState:
+    """Load the checkpoint at `path` (refused unless its `fingerprint` matches) into the model's
+    adapter, the optimizer, torch's RNG and the objective; returns where the run was."""
+    saved = load_checkpoint(path, fingerprint=fingerprint)
+    load_lora_state_dict(model, saved["adapter"], strict=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"])
+    objective.load_state_dict(saved.get("objective") or {})
+    return RunState.from_checkpoint(saved)

@@ -18,8 +18,9 @@ returns the new adapter as numpy arrays plus metrics. The CLI uses `run()`
 (`edge_sdk.training.pipeline`), which adds loading, checkpoints and export of both adapter formats.
 
 The other parts of a run: `TrainConfig` (`config`), the model and its starting adapter
-(`model_setup`), where a run is (`run_state`, written to `checkpoint`), the progress bar
-(`progress`). This module re-exports the names callers import from it.
+(`model_setup`), where a run is and its checkpoint (`run_state`; the file format is
+`checkpoint`'s), the progress bar (`progress`). This module re-exports the names callers
+import from it.
 """
 
 from __future__ import annotations
@@ -37,12 +38,6 @@ import numpy as np
 import torch
 
 from edge_sdk.training.adamw import AdapterAdamW
-from edge_sdk.training.checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from edge_sdk.training.config import TrainConfig
 from edge_sdk.training.data import Dataset
 from edge_sdk.training.errors import CheckpointError, TrainingError
@@ -57,7 +52,7 @@ from edge_sdk.training.model_setup import (
 from edge_sdk.training.objective import Evaluation, Objective, StepOutcome
 from edge_sdk.training.pipeline import run
 from edge_sdk.training.progress import ProgressBar
-from edge_sdk.training.run_state import RunState
+from edge_sdk.training.run_state import RunState, restore_run_checkpoint, save_run_checkpoint
 from edge_sdk.training.schedule import lr_at
 from edge_sdk.training.sft import SupervisedObjective
 
@@ -194,12 +189,13 @@ class Trainer:
         if self.checkpoint_path is None:
             raise ValueError("resume=True needs a checkpoint_path")
         assert self.optimizer is not None
-        saved = load_checkpoint(self.checkpoint_path, fingerprint=self.digest)
-        load_lora_state_dict(self.model, saved["adapter"], strict=True)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        set_rng_state(saved["rng"])
-        self.objective.load_state_dict(saved.get("objective") or {})
-        self.state = RunState.from_checkpoint(saved)
+        self.state = restore_run_checkpoint(
+            self.checkpoint_path,
+            fingerprint=self.digest,
+            model=self.model,
+            optimizer=self.optimizer,
+            objective=self.objective,
+        )
         logger.info(
             "resumed from %s at step %d/%d",
             self.checkpoint_path,
@@ -211,17 +207,13 @@ class Trainer:
         if self.checkpoint_path is None:
             return
         assert self.optimizer is not None
-        extra = self.objective.state_dict()
-        save_checkpoint(
+        save_run_checkpoint(
             self.checkpoint_path,
-            {
-                "fingerprint": self.digest,
-                **self.state.to_checkpoint(),
-                "adapter": {k: torch.from_numpy(v) for k, v in adapter_arrays(self.model).items()},
-                "optimizer": self.optimizer.state_dict(),
-                "rng": rng_state(),
-                **({"objective": extra} if extra else {}),
-            },
+            self.state,
+            fingerprint=self.digest,
+            model=self.model,
+            optimizer=self.optimizer,
+            objective=self.objective,
         )
 
     def _loop(self) -> None:
