@@ -1,6 +1,6 @@
-"""Where a run is (`RunState`), and the checkpoint of a run: `save_run_checkpoint` writes it,
-with the adapter, AdamW, the RNG and the objective's own state; `restore_run_checkpoint` puts
-them back. The file format itself is `edge_sdk.training.checkpoint`'s."""
+"""Where a run is (`RunState`), and the checkpoint of a run (`RunCheckpoint`): the state with
+the adapter, AdamW, the RNG and the objective's own state, written and put back together. The
+file format itself is `edge_sdk.training.checkpoint`'s."""
 
 from __future__ import annotations
 
@@ -64,43 +64,39 @@ class RunState:
         )
 
 
-def save_run_checkpoint(
-    path: Path,
-    state: RunState,
-    *,
-    fingerprint: str,
-    model: torch.nn.Module,
-    optimizer: AdapterAdamW,
-    objective: Objective,
-) -> None:
-    """Write everything a resumed run needs to continue as if never stopped."""
-    extra = objective.state_dict()
-    save_checkpoint(
-        path,
-        {
-            "fingerprint": fingerprint,
-            **state.to_checkpoint(),
-            "adapter": {k: torch.from_numpy(v) for k, v in adapter_arrays(model).items()},
-            "optimizer": optimizer.state_dict(),
-            "rng": rng_state(),
-            **({"objective": extra} if extra else {}),
-        },
-    )
+@dataclass
+class RunCheckpoint:
+    """The checkpoint of one run: what `save` writes and `restore` puts back, besides the
+    `RunState`, is the model's adapter, the optimizer, torch's RNG and the objective's state."""
 
+    path: Path
+    fingerprint: str
+    """The run's `Objective.fingerprint`: a checkpoint with another one is not restored."""
+    model: torch.nn.Module
+    optimizer: AdapterAdamW
+    objective: Objective
 
-def restore_run_checkpoint(
-    path: Path,
-    *,
-    fingerprint: str,
-    model: torch.nn.Module,
-    optimizer: AdapterAdamW,
-    objective: Objective,
-) -> RunState:
-    """Load the checkpoint at `path` (refused unless its `fingerprint` matches) into the model's
-    adapter, the optimizer, torch's RNG and the objective; returns where the run was."""
-    saved = load_checkpoint(path, fingerprint=fingerprint)
-    load_lora_state_dict(model, saved["adapter"], strict=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    set_rng_state(saved["rng"])
-    objective.load_state_dict(saved.get("objective") or {})
-    return RunState.from_checkpoint(saved)
+    def save(self, state: RunState) -> None:
+        """Write everything a resumed run needs to continue as if never stopped."""
+        extra = self.objective.state_dict()
+        save_checkpoint(
+            self.path,
+            {
+                "fingerprint": self.fingerprint,
+                **state.to_checkpoint(),
+                "adapter": {k: torch.from_numpy(v) for k, v in adapter_arrays(self.model).items()},
+                "optimizer": self.optimizer.state_dict(),
+                "rng": rng_state(),
+                **({"objective": extra} if extra else {}),
+            },
+        )
+
+    def restore(self) -> RunState:
+        """Load the checkpoint (refused unless its fingerprint matches) into the adapter, the
+        optimizer, torch's RNG and the objective; returns where the run was."""
+        saved = load_checkpoint(self.path, fingerprint=self.fingerprint)
+        load_lora_state_dict(self.model, saved["adapter"], strict=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"])
+        self.objective.load_state_dict(saved.get("objective") or {})
+        return RunState.from_checkpoint(saved)

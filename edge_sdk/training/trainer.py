@@ -52,7 +52,7 @@ from edge_sdk.training.model_setup import (
 from edge_sdk.training.objective import Evaluation, Objective, StepOutcome
 from edge_sdk.training.pipeline import run
 from edge_sdk.training.progress import ProgressBar
-from edge_sdk.training.run_state import RunState, restore_run_checkpoint, save_run_checkpoint
+from edge_sdk.training.run_state import RunCheckpoint, RunState
 from edge_sdk.training.schedule import lr_at
 from edge_sdk.training.sft import SupervisedObjective
 
@@ -139,7 +139,7 @@ class Trainer:
         self.state = RunState()
         self.params: list[torch.nn.Parameter] = []
         self.optimizer: AdapterAdamW | None = None
-        self.digest = ""
+        self.checkpoint: RunCheckpoint | None = None
 
     # -- stages -----------------------------------------------------------------------------
 
@@ -147,7 +147,12 @@ class Trainer:
         self, *, init_adapter: Mapping[str, np.ndarray] | None = None, resume: bool = False
     ) -> TrainResult:
         self._load_start(init_adapter)
-        self.digest = self.objective.fingerprint(self.config, self.base_id)
+        digest = self.objective.fingerprint(self.config, self.base_id)
+        if self.checkpoint_path is not None:
+            assert self.optimizer is not None
+            self.checkpoint = RunCheckpoint(
+                self.checkpoint_path, digest, self.model, self.optimizer, self.objective
+            )
         if resume:
             self._restore()
         else:
@@ -186,16 +191,9 @@ class Trainer:
         )
 
     def _restore(self) -> None:
-        if self.checkpoint_path is None:
+        if self.checkpoint is None:
             raise ValueError("resume=True needs a checkpoint_path")
-        assert self.optimizer is not None
-        self.state = restore_run_checkpoint(
-            self.checkpoint_path,
-            fingerprint=self.digest,
-            model=self.model,
-            optimizer=self.optimizer,
-            objective=self.objective,
-        )
+        self.state = self.checkpoint.restore()
         logger.info(
             "resumed from %s at step %d/%d",
             self.checkpoint_path,
@@ -204,17 +202,8 @@ class Trainer:
         )
 
     def _checkpoint(self) -> None:
-        if self.checkpoint_path is None:
-            return
-        assert self.optimizer is not None
-        save_run_checkpoint(
-            self.checkpoint_path,
-            self.state,
-            fingerprint=self.digest,
-            model=self.model,
-            optimizer=self.optimizer,
-            objective=self.objective,
-        )
+        if self.checkpoint is not None:
+            self.checkpoint.save(self.state)
 
     def _loop(self) -> None:
         config, state = self.config, self.state
