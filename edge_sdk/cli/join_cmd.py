@@ -18,7 +18,7 @@ DEFAULT_STATE_DIR = "~/.fedlm/client"
 
 def _client_default(field: str) -> ConfigDefault:
     """The default of `ClientConfig.<field>`: the CLI declares none of its own."""
-    return ConfigDefault("edge_sdk.client.loop", "ClientConfig", field)
+    return ConfigDefault("edge_sdk.client.config", "ClientConfig", field)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
