@@ -713,10 +713,7 @@ def _aggregate_exact(
         for future in folding:
             future.result()
         tally.require_some()
-        for version, per_module in shared.items():
-            reference = base(version)
-            for module, a_sum in per_module.items():
-                sums[module].add(s * np.asarray(reference[b_key(module)], np.float64), a_sum)
+        _add_shared_terms(sums, shared, base, s)
         step = config.server_lr / total_weight
 
         def finish(module: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -728,31 +725,15 @@ def _aggregate_exact(
         folded = time.perf_counter()
         results = dict(zip(shapes, pool.map(finish, shapes)))
         finished = time.perf_counter()
-    new: Tensors = {}
-    for module, (b_new, a_new, _) in results.items():
-        b_new, a_new = fill_dead_ranks(b_new / s, a_new, config.a_seed, a_key(module), atol=1e-12)
-        new[b_key(module)] = b_new.astype(np.float32)
-        new[a_key(module)] = a_new.astype(np.float32)
-    stats: dict[str, Any] = {
-        "mode": "exact",
-        "robust": "mean",
-        "updates": len(tally.norms),
-        "total_weight": total_weight,
+    stats = {
         "truncation_rel_error": 0.0,  # nothing is truncated before the final rank-r step
         "dense_layers": sum(acc.is_dense for acc in sums.values()),
         "seconds_stream": round(streamed - started, 3),
         "seconds_fold_wait": round(folded - streamed, 3),
         "seconds_reproject": round(finished - folded, 3),
     }
-    stats.update(tally.stats(None))
-    return Outcome(
-        tensors=new,
-        state=ServerState(
-            dp_aggregations=state.dp_aggregations,
-            norm_history=tally.history(config, state),
-        ),
-        stats=stats,
-    )
+    reprojected = {module: (b_new, a_new) for module, (b_new, a_new, _) in results.items()}
+    return _exact_outcome(config, state, tally, total_weight, reprojected, stats)
 
 
 def _aggregate_exact_truncated(
@@ -787,13 +768,10 @@ def _aggregate_exact_truncated(
                 acc = shared.setdefault(item.base_version, {})
                 acc[module] = acc.get(module, 0.0) + c * a_delta
         total_weight += item.weight
-    for version, per_module in shared.items():
-        reference = base(version)
-        for module, a_sum in per_module.items():
-            sums[module].add(s * np.asarray(reference[b_key(module)], np.float64), a_sum)
+    _add_shared_terms(sums, shared, base, s)
     tally.require_some()
 
-    new: Tensors = {}
+    reprojected: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     discarded = 0.0
     kept_energy = 0.0
     step = config.server_lr / total_weight
@@ -807,6 +785,43 @@ def _aggregate_exact_truncated(
             np.hstack([s * b_cur, step * d_b]), np.vstack([a_cur, d_a]), config.rank
         )
         kept_energy += float(np.sum(spectrum**2))
+        reprojected[module] = (b_new, a_new)
+    stats = {
+        # Upper bound on ||error||_F / ||W'||_F from compressing the streaming sum.
+        "truncation_rel_error": math.sqrt(discarded) * step / math.sqrt(kept_energy)
+        if kept_energy > 0
+        else 0.0,
+    }
+    return _exact_outcome(config, state, tally, total_weight, reprojected, stats)
+
+
+def _add_shared_terms(
+    sums: Mapping[str, ExactSum] | Mapping[str, LowRankSum],
+    shared: Mapping[int, Mapping[str, np.ndarray]],
+    base: Callable[[int], Mapping[str, np.ndarray]],
+    s: float,
+) -> None:
+    """Adds s·B_b·Σ cᵢ·(Aᵢ - A_b) to each layer's sum, once per base version b (the part of
+    ΔWᵢ that every client on b shares: see `_client_factors`)."""
+    for version, per_module in shared.items():
+        reference = base(version)
+        for module, a_sum in per_module.items():
+            sums[module].add(s * np.asarray(reference[b_key(module)], np.float64), a_sum)
+
+
+def _exact_outcome(
+    config: AggregationConfig,
+    state: ServerState,
+    tally: _NormTally,
+    total_weight: float,
+    factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    mode_stats: Mapping[str, Any],
+) -> Outcome:
+    """The exact modes' result from each layer's rank-r factors of W' (module -> (s·B, A)):
+    back to PEFT factors (B·A = W'/s, dead ranks refilled from the seed), in float32."""
+    s = config.scale
+    new: Tensors = {}
+    for module, (b_new, a_new) in factors.items():
         b_new, a_new = fill_dead_ranks(b_new / s, a_new, config.a_seed, a_key(module), atol=1e-12)
         new[b_key(module)] = b_new.astype(np.float32)
         new[a_key(module)] = a_new.astype(np.float32)
@@ -815,12 +830,9 @@ def _aggregate_exact_truncated(
         "robust": "mean",
         "updates": len(tally.norms),
         "total_weight": total_weight,
-        # Upper bound on ||error||_F / ||W'||_F from compressing the streaming sum.
-        "truncation_rel_error": math.sqrt(discarded) * step / math.sqrt(kept_energy)
-        if kept_energy > 0
-        else 0.0,
+        **mode_stats,
+        **tally.stats(None),
     }
-    stats.update(tally.stats(None))
     return Outcome(
         tensors=new,
         state=ServerState(
