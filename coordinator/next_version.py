@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -468,10 +468,11 @@ def aggregate(
         norms = [effect_norm(config, shapes, c, base(c.base_version)) for c in items]
         clip = clip_bound(config, norms, state.norm_history) if items else ClipBound(None, "off")
         contributions = items
+    given = _Inputs(config, shapes, current, base, state, clip)
     if config.mode == "exact":
-        outcome = _aggregate_exact(config, shapes, current, contributions, base, state, clip)
+        outcome = _aggregate_exact(given, contributions)
     else:
-        outcome = _aggregate_factors(config, shapes, current, contributions, base, state, rng, clip)
+        outcome = _aggregate_factors(given, contributions, rng)
     for key, value in outcome.tensors.items():
         if not np.isfinite(value).all():
             raise AggregationError(f"the aggregated {key} is not finite")
@@ -479,16 +480,21 @@ def aggregate(
     return outcome
 
 
+class _Inputs(NamedTuple):
+    """What one aggregation works from besides the contributions (see `aggregate`)."""
+
+    config: AggregationConfig
+    shapes: Shapes
+    current: Mapping[str, np.ndarray]
+    base: Callable[[int], Mapping[str, np.ndarray]]
+    state: ServerState
+    clip: ClipBound
+
+
 def _aggregate_factors(
-    config: AggregationConfig,
-    shapes: Shapes,
-    current: Mapping[str, np.ndarray],
-    contributions: Iterable[Contribution],
-    base: Callable[[int], Mapping[str, np.ndarray]],
-    state: ServerState,
-    rng: np.random.Generator | None,
-    clip: ClipBound,
+    given: _Inputs, contributions: Iterable[Contribution], rng: np.random.Generator | None
 ) -> Outcome:
+    config, shapes, current, base, state, clip = given
     keys = config.update_keys(shapes)
     mean = WeightedMean()
     kept: list[Tensors] = []  # robust statistics only: O(clients × adapter)
@@ -658,23 +664,16 @@ def _exact_terms_as(
     return _ExactTerms(norm, own, shared)
 
 
-def _aggregate_exact(
-    config: AggregationConfig,
-    shapes: Shapes,
-    current: Mapping[str, np.ndarray],
-    contributions: Iterable[Contribution],
-    base: Callable[[int], Mapping[str, np.ndarray]],
-    state: ServerState,
-    clip: ClipBound,
-) -> Outcome:
+def _aggregate_exact(given: _Inputs, contributions: Iterable[Contribution]) -> Outcome:
     """W' = s·B·A + step·Σ cᵢ·wᵢ·ΔWᵢ exactly (no truncation), then the best rank-r factors.
 
     One decoded update at a time feeds every layer's `ExactSum`; every `_FLUSH_RANK` ranks the
     layers fold their buffers into the dense sums in a thread pool while the next updates
     decode; the final re-projection runs per layer in the same pool.
     """
+    config, shapes, current, base, state, clip = given
     if config.exact_max_rank:
-        return _aggregate_exact_truncated(config, shapes, current, contributions, base, state, clip)
+        return _aggregate_exact_truncated(given, contributions)
     started = time.perf_counter()
     s = config.scale
     sums = {
@@ -736,15 +735,8 @@ def _aggregate_exact(
     return _exact_outcome(config, state, tally, total_weight, reprojected, stats)
 
 
-def _aggregate_exact_truncated(
-    config: AggregationConfig,
-    shapes: Shapes,
-    current: Mapping[str, np.ndarray],
-    contributions: Iterable[Contribution],
-    base: Callable[[int], Mapping[str, np.ndarray]],
-    state: ServerState,
-    clip: ClipBound,
-) -> Outcome:
+def _aggregate_exact_truncated(given: _Inputs, contributions: Iterable[Contribution]) -> Outcome:
+    config, shapes, current, base, state, clip = given
     s = config.scale
     sums = {
         m: LowRankSum(out_dim, in_dim, config.sum_rank) for m, (out_dim, in_dim) in shapes.items()
