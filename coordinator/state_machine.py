@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -113,6 +113,17 @@ def _wire_errors_as_http() -> Iterator[None]:
         ) from None
     except WireError as exc:
         raise BadRequestError(str(exc)[:500], code=ErrorMessage.from_exception(exc).code) from None
+
+
+class _Batch(NamedTuple):
+    """What every aggregation attempt over a subset of one batch of pending updates shares."""
+
+    weights: dict[str, float]
+    """update id -> its weight from the strategy."""
+    current: Tensors
+    """The global adapter the batch aggregates onto."""
+    norms: dict[str, float]
+    """update id -> the norm of its effect (pass 1), for the clip bound of each attempt."""
 
 
 class Coordinator:
@@ -661,45 +672,27 @@ class Coordinator:
         candidates = [r for r in used if r.update_id in norms]
         if not candidates:
             return None, []
-        result = self._try_attempt(candidates, weights, current, norms, drops)
+        batch = _Batch(weights, current, norms)
+        result = self._attempt(candidates, batch, drops)
         if isinstance(result, Outcome):
             return result, candidates
         log.error(
             "aggregating %d updates failed (%s: %s); looking for the update at fault",
             len(candidates), type(result).__name__, result,
         )  # fmt: skip
-        culprits = self._isolate(candidates, weights, current, norms, result)
+        culprits = self._isolate(candidates, batch, result)
         for update_id in culprits:
             drops[update_id] = "aggregation_failed"
         rest = [r for r in candidates if r.update_id not in culprits]
         if not rest:
             return None, []
-        result = self._try_attempt(rest, weights, current, norms, drops)
+        result = self._attempt(rest, batch, drops)
         if isinstance(result, Outcome):
             return result, rest
         log.error("aggregating the remaining %d updates failed too (%s)", len(rest), result)
         for record in rest:
             drops[record.update_id] = "aggregation_failed"
         return None, []
-
-    def _try_attempt(
-        self,
-        records: list[UpdateRecord],
-        weights: dict[str, float],
-        current: Tensors,
-        norms: dict[str, float],
-        drops: dict[str, str],
-    ) -> Outcome | Exception:
-        """`_attempt`, with the updates it found unusable added to `drops`; the error instead
-        when it fails (infrastructure errors propagate: they are no update's fault)."""
-        try:
-            outcome, unusable = self._attempt(records, weights, current, norms)
-        except Exception as exc:
-            if isinstance(exc, _INFRASTRUCTURE_ERRORS):
-                raise
-            return exc
-        drops.update(unusable)
-        return outcome
 
     def _measure(
         self, used: list[UpdateRecord], weights: dict[str, float], drops: dict[str, str]
@@ -729,41 +722,36 @@ class Coordinator:
         return norms
 
     def _attempt(
-        self,
-        records: list[UpdateRecord],
-        weights: dict[str, float],
-        current: Tensors,
-        norms: dict[str, float],
-    ) -> tuple[Outcome, dict[str, str]]:
-        """Pass 2: one aggregation of `records` under the bound their norms give; also the
-        updates found unusable on the way (update id -> reason)."""
+        self, records: list[UpdateRecord], batch: _Batch, drops: dict[str, str]
+    ) -> Outcome | Exception:
+        """Pass 2: one aggregation of `records` under the bound their norms give, with the
+        updates found unusable on the way added to `drops` (update id -> reason); the error
+        instead when it fails (infrastructure errors propagate: they are no update's fault)."""
         agg = self.config.aggregation
-        clip: ClipBound = clip_bound(
-            agg, [norms[r.update_id] for r in records], self._server_state.norm_history
-        )
-        items, unusable = self._contributions(records, weights)
-        outcome = aggregate(
-            agg, self.config.shapes, current, items,
-            self.dense_version, self._server_state, self._rng, clip=clip,
-        )  # fmt: skip
-        return outcome, unusable
+        try:
+            clip: ClipBound = clip_bound(
+                agg, [batch.norms[r.update_id] for r in records], self._server_state.norm_history
+            )
+            items, unusable = self._contributions(records, batch.weights)
+            outcome = aggregate(
+                agg, self.config.shapes, batch.current, items,
+                self.dense_version, self._server_state, self._rng, clip=clip,
+            )  # fmt: skip
+        except Exception as exc:
+            if isinstance(exc, _INFRASTRUCTURE_ERRORS):
+                raise
+            return exc
+        drops.update(unusable)
+        return outcome
 
-    def _isolate(
-        self,
-        candidates: list[UpdateRecord],
-        weights: dict[str, float],
-        current: Tensors,
-        norms: dict[str, float],
-        error: Exception,
-    ) -> set[str]:
+    def _isolate(self, candidates: list[UpdateRecord], batch: _Batch, error: Exception) -> set[str]:
         """The update(s) at fault: the one an error names, else every update that fails alone,
         else the one whose removal lets the rest aggregate, else all of them."""
         if isinstance(error, ContributionError):
             return {error.update_id}
 
         def fails(records: list[UpdateRecord]) -> bool:
-            attempt = self._try_attempt(records, weights, current, norms, drops={})
-            return not isinstance(attempt, Outcome)
+            return not isinstance(self._attempt(records, batch, drops={}), Outcome)
 
         alone = {r.update_id for r in candidates if fails([r])}
         if alone:
