@@ -214,9 +214,7 @@ def write_hf_folder(gguf_path: Path, out: Path, progress: ProgressFn) -> ModelCo
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     del tensors
     progress("converting the GGUF tokenizer")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok = convert_tokenizer(gguf_path, config.arch)
     tok.save_pretrained(str(out))
     cfg = hf_config(config, tok.bos_token_id, tok.eos_token_id)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -226,6 +224,48 @@ def write_hf_folder(gguf_path: Path, out: Path, progress: ProgressFn) -> ModelCo
         )
     )
     return config
+
+
+# GGUF architecture -> the model type transformers' GGUF config loader gives it, whose entry in
+# TOKENIZER_MAPPING_NAMES is the class AutoTokenizer ends up building.
+_TOKENIZER_MODEL_TYPES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3_text",
+}
+
+
+def convert_tokenizer(gguf_path: Path, arch: str) -> Any:
+    """The GGUF's tokenizer as a transformers tokenizer (the same one `AutoTokenizer` builds).
+
+    `AutoTokenizer.from_pretrained(gguf_file=...)` first runs `load_gguf_checkpoint` on llama and
+    gemma3 files only to learn the model type, and that parses every metadata string with
+    gguf-py one numpy slice at a time: ~21 of the 28 s CPU for Gemma 3's 262k-token vocabulary
+    (profile in BENCHMARKS.md), hours' worth on a loaded machine. The architecture is already
+    known here, so the tokenizer class is picked directly and only the converter itself runs
+    (transformers' fast metadata reader + its merge derivation).
+    """
+    from transformers.models.auto.tokenization_auto import (
+        TOKENIZER_MAPPING_NAMES,
+        tokenizer_class_from_name,
+    )
+
+    model_type = _TOKENIZER_MODEL_TYPES.get(arch)
+    if model_type is None:
+        raise UnsupportedArchitectureError(
+            f"{gguf_path.name}: no tokenizer conversion for architecture {arch!r}; "
+            f"supported: {', '.join(_TOKENIZER_MODEL_TYPES)}"
+        )
+    # AutoTokenizer falls back to the generic backend where a type registers no class (llama).
+    name = TOKENIZER_MAPPING_NAMES.get(model_type) or "TokenizersBackend"
+    cls = tokenizer_class_from_name(name)
+    if cls is None:
+        raise OnnxExportError(
+            f"transformers has no tokenizer class {name!r} for {arch!r}; "
+            "reinstall the `onnx` extra (pip install 'fedlm-edge[onnx]')"
+        )
+    return cls.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
 
 def write_placeholder_adapter(out: Path, config: ModelConfig) -> None:

@@ -63,6 +63,7 @@ def test_gemma3_int4_against_llama_cpp_and_fp32(tmp_path: Path) -> None:
     gguf = resolve("gemma3-270m")
     folder = export_onnx(gguf, tmp_path / "gemma", precision="int4")
     res = _measure(gguf, folder)
+    print("gemma3 int4:", json.dumps(res))  # the figures BENCHMARKS.md quotes (run with -s)
     for ref in ("torch fp32", "llama.cpp"):
         r = res[f"int4 vs {ref}"]
         # Gemma's Q4_K/Q5_0/Q6_K weights are requantized by the builder (not copied): looser.
