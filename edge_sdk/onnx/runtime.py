@@ -379,16 +379,23 @@ class OnnxEdgeModel(ServingLock):
         # version, costs max(hash, read) instead of their sum. A swap back to a cached adapter
         # reads it needlessly, which only moves its time from the hash's to the read's.
         digest: list[str] = []
-        hasher = threading.Thread(
-            target=lambda: digest.append(content_hash(src)), name="fedlm-adapter-sha256"
-        )
+        failed: list[OSError] = []
+
+        def run_hash() -> None:
+            try:
+                digest.append(content_hash(src))
+            except OSError as exc:  # reported below, not as a thread traceback
+                failed.append(exc)
+
+        hasher = threading.Thread(target=run_hash, name="fedlm-adapter-sha256")
         hasher.start()
         try:
             adapter = read_adapter(src)  # one read: tensors, alpha/r and the GGUF's architecture
         finally:
             hasher.join()
         if not digest:
-            raise InvalidAdapterError(f"{src}: could not be read to hash it")
+            why = failed[0].strerror if failed else "unknown error"
+            raise InvalidAdapterError(f"{src}: cannot be read to hash it ({why})")
         key = (digest[0], float(scale))
         hit = self._converted.get(key)
         if hit is not None and hit.is_file():
