@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -79,12 +80,13 @@ def _child(args: argparse.Namespace) -> dict:
         gen = model._generator(tokens, cfg)
         gen.generate_next_token()  # samples from the prefill's logits
         prefill_s = time.perf_counter() - t
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         done = 0
         while done < n_dec and not gen.is_done():
             gen.generate_next_token()
             done += 1
         decode_s = time.perf_counter() - t
+        decode_cpu_s = time.process_time() - c
         del gen
     else:
         llm = model._llm
@@ -93,11 +95,12 @@ def _child(args: argparse.Namespace) -> dict:
         llm.eval(tokens)
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         prefill_s = time.perf_counter() - t
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for done in range(1, n_dec + 1):
             llm.eval([tok])
             tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         decode_s = time.perf_counter() - t
+        decode_cpu_s = time.process_time() - c
         llm.reset()
     prompt_text = model.detokenize(tokens)
     t = time.perf_counter()
@@ -110,9 +113,10 @@ def _child(args: argparse.Namespace) -> dict:
     model.load_adapter(first)
     swap_s = time.perf_counter() - t
     # A federation swaps version after version, each new: the steady state.
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     model.load_adapter(second)
     swap2_s = time.perf_counter() - t
+    swap2_cpu_s = time.process_time() - c  # what carries over to an idle device
     convert_s = model.last_swap["convert_seconds"] if args.backend == "onnx" else 0.0
     t = time.perf_counter()
     model.load_adapter(first)  # back to an adapter seen before (ONNX: conversion cached)
@@ -128,9 +132,12 @@ def _child(args: argparse.Namespace) -> dict:
         "prefill_tps": len(tokens) / prefill_s,
         "decode_tps": done / decode_s,
         "decode_tokens": done,
+        # CPU per token: what the machine's load does not inflate (1 thread each)
+        "decode_cpu_ms": decode_cpu_s / done * 1e3,
         "ttft_ms": ttft_s * 1e3,
         "swap_ms": swap_s * 1e3,
         "swap2_ms": swap2_s * 1e3,
+        "swap2_cpu_ms": swap2_cpu_s * 1e3,
         "swap_back_ms": swap_back_s * 1e3,
         "convert_ms": convert_s * 1e3,
         "remove_ms": remove_s * 1e3,
@@ -163,6 +170,7 @@ def main() -> None:
 
         export_onnx(model_path, args.export, precision="int4", progress=print)
     runs: dict[str, list[dict]] = {"llama.cpp": [], "onnx": []}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         adapter = ",".join(
             str(_adapter(model_path, Path(tmp) / f"bench-adapter-{i}.gguf", seed=i))
@@ -193,9 +201,11 @@ def main() -> None:
     keys = [
         "prefill_tps",
         "decode_tps",
+        "decode_cpu_ms",
         "ttft_ms",
         "swap_ms",
         "swap2_ms",
+        "swap2_cpu_ms",
         "swap_back_ms",
         "remove_ms",
         "peak_rss_mb",
@@ -219,9 +229,13 @@ def main() -> None:
         a, b = med["llama.cpp"][k], med["onnx"][k]
         print(f"{k:14}{a:12.2f}{b:12.2f}{paired[k]:24.2f}")
     print(f"onnx adapter conversion in the steady-state swap: {med['onnx']['convert_ms']:.1f} ms")
+    load = {"before": load_before, "after": os.getloadavg()}
+    print("load average (1, 5, 15 min) before: {before}, after: {after}".format(**load))
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"runs": runs, "median": med, "paired": paired}, indent=2)
+            json.dumps(
+                {"runs": runs, "median": med, "paired": paired, "load_average": load}, indent=2
+            )
         )
 
 

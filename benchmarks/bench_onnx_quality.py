@@ -97,14 +97,19 @@ def onnx_logits(folder: Path, texts: list[list[int]], threads: int) -> list[np.n
     sess = ort.InferenceSession(str(folder / "model.onnx"), opts)
     model = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
     kv, head = model["num_key_value_heads"], model["head_size"]
-    past = {
-        i.name: np.zeros((1, kv, 0, head), np.float32)
-        for i in sess.get_inputs()
-        if i.name.startswith("past_key_values.")
-    }
+    # Sliding-window layers (Gemma 3) refuse a KV buffer smaller than their window, even when
+    # it is empty: give them a zeroed buffer of window size (the attention mask says 0 of it is
+    # filled, as genai's shared buffer does).
+    window = int((model.get("sliding_window") or {}).get("window_size") or 0)
     out = []
     for t in texts:
         ids = np.array([t], dtype=np.int64)
+        capacity = max(window, len(t)) if window else 0
+        past = {
+            i.name: np.zeros((1, kv, capacity, head), np.float32)
+            for i in sess.get_inputs()
+            if i.name.startswith("past_key_values.")
+        }
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **past}
         out.append(sess.run(["logits"], feeds)[0][0])
     return out

@@ -214,9 +214,7 @@ def write_hf_folder(gguf_path: Path, out: Path, progress: ProgressFn) -> ModelCo
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     del tensors
     progress("converting the GGUF tokenizer")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok = convert_tokenizer(gguf_path, config.arch)
     tok.save_pretrained(str(out))
     cfg = hf_config(config, tok.bos_token_id, tok.eos_token_id)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -226,6 +224,79 @@ def write_hf_folder(gguf_path: Path, out: Path, progress: ProgressFn) -> ModelCo
         )
     )
     return config
+
+
+# GGUF architecture -> the model type transformers' GGUF config loader gives it, whose entry in
+# TOKENIZER_MAPPING_NAMES is the class AutoTokenizer ends up building.
+_TOKENIZER_MODEL_TYPES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3_text",
+}
+
+
+def convert_tokenizer(gguf_path: Path, arch: str) -> Any:
+    """The GGUF's tokenizer as a transformers tokenizer (the same one `AutoTokenizer` builds).
+
+    `AutoTokenizer.from_pretrained(gguf_file=...)` first runs `load_gguf_checkpoint` on llama and
+    gemma3 files only to learn the model type, and that parses every metadata string with
+    gguf-py one numpy slice at a time: ~21 of the 28 s CPU for Gemma 3's 262k-token vocabulary
+    (profile in BENCHMARKS.md), hours' worth on a loaded machine. The architecture is already
+    known here, so the tokenizer class is picked directly and only the converter itself runs
+    (transformers' fast metadata reader + its merge derivation).
+    """
+    from transformers.models.auto.tokenization_auto import (
+        TOKENIZER_MAPPING_NAMES,
+        tokenizer_class_from_name,
+    )
+
+    model_type = _TOKENIZER_MODEL_TYPES.get(arch)
+    if model_type is None:
+        raise UnsupportedArchitectureError(
+            f"{gguf_path.name}: no tokenizer conversion for architecture {arch!r}; "
+            f"supported: {', '.join(_TOKENIZER_MODEL_TYPES)}"
+        )
+    # AutoTokenizer falls back to the generic backend where a type registers no class (llama).
+    name = TOKENIZER_MAPPING_NAMES.get(model_type) or "TokenizersBackend"
+    cls = tokenizer_class_from_name(name)
+    if cls is None:
+        raise OnnxExportError(
+            f"transformers has no tokenizer class {name!r} for {arch!r}; "
+            "reinstall the `onnx` extra (pip install 'fedlm-edge[onnx]')"
+        )
+    tok = cls.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    pre = _gguf_string(gguf_path, "tokenizer.ggml.pre")
+    if pre in _DIGIT_SPLIT_PRE:
+        # llama.cpp splits every digit off before the GPT-2 regex for these vocabularies
+        # (llama-vocab.cpp: "\\p{N}" first); transformers' converter keeps plain ByteLevel, so
+        # "coast  3" came out as " ", " ", "3" instead of "  ", "3" (26 of 300 test strings).
+        from tokenizers import pre_tokenizers
+
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    return tok
+
+
+_DIGIT_SPLIT_PRE = frozenset(
+    {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
+)
+"""`tokenizer.ggml.pre` values whose llama.cpp pre-tokenizer is `\\p{N}` then the GPT-2 regex."""
+
+
+def _gguf_string(gguf_path: Path, key: str) -> str | None:
+    """A string metadata field of the GGUF, read with the bounded validating reader."""
+    from edge_sdk.models.gguf_check import open_model
+
+    field = open_model(gguf_path).fields.get(key)
+    if field is None:
+        return None
+    value = field.contents()
+    return value if isinstance(value, str) else None
 
 
 def write_placeholder_adapter(out: Path, config: ModelConfig) -> None:
@@ -415,7 +486,8 @@ def export_onnx(
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
         "precision": precision,
-        "format": 2,
+        # 3: SmolLM2-type vocabularies split digits like llama.cpp (older tokenizers differ)
+        "format": 3,
     }
     manifest = out / MANIFEST
     if not force and manifest.is_file():

@@ -275,6 +275,63 @@ def test_adapter_with_wrong_shapes_is_refused(exported, tmp_path):
         onnx_lora_tensors(extra, 1.0, shapes)
 
 
+def test_our_onnx_adapter_files_read_back_in_onnxruntime_like_its_own(exported, tmp_path):
+    """The flatbuffer written without `ort.AdapterFormat` (one pass per tensor) holds the same
+    versions, names, shapes and values as onnxruntime's own writer, for onnxruntime's reader;
+    and the fused check+transpose+write equals the two-step route."""
+    import onnxruntime as ort
+
+    from edge_sdk.onnx.adapters import (
+        onnx_lora_tensors,
+        write_lora_adapter,
+        write_onnx_adapter,
+    )
+
+    rng = np.random.default_rng(11)
+    tensors = {
+        "a": rng.standard_normal((5, 3)).astype(np.float32),
+        "model.layers.0.attn.q_proj.lora_B.MatMul.weight": rng.standard_normal((1, 7)).astype(
+            np.float32
+        ),
+        "é" * 13: np.zeros((2, 2), np.float32),  # odd, non-ASCII name length: padding
+    }
+    ours = write_onnx_adapter(tensors, tmp_path / "ours.onnx_adapter")
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()})
+    fmt.export_adapter(str(tmp_path / "ort.onnx_adapter"))
+    read = [ort.AdapterFormat.read_adapter(str(f)) for f in (ours, tmp_path / "ort.onnx_adapter")]
+    versions = [
+        (r.get_format_version(), r.get_adapter_version(), r.get_model_version()) for r in read
+    ]
+    assert versions[0] == versions[1]
+    got = [{k: v.numpy() for k, v in r.get_parameters().items()} for r in read]
+    assert set(got[0]) == set(got[1]) == set(tensors)
+    for k, v in tensors.items():
+        assert got[0][k].dtype == np.float32 and np.array_equal(got[0][k], v), k
+        assert np.array_equal(got[0][k], got[1][k]), k
+    assert not list(tmp_path.glob("*.partial"))
+
+    gguf, folder = exported["llama"]
+    shapes = {k: tuple(v) for k, v in lora_input_shapes_of(folder).items()}
+    lora = _random_lora(gguf, seed=12)
+    fused = write_lora_adapter(lora, 0.75, shapes, tmp_path / "fused.onnx_adapter")
+    expect = onnx_lora_tensors(lora, 0.75, shapes)
+    got_f = {
+        k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(fused)).get_parameters().items()
+    }
+    assert set(got_f) == set(expect)
+    for k, v in expect.items():
+        assert np.array_equal(got_f[k], v), k
+
+
+def lora_input_shapes_of(folder: Path) -> dict[str, tuple[int, int]]:
+    from edge_sdk.onnx.adapters import lora_input_shapes
+
+    return lora_input_shapes(folder / "model.onnx")
+
+
 # -- export ---------------------------------------------------------------------------------------
 
 

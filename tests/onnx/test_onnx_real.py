@@ -47,11 +47,6 @@ def test_smollm2_int4_against_llama_cpp_and_fp32(smollm2_path: Path, smollm2_int
 
 
 @pytest.mark.gemma
-@pytest.mark.xfail(
-    strict=False,
-    reason="bounds not measured yet: the Gemma 3 export could not finish on the loaded machine "
-    "in the session that wrote this test (BENCHMARKS.md); XPASS/XFAIL reports it either way",
-)
 def test_gemma3_int4_against_llama_cpp_and_fp32(tmp_path: Path) -> None:
     import importlib.util
 
@@ -63,10 +58,13 @@ def test_gemma3_int4_against_llama_cpp_and_fp32(tmp_path: Path) -> None:
     gguf = resolve("gemma3-270m")
     folder = export_onnx(gguf, tmp_path / "gemma", precision="int4")
     res = _measure(gguf, folder)
+    print("gemma3 int4:", json.dumps(res))  # the figures BENCHMARKS.md quotes (run with -s)
     for ref in ("torch fp32", "llama.cpp"):
         r = res[f"int4 vs {ref}"]
-        # Gemma's Q4_K/Q5_0/Q6_K weights are requantized by the builder (not copied): looser.
-        assert r["top1"] >= 0.6 and r["kl"] <= 0.6, (ref, r)
+        # Gemma's Q4_K/Q5_0/Q6_K weights are requantized by the builder (not copied), so far
+        # looser than SmolLM2: measured top-1 0.739 / KL 0.411-0.413 against both references
+        # (BENCHMARKS.md, 2026-12-03, 1 thread); the bounds leave room for thread-count noise.
+        assert r["top1"] >= 0.65 and r["kl"] <= 0.55, (ref, r)
 
 
 def test_done_when_chain_shows_the_trained_adapter(
