@@ -34,10 +34,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -349,6 +349,58 @@ def _check_contribution(item: Contribution) -> None:
         raise ContributionError(item.update_id, f"LoRA scale {item.scale} is not usable")
 
 
+def _usable(contributions: Iterable[Contribution]) -> Iterator[Contribution]:
+    """The contributions of positive weight, each checked, consumed lazily (one at a time)."""
+    for item in contributions:
+        if item.weight <= 0:
+            continue
+        _check_contribution(item)
+        yield item
+
+
+def _finite_norm(item: Contribution, norm: float) -> float:
+    if not math.isfinite(norm):
+        raise ContributionError(item.update_id, "the norm of its effect is not finite")
+    return norm
+
+
+@dataclass
+class _NormTally:
+    """The effect norms of one aggregation's updates, and how many of them were clipped."""
+
+    bound: float | None
+    """`ClipBound.bound` of this aggregation."""
+    norms: list[float] = field(default_factory=list)
+    clipped: int = 0
+
+    def coefficient(self, item: Contribution, norm: float) -> float:
+        """Records `item`'s effect norm (refused when not finite); its clipping coefficient cᵢ."""
+        self.norms.append(_finite_norm(item, norm))
+        coef = _clip_coef(norm, self.bound)
+        self.clipped += coef < 1.0
+        return coef
+
+    def require_some(self) -> None:
+        if not self.norms:
+            raise ValueError("no contribution with positive weight")
+
+    def stats(self, avg_norm: float | None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "delta_norm_mean": float(np.mean(self.norms)),
+            "delta_norm_max": float(np.max(self.norms)),
+            "clipped": int(self.clipped),
+        }
+        if avg_norm is not None:
+            out["avg_delta_norm"] = avg_norm
+        return out
+
+    def history(self, config: AggregationConfig, state: ServerState) -> tuple[float, ...]:
+        """The adaptive clip's history after this aggregation: the last `clip_history` norms."""
+        if config.clip_history == 0:
+            return ()
+        return tuple([*state.norm_history, *self.norms][-config.clip_history :])
+
+
 def effect_norm(
     config: AggregationConfig,
     shapes: Shapes,
@@ -369,9 +421,7 @@ def effect_norm(
             norm = _exact_terms(item, reference, shapes, config.scale, config.rank, cache).norm
         else:
             norm = tensors_norm(_factor_delta(config, shapes, item, reference))
-    if not math.isfinite(norm):
-        raise ContributionError(item.update_id, "the norm of its effect is not finite")
-    return norm
+    return _finite_norm(item, norm)
 
 
 def _factor_delta(
@@ -418,10 +468,11 @@ def aggregate(
         norms = [effect_norm(config, shapes, c, base(c.base_version)) for c in items]
         clip = clip_bound(config, norms, state.norm_history) if items else ClipBound(None, "off")
         contributions = items
+    given = _Inputs(config, shapes, current, base, state, clip)
     if config.mode == "exact":
-        outcome = _aggregate_exact(config, shapes, current, contributions, base, state, clip)
+        outcome = _aggregate_exact(given, contributions)
     else:
-        outcome = _aggregate_factors(config, shapes, current, contributions, base, state, rng, clip)
+        outcome = _aggregate_factors(given, contributions, rng)
     for key, value in outcome.tensors.items():
         if not np.isfinite(value).all():
             raise AggregationError(f"the aggregated {key} is not finite")
@@ -429,48 +480,38 @@ def aggregate(
     return outcome
 
 
-def _next_history(config: AggregationConfig, state: ServerState, norms: list[float]) -> tuple:
-    if config.clip_history == 0:
-        return ()
-    return tuple([*state.norm_history, *norms][-config.clip_history :])
+class _Inputs(NamedTuple):
+    """What one aggregation works from besides the contributions (see `aggregate`)."""
+
+    config: AggregationConfig
+    shapes: Shapes
+    current: Mapping[str, np.ndarray]
+    base: Callable[[int], Mapping[str, np.ndarray]]
+    state: ServerState
+    clip: ClipBound
 
 
 def _aggregate_factors(
-    config: AggregationConfig,
-    shapes: Shapes,
-    current: Mapping[str, np.ndarray],
-    contributions: Iterable[Contribution],
-    base: Callable[[int], Mapping[str, np.ndarray]],
-    state: ServerState,
-    rng: np.random.Generator | None,
-    clip: ClipBound,
+    given: _Inputs, contributions: Iterable[Contribution], rng: np.random.Generator | None
 ) -> Outcome:
+    config, shapes, current, base, state, clip = given
     keys = config.update_keys(shapes)
     mean = WeightedMean()
     kept: list[Tensors] = []  # robust statistics only: O(clients × adapter)
-    norms: list[float] = []
-    clipped = 0
-    for item in contributions:
-        if item.weight <= 0:
-            continue
-        _check_contribution(item)
+    tally = _NormTally(clip.bound)
+    for item in _usable(contributions):
         delta = _factor_delta(config, shapes, item, base(item.base_version))
-        norm = tensors_norm(delta)
-        if not math.isfinite(norm):
-            raise ContributionError(item.update_id, "the norm of its effect is not finite")
-        norms.append(norm)
-        coef = _clip_coef(norm, clip.bound)
+        coef = tally.coefficient(item, tensors_norm(delta))
         if coef < 1.0:
-            clipped += 1
             delta = {k: v * coef for k, v in delta.items()}
         if config.robust == "mean":
             mean.add(delta, 1.0 if config.dp is not None else item.weight)
         else:
             kept.append(delta)
-    if not norms:
-        raise ValueError("no contribution with positive weight")
+    tally.require_some()
+    updates = len(tally.norms)
 
-    stats: dict[str, Any] = {"mode": config.mode, "robust": config.robust, "updates": len(norms)}
+    stats: dict[str, Any] = {"mode": config.mode, "robust": config.robust, "updates": updates}
     if config.robust == "mean":
         avg = mean.mean()
         stats["total_weight"] = mean.total_weight
@@ -487,12 +528,12 @@ def _aggregate_factors(
         m=state.m,
         v=state.v,
         dp_aggregations=state.dp_aggregations,
-        norm_history=_next_history(config, state, norms),
+        norm_history=tally.history(config, state),
     )
     if config.dp is not None:
         generator = rng if rng is not None else np.random.default_rng()
-        summed = {k: v * len(norms) for k, v in avg.items()}
-        avg = privatize_sum(summed, len(norms), config.dp, generator)
+        summed = {k: v * updates for k, v in avg.items()}
+        avg = privatize_sum(summed, updates, config.dp, generator)
         new_state.dp_aggregations += 1
         stats["dp_epsilon"] = epsilon_spent(
             config.dp.noise_multiplier, new_state.dp_aggregations, config.dp.delta
@@ -510,7 +551,7 @@ def _aggregate_factors(
     with np.errstate(over="ignore"):  # a value beyond float32 becomes inf: `aggregate` refuses it
         for key in keys:
             new[key] = stepped[key].astype(np.float32)
-    stats.update(_norm_stats(norms, clipped, tensors_norm(avg)))
+    stats.update(tally.stats(tensors_norm(avg)))
     return Outcome(tensors=new, state=new_state, stats=stats)
 
 
@@ -623,23 +664,16 @@ def _exact_terms_as(
     return _ExactTerms(norm, own, shared)
 
 
-def _aggregate_exact(
-    config: AggregationConfig,
-    shapes: Shapes,
-    current: Mapping[str, np.ndarray],
-    contributions: Iterable[Contribution],
-    base: Callable[[int], Mapping[str, np.ndarray]],
-    state: ServerState,
-    clip: ClipBound,
-) -> Outcome:
+def _aggregate_exact(given: _Inputs, contributions: Iterable[Contribution]) -> Outcome:
     """W' = s·B·A + step·Σ cᵢ·wᵢ·ΔWᵢ exactly (no truncation), then the best rank-r factors.
 
     One decoded update at a time feeds every layer's `ExactSum`; every `_FLUSH_RANK` ranks the
     layers fold their buffers into the dense sums in a thread pool while the next updates
     decode; the final re-projection runs per layer in the same pool.
     """
+    config, shapes, current, base, state, clip = given
     if config.exact_max_rank:
-        return _aggregate_exact_truncated(config, shapes, current, contributions, base, state, clip)
+        return _aggregate_exact_truncated(given, contributions)
     started = time.perf_counter()
     s = config.scale
     sums = {
@@ -647,8 +681,7 @@ def _aggregate_exact(
         for m, (out_dim, in_dim) in shapes.items()
     }
     total_weight = 0.0
-    norms: list[float] = []
-    clipped = 0
+    tally = _NormTally(clip.bound)
     shared: dict[int, dict[str, np.ndarray]] = {}  # base version -> Σ cᵢ·(Aᵢ - A_b) per layer
     base_cache: dict[tuple[Any, ...], tuple[np.ndarray, ...]] = {}
     with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="fedlm-exact") as pool:
@@ -659,18 +692,10 @@ def _aggregate_exact(
                 future.result()  # the previous fold of a layer ends before its next begins
             folding[:] = [pool.submit(acc.absorb, acc.take_pending()) for acc in sums.values()]
 
-        for item in contributions:
-            if item.weight <= 0:
-                continue
-            _check_contribution(item)
+        for item in _usable(contributions):
             reference = base(item.base_version)
             terms = _exact_terms(item, reference, shapes, s, config.rank, base_cache)
-            if not math.isfinite(terms.norm):
-                raise ContributionError(item.update_id, "the norm of its effect is not finite")
-            norms.append(terms.norm)
-            coef = _clip_coef(terms.norm, clip.bound)
-            clipped += coef < 1.0
-            c = item.weight * coef
+            c = item.weight * tally.coefficient(item, terms.norm)
             for module, (b_own, a_own) in terms.own.items():
                 sums[module].add(b_own, a_own, c)
             if terms.a_delta is not None:
@@ -686,12 +711,8 @@ def _aggregate_exact(
         streamed = time.perf_counter()
         for future in folding:
             future.result()
-        if not norms:
-            raise ValueError("no contribution with positive weight")
-        for version, per_module in shared.items():
-            reference = base(version)
-            for module, a_sum in per_module.items():
-                sums[module].add(s * np.asarray(reference[b_key(module)], np.float64), a_sum)
+        tally.require_some()
+        _add_shared_terms(sums, shared, base, s)
         step = config.server_lr / total_weight
 
         def finish(module: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -703,65 +724,33 @@ def _aggregate_exact(
         folded = time.perf_counter()
         results = dict(zip(shapes, pool.map(finish, shapes)))
         finished = time.perf_counter()
-    new: Tensors = {}
-    for module, (b_new, a_new, _) in results.items():
-        b_new, a_new = fill_dead_ranks(b_new / s, a_new, config.a_seed, a_key(module), atol=1e-12)
-        new[b_key(module)] = b_new.astype(np.float32)
-        new[a_key(module)] = a_new.astype(np.float32)
-    stats: dict[str, Any] = {
-        "mode": "exact",
-        "robust": "mean",
-        "updates": len(norms),
-        "total_weight": total_weight,
+    stats = {
         "truncation_rel_error": 0.0,  # nothing is truncated before the final rank-r step
         "dense_layers": sum(acc.is_dense for acc in sums.values()),
         "seconds_stream": round(streamed - started, 3),
         "seconds_fold_wait": round(folded - streamed, 3),
         "seconds_reproject": round(finished - folded, 3),
     }
-    stats.update(_norm_stats(norms, clipped, None))
-    return Outcome(
-        tensors=new,
-        state=ServerState(
-            dp_aggregations=state.dp_aggregations,
-            norm_history=_next_history(config, state, norms),
-        ),
-        stats=stats,
-    )
+    reprojected = {module: (b_new, a_new) for module, (b_new, a_new, _) in results.items()}
+    return _exact_outcome(config, state, tally, total_weight, reprojected, stats)
 
 
-def _aggregate_exact_truncated(
-    config: AggregationConfig,
-    shapes: Shapes,
-    current: Mapping[str, np.ndarray],
-    contributions: Iterable[Contribution],
-    base: Callable[[int], Mapping[str, np.ndarray]],
-    state: ServerState,
-    clip: ClipBound,
-) -> Outcome:
+def _aggregate_exact_truncated(given: _Inputs, contributions: Iterable[Contribution]) -> Outcome:
+    config, shapes, current, base, state, clip = given
     s = config.scale
     sums = {
         m: LowRankSum(out_dim, in_dim, config.sum_rank) for m, (out_dim, in_dim) in shapes.items()
     }
     total_weight = 0.0
-    norms: list[float] = []
-    clipped = 0
+    tally = _NormTally(clip.bound)
     # Σ over clients on base b of cᵢ·(Aᵢ - A_b), per layer (r, in): see `_client_factors`.
     shared: dict[int, dict[str, np.ndarray]] = {}
-    for item in contributions:
-        if item.weight <= 0:
-            continue
-        _check_contribution(item)
+    for item in _usable(contributions):
         reference = base(item.base_version)
         with np.errstate(over="ignore", invalid="ignore"):
             factors = {m: _client_factors(item, reference, m, s, config.rank) for m in shapes}
             norm = math.sqrt(sum(lowrank_norm(bm, am) ** 2 for bm, am, _ in factors.values()))
-        if not math.isfinite(norm):
-            raise ContributionError(item.update_id, "the norm of its effect is not finite")
-        norms.append(norm)
-        coef = _clip_coef(norm, clip.bound)
-        clipped += coef < 1.0
-        c = item.weight * coef
+        c = item.weight * tally.coefficient(item, norm)
         for module, (bm, am, split) in factors.items():
             if split is None:
                 sums[module].add(bm, am, c)
@@ -771,14 +760,10 @@ def _aggregate_exact_truncated(
                 acc = shared.setdefault(item.base_version, {})
                 acc[module] = acc.get(module, 0.0) + c * a_delta
         total_weight += item.weight
-    for version, per_module in shared.items():
-        reference = base(version)
-        for module, a_sum in per_module.items():
-            sums[module].add(s * np.asarray(reference[b_key(module)], np.float64), a_sum)
-    if not norms:
-        raise ValueError("no contribution with positive weight")
+    _add_shared_terms(sums, shared, base, s)
+    tally.require_some()
 
-    new: Tensors = {}
+    reprojected: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     discarded = 0.0
     kept_energy = 0.0
     step = config.server_lr / total_weight
@@ -792,25 +777,59 @@ def _aggregate_exact_truncated(
             np.hstack([s * b_cur, step * d_b]), np.vstack([a_cur, d_a]), config.rank
         )
         kept_energy += float(np.sum(spectrum**2))
+        reprojected[module] = (b_new, a_new)
+    stats = {
+        # Upper bound on ||error||_F / ||W'||_F from compressing the streaming sum.
+        "truncation_rel_error": math.sqrt(discarded) * step / math.sqrt(kept_energy)
+        if kept_energy > 0
+        else 0.0,
+    }
+    return _exact_outcome(config, state, tally, total_weight, reprojected, stats)
+
+
+def _add_shared_terms(
+    sums: Mapping[str, ExactSum] | Mapping[str, LowRankSum],
+    shared: Mapping[int, Mapping[str, np.ndarray]],
+    base: Callable[[int], Mapping[str, np.ndarray]],
+    s: float,
+) -> None:
+    """Adds s·B_b·Σ cᵢ·(Aᵢ - A_b) to each layer's sum, once per base version b (the part of
+    ΔWᵢ that every client on b shares: see `_client_factors`)."""
+    for version, per_module in shared.items():
+        reference = base(version)
+        for module, a_sum in per_module.items():
+            sums[module].add(s * np.asarray(reference[b_key(module)], np.float64), a_sum)
+
+
+def _exact_outcome(
+    config: AggregationConfig,
+    state: ServerState,
+    tally: _NormTally,
+    total_weight: float,
+    factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    mode_stats: Mapping[str, Any],
+) -> Outcome:
+    """The exact modes' result from each layer's rank-r factors of W' (module -> (s·B, A)):
+    back to PEFT factors (B·A = W'/s, dead ranks refilled from the seed), in float32."""
+    s = config.scale
+    new: Tensors = {}
+    for module, (b_new, a_new) in factors.items():
         b_new, a_new = fill_dead_ranks(b_new / s, a_new, config.a_seed, a_key(module), atol=1e-12)
         new[b_key(module)] = b_new.astype(np.float32)
         new[a_key(module)] = a_new.astype(np.float32)
     stats: dict[str, Any] = {
         "mode": "exact",
         "robust": "mean",
-        "updates": len(norms),
+        "updates": len(tally.norms),
         "total_weight": total_weight,
-        # Upper bound on ||error||_F / ||W'||_F from compressing the streaming sum.
-        "truncation_rel_error": math.sqrt(discarded) * step / math.sqrt(kept_energy)
-        if kept_energy > 0
-        else 0.0,
+        **mode_stats,
+        **tally.stats(None),
     }
-    stats.update(_norm_stats(norms, clipped, None))
     return Outcome(
         tensors=new,
         state=ServerState(
             dp_aggregations=state.dp_aggregations,
-            norm_history=_next_history(config, state, norms),
+            norm_history=tally.history(config, state),
         ),
         stats=stats,
     )
@@ -835,14 +854,3 @@ def _client_factors(
         return np.hstack([b_i, -b_b]), np.vstack([a_i, a_b]), None
     b_own, a_delta = b_i - b_b, a_i - a_b
     return np.hstack([b_own, b_b]), np.vstack([a_i, a_delta]), (b_own, a_i, a_delta)
-
-
-def _norm_stats(norms: list[float], clipped: int, avg_norm: float | None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "delta_norm_mean": float(np.mean(norms)),
-        "delta_norm_max": float(np.max(norms)),
-        "clipped": int(clipped),
-    }
-    if avg_norm is not None:
-        out["avg_delta_norm"] = avg_norm
-    return out

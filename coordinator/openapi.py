@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordinator.secure import PHASES as SECAGG_PHASES
 from edge_sdk.wire import CONTENT_TYPE, PROTOCOL_VERSION
 
 _ERROR = {"$ref": "#/components/responses/Error"}
@@ -269,14 +270,8 @@ def build_spec(version: str, join_max_bytes: int = 4096) -> dict[str, Any]:
                             "required": True,
                             "schema": {
                                 "type": "string",
-                                "enum": [
-                                    "setup",
-                                    "advertise",
-                                    "share_keys",
-                                    "next",
-                                    "masked_input",
-                                    "unmask",
-                                ],
+                                # setup and next (the long poll), then the message phases
+                                "enum": ["setup", "next", *SECAGG_PHASES],
                             },
                         }
                     ],

@@ -29,7 +29,7 @@ class DpConfig:
 
     noise_multiplier: float
     """z: noise std divided by the clip norm."""
-    clip_norm: float
+    clip_norm: float = 1.0
     """L2 bound C on one client's delta (over all its tensors together)."""
     delta: float = 1e-5
     """δ at which ε is reported."""

@@ -617,12 +617,9 @@ class Coordinator:
             seconds = time.perf_counter() - started
             stats = {
                 **outcome.stats,
-                "version": version + 1,
-                "seconds": round(seconds, 4),
-                "strategy": strategy.name,
-                "staleness_max": max(version - r.base_version for r in used),
-                "max_weight_examples": self.weight_cap,
-                "dropped": len(drops),
+                **self._version_stats(
+                    version + 1, seconds, max(version - r.base_version for r in used), len(drops)
+                ),
                 "dropped_reasons": dict(Counter(drops.values())),
             }
             encoding = time.perf_counter()
@@ -638,6 +635,19 @@ class Coordinator:
             with self._lock:
                 self._aggregating = False
 
+    def _version_stats(
+        self, version: int, seconds: float, staleness_max: int, dropped: int
+    ) -> dict[str, Any]:
+        """What every published version's metadata says of how it was made."""
+        return {
+            "version": version,
+            "seconds": round(seconds, 4),
+            "strategy": self.config.strategy.name,
+            "staleness_max": staleness_max,
+            "max_weight_examples": self.weight_cap,
+            "dropped": dropped,
+        }
+
     def _aggregate_isolating(
         self,
         used: list[UpdateRecord],
@@ -651,34 +661,45 @@ class Coordinator:
         candidates = [r for r in used if r.update_id in norms]
         if not candidates:
             return None, []
-        try:
-            outcome, unusable = self._attempt(candidates, weights, current, norms)
-            drops.update(unusable)
-            return outcome, candidates
-        except Exception as exc:
-            if isinstance(exc, _INFRASTRUCTURE_ERRORS):
-                raise
-            log.error(
-                "aggregating %d updates failed (%s: %s); looking for the update at fault",
-                len(candidates), type(exc).__name__, exc,
-            )  # fmt: skip
-            culprits = self._isolate(candidates, weights, current, norms, exc)
+        result = self._try_attempt(candidates, weights, current, norms, drops)
+        if isinstance(result, Outcome):
+            return result, candidates
+        log.error(
+            "aggregating %d updates failed (%s: %s); looking for the update at fault",
+            len(candidates), type(result).__name__, result,
+        )  # fmt: skip
+        culprits = self._isolate(candidates, weights, current, norms, result)
         for update_id in culprits:
             drops[update_id] = "aggregation_failed"
         rest = [r for r in candidates if r.update_id not in culprits]
         if not rest:
             return None, []
+        result = self._try_attempt(rest, weights, current, norms, drops)
+        if isinstance(result, Outcome):
+            return result, rest
+        log.error("aggregating the remaining %d updates failed too (%s)", len(rest), result)
+        for record in rest:
+            drops[record.update_id] = "aggregation_failed"
+        return None, []
+
+    def _try_attempt(
+        self,
+        records: list[UpdateRecord],
+        weights: dict[str, float],
+        current: Tensors,
+        norms: dict[str, float],
+        drops: dict[str, str],
+    ) -> Outcome | Exception:
+        """`_attempt`, with the updates it found unusable added to `drops`; the error instead
+        when it fails (infrastructure errors propagate: they are no update's fault)."""
         try:
-            outcome, unusable = self._attempt(rest, weights, current, norms)
-            drops.update(unusable)
-            return outcome, rest
+            outcome, unusable = self._attempt(records, weights, current, norms)
         except Exception as exc:
             if isinstance(exc, _INFRASTRUCTURE_ERRORS):
                 raise
-            log.error("aggregating the remaining %d updates failed too (%s)", len(rest), exc)
-            for record in rest:
-                drops[record.update_id] = "aggregation_failed"
-            return None, []
+            return exc
+        drops.update(unusable)
+        return outcome
 
     def _measure(
         self, used: list[UpdateRecord], weights: dict[str, float], drops: dict[str, str]
@@ -741,13 +762,8 @@ class Coordinator:
             return {error.update_id}
 
         def fails(records: list[UpdateRecord]) -> bool:
-            try:
-                self._attempt(records, weights, current, norms)
-            except Exception as exc:
-                if isinstance(exc, _INFRASTRUCTURE_ERRORS):
-                    raise
-                return True
-            return False
+            attempt = self._try_attempt(records, weights, current, norms, drops={})
+            return not isinstance(attempt, Outcome)
 
         alone = {r.update_id for r in candidates if fails([r])}
         if alone:
@@ -917,12 +933,7 @@ class Coordinator:
             stats = {
                 **outcome.stats,
                 **stats,
-                "version": version + 1,
-                "seconds": round(seconds, 4),
-                "strategy": self.config.strategy.name,
-                "staleness_max": version - base_version,
-                "max_weight_examples": self.weight_cap,
-                "dropped": 0,
+                **self._version_stats(version + 1, seconds, version - base_version, dropped=0),
             }
             if dp is not None and self.secure is not None:
                 stats["dp_epsilon"] = self.secure.epsilon(outcome.state.dp_aggregations)

@@ -28,12 +28,13 @@ from typing import Any, Protocol
 from coordinator.errors import ConflictError, StaleUpdateError, UpdateRejectedError
 from coordinator.lora_math import staleness_weight
 from coordinator.storage import UpdateRecord
+from edge_sdk.choices import StrategyName
 
 
 class Strategy(Protocol):
     """The contract between the service and a strategy."""
 
-    name: str
+    name: StrategyName
 
     def admit(self, update: UpdateRecord, version: int, pending: Sequence[UpdateRecord]) -> None:
         """Raise `ConflictError`/`UpdateRejectedError` if `update` may not join the buffer now.
@@ -105,7 +106,7 @@ class FedAvg:
     """At the deadline, close the round if at least this many updates are in."""
     deadline_s: float = 600.0
     """Seconds after a round opens when it may close with fewer than `clients_per_round`."""
-    name: str = "fedavg"
+    name: StrategyName = "fedavg"
 
     def __post_init__(self) -> None:
         if self.clients_per_round < 1:
@@ -199,7 +200,7 @@ class FedBuff:
     """Longest wait after a buffer's first update before aggregating a partial buffer: absorbs
     the spread in arrival of similar devices that trained from the same version; a slower one
     lands in the next buffer with staleness 1. A full buffer is aggregated at once."""
-    name: str = "fedbuff"
+    name: StrategyName = "fedbuff"
 
     def __post_init__(self) -> None:
         if self.buffer_size < 1:

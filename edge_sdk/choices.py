@@ -60,3 +60,17 @@ ARCHITECTURES: tuple[Architecture, ...] = get_args(Architecture)
 LogLevel = Literal["debug", "info", "warning", "error"]
 """Log levels the coordinator's command line accepts."""
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+
+TrainMethod = Literal["sft", "dpo"]
+"""sft: supervised fine-tuning on examples; dpo: preference tuning on (chosen, rejected) pairs."""
+TRAIN_METHODS: tuple[TrainMethod, ...] = get_args(TrainMethod)
+
+DpoLoss = Literal["sigmoid", "ipo"]
+"""sigmoid: DPO (Rafailov et al. 2023, arXiv:2305.18290); ipo: IPO (Azar et al. 2023,
+arXiv:2310.12036)."""
+DPO_LOSSES: tuple[DpoLoss, ...] = get_args(DpoLoss)
+
+DpoReference = Literal["base", "start"]
+"""The frozen reference policy of DPO: the base model (adapter disabled), or the model with the
+adapter the run started from (e.g. an SFT adapter, or the federation's global adapter)."""
+DPO_REFERENCES: tuple[DpoReference, ...] = get_args(DpoReference)

@@ -17,7 +17,7 @@ coordinator, the device and the CLI (without numpy for --help) import it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from edge_sdk.training.methods import (
@@ -97,13 +97,14 @@ class MethodSpec:
             return cls()
         if not isinstance(raw, Mapping):
             raise ValueError(f"`extra.method` should be a map, got {type(raw).__name__}")  # noqa: TRY004
-        unknown = sorted(str(k) for k in raw if k not in ("name", "beta", "loss", "sft_weight"))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in raw if k not in known)
         if unknown:
             raise ValueError(f"`extra.method` has unknown keys {unknown[:4]}")
-        name = raw.get("name", "sft")
+        name = raw.get("name", DEFAULT_METHOD)
         if not isinstance(name, str):
             raise ValueError(f"`extra.method.name` should be a string, got {name!r}")  # noqa: TRY004
-        loss = raw.get("loss", "sigmoid")
+        loss = raw.get("loss", DEFAULT_DPO_LOSS)
         if not isinstance(loss, str):
             raise ValueError(f"`extra.method.loss` should be a string, got {loss!r}")  # noqa: TRY004
         try:

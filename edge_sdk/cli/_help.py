@@ -54,3 +54,14 @@ class ConfigDefault:
 def resolve(value: Any) -> Any:
     """An option's parsed value, with a `ConfigDefault` (the option was not given) resolved."""
     return value.value() if isinstance(value, ConfigDefault) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class CommaListDefault(ConfigDefault):
+    """A tuple or set field's default as its comma-separated flag spells it (a set sorted,
+    enum members by their value), e.g. `LicenceClass.UNKNOWN` -> "unknown"."""
+
+    def value(self) -> str:
+        items = super().value()
+        texts = [str(getattr(item, "value", item)) for item in items]
+        return ",".join(sorted(texts) if isinstance(items, (set, frozenset)) else texts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -11,13 +12,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_sdk.choices import LOG_LEVELS, LORA_MODES, ROBUST_AGGREGATORS, STRATEGIES
-from edge_sdk.cli._help import ConfigDefault, DefaultsHelpFormatter, resolve
+from edge_sdk.cli._help import CommaListDefault, ConfigDefault, DefaultsHelpFormatter, resolve
 from edge_sdk.env import JOIN_TOKEN_ENV, OPERATOR_TOKEN_ENV
 from edge_sdk.method import DPO_LOSSES, METHODS, MethodSpec
-from edge_sdk.models.naming import LORA_TARGETS
+from edge_sdk.models.store import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
+
+_MIB = 1 << 20
+
+
+def _bytes_from_mib(mib: float) -> int:
+    """A size given in MiB (the flags' unit) in bytes (the configs' unit)."""
+    return int(mib * _MIB)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MibDefault(ConfigDefault):
+    """A byte-count field's default in MiB, the unit of its flag (`_bytes_from_mib` inverts it)."""
+
+    def value(self) -> float:
+        return float(super().value()) / _MIB
+
+
+def _method_default(field: str) -> ConfigDefault:
+    """The default of `MethodSpec.<field>`, the task's post-training method."""
+    return ConfigDefault("edge_sdk.method", "MethodSpec", field)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "fingerprint) that devices take as `fedlm join --join-code`. "
         f"The join token comes from --join-token, else ${JOIN_TOKEN_ENV}, else it is generated.",
     )
-    p.add_argument("--model", default="smollm2-135m", help="model name or .gguf path")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or .gguf path")
+    # Not CoordinatorConfig.host (127.0.0.1): the library default keeps an embedded or test
+    # coordinator off the network, while this command exists to serve the devices of the LAN
+    # (TLS and the join code authenticate both ends).
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: all)")
     p.add_argument(
         "--port",
@@ -54,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--clients-per-round",
         type=int,
         default=None,
+        # The numbers are FedAvg.clients_per_round and secagg's MIN_COHORT (not imported: they
+        # pull numpy into --help); tests/cli/test_cli_defaults.py checks they agree.
         help="fedavg: close a round at this many (default: 2; with --secure, the cohort size, "
         "default max(3, --min-cohort))",
     )
@@ -149,7 +175,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=ConfigDefault("coordinator.next_version", "AggregationConfig", "alpha"),
         help="LoRA alpha",
     )
-    p.add_argument("--targets", default=",".join(LORA_TARGETS), help="comma-separated LoRA targets")
+    p.add_argument(
+        "--targets",
+        default=CommaListDefault("coordinator.config", "CoordinatorConfig", "targets"),
+        help="comma-separated LoRA targets",
+    )
     p.add_argument(
         "--a-seed",
         type=int,
@@ -227,7 +257,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="central DP noise multiplier, enables DP (default: off)",
     )
-    p.add_argument("--dp-clip", type=float, default=1.0, help="central DP clip norm")
+    p.add_argument(
+        "--dp-clip",
+        type=float,
+        default=ConfigDefault("coordinator.privacy", "DpConfig", "clip_norm"),
+        help="central DP clip norm",
+    )
     p.add_argument(
         "--dp-delta",
         type=float,
@@ -261,24 +296,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         choices=METHODS,
-        default=MethodSpec.name,
+        default=_method_default("name"),
         help="task: post-training method devices run (dpo trains on the preference pairs "
         "each device's app records; a device without pairs sits the round out)",
     )
     p.add_argument(
         "--beta",
         type=float,
-        default=MethodSpec.beta,
+        default=_method_default("beta"),
         help="task, dpo: strength of the pull to the reference",
     )
     p.add_argument(
         "--sft-weight",
         type=float,
-        default=MethodSpec.sft_weight,
+        default=_method_default("sft_weight"),
         help="task, dpo: weight of an NLL term on the chosen answer (RPO alpha; 0 = plain DPO)",
     )
     p.add_argument(
-        "--dpo-loss", choices=DPO_LOSSES, default=MethodSpec.loss, help="task, dpo: loss variant"
+        "--dpo-loss",
+        choices=DPO_LOSSES,
+        default=_method_default("loss"),
+        help="task, dpo: loss variant",
     )
     p.add_argument(
         "--max-rounds",
@@ -318,7 +356,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="IPv4 address to advertise on, repeatable (default: the --host address, or all)",
     )
-    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest accepted update, MiB")
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=_MibDefault("coordinator.config", "CoordinatorConfig", "max_body_bytes"),
+        help="largest accepted update, MiB",
+    )
     p.add_argument(
         "--rate",
         type=float,
@@ -345,6 +388,7 @@ def _config(
     from coordinator.strategies import FedAvg, FedBuff
     from edge_sdk.models.identity import model_sha256
     from edge_sdk.models.store import resolve as resolve_model
+    from edge_sdk.secagg.params import MIN_COHORT
 
     # Options not given carry their config field's default (`ConfigDefault`).
     args = argparse.Namespace(**{k: resolve(v) for k, v in vars(args).items()})
@@ -354,7 +398,7 @@ def _config(
     strategy_name = args.strategy or ("fedavg" if secure else FedBuff.name)
     clients_per_round = args.clients_per_round
     if clients_per_round is None:
-        clients_per_round = max(3, args.min_cohort) if secure else FedAvg.clients_per_round
+        clients_per_round = max(MIN_COHORT, args.min_cohort) if secure else FedAvg.clients_per_round
     strategy = (
         FedAvg(clients_per_round, args.min_clients, args.deadline)
         if strategy_name == "fedavg"
@@ -407,7 +451,7 @@ def _config(
         mdns=not args.no_mdns,
         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,
         mdns_name=args.mdns_name,
-        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_body_bytes=_bytes_from_mib(args.max_body_mb),
         rate_per_s=args.rate,
         rate_burst=max(1, int(4 * args.rate)),
         secure=secure,

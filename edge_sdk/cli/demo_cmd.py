@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.method import METHODS
+from edge_sdk.training.methods import DEFAULT_METHOD
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,7 +76,7 @@ def _demo(args: argparse.Namespace) -> int:
     from edge_sdk.demo.report import render
     from edge_sdk.demo.run import FULL_BUDGET_S, QUICK_BUDGET_S, run_demo
 
-    if getattr(args, "method", "sft") == "dpo":
+    if getattr(args, "method", DEFAULT_METHOD) == "dpo":
         return _preference_demo(args)
     config = DemoConfig.quick() if args.quick else DemoConfig.full()
     changes: dict[str, Any] = {

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.choices import BACKENDS, PRECISIONS
-from edge_sdk.cli._help import ConfigDefault, DefaultsHelpFormatter, resolve
+from edge_sdk.cli._help import CommaListDefault, ConfigDefault, DefaultsHelpFormatter, resolve
 from edge_sdk.env import JOIN_CODE_ENV, JOIN_TOKEN_ENV
 
 DEFAULT_STATE_DIR = "~/.fedlm/client"
@@ -18,7 +18,7 @@ DEFAULT_STATE_DIR = "~/.fedlm/client"
 
 def _client_default(field: str) -> ConfigDefault:
     """The default of `ClientConfig.<field>`: the CLI declares none of its own."""
-    return ConfigDefault("edge_sdk.client.loop", "ClientConfig", field)
+    return ConfigDefault("edge_sdk.client.config", "ClientConfig", field)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--preferences",
         nargs="+",
-        default=[],
+        default=_client_default("preferences"),
         metavar="FILE",
         help="preference pair files (JSONL: prompt, chosen, rejected) for DPO tasks "
         "(`fedlm coordinator --method dpo`), besides the app's recorded feedback",
@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--refuse-licence",
-        default="unknown",
+        default=CommaListDefault("edge_sdk.client.config", "ClientConfig", "refuse_licences"),
         metavar="CLASSES",
         help="comma-separated licence classes to refuse: unknown, open-weights-restricted, "
         "permissive ('' refuses none)",
@@ -125,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dp-noise",
         type=float,
-        default=1.0,
+        default=ConfigDefault("edge_sdk.client.controls", "LocalDpConfig", "noise_multiplier"),
         metavar="SIGMA",
         help="local DP: noise multiplier (std = SIGMA * C; needs --dp-clip)",
     )
@@ -195,7 +195,7 @@ def _config(args: argparse.Namespace) -> Any:  # -> ClientConfig (lazy import ke
     return ClientConfig(
         model=args.model,
         data=tuple(args.data),
-        preferences=tuple(getattr(args, "preferences", ())),
+        preferences=tuple(resolve(getattr(args, "preferences", ()))),
         state_dir=Path(args.state_dir),
         coordinator_url=args.coordinator,
         coordinator_name=args.coordinator_name,
@@ -205,10 +205,14 @@ def _config(args: argparse.Namespace) -> Any:  # -> ClientConfig (lazy import ke
         insecure=args.insecure,
         final_wait_s=resolve(args.final_wait),
         max_rounds=args.max_rounds,
-        refuse_licences=parse_policy(args.refuse_licence),
+        refuse_licences=parse_policy(resolve(args.refuse_licence)),
         threads=args.threads,
         memory_limit_mb=args.memory_mb,
-        local_dp=LocalDpConfig(args.dp_clip, args.dp_noise) if args.dp_clip is not None else None,
+        local_dp=(
+            LocalDpConfig(args.dp_clip, resolve(args.dp_noise))
+            if args.dp_clip is not None
+            else None
+        ),
         precision=resolve(args.precision),
         seed=resolve(args.seed),
         val_fraction=resolve(args.val_fraction),

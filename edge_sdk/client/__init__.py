@@ -16,6 +16,7 @@ Every request that leaves the device is in `<state_dir>/outbox.jsonl` (`Ledger`,
 
 from __future__ import annotations
 
+from edge_sdk.client.config import ClientConfig
 from edge_sdk.client.controls import LocalDpConfig, privatize
 from edge_sdk.client.discovery import (
     SERVICE_TYPE,
@@ -41,16 +42,12 @@ from edge_sdk.client.errors import (
     VerificationError,
 )
 from edge_sdk.client.ledger import Ledger, LedgerEntry, format_summary, summarise
-from edge_sdk.client.loop import (
-    JOIN_TOKEN_ENV,
-    ClientConfig,
-    FederatedClient,
-    RoundReport,
-    RunSummary,
-)
+from edge_sdk.client.loop import FederatedClient
+from edge_sdk.client.reports import RoundReport, RunSummary
 from edge_sdk.client.state import ClientState
 from edge_sdk.client.task_policy import TaskPolicy
 from edge_sdk.client.transport import RetryConfig, Transport
+from edge_sdk.env import JOIN_TOKEN_ENV
 
 __all__ = [
     "JOIN_TOKEN_ENV",

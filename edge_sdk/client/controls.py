@@ -27,7 +27,7 @@ class LocalDpConfig:
 
     clip_norm: float
     """C: the update's change from its base is scaled down to at most this global L2 norm."""
-    noise_multiplier: float
+    noise_multiplier: float = 1.0
     """σ: the noise standard deviation is σ·C per coordinate (0 clips without noise)."""
 
     def __post_init__(self) -> None:

@@ -1,4 +1,5 @@
-"""The training methods and their choices, defined once (torch-free, so the CLI can read them).
+"""The training methods' defaults, and their choices (defined in `edge_sdk.choices`, re-exported
+here; torch-free, so the CLI can read them).
 
 `TrainConfig` types its fields with these Literals and validates against the tuples, and
 `fedlm train` takes its `choices` and defaults from here.
@@ -6,23 +7,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from edge_sdk.choices import (
+    DPO_LOSSES,
+    DPO_REFERENCES,
+    TRAIN_METHODS,
+    DpoLoss,
+    DpoReference,
+    TrainMethod,
+)
 
-TrainMethod = Literal["sft", "dpo"]
-"""sft: supervised fine-tuning on examples; dpo: preference tuning on (chosen, rejected) pairs."""
-TRAIN_METHODS: tuple[TrainMethod, ...] = ("sft", "dpo")
 DEFAULT_METHOD: TrainMethod = "sft"
-
-DpoLoss = Literal["sigmoid", "ipo"]
-"""sigmoid: DPO (Rafailov et al. 2023, arXiv:2305.18290); ipo: IPO (Azar et al. 2023,
-arXiv:2310.12036)."""
-DPO_LOSSES: tuple[DpoLoss, ...] = ("sigmoid", "ipo")
 DEFAULT_DPO_LOSS: DpoLoss = "sigmoid"
-
-DpoReference = Literal["base", "start"]
-"""The frozen reference policy of DPO: the base model (adapter disabled), or the model with the
-adapter the run started from (e.g. an SFT adapter, or the federation's global adapter)."""
-DPO_REFERENCES: tuple[DpoReference, ...] = ("base", "start")
 DEFAULT_REFERENCE: DpoReference = "base"
 
 DEFAULT_BETA = 0.1

@@ -167,7 +167,7 @@ def test_check_rejects_invalid_files(tmp_path: Path, llama_base: Path) -> None:
         check_adapter_compatible(truncated, llama_base)
     header_only = tmp_path / "header.gguf"
     header_only.write_bytes(good.read_bytes()[:200])
-    with pytest.raises(InvalidAdapterError):
+    with pytest.raises(InvalidAdapterError, match=r"header.gguf: truncated .* 200-byte file"):
         check_adapter_compatible(header_only, llama_base)
 
 

@@ -87,7 +87,7 @@ def test_every_single_character_typo_is_caught() -> None:
     caught = 0
     for i in range(len(PREFIX), len(code)):
         typo = alphabet[(alphabet.index(code[i]) + 1) % 32]
-        with pytest.raises(JoinCodeError):
+        with pytest.raises(JoinCodeError, match=r"checksum does not match \(a typo\?\)"):
             JoinCode.decode(code[:i] + typo + code[i + 1 :])
         caught += 1
     assert caught == len(code) - len(PREFIX)

@@ -308,7 +308,8 @@ def _bad_adapters(model: Path) -> dict[str, tuple[bytes, str]]:
 def test_check_global_refuses_each_bad_adapter(model: Path, case: str) -> None:
     body, expected = _bad_adapters(model)[case]
     task = tiny_task(model)
-    # What `_load_global` does: decode (the wire refuses NaN/inf), then the client's checks.
+    # What `GlobalAdapterFollower.load` does: decode (the wire refuses NaN/inf), then the
+    # client's checks.
     with pytest.raises((AdapterRefusedError, WireError)) as caught:
         TaskPolicy().check_global(GlobalAdapter.from_bytes(body), task, _shapes(model))
     assert expected in str(caught.value), str(caught.value)

@@ -75,7 +75,7 @@ def test_errors_are_typed_and_not_retried(tmp_path: Path, model: Path) -> None:
                 await t.join("not-the-token", "dev")
             assert auth.value.status == 401 and auth.value.code == "unauthorized"
             t.token = "bogus"
-            with pytest.raises(AuthenticationError):
+            with pytest.raises(AuthenticationError, match="HTTP 401 unauthorized: invalid bearer"):
                 await t.task()
             joined = await t.join(JOIN_TOKEN, "dev")
             t.token = joined["token"]
@@ -134,7 +134,7 @@ def test_stop_interrupts_a_backoff_wait(tmp_path: Path) -> None:
             f"http://127.0.0.1:{free_port()}", Ledger(tmp_path / "l.jsonl"), retry=slow, stop=stop
         ) as t:
             asyncio.get_running_loop().call_later(0.3, stop.set)
-            with pytest.raises(StopRequested):
+            with pytest.raises(StopRequested, match="stop requested while waiting to retry"):
                 await asyncio.wait_for(t.task(), timeout=10)
 
     asyncio.run(scenario())

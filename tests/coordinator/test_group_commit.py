@@ -3,6 +3,7 @@ a duplicate in a batch is refused alone, spent segments are deleted, damaged bod
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -125,7 +126,8 @@ def test_concurrent_updates_share_commits_and_each_ack_follows_its_commit(tmp_pa
         assert coordinator.pending_count == 24
         assert 1 <= coordinator._commits.batches <= 24
         # A second update of the same id, or from a client whose update is on its way: refused.
-        with pytest.raises(DuplicateUpdateError):
+        first = re.escape(repr(acks[0]["update_id"]))
+        with pytest.raises(DuplicateUpdateError, match=f"update {first} was already received"):
             coordinator.submit(clients[0], bodies[0])
         with pytest.raises(ConflictError, match="already has an update"):
             coordinator.submit(clients[0], update_bytes(clients[0], client_tensors(rng, 8)))

@@ -319,8 +319,11 @@ def test_tls_serves_the_advertised_fingerprint(tmp_path: Path) -> None:
                 pinned = aiohttp.Fingerprint(bytes.fromhex(service.tls.fingerprint))
                 async with session.get(f"{service.url}/healthz", ssl=pinned) as resp:
                     assert resp.status == 200
-                with pytest.raises(aiohttp.ServerFingerprintMismatch):
+                with pytest.raises(aiohttp.ServerFingerprintMismatch) as mismatch:
                     await session.get(f"{service.url}/healthz", ssl=aiohttp.Fingerprint(b"\0" * 32))
+                # Refused for the pin, not for anything else: the server showed the advertised one.
+                assert mismatch.value.expected == b"\0" * 32
+                assert mismatch.value.got == bytes.fromhex(service.tls.fingerprint)
             pem = await asyncio.to_thread(ssl.get_server_certificate, ("127.0.0.1", service.port))
             assert (
                 hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest() == service.tls.fingerprint

@@ -120,10 +120,14 @@ def test_fast_reader_matches_gguf_reader(smollm2_path: Path) -> None:
 
     from edge_sdk.models.gguf_meta import read_gguf
 
-    t0 = time.perf_counter()
+    # CPU time of this process, both readers measured here: other processes on a busy machine
+    # do not count, and a slower machine slows both alike.
+    t0 = time.process_time()
     fast = read_gguf(smollm2_path)
-    fast_s = time.perf_counter() - t0
+    fast_cpu_s = time.process_time() - t0
+    t0 = time.process_time()
     slow = GGUFReader(smollm2_path)
+    slow_cpu_s = time.process_time() - t0
     keys = [k for k in slow.fields if not k.startswith("GGUF.")]  # gguf's pseudo-keys
     assert list(fast.fields) == keys
     for key in keys:
@@ -133,4 +137,5 @@ def test_fast_reader_matches_gguf_reader(smollm2_path: Path) -> None:
     ]
     for a, b in zip(fast.tensors, slow.tensors):
         assert a.data.shape == b.data.shape and a.data.dtype == b.data.dtype, a.name
-    assert fast_s < 2.0  # the stock reader takes ~8 s here; ours ~0.05 s when idle
+    # Ours ~0.1 s of CPU, the stock reader ~3 s (a ratio of ~30): at least 4x is the promise.
+    assert fast_cpu_s < slow_cpu_s / 4, (fast_cpu_s, slow_cpu_s)

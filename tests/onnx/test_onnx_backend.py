@@ -205,7 +205,7 @@ def test_swap_refused_while_streaming_then_allowed(exported, tmp_path):
         )
         with pytest.raises(ValueError, match="`wait` should be >= 0"):
             model.remove_adapter(wait=-1.0)
-        with pytest.raises(RuntimeBusyError):
+        with pytest.raises(RuntimeBusyError, match="a generation is running"):
             model.load_adapter(file_a)
         assert first + "".join(stream) == greedy_a
         # wait= lets a swap queue behind a running generation instead of failing

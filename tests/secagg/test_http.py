@@ -66,13 +66,14 @@ def secure_config(tmp: Path, model_path: Path, cohort: int, **overrides: Any) ->
 
 class Recorder:
     """What each FederatedClient fed the protocol (the plain vector and its weight), read from
-    the client's own `_secure_vector` as it runs: the test's ground truth, never sent."""
+    the client's own `SecureUpload.plain_vector` as it runs: the test's ground truth, never sent."""
 
     def __init__(self) -> None:
         self.plain: dict[str, tuple[np.ndarray, int]] = {}
 
     def attach(self, name: str, client: FederatedClient) -> None:
-        original = client._secure_vector
+        secure = client._upload.secure
+        original = secure.plain_vector
 
         def spy(pending: Any, spec: Any) -> Any:
             out = original(pending, spec)
@@ -80,7 +81,7 @@ class Recorder:
                 self.plain[name] = (out[0].copy(), out[1])
             return out
 
-        client._secure_vector = spy  # type: ignore[method-assign]
+        secure.plain_vector = spy  # type: ignore[method-assign]
 
 
 def _clients(

@@ -64,39 +64,60 @@ def _with_body(data: bytes, fields: list) -> bytes:
     return data[:6] + msgpack.packb(fields, use_bin_type=True)
 
 
-# For every message type: one bad value per field (wrong type or wrong length/range).
+# For every message type: one bad value per field (wrong type or wrong length/range), and what
+# the refusal must say (the field; a string anywhere is refused by the bounded unpacker itself).
+NO_STR = r"not valid bounded msgpack \(1 exceeds max_str_len\(0\)\)"
 BAD_FIELDS = {
     "RoundSetup": [
-        (0, b"short"),
-        (1, -1),
-        (1, 2**32),
-        (2, [8, 10]),
-        (2, [2, 10, 1.0, 4, 1, 0, 0]),
-        (3, "k"),
+        (0, b"short", "`round_id` should be 16 bytes, got 5"),
+        (1, -1, r"`device_id` should be a device id in \[0, 4294967295\], got -1"),
+        (1, 2**32, r"`device_id` should be a device id .* got 4294967296"),
+        (2, [8, 10], r"`params` is invalid: params should be a list of 7 or 9 values"),
+        (2, [2, 10, 1.0, 4, 1, 0, 0], r"`params` is invalid: `cohort_size` .* got 2"),
+        (3, "k", NO_STR),
     ],
-    "AdvertiseKeys": [(0, None), (1, "3"), (2, b"x" * 31), (3, b"x" * 33)],
+    "AdvertiseKeys": [
+        (0, None, "`round_id` should be bytes, got NoneType"),
+        (1, "3", NO_STR),
+        (2, b"x" * 31, "`mask_key` should be 32 bytes, got 31"),
+        (3, b"x" * 33, "`enc_key` should be 32 bytes, got 33"),
+    ],
     "ShareKeysRequest": [
-        (2, b""),
-        (3, [1, 1]),
-        (3, [1, -2]),
-        (4, {1: [K32]}),
-        (4, {"a": [K32, K32]}),
-        (4, []),
+        (2, b"", "`graph_seed` should be 32 bytes, got 0"),
+        (3, [1, 1], "`members` lists an id twice"),
+        (3, [1, -2], "`members` should be a device id .* got -2"),
+        (4, {1: [K32]}, r"`keys` values should be \[mask_key, enc_key\]"),
+        (4, {"a": [K32, K32]}, NO_STR),
+        (4, [], "`keys` should be a map of at most 4096 entries"),
     ],
     "ShareKeys": [
-        (2, 5),
-        (3, {1: b"c" * (MAX_SHARE_CIPHERTEXT + 1)}),
-        (3, {1: 7}),
-        (3, {2**40: b"c"}),
+        (2, 5, "`commitment` should be bytes, got int"),
+        (
+            3,
+            {1: b"c" * (MAX_SHARE_CIPHERTEXT + 1)},
+            "`shares` should be at most 156 bytes, got 157",
+        ),
+        (3, {1: 7}, "`shares` should be bytes, got int"),
+        (3, {2**40: b"c"}, "`shares key` should be a device id .* got 1099511627776"),
     ],
-    "MaskedInputRequest": [(1, 1.5), (2, {1: None})],
-    "MaskedInput": [(2, [1]), (3, b"t" * 16)],
-    "UnmaskRequest": [(2, [1, 2, 2]), (3, "x"), (2, [True])],
+    "MaskedInputRequest": [
+        (1, 1.5, "`device_id` should be a device id .* got 1.5"),
+        (2, {1: None}, "`shares` should be bytes, got NoneType"),
+    ],
+    "MaskedInput": [
+        (2, [1], "`payload` should be bytes, got list"),
+        (3, b"t" * 16, "`tag` should be 32 bytes, got 16"),
+    ],
+    "UnmaskRequest": [
+        (2, [1, 2, 2], "`active` lists an id twice"),
+        (3, "x", NO_STR),
+        (2, [True], "`active` should be a device id .* got True"),
+    ],
     "UnmaskResponse": [
-        (2, {1: [0, b"s" * 32]}),
-        (2, {1: [1, b"s" * 31]}),
-        (3, {1: [1]}),
-        (3, {1: "x"}),
+        (2, {1: [0, b"s" * 32]}, r"`seed_shares` share index should be in \[1, 4096\], got 0"),
+        (2, {1: [1, b"s" * 31]}, "`seed_shares` should be 32 bytes, got 31"),
+        (3, {1: [1]}, r"`key_shares` should be \[index, share\]"),
+        (3, {1: "x"}, NO_STR),
     ],
 }
 
@@ -105,10 +126,10 @@ BAD_FIELDS = {
 def test_every_field_is_checked(message: object) -> None:
     data = encode(message)  # type: ignore[arg-type]
     body = _body(data)
-    for index, value in BAD_FIELDS[type(message).__name__]:
+    for index, value, expected in BAD_FIELDS[type(message).__name__]:
         bad = list(body)
         bad[index] = value
-        with pytest.raises(MessageError):
+        with pytest.raises(MessageError, match=expected):
             decode(_with_body(data, bad))
     with pytest.raises(MessageError, match="fields"):
         decode(_with_body(data, body + [0]))
@@ -120,7 +141,10 @@ def test_every_field_is_checked(message: object) -> None:
 def test_every_prefix_and_trailing_bytes_are_refused(message: object) -> None:
     data = encode(message)  # type: ignore[arg-type]
     for cut in range(len(data)):
-        with pytest.raises(MessageError):
+        # Cut inside the 6-byte header (magic, version, kind): refused as not ours; after it,
+        # the body is incomplete.
+        expected = "does not start with the magic" if cut < 6 else "not valid bounded msgpack"
+        with pytest.raises(MessageError, match=expected):
             decode(data[:cut])
     with pytest.raises(MessageError, match=r"message body is not valid bounded msgpack"):
         decode(data + b"\x00")

@@ -287,10 +287,10 @@ def test_resume_after_crash_equals_uninterrupted_and_reuses_the_reference(
 
     def crash_at_5(record: dict[str, float]) -> None:
         if record["step"] == 5:
-            raise Crash
+            raise Crash("injected at step 5")
 
     ckpt = tmp_path / "b.pt"
-    with pytest.raises(Crash):
+    with pytest.raises(Crash, match="injected at step 5"):
         _fit(tiny_gguf, pairs_file, config, checkpoint_path=ckpt, on_step=crash_at_5, **start)
     saved = load_checkpoint(ckpt)
     assert saved["step"] == 3

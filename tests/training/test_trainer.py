@@ -161,10 +161,10 @@ def test_resume_after_crash_equals_uninterrupted(
 
     def crash_at_7(record: dict[str, float]) -> None:
         if record["step"] == 7:
-            raise Crash
+            raise Crash("injected at step 7")
 
     ckpt = tmp_path / "b.pt"
-    with pytest.raises(Crash):
+    with pytest.raises(Crash, match="injected at step 7"):
         _fit(tiny_gguf, data_file, config, checkpoint_path=ckpt, on_step=crash_at_7)
     assert load_checkpoint(ckpt)["step"] == 4
     _, _, resumed = _fit(tiny_gguf, data_file, config, checkpoint_path=ckpt, resume=True)

@@ -106,5 +106,5 @@ def test_a_type_confused_scale_dtype_is_a_wire_error(sdt) -> None:
     from edge_sdk.wire import _envelope
     from edge_sdk.wire._envelope import MessageKind
 
-    with pytest.raises(WireError):
+    with pytest.raises(WireError, match=r"lora_A\]\.sdt: expected a string, got "):
         AdapterUpdate.from_bytes(_envelope.pack(MessageKind.ADAPTER_UPDATE, obj))

@@ -256,18 +256,19 @@ def test_encoder_needs_reference_for_delta_and_drops_stale_residual() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs, error",
+    "kwargs, error, message",
     [
-        ({"data": b"\x00" * 7}, ShapeMismatchError),
-        ({"scales": b"\x00" * 3}, ShapeMismatchError),
-        ({"scales": b"\x00\xfc" * 2}, NonFiniteError),  # fp16 -inf
+        ({"data": b"\x00" * 7}, ShapeMismatchError, "tensor.data: expected 8 bytes .* got 7"),
+        ({"scales": b"\x00" * 3}, ShapeMismatchError, "tensor.scales: expected 4 bytes .* got 3"),
+        ({"scales": b"\x00\xfc" * 2}, NonFiniteError, "tensor.scales: expected finite"),  # -inf
         (
             {"nnz": 2, "indices": b"\x05\x00", "index_width": 1},
             ShapeMismatchError,
+            "tensor.idx: expected strictly increasing indices",
         ),  # duplicate index
     ],
 )
-def test_encoded_tensor_checks_lengths(kwargs: dict, error: type[Exception]) -> None:
+def test_encoded_tensor_checks_lengths(kwargs: dict, error: type[Exception], message: str) -> None:
     base = {
         "shape": (2, 4),
         "values": "int8",
@@ -289,5 +290,5 @@ def test_encoded_tensor_checks_lengths(kwargs: dict, error: type[Exception]) -> 
         )
 
     tensor(**base)  # the base is valid
-    with pytest.raises(error):
+    with pytest.raises(error, match=message):
         tensor(**{**base, **kwargs})
