@@ -176,55 +176,18 @@ def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
 
 def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
-    import bitsandbytes as bnb
-    import peft
     import torch
-    from torch import nn
-    from transformers import AutoModelForCausalLM
 
+    from benchmarks.hf_qlora import add_lora, load_gguf_fp32, quantize_linears_nf4
     from edge_sdk.models import resolve
 
     import_s = time.perf_counter() - t0
     path = resolve(args.model)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
-    )
+    model = load_gguf_fp32(path)
     if args.stack == "hf":
-        # What BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-        # bnb_4bit_compute_dtype=float32) does to a non-GGUF checkpoint: every Linear except
-        # lm_head becomes a Linear4bit quantized from the loaded weight.
-        for name, module in list(model.named_modules()):
-            for child_name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear) and not (name == "" and child_name == "lm_head"):
-                    q = bnb.nn.Linear4bit(
-                        child.in_features,
-                        child.out_features,
-                        bias=child.bias is not None,
-                        compute_dtype=torch.float32,
-                        compress_statistics=False,
-                        quant_type="nf4",
-                    )
-                    q.weight = bnb.nn.Params4bit(
-                        child.weight.data,
-                        requires_grad=False,
-                        quant_type="nf4",
-                        compress_statistics=False,
-                        module=q,
-                    )
-                    if child.bias is not None:
-                        q.bias = nn.Parameter(child.bias.data, requires_grad=False)
-                    q = q.to("cpu")  # quantizes
-                    setattr(module, child_name, q)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    cfg = peft.LoraConfig(
-        r=args.rank,
-        lora_alpha=2 * args.rank,
-        lora_dropout=0.0,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-    model = peft.get_peft_model(model, cfg)
+        quantize_linears_nf4(model)
+    model = add_lora(model, args.rank, 2 * args.rank)
     load_s = time.perf_counter() - t0
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -46,8 +46,9 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -183,6 +184,25 @@ def _skip_or_raise(err: DataFormatError, stats: DataStats, skip_bad: bool) -> No
     stats.skipped_bad += 1
     if stats.skipped_bad <= _MAX_WARNINGS:
         logger.warning("skipping %s", err)
+
+
+_T = TypeVar("_T")
+
+
+def tokenize_or_skip(
+    tokenize: Callable[[], _T], where: str, stats: DataStats, skip_bad: bool
+) -> _T | None:
+    """`tokenize()` of the record at `where`, or None where `skip_bad` skips it.
+
+    A record the template cannot render is a bad line too (e.g. roles that do not alternate,
+    for templates that insist): its `TokenizerError` becomes a `DataFormatError` naming `where`.
+    """
+    try:
+        return tokenize()
+    except (DataFormatError, TokenizerError) as exc:
+        err = exc if isinstance(exc, DataFormatError) else _bad(where, str(exc))
+        _skip_or_raise(err, stats, skip_bad)
+        return None
 
 
 def _utf8(raw: bytes, path: Path) -> str:
@@ -660,13 +680,13 @@ def build_dataset(
         if path.is_dir():
             raise DataFormatError(f"{path}: is a directory; pass data files")
         for kind, payload, where in iter_records(path, stats, config.skip_bad):
-            try:
-                examples = tokenize_record(tokenizer, kind, payload, where)
-            except (DataFormatError, TokenizerError) as exc:
-                # A record the template cannot render is a bad line too (e.g. roles that do not
-                # alternate, for templates that insist).
-                err = exc if isinstance(exc, DataFormatError) else _bad(where, str(exc))
-                _skip_or_raise(err, stats, config.skip_bad)
+            examples = tokenize_or_skip(
+                partial(tokenize_record, tokenizer, kind, payload, where),
+                where,
+                stats,
+                config.skip_bad,
+            )
+            if examples is None:
                 continue
             stats.formats[kind] = stats.formats.get(kind, 0) + 1
             chunks: list[Example] = []
@@ -722,14 +742,22 @@ def describe(stats: DataStats) -> str:
         f"{stats.examples} examples ({formats})",
         f"{stats.train_sequences} train / {stats.val_sequences} val sequences",
         f"{stats.train_target_tokens} train target tokens",
+        *describe_losses(stats, "nothing to learn after truncation"),
     ]
+    return "; ".join(parts)
+
+
+def describe_losses(stats: DataStats, why_dropped: str) -> list[str]:
+    """The parts of a data summary that count what did not reach training as read: malformed
+    lines skipped, examples truncated, and those dropped (`why_dropped`)."""
+    parts = []
     if stats.skipped_bad:
         parts.append(f"{stats.skipped_bad} malformed lines skipped")
     if stats.truncated:
         parts.append(f"{stats.truncated} truncated")
     if stats.dropped_no_target:
-        parts.append(f"{stats.dropped_no_target} dropped (nothing to learn after truncation)")
-    return "; ".join(parts)
+        parts.append(f"{stats.dropped_no_target} dropped ({why_dropped})")
+    return parts
 
 
 def as_mapping(stats: DataStats) -> Mapping[str, Any]:

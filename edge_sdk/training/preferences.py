@@ -32,6 +32,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,14 @@ from edge_sdk.training.data import (
     Example,
     _bad,
     _iter_jsonl,
-    _skip_or_raise,
     _split,
+    describe_losses,
     parse_messages,
     stream_indexes,
     tokenize_completion,
+    tokenize_or_skip,
 )
-from edge_sdk.training.errors import DataFormatError, EmptyDatasetError, TokenizerError
+from edge_sdk.training.errors import DataFormatError, EmptyDatasetError
 from edge_sdk.training.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -309,11 +311,10 @@ def build_preference_dataset(
         pairs = load_preferences(items, skip_bad=config.skip_bad, stats=stats)  # type: ignore[arg-type]
     tokenized: list[TokenizedPair] = []
     for pair in pairs:
-        try:
-            tp = tokenize_pair(tokenizer, pair)
-        except (DataFormatError, TokenizerError) as exc:
-            err = exc if isinstance(exc, DataFormatError) else _bad(pair.source, str(exc))
-            _skip_or_raise(err, stats, config.skip_bad)
+        tp = tokenize_or_skip(
+            partial(tokenize_pair, tokenizer, pair), pair.source, stats, config.skip_bad
+        )
+        if tp is None:
             continue
         if max(len(tp.chosen.input_ids), len(tp.rejected.input_ids)) > config.seq_len:
             stats.truncated += 1
@@ -358,13 +359,8 @@ def describe_pairs(stats: DataStats) -> str:
         f"{stats.examples} preference pairs",
         f"{stats.train_examples} train / {stats.val_examples} val",
         f"{stats.train_target_tokens} train answer tokens",
+        *describe_losses(stats, "no answer token within seq_len"),
     ]
-    if stats.skipped_bad:
-        parts.append(f"{stats.skipped_bad} malformed lines skipped")
-    if stats.truncated:
-        parts.append(f"{stats.truncated} truncated")
-    if stats.dropped_no_target:
-        parts.append(f"{stats.dropped_no_target} dropped (no answer token within seq_len)")
     return "; ".join(parts)
 
 

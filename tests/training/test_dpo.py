@@ -33,16 +33,9 @@ from edge_sdk.training.preferences import (
 from edge_sdk.training.tokenizer import load_tokenizer
 from edge_sdk.training.trainer import TrainConfig, fit, load_for_training, seeded_adapter
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WORDS = ["hello", "world", "the", "a", "is", "of", "and", "to", "in"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    # The tiny model's matmuls are far too small for threads; on a shared machine they thrash.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

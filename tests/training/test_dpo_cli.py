@@ -4,35 +4,22 @@ SFT -> DPO with --init-adapter, and a SIGKILLed run resumed bit for bit (tiny mo
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.numpy import load_file
 
 from edge_sdk.adapters.gguf_lora import check_adapter_compatible
 from edge_sdk.adapters.peft import load_peft
 from edge_sdk.cli import main
-from edge_sdk.training.checkpoint import CHECKPOINT_NAME
+from tests.training.helpers import assert_same_adapters, kill_at_checkpoint, run_train, train_env
 
-REPO = Path(__file__).resolve().parents[2]
 WORDS = ["hello", "world", "the", "a", "is", "of", "and", "to"]
 ARGS = ["--method", "dpo", "--seq-len", "64", "--batch-size", "2", "--precision", "fp32",
         "--rank", "2", "--lr", "1e-2", "--warmup", "2", "--no-progress"]  # fmt: skip
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pairs(path: Path, bad: list[str] | None = None) -> Path:
@@ -136,43 +123,15 @@ def _cli(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_dpo_sigkill_then_resume_is_bitwise_equal(tmp_path: Path, tiny_gguf: Path) -> None:
     data = _pairs(tmp_path / "p.jsonl")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = train_env()
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    run = {"env": env, "cwd": REPO, "capture_output": True, "text": True, "timeout": 300}
-    done = subprocess.run(_cli(tiny_gguf, data, ref), check=False, **run)  # type: ignore[call-overload]
+    done = run_train(_cli(tiny_gguf, data, ref), env)
     assert done.returncode == 0, done.stderr
 
-    proc = subprocess.Popen(
-        _cli(tiny_gguf, data, killed),
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ckpt = killed / CHECKPOINT_NAME
-    try:
-        deadline = time.monotonic() + 240
-        step = 0
-        while time.monotonic() < deadline and proc.poll() is None:
-            if ckpt.exists():
-                step = int(torch.load(ckpt, weights_only=True)["step"])
-                if step >= 6:
-                    break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    step = kill_at_checkpoint(_cli(tiny_gguf, data, killed), killed, env)
     assert 6 <= step < 30 and not (killed / "adapter.gguf").exists()
 
-    resumed = subprocess.run(_cli(tiny_gguf, data, killed, "--resume"), check=False, **run)  # type: ignore[call-overload]
+    resumed = run_train(_cli(tiny_gguf, data, killed, "--resume"), env)
     assert resumed.returncode == 0, resumed.stderr
-    a = load_file(str(ref / "adapter_model.safetensors"))
-    b = load_file(str(killed / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k])
-    assert (ref / "adapter.gguf").read_bytes() == (killed / "adapter.gguf").read_bytes()
-    ma = json.loads((ref / "metrics.json").read_text())["metrics"]
-    mb = json.loads((killed / "metrics.json").read_text())["metrics"]
+    ma, mb = assert_same_adapters(ref, killed)
     assert ma["eval_metrics"] == mb["eval_metrics"] and ma["num_tokens"] == mb["num_tokens"]

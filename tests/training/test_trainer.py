@@ -4,29 +4,30 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 
 from edge_sdk.adapters import load_peft, read_gguf_lora
 from edge_sdk.models.identity import model_sha256
-from edge_sdk.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from edge_sdk.training.checkpoint import load_checkpoint
 from edge_sdk.training.data import build_dataset
 from edge_sdk.training.errors import CheckpointError
 from edge_sdk.training.lora import LoraConfig, lora_modules
 from edge_sdk.training.schedule import lr_at
 from edge_sdk.training.tokenizer import load_tokenizer
 from edge_sdk.training.trainer import TrainConfig, fit, load_for_training, run, seeded_adapter
+from tests.training.helpers import (
+    REPO,
+    assert_same_adapters,
+    kill_at_checkpoint,
+    run_train,
+    train_env,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 WORDS = ["hello", "world", "the", "a", "is", "of", "and", "to", "in"]
 
 
@@ -217,70 +218,19 @@ def _cli(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 def test_sigkill_then_resume_is_bitwise_equal(
     tmp_path: Path, tiny_gguf: Path, data_file: Path
 ) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = train_env()
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    done = subprocess.run(
-        _cli(tiny_gguf, data_file, ref),
-        check=False,
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_train(_cli(tiny_gguf, data_file, ref), env)
     assert done.returncode == 0, done.stderr
 
-    proc = subprocess.Popen(
-        _cli(tiny_gguf, data_file, killed),
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ckpt = killed / CHECKPOINT_NAME
-    try:
-        deadline = time.monotonic() + 240
-        step = 0
-        while time.monotonic() < deadline and proc.poll() is None:
-            if ckpt.exists():
-                step = int(torch.load(ckpt, weights_only=True)["step"])
-                if step >= 6:
-                    break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    step = kill_at_checkpoint(_cli(tiny_gguf, data_file, killed), killed, env)
     assert 6 <= step < 40 and not (killed / "adapter.gguf").exists()
 
-    again = subprocess.run(
-        _cli(tiny_gguf, data_file, killed),
-        check=False,
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = run_train(_cli(tiny_gguf, data_file, killed), env)
     assert again.returncode == 2 and "--resume" in again.stderr  # refuses to clobber the checkpoint
-    resumed = subprocess.run(
-        _cli(tiny_gguf, data_file, killed, "--resume"),
-        check=False,
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run_train(_cli(tiny_gguf, data_file, killed, "--resume"), env)
     assert resumed.returncode == 0, resumed.stderr
-    a = load_file(str(ref / "adapter_model.safetensors"))
-    b = load_file(str(killed / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k])
-    assert (ref / "adapter.gguf").read_bytes() == (killed / "adapter.gguf").read_bytes()
-    ma = json.loads((ref / "metrics.json").read_text())["metrics"]
-    mb = json.loads((killed / "metrics.json").read_text())["metrics"]
+    ma, mb = assert_same_adapters(ref, killed)
     assert ma["eval_loss"] == mb["eval_loss"] and ma["num_tokens"] == mb["num_tokens"]
 
 

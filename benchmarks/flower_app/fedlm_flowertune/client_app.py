@@ -7,7 +7,7 @@ What the FlowerTune LLM template does, on the fedlm-edge demo task:
   `AutoModelForCausalLM.from_pretrained(gguf_file=...)` in fp32, every decoder `nn.Linear`
   swapped for an NF4 `bnb.nn.Linear4bit` (what `BitsAndBytesConfig(load_in_4bit=True)` builds;
   HF refuses GGUF + quantization_config), then `peft.get_peft_model` (r, alpha, all 7
-  projections, no dropout), as in benchmarks/bench_train.py;
+  projections, no dropout): benchmarks/hf_qlora.py, shared with benchmarks/bench_train.py;
 - the global adapter arrives as an fp32 `ArrayRecord` of `get_peft_model_state_dict` and the
   trained one leaves the same way; FedAvg weighs by "num-examples".
 
@@ -30,8 +30,6 @@ from flwr.clientapp import ClientApp
 
 app = ClientApp()
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def _process_start_epoch() -> float:
     """Wall-clock time this process started (from /proc, so interpreter start counts)."""
@@ -40,43 +38,6 @@ def _process_start_epoch() -> float:
     with open("/proc/uptime") as f:
         uptime = float(f.read().split()[0])
     return time.time() - uptime + start_ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _hf_qlora(gguf: str, rank: int, alpha: float):
-    import bitsandbytes as bnb
-    import peft
-    import torch
-    from torch import nn
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32
-    )
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and not (name == "" and child_name == "lm_head"):
-                q = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    compute_dtype=torch.float32,
-                    compress_statistics=False,
-                    quant_type="nf4",
-                )
-                q.weight = bnb.nn.Params4bit(
-                    child.weight.data,
-                    requires_grad=False,
-                    quant_type="nf4",
-                    compress_statistics=False,
-                    module=q,
-                )
-                if child.bias is not None:
-                    q.bias = nn.Parameter(child.bias.data, requires_grad=False)
-                setattr(module, child_name, q.to("cpu"))  # .to quantizes
-    config = peft.LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
-    )
-    return peft.get_peft_model(model, config)
 
 
 @app.train()
@@ -100,7 +61,10 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(int(run["seed"]) * 1000 + partition)
     rank, alpha = int(run["rank"]), float(run["alpha"])
 
-    model = _hf_qlora(str(run["gguf"]), rank, alpha)
+    # Imported here: transformers, peft and bitsandbytes load with it (the model-load phase).
+    from benchmarks.hf_qlora import hf_qlora
+
+    model = hf_qlora(str(run["gguf"]), rank, alpha)
     set_peft_model_state_dict(model, msg.content["arrays"].to_torch_state_dict())
     marks["model_loaded"] = time.time()
     # The same packed sequences as the fedlm client; a new order every round.
