@@ -318,9 +318,10 @@ def test_our_onnx_adapter_files_read_back_in_onnxruntime_like_its_own(exported, 
     lora = _random_lora(gguf, seed=12)
     fused = write_lora_adapter(lora, 0.75, shapes, tmp_path / "fused.onnx_adapter")
     expect = onnx_lora_tensors(lora, 0.75, shapes)
-    got_f = {
-        k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(fused)).get_parameters().items()
-    }
+    # Keep the reader alive: its OrtValues point into the buffer it owns (a temporary reader
+    # was freed before `.numpy()` copied the last tensors, a flaky use-after-free in this test).
+    fused_reader = ort.AdapterFormat.read_adapter(str(fused))
+    got_f = {k: v.numpy() for k, v in fused_reader.get_parameters().items()}
     assert set(got_f) == set(expect)
     for k, v in expect.items():
         assert np.array_equal(got_f[k], v), k
