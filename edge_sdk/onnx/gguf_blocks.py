@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,7 @@ def transcode(model_path: Path, gguf_path: Path, config: ModelConfig) -> dict[st
     inits = {i.name: i for i in graph.initializer}
     permuted = config.arch in PERMUTED_ARCHS
     done: dict[str, int] = {}
-    new_nodes: list[Any] = []
-    sums: dict[str, str] = {}  # input name -> its block sums (shared by q/k/v, gate/up)
+    groups: dict[str, list[_Offset]] = {}  # input name -> its Q4_1 projections (q/k/v, gate/up)
     for node in list(graph.node):
         if node.op_type != "MatMulNBits":
             continue
@@ -134,45 +134,22 @@ def transcode(model_path: Path, gguf_path: Path, config: ModelConfig) -> dict[st
                 numpy_helper.from_array(np.full(list(zp.dims), mid, np.uint8), zp.name)
             )
         if offset is not None:
-            x = node.input[0]
-            if x not in sums:
-                stem = f"{node.name}_blocksum"
-                shape = numpy_helper.from_array(
-                    np.array([0, 0, k_in // BLOCK, BLOCK], np.int64), f"{stem}/shape"
-                )
-                axes = numpy_helper.from_array(np.array([-1], np.int64), f"{stem}/axes")
-                graph.initializer.extend([shape, axes])
-                new_nodes += [
-                    helper.make_node(
-                        "Reshape", [x, shape.name], [f"{stem}/blocks"], name=f"{stem}/Reshape"
-                    ),
-                    helper.make_node(
-                        "ReduceSum",
-                        [f"{stem}/blocks", axes.name],
-                        [f"{stem}/output_0"],
-                        name=f"{stem}/ReduceSum",
-                        keepdims=0,
-                    ),
-                ]
-                sums[x] = f"{stem}/output_0"
-            out = node.output[0]
-            c_name = f"{b_name}_offset"
-            graph.initializer.append(
-                numpy_helper.from_array(np.ascontiguousarray(offset.T.astype(np.float32)), c_name)
+            groups.setdefault(node.input[0], []).append(
+                _Offset(node, attrs, np.ascontiguousarray(offset.T.astype(np.float32)))
             )
-            node.output[0] = f"{out}/grid"
-            new_nodes += [
-                helper.make_node(
-                    "MatMul", [sums[x], c_name], [f"{out}/offset"], name=f"{node.name}_offset"
-                ),
-                helper.make_node(
-                    "Add", [f"{out}/grid", f"{out}/offset"], [out], name=f"{node.name}_add"
-                ),
-            ]
         done[kind] = done.get(kind, 0) + 1
     if not done:
         return done
-    graph.node.extend(new_nodes)
+    added: list[Any] = []
+    gone: set[str] = set()
+    for x, members in groups.items():
+        nodes, removed = _add_offsets(graph, x, members)
+        added += nodes
+        gone |= removed
+    keep = [n for n in graph.node if n.name not in gone]
+    del graph.node[:]
+    graph.node.extend(keep + added)
+    _drop_unused_initializers(graph)
     _fix_tied_embedding(graph)
     _toposort(graph)
     data = model_path.with_name(model_path.name + ".data")
@@ -187,6 +164,156 @@ def transcode(model_path: Path, gguf_path: Path, config: ModelConfig) -> dict[st
     )
     log.info("copied GGUF blocks into %s: %s", model_path, done)
     return done
+
+
+@dataclass
+class _Offset:
+    """One Q4_1 projection whose per-block offsets still have to be added."""
+
+    node: Any
+    """Its MatMulNBits node (GGUF codes and scales already in place)."""
+    attrs: dict[str, Any]
+    """The node's attributes (K, N, bits, block_size, accuracy_level)."""
+    c: np.ndarray
+    """The offsets `m + 8d` as (K / 32, N) fp32: `y += blocksum(x) @ c`."""
+
+
+def _add_offsets(graph: Any, x: str, members: list[_Offset]) -> tuple[list[Any], set[str]]:
+    """Add `blocksum(x) @ C` to the projections that read `x`, with as few nodes as possible.
+
+    Decode runs each node once per token and onnxruntime's CPU cost per small node (~5 us at
+    M=1) exceeds the arithmetic: per projection a MatMul + Add cost more than the offsets' bytes
+    (BENCHMARKS.md, "Speed against llama.cpp"). So the projections that share an input (q/k/v,
+    gate/up) become one MatMulNBits over their concatenated rows (the blocks run along the input
+    axis, so rows are independent and the codes stay the GGUF's), one offset MatMul against
+    the concatenated C and one Add; their LoRA outputs are concatenated and added once. q/k/v
+    then go to GroupQueryAttention packed (its packed-QKV input); other consumers get a Split.
+    Returns (nodes to add, names of the nodes to remove): `graph.node` is rebuilt once, after all
+    inputs, because rebuilding it detaches the node objects held in `members`.
+    """
+    from onnx import helper, numpy_helper
+
+    first = members[0]
+    k_in = first.attrs["K"]
+    stem = f"{first.node.name}_blocksum"
+    shape = numpy_helper.from_array(
+        np.array([0, 0, k_in // BLOCK, BLOCK], np.int64), f"{stem}/shape"
+    )
+    axes = numpy_helper.from_array(np.array([-1], np.int64), f"{stem}/axes")
+    graph.initializer.extend([shape, axes])
+    sums = f"{stem}/output_0"
+    nodes = [
+        helper.make_node("Reshape", [x, shape.name], [f"{stem}/blocks"], name=f"{stem}/Reshape"),
+        helper.make_node(
+            "ReduceSum", [f"{stem}/blocks", axes.name], [sums], name=f"{stem}/ReduceSum", keepdims=0
+        ),
+    ]
+    same = {k: v for k, v in first.attrs.items() if k != "N"}
+    mergeable = len(members) > 1 and all(
+        len(m.node.input) == 3 and {k: v for k, v in m.attrs.items() if k != "N"} == same
+        for m in members
+    )
+    if not mergeable:
+        for m in members:
+            out = m.node.output[0]
+            c_name = f"{m.node.input[1]}_offset"
+            graph.initializer.append(numpy_helper.from_array(m.c, c_name))
+            m.node.output[0] = f"{out}/grid"
+            nodes += [
+                helper.make_node(
+                    "MatMul", [sums, c_name], [f"{out}/offset"], name=f"{m.node.name}_offset"
+                ),
+                helper.make_node(
+                    "Add", [f"{out}/grid", f"{out}/offset"], [out], name=f"{m.node.name}_add"
+                ),
+            ]
+        return nodes, set()
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    loras = [readers.get(m.node.output[0], []) for m in members]
+    use_lora = all(
+        len(r) == 1 and r[0].op_type == "Add" and r[0].name.endswith("/lora/Add") for r in loras
+    )
+    finals = [r[0].output[0] for r in loras] if use_lora else [m.node.output[0] for m in members]
+    sizes = [int(m.attrs["N"]) for m in members]
+    parts = first.node.name.split("/")
+    name = "/".join(parts[:-2] + ["+".join(m.node.name.split("/")[-2] for m in members), parts[-1]])
+    b = np.concatenate([numpy_helper.to_array(inits[m.node.input[1]]) for m in members])
+    scale_dims = list(inits[first.node.input[2]].dims)
+    scales = np.concatenate(
+        [
+            numpy_helper.to_array(inits[m.node.input[2]]).reshape(n, -1)
+            for m, n in zip(members, sizes)
+        ]
+    )
+    scales = scales.reshape(-1) if len(scale_dims) == 1 else scales
+    c = np.concatenate([m.c for m in members], axis=1)
+    b_name, s_name = f"{name}.weight_Q{first.attrs['bits']}", f"{name}.weight_scales"
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.ascontiguousarray(b), b_name),
+            numpy_helper.from_array(np.ascontiguousarray(scales), s_name),
+            numpy_helper.from_array(np.ascontiguousarray(c), f"{b_name}_offset"),
+        ]
+    )
+    merged = helper.make_node(
+        "MatMulNBits",
+        [x, b_name, s_name],
+        [f"{name}/grid"],
+        name=name,
+        domain=first.node.domain,
+        **{**first.attrs, "N": sum(sizes)},
+    )
+    y = f"{name}/output_0" if use_lora else f"{name}/base"
+    nodes += [
+        merged,
+        helper.make_node(
+            "MatMul", [sums, f"{b_name}_offset"], [f"{name}/offset"], name=f"{name}_offset"
+        ),
+        helper.make_node(
+            "Add", [f"{name}/grid", f"{name}/offset"], [f"{name}/base"], name=f"{name}_add"
+        ),
+    ]
+    gone = {m.node.name for m in members}
+    if use_lora:
+        lora_outs = [
+            next(i for i in r[0].input if i != m.node.output[0]) for r, m in zip(loras, members)
+        ]
+        nodes += [
+            helper.make_node(
+                "Concat", lora_outs, [f"{name}/lora"], name=f"{name}/lora/Concat", axis=-1
+            ),
+            helper.make_node("Add", [f"{name}/base", f"{name}/lora"], [y], name=f"{name}/lora/Add"),
+        ]
+        gone |= {r[0].name for r in loras}
+    gqa = next(
+        (
+            n
+            for n in readers.get(finals[0], [])
+            if n.op_type == "GroupQueryAttention" and list(n.input[:3]) == finals
+        ),
+        None,
+    )
+    if gqa is not None and all(len(readers.get(f, [])) == 1 for f in finals):
+        gqa.input[0], gqa.input[1], gqa.input[2] = y, "", ""  # packed QKV
+    else:
+        split = numpy_helper.from_array(np.array(sizes, np.int64), f"{name}/split_sizes")
+        graph.initializer.append(split)
+        nodes.append(
+            helper.make_node("Split", [y, split.name], finals, name=f"{name}/Split", axis=-1)
+        )
+    return nodes, gone
+
+
+def _drop_unused_initializers(graph: Any) -> None:
+    """Remove initializers no node reads (the per-projection weights merged away)."""
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def _fix_tied_embedding(graph: Any) -> None:

@@ -469,12 +469,19 @@ def test_int4_export_holds_the_gguf_q4_1_blocks_exactly(tmp_path):
         d = numpy_helper.to_array(inits[node.input[2]]).reshape(n_out, -1, 1)
         c = numpy_helper.to_array(inits[node.input[1] + "_offset"]).T.reshape(n_out, -1, 1)
         got = (d * (q - 8) + c).reshape(n_out, -1)
-        layer, _group, target = node.name.split("/")[2:5]
-        module = hf_module(int(layer.split(".")[1]), target)
-        want = torch_model.get_submodule(module).weight.detach().numpy()
-        assert np.abs(got - want).max() <= 1e-6 * max(1.0, np.abs(want).max()), module
-        checked += 1
+        # q/k/v and gate/up run as one MatMulNBits over their stacked rows (`q_proj+k_proj+...`)
+        layer, _group, targets = node.name.split("/")[2:5]
+        modules = [hf_module(int(layer.split(".")[1]), t) for t in targets.split("+")]
+        want = np.concatenate(
+            [torch_model.get_submodule(m).weight.detach().numpy() for m in modules]
+        )
+        assert np.abs(got - want).max() <= 1e-6 * max(1.0, np.abs(want).max()), modules
+        checked += len(modules)
     assert checked == 21
+    ops = [n.op_type for n in model.graph.node]
+    # per layer: one offset MatMul per distinct input (qkv, o, gate/up, down), not per projection
+    assert ops.count("MatMulNBits") == 3 * 4 + 1
+    assert sum(n.name.endswith("_offset") for n in model.graph.node) == 3 * 4
     want = _torch_logits(src, TOKENS)[-1]
     with OnnxEdgeModel(folder, n_threads=1) as served:
         got = served.next_token_logits(TOKENS)
