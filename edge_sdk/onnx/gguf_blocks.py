@@ -178,7 +178,9 @@ class _Offset:
     """The offsets `m + 8d` as (K / 32, N) fp32: `y += blocksum(x) @ c`."""
 
 
-def _add_offsets(graph: Any, x: str, members: list[_Offset]) -> tuple[list[Any], set[str]]:
+def _add_offsets(
+    graph: Any, x: str, members: list[_Offset], sums: str | None = None
+) -> tuple[list[Any], set[str]]:
     """Add `blocksum(x) @ C` to the projections that read `x`, with as few nodes as possible.
 
     Decode runs each node once per token and onnxruntime's CPU cost per small node (~5 us at
@@ -194,117 +196,129 @@ def _add_offsets(graph: Any, x: str, members: list[_Offset]) -> tuple[list[Any],
     from onnx import helper, numpy_helper
 
     first = members[0]
-    k_in = first.attrs["K"]
-    stem = f"{first.node.name}_blocksum"
-    shape = numpy_helper.from_array(
-        np.array([0, 0, k_in // BLOCK, BLOCK], np.int64), f"{stem}/shape"
-    )
-    axes = numpy_helper.from_array(np.array([-1], np.int64), f"{stem}/axes")
-    graph.initializer.extend([shape, axes])
-    sums = f"{stem}/output_0"
-    nodes = [
-        helper.make_node("Reshape", [x, shape.name], [f"{stem}/blocks"], name=f"{stem}/Reshape"),
-        helper.make_node(
-            "ReduceSum", [f"{stem}/blocks", axes.name], [sums], name=f"{stem}/ReduceSum", keepdims=0
-        ),
-    ]
+    nodes: list[Any] = []
+    if sums is None:
+        # Reshape + ReduceSum, not a MatMul against a 0/1 block indicator: the MatMul sums in
+        # another order, which moved one of 149 SmolLM2 top-1 tokens (0.973 -> 0.966) for no
+        # speed gain measurable here (BENCHMARKS.md, "Speed against llama.cpp").
+        k_in, stem = first.attrs["K"], f"{first.node.name}_blocksum"
+        shape = numpy_helper.from_array(
+            np.array([0, 0, k_in // BLOCK, BLOCK], np.int64), f"{stem}/shape"
+        )
+        axes = numpy_helper.from_array(np.array([-1], np.int64), f"{stem}/axes")
+        graph.initializer.extend([shape, axes])
+        sums = f"{stem}/output_0"
+        nodes += [
+            helper.make_node(
+                "Reshape", [x, shape.name], [f"{stem}/blocks"], name=f"{stem}/Reshape"
+            ),
+            helper.make_node(
+                "ReduceSum",
+                [f"{stem}/blocks", axes.name],
+                [sums],
+                name=f"{stem}/ReduceSum",
+                keepdims=0,
+            ),
+        ]
+    extra_gone: set[str] = set()
     same = {k: v for k, v in first.attrs.items() if k != "N"}
-    mergeable = len(members) > 1 and all(
+    if len(members) > 1 and not all(
         len(m.node.input) == 3 and {k: v for k, v in m.attrs.items() if k != "N"} == same
         for m in members
-    )
-    if not mergeable:
-        for m in members:
-            out = m.node.output[0]
-            c_name = f"{m.node.input[1]}_offset"
-            graph.initializer.append(numpy_helper.from_array(m.c, c_name))
-            m.node.output[0] = f"{out}/grid"
-            nodes += [
-                helper.make_node(
-                    "MatMul", [sums, c_name], [f"{out}/offset"], name=f"{m.node.name}_offset"
-                ),
-                helper.make_node(
-                    "Add", [f"{out}/grid", f"{out}/offset"], [out], name=f"{m.node.name}_add"
-                ),
-            ]
-        return nodes, set()
-    inits = {i.name: i for i in graph.initializer}
+    ):  # not expected from the builder (zero points, mixed settings): one group per projection
+        for m in members[1:]:
+            more, more_gone = _add_offsets(graph, x, [m], sums)
+            nodes += more
+            extra_gone |= more_gone
+        members = members[:1]
     readers: dict[str, list[Any]] = {}
     for n in graph.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
-    loras = [readers.get(m.node.output[0], []) for m in members]
+    outs = [m.node.output[0] for m in members]
+    loras = [readers.get(o, []) for o in outs]
     use_lora = all(
         len(r) == 1 and r[0].op_type == "Add" and r[0].name.endswith("/lora/Add") for r in loras
     )
-    finals = [r[0].output[0] for r in loras] if use_lora else [m.node.output[0] for m in members]
-    sizes = [int(m.attrs["N"]) for m in members]
-    parts = first.node.name.split("/")
-    name = "/".join(parts[:-2] + ["+".join(m.node.name.split("/")[-2] for m in members), parts[-1]])
-    b = np.concatenate([numpy_helper.to_array(inits[m.node.input[1]]) for m in members])
-    scale_dims = list(inits[first.node.input[2]].dims)
-    scales = np.concatenate(
-        [
-            numpy_helper.to_array(inits[m.node.input[2]]).reshape(n, -1)
-            for m, n in zip(members, sizes)
-        ]
+    finals = [r[0].output[0] for r in loras] if use_lora else outs
+    gone = extra_gone | ({r[0].name for r in loras} if use_lora else set())
+    if len(members) == 1:
+        mnb, name = first.node, first.node.name
+        c_name = f"{mnb.input[1]}_offset"
+        graph.initializer.append(numpy_helper.from_array(first.c, c_name))
+    else:
+        inits = {i.name: i for i in graph.initializer}
+        sizes = [int(m.attrs["N"]) for m in members]
+        parts = first.node.name.split("/")
+        targets = "+".join(m.node.name.split("/")[-2] for m in members)
+        name = "/".join(parts[:-2] + [targets, parts[-1]])
+        b = np.concatenate([numpy_helper.to_array(inits[m.node.input[1]]) for m in members])
+        scale_dims = list(inits[first.node.input[2]].dims)
+        scales = np.concatenate(
+            [
+                numpy_helper.to_array(inits[m.node.input[2]]).reshape(n, -1)
+                for m, n in zip(members, sizes, strict=True)
+            ]
+        )
+        scales = scales.reshape(-1) if len(scale_dims) == 1 else scales
+        b_name, s_name = f"{name}.weight_Q{first.attrs['bits']}", f"{name}.weight_scales"
+        c_name = f"{b_name}_offset"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.ascontiguousarray(b), b_name),
+                numpy_helper.from_array(np.ascontiguousarray(scales), s_name),
+                numpy_helper.from_array(
+                    np.ascontiguousarray(np.concatenate([m.c for m in members], axis=1)), c_name
+                ),
+            ]
+        )
+        mnb = helper.make_node(
+            "MatMulNBits",
+            [x, b_name, s_name],
+            [""],
+            name=name,
+            domain=first.node.domain,
+            **{**first.attrs, "N": sum(sizes)},
+        )
+        nodes.append(mnb)
+        gone |= {m.node.name for m in members}
+    mnb.output[0] = f"{name}/grid"
+    y = finals[0] if len(members) == 1 else f"{name}/output_0"
+    terms = [f"{name}/grid", f"{name}/offset"]
+    nodes.append(
+        helper.make_node("MatMul", [sums, c_name], [f"{name}/offset"], name=f"{name}_offset")
     )
-    scales = scales.reshape(-1) if len(scale_dims) == 1 else scales
-    c = np.concatenate([m.c for m in members], axis=1)
-    b_name, s_name = f"{name}.weight_Q{first.attrs['bits']}", f"{name}.weight_scales"
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.ascontiguousarray(b), b_name),
-            numpy_helper.from_array(np.ascontiguousarray(scales), s_name),
-            numpy_helper.from_array(np.ascontiguousarray(c), f"{b_name}_offset"),
-        ]
-    )
-    merged = helper.make_node(
-        "MatMulNBits",
-        [x, b_name, s_name],
-        [f"{name}/grid"],
-        name=name,
-        domain=first.node.domain,
-        **{**first.attrs, "N": sum(sizes)},
-    )
-    y = f"{name}/output_0" if use_lora else f"{name}/base"
-    nodes += [
-        merged,
-        helper.make_node(
-            "MatMul", [sums, f"{b_name}_offset"], [f"{name}/offset"], name=f"{name}_offset"
-        ),
-        helper.make_node(
-            "Add", [f"{name}/grid", f"{name}/offset"], [f"{name}/base"], name=f"{name}_add"
-        ),
-    ]
-    gone = {m.node.name for m in members}
     if use_lora:
         lora_outs = [
-            next(i for i in r[0].input if i != m.node.output[0]) for r, m in zip(loras, members)
+            next(i for i in r[0].input if i != o) for r, o in zip(loras, outs, strict=True)
         ]
-        nodes += [
-            helper.make_node(
-                "Concat", lora_outs, [f"{name}/lora"], name=f"{name}/lora/Concat", axis=-1
+        if len(lora_outs) > 1:
+            nodes.append(
+                helper.make_node(
+                    "Concat", lora_outs, [f"{name}/lora"], name=f"{name}/lora/Concat", axis=-1
+                )
+            )
+            lora_outs = [f"{name}/lora"]
+        terms += lora_outs
+    # grid + offset (+ LoRA) in one node: each node costs more than its arithmetic here
+    nodes.append(helper.make_node("Sum", terms, [y], name=f"{name}_add"))
+    if len(members) > 1:
+        gqa = next(
+            (
+                n
+                for n in readers.get(finals[0], [])
+                if n.op_type == "GroupQueryAttention" and list(n.input[:3]) == finals
             ),
-            helper.make_node("Add", [f"{name}/base", f"{name}/lora"], [y], name=f"{name}/lora/Add"),
-        ]
-        gone |= {r[0].name for r in loras}
-    gqa = next(
-        (
-            n
-            for n in readers.get(finals[0], [])
-            if n.op_type == "GroupQueryAttention" and list(n.input[:3]) == finals
-        ),
-        None,
-    )
-    if gqa is not None and all(len(readers.get(f, [])) == 1 for f in finals):
-        gqa.input[0], gqa.input[1], gqa.input[2] = y, "", ""  # packed QKV
-    else:
-        split = numpy_helper.from_array(np.array(sizes, np.int64), f"{name}/split_sizes")
-        graph.initializer.append(split)
-        nodes.append(
-            helper.make_node("Split", [y, split.name], finals, name=f"{name}/Split", axis=-1)
+            None,
         )
+        if gqa is not None and all(len(readers.get(f, [])) == 1 for f in finals):
+            gqa.input[0], gqa.input[1], gqa.input[2] = y, "", ""  # packed QKV
+        else:
+            split = numpy_helper.from_array(np.array(sizes, np.int64), f"{name}/split_sizes")
+            graph.initializer.append(split)
+            nodes.append(
+                helper.make_node("Split", [y, split.name], finals, name=f"{name}/Split", axis=-1)
+            )
     return nodes, gone
 
 
