@@ -9,7 +9,8 @@ axis) as Q4_0 / Q4_1, so the GGUF's codes can be copied in exactly:
 - Q4_0 (`w = d * (q - 8)`): codes and `d` go in as they are (implicit zero point 8).
 - Q4_1 (`w = d * q + m`): `w = d * (q - 8) + (m + 8d)`. The codes and `d` go in; the per-block
   offset `c = m + 8d` becomes a small exact correction `y += blocksum(x) @ C`, with
-  `blocksum(x)` the sums of `x` over each block of 32 inputs (1/32 of the MatMul's work, fp32).
+  `blocksum(x)` the sums of `x` over each block of 32 inputs (1/32 of the MatMul's work, fp32),
+  computed once per distinct input (q/k/v and gate/up also share one MatMulNBits: `_add_offsets`).
   A float zero point would say the same in one node, but ONNX Runtime's CPU kernel then leaves
   its fast path (50 ms instead of 0.03 ms for one 576x1536 decode step, measured).
 - Q8_0 (`w = d * q`, q int8) into an 8-bit `MatMulNBits` (implicit zero point 128): u = q + 128.
@@ -183,13 +184,14 @@ def _add_offsets(
 ) -> tuple[list[Any], set[str]]:
     """Add `blocksum(x) @ C` to the projections that read `x`, with as few nodes as possible.
 
-    Decode runs each node once per token and onnxruntime's CPU cost per small node (~5 us at
-    M=1) exceeds the arithmetic: per projection a MatMul + Add cost more than the offsets' bytes
+    Decode runs each node once per token, and onnxruntime's fixed cost per node (~10-20 us of
+    CPU at M=1 on the loaded test machine) is as large as these small nodes' arithmetic
     (BENCHMARKS.md, "Speed against llama.cpp"). So the projections that share an input (q/k/v,
     gate/up) become one MatMulNBits over their concatenated rows (the blocks run along the input
-    axis, so rows are independent and the codes stay the GGUF's), one offset MatMul against
-    the concatenated C and one Add; their LoRA outputs are concatenated and added once. q/k/v
-    then go to GroupQueryAttention packed (its packed-QKV input); other consumers get a Split.
+    axis, so rows are independent and the codes stay the GGUF's) and one offset MatMul against
+    the concatenated C; their LoRA outputs are concatenated, and grid + offset + LoRA is one
+    `Sum` (the same fp32 additions, in the same order, as the two Adds it replaces). q/k/v then
+    go to GroupQueryAttention packed (its packed-QKV input); other consumers get a Split.
     Returns (nodes to add, names of the nodes to remove): `graph.node` is rebuilt once, after all
     inputs, because rebuilding it detaches the node objects held in `members`.
     """
