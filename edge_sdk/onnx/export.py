@@ -487,7 +487,8 @@ def export_onnx(
         "mtime_ns": st.st_mtime_ns,
         "precision": precision,
         # 3: SmolLM2-type vocabularies split digits like llama.cpp (older tokenizers differ)
-        "format": 3,
+        # 4: Q4_1 offsets per shared input, q/k/v and gate/up as one MatMulNBits (gguf_blocks.py)
+        "format": 4,
     }
     manifest = out / MANIFEST
     if not force and manifest.is_file():

@@ -9,7 +9,8 @@ axis) as Q4_0 / Q4_1, so the GGUF's codes can be copied in exactly:
 - Q4_0 (`w = d * (q - 8)`): codes and `d` go in as they are (implicit zero point 8).
 - Q4_1 (`w = d * q + m`): `w = d * (q - 8) + (m + 8d)`. The codes and `d` go in; the per-block
   offset `c = m + 8d` becomes a small exact correction `y += blocksum(x) @ C`, with
-  `blocksum(x)` the sums of `x` over each block of 32 inputs (1/32 of the MatMul's work, fp32).
+  `blocksum(x)` the sums of `x` over each block of 32 inputs (1/32 of the MatMul's work, fp32),
+  computed once per distinct input (q/k/v and gate/up also share one MatMulNBits: `_add_offsets`).
   A float zero point would say the same in one node, but ONNX Runtime's CPU kernel then leaves
   its fast path (50 ms instead of 0.03 ms for one 576x1536 decode step, measured).
 - Q8_0 (`w = d * q`, q int8) into an 8-bit `MatMulNBits` (implicit zero point 128): u = q + 128.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +91,7 @@ def transcode(model_path: Path, gguf_path: Path, config: ModelConfig) -> dict[st
     inits = {i.name: i for i in graph.initializer}
     permuted = config.arch in PERMUTED_ARCHS
     done: dict[str, int] = {}
-    new_nodes: list[Any] = []
-    sums: dict[str, str] = {}  # input name -> its block sums (shared by q/k/v, gate/up)
+    groups: dict[str, list[_Offset]] = {}  # input name -> its Q4_1 projections (q/k/v, gate/up)
     for node in list(graph.node):
         if node.op_type != "MatMulNBits":
             continue
@@ -134,45 +135,22 @@ def transcode(model_path: Path, gguf_path: Path, config: ModelConfig) -> dict[st
                 numpy_helper.from_array(np.full(list(zp.dims), mid, np.uint8), zp.name)
             )
         if offset is not None:
-            x = node.input[0]
-            if x not in sums:
-                stem = f"{node.name}_blocksum"
-                shape = numpy_helper.from_array(
-                    np.array([0, 0, k_in // BLOCK, BLOCK], np.int64), f"{stem}/shape"
-                )
-                axes = numpy_helper.from_array(np.array([-1], np.int64), f"{stem}/axes")
-                graph.initializer.extend([shape, axes])
-                new_nodes += [
-                    helper.make_node(
-                        "Reshape", [x, shape.name], [f"{stem}/blocks"], name=f"{stem}/Reshape"
-                    ),
-                    helper.make_node(
-                        "ReduceSum",
-                        [f"{stem}/blocks", axes.name],
-                        [f"{stem}/output_0"],
-                        name=f"{stem}/ReduceSum",
-                        keepdims=0,
-                    ),
-                ]
-                sums[x] = f"{stem}/output_0"
-            out = node.output[0]
-            c_name = f"{b_name}_offset"
-            graph.initializer.append(
-                numpy_helper.from_array(np.ascontiguousarray(offset.T.astype(np.float32)), c_name)
+            groups.setdefault(node.input[0], []).append(
+                _Offset(node, attrs, np.ascontiguousarray(offset.T.astype(np.float32)))
             )
-            node.output[0] = f"{out}/grid"
-            new_nodes += [
-                helper.make_node(
-                    "MatMul", [sums[x], c_name], [f"{out}/offset"], name=f"{node.name}_offset"
-                ),
-                helper.make_node(
-                    "Add", [f"{out}/grid", f"{out}/offset"], [out], name=f"{node.name}_add"
-                ),
-            ]
         done[kind] = done.get(kind, 0) + 1
     if not done:
         return done
-    graph.node.extend(new_nodes)
+    added: list[Any] = []
+    gone: set[str] = set()
+    for x, members in groups.items():
+        nodes, removed = _add_offsets(graph, x, members)
+        added += nodes
+        gone |= removed
+    keep = [n for n in graph.node if n.name not in gone]
+    del graph.node[:]
+    graph.node.extend(keep + added)
+    _drop_unused_initializers(graph)
     _fix_tied_embedding(graph)
     _toposort(graph)
     data = model_path.with_name(model_path.name + ".data")
@@ -187,6 +165,171 @@ def transcode(model_path: Path, gguf_path: Path, config: ModelConfig) -> dict[st
     )
     log.info("copied GGUF blocks into %s: %s", model_path, done)
     return done
+
+
+@dataclass
+class _Offset:
+    """One Q4_1 projection whose per-block offsets still have to be added."""
+
+    node: Any
+    """Its MatMulNBits node (GGUF codes and scales already in place)."""
+    attrs: dict[str, Any]
+    """The node's attributes (K, N, bits, block_size, accuracy_level)."""
+    c: np.ndarray
+    """The offsets `m + 8d` as (K / 32, N) fp32: `y += blocksum(x) @ c`."""
+
+
+def _add_offsets(
+    graph: Any, x: str, members: list[_Offset], sums: str | None = None
+) -> tuple[list[Any], set[str]]:
+    """Add `blocksum(x) @ C` to the projections that read `x`, with as few nodes as possible.
+
+    Decode runs each node once per token, and onnxruntime's fixed cost per node (~10-20 us of
+    CPU at M=1 on the loaded test machine) is as large as these small nodes' arithmetic
+    (BENCHMARKS.md, "Speed against llama.cpp"). So the projections that share an input (q/k/v,
+    gate/up) become one MatMulNBits over their concatenated rows (the blocks run along the input
+    axis, so rows are independent and the codes stay the GGUF's) and one offset MatMul against
+    the concatenated C; their LoRA outputs are concatenated, and grid + offset + LoRA is one
+    `Sum` (the same fp32 additions, in the same order, as the two Adds it replaces). q/k/v then
+    go to GroupQueryAttention packed (its packed-QKV input); other consumers get a Split.
+    Returns (nodes to add, names of the nodes to remove): `graph.node` is rebuilt once, after all
+    inputs, because rebuilding it detaches the node objects held in `members`.
+    """
+    from onnx import helper, numpy_helper
+
+    first = members[0]
+    nodes: list[Any] = []
+    if sums is None:
+        # Reshape + ReduceSum, not a MatMul against a 0/1 block indicator: the MatMul sums in
+        # another order, which moved one of 149 SmolLM2 top-1 tokens (0.973 -> 0.966) for no
+        # speed gain measurable here (BENCHMARKS.md, "Speed against llama.cpp").
+        k_in, stem = first.attrs["K"], f"{first.node.name}_blocksum"
+        shape = numpy_helper.from_array(
+            np.array([0, 0, k_in // BLOCK, BLOCK], np.int64), f"{stem}/shape"
+        )
+        axes = numpy_helper.from_array(np.array([-1], np.int64), f"{stem}/axes")
+        graph.initializer.extend([shape, axes])
+        sums = f"{stem}/output_0"
+        nodes += [
+            helper.make_node(
+                "Reshape", [x, shape.name], [f"{stem}/blocks"], name=f"{stem}/Reshape"
+            ),
+            helper.make_node(
+                "ReduceSum",
+                [f"{stem}/blocks", axes.name],
+                [sums],
+                name=f"{stem}/ReduceSum",
+                keepdims=0,
+            ),
+        ]
+    extra_gone: set[str] = set()
+    same = {k: v for k, v in first.attrs.items() if k != "N"}
+    if len(members) > 1 and not all(
+        len(m.node.input) == 3 and {k: v for k, v in m.attrs.items() if k != "N"} == same
+        for m in members
+    ):  # not expected from the builder (zero points, mixed settings): one group per projection
+        for m in members[1:]:
+            more, more_gone = _add_offsets(graph, x, [m], sums)
+            nodes += more
+            extra_gone |= more_gone
+        members = members[:1]
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outs = [m.node.output[0] for m in members]
+    loras = [readers.get(o, []) for o in outs]
+    use_lora = all(
+        len(r) == 1 and r[0].op_type == "Add" and r[0].name.endswith("/lora/Add") for r in loras
+    )
+    finals = [r[0].output[0] for r in loras] if use_lora else outs
+    gone = extra_gone | ({r[0].name for r in loras} if use_lora else set())
+    if len(members) == 1:
+        mnb, name = first.node, first.node.name
+        c_name = f"{mnb.input[1]}_offset"
+        graph.initializer.append(numpy_helper.from_array(first.c, c_name))
+    else:
+        inits = {i.name: i for i in graph.initializer}
+        sizes = [int(m.attrs["N"]) for m in members]
+        parts = first.node.name.split("/")
+        targets = "+".join(m.node.name.split("/")[-2] for m in members)
+        name = "/".join(parts[:-2] + [targets, parts[-1]])
+        b = np.concatenate([numpy_helper.to_array(inits[m.node.input[1]]) for m in members])
+        scale_dims = list(inits[first.node.input[2]].dims)
+        scales = np.concatenate(
+            [
+                numpy_helper.to_array(inits[m.node.input[2]]).reshape(n, -1)
+                for m, n in zip(members, sizes, strict=True)
+            ]
+        )
+        scales = scales.reshape(-1) if len(scale_dims) == 1 else scales
+        b_name, s_name = f"{name}.weight_Q{first.attrs['bits']}", f"{name}.weight_scales"
+        c_name = f"{b_name}_offset"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.ascontiguousarray(b), b_name),
+                numpy_helper.from_array(np.ascontiguousarray(scales), s_name),
+                numpy_helper.from_array(
+                    np.ascontiguousarray(np.concatenate([m.c for m in members], axis=1)), c_name
+                ),
+            ]
+        )
+        mnb = helper.make_node(
+            "MatMulNBits",
+            [x, b_name, s_name],
+            [""],
+            name=name,
+            domain=first.node.domain,
+            **{**first.attrs, "N": sum(sizes)},
+        )
+        nodes.append(mnb)
+        gone |= {m.node.name for m in members}
+    mnb.output[0] = f"{name}/grid"
+    y = finals[0] if len(members) == 1 else f"{name}/output_0"
+    terms = [f"{name}/grid", f"{name}/offset"]
+    nodes.append(
+        helper.make_node("MatMul", [sums, c_name], [f"{name}/offset"], name=f"{name}_offset")
+    )
+    if use_lora:
+        lora_outs = [
+            next(i for i in r[0].input if i != o) for r, o in zip(loras, outs, strict=True)
+        ]
+        if len(lora_outs) > 1:
+            nodes.append(
+                helper.make_node(
+                    "Concat", lora_outs, [f"{name}/lora"], name=f"{name}/lora/Concat", axis=-1
+                )
+            )
+            lora_outs = [f"{name}/lora"]
+        terms += lora_outs
+    # grid + offset (+ LoRA) in one node: each node costs more than its arithmetic here
+    nodes.append(helper.make_node("Sum", terms, [y], name=f"{name}_add"))
+    if len(members) > 1:
+        gqa = next(
+            (
+                n
+                for n in readers.get(finals[0], [])
+                if n.op_type == "GroupQueryAttention" and list(n.input[:3]) == finals
+            ),
+            None,
+        )
+        if gqa is not None and all(len(readers.get(f, [])) == 1 for f in finals):
+            gqa.input[0], gqa.input[1], gqa.input[2] = y, "", ""  # packed QKV
+        else:
+            split = numpy_helper.from_array(np.array(sizes, np.int64), f"{name}/split_sizes")
+            graph.initializer.append(split)
+            nodes.append(
+                helper.make_node("Split", [y, split.name], finals, name=f"{name}/Split", axis=-1)
+            )
+    return nodes, gone
+
+
+def _drop_unused_initializers(graph: Any) -> None:
+    """Remove initializers no node reads (the per-projection weights merged away)."""
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def _fix_tied_embedding(graph: Any) -> None:

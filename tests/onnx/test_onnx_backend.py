@@ -442,10 +442,13 @@ def test_cli_export_then_generate_with_gguf_adapter(tmp_path, capsys):
 # -- int4: the GGUF's own blocks, not a second quantization ---------------------------------------
 
 
-def test_int4_export_holds_the_gguf_q4_1_blocks_exactly(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_int4_export_holds_the_gguf_q4_1_blocks_exactly(tmp_path, arch):
     """With Q4_1 projections, every int4 MatMulNBits weight of the export dequantizes to exactly
     the GGUF's weight (as our loader reads it, Q/K rows unpermuted): the export adds no second
-    rounding. The logits then follow torch up to int8-activation noise."""
+    rounding. The logits then follow torch up to int8-activation noise. q/k/v (and gate/up) run
+    as one MatMulNBits: llama's goes packed into GroupQueryAttention, Gemma 3's is split for
+    its q/k norms."""
     import gguf
     import onnx
     from onnx import numpy_helper
@@ -453,7 +456,7 @@ def test_int4_export_holds_the_gguf_q4_1_blocks_exactly(tmp_path):
     from edge_sdk.onnx.export import export_onnx
     from edge_sdk.onnx.runtime import OnnxEdgeModel
 
-    src = write_family_gguf(tmp_path / "q41.gguf", "llama", quant=gguf.GGMLQuantizationType.Q4_1)
+    src = write_family_gguf(tmp_path / "q41.gguf", arch, quant=gguf.GGMLQuantizationType.Q4_1)
     folder = export_onnx(src, tmp_path / "int4", precision="int4")
     manifest = (folder / "fedlm_export.json").read_text()
     assert '"Q4_1": 21' in manifest  # 3 layers x 7 projections
@@ -470,12 +473,20 @@ def test_int4_export_holds_the_gguf_q4_1_blocks_exactly(tmp_path):
         d = numpy_helper.to_array(inits[node.input[2]]).reshape(n_out, -1, 1)
         c = numpy_helper.to_array(inits[node.input[1] + "_offset"]).T.reshape(n_out, -1, 1)
         got = (d * (q - 8) + c).reshape(n_out, -1)
-        layer, _group, target = node.name.split("/")[2:5]
-        module = hf_module(int(layer.split(".")[1]), target)
-        want = torch_model.get_submodule(module).weight.detach().numpy()
-        assert np.abs(got - want).max() <= 1e-6 * max(1.0, np.abs(want).max()), module
-        checked += 1
+        # q/k/v and gate/up run as one MatMulNBits over their stacked rows (`q_proj+k_proj+...`)
+        layer, _group, targets = node.name.split("/")[2:5]
+        modules = [hf_module(int(layer.split(".")[1]), t) for t in targets.split("+")]
+        want = np.concatenate(
+            [torch_model.get_submodule(m).weight.detach().numpy() for m in modules]
+        )
+        assert np.abs(got - want).max() <= 1e-6 * max(1.0, np.abs(want).max()), modules
+        checked += len(modules)
     assert checked == 21
+    ops = [n.op_type for n in model.graph.node]
+    # per layer: one offset MatMul per distinct input (qkv, o, gate/up, down), not per projection
+    assert ops.count("MatMulNBits") == 3 * 4 + 1
+    assert sum(n.name.endswith("_offset") for n in model.graph.node) == 3 * 4
+    assert ops.count("Split") == 3 * (1 if arch == "llama" else 2)
     want = _torch_logits(src, TOKENS)[-1]
     with OnnxEdgeModel(folder, n_threads=1) as served:
         got = served.next_token_logits(TOKENS)
