@@ -64,13 +64,30 @@ def _packed_positions(batch_size: int, seq_len: int, mean_len: int, seed: int) -
     return torch.from_numpy(np.stack(rows))
 
 
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+_CPU_TIMES: list[float] = []
+"""CPU seconds (user + system, all threads) of each timed step of this worker."""
+
+
 def _time_steps(step: Any, steps: int, warmup: int) -> list[float]:
+    """Wall seconds of each timed step; their CPU seconds go to `_CPU_TIMES`.
+
+    On a shared machine the wall time of a step varies 3x with the other jobs; its CPU time
+    (what the step itself computed, on every thread) varies far less, so the stacks' CPU
+    seconds per step are compared as well (an approximation: contention for caches and memory
+    bandwidth still inflates them, and a stack that spins idle threads pays in CPU time).
+    """
     times = []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            _CPU_TIMES.append(_cpu_s() - c0)
     return times
 
 
@@ -310,6 +327,7 @@ def run_worker(stack: str, args: argparse.Namespace) -> dict[str, Any]:
 def summarize(stack: str, runs: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
     """Pool the rounds of one stack: median and best step, best load, worst peak RSS."""
     steps = [t for r in runs for t in r["step_s"]]
+    cpu = [t for r in runs for t in r.get("cpu_s", [])]
     med, best = statistics.median(steps), min(steps)
     return {
         "stack": stack,
@@ -322,6 +340,7 @@ def summarize(stack: str, runs: list[dict[str, Any]], tokens: int) -> dict[str, 
         "load_s": min(r["load_s"] for r in runs),
         "import_s": min(r["import_s"] for r in runs),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "median_cpu_s": statistics.median(cpu) if cpu else None,
     }
 
 
@@ -368,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         result = worker(args)
         result["peak_rss_mb"] = _peak_rss_mb()
+        result["cpu_s"] = list(_CPU_TIMES)
         print(json.dumps(result))
         return 0
 
@@ -398,6 +418,13 @@ def main(argv: list[str] | None = None) -> int:
             f"tok/s (best {r['best_tokens_per_s']:6.1f})  "
             f"step {r['median_step_s']:.2f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
             f"load {r['load_s']:5.2f} s (+ imports {r['import_s']:.2f} s){extra}"
+        )
+    if "ours" in results and "hf" in results and results["hf"]["median_cpu_s"]:
+        ours, hf = results["ours"], results["hf"]
+        print(
+            f"CPU seconds per step (user + system, all threads): ours {ours['median_cpu_s']:.2f}"
+            f", HF {hf['median_cpu_s']:.2f}: "
+            f"HF / ours {hf['median_cpu_s'] / ours['median_cpu_s']:.2f}x"
         )
     if "ours" in results and "hf" in results:
         ours, hf = results["ours"], results["hf"]

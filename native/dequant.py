@@ -10,6 +10,7 @@ type (K-quants, IQ, floats) goes to `gguf.quants.dequantize`, the pure-Python tw
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,38 @@ def native_lib() -> ctypes.CDLL | None:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib._fedlm_typed = True  # type: ignore[attr-defined]  # a CDLL takes any attribute
     return lib
+
+
+KERNEL_TYPES: frozenset[int] = frozenset(_KERNELS)
+"""GGML types with a C kernel here (Q8_0, Q4_0, Q4_1)."""
+
+
+def block_bytes(qtype: int) -> int:
+    """Bytes per block of 32 weights of a `KERNEL_TYPES` type."""
+    return _KERNELS[int(qtype)][1]
+
+
+def dequantize_into(raw: Any, qtype: int, out: Any) -> Any:
+    """Dequantize the GGUF rows `raw` (torch uint8 (rows, row_bytes), contiguous) into `out`
+    (torch float32 (rows, row_bytes / block_bytes * 32), contiguous) and return `out`.
+
+    For a table kept in its GGUF blocks and read back a few rows at a time (the tied embedding:
+    `edge_sdk.models.quant_rows`); the values equal `dequantize` (and gguf's) bit for bit.
+    """
+    import torch
+
+    name, nbytes = _KERNELS[int(qtype)]
+    if raw.dtype != torch.uint8 or not raw.is_contiguous() or raw.shape[-1] % nbytes:
+        raise ValueError(f"raw blocks should be contiguous uint8 rows of {nbytes}-byte blocks")
+    nblocks = raw.numel() // nbytes
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != nblocks * 32:
+        raise ValueError(f"out should be a contiguous float32 tensor of {nblocks * 32} values")
+    lib = native_lib()
+    if lib is None:
+        out.view(raw.shape[0], -1).copy_(torch.from_numpy(dequantize(raw.numpy(), qtype)))
+        return out
+    getattr(lib, name)(raw.data_ptr(), nblocks, out.data_ptr())
+    return out
 
 
 def dequantize(data: np.ndarray, qtype: int) -> np.ndarray:

@@ -130,6 +130,7 @@ class TeacherForcedEvaluator:
         """Scores with `adapter` loaded into the LoRA layers (None: the bare base model)."""
         import torch
 
+        from edge_sdk.models.transformer import output_logits
         from edge_sdk.training.lora import load_lora_state_dict, set_lora_enabled
 
         t0 = time.perf_counter()
@@ -146,7 +147,8 @@ class TeacherForcedEvaluator:
                 for b in self.batches:
                     h = self.model.hidden_states(torch.from_numpy(b.ids))  # (B, T, d)
                     pos = torch.from_numpy(b.targets >= 0)
-                    logits = (h[pos] @ self.model.output_weight.to(h.dtype).T).float()  # (n, V)
+                    # (n, V); the tied embedding is read in vocabulary chunks from its blocks
+                    logits = output_logits(h[pos], self.model.output_projection)
                     cap = self.model.config.final_logit_softcap
                     if cap:
                         logits = cap * torch.tanh(logits / cap)

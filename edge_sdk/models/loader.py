@@ -47,6 +47,7 @@ from edge_sdk.models.gguf_meta import GGUFFile, quote, show_path
 from edge_sdk.models.naming import LORA_TARGETS, gguf_stem, hf_module
 from edge_sdk.models.nf4 import NF4_BLOCKSIZE, NF4Linear
 from edge_sdk.models.qk_order import PERMUTED_ARCHS, unpermute_qk
+from edge_sdk.models.quant_rows import QuantizedEmbedding
 from edge_sdk.models.transformer import Transformer
 from edge_sdk.validators import require_architecture
 
@@ -165,6 +166,31 @@ def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str
     return linear
 
 
+def _keeps_blocks(tensor: Any) -> bool:
+    """Whether the embedding `tensor` can stay in its GGUF blocks (`QuantizedEmbedding`)."""
+    from native.dequant import KERNEL_TYPES
+
+    return int(tensor.tensor_type) in KERNEL_TYPES and tensor.data.ndim == 2
+
+
+def _quantized_embedding(tensor: Any, dim: int, path: str | os.PathLike[str]) -> QuantizedEmbedding:
+    """The token embedding kept in its GGUF blocks (Q8_0 / Q4_0 / Q4_1): the values are those
+    an fp32 table would hold, at a quarter of the memory or less (issue 16, part 2).
+
+    The blocks are copied out of the memory map (the model never aliases the file) and checked
+    for NaN / inf one row chunk at a time, without an fp32 copy of the whole table.
+    """
+    raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, order="C", copy=True))
+    emb = QuantizedEmbedding(raw, int(tensor.tensor_type), dim)
+    for r in range(0, emb.num_embeddings, _DEQUANT_ROWS):
+        chunk = emb.row_range(r, min(emb.num_embeddings, r + _DEQUANT_ROWS))
+        if not bool(torch.isfinite(chunk).all()):
+            raise InvalidModelError(
+                f"{show_path(path)}: tensor {quote(tensor.name)} holds NaN or inf"
+            )
+    return emb
+
+
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -191,22 +217,74 @@ def _iter_progress(items: list[int], enabled: bool, desc: str) -> Iterator[int]:
     yield from tqdm(items, desc=desc, unit="layer")
 
 
-def return_freed_memory_to_os() -> None:
-    """Make glibc serve allocations of 128 KiB and more with mmap, so freeing returns them.
+MMAP_THRESHOLD = 256 * 1024
+"""Bytes from which glibc serves an allocation with its own mmap (`tune_malloc`)."""
 
-    glibc raises its mmap threshold (up to 32 MiB) after large blocks are freed, after which
-    per-step activations come from the heap and fragment it. Measured on SmolLM2 QLoRA
-    training (seq 256): peak RSS 1.29 GB by default, 0.94 GB with a fixed threshold, but steps
-    ~20% slower, since every activation is then page-faulted in afresh. Not the default:
-    `load_model` calls it when FEDLM_LOW_MEMORY=1, for devices where memory is the limit.
+LOW_MEMORY_MMAP_THRESHOLD = 128 * 1024
+"""The same with FEDLM_LOW_MEMORY=1 (glibc's initial value)."""
+
+
+def tune_malloc(low_memory: bool = False) -> None:
+    """Pin glibc's mmap threshold, so that a training step's large tensors are returned to the
+    OS when freed instead of fragmenting the heap (issue 16, part 2).
+
+    glibc starts at 128 KiB but raises the threshold to the size of each mmapped block freed
+    (up to 32 MiB): after the load's fp32 blocks it is several MiB, the step's activations
+    (0.2-1.5 MB each at seq 256) then come from the heap, and the holes that the forward's
+    temporaries leave between the tensors saved for backward grow it. Measured on SmolLM2 QLoRA
+    (seq 256, batch 1, 4 steps, bench worker): peak RSS 803 MB with the moving threshold,
+    673 MB pinned at 256 KiB, 676 MB at 512 KiB, 792 MB at 1 MiB, and the heap stopped growing
+    from step to step. The cost is page faults on fresh maps: 44k per step at 256 KiB against
+    10k (a few % of a step; see BENCHMARKS.md, issue 16). FEDLM_LOW_MEMORY=1 pins it at 128 KiB.
     """
-    if not sys.platform.startswith("linux"):
+    libc = _libc()
+    if libc is None:
         return
+    threshold = LOW_MEMORY_MMAP_THRESHOLD if low_memory else MMAP_THRESHOLD
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(128 * 1024))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(threshold))  # M_MMAP_THRESHOLD
+    except AttributeError:  # not glibc (musl, ...): nothing to tune
         pass
+
+
+def return_freed_memory_to_os() -> None:
+    """`tune_malloc(low_memory=True)`; kept for callers of the earlier name."""
+    tune_malloc(low_memory=True)
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...): nothing to tune
+        return None
+
+
+def release_load_memory(reader: GGUFFile) -> None:
+    """Give back what loading touched but the model does not hold (issue 16, part 2).
+
+    - The GGUF file stays memory-mapped (`gguf_check.open_model` caches the reader for the
+      tokenizer and the adapter checks), and every page the load read stays in this process's
+      RSS: 94 MB for SmolLM2-135M, until exit. `MADV_DONTNEED` drops them from the process
+      (a clean, shared file mapping: a later read faults them back in from the page cache).
+    - The dequantization worker thread's malloc arena keeps its freed fp32 blocks (~32 MB);
+      `malloc_trim(0)` returns the free pages of every arena.
+    """
+    import mmap
+
+    buf = getattr(reader, "data", None)
+    if isinstance(buf, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            buf.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # a closed map or an OS without it: nothing to give back
+            pass
+    libc = _libc()
+    if libc is not None:
+        try:
+            libc.malloc_trim(ctypes.c_size_t(0))
+        except AttributeError:
+            pass
 
 
 def _rope_factors(factors: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -244,8 +322,7 @@ def load_model(
     if precision not in PRECISIONS:
         raise ValueError(f"`precision` should be one of {PRECISIONS}, got {precision!r}")
     t0 = time.perf_counter()
-    if os.environ.get(LOW_MEMORY_ENV) == "1":
-        return_freed_memory_to_os()
+    tune_malloc(low_memory=os.environ.get(LOW_MEMORY_ENV) == "1")
     reader = _open(path)
     meta = read_metadata(reader)
     arch = meta.get("general.architecture")
@@ -286,10 +363,15 @@ def load_model(
 
     dense_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     prefetch(0)
-    emb = take("token_embd.weight")
-    assert emb is not None
-    model.model["embed_tokens"].weight = _frozen(emb.to(dense_dtype))
-    del emb
+    emb_tensor = tensors.get("token_embd.weight")
+    if precision == "nf4" and emb_tensor is not None and _keeps_blocks(emb_tensor):
+        used.add("token_embd.weight")
+        model.model["embed_tokens"] = _quantized_embedding(emb_tensor, config.d_model, path)
+    else:
+        emb = take("token_embd.weight")
+        assert emb is not None
+        model.model["embed_tokens"].weight = _frozen(emb.to(dense_dtype))
+        del emb
     _set_param(model, "model.norm.weight", take("output_norm.weight"))  # type: ignore[arg-type]
     if not config.tie_embeddings:
         out = take("output.weight")
@@ -318,6 +400,7 @@ def load_model(
     if meta_left:
         raise InvalidModelError(f"GGUF did not provide: {', '.join(meta_left[:8])}")
 
+    release_load_memory(reader)
     model.requires_grad_(False)
     model.gradient_checkpointing = gradient_checkpointing
     if lora is not None:

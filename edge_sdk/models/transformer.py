@@ -14,7 +14,11 @@ like llama.cpp, and the logits are returned in fp32.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import weakref
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -23,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from edge_sdk.models.config import ModelConfig
+from edge_sdk.models.quant_rows import QuantizedEmbedding
 
 IGNORE_INDEX = -100
 """Label value that is not scored (same convention as Hugging Face / PyTorch)."""
@@ -61,7 +66,11 @@ class RMSNorm(nn.Module):
             and torch.is_grad_enabled()
             and not self.weight.requires_grad
         ):
-            return _RMSNormFn.apply(x, self.weight, self.eps)
+            y = cast(torch.Tensor, _RMSNormFn.apply(x, self.weight, self.eps))
+            recipes = _norm_recipes.get()
+            if recipes is not None:
+                recipes[id(y)] = (weakref.ref(y), x, self.weight, self.eps)
+            return y
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
@@ -97,6 +106,56 @@ class _RMSNormFn(torch.autograd.Function):
         dot = (gw * xf).mean(-1, keepdim=True)  # (..., 1)
         dx = gw * r - xf * (r.pow(3) * dot)
         return dx.to(x.dtype), None, None
+
+
+def _rmsnorm_values(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`_RMSNormFn.forward`'s arithmetic, op for op (so a recomputed output is bit-identical)."""
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * r * weight.float()).to(x.dtype)
+
+
+# A normed activation is the input of the next projections (q/k/v after attn_norm, gate/up
+# after ffn_norm), and their LoRA functions save it for the adapter's gradients: 2 x (T, d)
+# per block, while the norm itself already keeps its input x. Under this context, such a save
+# stores (x, weight, eps) instead and backward recomputes the output, bit for bit, from what
+# the norm keeps anyway (SmolLM2, seq 256: -35 MB of saved tensors per sequence; issue 16).
+_norm_recipes: contextvars.ContextVar[dict[int, tuple[Any, ...]] | None] = contextvars.ContextVar(
+    "_norm_recipes", default=None
+)
+
+
+def _pack_saved(t: torch.Tensor) -> Any:
+    recipes = _norm_recipes.get()
+    entry = recipes.get(id(t)) if recipes is not None else None
+    # The weak reference proves that this is the norm's output itself, not a later tensor
+    # that reuses its id; anything else is saved as it is.
+    if entry is not None and entry[0]() is t and t._version == 0:
+        return _NormRecipe(entry[1], entry[2], entry[3])
+    return t
+
+
+def _unpack_saved(packed: Any) -> torch.Tensor:
+    if isinstance(packed, _NormRecipe):
+        return _rmsnorm_values(packed.x, packed.weight, packed.eps)
+    return cast(torch.Tensor, packed)
+
+
+class _NormRecipe:
+    __slots__ = ("eps", "weight", "x")
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+        self.x, self.weight, self.eps = x, weight, eps
+
+
+@contextlib.contextmanager
+def _recomputed_norm_outputs() -> Iterator[None]:
+    token = _norm_recipes.set({})
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack_saved, _unpack_saved):
+            yield
+    finally:
+        _norm_recipes.reset(token)
 
 
 def _rotate_half_t(u: torch.Tensor) -> torch.Tensor:
@@ -389,10 +448,20 @@ class Transformer(nn.Module):
         self.register_buffer("rope_freq_factors", None, persistent=False)
 
     @property
-    def output_weight(self) -> torch.Tensor:
-        """(V, d_model): the output projection (the embedding when tied)."""
+    def output_projection(self) -> torch.Tensor | QuantizedEmbedding:
+        """The output projection (V, d_model) as held: a frozen tensor, or the tied embedding
+        in its GGUF blocks. `fused_linear_cross_entropy` and `output_logits` take either."""
         head = self.model["embed_tokens"] if self.lm_head is None else self.lm_head
+        if isinstance(head, QuantizedEmbedding):
+            return head
         return cast(torch.Tensor, head.weight)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(V, d_model): the output projection (the embedding when tied) as a tensor; a fresh
+        fp32 copy when it is held in GGUF blocks (prefer `output_projection` then)."""
+        w = self.output_projection
+        return w.dequantize() if isinstance(w, QuantizedEmbedding) else w
 
     def _rope(self, positions: torch.Tensor, local: bool) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -438,13 +507,16 @@ class Transformer(nn.Module):
         ropes = {False: self._rope(pos, local=False)}
         if any(self.config.local_layers):
             ropes[True] = self._rope(pos, local=True)
-        for block in cast("list[Block]", self.model["layers"]):
-            cos, sin = ropes[block.local and True in ropes]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, spans, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, spans)
-        return self.model["norm"](x)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        recompute = LEAN_BACKWARD and not ckpt and torch.is_grad_enabled()
+        with _recomputed_norm_outputs() if recompute else contextlib.nullcontext():
+            for block in cast("list[Block]", self.model["layers"]):
+                cos, sin = ropes[block.local and True in ropes]
+                if ckpt:
+                    x = checkpoint(block, x, cos, sin, spans, use_reentrant=False)
+                else:
+                    x = block(x, cos, sin, spans)
+            return cast(torch.Tensor, self.model["norm"](x))
 
     def forward(
         self,
@@ -460,9 +532,8 @@ class Transformer(nn.Module):
         """
         h = self.hidden_states(input_ids, position_ids)  # (B, T, d)
         if labels is None:
-            logits = (h @ self.output_weight.to(h.dtype).T).float()  # (B, T, V)
-            cap = self.config.final_logit_softcap
-            return cap * torch.tanh(logits / cap) if cap else logits
+            # (B, T, V) fp32
+            return output_logits(h, self.output_projection, self.config.final_logit_softcap)
         if labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
@@ -482,48 +553,121 @@ class Transformer(nn.Module):
                 targets.index_select(0, idx),
             )  # (n_scored, d), (n_scored,)
         total = fused_linear_cross_entropy(
-            h, self.output_weight, targets, self.config.final_logit_softcap
+            h, self.output_projection, targets, self.config.final_logit_softcap
         )
         if reduction == "sum":
             return total
         return total / max(n_scored, 1)
 
 
+def _vocab_size(weight: torch.Tensor | QuantizedEmbedding) -> int:
+    return int(weight.shape[0])
+
+
+def _weight_range(
+    weight: torch.Tensor | QuantizedEmbedding, start: int, end: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows [start, end) of the output weight as `dtype` (a view when dense, else a buffer)."""
+    if isinstance(weight, QuantizedEmbedding):
+        return weight.row_range(start, end).to(dtype)
+    return weight[start:end].to(dtype)
+
+
+def _weight_rows(
+    weight: torch.Tensor | QuantizedEmbedding, ids: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    if isinstance(weight, QuantizedEmbedding):
+        return weight.rows(ids).to(dtype)
+    return weight.index_select(0, ids).to(dtype)
+
+
+def _vocab_chunk(n_tokens: int, d: int) -> int:
+    """Vocabulary rows per chunk: (n_tokens, chunk) logits of about `_CE_CHUNK_ELEMENTS`, and a
+    (chunk, d) weight slice of at most twice that."""
+    return max(1, min(_CE_CHUNK_ELEMENTS // max(n_tokens, 1), 2 * _CE_CHUNK_ELEMENTS // d))
+
+
+def output_logits(
+    h: torch.Tensor, weight: torch.Tensor | QuantizedEmbedding, softcap: float | None = None
+) -> torch.Tensor:
+    """fp32 logits (..., V) of `h` (..., d) through the output weight, optionally soft-capped.
+
+    A dense weight is one matmul; a `QuantizedEmbedding` is read one vocabulary chunk at a time.
+    """
+    if isinstance(weight, QuantizedEmbedding):
+        flat = h.reshape(-1, h.shape[-1])  # (N, d)
+        V = weight.num_embeddings
+        logits = torch.empty(flat.shape[0], V, dtype=torch.float32)  # (N, V)
+        step = _vocab_chunk(flat.shape[0], flat.shape[1])
+        for v0 in range(0, V, step):
+            v1 = min(V, v0 + step)
+            logits[:, v0:v1] = flat @ _weight_range(weight, v0, v1, h.dtype).T
+        logits = logits.view(*h.shape[:-1], V)
+    else:
+        logits = (h @ weight.to(h.dtype).T).float()
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """Sum of CE(h @ W^T, targets) with d(loss)/dh computed during the forward pass.
 
     The output weight is frozen (LoRA never trains it), so the only gradient needed is the one
-    for h, which is (softmax - onehot) @ W per chunk: (n, V) @ (V, d). Computing it in forward,
-    chunk by chunk, means the (N, V) logits and their gradient are never held in memory at once
-    (N * V * 4 bytes = 50 MB per 256 tokens for a 49k vocabulary, several copies in autograd).
+    for h: (softmax - onehot) @ W. Both are computed in one pass over the vocabulary, one chunk
+    of W at a time, with the running max / sum of an online softmax (Milakov & Gimelshein 2018,
+    the form flash attention uses): per chunk, p = exp(logits - m) and G += p @ W_chunk, both
+    rescaled when the running max m grows; at the end lse = m + log(sum p) and
+    dh = G / sum p - W[target]. So neither the (N, V) logits nor a whole fp32 W is ever held:
+    W may be the tied embedding in its GGUF blocks (`QuantizedEmbedding`), dequantized chunk by
+    chunk once per step. Chunks are (N, V/k) rather than (N/k, V) for that reason; the matmuls
+    are the same size either way.
     """
 
     @staticmethod
     def forward(
-        ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None
+        ctx,
+        h: torch.Tensor,
+        weight: torch.Tensor | QuantizedEmbedding,
+        targets: torch.Tensor,
+        softcap: float | None,
     ):
-        N, _ = h.shape
-        V = weight.shape[0]
-        chunk = max(1, _CE_CHUNK_ELEMENTS // V)
-        w = weight.to(h.dtype)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if h.requires_grad else None
-        for s in range(0, N, chunk):
-            hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            raw = (hc @ w.T).float()  # (n, V)
-            logits = softcap * torch.tanh(raw / softcap) if softcap else raw
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            valid = tc != IGNORE_INDEX
-            safe = tc.clamp(min=0)
-            picked = logits.gather(1, safe[:, None]).squeeze(1)  # (n,)
-            total += ((lse - picked) * valid).sum()
-            if grad_h is not None:
-                g = torch.softmax(logits, dim=-1)  # (n, V): d(lse)/d(logits)
-                g[torch.arange(len(tc), device=h.device), safe] -= 1.0
-                g *= valid[:, None]
-                if softcap:
-                    g *= 1.0 - (logits / softcap) ** 2  # d(cap*tanh(r/cap))/dr
-                grad_h[s : s + chunk] = (g.to(h.dtype) @ w).to(h.dtype)  # (n, d)
+        N, d = h.shape
+        V = _vocab_size(weight)
+        want_grad = h.requires_grad
+        m = torch.full((N,), -math.inf, dtype=torch.float32)  # running max of each row
+        s = torch.zeros(N, dtype=torch.float32)  # running sum of exp(logits - m)
+        G = torch.zeros(N, d, dtype=torch.float32) if want_grad else None  # sum p·dcap @ W
+        picked = torch.zeros(N, dtype=torch.float32)  # the target's (capped) logit
+        valid = targets != IGNORE_INDEX
+        safe = targets.clamp(min=0)
+        rows = torch.arange(N)
+        step = _vocab_chunk(N, d)
+        for v0 in range(0, V, step):
+            v1 = min(V, v0 + step)
+            w = _weight_range(weight, v0, v1, h.dtype)  # (n_v, d)
+            logits = (h @ w.T).float()  # (N, n_v)
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
+            here = (safe >= v0) & (safe < v1)
+            if bool(here.any()):
+                picked[here] = logits[rows[here], safe[here] - v0]
+            m_new = torch.maximum(m, logits.amax(dim=1))  # (N,)
+            alpha = torch.exp(m - m_new)  # (N,): 0 on the first chunk (m = -inf)
+            dcap = 1.0 - (logits / softcap) ** 2 if (softcap and G is not None) else None
+            p = logits.sub_(m_new[:, None]).exp_()  # (N, n_v), in place of the logits
+            s.mul_(alpha).add_(p.sum(dim=1))
+            if G is not None:
+                if dcap is not None:
+                    p.mul_(dcap)  # d(cap·tanh(r/cap))/dr
+                G.mul_(alpha[:, None]).add_((p.to(h.dtype) @ w).float())
+            m = m_new
+        lse = m + torch.log(s)  # (N,)
+        total = ((lse - picked) * valid).sum()
+        grad_h = None
+        if G is not None:
+            w_t = _weight_rows(weight, safe, torch.float32)  # (N, d): W[target]
+            if softcap:
+                w_t.mul_((1.0 - (picked / softcap) ** 2)[:, None])
+            grad_h = (G.div_(s[:, None]).sub_(w_t)).mul_(valid[:, None]).to(h.dtype)  # (N, d)
         ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0))
         return total
 
@@ -534,19 +678,23 @@ class _FusedLinearCE(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = None
+    h: torch.Tensor,
+    weight: torch.Tensor | QuantizedEmbedding,
+    targets: torch.Tensor,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of logits `h @ weight.T` (optionally soft-capped) against `targets`.
 
-    h: (N, d), weight: (V, d), targets: (N,) with `IGNORE_INDEX` for unscored positions.
-    A trainable `weight` falls back to the plain (memory-hungry) autograd path.
+    h: (N, d), weight: (V, d) (a tensor or a `QuantizedEmbedding`), targets: (N,) with
+    `IGNORE_INDEX` for unscored positions. A trainable `weight` falls back to the plain
+    (memory-hungry) autograd path.
     """
-    if weight.requires_grad:
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
         logits = (h @ weight.to(h.dtype).T).float()
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
         return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return _FusedLinearCE.apply(h, weight, targets, softcap)
+    return cast(torch.Tensor, _FusedLinearCE.apply(h, weight, targets, softcap))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

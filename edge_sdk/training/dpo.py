@@ -155,7 +155,7 @@ def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tens
     tf = cast("Transformer", model)
     h = tf.hidden_states(ids)[:, :-1]  # (R, T-1, d)
     targets = labels[:, 1:]  # (R, T-1)
-    weight = tf.output_weight
+    weight = tf.output_projection  # the tied embedding stays in its GGUF blocks
     softcap = tf.config.final_logit_softcap
     out = []
     for r in range(ids.shape[0]):

@@ -91,6 +91,8 @@ def run(
     else:
         dataset = build_dataset(data, tokenizer, config.data_config(skip_bad))
         summary = describe(dataset.stats)
+    # llama.cpp's vocabulary (~25 MB for SmolLM2) is not needed past packing (issue 16).
+    del tokenizer
     logger.info("data: %s", summary)
     if on_data is not None:
         on_data(summary)

@@ -39,8 +39,11 @@ def write_family_gguf(
     quant: gguf.GGMLQuantizationType | None = None,
     tied: bool | None = None,
     rope_freqs: bool = False,
+    embed_quant: gguf.GGMLQuantizationType | None = None,
 ) -> Path:
     """Write a tiny random `arch` model; `tied` defaults to the family's habit (gemma3: tied).
+
+    `embed_quant` stores `token_embd.weight` in that llama.cpp type (real models ship it Q8_0).
 
     `rope_freqs` adds Llama 3.1-style per-frequency RoPE divisors (`rope_freqs.weight`).
     """
@@ -80,7 +83,13 @@ def write_family_gguf(
         else:
             w.add_tensor(name, gguf.quants.quantize(arr, quant), raw_dtype=quant)
 
-    w.add_tensor("token_embd.weight", rand(vocab, spec.d_model, scale=0.5))
+    embd = rand(vocab, spec.d_model, scale=0.5)
+    if embed_quant is None:
+        w.add_tensor("token_embd.weight", embd)
+    else:
+        w.add_tensor(
+            "token_embd.weight", gguf.quants.quantize(embd, embed_quant), raw_dtype=embed_quant
+        )
     if rope_freqs:  # divisors from 1 (high frequencies kept) to 40 (low ones slowed)
         w.add_tensor(
             "rope_freqs.weight", np.geomspace(1.0, 40.0, spec.head_dim // 2).astype(np.float32)
