@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from coordinator.errors import AggregationError, ContributionError
 from coordinator.lora_math import (
@@ -442,6 +443,29 @@ def _factor_delta(
 
 
 def aggregate(
+    config: AggregationConfig,
+    shapes: Shapes,
+    current: Mapping[str, np.ndarray],
+    contributions: Iterable[Contribution],
+    base: Callable[[int], Mapping[str, np.ndarray]],
+    state: ServerState,
+    rng: np.random.Generator | None = None,
+    *,
+    clip: ClipBound | None = None,
+) -> Outcome:
+    """Fold `contributions` into the next global adapter (see `_aggregate`).
+
+    BLAS runs one thread per call while this runs: the folds already run in parallel on
+    `_WORKERS` threads, and OpenBLAS's own threads spin-wait for a core. With two busy
+    processes beside it, an exact aggregation of 4 SmolLM2 updates took 7.7-15 s instead of
+    0.6 s (`benchmarks/bench_blas_threads.py`). `fedlm coordinator` sets the BLAS thread count
+    before numpy loads; this covers every other caller (the in-process demos, an embedding app).
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _aggregate(config, shapes, current, contributions, base, state, rng, clip=clip)
+
+
+def _aggregate(
     config: AggregationConfig,
     shapes: Shapes,
     current: Mapping[str, np.ndarray],

@@ -380,3 +380,31 @@ def test_exact_mode_from_a_trained_version_moves_at_most_twice_the_bound() -> No
     bound = outcome.stats["clip"]["bound"]
     assert outcome.stats["clipped"] >= 1
     assert _effect(config, current, outcome.tensors) <= 2 * bound * (1 + 1e-6)
+
+
+def test_blas_runs_one_thread_while_aggregating_and_its_count_is_restored() -> None:
+    """The folds run on their own threads; BLAS threads on top of them spin-wait for a core
+    (an exact aggregation of 4 SmolLM2 updates: 13 s instead of 0.8 s beside two busy
+    processes, `benchmarks/bench_blas_threads.py`)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    rng = np.random.default_rng(3)
+    current = _random_adapter(rng, 4)
+    seen: list[list[int]] = []
+
+    def base(version: int) -> dict[str, np.ndarray]:
+        seen.append(blas_threads())  # called during the aggregation, once per update at least
+        return current
+
+    contributions = [Contribution(f"u{k}", _random_adapter(rng, 4), 1.0, 0, 2.0) for k in range(2)]
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        aggregate(AggregationConfig(mode="exact", rank=4), SHAPES, current, contributions, base,
+                  ServerState())  # fmt: skip
+        after = blas_threads()
+    assert before and all(n == 2 for n in before)  # numpy's BLAS is there, at 2 threads
+    assert seen and all(n == 1 for counts in seen for n in counts)
+    assert after == before
