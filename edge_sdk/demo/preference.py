@@ -15,7 +15,12 @@ clients x the batch): the judged win rate, and the held-out reward accuracy (the
 held-out pairs whose implicit reward β·(log π − log π_ref) ranks chosen above rejected; the
 reference is the base model, so the base scores 0 by definition: no pair is ranked).
 
-    python -m edge_sdk.demo.preference [--quick] [--set field=value ...]
+Cost: one model load and one tokenization per process; both figures of an adapter come from
+one forward pass over the held-out pairs (`PreferenceEvaluator`); only reported versions are
+scored (the last; `--curve`: every even one); and the arms run in 2 worker processes on 2
+cores (`experiment(workers=...)`; the figures do not depend on the split).
+
+    python -m edge_sdk.demo.preference [--quick] [--curve] [--workers N] [--set field=value ...]
 """
 
 from __future__ import annotations
