@@ -291,10 +291,14 @@ def _worker(
     greedy: bool,
     curve: bool,
     threads: int,
+    log_level: int | None = None,
 ) -> dict[str, Any]:
-    """One worker process's arms (the entry point of `_parallel`'s processes)."""
+    """One worker process's arms (the entry point of `_parallel`'s processes; `log_level`: the
+    parent's, when it logs: a spawned process starts without logging handlers)."""
     import torch
 
+    if log_level is not None:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(processName)s: %(message)s")
     torch.set_num_threads(threads)
     t0, c0 = time.perf_counter(), time.process_time()
     out = _arms(config, work_dir, arms=arms, clients=clients, greedy=greedy, curve=curve)
@@ -335,10 +339,19 @@ def _parallel(
         groups[g][1].append(c)
     jobs = [(a + (["local"] if cs else []), cs) for a, cs in groups if a or cs]
     threads = max(1, budget // len(jobs))
+    root = logging.getLogger()
     with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [
             pool.submit(
-                _worker, config, work_dir, a, cs, greedy and "federated" in a, curve, threads
+                _worker,
+                config,
+                work_dir,
+                a,
+                cs,
+                greedy and "federated" in a,
+                curve,
+                threads,
+                root.getEffectiveLevel() if root.handlers else None,
             )
             for a, cs in jobs
         ]
