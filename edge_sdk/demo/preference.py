@@ -318,13 +318,13 @@ def _parallel(
     n_workers: int,
     budget: int,
 ) -> dict[str, Any]:
-    """The arms split over `n_workers` processes of about equal work, merged.
+    """The arms split over `n_workers` processes, merged.
 
-    Work (optimizer steps of 2 pairs; an evaluation is ~8): the federation and centralized DPO
-    train clients x rounds x local steps each (centralized: a quarter of the steps at clients
-    x the batch), each local-only client a quarter of that, so the federation and half the
-    local-only clients (and the base's evaluation) go to one worker, centralized and the other
-    half to the other; with more workers the local-only clients spread over all of them."""
+    Measured (quick preset, 2026-12-03, BENCHMARKS.md): the federation (and the base's pass)
+    costs about as much CPU as centralized DPO and all local-only clients together (16 short
+    runs, each with its own reference pass, plus encoding and aggregation, against 5 runs), so
+    the federation and the base get one worker and the other arms the rest; more workers
+    spread the local-only clients."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -334,9 +334,9 @@ def _parallel(
     for arm, g in (("federated", 0), ("base", 0), ("centralized", 1 % n_workers)):
         if arm in arms:
             groups[g][0].append(arm)
+    others = list(range(1, n_workers)) or [0]
     for i, c in enumerate(wanted):
-        g = i * n_workers // max(len(wanted), 1) if n_workers > 2 else int(i >= len(wanted) / 2)
-        groups[g][1].append(c)
+        groups[others[i % len(others)]][1].append(c)
     jobs = [(a + (["local"] if cs else []), cs) for a, cs in groups if a or cs]
     threads = max(1, budget // len(jobs))
     root = logging.getLogger()
