@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=METHODS[0],
         help="dpo: the preference arm (seeded non-IID format preferences; judged win rate and "
         "held-out reward accuracy of base, local-only, federated and centralized DPO; the "
-        "federation runs in this process)",
+        "federation runs in-process, the arms in 2 worker processes; with --quick a smoke run "
+        "that does not show the targets)",
     )
     p.add_argument("--beta", type=float, default=None, help="dpo: beta (default: 0.1)")
     p.add_argument(
