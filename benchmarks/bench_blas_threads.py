@@ -1,9 +1,9 @@
 """Exact aggregation of 4 SmolLM2-sized updates, with BLAS limited to one thread or not,
 while `--busy` processes keep the cores busy (as the other arms of an in-process demo do).
 
-`coordinator.next_version.aggregate` limits BLAS to one thread; `_aggregate` is the same work
-with whatever BLAS threads the process has (OpenBLAS: one per core by default). The two are
-timed alternately in this process; the table gives medians.
+`coordinator.next_version.aggregate` limits BLAS to one thread; `aggregate.__wrapped__` is
+the same work with whatever BLAS threads the process has (OpenBLAS: one per core by default).
+The two are timed alternately in this process; the table gives medians.
 
     python benchmarks/bench_blas_threads.py --busy 2 --repeats 5
 """
@@ -26,20 +26,12 @@ from coordinator.next_version import (
     AggregationConfig,
     Contribution,
     ServerState,
-    _aggregate,
     aggregate,
 )
-from edge_sdk.models.naming import hf_module
+from coordinator.shapes import shapes_from_gguf
+from edge_sdk.models import resolve
+from edge_sdk.models.naming import LORA_TARGETS
 
-DIMS = {
-    "q_proj": (576, 576),
-    "k_proj": (192, 576),
-    "v_proj": (192, 576),
-    "o_proj": (576, 576),
-    "gate_proj": (1536, 576),
-    "up_proj": (1536, 576),
-    "down_proj": (576, 1536),
-}
 RANK = 8
 
 
@@ -63,7 +55,7 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=2, help="busy processes beside it (2)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    shapes = {hf_module(i, t): d for i in range(30) for t, d in DIMS.items()}
+    shapes = shapes_from_gguf(resolve("smollm2-135m"), LORA_TARGETS)
     rng = np.random.default_rng(0)
     current = _adapter(rng, shapes)
     contributions = [Contribution(f"u{i}", _adapter(rng, shapes), 48.0, 0, 2.0) for i in range(4)]
@@ -71,12 +63,12 @@ def main() -> None:
     busy = [mp.Process(target=_busy, args=(600.0,), daemon=True) for _ in range(args.busy)]
     for p in busy:
         p.start()
-    times: dict[str, list[float]] = {"one BLAS thread (aggregate)": [], "default (_aggregate)": []}
+    times: dict[str, list[float]] = {"one BLAS thread (aggregate)": [], "default BLAS threads": []}
     try:
         for _ in range(args.repeats):
             for name, fn in (
                 ("one BLAS thread (aggregate)", aggregate),
-                ("default (_aggregate)", _aggregate),
+                ("default BLAS threads", aggregate.__wrapped__),
             ):
                 t = time.perf_counter()
                 fn(config, shapes, current, contributions, lambda v: current, ServerState())

@@ -29,6 +29,7 @@ without forming it).
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -37,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, ParamSpec
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -442,30 +443,29 @@ def _factor_delta(
 # -------------------------------------------------------------------------------------------
 
 
-def aggregate(
-    config: AggregationConfig,
-    shapes: Shapes,
-    current: Mapping[str, np.ndarray],
-    contributions: Iterable[Contribution],
-    base: Callable[[int], Mapping[str, np.ndarray]],
-    state: ServerState,
-    rng: np.random.Generator | None = None,
-    *,
-    clip: ClipBound | None = None,
-) -> Outcome:
-    """Fold `contributions` into the next global adapter (see `_aggregate`).
+_P = ParamSpec("_P")
 
-    BLAS runs one thread per call while this runs: the folds already run in parallel on
-    `_WORKERS` threads, and OpenBLAS's own threads spin-wait for a core. With two busy
-    processes beside it, an exact aggregation of 4 SmolLM2 updates took 7.7-15 s instead of
-    0.6 s (`benchmarks/bench_blas_threads.py`). `fedlm coordinator` sets the BLAS thread count
-    before numpy loads; this covers every other caller (the in-process demos, an embedding app).
+
+def _one_blas_thread(fn: Callable[_P, Outcome]) -> Callable[_P, Outcome]:
+    """Run `fn` with BLAS limited to one thread, restored after.
+
+    The folds already run in parallel on `_WORKERS` threads, and OpenBLAS's own threads under
+    them spin-wait for a core. With two busy processes beside it, an exact aggregation of 4
+    SmolLM2 updates took 7.7-33 s instead of 0.5-1.6 s (`benchmarks/bench_blas_threads.py`).
+    `fedlm coordinator` sets the BLAS thread count before numpy loads; this covers every other
+    caller (the in-process demos, an app that embeds the coordinator).
     """
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _aggregate(config, shapes, current, contributions, base, state, rng, clip=clip)
+
+    @functools.wraps(fn)
+    def limited(*args: _P.args, **kwargs: _P.kwargs) -> Outcome:
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return limited
 
 
-def _aggregate(
+@_one_blas_thread
+def aggregate(
     config: AggregationConfig,
     shapes: Shapes,
     current: Mapping[str, np.ndarray],
