@@ -180,6 +180,26 @@ def _batch_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor
     return logps[: batch.pairs], logps[batch.pairs :]
 
 
+def _batch_loss(
+    batch: PairBatch,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref: torch.Tensor,
+    config: TrainConfig,
+) -> PreferenceLoss:
+    """The configured preference loss of one batch; `ref` is its (B, 2) reference log-probs."""
+    return preference_loss(
+        chosen,
+        rejected,
+        ref[:, 0],
+        ref[:, 1],
+        beta=config.beta,
+        loss=config.dpo_loss,
+        sft_weight=config.sft_weight,
+        chosen_tokens=_chosen_tokens(batch),
+    )
+
+
 @torch.no_grad()
 def reference_logps(
     model: torch.nn.Module,
@@ -332,16 +352,7 @@ class DpoObjective:
         for batch in batches:
             ref = self._reference_for(model, batch, config)  # (B, 2)
             chosen, rejected = _batch_logps(model, batch)
-            out = preference_loss(
-                chosen,
-                rejected,
-                ref[:, 0],
-                ref[:, 1],
-                beta=config.beta,
-                loss=config.dpo_loss,
-                sft_weight=config.sft_weight,
-                chosen_tokens=_chosen_tokens(batch),
-            )
+            out = _batch_loss(batch, chosen, rejected, ref, config)
             # The step's mean over all its pairs, whatever the accumulation.
             (out.losses.sum() / n_pairs).backward()
             totals.add(out, chosen, rejected)
@@ -366,16 +377,7 @@ class DpoObjective:
                     break
                 chosen, rejected = _batch_logps(model, batch)
                 ref = self.reference["val"][torch.from_numpy(batch.index)]
-                out = preference_loss(
-                    chosen,
-                    rejected,
-                    ref[:, 0],
-                    ref[:, 1],
-                    beta=config.beta,
-                    loss=config.dpo_loss,
-                    sft_weight=config.sft_weight,
-                    chosen_tokens=_chosen_tokens(batch),
-                )
+                out = _batch_loss(batch, chosen, rejected, ref, config)
                 totals.add(out, chosen, rejected)
         finally:
             model.train(was_training)
