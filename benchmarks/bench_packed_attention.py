@@ -7,7 +7,10 @@ lengths are drawn from `--mean-len` (the demo's chat examples are 40-90 tokens).
 
 - `causal`: today's unmasked `is_causal=True` call (contaminated; the cost baseline);
 - `mask`: one SDPA call with a (B, 1, T, T) boolean block-diagonal causal mask;
-- `loop`: one `is_causal=True` SDPA call per (row, example) slice, outputs concatenated.
+- `loop`: one `is_causal=True` SDPA call per (row, example) slice, outputs concatenated;
+- `split`: the same calls, the examples cut out of the (B*T)-token axis by one `split` (what
+  `Attention._packed` does: a slice's backward zero-fills a tensor of the whole input per
+  example, `split`'s is one `cat`).
 
 `torch.nn.attention.varlen.varlen_attn` would be the third candidate, but in torch 2.13 it
 has no CPU kernel (`aten::_flash_attention_forward` is CUDA only).
@@ -93,7 +96,21 @@ def main() -> None:
             )
         return torch.cat(out, dim=0)
 
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v))
+    lengths = [e - s for row in rows for s, e in row]
+
+    def split() -> torch.Tensor:
+        pieces = zip(*(t.flatten(0, 1).split(lengths) for t in (qt, kt, vt)))
+        y = [
+            F.scaled_dot_product_attention(
+                *(t.transpose(0, 1).unsqueeze(0) for t in qkv), is_causal=True, enable_gqa=True
+            )[0].transpose(0, 1)
+            for qkv in pieces
+        ]
+        return torch.cat(y).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd) like the others
+
     torch.testing.assert_close(masked(), loop(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked(), split(), rtol=1e-5, atol=1e-5)
 
     def timed(fn) -> float:  # type: ignore[no-untyped-def]
         def once() -> None:
@@ -114,8 +131,8 @@ def main() -> None:
         f"median of {args.reps}, threads {torch.get_num_threads()}"
     )
     # Interleave the candidates so that a busy spell on a shared machine hits all of them.
-    results: dict[str, list[float]] = {"causal": [], "mask": [], "loop": []}
-    fns = {"causal": causal, "mask": masked, "loop": loop}
+    results: dict[str, list[float]] = {"causal": [], "mask": [], "loop": [], "split": []}
+    fns = {"causal": causal, "mask": masked, "loop": loop, "split": split}
     for _ in range(3):
         for name, fn in fns.items():
             results[name].append(timed(fn))
