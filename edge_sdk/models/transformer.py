@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from edge_sdk.models.config import ModelConfig
+from edge_sdk.models.nf4 import scratch_buffer
 from edge_sdk.models.quant_rows import QuantizedEmbedding
 
 IGNORE_INDEX = -100
@@ -38,6 +39,11 @@ IGNORE_INDEX = -100
 # softmax: 2-3 chunks) land on the step's memory peak: 16 MiB chunks measured 60 MB more peak
 # RSS for a SmolLM2 step (1085 -> 1024 MB; issue 16).
 _CE_CHUNK_ELEMENTS = 1 << 20
+
+FEWER_PASSES = True
+"""Write the element-wise chains' temporaries (RMSNorm, RoPE) into reused buffers or in place,
+with the same arithmetic: fewer fresh activation-sized tensors per step. False: the plain forms,
+for measuring what it saves (`benchmarks/bench_train.py --stacks floor-ab`)."""
 
 LEAN_BACKWARD = True
 """Recompute RMSNorm, RoPE and the gated activation in backward instead of saving their
@@ -69,7 +75,7 @@ class RMSNorm(nn.Module):
             y = cast(torch.Tensor, _RMSNormFn.apply(x, self.weight, self.eps))
             recipes = _norm_recipes.get()
             if recipes is not None:
-                recipes[id(y)] = (weakref.ref(y), x, self.weight, self.eps)
+                recipes[id(y)] = (weakref.ref(y), y._version, _NormRecipe(x, self.weight, self.eps))
             return y
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -94,25 +100,45 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        r = _rms_rsqrt(xf, eps)  # (..., 1)
         ctx.save_for_backward(x, r, weight)
-        return (xf * r * weight.float()).to(x.dtype)
+        return _rms_scale(xf, r, weight).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, r, weight = ctx.saved_tensors
         xf = x.float()
-        gw = g.float() * weight.float()  # (..., d)
-        dot = (gw * xf).mean(-1, keepdim=True)  # (..., 1)
-        dx = gw * r - xf * (r.pow(3) * dot)
-        return dx.to(x.dtype), None, None
+        if not FEWER_PASSES:
+            gw = g.float() * weight.float()  # (..., d)
+            dot = (gw * xf).mean(-1, keepdim=True)  # (..., 1)
+            dx = gw * r - xf * (r.pow(3) * dot)
+            return dx.to(x.dtype), None, None
+        # The same arithmetic, op for op, with one fresh (..., d) tensor (dx) instead of five:
+        # the two (..., d) temporaries go to a reused buffer (see `scratch_buffer`).
+        gw = g.float() * weight.float()  # (..., d): becomes dx
+        tmp = torch.mul(gw, xf, out=scratch_buffer("norm", gw.shape))
+        dot = tmp.mean(-1, keepdim=True)  # (..., 1)
+        torch.mul(xf, r.pow(3) * dot, out=tmp)
+        return gw.mul_(r).sub_(tmp).to(x.dtype), None, None
+
+
+def _rms_rsqrt(xf: torch.Tensor, eps: float) -> torch.Tensor:
+    """rsqrt(mean(x²) + eps) over the last dim, (..., 1); x² goes to a reused buffer."""
+    sq = torch.mul(xf, xf, out=scratch_buffer("norm", xf.shape)) if FEWER_PASSES else xf.pow(2)
+    return torch.rsqrt(sq.mean(-1, keepdim=True) + eps)
+
+
+def _rms_scale(xf: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """xf · r · w as one fresh tensor (the product is formed in place, in the same order)."""
+    if FEWER_PASSES:
+        return (xf * r).mul_(weight.float())
+    return xf * r * weight.float()
 
 
 def _rmsnorm_values(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`_RMSNormFn.forward`'s arithmetic, op for op (so a recomputed output is bit-identical)."""
     xf = x.float()
-    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * r * weight.float()).to(x.dtype)
+    return _rms_scale(xf, _rms_rsqrt(xf, eps), weight).to(x.dtype)
 
 
 # A normed activation is the input of the next projections (q/k/v after attn_norm, gate/up
@@ -130,22 +156,51 @@ def _pack_saved(t: torch.Tensor) -> Any:
     entry = recipes.get(id(t)) if recipes is not None else None
     # The weak reference proves that this is the norm's output itself, not a later tensor
     # that reuses its id; anything else is saved as it is.
-    if entry is not None and entry[0]() is t and t._version == 0:
-        return _NormRecipe(entry[1], entry[2], entry[3])
+    # An unchanged version proves that nothing wrote to it in place since the norm made it.
+    if entry is not None and entry[0]() is t and t._version == entry[1]:
+        recipe: _NormRecipe = entry[2]
+        recipe.uses += 1
+        return recipe if SHARE_NORM_RECOMPUTE else _NormRecipe(recipe.x, recipe.weight, recipe.eps)
     return t
 
 
 def _unpack_saved(packed: Any) -> torch.Tensor:
     if isinstance(packed, _NormRecipe):
-        return _rmsnorm_values(packed.x, packed.weight, packed.eps)
+        return packed.unpack()
     return cast(torch.Tensor, packed)
 
 
+SHARE_NORM_RECOMPUTE = True
+
+
 class _NormRecipe:
-    __slots__ = ("eps", "weight", "x")
+    """How to recompute one norm output, shared by every function that saved it (q, k and v
+    save attn_norm's output; gate and up ffn_norm's).
+
+    The first unpack in a backward pass recomputes the output and keeps it until the last of
+    its `uses` has unpacked it: one recomputation per norm instead of one per consumer (5 per
+    block cost ~0.1 s per SmolLM2 step), holding one (T, d) tensor for the span of the block's
+    projections' backward. A consumer that never unpacks (a node autograd skips) leaves the
+    value held until the graph is freed, which is what saving it plainly would cost.
+    """
+
+    __slots__ = ("eps", "left", "uses", "value", "weight", "x")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
         self.x, self.weight, self.eps = x, weight, eps
+        self.uses = self.left = 0
+        self.value: torch.Tensor | None = None
+
+    def unpack(self) -> torch.Tensor:
+        value = self.value
+        if value is None:
+            value = _rmsnorm_values(self.x, self.weight, self.eps)
+            self.left = self.uses
+        self.left -= 1
+        # Keep it for the next consumer unless this was the last one (a retained graph's next
+        # backward then starts again from a recomputation).
+        self.value = value if self.left > 0 else None
+        return value
 
 
 @contextlib.contextmanager
@@ -177,6 +232,14 @@ class _RopeFn(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         cos, sin = ctx.saved_tensors
         rd = cos.shape[-1]
+        if FEWER_PASSES and rd == g.shape[-1] and g.dtype == torch.float32:
+            # dx = g·cos + (g2·sin2, −g1·sin1) written into one fresh tensor; the two halves of
+            # cos and sin are equal (`rope_cache` concatenates the angles with themselves).
+            h = rd // 2
+            dx = g * cos
+            dx[..., :h].add_(_half_product(g[..., h:], sin[..., h:]))
+            dx[..., h:].sub_(_half_product(g[..., :h], sin[..., :h]))
+            return dx, None, None
         gr, gp = g[..., :rd], g[..., rd:]
         grf = gr.float()
         dx = (grf * cos + _rotate_half_t(grf * sin)).to(g.dtype)
@@ -235,8 +298,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return _apply_rope(x, cos, sin)
 
 
+def _half_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a · b in a reused buffer. RoPE adds or subtracts it in place: a − b·s equals the plain
+    form's a + (−b)·s bit for bit, where `addcmul_` may fuse the multiply-add and round once."""
+    return torch.mul(a, b, out=scratch_buffer("rope", torch.broadcast_shapes(a.shape, b.shape)))
+
+
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     rd = cos.shape[-1]
+    if FEWER_PASSES and rd == x.shape[-1] and x.dtype == torch.float32:
+        # x·cos + (−x2, x1)·sin formed in one fresh tensor instead of five (neg, cat, two
+        # products, their sum); the halves of cos and sin are equal (see `rope_cache`).
+        h = rd // 2
+        out = x * cos
+        out[..., :h].sub_(_half_product(x[..., h:], sin[..., :h]))
+        out[..., h:].add_(_half_product(x[..., :h], sin[..., h:]))
+        return out
     xr, xp = x[..., :rd], x[..., rd:]
     x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
     rotated = torch.cat([-x2, x1], dim=-1)
