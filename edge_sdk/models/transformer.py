@@ -124,7 +124,8 @@ class _RMSNormFn(torch.autograd.Function):
 
 def _rms_rsqrt(xf: torch.Tensor, eps: float) -> torch.Tensor:
     """rsqrt(mean(x²) + eps) over the last dim, (..., 1); x² goes to a reused buffer."""
-    sq = torch.mul(xf, xf, out=scratch_buffer("norm", xf.shape)) if FEWER_PASSES else xf.pow(2)
+    lean = FEWER_PASSES and not (xf.requires_grad and torch.is_grad_enabled())  # out= cannot
+    sq = torch.mul(xf, xf, out=scratch_buffer("norm", xf.shape)) if lean else xf.pow(2)
     return torch.rsqrt(sq.mean(-1, keepdim=True) + eps)
 
 
@@ -306,7 +307,12 @@ def _half_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     rd = cos.shape[-1]
-    if FEWER_PASSES and rd == x.shape[-1] and x.dtype == torch.float32:
+    if (
+        FEWER_PASSES
+        and rd == x.shape[-1]
+        and x.dtype == torch.float32
+        and not (x.requires_grad and torch.is_grad_enabled())  # out= does not differentiate
+    ):
         # x·cos + (−x2, x1)·sin formed in one fresh tensor instead of five (neg, cat, two
         # products, their sum); the halves of cos and sin are equal (see `rope_cache`).
         h = rd // 2
@@ -721,7 +727,13 @@ class _FusedLinearCE(torch.autograd.Function):
         for v0 in range(0, V, step):
             v1 = min(V, v0 + step)
             w = _weight_range(weight, v0, v1, h.dtype)  # (n_v, d)
-            logits = (h @ w.T).float()  # (N, n_v)
+            lean = FEWER_PASSES and h.dtype == torch.float32
+            # (N, n_v), in a reused buffer: p below overwrites it, and neither leaves the loop
+            logits = (
+                torch.matmul(h, w.T, out=scratch_buffer("ce_logits", (N, v1 - v0)))
+                if lean
+                else (h @ w.T).float()
+            )
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
             here = (safe >= v0) & (safe < v1)
@@ -735,7 +747,12 @@ class _FusedLinearCE(torch.autograd.Function):
             if G is not None:
                 if dcap is not None:
                     p.mul_(dcap)  # d(cap·tanh(r/cap))/dr
-                G.mul_(alpha[:, None]).add_((p.to(h.dtype) @ w).float())
+                pw = (
+                    torch.matmul(p, w, out=scratch_buffer("ce_pw", (N, d)))
+                    if lean
+                    else (p.to(h.dtype) @ w).float()
+                )
+                G.mul_(alpha[:, None]).add_(pw)
             m = m_new
         lse = m + torch.log(s)  # (N,)
         total = ((lse - picked) * valid).sum()
