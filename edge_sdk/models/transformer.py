@@ -41,9 +41,19 @@ IGNORE_INDEX = -100
 _CE_CHUNK_ELEMENTS = 1 << 20
 
 FEWER_PASSES = True
-"""Write the element-wise chains' temporaries (RMSNorm, RoPE) into reused buffers or in place,
-with the same arithmetic: fewer fresh activation-sized tensors per step. False: the plain forms,
-for measuring what it saves (`benchmarks/bench_train.py --stacks floor-ab`)."""
+"""Write the temporaries of the step's element-wise chains (RMSNorm and RoPE both ways, the
+gated MLP's backward in `edge_sdk.training.lora`, the fused loss's logit chunks) into reused
+buffers (`scratch_buffer`) or in place, with the same arithmetic in the same order: the loss
+and gradients are bit-identical. Fresh activation-sized tensors are what cost: with glibc's
+mmap threshold pinned for peak RSS, each is a new mapping whose pages fault in on first write
+(SmolLM2 QLoRA step, seq 256, with `SHARE_NORM_RECOMPUTE`: 268-314k minor page faults per
+step without, 116-123k with). False: the plain forms, for measuring
+(`benchmarks/bench_train.py --stacks floor-ab`)."""
+
+SHARE_NORM_RECOMPUTE = True
+"""Recompute a norm output once per backward for all the functions that saved it (q, k, v;
+gate, up), not once per function (`_NormRecipe`). False: one recomputation each, for
+measuring (`benchmarks/bench_train.py --stacks floor-ab`)."""
 
 LEAN_BACKWARD = True
 """Recompute RMSNorm, RoPE and the gated activation in backward instead of saving their
@@ -169,9 +179,6 @@ def _unpack_saved(packed: Any) -> torch.Tensor:
     if isinstance(packed, _NormRecipe):
         return packed.unpack()
     return cast(torch.Tensor, packed)
-
-
-SHARE_NORM_RECOMPUTE = True
 
 
 class _NormRecipe:
