@@ -135,3 +135,24 @@ print(json.dumps(sorted(k for k in sys.modules if k.split(".")[0] == "bitsandbyt
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_scratch_buffers_are_reused_per_key_and_per_thread() -> None:
+    """The same (tag, shape, dtype) gets the same buffer back (no fresh allocation per call);
+    another tag, shape or thread gets its own, so two live temporaries never share memory."""
+    import threading
+
+    from edge_sdk.models.nf4 import empty_scratch, scratch_buffer
+
+    a = scratch_buffer("t-a", (4, 8))
+    assert scratch_buffer("t-a", (4, 8)).data_ptr() == a.data_ptr()
+    others = [scratch_buffer("t-b", (4, 8)), scratch_buffer("t-a", (8, 4))]
+    others.append(scratch_buffer("t-a", (4, 8), torch.float64))
+    assert len({t.data_ptr() for t in [a, *others]}) == 4
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(scratch_buffer("t-a", (4, 8)).data_ptr()))
+    thread.start()
+    thread.join()
+    assert seen and seen[0] != a.data_ptr()
+    empty_scratch()
+    assert scratch_buffer("t-a", (4, 8)) is not a
