@@ -11,7 +11,7 @@ of RSS and 1-10 s that a CPU training process never uses, and bitsandbytes >= 0.
 repacks the weight on AVX512-BF16 CPUs. On CUDA bitsandbytes remains the right tool;
 `edge_sdk.training.lora` still accepts a `Linear4bit` base.
 
-Every forward and backward dequantizes the weight into a per-thread, per-shape fp32 scratch
+Every forward and backward dequantizes the weight into a per-thread fp32 scratch
 buffer (`dequantize_scratch`), used at once and never kept: the model is never held in fp32.
 """
 
@@ -88,7 +88,7 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.weight, self.absmax, self.blocksize).view(self.shape)
 
     def dequantize_scratch(self) -> torch.Tensor:
-        """The fp32 (out, in) weight in a per-thread, per-shape buffer, valid until the next call.
+        """The fp32 (out, in) weight in a per-thread buffer, valid until the next call.
 
         Every NF4 layer dequantizes twice per step (forward and backward); a fresh tensor each
         time is ~0.9 GB of short-lived allocations per SmolLM2 step. Callers use the buffer and
@@ -126,22 +126,27 @@ class _NF4Matmul(torch.autograd.Function):
 def scratch_buffer(
     tag: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """A per-thread, uninitialised buffer for (tag, shape, dtype), valid until the next call with
-    the same key: for temporaries that a function uses and drops before it returns.
+    """An uninitialised (shape) view of this thread's buffer for (tag, dtype), valid until the
+    next call with the same tag: for temporaries that a function uses and drops before it
+    returns.
+
+    Every shape asked under one tag shares one flat buffer, grown to the largest asked, so a
+    tag names a role, not a tensor: a function holds a tag's view only while it calls nothing
+    that takes the same tag. The step uses three: "nf4" (a dequantized weight, one layer at a
+    time), "temp" and "temp2" (the element-wise chains' temporaries; "temp2" where a second
+    one is alive at the same time: the fused loss's logit chunk, the MLP's input gradient).
 
     Why: the step runs with glibc's mmap threshold pinned at 256 KiB (`loader.tune_malloc`,
     for peak RSS), so every fresh activation-sized tensor is a new mapping whose pages fault in
     on first write: a (256, 576) fp32 multiply measured ~300 us into a fresh tensor against
-    ~25 us into a reused one. The element-wise chains of a block write their temporaries here.
+    ~25 us into a reused one.
     """
-    bufs: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = (
-        _scratch.__dict__.setdefault("bufs", {})
-    )
-    key = (tag, tuple(shape), dtype)
-    buf = bufs.get(key)
-    if buf is None:
-        buf = bufs[key] = torch.empty(shape, dtype=dtype)
-    return buf
+    n = math.prod(shape)
+    bufs: dict[tuple[str, torch.dtype], torch.Tensor] = _scratch.__dict__.setdefault("bufs", {})
+    buf = bufs.get((tag, dtype))
+    if buf is None or buf.numel() < n:
+        buf = bufs[(tag, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
 
 
 def empty_scratch() -> None:

@@ -126,7 +126,7 @@ class _RMSNormFn(torch.autograd.Function):
         # The same arithmetic, op for op, with one fresh (..., d) tensor (dx) instead of five:
         # the two (..., d) temporaries go to a reused buffer (see `scratch_buffer`).
         gw = g.float() * weight.float()  # (..., d): becomes dx
-        tmp = torch.mul(gw, xf, out=scratch_buffer("norm", gw.shape))
+        tmp = torch.mul(gw, xf, out=scratch_buffer("temp", gw.shape))
         dot = tmp.mean(-1, keepdim=True)  # (..., 1)
         torch.mul(xf, r.pow(3) * dot, out=tmp)
         return gw.mul_(r).sub_(tmp).to(x.dtype), None, None
@@ -135,7 +135,7 @@ class _RMSNormFn(torch.autograd.Function):
 def _rms_rsqrt(xf: torch.Tensor, eps: float) -> torch.Tensor:
     """rsqrt(mean(x²) + eps) over the last dim, (..., 1); x² goes to a reused buffer."""
     lean = FEWER_PASSES and not (xf.requires_grad and torch.is_grad_enabled())  # out= cannot
-    sq = torch.mul(xf, xf, out=scratch_buffer("norm", xf.shape)) if lean else xf.pow(2)
+    sq = torch.mul(xf, xf, out=scratch_buffer("temp", xf.shape)) if lean else xf.pow(2)
     return torch.rsqrt(sq.mean(-1, keepdim=True) + eps)
 
 
@@ -309,7 +309,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def _half_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a · b in a reused buffer. RoPE adds or subtracts it in place: a − b·s equals the plain
     form's a + (−b)·s bit for bit, where `addcmul_` may fuse the multiply-add and round once."""
-    return torch.mul(a, b, out=scratch_buffer("rope", torch.broadcast_shapes(a.shape, b.shape)))
+    return torch.mul(a, b, out=scratch_buffer("temp", torch.broadcast_shapes(a.shape, b.shape)))
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -737,7 +737,7 @@ class _FusedLinearCE(torch.autograd.Function):
             lean = FEWER_PASSES and h.dtype == torch.float32
             # (N, n_v), in a reused buffer: p below overwrites it, and neither leaves the loop
             logits = (
-                torch.matmul(h, w.T, out=scratch_buffer("ce_logits", (N, v1 - v0)))
+                torch.matmul(h, w.T, out=scratch_buffer("temp2", (N, v1 - v0)))
                 if lean
                 else (h @ w.T).float()
             )
@@ -755,7 +755,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 if dcap is not None:
                     p.mul_(dcap)  # d(cap·tanh(r/cap))/dr
                 pw = (
-                    torch.matmul(p, w, out=scratch_buffer("ce_pw", (N, d)))
+                    torch.matmul(p, w, out=scratch_buffer("temp", (N, d)))
                     if lean
                     else (p.to(h.dtype) @ w).float()
                 )

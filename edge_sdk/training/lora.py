@@ -230,7 +230,7 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, gelu, lora_A, lora_B, scale, base):
         # h is a temporary here (backward recomputes it): a reused buffer when FEWER_PASSES.
-        buf = scratch_buffer("mlp_h", gate.shape) if transformer.FEWER_PASSES else None
+        buf = scratch_buffer("temp", gate.shape) if transformer.FEWER_PASSES else None
         h = _gated_act(gate, gelu, out=buf).mul_(up)  # (..., d_ff)
         w = base.dequantize_scratch()  # (out, d_ff)
         w.addmm_(lora_B, lora_A, alpha=scale)
@@ -273,13 +273,13 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
         instead of five."""
         gate, up, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scale
-        act = _gated_act(gate, ctx.gelu, out=scratch_buffer("mlp_act", gate.shape))
+        act = _gated_act(gate, ctx.gelu, out=scratch_buffer("temp", gate.shape))
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         grad_gate = grad_up = grad_a = grad_b = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             w = ctx.base.dequantize_scratch()
             w.addmm_(lora_B, lora_A, alpha=s)
-            grad_h = torch.matmul(g, w, out=scratch_buffer("mlp_gh", gate.shape))  # (..., d_ff)
+            grad_h = torch.matmul(g, w, out=scratch_buffer("temp2", gate.shape))  # (..., d_ff)
             grad_up = grad_h * act
             grad_gate = _gated_act_backward(grad_h.mul_(up), gate, ctx.gelu)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
