@@ -192,9 +192,9 @@ def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker_floor_ab(args: argparse.Namespace) -> dict[str, Any]:
-    """The issue-16 part-3 step changes, paired: one model, steps alternating with
-    `transformer.FEWER_PASSES` and `SHARE_NORM_RECOMPUTE` off / on (same loss and gradients,
-    bit for bit), order alternating per pair, as `worker_isolation_ab`."""
+    """The issue-16 part-3 step change, paired: one model, steps alternating with
+    `transformer.FEWER_PASSES` off / on (same loss and gradients, bit for bit), order
+    alternating per pair, as `worker_isolation_ab`."""
 
     from edge_sdk.models import resolve, transformer
     from edge_sdk.models.loader import load_model
@@ -211,7 +211,7 @@ def worker_floor_ab(args: argparse.Namespace) -> dict[str, Any]:
     cpu: dict[bool, list[float]] = {False: [], True: []}
 
     def step(on: bool) -> float:
-        transformer.FEWER_PASSES = transformer.SHARE_NORM_RECOMPUTE = on
+        transformer.FEWER_PASSES = on
         t0, c0 = time.perf_counter(), _cpu_s()
         model(ids, ids).backward()
         opt.step()
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         "packed examples), ours-lowmem (FEDLM_LOW_MEMORY=1), ours-ckpt (that + gradient "
         "checkpointing), ours-plain-backward (LEAN_BACKWARD off), ours-torch-adamw "
         "(torch.optim.AdamW), ours-fp32, isolation-ab (paired isolated vs unisolated steps), "
-        "floor-ab (paired: FEWER_PASSES and SHARE_NORM_RECOMPUTE off vs on), "
+        "floor-ab (paired: FEWER_PASSES off vs on), "
         "hf, hf-fp32, floor (the step's fp32 GEMMs + attention timed alone)",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_ratios = [x for r in runs["floor-ab"] for x in r["cpu_ratios"]]
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         print(
-            f"fewer passes + shared norm recomputation, paired in one process: on / off step "
+            f"FEWER_PASSES, paired in one process: on / off step "
             f"time median {statistics.median(ratios):.3f}x (quartiles {q[0]:.3f}..{q[2]:.3f}, "
             f"{len(ratios)} pairs), CPU seconds {statistics.median(cpu_ratios):.3f}x; "
             f"off {statistics.median(before):.2f} s, on {statistics.median(after):.2f} s median"

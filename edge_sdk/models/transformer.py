@@ -46,14 +46,8 @@ gated MLP's backward in `edge_sdk.training.lora`, the fused loss's logit chunks)
 buffers (`scratch_buffer`) or in place, with the same arithmetic in the same order: the loss
 and gradients are bit-identical. Fresh activation-sized tensors are what cost: with glibc's
 mmap threshold pinned for peak RSS, each is a new mapping whose pages fault in on first write
-(SmolLM2 QLoRA step, seq 256, with `SHARE_NORM_RECOMPUTE`: 268-314k minor page faults per
-step without, 116-123k with). False: the plain forms, for measuring
-(`benchmarks/bench_train.py --stacks floor-ab`)."""
-
-SHARE_NORM_RECOMPUTE = True
-"""Recompute a norm output once per backward for all the functions that saved it (q, k, v;
-gate, up), not once per function (`_NormRecipe`). False: one recomputation each, for
-measuring (`benchmarks/bench_train.py --stacks floor-ab`)."""
+(SmolLM2 QLoRA step, seq 256: 278-324k minor page faults per step without, 113-127k with).
+False: the plain forms, for measuring (`benchmarks/bench_train.py --stacks floor-ab`)."""
 
 LEAN_BACKWARD = True
 """Recompute RMSNorm, RoPE and the gated activation in backward instead of saving their
@@ -169,46 +163,21 @@ def _pack_saved(t: torch.Tensor) -> Any:
     # that reuses its id; anything else is saved as it is.
     # An unchanged version proves that nothing wrote to it in place since the norm made it.
     if entry is not None and entry[0]() is t and t._version == entry[1]:
-        recipe: _NormRecipe = entry[2]
-        recipe.uses += 1
-        return recipe if SHARE_NORM_RECOMPUTE else _NormRecipe(recipe.x, recipe.weight, recipe.eps)
+        return entry[2]
     return t
 
 
 def _unpack_saved(packed: Any) -> torch.Tensor:
     if isinstance(packed, _NormRecipe):
-        return packed.unpack()
+        return _rmsnorm_values(packed.x, packed.weight, packed.eps)
     return cast(torch.Tensor, packed)
 
 
 class _NormRecipe:
-    """How to recompute one norm output, shared by every function that saved it (q, k and v
-    save attn_norm's output; gate and up ffn_norm's).
-
-    The first unpack in a backward pass recomputes the output and keeps it until the last of
-    its `uses` has unpacked it: one recomputation per norm instead of one per consumer (5 per
-    block cost ~0.1 s per SmolLM2 step), holding one (T, d) tensor for the span of the block's
-    projections' backward. A consumer that never unpacks (a node autograd skips) leaves the
-    value held until the graph is freed, which is what saving it plainly would cost.
-    """
-
-    __slots__ = ("eps", "left", "uses", "value", "weight", "x")
+    __slots__ = ("eps", "weight", "x")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
         self.x, self.weight, self.eps = x, weight, eps
-        self.uses = self.left = 0
-        self.value: torch.Tensor | None = None
-
-    def unpack(self) -> torch.Tensor:
-        value = self.value
-        if value is None:
-            value = _rmsnorm_values(self.x, self.weight, self.eps)
-            self.left = self.uses
-        self.left -= 1
-        # Keep it for the next consumer unless this was the last one (a retained graph's next
-        # backward then starts again from a recomputation).
-        self.value = value if self.left > 0 else None
-        return value
 
 
 @contextlib.contextmanager

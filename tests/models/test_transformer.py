@@ -290,9 +290,9 @@ def test_fewer_passes_give_bit_identical_loss_and_grads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, freeze_a: bool
 ) -> None:
     """Issue 16 part 3: the reused-buffer forms of RMSNorm, RoPE, the gated MLP's backward and
-    the fused loss's chunks, and the shared norm recomputation, change no bit of the loss or of
-    any LoRA gradient: SwiGLU (llama), GeGLU + q/k norms + a window crossed (gemma3, 12 tokens
-    over a window of 5), q/k norms (qwen3), with and without a trained A, packed or not."""
+    the fused loss's chunks change no bit of the loss or of any LoRA gradient: SwiGLU (llama),
+    GeGLU + q/k norms + a window crossed (gemma3, 12 tokens over a window of 5), q/k norms
+    (qwen3), with and without a trained A, packed or not."""
     import edge_sdk.models.transformer as tr
 
     model = _tiny_lora_model(tmp_path, arch, freeze_a)
@@ -301,49 +301,10 @@ def test_fewer_passes_give_bit_identical_loss_and_grads(
     packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], list(range(12))])
     for positions in (None, packed):
         monkeypatch.setattr(tr, "FEWER_PASSES", False)
-        monkeypatch.setattr(tr, "SHARE_NORM_RECOMPUTE", False)
         loss_a, grads_a = _lora_loss_and_grads(model, ids, positions)
         monkeypatch.setattr(tr, "FEWER_PASSES", True)
-        monkeypatch.setattr(tr, "SHARE_NORM_RECOMPUTE", True)
         loss_b, grads_b = _lora_loss_and_grads(model, ids, positions)
         assert torch.equal(loss_a, loss_b)
         assert len(grads_a) == len(grads_b) > 0
         for a, b in zip(grads_a, grads_b):
             assert torch.equal(a, b)
-
-
-def test_a_shared_norm_output_is_recomputed_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """q, k and v (gate and up) share one recomputation of their norm's output per backward,
-    and a retained graph's second backward recomputes again and gives the same gradients."""
-    import edge_sdk.models.transformer as tr
-    from edge_sdk.training.lora import lora_parameters
-
-    model = _tiny_lora_model(tmp_path, "llama")
-    ids = torch.from_numpy(np.random.default_rng(0).integers(5, 290, size=(2, 12)))
-    calls = []
-    real = tr._rmsnorm_values
-
-    def counting(*args: object) -> torch.Tensor:
-        calls.append(1)
-        return real(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(tr, "_rmsnorm_values", counting)
-    n = model.config.n_layer
-    for share, per_step in ((False, 5 * n - 3), (True, 2 * n - 1)):
-        # 2 norms per block, except block 0's attn_norm (its input needs no gradient)
-        monkeypatch.setattr(tr, "SHARE_NORM_RECOMPUTE", share)
-        calls.clear()
-        _lora_loss_and_grads(model, ids)
-        assert len(calls) == per_step
-    calls.clear()
-    model.zero_grad(set_to_none=True)
-    loss = model(ids, ids)
-    loss.backward(retain_graph=True)
-    first = [p.grad.clone() for p in lora_parameters(model)]
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    assert len(calls) == 2 * (2 * n - 1)
-    for a, p in zip(first, lora_parameters(model)):
-        assert torch.equal(a, p.grad)
