@@ -191,6 +191,56 @@ def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def worker_floor_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """The issue-16 part-3 step change, paired: one model, steps alternating with
+    `transformer.FEWER_PASSES` off / on (same loss and gradients, bit for bit), order
+    alternating per pair, as `worker_isolation_ab`."""
+
+    from edge_sdk.models import resolve, transformer
+    from edge_sdk.models.loader import load_model
+    from edge_sdk.training.adamw import AdapterAdamW
+    from edge_sdk.training.lora import LoraConfig, lora_parameters
+
+    model = load_model(
+        resolve(args.model), precision="nf4", lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank)
+    )
+    model.train()
+    opt = AdapterAdamW(lora_parameters(model), lr=1e-4)
+    ids = _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
+
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+
+    def step(on: bool) -> float:
+        transformer.FEWER_PASSES = on
+        t0, c0 = time.perf_counter(), _cpu_s()
+        model(ids, ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        cpu[on].append(_cpu_s() - c0)
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        step(False)
+        step(True)
+    before, after = [], []
+    for i in range(args.steps):
+        if i % 2:
+            a, b = step(True), step(False)
+        else:
+            b, a = step(False), step(True)
+        before.append(b)
+        after.append(a)
+    return {
+        "import_s": 0.0,
+        "load_s": 0.0,
+        "step_s": after,
+        "before_s": before,
+        "ratios": [a / b for a, b in zip(after, before)],
+        # CPU seconds of the same steps (all threads): less moved by other jobs than wall time
+        "cpu_ratios": [a / b for a, b in zip(cpu[True][args.warmup :], cpu[False][args.warmup :])],
+    }
+
+
 def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     import torch
@@ -368,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         "packed examples), ours-lowmem (FEDLM_LOW_MEMORY=1), ours-ckpt (that + gradient "
         "checkpointing), ours-plain-backward (LEAN_BACKWARD off), ours-torch-adamw "
         "(torch.optim.AdamW), ours-fp32, isolation-ab (paired isolated vs unisolated steps), "
+        "floor-ab (paired: FEWER_PASSES off vs on), "
         "hf, hf-fp32, floor (the step's fp32 GEMMs + attention timed alone)",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -383,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.worker == "floor"
             else worker_isolation_ab
             if args.worker == "isolation-ab"
+            else worker_floor_ab
+            if args.worker == "floor-ab"
             else worker_ours
         )
         result = worker(args)
@@ -452,6 +505,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{q[0]:.3f}..{q[2]:.3f}, {len(ratios)} pairs); "
             f"unisolated steps {statistics.median(before):.2f} s median, "
             f"{min(before):.2f}..{max(before):.2f} s"
+        )
+    if "floor-ab" in results:
+        ratios = [x for r in runs["floor-ab"] for x in r["ratios"]]
+        before = [x for r in runs["floor-ab"] for x in r["before_s"]]
+        after = [x for r in runs["floor-ab"] for x in r["step_s"]]
+        cpu_ratios = [x for r in runs["floor-ab"] for x in r["cpu_ratios"]]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        print(
+            f"FEWER_PASSES, paired in one process: on / off step "
+            f"time median {statistics.median(ratios):.3f}x (quartiles {q[0]:.3f}..{q[2]:.3f}, "
+            f"{len(ratios)} pairs), CPU seconds {statistics.median(cpu_ratios):.3f}x; "
+            f"off {statistics.median(before):.2f} s, on {statistics.median(after):.2f} s median"
         )
     if "floor" in results and "hf" in results:
         floor, hf = results["floor"], results["hf"]

@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from edge_sdk.models import resolve
 from edge_sdk.models.loader import load_model
+from edge_sdk.training.adamw import AdapterAdamW
 from edge_sdk.training.lora import LoraConfig, lora_parameters
 
 
@@ -28,7 +29,7 @@ def main() -> None:
 
     model = load_model(resolve(args.model), precision="nf4", lora=LoraConfig(rank=8, alpha=16.0))
     model.train()
-    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    opt = AdapterAdamW(lora_parameters(model), lr=1e-4)  # what `fedlm train` uses
     ids = torch.randint(
         0, model.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0)
     )

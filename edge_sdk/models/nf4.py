@@ -11,7 +11,7 @@ of RSS and 1-10 s that a CPU training process never uses, and bitsandbytes >= 0.
 repacks the weight on AVX512-BF16 CPUs. On CUDA bitsandbytes remains the right tool;
 `edge_sdk.training.lora` still accepts a `Linear4bit` base.
 
-Every forward and backward dequantizes the weight into a per-thread, per-shape fp32 scratch
+Every forward and backward dequantizes the weight into a per-thread fp32 scratch
 buffer (`dequantize_scratch`), used at once and never kept: the model is never held in fp32.
 """
 
@@ -88,16 +88,13 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.weight, self.absmax, self.blocksize).view(self.shape)
 
     def dequantize_scratch(self) -> torch.Tensor:
-        """The fp32 (out, in) weight in a per-thread, per-shape buffer, valid until the next call.
+        """The fp32 (out, in) weight in a per-thread buffer, valid until the next call.
 
         Every NF4 layer dequantizes twice per step (forward and backward); a fresh tensor each
         time is ~0.9 GB of short-lived allocations per SmolLM2 step. Callers use the buffer and
         drop it before returning.
         """
-        bufs: dict[tuple[int, int], torch.Tensor] = _scratch.__dict__.setdefault("bufs", {})
-        buf = bufs.get(self.shape)
-        if buf is None:
-            buf = bufs[self.shape] = torch.empty(self.shape, dtype=torch.float32)
+        buf = scratch_buffer("nf4", self.shape)
         return dequantize_nf4(self.weight, self.absmax, self.blocksize, out=buf)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,9 +123,35 @@ class _NF4Matmul(torch.autograd.Function):
         return g @ w.to(g.dtype), None  # (..., in)
 
 
+def scratch_buffer(
+    tag: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """An uninitialised (shape) view of this thread's buffer for (tag, dtype), valid until the
+    next call with the same tag: for temporaries that a function uses and drops before it
+    returns.
+
+    Every shape asked under one tag shares one flat buffer, grown to the largest asked, so a
+    tag names a role, not a tensor: a function holds a tag's view only while it calls nothing
+    that takes the same tag. The step uses three: "nf4" (a dequantized weight, one layer at a
+    time), "temp" and "temp2" (the element-wise chains' temporaries; "temp2" where a second
+    one is alive at the same time: the fused loss's logit chunk, the MLP's input gradient).
+
+    Why: the step runs with glibc's mmap threshold pinned at 256 KiB (`loader.tune_malloc`,
+    for peak RSS), so every fresh activation-sized tensor is a new mapping whose pages fault in
+    on first write: a (256, 576) fp32 multiply measured ~300 us into a fresh tensor against
+    ~25 us into a reused one.
+    """
+    n = math.prod(shape)
+    bufs: dict[tuple[str, torch.dtype], torch.Tensor] = _scratch.__dict__.setdefault("bufs", {})
+    buf = bufs.get((tag, dtype))
+    if buf is None or buf.numel() < n:
+        buf = bufs[(tag, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
 def empty_scratch() -> None:
-    """Drop this thread's dequantization buffers (they are re-made on the next forward)."""
+    """Drop this thread's scratch buffers (they are re-made on the next forward)."""
     _scratch.__dict__.pop("bufs", None)
 
 
-__all__ = ["NF4_BLOCKSIZE", "NF4Linear", "empty_scratch"]
+__all__ = ["NF4_BLOCKSIZE", "NF4Linear", "empty_scratch", "scratch_buffer"]

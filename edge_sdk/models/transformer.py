@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from edge_sdk.models.config import ModelConfig
+from edge_sdk.models.nf4 import scratch_buffer
 from edge_sdk.models.quant_rows import QuantizedEmbedding
 
 IGNORE_INDEX = -100
@@ -38,6 +39,15 @@ IGNORE_INDEX = -100
 # softmax: 2-3 chunks) land on the step's memory peak: 16 MiB chunks measured 60 MB more peak
 # RSS for a SmolLM2 step (1085 -> 1024 MB; issue 16).
 _CE_CHUNK_ELEMENTS = 1 << 20
+
+FEWER_PASSES = True
+"""Write the temporaries of the step's element-wise chains (RMSNorm and RoPE both ways, the
+gated MLP's backward in `edge_sdk.training.lora`, the fused loss's logit chunks) into reused
+buffers (`scratch_buffer`) or in place, with the same arithmetic in the same order: the loss
+and gradients are bit-identical. Fresh activation-sized tensors are what cost: with glibc's
+mmap threshold pinned for peak RSS, each is a new mapping whose pages fault in on first write
+(SmolLM2 QLoRA step, seq 256: 278-324k minor page faults per step without, 113-127k with).
+False: the plain forms, for measuring (`benchmarks/bench_train.py --stacks floor-ab`)."""
 
 LEAN_BACKWARD = True
 """Recompute RMSNorm, RoPE and the gated activation in backward instead of saving their
@@ -69,7 +79,7 @@ class RMSNorm(nn.Module):
             y = cast(torch.Tensor, _RMSNormFn.apply(x, self.weight, self.eps))
             recipes = _norm_recipes.get()
             if recipes is not None:
-                recipes[id(y)] = (weakref.ref(y), x, self.weight, self.eps)
+                recipes[id(y)] = (weakref.ref(y), y._version, _NormRecipe(x, self.weight, self.eps))
             return y
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -94,25 +104,46 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        r = _rms_rsqrt(xf, eps)  # (..., 1)
         ctx.save_for_backward(x, r, weight)
-        return (xf * r * weight.float()).to(x.dtype)
+        return _rms_scale(xf, r, weight).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, r, weight = ctx.saved_tensors
         xf = x.float()
-        gw = g.float() * weight.float()  # (..., d)
-        dot = (gw * xf).mean(-1, keepdim=True)  # (..., 1)
-        dx = gw * r - xf * (r.pow(3) * dot)
-        return dx.to(x.dtype), None, None
+        if not FEWER_PASSES:
+            gw = g.float() * weight.float()  # (..., d)
+            dot = (gw * xf).mean(-1, keepdim=True)  # (..., 1)
+            dx = gw * r - xf * (r.pow(3) * dot)
+            return dx.to(x.dtype), None, None
+        # The same arithmetic, op for op, with one fresh (..., d) tensor (dx) instead of five:
+        # the two (..., d) temporaries go to a reused buffer (see `scratch_buffer`).
+        gw = g.float() * weight.float()  # (..., d): becomes dx
+        tmp = torch.mul(gw, xf, out=scratch_buffer("temp", gw.shape))
+        dot = tmp.mean(-1, keepdim=True)  # (..., 1)
+        torch.mul(xf, r.pow(3) * dot, out=tmp)
+        return gw.mul_(r).sub_(tmp).to(x.dtype), None, None
+
+
+def _rms_rsqrt(xf: torch.Tensor, eps: float) -> torch.Tensor:
+    """rsqrt(mean(x²) + eps) over the last dim, (..., 1); x² goes to a reused buffer."""
+    lean = FEWER_PASSES and not (xf.requires_grad and torch.is_grad_enabled())  # out= cannot
+    sq = torch.mul(xf, xf, out=scratch_buffer("temp", xf.shape)) if lean else xf.pow(2)
+    return torch.rsqrt(sq.mean(-1, keepdim=True) + eps)
+
+
+def _rms_scale(xf: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """xf · r · w as one fresh tensor (the product is formed in place, in the same order)."""
+    if FEWER_PASSES:
+        return (xf * r).mul_(weight.float())
+    return xf * r * weight.float()
 
 
 def _rmsnorm_values(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`_RMSNormFn.forward`'s arithmetic, op for op (so a recomputed output is bit-identical)."""
     xf = x.float()
-    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * r * weight.float()).to(x.dtype)
+    return _rms_scale(xf, _rms_rsqrt(xf, eps), weight).to(x.dtype)
 
 
 # A normed activation is the input of the next projections (q/k/v after attn_norm, gate/up
@@ -130,8 +161,9 @@ def _pack_saved(t: torch.Tensor) -> Any:
     entry = recipes.get(id(t)) if recipes is not None else None
     # The weak reference proves that this is the norm's output itself, not a later tensor
     # that reuses its id; anything else is saved as it is.
-    if entry is not None and entry[0]() is t and t._version == 0:
-        return _NormRecipe(entry[1], entry[2], entry[3])
+    # An unchanged version proves that nothing wrote to it in place since the norm made it.
+    if entry is not None and entry[0]() is t and t._version == entry[1]:
+        return entry[2]
     return t
 
 
@@ -177,6 +209,14 @@ class _RopeFn(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         cos, sin = ctx.saved_tensors
         rd = cos.shape[-1]
+        if FEWER_PASSES and rd == g.shape[-1] and g.dtype == torch.float32:
+            # dx = g·cos + (g2·sin2, −g1·sin1) written into one fresh tensor; the two halves of
+            # cos and sin are equal (`rope_cache` concatenates the angles with themselves).
+            h = rd // 2
+            dx = g * cos
+            dx[..., :h].add_(_half_product(g[..., h:], sin[..., h:]))
+            dx[..., h:].sub_(_half_product(g[..., :h], sin[..., :h]))
+            return dx, None, None
         gr, gp = g[..., :rd], g[..., rd:]
         grf = gr.float()
         dx = (grf * cos + _rotate_half_t(grf * sin)).to(g.dtype)
@@ -235,8 +275,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return _apply_rope(x, cos, sin)
 
 
+def _half_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a · b in a reused buffer. RoPE adds or subtracts it in place: a − b·s equals the plain
+    form's a + (−b)·s bit for bit, where `addcmul_` may fuse the multiply-add and round once."""
+    return torch.mul(a, b, out=scratch_buffer("temp", torch.broadcast_shapes(a.shape, b.shape)))
+
+
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     rd = cos.shape[-1]
+    if (
+        FEWER_PASSES
+        and rd == x.shape[-1]
+        and x.dtype == torch.float32
+        and not (x.requires_grad and torch.is_grad_enabled())  # out= does not differentiate
+    ):
+        # x·cos + (−x2, x1)·sin formed in one fresh tensor instead of five (neg, cat, two
+        # products, their sum); the halves of cos and sin are equal (see `rope_cache`).
+        h = rd // 2
+        out = x * cos
+        out[..., :h].sub_(_half_product(x[..., h:], sin[..., :h]))
+        out[..., h:].add_(_half_product(x[..., :h], sin[..., h:]))
+        return out
     xr, xp = x[..., :rd], x[..., rd:]
     x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -661,7 +720,13 @@ class _FusedLinearCE(torch.autograd.Function):
         for v0 in range(0, V, step):
             v1 = min(V, v0 + step)
             w = _weight_range(weight, v0, v1, h.dtype)  # (n_v, d)
-            logits = (h @ w.T).float()  # (N, n_v)
+            lean = FEWER_PASSES and h.dtype == torch.float32
+            # (N, n_v), in a reused buffer: p below overwrites it, and neither leaves the loop
+            logits = (
+                torch.matmul(h, w.T, out=scratch_buffer("temp2", (N, v1 - v0)))
+                if lean
+                else (h @ w.T).float()
+            )
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
             here = (safe >= v0) & (safe < v1)
@@ -675,7 +740,12 @@ class _FusedLinearCE(torch.autograd.Function):
             if G is not None:
                 if dcap is not None:
                     p.mul_(dcap)  # d(cap·tanh(r/cap))/dr
-                G.mul_(alpha[:, None]).add_((p.to(h.dtype) @ w).float())
+                pw = (
+                    torch.matmul(p, w, out=scratch_buffer("temp", (N, d)))
+                    if lean
+                    else (p.to(h.dtype) @ w).float()
+                )
+                G.mul_(alpha[:, None]).add_(pw)
             m = m_new
         lse = m + torch.log(s)  # (N,)
         total = ((lse - picked) * valid).sum()

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from edge_sdk.errors import AdapterMismatchError
+from edge_sdk.models import transformer
 from edge_sdk.models.config import model_config
 from edge_sdk.models.naming import LORA_TARGETS, hf_module, parse_hf_module
-from edge_sdk.models.nf4 import NF4Linear
+from edge_sdk.models.nf4 import NF4Linear, scratch_buffer
 from edge_sdk.validators import is_int_in
 
 
@@ -201,12 +202,24 @@ class _MergedNF4LoRA(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None
 
 
-def _gated_act(gate: torch.Tensor, gelu: bool) -> torch.Tensor:
+def _gated_act(gate: torch.Tensor, gelu: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(gate), into `out` when given (the same kernel either way)."""
+    if out is not None:
+        if gelu:
+            return torch.ops.aten.gelu.out(gate, approximate="tanh", out=out)
+        return torch.ops.aten.silu.out(gate, out=out)
     return (
         torch.nn.functional.gelu(gate, approximate="tanh")
         if gelu
         else torch.nn.functional.silu(gate)
     )
+
+
+def _gated_act_backward(grad: torch.Tensor, gate: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """d act(gate) / d gate applied to `grad`: the kernel autograd's own backward calls."""
+    if gelu:
+        return torch.ops.aten.gelu_backward(grad, gate, approximate="tanh")
+    return torch.ops.aten.silu_backward(grad, gate)
 
 
 class _GatedMergedNF4LoRA(torch.autograd.Function):
@@ -216,7 +229,9 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, gelu, lora_A, lora_B, scale, base):
-        h = _gated_act(gate, gelu).mul_(up)  # (..., d_ff)
+        # h is a temporary here (backward recomputes it): a reused buffer when FEWER_PASSES.
+        buf = scratch_buffer("temp", gate.shape) if transformer.FEWER_PASSES else None
+        h = _gated_act(gate, gelu, out=buf).mul_(up)  # (..., d_ff)
         w = base.dequantize_scratch()  # (out, d_ff)
         w.addmm_(lora_B, lora_A, alpha=scale)
         ctx.save_for_backward(gate, up, lora_A, lora_B)
@@ -225,6 +240,8 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if transformer.FEWER_PASSES:
+            return _GatedMergedNF4LoRA._backward_lean(ctx, g)
         gate, up, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scale
         with torch.enable_grad():
@@ -246,6 +263,34 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             gb = (lora_B.T @ g2.T).T  # (N, r)
             grad_a = (gb.T @ h2).mul_(s)  # (r, d_ff)
+        return grad_gate, grad_up, None, grad_a, grad_b, None, None
+
+    @staticmethod
+    def _backward_lean(ctx, g):
+        """`backward`'s arithmetic, op for op (bit-identical), with act(gate), h and the
+        gradient into h in reused buffers and the activation's backward kernel called directly
+        (no autograd graph for it): two fresh (..., d_ff) tensors, the returned gradients,
+        instead of five."""
+        gate, up, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scale
+        act = _gated_act(gate, ctx.gelu, out=scratch_buffer("temp", gate.shape))
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        grad_gate = grad_up = grad_a = grad_b = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            w = ctx.base.dequantize_scratch()
+            w.addmm_(lora_B, lora_A, alpha=s)
+            grad_h = torch.matmul(g, w, out=scratch_buffer("temp2", gate.shape))  # (..., d_ff)
+            grad_up = grad_h * act
+            grad_gate = _gated_act_backward(grad_h.mul_(up), gate, ctx.gelu)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            h = torch.mul(act, up, out=act)  # (..., d_ff): recomputed, never saved
+            h2 = h.reshape(-1, h.shape[-1])  # (N, d_ff)
+            if ctx.needs_input_grad[4]:
+                xa = h2 @ lora_A.T  # (N, r)
+                grad_b = (xa.T @ g2).T.mul_(s)  # (out, r)
+            if ctx.needs_input_grad[3]:
+                gb = (lora_B.T @ g2.T).T  # (N, r)
+                grad_a = (gb.T @ h2).mul_(s)  # (r, d_ff)
         return grad_gate, grad_up, None, grad_a, grad_b, None, None
 
 

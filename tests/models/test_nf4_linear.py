@@ -135,3 +135,34 @@ print(json.dumps(sorted(k for k in sys.modules if k.split(".")[0] == "bitsandbyt
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_scratch_buffers_are_reused_per_tag_and_per_thread() -> None:
+    """One tag is one reused buffer whatever the shape asked (grown to the largest: no fresh
+    allocation per call); another tag, dtype or thread gets its own memory, so temporaries
+    held under different tags never overlap."""
+    import itertools
+    import threading
+
+    from edge_sdk.models.nf4 import empty_scratch, scratch_buffer
+
+    empty_scratch()
+    a = scratch_buffer("t-a", (4, 8))
+    assert a.shape == (4, 8) and a.is_contiguous()
+    assert scratch_buffer("t-a", (8, 4)).data_ptr() == a.data_ptr()  # same role, same memory
+    big = scratch_buffer("t-a", (16, 8))  # grown: a new buffer, the old view stays valid
+    assert big.shape == (16, 8) and scratch_buffer("t-a", (2, 2)).data_ptr() == big.data_ptr()
+    others = [scratch_buffer("t-b", (16, 8)), scratch_buffer("t-a", (16, 8), torch.float64)]
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+    spans = sorted(span(t) for t in [big, *others])
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))  # disjoint
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(scratch_buffer("t-a", (4, 8)).data_ptr()))
+    thread.start()
+    thread.join()
+    assert seen and seen[0] != big.data_ptr()
+    empty_scratch()
+    assert scratch_buffer("t-a", (16, 8)).data_ptr() != big.data_ptr()  # `big` still holds its own

@@ -259,3 +259,52 @@ def test_recomputed_norm_outputs_give_the_same_grads(
     assert torch.equal(loss_a, loss_b)
     for a, b in zip(grads_a, grads_b):
         assert torch.equal(a, b)
+
+
+def _lora_loss_and_grads(
+    model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    from edge_sdk.training.lora import lora_parameters
+
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, ids, position_ids=positions)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in lora_parameters(model)]
+
+
+def _tiny_lora_model(tmp_path: Path, arch: str, freeze_a: bool = False) -> torch.nn.Module:
+    from edge_sdk.training.lora import LoraConfig, lora_parameters
+
+    path = write_family_gguf(tmp_path / f"{arch}.gguf", arch)
+    torch.manual_seed(0)
+    model = load_model(path, precision="nf4", lora=LoraConfig(rank=4, freeze_a=freeze_a))
+    for p in lora_parameters(model):  # non-zero B so that A gets a gradient too
+        torch.nn.init.normal_(p, std=0.02)
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3"])
+def test_fewer_passes_give_bit_identical_loss_and_grads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, freeze_a: bool
+) -> None:
+    """Issue 16 part 3: the reused-buffer forms of RMSNorm, RoPE, the gated MLP's backward and
+    the fused loss's chunks change no bit of the loss or of any LoRA gradient: SwiGLU (llama),
+    GeGLU + q/k norms + a window crossed (gemma3, 12 tokens over a window of 5), q/k norms
+    (qwen3), with and without a trained A, packed or not."""
+    import edge_sdk.models.transformer as tr
+
+    model = _tiny_lora_model(tmp_path, arch, freeze_a)
+    rng = np.random.default_rng(0)
+    ids = torch.from_numpy(rng.integers(5, 290, size=(2, 12)))
+    packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], list(range(12))])
+    for positions in (None, packed):
+        monkeypatch.setattr(tr, "FEWER_PASSES", False)
+        loss_a, grads_a = _lora_loss_and_grads(model, ids, positions)
+        monkeypatch.setattr(tr, "FEWER_PASSES", True)
+        loss_b, grads_b = _lora_loss_and_grads(model, ids, positions)
+        assert torch.equal(loss_a, loss_b)
+        assert len(grads_a) == len(grads_b) > 0
+        for a, b in zip(grads_a, grads_b):
+            assert torch.equal(a, b)
