@@ -9,7 +9,7 @@ from pathlib import Path
 
 from coordinator.next_version import AggregationConfig, Shapes
 from coordinator.strategies import FedAvg, FedBuff
-from edge_sdk.method import MethodSpec
+from edge_sdk.method import DEFAULT_CODECS, MethodSpec
 from edge_sdk.models.naming import LORA_TARGETS
 from edge_sdk.validators import is_int
 from edge_sdk.wire import parse_codec
@@ -41,10 +41,10 @@ class CoordinatorConfig:
     """LoRA target projections (must match the keys of `shapes`)."""
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     strategy: FedAvg | FedBuff = field(default_factory=FedBuff)
-    codec: str = "delta+int4+zlib"
-    """Codec the task asks clients to use (any valid codec is accepted on ingest). The default
-    is the one the demo meets its accuracy targets with: 1.18 MB per SmolLM2-135M r=8 update
-    against 4.92 MB for `delta+fp16` (BENCHMARKS.md)."""
+    codec: str | None = None
+    """Codec the task asks clients to use (any valid codec is accepted on ingest); None: the
+    method's (`edge_sdk.method.DEFAULT_CODECS`: int4 deltas for sft, int8 for dpo, as measured
+    by the demos). `task_codec` is the one in force."""
     global_codec: str = "fp32"
     """Value format of the served global adapter (fp32 keeps deltas exact)."""
     local_steps: int = 20
@@ -137,6 +137,11 @@ class CoordinatorConfig:
     as soon as every device asked has answered); a device that has not answered is a
     drop-out."""
 
+    @property
+    def task_codec(self) -> str:
+        """The codec the task asks for: `codec`, or the method's default."""
+        return self.codec if self.codec is not None else DEFAULT_CODECS[self.method.name]
+
     def __post_init__(self) -> None:
         if len(self.model_sha256) != 64 or any(
             c not in "0123456789abcdef" for c in self.model_sha256
@@ -156,7 +161,7 @@ class CoordinatorConfig:
                 raise ValueError(f"`shapes` has {module!r}, which is not in targets {self.targets}")
             if len(dims) != 2 or min(dims) <= 0:
                 raise ValueError(f"`shapes[{module!r}]` should be (out, in) > 0, got {dims!r}")
-        parse_codec(self.codec)
+        parse_codec(self.task_codec)
         global_spec = parse_codec(self.global_codec)
         if global_spec.delta or global_spec.topk is not None:
             raise ValueError(

@@ -285,7 +285,7 @@ class Coordinator:
             task_id=self.task_id,
             model_sha256=cfg.model_sha256,
             lora=self.lora,
-            codec=cfg.codec,
+            codec=cfg.task_codec,
             local_steps=cfg.local_steps,
             batch_size=cfg.batch_size,
             seq_len=cfg.seq_len,

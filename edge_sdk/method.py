@@ -45,6 +45,12 @@ function of the margin and gradients vanish or explode. Devices hold tasks to a 
 METHOD_KEY = "method"
 """The key of the spec in `TaskConfig.extra`."""
 
+DEFAULT_CODECS: dict[Method, str] = {"sft": "delta+int4+zlib", "dpo": "delta+int8+zlib"}
+"""The update codec a task of each method asks for unless told otherwise, as measured by the
+demos (BENCHMARKS.md): sft meets its targets with int4 deltas (1.18 MB per SmolLM2-135M r=8
+update against 4.92 MB for `delta+fp16`); with int4 the federated preference demo lost 3-7 of
+64 held-out prompts against int8 (seeds 0 and 1), so dpo asks for int8."""
+
 
 @dataclass(frozen=True)
 class MethodSpec:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from edge_sdk.choices import LORA_MODES, PRECISIONS, LoraMode, Precision, RobustAggregator
 from edge_sdk.demo.tasks import TaskConfig
-from edge_sdk.method import MethodSpec
+from edge_sdk.method import DEFAULT_CODECS, MethodSpec
 from edge_sdk.validators import is_int_in, is_positive_finite, require_positive_ints
 
 PREFERENCE_SFT_WEIGHT = 2.0
@@ -56,8 +56,8 @@ class DemoConfig:
     """Fraction cut from each end per coordinate for trimmed-mean (0.25 of 4 clients: one)."""
     clip_multiplier: float | None = 2.0
     """The coordinator's adaptive clip c (its default); None turns clipping off."""
-    codec: str = "delta+int4+zlib"
-    """Client update codec (the wire format's codec string)."""
+    codec: str = DEFAULT_CODECS["sft"]
+    """Client update codec (the wire format's codec string); the preference preset uses dpo's."""
     families_per_client: int = 1
     """Task families each client owns."""
     train_per_client: int = 120
@@ -170,8 +170,9 @@ class DemoConfig:
         """`fedlm demo --method dpo`: the preference task's measured configuration.
 
         With the RPO term (sft_weight): plain DPO ranked the held-out pairs right (reward
-        accuracy 100%) but changed almost no greedy answer (BENCHMARKS.md)."""
-        return cls(method="dpo", sft_weight=PREFERENCE_SFT_WEIGHT)
+        accuracy 100%) but changed almost no greedy answer; with int8 update deltas: int4 cost
+        the federation several held-out prompts (BENCHMARKS.md)."""
+        return cls(method="dpo", sft_weight=PREFERENCE_SFT_WEIGHT, codec=DEFAULT_CODECS["dpo"])
 
     @classmethod
     def quick(cls) -> DemoConfig:

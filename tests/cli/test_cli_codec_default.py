@@ -1,4 +1,5 @@
-"""The coordinator asks for the compact codec the demo proves, and the CLI says the same."""
+"""The coordinator asks for the codec the demos prove for the task's method, and the CLI says
+the same."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from coordinator.config import CoordinatorConfig
 from coordinator.shapes import shapes_from_gguf
 from edge_sdk.cli import build_parser
 from edge_sdk.cli._help import resolve
 from edge_sdk.demo.config import DemoConfig
+from edge_sdk.method import DEFAULT_CODECS, MethodSpec
 from edge_sdk.models.naming import LORA_TARGETS
-from edge_sdk.wire import AdapterUpdate, LoraSpec, UpdateEncoder
+from edge_sdk.wire import AdapterUpdate, LoraSpec, UnknownCodecError, UpdateEncoder
 
 
 def _coordinator_parser() -> argparse.ArgumentParser:
@@ -22,12 +25,26 @@ def _coordinator_parser() -> argparse.ArgumentParser:
     return sub.choices["coordinator"]
 
 
-def test_default_codec_is_the_demos_in_config_and_cli() -> None:
+def test_default_codec_is_the_demos_in_config_and_cli(tiny_gguf: Path) -> None:
     config_default = {f.name: f.default for f in dataclasses.fields(CoordinatorConfig)}["codec"]
     demo_default = {f.name: f.default for f in dataclasses.fields(DemoConfig)}["codec"]
-    assert config_default == demo_default == "delta+int4+zlib"
+    assert config_default is None  # by method
+    assert demo_default == DEFAULT_CODECS["sft"] == "delta+int4+zlib"
+    assert DemoConfig.preference().codec == DEFAULT_CODECS["dpo"] == "delta+int8+zlib"
     # The CLI declares no default of its own: it reads the config field when needed.
     assert resolve(_coordinator_parser().get_default("codec")) == config_default
+    base = {
+        "model_sha256": "0" * 64,
+        "shapes": shapes_from_gguf(tiny_gguf, LORA_TARGETS),
+        "db_path": tiny_gguf.parent / "c.db",
+        "join_token": "a-join-token",
+    }
+    assert CoordinatorConfig(**base).task_codec == "delta+int4+zlib"
+    assert CoordinatorConfig(**base, method=MethodSpec("dpo")).task_codec == "delta+int8+zlib"
+    given = CoordinatorConfig(**base, method=MethodSpec("dpo"), codec="delta+fp16")
+    assert given.task_codec == "delta+fp16"
+    with pytest.raises(UnknownCodecError, match="int3"):
+        CoordinatorConfig(**base, codec="delta+int3")
 
 
 def test_default_codec_update_is_4x_smaller_than_delta_fp16(tiny_gguf: Path) -> None:
