@@ -141,14 +141,8 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     return {"import_s": import_s, "load_s": load_s, "step_s": times, "heavy_imports": heavy}
 
 
-def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
-    """Isolation's cost, paired: one model, steps alternating unisolated / isolated packed rows.
-
-    On a shared machine the load drifts over minutes; comparing each isolated step with the
-    unisolated step next to it (order alternating per pair) cancels that drift, which separate
-    subprocess runs cannot.
-    """
-
+def _ab_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The default NF4 model with LoRA, its AdapterAdamW and the benchmark's token batch."""
     from edge_sdk.models import resolve
     from edge_sdk.models.loader import load_model
     from edge_sdk.training.adamw import AdapterAdamW
@@ -159,86 +153,81 @@ def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
     )
     model.train()
     opt = AdapterAdamW(lora_parameters(model), lr=1e-4)
-    ids = _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
-    positions = _packed_positions(args.batch_size, args.seq_len, args.pack_len, args.seed)
+    return model, opt, _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
 
-    def step(pos: Any) -> float:
-        t0 = time.perf_counter()
-        model(ids, ids, position_ids=pos).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
 
-    for _ in range(args.warmup):
-        step(None)
-        step(positions)
-    before, after = [], []
-    for i in range(args.steps):
-        if i % 2:
-            a = step(positions)
-            b = step(None)
-        else:
-            b = step(None)
-            a = step(positions)
-        before.append(b)
-        after.append(a)
+def _paired(step: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """`step(False)` (before) against `step(True)` (after), alternating, the order flipping per
+    pair: on a shared machine the load drifts over minutes, and comparing each step with its
+    neighbour cancels that drift, which separate subprocess runs cannot. Wall and CPU seconds
+    (all threads; less moved by other jobs than wall time)."""
+    wall: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+
+    def timed(on: bool) -> None:
+        t0, c0 = time.perf_counter(), _cpu_s()
+        step(on)
+        wall[on].append(time.perf_counter() - t0)
+        cpu[on].append(_cpu_s() - c0)
+
+    for i in range(args.warmup + args.steps):
+        order = (True, False) if i % 2 else (False, True)
+        for on in order:
+            timed(on)
+    before, after = wall[False][args.warmup :], wall[True][args.warmup :]
+    cpu_before, cpu_after = cpu[False][args.warmup :], cpu[True][args.warmup :]
     return {
         "import_s": 0.0,
         "load_s": 0.0,
         "step_s": after,
         "before_s": before,
         "ratios": [a / b for a, b in zip(after, before)],
+        "cpu_ratios": [a / b for a, b in zip(cpu_after, cpu_before)],
     }
+
+
+def _paired_summary(what: str, runs: list[dict[str, Any]]) -> str:
+    """One line on a paired A/B stack's runs: the median after / before ratio and its spread."""
+    ratios = [x for r in runs for x in r["ratios"]]
+    before = [x for r in runs for x in r["before_s"]]
+    after = [x for r in runs for x in r["step_s"]]
+    cpu_ratios = [x for r in runs for x in r["cpu_ratios"]]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return (
+        f"{what}, paired in one process: step time median {statistics.median(ratios):.3f}x "
+        f"(quartiles {q[0]:.3f}..{q[2]:.3f}, {len(ratios)} pairs), CPU seconds "
+        f"{statistics.median(cpu_ratios):.3f}x; before {statistics.median(before):.2f} s, "
+        f"after {statistics.median(after):.2f} s median"
+    )
+
+
+def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """Isolation's cost, paired: one model, steps alternating unisolated / isolated packed rows."""
+    model, opt, ids = _ab_model(args)
+    positions = _packed_positions(args.batch_size, args.seq_len, args.pack_len, args.seed)
+
+    def step(isolated: bool) -> None:
+        model(ids, ids, position_ids=positions if isolated else None).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _paired(step, args)
 
 
 def worker_floor_ab(args: argparse.Namespace) -> dict[str, Any]:
-    """The issue-16 part-3 step change, paired: one model, steps alternating with
-    `transformer.FEWER_PASSES` off / on (same loss and gradients, bit for bit), order
-    alternating per pair, as `worker_isolation_ab`."""
+    """The issue-16 part-3 step change, paired: steps alternating with
+    `transformer.FEWER_PASSES` off / on (same loss and gradients, bit for bit)."""
+    from edge_sdk.models import transformer
 
-    from edge_sdk.models import resolve, transformer
-    from edge_sdk.models.loader import load_model
-    from edge_sdk.training.adamw import AdapterAdamW
-    from edge_sdk.training.lora import LoraConfig, lora_parameters
+    model, opt, ids = _ab_model(args)
 
-    model = load_model(
-        resolve(args.model), precision="nf4", lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank)
-    )
-    model.train()
-    opt = AdapterAdamW(lora_parameters(model), lr=1e-4)
-    ids = _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
-
-    cpu: dict[bool, list[float]] = {False: [], True: []}
-
-    def step(on: bool) -> float:
+    def step(on: bool) -> None:
         transformer.FEWER_PASSES = on
-        t0, c0 = time.perf_counter(), _cpu_s()
         model(ids, ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        cpu[on].append(_cpu_s() - c0)
-        return time.perf_counter() - t0
 
-    for _ in range(args.warmup):
-        step(False)
-        step(True)
-    before, after = [], []
-    for i in range(args.steps):
-        if i % 2:
-            a, b = step(True), step(False)
-        else:
-            b, a = step(False), step(True)
-        before.append(b)
-        after.append(a)
-    return {
-        "import_s": 0.0,
-        "load_s": 0.0,
-        "step_s": after,
-        "before_s": before,
-        "ratios": [a / b for a, b in zip(after, before)],
-        # CPU seconds of the same steps (all threads): less moved by other jobs than wall time
-        "cpu_ratios": [a / b for a, b in zip(cpu[True][args.warmup :], cpu[False][args.warmup :])],
-    }
+    return _paired(step, args)
 
 
 def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
@@ -495,29 +484,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{packed['median_step_s'] / ours['median_step_s']:.3f}x "
             f"median (packed steps span {min(spread):.2f}x..{max(spread):.2f}x of ours' median)"
         )
-    if "isolation-ab" in results:
-        ratios = [x for r in runs["isolation-ab"] for x in r["ratios"]]
-        before = [x for r in runs["isolation-ab"] for x in r["before_s"]]
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        print(
-            f"isolation, paired in one process: isolated / unisolated step time median "
-            f"{statistics.median(ratios):.3f}x (quartiles "
-            f"{q[0]:.3f}..{q[2]:.3f}, {len(ratios)} pairs); "
-            f"unisolated steps {statistics.median(before):.2f} s median, "
-            f"{min(before):.2f}..{max(before):.2f} s"
-        )
-    if "floor-ab" in results:
-        ratios = [x for r in runs["floor-ab"] for x in r["ratios"]]
-        before = [x for r in runs["floor-ab"] for x in r["before_s"]]
-        after = [x for r in runs["floor-ab"] for x in r["step_s"]]
-        cpu_ratios = [x for r in runs["floor-ab"] for x in r["cpu_ratios"]]
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        print(
-            f"FEWER_PASSES, paired in one process: on / off step "
-            f"time median {statistics.median(ratios):.3f}x (quartiles {q[0]:.3f}..{q[2]:.3f}, "
-            f"{len(ratios)} pairs), CPU seconds {statistics.median(cpu_ratios):.3f}x; "
-            f"off {statistics.median(before):.2f} s, on {statistics.median(after):.2f} s median"
-        )
+    for stack, what in (
+        ("isolation-ab", "isolation: isolated / unisolated"),
+        ("floor-ab", "FEWER_PASSES: on / off"),
+    ):
+        if stack in results:
+            print(_paired_summary(what, runs[stack]))
     if "floor" in results and "hf" in results:
         floor, hf = results["floor"], results["hf"]
         parts = runs["floor"][-1]

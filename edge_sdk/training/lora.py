@@ -184,22 +184,39 @@ class _MergedNF4LoRA(torch.autograd.Function):
     def backward(ctx, g):
         x, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scale
-        grad_x = grad_a = grad_b = None
+        grad_x = None
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         if ctx.needs_input_grad[0]:
             w = ctx.base.dequantize_scratch()
             w.addmm_(lora_B, lora_A, alpha=s)
             grad_x = g @ w  # (..., in)
-        # Operand orders below are chosen for CPU BLAS: a GEMM with 8 output columns runs
-        # 2-4x slower than the same product with 8 output rows (measured on (256, 1536) x r=8).
-        if ctx.needs_input_grad[2]:
-            xa = x2 @ lora_A.T  # (N, r)
-            grad_b = (xa.T @ g2).T.mul_(s)  # ((r, N) @ (N, out))^T -> (out, r)
-        if ctx.needs_input_grad[1]:
-            gb = (lora_B.T @ g2.T).T  # ((r, out) @ (out, N))^T -> (N, r)
-            grad_a = (gb.T @ x2).mul_(s)  # (r, N) @ (N, in) -> (r, in)
+        grad_a, grad_b = _lora_grads(x2, g2, lora_A, lora_B, s, *ctx.needs_input_grad[1:3])
         return grad_x, grad_a, grad_b, None, None
+
+
+def _lora_grads(
+    x2: torch.Tensor,
+    g2: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    s: float,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dA = s·(gB)ᵀx and dB = s·gᵀ(xAᵀ) from the layer input x2 (N, in) and the output
+    gradient g2 (N, out); None where not needed.
+
+    Operand orders are chosen for CPU BLAS: a GEMM with 8 output columns runs 2-4x slower than
+    the same product with 8 output rows (measured on (256, 1536) x r=8)."""
+    grad_a = grad_b = None
+    if need_b:
+        xa = x2 @ lora_A.T  # (N, r)
+        grad_b = (xa.T @ g2).T.mul_(s)  # ((r, N) @ (N, out))^T -> (out, r)
+    if need_a:
+        gb = (lora_B.T @ g2.T).T  # ((r, out) @ (out, N))^T -> (N, r)
+        grad_a = (gb.T @ x2).mul_(s)  # (r, N) @ (N, in) -> (r, in)
+    return grad_a, grad_b
 
 
 def _gated_act(gate: torch.Tensor, gelu: bool, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,19 +267,14 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
         h = act.detach() * up  # (..., d_ff): recomputed, never saved
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         h2 = h.reshape(-1, h.shape[-1])  # (N, d_ff)
-        grad_gate = grad_up = grad_a = grad_b = None
+        grad_gate = grad_up = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             w = ctx.base.dequantize_scratch()
             w.addmm_(lora_B, lora_A, alpha=s)
             grad_h = g @ w  # (..., d_ff)
             grad_up = grad_h * act.detach()
             (grad_gate,) = torch.autograd.grad(act, gd, grad_h.mul_(up))
-        if ctx.needs_input_grad[4]:
-            xa = h2 @ lora_A.T  # (N, r)
-            grad_b = (xa.T @ g2).T.mul_(s)  # (out, r)
-        if ctx.needs_input_grad[3]:
-            gb = (lora_B.T @ g2.T).T  # (N, r)
-            grad_a = (gb.T @ h2).mul_(s)  # (r, d_ff)
+        grad_a, grad_b = _lora_grads(h2, g2, lora_A, lora_B, s, *ctx.needs_input_grad[3:5])
         return grad_gate, grad_up, None, grad_a, grad_b, None, None
 
     @staticmethod
@@ -285,12 +297,7 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             h = torch.mul(act, up, out=act)  # (..., d_ff): recomputed, never saved
             h2 = h.reshape(-1, h.shape[-1])  # (N, d_ff)
-            if ctx.needs_input_grad[4]:
-                xa = h2 @ lora_A.T  # (N, r)
-                grad_b = (xa.T @ g2).T.mul_(s)  # (out, r)
-            if ctx.needs_input_grad[3]:
-                gb = (lora_B.T @ g2.T).T  # (N, r)
-                grad_a = (gb.T @ h2).mul_(s)  # (r, d_ff)
+            grad_a, grad_b = _lora_grads(h2, g2, lora_A, lora_B, s, *ctx.needs_input_grad[3:5])
         return grad_gate, grad_up, None, grad_a, grad_b, None, None
 
 
