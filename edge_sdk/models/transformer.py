@@ -269,7 +269,8 @@ def rope_cache(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] channels of x (B, nh, T, hd); the rest pass through."""
+    """Rotate the first cos.shape[-1] channels of x; the rest pass through. x is (B, nh, T, hd)
+    with cos (T, rd) or (B, 1, T, rd), or (B, T, nh, hd) with cos (B, T, 1, rd) (`_packed`)."""
     if LEAN_BACKWARD and x.requires_grad and torch.is_grad_enabled():
         return _RopeFn.apply(x, cos, sin)
     return _apply_rope(x, cos, sin)
