@@ -259,15 +259,16 @@ def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     return {"import_s": import_s, "load_s": load_s, "step_s": times}
 
 
-def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
-    """The fp32 compute floor of one step: the base model's GEMMs and attention, timed alone.
+def _floor_ops(args: argparse.Namespace) -> dict[str, tuple[Any, int]]:
+    """The fp32 compute floor of one step, as ops: name -> (op, times it runs per step).
 
     Whatever the stack, a LoRA step on a frozen base must run, per block, each projection
     forward (x Wᵀ) and backward into its input (g W), attention forward and backward, and the
-    tied output projection both ways for the loss. These are timed here one by one at the
-    step's exact shapes (medians), with nothing else: no dequantization, norms, activations,
-    rank-r products, softmax or optimizer. Layer 0's q/k/v need no input gradient (the
-    embedding is frozen). The sum is a generous lower bound on any fp32 step on this machine.
+    tied output projection both ways for the loss. These run here at the step's exact shapes,
+    into preallocated outputs, with nothing else: no dequantization, norms, activations,
+    rank-r products, softmax or optimizer, and the same (cache-warm) weights for every layer.
+    Layer 0's q/k/v need no input gradient (the embedding is frozen). A generous lower bound
+    on any fp32 step on this machine.
     """
     import torch
     import torch.nn.functional as F
@@ -277,30 +278,18 @@ def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = read_config(resolve(args.model))
     t = args.seq_len * args.batch_size  # tokens per step: the GEMMs' row count
+    ops: dict[str, tuple[Any, int]] = {}
 
-    def median_s(fn: Any, reps: int = 15) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    gemm_s: dict[str, float] = {}
-    for name, (out_f, in_f) in cfg.target_shapes().items():
+    def gemms(name: str, out_f: int, in_f: int, fwd_n: int, bwd_n: int) -> None:
         x, w, g = torch.randn(t, in_f), torch.randn(out_f, in_f), torch.randn(t, out_f)
-        fwd = median_s(lambda x=x, w=w: F.linear(x, w))
-        bwd = median_s(lambda g=g, w=w: g @ w)
+        y, dx = torch.empty(t, out_f), torch.empty(t, in_f)
+        ops[f"{name} fwd"] = (lambda: torch.mm(x, w.t(), out=y), fwd_n)
+        ops[f"{name} bwd"] = (lambda: torch.mm(g, w, out=dx), bwd_n)
+
+    for name, (out_f, in_f) in cfg.target_shapes().items():
         no_input_grad = 1 if name in ("q_proj", "k_proj", "v_proj") else 0  # layer 0
-        gemm_s[name] = cfg.n_layer * fwd + (cfg.n_layer - no_input_grad) * bwd
-    h, emb, gl = (
-        torch.randn(t, cfg.d_model),
-        torch.randn(cfg.vocab_size, cfg.d_model),
-        torch.randn(t, cfg.vocab_size),
-    )
-    gemm_s["output"] = median_s(lambda: F.linear(h, emb), 5) + median_s(lambda: gl @ emb, 5)
+        gemms(name, out_f, in_f, cfg.n_layer, cfg.n_layer - no_input_grad)
+    gemms("output", cfg.vocab_size, cfg.d_model, 1, 1)
 
     B, T = args.batch_size, args.seq_len
     q = torch.randn(B, cfg.n_head, T, cfg.head_dim, requires_grad=True)
@@ -314,15 +303,57 @@ def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
         )
         o.backward(go)
 
-    attention_s = cfg.n_layer * median_s(attention)
-    floor = sum(gemm_s.values()) + attention_s
+    ops["attention"] = (attention, cfg.n_layer)
+    return ops
+
+
+def worker_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The floor of `_floor_ops`, each op timed alone (median of 15) times its count."""
+    from collections import defaultdict
+
+    def median_s(fn: Any, reps: int = 15) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    parts: dict[str, float] = defaultdict(float)
+    for name, (op, n) in _floor_ops(args).items():
+        parts[name.split()[0]] += n * median_s(op, 5 if name.startswith("output") else 15)
+    attention_s = parts.pop("attention")
     return {
         "import_s": 0.0,
         "load_s": 0.0,
-        "step_s": [floor],
-        "gemm_s": gemm_s,
+        "step_s": [sum(parts.values()) + attention_s],
+        "gemm_s": dict(parts),
         "attention_s": attention_s,
     }
+
+
+def worker_floor_pair(args: argparse.Namespace) -> dict[str, Any]:
+    """Our default step against the floor's ops run back to back, paired in one process.
+
+    Separate processes minutes apart see different machines (idle spells, other jobs); each
+    of our steps here is compared with the floor step beside it. Ratio = ours / floor.
+    """
+    ops = list(_floor_ops(args).values())
+    model, opt, ids = _ab_model(args)
+
+    def step(ours: bool) -> None:
+        if ours:
+            model(ids, ids).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            for op, n in ops:
+                for _ in range(n):
+                    op()
+
+    return _paired(step, args)
 
 
 def run_worker(stack: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -350,11 +381,8 @@ def run_worker(stack: str, args: argparse.Namespace) -> dict[str, Any]:
         "--pack-len",
         str(args.pack_len),
     ]
-    env = dict(os.environ)
+    env = dict(os.environ)  # main() set the OpenMP wait policy, the same for every stack
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    # Both stacks get the same OpenMP setting: on a loaded machine, spinning OpenMP workers
-    # make every small op wait for a descheduled thread (measured 0.14 ms -> 31 ms per op).
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if stack in ("ours-lowmem", "ours-ckpt"):
         env["FEDLM_LOW_MEMORY"] = "1"
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=3600)
@@ -407,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         "packed examples), ours-lowmem (FEDLM_LOW_MEMORY=1), ours-ckpt (that + gradient "
         "checkpointing), ours-plain-backward (LEAN_BACKWARD off), ours-torch-adamw "
         "(torch.optim.AdamW), ours-fp32, isolation-ab (paired isolated vs unisolated steps), "
-        "floor-ab (paired: FEWER_PASSES off vs on), "
+        "floor-ab (paired: FEWER_PASSES off vs on), floor-pair (paired: ours vs the floor's "
+        "ops run back to back), "
         "hf, hf-fp32, floor (the step's fp32 GEMMs + attention timed alone)",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -425,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.worker == "isolation-ab"
             else worker_floor_ab
             if args.worker == "floor-ab"
+            else worker_floor_pair
+            if args.worker == "floor-pair"
             else worker_ours
         )
         result = worker(args)
@@ -434,6 +465,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     stacks = args.stacks.split(",")
+    # Every stack gets the OpenMP wait policy `fedlm train` would choose now (an
+    # OMP_WAIT_POLICY set by the caller wins): libgomp's default when the machine is idle,
+    # PASSIVE when it is busy (edge_sdk/cli/_openmp.py; spinning costs 2-3x under load).
+    # (Imported here: the workers, HF's included, must not carry edge_sdk's imports.)
+    from edge_sdk.cli._openmp import FOREGROUND, apply_wait_policy
+
+    policy = apply_wait_policy(FOREGROUND)
+    print(
+        f"OpenMP wait policy, every stack: {policy or 'libgomp default'} "
+        f"(load average {os.getloadavg()[0]:.2f})"
+    )
     # Rounds alternate the stacks (ours, hf, ours, hf, ...) so that a busy spell on a shared
     # machine hits both rather than one.
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in stacks}
@@ -487,9 +529,17 @@ def main(argv: list[str] | None = None) -> int:
     for stack, what in (
         ("isolation-ab", "isolation: isolated / unisolated"),
         ("floor-ab", "FEWER_PASSES: on / off"),
+        ("floor-pair", "ours / the floor's ops"),
     ):
         if stack in results:
             print(_paired_summary(what, runs[stack]))
+    if "floor-pair" in results:
+        ratios = [x for r in runs["floor-pair"] for x in r["ratios"]]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        print(
+            f"fraction of the floor, paired: {100 / statistics.median(ratios):.0f}% "
+            f"(quartiles {100 / q[2]:.0f}..{100 / q[0]:.0f}%)"
+        )
     if "floor" in results and "hf" in results:
         floor, hf = results["floor"], results["hf"]
         parts = runs["floor"][-1]

@@ -9,6 +9,7 @@ import sys
 from edge_sdk.choices import PRECISIONS
 from edge_sdk.cli._help import ConfigDefault, DefaultsHelpFormatter
 from edge_sdk.cli._help import resolve as resolve_default
+from edge_sdk.cli._openmp import FOREGROUND
 from edge_sdk.models.naming import LORA_TARGETS
 from edge_sdk.training.methods import (
     DEFAULT_BETA,
@@ -160,7 +161,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed data lines")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_train)
+    # The machine's main job: its OpenMP threads spin while the cores are free (cli/_openmp.py).
+    p.set_defaults(func=_train, openmp=FOREGROUND)
 
     c = sub.add_parser("convert-adapter", help="convert a PEFT LoRA directory to a GGUF LoRA")
     c.add_argument(
