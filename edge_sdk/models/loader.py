@@ -217,7 +217,7 @@ def _iter_progress(items: list[int], enabled: bool, desc: str) -> Iterator[int]:
     yield from tqdm(items, desc=desc, unit="layer")
 
 
-MMAP_THRESHOLD = 256 * 1024
+MMAP_THRESHOLD = 640 * 1024
 """Bytes from which glibc serves an allocation with its own mmap (`tune_malloc`)."""
 
 LOW_MEMORY_MMAP_THRESHOLD = 128 * 1024
@@ -225,17 +225,21 @@ LOW_MEMORY_MMAP_THRESHOLD = 128 * 1024
 
 
 def tune_malloc(low_memory: bool = False) -> None:
-    """Pin glibc's mmap threshold, so that a training step's large tensors are returned to the
-    OS when freed instead of fragmenting the heap (issue 16, part 2).
+    """Pin glibc's mmap threshold, so that a training step's largest tensors are returned to
+    the OS when freed instead of fragmenting the heap (issue 16, part 2).
 
     glibc starts at 128 KiB but raises the threshold to the size of each mmapped block freed
-    (up to 32 MiB): after the load's fp32 blocks it is several MiB, the step's activations
-    (0.2-1.5 MB each at seq 256) then come from the heap, and the holes that the forward's
-    temporaries leave between the tensors saved for backward grow it. Measured on SmolLM2 QLoRA
-    (seq 256, batch 1, 4 steps, bench worker): peak RSS 803 MB with the moving threshold,
-    673 MB pinned at 256 KiB, 676 MB at 512 KiB, 792 MB at 1 MiB, and the heap stopped growing
-    from step to step. The cost is page faults on fresh maps: 44k per step at 256 KiB against
-    10k (a few % of a step; see BENCHMARKS.md, issue 16). FEDLM_LOW_MEMORY=1 pins it at 128 KiB.
+    (up to 32 MiB): after the load's fp32 blocks it is several MiB, every activation of the
+    step (0.2-1.5 MB each for SmolLM2 at seq 256) then comes from the heap, and the holes that
+    the forward's temporaries leave between the tensors saved for backward grow it: peak RSS
+    803 MB against 673 MB pinned at 256 KiB (SmolLM2 QLoRA, seq 256, batch 1, bench worker).
+    But each mapped tensor costs a map, page faults on first write and an unmap, which cost
+    most while OpenMP threads spin on the other cores (what `fedlm train` uses on an idle
+    machine): at 256 KiB, ~150k page faults per step and steps 1.25x slower than at 640 KiB
+    (median of 5 paired runs, all 5 slower). At 640 KiB the (tokens, d_model) tensors
+    (590 KB at seq 256) reuse the heap, ~10k faults per step, and only the (tokens, d_ff)
+    ones are mapped; with the MLP's saved activations in bf16 (`transformer.SAVE_16BIT`) the
+    peak stays under half of HF's (BENCHMARKS.md, issue 16). FEDLM_LOW_MEMORY=1: 128 KiB.
     """
     libc = _libc()
     if libc is None:

@@ -196,10 +196,17 @@ def test_lean_rope_backward_equals_autograd(partial: bool, per_row: bool) -> Non
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("save_16bit", [False, True])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_lean_gated_activation_backward_equals_autograd(gelu: bool) -> None:
+def test_lean_gated_activation_backward_equals_autograd(
+    gelu: bool, save_16bit: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain autograd's gradients, at gate and up as saved: fp32, or rounded to bf16 when
+    SAVE_16BIT (the forward is exact either way)."""
+    from edge_sdk.models import transformer
     from edge_sdk.models.transformer import _GatedActFn
 
+    monkeypatch.setattr(transformer, "SAVE_16BIT", save_16bit)
     g = torch.Generator().manual_seed(3)
     gate, up = torch.randn(2, 5, 32, generator=g) * 2, torch.randn(2, 5, 32, generator=g)
     act = (
@@ -207,10 +214,16 @@ def test_lean_gated_activation_backward_equals_autograd(gelu: bool) -> None:
         if gelu
         else torch.nn.functional.silu
     )
+    out = _GatedActFn.apply(gate, up, gelu)
+    torch.testing.assert_close(out, act(gate) * up, rtol=0, atol=0)
     ours = _grads(lambda a, b: _GatedActFn.apply(a, b, gelu), gate, up)
-    ref = _grads(lambda a, b: act(a) * b, gate, up)
-    for a, b in zip(ours, ref):
+    saved = (gate, up) if not save_16bit else (gate.bfloat16().float(), up.bfloat16().float())
+    ref = _grads(lambda a, b: act(a) * b, *saved)
+    for a, b in zip(ours[1:], ref[1:]):  # [0] is the output, checked above
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if save_16bit:  # and the rounding is visible against fp32 (the flag does something)
+        exact = _grads(lambda a, b: act(a) * b, gate, up)
+        assert not torch.equal(ours[1], exact[1])
 
 
 @pytest.mark.parametrize("precision", ["nf4", "fp32"])
