@@ -74,11 +74,14 @@ def test_busy_cores_sees_a_busy_process() -> None:
     [
         (["train", "smollm2-135m", "--data", "d.txt", "--out", "o"], FOREGROUND),
         (["join", "smollm2-135m", "--data", "d.txt"], SHARED),
-        (["demo"], SHARED),
+        (["demo"], FOREGROUND),  # baselines alone, then clients at one thread each
+        (["demo", "--quick", "--in-process"], FOREGROUND),
+        (["demo", "--method", "dpo"], SHARED),  # two worker processes side by side
         (["coordinator"], SHARED),
         (["convert-adapter", "p", "--model", "m", "--out", "o.gguf"], SHARED),
     ],
 )
 def test_which_commands_spin(argv: list[str], kind: str) -> None:
     args = build_parser().parse_args(argv)
-    assert getattr(args, "openmp", SHARED) == kind
+    chosen = getattr(args, "openmp", SHARED)
+    assert (chosen(args) if callable(chosen) else chosen) == kind
