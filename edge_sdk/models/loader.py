@@ -238,8 +238,9 @@ def tune_malloc(low_memory: bool = False) -> None:
     machine): at 256 KiB, ~150k page faults per step and steps 1.25x slower than at 640 KiB
     (median of 5 paired runs, all 5 slower). At 640 KiB the (tokens, d_model) tensors
     (590 KB at seq 256) reuse the heap, ~10k faults per step, and only the (tokens, d_ff)
-    ones are mapped; with the MLP's saved activations in bf16 (`transformer.SAVE_16BIT`) the
-    peak stays under half of HF's (BENCHMARKS.md, issue 16). FEDLM_LOW_MEMORY=1: 128 KiB.
+    ones are mapped, for ~70 MB more at the peak (BENCHMARKS.md, issue 16).
+    FEDLM_LOW_MEMORY=1: 128 KiB (and the MLP's saved activations in bf16,
+    `transformer.SAVE_16BIT`).
     """
     libc = _libc()
     if libc is None:
