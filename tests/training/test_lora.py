@@ -228,9 +228,9 @@ def test_an_eval_of_the_disabled_adapter_keeps_the_nf4_layout(tiny_path: Path) -
 def test_bf16_saved_activations_keep_the_loss_and_move_gradients_by_rounding_only(
     tmp_path: Path, arch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SAVE_16BIT (FEDLM_LOW_MEMORY=1) keeps the MLP's gate and up in bf16 for the backward: the loss
-    is bit-identical, the LoRA gradients move by bf16 rounding only (SmolLM2, one step at seq
-    256: 0.14 % globally, cosine 0.999999; BENCHMARKS.md), and the saved copies are bf16."""
+    """SAVE_16BIT (FEDLM_LOW_MEMORY=1) keeps the MLP's gate and up in bf16 for the backward:
+    the loss is bit-identical, the LoRA gradients move by bf16 rounding only (SmolLM2, one
+    step at seq 256: 0.14 % globally, cosine 0.999999), and the saved copies are bf16."""
     from edge_sdk.models import transformer
 
     path = write_family_gguf(tmp_path / f"{arch}.gguf", arch)
