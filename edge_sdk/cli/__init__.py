@@ -59,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # imports no torch: the wait policy can still be chosen
-    kind = getattr(args, "openmp", SHARED)  # a command's kind, or a function of its arguments
-    apply_wait_policy(kind(args) if callable(kind) else kind)
+    apply_wait_policy(getattr(args, "openmp", SHARED))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

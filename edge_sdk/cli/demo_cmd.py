@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.cli._openmp import FOREGROUND, SHARED
 from edge_sdk.method import METHODS
 from edge_sdk.training.methods import DEFAULT_METHOD
 
@@ -62,16 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--sft-weight", type=float, default=None, help="dpo: RPO alpha (default: the preset's)"
     )
     p.add_argument("--greedy", action="store_true", help="dpo: also judge llama.cpp greedy answers")
-    p.set_defaults(func=_demo, openmp=_openmp_kind)
-
-
-def _openmp_kind(args: argparse.Namespace) -> str:
-    """How this demo's OpenMP threads wait (edge_sdk/cli/_openmp.py). The SFT demo trains its
-    baselines alone in this process, then gives the cores to its coordinator and `fedlm join`
-    processes (which sleep, as those commands always do) and scores on one thread: spin while
-    the cores are free. The DPO demo trains its arms in two worker processes side by side:
-    never spin."""
-    return SHARED if args.method == "dpo" else FOREGROUND
+    p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:

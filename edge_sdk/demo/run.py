@@ -99,8 +99,6 @@ def run_demo(
     `federation`: the federated arm's backend; None runs it in this process
     (`InProcessFederation`, on the model and datasets loaded for the baselines).
     """
-    import torch
-
     from edge_sdk.adapters.export import export_adapter
     from edge_sdk.adapters.gguf_lora import BaseModelInfo, write_gguf_lora
     from edge_sdk.models import resolve
@@ -125,6 +123,8 @@ def run_demo(
         note("phase", name=name, seconds=timings[name])
 
     if config.threads is not None:
+        import torch
+
         torch.set_num_threads(config.threads)
     model_path = resolve(config.model)
     if data_dir is None:
@@ -182,15 +182,7 @@ def run_demo(
         fed = InProcessFederation(model, datasets, progress).run(config, on_version)
     else:
         federation_name = federation.name
-        # The client processes need the cores now; this one only scores each new version, on
-        # one thread, whose OpenMP pool then has nothing to wait for (`fedlm demo` lets idle
-        # OpenMP threads spin, which beside busy processes makes every op 2-3x slower).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            fed = federation.run(client_paths, config, on_version)
-        finally:
-            torch.set_num_threads(threads)
+        fed = federation.run(client_paths, config, on_version)
     if not curve:
         raise FederationError("the federation published no global version")
     final = fed.versions[-1]
