@@ -259,44 +259,6 @@ def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     return {"import_s": import_s, "load_s": load_s, "step_s": times}
 
 
-def worker_hf_pair(args: argparse.Namespace) -> dict[str, Any]:
-    """Our default step against HF's (the `hf` stack), paired in one process: on a machine
-    whose speed drifts by 1.5x over minutes, separate workers cannot resolve 20 %.
-
-    Each stack runs under its own malloc settings: ours pins glibc's mmap threshold at load
-    (`tune_malloc`); before each HF step it is set to 32 MiB, near what glibc's moving threshold
-    reaches in HF's own process. Peak RSS means nothing here. Ratio = ours / HF step time.
-    """
-    import ctypes
-
-    import torch
-
-    from benchmarks.hf_qlora import add_lora, load_gguf_fp32, quantize_linears_nf4
-    from edge_sdk.models import resolve
-    from edge_sdk.models.loader import MMAP_THRESHOLD
-
-    libc = ctypes.CDLL("libc.so.6")
-    hf = load_gguf_fp32(resolve(args.model))
-    quantize_linears_nf4(hf)
-    hf = add_lora(hf, args.rank, 2 * args.rank)
-    hf.train()
-    hf_opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
-    model, opt, ids = _ab_model(args)
-
-    def step(ours: bool) -> None:
-        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(MMAP_THRESHOLD if ours else 32 << 20))
-        if ours:
-            model(ids, ids).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
-            hf(input_ids=ids, labels=ids).loss.backward()
-            hf_opt.step()
-            hf_opt.zero_grad(set_to_none=True)
-
-    return _paired(step, args)
-
-
 def _floor_ops(args: argparse.Namespace) -> dict[str, tuple[Any, int]]:
     """The fp32 compute floor of one step, as ops: name -> (op, times it runs per step).
 
@@ -473,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "packed examples), ours-lowmem (FEDLM_LOW_MEMORY=1), ours-ckpt (that + gradient "
         "checkpointing), ours-plain-backward (LEAN_BACKWARD off), ours-torch-adamw "
         "(torch.optim.AdamW), ours-fp32, isolation-ab (paired isolated vs unisolated steps), "
-        "floor-ab (paired: FEWER_PASSES off vs on), hf-pair (paired: ours vs hf), "
+        "floor-ab (paired: FEWER_PASSES off vs on), "
         "floor-pair (paired: ours vs the floor's ops run back to back), "
         "hf, hf-fp32, floor (the step's fp32 GEMMs + attention timed alone)",
     )
@@ -484,9 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         args.stack = args.worker
         worker = (
-            worker_hf_pair
-            if args.worker == "hf-pair"
-            else worker_hf
+            worker_hf
             if args.worker.startswith("hf")
             else worker_floor
             if args.worker == "floor"
@@ -570,7 +530,6 @@ def main(argv: list[str] | None = None) -> int:
         ("isolation-ab", "isolation: isolated / unisolated"),
         ("floor-ab", "FEWER_PASSES: on / off"),
         ("floor-pair", "ours / the floor's ops"),
-        ("hf-pair", "ours / HF"),
     ):
         if stack in results:
             print(_paired_summary(what, runs[stack]))
