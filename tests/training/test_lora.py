@@ -233,10 +233,7 @@ def test_bf16_saved_activations_keep_the_loss_and_move_gradients_by_rounding_onl
     step at seq 256: 0.14 % globally, cosine 0.999999), and the saved copies are bf16."""
     from edge_sdk.models import transformer
 
-    path = write_family_gguf(tmp_path / f"{arch}.gguf", arch)
-    model = load_model(path, precision="nf4", lora=LoraConfig(rank=4))
-    _randomize_b(model, seed=5)
-    ids = _ids(6)
+    model, ids = _nf4_family_model(tmp_path, arch)
     runs = []
     for save_16bit in (True, False):
         monkeypatch.setattr(transformer, "SAVE_16BIT", save_16bit)
@@ -256,6 +253,17 @@ def test_bf16_saved_activations_keep_the_loss_and_move_gradients_by_rounding_onl
     diff = sum(float((a - b).pow(2).sum()) for a, b in zip(g16, g32)) ** 0.5
     norm = sum(float(b.pow(2).sum()) for b in g32) ** 0.5
     assert 0 < diff / norm < 1e-2, diff / norm
+
+
+def _nf4_family_model(tmp_path: Path, arch: str) -> tuple[Any, torch.Tensor]:
+    """A tiny NF4 model of `arch` with rank-4 LoRA (B randomized) and a batch of token ids."""
+    model = load_model(
+        write_family_gguf(tmp_path / f"{arch}.gguf", arch),
+        precision="nf4",
+        lora=LoraConfig(rank=4),
+    )
+    _randomize_b(model, seed=5)
+    return model, _ids(6)
 
 
 def _graph_nodes(fn: Any) -> Iterator[Any]:
@@ -316,10 +324,7 @@ def test_lean_backward_gives_plain_autograds_gradients(
     from edge_sdk.models import transformer
 
     monkeypatch.setattr(transformer, "SAVE_16BIT", False)
-    path = write_family_gguf(tmp_path / f"{arch}.gguf", arch)
-    model = load_model(path, precision="nf4", lora=LoraConfig(rank=4))
-    _randomize_b(model, seed=5)
-    ids = _ids(6)
+    model, ids = _nf4_family_model(tmp_path, arch)
     grads = []
     for lean in (True, False):
         transformer.LEAN_BACKWARD = lean
