@@ -239,15 +239,6 @@ def _gated_act_backward(grad: torch.Tensor, gate: torch.Tensor, gelu: bool) -> t
     return torch.ops.aten.silu_backward(grad, gate)
 
 
-def _saved_gate_up(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate and up a gated backward saved (`transformer.save_16bit`), in the compute dtype."""
-    gate16, up16 = ctx.saved_gate_up
-    return (
-        transformer.restore_saved(gate16, ctx.dtype, "saved_gate"),
-        transformer.restore_saved(up16, ctx.dtype, "saved_up"),
-    )
-
-
 class _GatedMergedNF4LoRA(torch.autograd.Function):
     """y = (act(gate) ∘ up)(W + s·B·A)^T + bias: `_MergedNF4LoRA` with its input h = act(gate) ∘ up
     recomputed in backward from gate and up instead of saved.
@@ -260,8 +251,8 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
         h = _gated_act(gate, gelu, out=buf).mul_(up)  # (..., d_ff)
         w = base.dequantize_scratch()  # (out, d_ff)
         w.addmm_(lora_B, lora_A, alpha=scale)
-        ctx.save_for_backward(lora_A, lora_B)
-        ctx.saved_gate_up = transformer.save_16bit(gate), transformer.save_16bit(up)
+        save = transformer.save_16bit
+        ctx.save_for_backward(save(gate), save(up), lora_A, lora_B)
         ctx.gelu, ctx.scale, ctx.base, ctx.dtype = gelu, scale, base, gate.dtype
         return torch.nn.functional.linear(h, w, base.bias)  # (..., out)
 
@@ -269,8 +260,8 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
     def backward(ctx, g):
         if transformer.FEWER_PASSES:
             return _GatedMergedNF4LoRA._backward_lean(ctx, g)
-        gate, up = _saved_gate_up(ctx)
-        lora_A, lora_B = ctx.saved_tensors
+        gate, up, lora_A, lora_B = ctx.saved_tensors
+        gate, up = transformer.restore_gate_up(gate, up, ctx.dtype)
         s = ctx.scale
         with torch.enable_grad():
             gd = gate.detach().requires_grad_(True)
@@ -294,8 +285,8 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
         gradient into h in reused buffers and the activation's backward kernel called directly
         (no autograd graph for it): two fresh (..., d_ff) tensors, the returned gradients,
         instead of five."""
-        gate, up = _saved_gate_up(ctx)
-        lora_A, lora_B = ctx.saved_tensors
+        gate, up, lora_A, lora_B = ctx.saved_tensors
+        gate, up = transformer.restore_gate_up(gate, up, ctx.dtype)
         s = ctx.scale
         act = _gated_act(gate, ctx.gelu, out=scratch_buffer("temp", gate.shape))
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
