@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = apply_wait_policy(FOREGROUND)
     print(
         f"OpenMP wait policy, every stack: {policy or 'libgomp default'} "
-        f"(cores busy with other work at start: sampled)"
+        "(what `fedlm train` would choose now)"
     )
     # Rounds alternate the stacks (ours, hf, ours, hf, ...) so that a busy spell on a shared
     # machine hits both rather than one.
