@@ -314,7 +314,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def _half_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a · b in a reused buffer. RoPE adds or subtracts it in place: a − b·s equals the plain
     form's a + (−b)·s bit for bit, where `addcmul_` may fuse the multiply-add and round once."""
-    return torch.mul(a, b, out=scratch_buffer("temp", torch.broadcast_shapes(a.shape, b.shape)))
+    return torch.mul(a, b, out=scratch_buffer("temp", _broadcast_shape(a.shape, b.shape)))
+
+
+def _broadcast_shape(a: torch.Size, b: torch.Size) -> tuple[int, ...]:
+    """The shape `a` and `b` broadcast to. Not `torch.broadcast_shapes`: its first call imports
+    torch.fx's symbolic shapes and sympy (+34 MB RSS, 0.3-0.5 s, measured in `fedlm train`)."""
+    n = max(len(a), len(b))
+    pa, pb = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    if any(x != y and 1 not in (x, y) for x, y in zip(pa, pb)):
+        raise ValueError(f"shapes {tuple(a)} and {tuple(b)} do not broadcast")
+    return tuple(y if x == 1 else x for x, y in zip(pa, pb))
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
