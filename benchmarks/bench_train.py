@@ -98,7 +98,7 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     from edge_sdk.models import resolve, transformer
     from edge_sdk.models.loader import load_model
     from edge_sdk.training.adamw import AdapterAdamW
-    from edge_sdk.training.lora import LoraConfig, lora_parameters
+    from edge_sdk.training.lora import LoraConfig, lora_parameters, set_base_compute
 
     import_s = time.perf_counter() - t0
     # ours-plain-backward: plain autograd through norms, RoPE and SwiGLU (what LEAN_BACKWARD saves).
@@ -112,6 +112,8 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
         gradient_checkpointing=args.stack == "ours-ckpt",
     )
     load_s = time.perf_counter() - t0
+    if args.stack == "ours-bf16":
+        set_base_compute(model, "bf16")  # `fedlm train --compute bf16`
     model.train()
     # What `fedlm train` uses (torch.optim.AdamW would import torch._dynamo: ~70 MB RSS).
     opt = (
@@ -146,11 +148,12 @@ def _ab_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from edge_sdk.models import resolve
     from edge_sdk.models.loader import load_model
     from edge_sdk.training.adamw import AdapterAdamW
-    from edge_sdk.training.lora import LoraConfig, lora_parameters
+    from edge_sdk.training.lora import LoraConfig, lora_parameters, set_base_compute
 
     model = load_model(
         resolve(args.model), precision="nf4", lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank)
     )
+    set_base_compute(model, "bf16" if args.stack.endswith("-bf16") else "fp32")
     model.train()
     opt = AdapterAdamW(lora_parameters(model), lr=1e-4)
     return model, opt, _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
@@ -436,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkpointing), ours-plain-backward (LEAN_BACKWARD off), ours-torch-adamw "
         "(torch.optim.AdamW), ours-fp32, isolation-ab (paired isolated vs unisolated steps), "
         "floor-ab (paired: FEWER_PASSES off vs on), "
-        "floor-pair (paired: ours vs the floor's ops run back to back), "
+        "floor-pair (paired: ours vs the floor's ops run back to back), ours-bf16 and "
+        "floor-pair-bf16 (the same with `--compute bf16`), "
         "hf, hf-fp32, floor (the step's fp32 GEMMs + attention timed alone)",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -455,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             else worker_floor_ab
             if args.worker == "floor-ab"
             else worker_floor_pair
-            if args.worker == "floor-pair"
+            if args.worker.startswith("floor-pair")
             else worker_ours
         )
         result = worker(args)
@@ -530,16 +534,19 @@ def main(argv: list[str] | None = None) -> int:
         ("isolation-ab", "isolation: isolated / unisolated"),
         ("floor-ab", "FEWER_PASSES: on / off"),
         ("floor-pair", "ours / the floor's ops"),
+        ("floor-pair-bf16", "ours --compute bf16 / the fp32 floor's ops"),
     ):
         if stack in results:
             print(_paired_summary(what, runs[stack]))
-    if "floor-pair" in results:
-        ratios = [x for r in runs["floor-pair"] for x in r["ratios"]]
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        print(
-            f"fraction of the floor, paired: {100 / statistics.median(ratios):.0f}% "
-            f"(quartiles {100 / q[2]:.0f}..{100 / q[0]:.0f}%)"
-        )
+    for stack in ("floor-pair", "floor-pair-bf16"):
+        if stack in results:
+            ratios = [x for r in runs[stack] for x in r["ratios"]]
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            print(
+                f"{stack}: fraction of the fp32 floor, paired: "
+                f"{100 / statistics.median(ratios):.0f}% "
+                f"(quartiles {100 / q[2]:.0f}..{100 / q[0]:.0f}%)"
+            )
     if "floor" in results and "hf" in results:
         floor, hf = results["floor"], results["hf"]
         parts = runs["floor"][-1]

@@ -2,13 +2,16 @@
 
 What issue 16 asks to compare: everything each process loads and does (tokenizer, data, model,
 evaluation before and after, training, the adapter written out), its peak RSS
-(`/usr/bin/time -f %M`), wall time, and training tokens/s as each prints it ("trained N steps,
-T tokens in S s (X tokens/s)": all steps, evaluation excluded). The two commands alternate,
+(`/usr/bin/time -f %M`), wall time, and training tokens/s: as each prints it ("trained N steps,
+T tokens in S s (X tokens/s)": all steps, evaluation excluded), and the median of the steps
+after the first (each writes its per-step records to `metrics.json`), which the first step's
+one-off costs (allocator growth, first calls) do not move. The commands alternate,
 the order flipping every round, so drift on a shared machine hits both alike; the ratios are
 of medians.
 
 - ours: `fedlm train MODEL --data FILE --seq-len L --batch-size 1 --rank R --steps S --out DIR`
   (no other flags: the defaults are what is measured);
+- ours-bf16: the same with `--compute bf16`;
 - hf: `benchmarks/hf_train_script.py` (transformers + peft + bitsandbytes NF4, same sizes).
 
 Neither gets an OMP_WAIT_POLICY from here: `fedlm train` chooses its own, the HF script gets
@@ -45,9 +48,20 @@ def _docs_text(path: Path) -> Path:
 def _command(stack: str, args: argparse.Namespace, data: Path, out: Path) -> list[str]:
     sizes = ["--seq-len", str(args.seq_len), "--batch-size", "1", "--rank", str(args.rank)]
     sizes += ["--steps", str(args.steps), "--out", str(out)]
-    if stack == "ours":
+    if stack.startswith("ours"):
         code = "import sys; from edge_sdk.cli import main; sys.exit(main(sys.argv[1:]))"
-        return [sys.executable, "-c", code, "train", args.model, "--data", str(data), *sizes]
+        option = ["--compute", "bf16"] if stack == "ours-bf16" else []
+        return [
+            sys.executable,
+            "-c",
+            code,
+            "train",
+            args.model,
+            "--data",
+            str(data),
+            *sizes,
+            *option,
+        ]
     script = str(ROOT / "benchmarks" / "hf_train_script.py")
     return [sys.executable, script, "--model", args.model, "--data", str(data), *sizes]
 
@@ -67,7 +81,10 @@ def run_once(stack: str, args: argparse.Namespace, data: Path, workdir: Path) ->
     rss_kb, wall = re.findall(r"TIME (\d+) ([\d.]+)", text)[-1]
     tokens, seconds, tps = _SUMMARY.findall(text)[-1]
     evals = re.findall(r"eval loss ([\d.]+) -> ([\d.]+)", text)
+    history = json.loads((out / "metrics.json").read_text())["metrics"]["history"]
+    steady = [h["tokens_per_s"] for h in history[1:]] or [float(tps)]
     return {
+        "step_tokens_per_s": statistics.median(steady),
         "peak_rss_mb": int(rss_kb) / 1024,
         "wall_s": float(wall),
         "train_s": float(seconds),
@@ -85,40 +102,57 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--stacks",
+        default="ours,hf",
+        help="comma list of: ours (fedlm train's defaults), ours-bf16 (--compute bf16), hf",
+    )
     ap.add_argument("--json", type=Path, help="also write every run here")
     args = ap.parse_args(argv)
 
-    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "hf": []}
+    stacks = args.stacks.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {stack: [] for stack in stacks}
     with tempfile.TemporaryDirectory(prefix="bench-train-cli-") as tmp:
         workdir = Path(tmp)
         data = args.data or _docs_text(workdir / "docs.txt")
         for r in range(args.rounds):
-            order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")
+            order = stacks if r % 2 == 0 else stacks[::-1]
             for stack in order:
                 res = run_once(stack, args, data, workdir)
                 runs[stack].append(res)
                 print(
                     f"round {r + 1} {stack:4s}: {res['peak_rss_mb']:.0f} MB, "
-                    f"{res['tokens_per_s']:.0f} tokens/s, wall {res['wall_s']:.1f} s, "
+                    f"{res['tokens_per_s']:.0f} tokens/s (steps after the first: "
+                    f"{res['step_tokens_per_s']:.0f}), wall {res['wall_s']:.1f} s, "
                     f"eval loss {res['eval_loss']}",
                     flush=True,
                 )
     med = {
         stack: {
             k: statistics.median(r[k] for r in rs)
-            for k in ("peak_rss_mb", "tokens_per_s", "wall_s")
+            for k in ("peak_rss_mb", "tokens_per_s", "step_tokens_per_s", "wall_s")
         }
         for stack, rs in runs.items()
     }
-    print(f"\n| whole process, median of {args.rounds} | ours | HF | ours / HF |")
-    print("|---|---:|---:|---:|")
+    ours = [stack for stack in stacks if stack != "hf"]
+    print(
+        f"\n| whole process, median of {args.rounds} | "
+        + " | ".join(stacks)
+        + " | "
+        + " | ".join(f"{o} / hf" for o in ours)
+        + " |"
+    )
+    print("|---" * (1 + len(stacks) + len(ours)) + "|")
     for key, label in (
         ("peak_rss_mb", "peak RSS (MB)"),
-        ("tokens_per_s", "tokens/s"),
+        ("tokens_per_s", "tokens/s, whole run"),
+        ("step_tokens_per_s", "tokens/s, median step after the first"),
         ("wall_s", "wall (s)"),
     ):
-        o, h = med["ours"][key], med["hf"][key]
-        print(f"| {label} | {o:.0f} | {h:.0f} | **{o / h:.2f}x** |")
+        cells = [f"{med[stack][key]:.0f}" for stack in stacks]
+        if "hf" in med:
+            cells += [f"**{med[o][key] / med['hf'][key]:.2f}x**" for o in ours]
+        print(f"| {label} | " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
     return 0

@@ -15,6 +15,7 @@ Run (repository root on PYTHONPATH):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -79,6 +80,7 @@ def main() -> None:
     before = _eval_loss(model, val, args.batch_size)
 
     tokens, seconds, loss = 0, 0.0, float("nan")
+    history = []
     for step in range(args.steps):
         i = (step * args.batch_size) % len(train)
         batch = train[i : i + args.batch_size]
@@ -87,11 +89,16 @@ def main() -> None:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        seconds += dt
         tokens += batch.numel()
         loss = out.loss.item()
+        history.append({"step": step + 1, "loss": loss, "tokens_per_s": batch.numel() / dt})
     after = _eval_loss(model, val, args.batch_size)
     model.save_pretrained(args.out)
+    # The per-step records `fedlm train` writes too (bench_train_cli.py reads both alike).
+    with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump({"metrics": {"history": history}}, f)
     print(
         f"trained {args.steps} steps, {tokens} tokens in {seconds:.1f} s "
         f"({tokens / seconds:.0f} tokens/s); final train loss {loss:.4f}"

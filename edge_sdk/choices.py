@@ -15,6 +15,12 @@ Precision = Literal["nf4", "bf16", "fp32"]
 """Storage of the frozen base weights in training: NF4 4-bit (QLoRA), bfloat16 or float32."""
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
+Compute = Literal["fp32", "bf16"]
+"""Arithmetic of the NF4 base's two matrix products in training (the forward and the input
+gradient): fp32, or bf16 (weights and activations rounded to bf16, products widened back; the
+adapter, its gradients, norms, attention, the loss and the optimizer stay fp32)."""
+COMPUTES: tuple[Compute, ...] = get_args(Compute)
+
 LoraMode = Literal["naive", "frozen-a", "exact"]
 """Federated LoRA aggregation: "naive" (average A and B), "frozen-a" (A from a shared seed,
 only B trained and averaged), "exact" (average of the products B·A, re-factorised)."""

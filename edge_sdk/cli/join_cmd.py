@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.choices import BACKENDS, PRECISIONS
+from edge_sdk.choices import BACKENDS, COMPUTES, PRECISIONS
 from edge_sdk.cli._help import CommaListDefault, ConfigDefault, DefaultsHelpFormatter, resolve
 from edge_sdk.env import JOIN_CODE_ENV, JOIN_TOKEN_ENV
 
@@ -136,6 +136,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="frozen base precision",
     )
     p.add_argument(
+        "--compute",
+        choices=COMPUTES,
+        default=_client_default("compute"),
+        help="the NF4 base's matrix products: fp32, or bf16 (faster on CPUs with bf16 dot "
+        "products, e.g. AVX512-BF16)",
+    )
+    p.add_argument(
         "--val-fraction",
         type=float,
         default=_client_default("val_fraction"),
@@ -214,6 +221,7 @@ def _config(args: argparse.Namespace) -> Any:  # -> ClientConfig (lazy import ke
             else None
         ),
         precision=resolve(args.precision),
+        compute=resolve(args.compute),
         seed=resolve(args.seed),
         val_fraction=resolve(args.val_fraction),
         poll_interval_s=resolve(args.poll_interval),
@@ -249,6 +257,10 @@ def _join(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fedlm join: error: {exc}", file=sys.stderr)
         return 2
+    from edge_sdk.training.lora_bf16 import compute_warning
+
+    if warning := compute_warning(config.compute):
+        print(f"fedlm join: warning: {warning}", file=sys.stderr)
     logging.getLogger("edge_sdk.client").setLevel(
         logging.INFO if not args.verbose else logging.DEBUG
     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_sdk._docfields import document_fields
-from edge_sdk.choices import PRECISIONS, Precision
+from edge_sdk.choices import COMPUTES, PRECISIONS, Compute, Precision
 from edge_sdk.client.controls import LocalDpConfig
 from edge_sdk.client.errors import JoinCodeError
 from edge_sdk.client.feedback import FeedbackLimits
@@ -69,6 +69,9 @@ class ClientConfig:
     """Clip + Gaussian noise on the update before it leaves the device; None = off."""
     precision: Precision = "nf4"
     """Frozen base precision for training: nf4 (QLoRA), bf16 or fp32."""
+    compute: Compute = "fp32"
+    """The NF4 base's matrix products in training: fp32, or bf16 (faster on CPUs with bf16
+    dot products; the adapter and the optimizer stay fp32)."""
     checkpoint_every: int = 5
     """Training checkpoint interval in optimizer steps (what a crash can lose at most)."""
     eval_batches: int = 4
@@ -163,6 +166,12 @@ class ClientConfig:
             raise ValueError(f"`threads` should be >= 1, got {self.threads!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")
+        if self.compute not in COMPUTES:
+            raise ValueError(f"`compute` should be one of {COMPUTES}, got {self.compute!r}")
+        if self.compute != "fp32" and self.precision != "nf4":
+            raise ValueError(
+                f"`compute` {self.compute} applies to an NF4 base, not precision {self.precision}"
+            )
         if self.checkpoint_every < 1:
             raise ValueError(f"`checkpoint_every` should be >= 1, got {self.checkpoint_every!r}")
         if self.eval_batches < 0:

@@ -103,6 +103,7 @@ class LocalTrainer:
             lr=task.lr, warmup=0, min_lr_ratio=1.0,  # constant lr: a round is a slice of one run
             seed=seed, eval_batches=self.config.eval_batches,
             checkpoint_every=self.config.checkpoint_every, precision=self.config.precision,
+            compute=self.config.compute,
         )  # fmt: skip
 
     def missing_data(self, method: MethodSpec) -> str | None:

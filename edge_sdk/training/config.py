@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_sdk._docfields import document_fields
-from edge_sdk.choices import PRECISIONS, Precision
+from edge_sdk.choices import COMPUTES, PRECISIONS, Compute, Precision
 from edge_sdk.training.data import DataConfig
 from edge_sdk.training.lora import LoraConfig
 from edge_sdk.training.methods import (
@@ -84,6 +84,9 @@ class TrainConfig:
     """Frozen base precision: nf4 (QLoRA), bf16 or fp32."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward (less memory, about 30% slower)."""
+    compute: Compute = "fp32"
+    """The NF4 base's matrix products: fp32, or bf16 (faster on CPUs with bf16 dot products,
+    AVX512-BF16 or AMX; the adapter and the optimizer stay fp32). Only with precision nf4."""
 
     def __post_init__(self) -> None:
         require_positive_ints(self, "steps", "seq_len", "batch_size", "grad_accum")
@@ -112,6 +115,7 @@ class TrainConfig:
             )
         for name, choices in (
             ("precision", PRECISIONS),
+            ("compute", COMPUTES),
             ("method", TRAIN_METHODS),
             ("dpo_loss", DPO_LOSSES),
             ("reference", DPO_REFERENCES),
@@ -120,6 +124,11 @@ class TrainConfig:
                 raise ValueError(
                     f"`{name}` should be one of {choices}, got {getattr(self, name)!r}"
                 )
+        if self.compute != "fp32" and self.precision != "nf4":
+            raise ValueError(
+                f"`compute` {self.compute} applies to an NF4 base; precision "
+                f"{self.precision} computes in its own dtype (use precision nf4, or compute fp32)"
+            )
         DataConfig(seq_len=self.seq_len, val_fraction=self.val_fraction, seed=self.seed)
 
     def data_config(self, skip_bad: bool = False) -> DataConfig:
@@ -141,6 +150,8 @@ class TrainConfig:
         if lora.pop("layers") is not None:
             lora["layers"] = self.lora.layers
         out.update(lora)
+        if self.compute == "fp32":
+            del out["compute"]  # a checkpoint written before the field existed keeps resuming
         if self.method != "sft":
             out.update(method=self.method, **{k: getattr(self, k) for k in _DPO_FIELDS})
             if self.sft_weight == 0.0:

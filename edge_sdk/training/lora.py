@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_sdk.choices import COMPUTES, Compute
 from edge_sdk.errors import AdapterMismatchError
 from edge_sdk.models import transformer
 from edge_sdk.models.config import model_config
@@ -104,6 +105,8 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))  # (out, r)
         self.enabled = True
         """False bypasses the adapter (the output is the base's)."""
+        self.compute: Compute = "fp32"
+        """Arithmetic of an NF4 base's products: "bf16" runs them in bf16 (`lora_bf16`)."""
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -121,7 +124,8 @@ class LoRALinear(nn.Module):
             and isinstance(self.dropout, nn.Identity)
             and x.dtype == torch.float32
         ):
-            return _MergedNF4LoRA.apply(x, self.lora_A, self.lora_B, self.scale, self.base)
+            fn = _MergedNF4LoRA if self.compute == "fp32" else _bf16_functions()[0]
+            return fn.apply(x, self.lora_A, self.lora_B, self.scale, self.base)
         y = self.base(x)
         a = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T  # (..., r)
         return y + (a @ self.lora_B.T * self.scale).to(y.dtype)  # (..., out)
@@ -143,9 +147,8 @@ class LoRALinear(nn.Module):
             or gate.dtype != torch.float32
         ):
             return None
-        return _GatedMergedNF4LoRA.apply(
-            gate, up, gelu, self.lora_A, self.lora_B, self.scale, self.base
-        )
+        fn = _GatedMergedNF4LoRA if self.compute == "fp32" else _bf16_functions()[1]
+        return fn.apply(gate, up, gelu, self.lora_A, self.lora_B, self.scale, self.base)
 
     def delta_weight(self) -> torch.Tensor:
         """scale · B·A, (out, in): what merging adds to the base weight."""
@@ -159,6 +162,22 @@ class LoRALinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.rank}, scale={self.scale:g}"
         )
+
+
+def _bf16_functions() -> tuple[type[torch.autograd.Function], type[torch.autograd.Function]]:
+    """`lora_bf16`'s plain and gated functions (imported here: that module builds on this one)."""
+    from edge_sdk.training import lora_bf16
+
+    return lora_bf16.Bf16NF4LoRA, lora_bf16.Bf16GatedNF4LoRA
+
+
+def set_base_compute(model: nn.Module, compute: Compute) -> None:
+    """Run every NF4 base projection under an adapter in `compute` ("fp32" or "bf16": see
+    `lora_bf16`). Other bases (fp32, bf16, bitsandbytes) keep their own arithmetic."""
+    if compute not in COMPUTES:
+        raise ValueError(f"`compute` should be one of {COMPUTES}, got {compute!r}")
+    for _, m in lora_modules(model):
+        m.compute = compute
 
 
 class _MergedNF4LoRA(torch.autograd.Function):
@@ -450,5 +469,6 @@ __all__ = [
     "lora_state_dict",
     "max_merge_error",
     "merged_weights",
+    "set_base_compute",
     "set_lora_enabled",
 ]

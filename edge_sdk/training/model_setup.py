@@ -13,7 +13,7 @@ import torch
 from edge_sdk.adapters.seeded import frozen_a_matrix
 from edge_sdk.models.naming import parse_hf_module
 from edge_sdk.training.config import TrainConfig
-from edge_sdk.training.lora import lora_modules, lora_state_dict
+from edge_sdk.training.lora import lora_modules, lora_state_dict, set_base_compute
 
 
 def seeded_adapter(
@@ -40,16 +40,19 @@ def adapter_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 def load_for_training(
     model_path: str | os.PathLike[str], config: TrainConfig, *, progress: bool = False
 ) -> torch.nn.Module:
-    """The frozen base (in `config.precision`) with LoRA layers attached."""
+    """The frozen base (in `config.precision`) with LoRA layers attached, computing in
+    `config.compute`."""
     from edge_sdk.models.loader import load_model
 
-    return load_model(
+    model = load_model(
         model_path,
         precision=config.precision,
         lora=config.lora,
         gradient_checkpointing=config.gradient_checkpointing,
         progress=progress,
     )
+    set_base_compute(model, config.compute)
+    return model
 
 
 def check_lora_layers(model: torch.nn.Module, config: TrainConfig) -> None:

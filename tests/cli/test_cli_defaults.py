@@ -78,6 +78,7 @@ JOIN: dict[str, Field] = {
     "dp_clip": Field(ClientConfig, "local_dp"),  # no clip: no local DP
     "dp_noise": Field(LocalDpConfig, "noise_multiplier"),
     "precision": Field(ClientConfig, "precision"),
+    "compute": Field(ClientConfig, "compute"),
     "val_fraction": Field(ClientConfig, "val_fraction"),
     "poll_interval": Field(ClientConfig, "poll_interval_s"),
     "seed": Field(ClientConfig, "seed"),
@@ -172,6 +173,7 @@ TRAIN: dict[str, Field] = {
     "eval_every": Field(TrainConfig, "eval_every"),
     "checkpoint_every": Field(TrainConfig, "checkpoint_every"),
     "precision": Field(TrainConfig, "precision"),
+    "compute": Field(TrainConfig, "compute"),
     "gradient_checkpointing": Field(TrainConfig, "gradient_checkpointing"),
 }
 TRAIN_CLI_ONLY = {

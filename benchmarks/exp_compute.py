@@ -1,17 +1,23 @@
-"""Experiment (issue 16, part 4): int8 activations x int8 weights for the frozen base's GEMMs.
+"""Experiment (issue 16, part 4): the frozen base's GEMMs below fp32, in int8 or in bf16.
 
-The NF4 base is dequantized as usual, then re-quantized per call to int8 (per output row for
-the forward, per input column for the input-gradient GEMM), the activations / output gradients
-per token, and the products run through `torch._int_mm` (VNNI on AVX512 CPUs). The LoRA path,
-its gradients and the optimizer stay fp32. Not wired into `fedlm train`: this script patches
-`edge_sdk.training.lora._MergedNF4LoRA` in its own process.
+- int8: the NF4 base is dequantized as usual, then re-quantized per call to int8 (per output
+  row for the forward, per input column for the input-gradient GEMM), the activations / output
+  gradients per token, and the products run through `torch._int_mm` (VNNI on AVX512 CPUs).
+- bf16: `fedlm train --compute bf16` (`edge_sdk/training/lora_bf16.py`): the dequantized NF4
+  weight and the activations / output gradients rounded to bf16, torch's bf16 GEMM (AVX512-BF16
+  where the CPU has it), the products widened back to fp32, the adapter beside it in fp32.
+
+In both, the LoRA path, its gradients and the optimizer stay fp32. Not wired into `fedlm
+train` for int8: this script patches `edge_sdk.training.lora`'s autograd function in its own
+process.
 
 Two measurements, one process each arm, same seed and data:
-- speed: paired steps, alternating fp32 / int8 on one model (SmolLM2, seq 256, batch 1);
-- quality: `fedlm train` on JSON-record data (what the hidden task looks like), eval loss
-  after N steps, fp32 against int8.
+- speed: paired steps, alternating fp32 / the mode on one model (SmolLM2, seq 256, batch 1);
+- quality: `fedlm train` on JSON-record data (what the hidden task looks like), or on a text
+  file (`--data`), eval loss after N steps, fp32 against the mode.
 
-Run: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/exp_int8_compute.py [--steps 12]`
+Run: `.venv/bin/python benchmarks/exp_compute.py --mode speed --compute bf16 [--speed-pairs 8]`,
+then `--mode quality --compute fp32|bf16|int8 [--steps 12] [--data FILE.txt]`
 """
 
 from __future__ import annotations
@@ -74,13 +80,18 @@ class _Int8NF4LoRA(torch.autograd.Function):
 
 
 FP32 = lora._MergedNF4LoRA
+MODES = ("fp32", "int8", "bf16")
 
 
-def use(mode: str) -> None:
+def use(mode: str, model: Any = None) -> None:
+    """int8: patch the non-gated projections' function (what the int8 arm measured); bf16:
+    `fedlm train --compute bf16`'s own path (`edge_sdk.training.lora_bf16`), set on `model`."""
     lora._MergedNF4LoRA = _Int8NF4LoRA if mode == "int8" else FP32  # type: ignore[misc]
+    if model is not None:
+        lora.set_base_compute(model, "bf16" if mode == "bf16" else "fp32")
 
 
-def speed(steps: int) -> dict[str, Any]:
+def speed(steps: int, mode: str) -> dict[str, Any]:
     from edge_sdk.models import resolve
     from edge_sdk.models.loader import load_model
     from edge_sdk.training.adamw import AdapterAdamW
@@ -93,21 +104,27 @@ def speed(steps: int) -> dict[str, Any]:
     )
 
     def step(mode: str) -> float:
-        use(mode)
+        use(mode, model)
         t0 = time.perf_counter()
         model(ids, ids).backward()
         opt.step()
         opt.zero_grad()
         return time.perf_counter() - t0
 
-    step("fp32"), step("int8")
-    pairs = []
+    step("fp32"), step(mode)
+    pairs, fp32_s = [], []
     for i in range(steps):
-        order = ("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")
+        order = ("fp32", mode) if i % 2 == 0 else (mode, "fp32")
         t = {m: step(m) for m in order}
-        pairs.append(t["int8"] / t["fp32"])
-    use("fp32")
-    return {"int8_over_fp32_step": statistics.median(pairs), "pairs": pairs}
+        pairs.append(t[mode] / t["fp32"])
+        fp32_s.append(t["fp32"])
+    use("fp32", model)
+    return {
+        f"{mode}_over_fp32_step": statistics.median(pairs),
+        "quartiles": statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs,
+        "fp32_step_s": statistics.median(fp32_s),
+        "pairs": pairs,
+    }
 
 
 def json_data(path: Path, n: int = 120, seed: int = 0) -> Path:
@@ -132,7 +149,7 @@ def json_data(path: Path, n: int = 120, seed: int = 0) -> Path:
 def quality(mode: str, steps: int, data: Path) -> float:
     from edge_sdk.cli import main as cli_main
 
-    use(mode)
+    use("int8" if mode == "int8" else "fp32")
     with tempfile.TemporaryDirectory() as out:
         rc = cli_main(
             [
@@ -152,6 +169,7 @@ def quality(mode: str, steps: int, data: Path) -> float:
                 str(steps),
                 "--seed",
                 "0",
+                *(["--compute", "bf16"] if mode == "bf16" else []),
             ]
         )
         assert rc == 0
@@ -164,13 +182,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--speed-pairs", type=int, default=4)
-    ap.add_argument("--mode", choices=["speed", "fp32", "int8"], default="speed")
+    ap.add_argument("--mode", choices=["speed", "quality"], default="speed")
+    ap.add_argument("--compute", choices=MODES, default="bf16")
+    ap.add_argument("--data", type=Path, help="quality: a text file (default: JSON records)")
     args = ap.parse_args()
     if args.mode == "speed":
-        print(json.dumps(speed(args.speed_pairs)))
+        print(json.dumps(speed(args.speed_pairs, args.compute)))
     else:
-        data = json_data(Path(tempfile.gettempdir()) / "fedlm-int8-json.txt")
-        print(json.dumps({"mode": args.mode, "metrics": quality(args.mode, args.steps, data)}))
+        data = args.data or json_data(Path(tempfile.gettempdir()) / "fedlm-compute-json.txt")
+        metrics = quality(args.compute, args.steps, data)
+        print(json.dumps({"compute": args.compute, "data": str(data), "metrics": metrics}))
     return 0
 
 
