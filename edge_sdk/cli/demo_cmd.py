@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_sdk.choices import COMPUTES
 from edge_sdk.method import METHODS
 from edge_sdk.training.methods import DEFAULT_METHOD
 
@@ -35,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         metavar="N",
         help="torch threads (default: all cores; 1 on a busy machine)",
+    )
+    p.add_argument(
+        "--compute",
+        choices=COMPUTES,
+        default=None,
+        help="the NF4 base's matrix products in every training run: fp32 (default), or bf16 "
+        "(as `fedlm train --compute`)",
     )
     p.add_argument(
         "--in-process",
@@ -88,6 +96,7 @@ def _demo(args: argparse.Namespace) -> int:
             ("model", args.model),
             ("seed", args.seed),
             ("threads", args.threads),
+            ("compute", args.compute),
         )
         if v is not None
     }
@@ -168,7 +177,8 @@ def _preference_demo(args: argparse.Namespace) -> int:
         config = quick(config)
     changes = {k: v for k, v in (("clients", args.clients), ("rounds", args.rounds),
                ("model", args.model), ("seed", args.seed), ("threads", args.threads),
-               ("beta", args.beta), ("sft_weight", args.sft_weight)) if v is not None}  # fmt: skip
+               ("compute", args.compute), ("beta", args.beta), ("sft_weight", args.sft_weight))
+               if v is not None}  # fmt: skip
     try:
         config = config.replace(**changes)
     except ValueError as exc:

@@ -11,7 +11,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from edge_sdk.choices import LORA_MODES, PRECISIONS, LoraMode, Precision, RobustAggregator
+from edge_sdk.choices import (
+    COMPUTES,
+    LORA_MODES,
+    PRECISIONS,
+    Compute,
+    LoraMode,
+    Precision,
+    RobustAggregator,
+)
 from edge_sdk.demo.tasks import TaskConfig
 from edge_sdk.method import DEFAULT_CODECS, MethodSpec
 from edge_sdk.validators import is_int_in, is_positive_finite, require_positive_ints
@@ -70,6 +78,9 @@ class DemoConfig:
     """Seeds the data, the adapter init and every run."""
     precision: Precision = "nf4"
     """Frozen base precision of every torch run: nf4 (QLoRA), bf16 or fp32."""
+    compute: Compute = "fp32"
+    """The NF4 base's matrix products in every torch run: fp32, or bf16 (as `fedlm train
+    --compute`)."""
     threads: int | None = None
     """torch threads of the in-process runs; None keeps torch's default (all cores). On a busy
     machine 1 is several times faster than 2 (measured: BENCHMARKS.md)."""
@@ -119,6 +130,12 @@ class DemoConfig:
                 raise ValueError(f"`{name}` should be a positive number, got {value!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")
+        if self.compute not in COMPUTES:
+            raise ValueError(f"`compute` should be one of {COMPUTES}, got {self.compute!r}")
+        if self.compute != "fp32" and self.precision != "nf4":
+            raise ValueError(
+                f"`compute` {self.compute} applies to an NF4 base, not precision {self.precision}"
+            )
         if self.mode not in LORA_MODES:
             raise ValueError(f"`mode` should be exact, frozen-a or naive, got {self.mode!r}")
         MethodSpec(self.method, self.beta, self.dpo_loss, self.sft_weight)  # type: ignore[arg-type]

@@ -381,6 +381,8 @@ class NetworkFederation:
                             str(config.rounds),
                             "--precision",
                             config.precision,
+                            "--compute",
+                            config.compute,
                             "--seed",
                             str(config.seed),
                             # The demo scores a central held-out set: clients train on all their

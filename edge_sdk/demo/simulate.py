@@ -61,6 +61,7 @@ def train_config(
         val_fraction=0.0,
         checkpoint_every=0,
         precision=config.precision,
+        compute=config.compute,
         method=config.method,  # type: ignore[arg-type]
         beta=config.beta,
         dpo_loss=config.dpo_loss,  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ def test_presets_keep_the_steps_per_client_of_their_schedule() -> None:
         ("seq_len", 8),
         ("threads", 0),
         ("precision", "int8"),
+        ("compute", "fp16"),
         ("own_fraction", 2.0),
     ],
 )
@@ -39,3 +40,15 @@ def test_bad_codec_is_refused() -> None:
         (ValueError, WireError), match=r"unknown codec stage 'int3' in 'delta\+int3'"
     ):
         DemoConfig(codec="delta+int3")
+
+
+def test_compute_reaches_every_run_of_the_demo() -> None:
+    """`fedlm demo --compute bf16`: the in-process runs' TrainConfig and each networked
+    client's `fedlm join` command line carry it; it needs the NF4 base."""
+    from edge_sdk.demo.simulate import train_config
+
+    config = DemoConfig.quick().replace(compute="bf16")
+    assert train_config(config, 2).compute == "bf16"
+    assert train_config(DemoConfig.quick(), 2).compute == "fp32"
+    with pytest.raises(ValueError, match="`compute` bf16 applies to an NF4 base"):
+        DemoConfig(compute="bf16", precision="fp32")
