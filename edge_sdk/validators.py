@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, TypeGuard
 
-from edge_sdk.choices import ARCHITECTURES
+from edge_sdk.choices import ARCHITECTURES, COMPUTES
 from edge_sdk.errors import UnsupportedArchitectureError
 
 
@@ -62,6 +62,18 @@ def require_int_in(name: str, value: object, lo: int, hi: int) -> int:
     if not is_int_in(value, lo, hi):
         raise ValueError(f"`{name}` should be an integer in [{lo}, {hi}], got {value!r}")
     return value
+
+
+def require_compute(compute: object, precision: object) -> None:
+    """`compute` is one of COMPUTES, and anything but fp32 only over an NF4 base (a bf16 or
+    fp32 base computes in its own dtype)."""
+    if compute not in COMPUTES:
+        raise ValueError(f"`compute` should be one of {COMPUTES}, got {compute!r}")
+    if compute != "fp32" and precision != "nf4":
+        raise ValueError(
+            f"`compute` {compute} applies to an NF4 base, not precision {precision} "
+            "(use precision nf4, or compute fp32)"
+        )
 
 
 def require_architecture(arch: object) -> str:

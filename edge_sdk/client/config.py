@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_sdk._docfields import document_fields
-from edge_sdk.choices import COMPUTES, PRECISIONS, Compute, Precision
+from edge_sdk.choices import PRECISIONS, Compute, Precision
 from edge_sdk.client.controls import LocalDpConfig
 from edge_sdk.client.errors import JoinCodeError
 from edge_sdk.client.feedback import FeedbackLimits
@@ -17,6 +17,7 @@ from edge_sdk.client.task_policy import TaskPolicy
 from edge_sdk.client.transport import RetryConfig
 from edge_sdk.env import JOIN_CODE_ENV
 from edge_sdk.models.licence import LicenceClass
+from edge_sdk.validators import require_compute
 
 
 def _default_name() -> str:
@@ -166,12 +167,7 @@ class ClientConfig:
             raise ValueError(f"`threads` should be >= 1, got {self.threads!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")
-        if self.compute not in COMPUTES:
-            raise ValueError(f"`compute` should be one of {COMPUTES}, got {self.compute!r}")
-        if self.compute != "fp32" and self.precision != "nf4":
-            raise ValueError(
-                f"`compute` {self.compute} applies to an NF4 base, not precision {self.precision}"
-            )
+        require_compute(self.compute, self.precision)
         if self.checkpoint_every < 1:
             raise ValueError(f"`checkpoint_every` should be >= 1, got {self.checkpoint_every!r}")
         if self.eval_batches < 0:

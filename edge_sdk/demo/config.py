@@ -12,7 +12,6 @@ import dataclasses
 from dataclasses import dataclass
 
 from edge_sdk.choices import (
-    COMPUTES,
     LORA_MODES,
     PRECISIONS,
     Compute,
@@ -22,7 +21,12 @@ from edge_sdk.choices import (
 )
 from edge_sdk.demo.tasks import TaskConfig
 from edge_sdk.method import DEFAULT_CODECS, MethodSpec
-from edge_sdk.validators import is_int_in, is_positive_finite, require_positive_ints
+from edge_sdk.validators import (
+    is_int_in,
+    is_positive_finite,
+    require_compute,
+    require_positive_ints,
+)
 
 PREFERENCE_SFT_WEIGHT = 2.0
 """The preference demo's RPO alpha, chosen by measurement (BENCHMARKS.md, "Federated DPO from
@@ -130,12 +134,7 @@ class DemoConfig:
                 raise ValueError(f"`{name}` should be a positive number, got {value!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"`precision` should be nf4, bf16 or fp32, got {self.precision!r}")
-        if self.compute not in COMPUTES:
-            raise ValueError(f"`compute` should be one of {COMPUTES}, got {self.compute!r}")
-        if self.compute != "fp32" and self.precision != "nf4":
-            raise ValueError(
-                f"`compute` {self.compute} applies to an NF4 base, not precision {self.precision}"
-            )
+        require_compute(self.compute, self.precision)
         if self.mode not in LORA_MODES:
             raise ValueError(f"`mode` should be exact, frozen-a or naive, got {self.mode!r}")
         MethodSpec(self.method, self.beta, self.dpo_loss, self.sft_weight)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_sdk._docfields import document_fields
-from edge_sdk.choices import COMPUTES, PRECISIONS, Compute, Precision
+from edge_sdk.choices import PRECISIONS, Compute, Precision
 from edge_sdk.training.data import DataConfig
 from edge_sdk.training.lora import LoraConfig
 from edge_sdk.training.methods import (
@@ -27,6 +27,7 @@ from edge_sdk.training.methods import (
 from edge_sdk.validators import (
     is_finite,
     is_positive_finite,
+    require_compute,
     require_non_negative_ints,
     require_positive_ints,
 )
@@ -115,7 +116,6 @@ class TrainConfig:
             )
         for name, choices in (
             ("precision", PRECISIONS),
-            ("compute", COMPUTES),
             ("method", TRAIN_METHODS),
             ("dpo_loss", DPO_LOSSES),
             ("reference", DPO_REFERENCES),
@@ -124,11 +124,7 @@ class TrainConfig:
                 raise ValueError(
                     f"`{name}` should be one of {choices}, got {getattr(self, name)!r}"
                 )
-        if self.compute != "fp32" and self.precision != "nf4":
-            raise ValueError(
-                f"`compute` {self.compute} applies to an NF4 base; precision "
-                f"{self.precision} computes in its own dtype (use precision nf4, or compute fp32)"
-            )
+        require_compute(self.compute, self.precision)
         DataConfig(seq_len=self.seq_len, val_fraction=self.val_fraction, seed=self.seed)
 
     def data_config(self, skip_bad: bool = False) -> DataConfig:

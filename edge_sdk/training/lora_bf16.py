@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from edge_sdk.models import transformer
 from edge_sdk.models.nf4 import scratch_buffer
 from edge_sdk.training import lora
 
@@ -126,8 +127,9 @@ class Bf16GatedNF4LoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, gelu, lora_A, lora_B, scale, base):
         h = lora._gated_act(gate, gelu).mul_(up)  # (..., d_ff)
-        ctx.save_for_backward(gate, up, lora_A, lora_B)
-        ctx.gelu, ctx.scale, ctx.base = gelu, scale, base
+        save = transformer.save_16bit  # bf16 copies with FEDLM_LOW_MEMORY=1, as in fp32
+        ctx.save_for_backward(save(gate), save(up), lora_A, lora_B)
+        ctx.gelu, ctx.scale, ctx.base, ctx.dtype = gelu, scale, base, gate.dtype
         return _forward(h.reshape(-1, h.shape[-1]), lora_A, lora_B, scale, base).view(
             *h.shape[:-1], -1
         )
@@ -135,6 +137,7 @@ class Bf16GatedNF4LoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         gate, up, lora_A, lora_B = ctx.saved_tensors
+        gate, up = transformer.restore_gate_up(gate, up, ctx.dtype)
         act = lora._gated_act(gate, ctx.gelu)
         need_h = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h, grad_a, grad_b = _backward(

@@ -279,13 +279,15 @@ def _graph_nodes(fn: Any) -> Iterator[Any]:
         stack.extend(next_fn for next_fn, _ in node.next_functions)
 
 
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
 @pytest.mark.parametrize("gelu", [False, True])
 def test_gated_down_projection_equals_the_unfused_path(
-    gelu: bool, monkeypatch: pytest.MonkeyPatch
+    gelu: bool, compute: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`forward_gated` (the MLP's down projection recomputing act(gate)·up in backward) gives
     the output and the gate, up and adapter gradients of act(gate)·up through the layer (with
-    gate and up saved in fp32; bf16 saving: `test_bf16_saved_activations_...` below)."""
+    gate and up saved in fp32; bf16 saving: `test_bf16_saved_activations_...` below), in fp32
+    and with `--compute bf16`."""
     from edge_sdk.models import transformer
     from edge_sdk.models.nf4 import NF4Linear
 
@@ -297,6 +299,7 @@ def test_gated_down_projection_equals_the_unfused_path(
     )
     with torch.no_grad():
         layer.lora_B.copy_(torch.randn(48, 4, generator=g) * 0.1)
+    layer.compute = compute  # type: ignore[assignment]  # bf16: `lora_bf16`'s two functions
     gate0, up0 = torch.randn(2, 6, 64, generator=g), torch.randn(2, 6, 64, generator=g)
     act = (
         (lambda t: torch.nn.functional.gelu(t, approximate="tanh"))

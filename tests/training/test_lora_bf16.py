@@ -1,4 +1,7 @@
-"""`--compute bf16`: the NF4 base's products in bf16, the adapter and everything else in fp32."""
+"""`--compute bf16`: the NF4 base's products in bf16, the adapter and everything else in fp32.
+
+The gated down projection in bf16 is checked with the fp32 one:
+`tests/training/test_lora.py::test_gated_down_projection_equals_the_unfused_path`."""
 
 from __future__ import annotations
 
@@ -70,8 +73,8 @@ def test_bf16_layer_is_the_bf16_formula_with_the_adapter_in_fp32() -> None:
 
 
 def test_a_small_adapter_update_is_not_rounded_away() -> None:
-    """A young adapter's update (here ~1e-4 of W) moves the output by exactly its own fp32
-    product; merged into a bf16 weight (as the fp32 path merges) it would mostly vanish."""
+    """A young adapter's update (here ~1e-4 of W) moves the output by its own fp32 product, to
+    fp32 rounding; merged into a bf16 weight (as the fp32 path merges) it would mostly vanish."""
     layer = _layer()
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -79,32 +82,12 @@ def test_a_small_adapter_update_is_not_rounded_away() -> None:
         base = layer(x)
         layer.lora_B.fill_(1e-4)
         expected = (x @ layer.lora_A.T) @ layer.lora_B.T * layer.scale
-        torch.testing.assert_close(layer(x) - base, expected, rtol=1e-3, atol=1e-9)
+        # atol: 2 ulps of y (|y| up to ~1.2) from fp32 rounding; the update is ~1.4e-4
+        assert float(expected.abs().mean()) > 1e-5
+        torch.testing.assert_close(layer(x) - base, expected, rtol=1e-3, atol=2.5e-7)
         merged = (x.to(BF16) @ (layer.base_weight() + layer.delta_weight()).to(BF16).T).float()
     lost = float((merged - base - expected).norm() / expected.norm())
     assert lost > 0.5, lost
-
-
-@pytest.mark.parametrize("gelu", [False, True])
-def test_bf16_gated_down_projection_equals_the_unfused_bf16_path(gelu: bool) -> None:
-    layer = _layer(seed=7, out_f=48, in_f=64)
-    g = torch.Generator().manual_seed(3)
-    gate0, up0 = torch.randn(2, 6, 64, generator=g), torch.randn(2, 6, 64, generator=g)
-    act = (
-        (lambda t: torch.nn.functional.gelu(t, approximate="tanh"))
-        if gelu
-        else torch.nn.functional.silu
-    )
-    results = []
-    for fused in (True, False):
-        gate, up = gate0.clone().requires_grad_(True), up0.clone().requires_grad_(True)
-        layer.zero_grad()
-        y = layer.forward_gated(gate, up, gelu) if fused else layer(act(gate) * up)
-        assert y is not None
-        (y * torch.linspace(-1, 1, 48)).sum().backward()
-        results.append((y.detach(), gate.grad, up.grad, layer.lora_A.grad, layer.lora_B.grad))
-    for ours, ref in zip(*results):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
