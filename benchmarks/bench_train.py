@@ -233,6 +233,26 @@ def worker_floor_ab(args: argparse.Namespace) -> dict[str, Any]:
     return _paired(step, args)
 
 
+def worker_flag_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """A module-level switch off / on (`--flag module:NAME`, e.g.
+    `edge_sdk.models.gemm:ONEDNN`), paired: steps alternating with the switch False / True."""
+    import importlib
+
+    module_name, _, name = args.flag.partition(":")
+    module = importlib.import_module(module_name)
+    if not isinstance(getattr(module, name, None), bool):
+        raise SystemExit(f"--flag {args.flag}: not a module-level bool")
+    model, opt, ids = _ab_model(args)
+
+    def step(on: bool) -> None:
+        setattr(module, name, on)
+        model(ids, ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _paired(step, args)
+
+
 def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     import torch
@@ -383,6 +403,8 @@ def run_worker(stack: str, args: argparse.Namespace) -> dict[str, Any]:
         str(args.batch_size),
         "--pack-len",
         str(args.pack_len),
+        "--flag",
+        args.flag,
     ]
     env = dict(os.environ)  # main() set the OpenMP wait policy, the same for every stack
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -438,10 +460,15 @@ def main(argv: list[str] | None = None) -> int:
         "packed examples), ours-lowmem (FEDLM_LOW_MEMORY=1), ours-ckpt (that + gradient "
         "checkpointing), ours-plain-backward (LEAN_BACKWARD off), ours-torch-adamw "
         "(torch.optim.AdamW), ours-fp32, isolation-ab (paired isolated vs unisolated steps), "
-        "floor-ab (paired: FEWER_PASSES off vs on), "
+        "floor-ab (paired: FEWER_PASSES off vs on), flag-ab (paired: --flag off vs on), "
         "floor-pair (paired: ours vs the floor's ops run back to back), ours-bf16 and "
         "floor-pair-bf16 (the same with `--compute bf16`), "
         "hf, hf-fp32, floor (the step's fp32 GEMMs + attention timed alone)",
+    )
+    ap.add_argument(
+        "--flag",
+        default="edge_sdk.models.gemm:ONEDNN",
+        help="flag-ab: the module-level bool to pair, as module:NAME",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -449,15 +476,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         args.stack = args.worker
-        worker = (
+        workers = {
+            "floor": worker_floor,
+            "isolation-ab": worker_isolation_ab,
+            "floor-ab": worker_floor_ab,
+            "flag-ab": worker_flag_ab,
+        }
+        worker = workers.get(args.worker) or (
             worker_hf
             if args.worker.startswith("hf")
-            else worker_floor
-            if args.worker == "floor"
-            else worker_isolation_ab
-            if args.worker == "isolation-ab"
-            else worker_floor_ab
-            if args.worker == "floor-ab"
             else worker_floor_pair
             if args.worker.startswith("floor-pair")
             else worker_ours
@@ -533,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     for stack, what in (
         ("isolation-ab", "isolation: isolated / unisolated"),
         ("floor-ab", "FEWER_PASSES: on / off"),
+        ("flag-ab", "--flag: on / off"),
         ("floor-pair", "ours / the floor's ops"),
         ("floor-pair-bf16", "ours --compute bf16 / the fp32 floor's ops"),
     ):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_sdk.models import gemm
 from native.nf4 import dequantize_nf4, quantize_nf4
 
 NF4_BLOCKSIZE = 64
@@ -115,12 +116,12 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.dequantize_scratch().to(x.dtype), layer.bias)
+        return gemm.linear(x, layer.dequantize_scratch().to(x.dtype), layer.bias)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         w = ctx.layer.dequantize_scratch()
-        return g @ w.to(g.dtype), None  # (..., in)
+        return gemm.matmul(g, w.to(g.dtype)), None  # (..., in)
 
 
 def scratch_buffer(

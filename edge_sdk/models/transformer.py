@@ -20,6 +20,7 @@ import math
 import os
 import weakref
 from collections.abc import Iterator
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from edge_sdk.env import LOW_MEMORY_ENV
+from edge_sdk.models import gemm
 from edge_sdk.models.config import ModelConfig
 from edge_sdk.models.nf4 import scratch_buffer
 from edge_sdk.models.quant_rows import QuantizedEmbedding
@@ -769,9 +771,9 @@ class _FusedLinearCE(torch.autograd.Function):
             lean = FEWER_PASSES and h.dtype == torch.float32
             # (N, n_v), in a reused buffer: p below overwrites it, and neither leaves the loop
             logits = (
-                torch.matmul(h, w.T, out=scratch_buffer("temp2", (N, v1 - v0)))
+                gemm.linear(h, w, scratch=partial(scratch_buffer, "temp2", (N, v1 - v0)))
                 if lean
-                else (h @ w.T).float()
+                else gemm.linear(h, w).float()
             )
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
@@ -787,9 +789,9 @@ class _FusedLinearCE(torch.autograd.Function):
                 if dcap is not None:
                     p.mul_(dcap)  # d(cap·tanh(r/cap))/dr
                 pw = (
-                    torch.matmul(p, w, out=scratch_buffer("temp", (N, d)))
+                    gemm.matmul(p, w, partial(scratch_buffer, "temp", (N, d)))
                     if lean
-                    else (p.to(h.dtype) @ w).float()
+                    else gemm.matmul(p.to(h.dtype), w).float()
                 )
                 G.mul_(alpha[:, None]).add_(pw)
             m = m_new

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from torch import nn
 
 from edge_sdk.choices import COMPUTES, Compute
 from edge_sdk.errors import AdapterMismatchError
-from edge_sdk.models import transformer
+from edge_sdk.models import gemm, transformer
 from edge_sdk.models.config import model_config
 from edge_sdk.models.naming import LORA_TARGETS, hf_module, parse_hf_module
 from edge_sdk.models.nf4 import NF4Linear, scratch_buffer
@@ -197,7 +198,7 @@ class _MergedNF4LoRA(torch.autograd.Function):
         w.addmm_(lora_B, lora_A, alpha=scale)  # W + s·B·A
         ctx.save_for_backward(x, lora_A, lora_B)
         ctx.scale, ctx.base = scale, base
-        return torch.nn.functional.linear(x, w, base.bias)  # (..., out)
+        return gemm.linear(x, w, base.bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, g):
@@ -209,7 +210,7 @@ class _MergedNF4LoRA(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             w = ctx.base.dequantize_scratch()
             w.addmm_(lora_B, lora_A, alpha=s)
-            grad_x = g @ w  # (..., in)
+            grad_x = gemm.matmul(g, w)  # (..., in)
         grad_a, grad_b = _lora_grads(x2, g2, lora_A, lora_B, s, *ctx.needs_input_grad[1:3])
         return grad_x, grad_a, grad_b, None, None
 
@@ -273,7 +274,7 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
         save = transformer.save_16bit
         ctx.save_for_backward(save(gate), save(up), lora_A, lora_B)
         ctx.gelu, ctx.scale, ctx.base, ctx.dtype = gelu, scale, base, gate.dtype
-        return torch.nn.functional.linear(h, w, base.bias)  # (..., out)
+        return gemm.linear(h, w, base.bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, g):
@@ -292,7 +293,7 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             w = ctx.base.dequantize_scratch()
             w.addmm_(lora_B, lora_A, alpha=s)
-            grad_h = g @ w  # (..., d_ff)
+            grad_h = gemm.matmul(g, w)  # (..., d_ff)
             grad_up = grad_h * act.detach()
             (grad_gate,) = torch.autograd.grad(act, gd, grad_h.mul_(up))
         grad_a, grad_b = _lora_grads(h2, g2, lora_A, lora_B, s, *ctx.needs_input_grad[3:5])
@@ -313,7 +314,7 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             w = ctx.base.dequantize_scratch()
             w.addmm_(lora_B, lora_A, alpha=s)
-            grad_h = torch.matmul(g, w, out=scratch_buffer("temp2", gate.shape))  # (..., d_ff)
+            grad_h = gemm.matmul(g, w, partial(scratch_buffer, "temp2", gate.shape))  # (..., d_ff)
             grad_up = grad_h * act
             grad_gate = _gated_act_backward(grad_h.mul_(up), gate, ctx.gelu)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
