@@ -217,31 +217,16 @@ def worker_isolation_ab(args: argparse.Namespace) -> dict[str, Any]:
     return _paired(step, args)
 
 
-def worker_floor_ab(args: argparse.Namespace) -> dict[str, Any]:
-    """The issue-16 part-3 step change, paired: steps alternating with
-    `transformer.FEWER_PASSES` off / on (same loss and gradients, bit for bit)."""
-    from edge_sdk.models import transformer
-
-    model, opt, ids = _ab_model(args)
-
-    def step(on: bool) -> None:
-        transformer.FEWER_PASSES = on
-        model(ids, ids).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return _paired(step, args)
-
-
 def worker_flag_ab(args: argparse.Namespace) -> dict[str, Any]:
     """A module-level switch off / on (`--flag module:NAME`, e.g.
     `edge_sdk.models.gemm:ONEDNN`), paired: steps alternating with the switch False / True."""
     import importlib
 
-    module_name, _, name = args.flag.partition(":")
+    flag = "edge_sdk.models.transformer:FEWER_PASSES" if args.stack == "floor-ab" else args.flag
+    module_name, _, name = flag.partition(":")
     module = importlib.import_module(module_name)
     if not isinstance(getattr(module, name, None), bool):
-        raise SystemExit(f"--flag {args.flag}: not a module-level bool")
+        raise SystemExit(f"--flag {flag}: not a module-level bool")
     model, opt, ids = _ab_model(args)
 
     def step(on: bool) -> None:
@@ -282,7 +267,7 @@ def worker_hf(args: argparse.Namespace) -> dict[str, Any]:
     return {"import_s": import_s, "load_s": load_s, "step_s": times}
 
 
-def _floor_ops(args: argparse.Namespace) -> dict[str, tuple[Any, int]]:
+def _floor_ops(args: argparse.Namespace, onednn: bool = False) -> dict[str, tuple[Any, int]]:
     """The fp32 compute floor of one step, as ops: name -> (op, times it runs per step).
 
     Whatever the stack, a LoRA step on a frozen base must run, per block, each projection
@@ -291,12 +276,14 @@ def _floor_ops(args: argparse.Namespace) -> dict[str, tuple[Any, int]]:
     into preallocated outputs, with nothing else: no dequantization, norms, activations,
     rank-r products, softmax or optimizer, and the same (cache-warm) weights for every layer.
     Layer 0's q/k/v need no input gradient (the embedding is frozen). A generous lower bound
-    on any fp32 step on this machine.
+    on any fp32 step on this machine. The products run through torch.mm (MKL), the floor as
+    issue 16 defined it, or with `onednn` through the oneDNN path the step itself now uses
+    (`edge_sdk.models.gemm`; no `out=` there, so each allocates its output as the step does).
     """
     import torch
     import torch.nn.functional as F
 
-    from edge_sdk.models import resolve
+    from edge_sdk.models import gemm, resolve
     from edge_sdk.models.loader import read_config
 
     cfg = read_config(resolve(args.model))
@@ -306,8 +293,12 @@ def _floor_ops(args: argparse.Namespace) -> dict[str, tuple[Any, int]]:
     def gemms(name: str, out_f: int, in_f: int, fwd_n: int, bwd_n: int) -> None:
         x, w, g = torch.randn(t, in_f), torch.randn(out_f, in_f), torch.randn(t, out_f)
         y, dx = torch.empty(t, out_f), torch.empty(t, in_f)
-        ops[f"{name} fwd"] = (lambda: torch.mm(x, w.t(), out=y), fwd_n)
-        ops[f"{name} bwd"] = (lambda: torch.mm(g, w, out=dx), bwd_n)
+        if onednn:
+            ops[f"{name} fwd"] = (lambda: gemm.linear(x, w), fwd_n)
+            ops[f"{name} bwd"] = (lambda: gemm.matmul(g, w), bwd_n)
+        else:
+            ops[f"{name} fwd"] = (lambda: torch.mm(x, w.t(), out=y), fwd_n)
+            ops[f"{name} bwd"] = (lambda: torch.mm(g, w, out=dx), bwd_n)
 
     for name, (out_f, in_f) in cfg.target_shapes().items():
         no_input_grad = 1 if name in ("q_proj", "k_proj", "v_proj") else 0  # layer 0
@@ -363,7 +354,7 @@ def worker_floor_pair(args: argparse.Namespace) -> dict[str, Any]:
     Separate processes minutes apart see different machines (idle spells, other jobs); each
     of our steps here is compared with the floor step beside it. Ratio = ours / floor.
     """
-    ops = list(_floor_ops(args).values())
+    ops = list(_floor_ops(args, onednn=args.stack == "floor-pair-onednn").values())
     model, opt, ids = _ab_model(args)
 
     def step(ours: bool) -> None:
@@ -462,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         "(torch.optim.AdamW), ours-fp32, isolation-ab (paired isolated vs unisolated steps), "
         "floor-ab (paired: FEWER_PASSES off vs on), flag-ab (paired: --flag off vs on), "
         "floor-pair (paired: ours vs the floor's ops run back to back), ours-bf16 and "
-        "floor-pair-bf16 (the same with `--compute bf16`), "
+        "floor-pair-bf16 (the same with `--compute bf16`), floor-pair-onednn (ours against "
+        "the floor's products through oneDNN, as the step runs them), "
         "hf, hf-fp32, floor (the step's fp32 GEMMs + attention timed alone)",
     )
     ap.add_argument(
@@ -479,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         workers = {
             "floor": worker_floor,
             "isolation-ab": worker_isolation_ab,
-            "floor-ab": worker_floor_ab,
+            "floor-ab": worker_flag_ab,  # the flag FEWER_PASSES
             "flag-ab": worker_flag_ab,
         }
         worker = workers.get(args.worker) or (
@@ -563,10 +555,11 @@ def main(argv: list[str] | None = None) -> int:
         ("flag-ab", "--flag: on / off"),
         ("floor-pair", "ours / the floor's ops"),
         ("floor-pair-bf16", "ours --compute bf16 / the fp32 floor's ops"),
+        ("floor-pair-onednn", "ours / the floor's ops through oneDNN"),
     ):
         if stack in results:
             print(_paired_summary(what, runs[stack]))
-    for stack in ("floor-pair", "floor-pair-bf16"):
+    for stack in ("floor-pair", "floor-pair-bf16", "floor-pair-onednn"):
         if stack in results:
             ratios = [x for r in runs[stack] for x in r["ratios"]]
             q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
