@@ -136,3 +136,5 @@ def test_the_preference_config_is_validated() -> None:
         DemoConfig(method="dpo", sft_weight=-1.0)
     # The preset trains with the RPO term: plain DPO ranks but does not change greedy answers.
     assert DemoConfig.preference().sft_weight > 0
+    # Its verdict is judged on 128 held-out prompts: on 64, rounding alone moved it by ~5 %.
+    assert DemoConfig.preference().eval_per_family * 4 == 128
