@@ -21,7 +21,6 @@ import math
 import threading
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edge_sdk.models import gemm
@@ -101,7 +100,9 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _NF4Matmul.apply(x, self)
-        return F.linear(x, self.dequantize_scratch().to(x.dtype), self.bias)
+        # the same product as the LoRA path's: a disabled adapter (the DPO reference) then
+        # gives exactly the policy's numbers while B is zero
+        return gemm.linear(x, self.dequantize_scratch().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -81,3 +81,24 @@ def test_a_training_step_gives_the_same_loss_and_grads_either_way(
     assert _rel(loss_d, loss_t) < 1e-5
     assert max(_rel(a, b) for a, b in zip(grads_d, grads_t)) < 1e-3
     assert not all(torch.equal(a, b) for a, b in zip(grads_d, grads_t))
+
+
+def test_a_disabled_adapter_gives_the_zero_adapters_numbers_bit_for_bit() -> None:
+    """DPO's reference is the policy with its adapter disabled: with B = 0 the two must agree
+    exactly (every pair a tie before training), so the NF4 base alone runs the same product as
+    the merged LoRA path. A mismatch of GEMM libraries made 3 of 8 real pairs look ranked."""
+    from edge_sdk.models.nf4 import NF4Linear
+    from edge_sdk.training.lora import LoRALinear
+
+    g = torch.Generator().manual_seed(3)
+    base = NF4Linear.from_float(torch.randn(1536, 576, generator=g) * 0.05)
+    layer = LoRALinear(base, 576, 1536, rank=8, alpha=16.0)  # B = 0
+    x = torch.randn(2, 128, 576, generator=g)
+    with torch.no_grad():
+        policy = layer(x)
+        layer.enabled = False
+        reference = layer(x)
+        layer.enabled = True
+    assert torch.equal(policy, reference)
+    trained_path = layer(x.clone().requires_grad_(True))  # the autograd functions as well
+    assert torch.equal(trained_path.detach(), reference)
