@@ -6,8 +6,10 @@ compiler emits for CPU linears) ran the step's shapes 1.1-1.2x faster on this pr
 AVX-512 EPYC, and the tied output projection's (256, 576) x (576, 49152) 1.5x
 (BENCHMARKS.md, issue 16). Results differ from MKL's by fp32 rounding only (summation order).
 
-Only for products inside autograd Functions (their forward and backward run without
-autograd): the op has no backward of its own. `FEDLM_GEMM=torch` turns it off; so does a torch
+Only where no gradient has to flow through the op itself (it has no backward): inside
+autograd Functions, and for frozen weights on inputs that need no gradient. The NF4 base's
+forward without autograd uses it too, so that a disabled adapter (DPO's reference) and a zero
+adapter give the same numbers bit for bit. `FEDLM_GEMM=torch` turns it off; so does a torch
 built without oneDNN, a CPU other than x86-64 (not measured), or a failed first call.
 """
 
