@@ -4,7 +4,8 @@
 whose JIT kernels (reached through `torch.ops.mkldnn._linear_pointwise`, the op torch's own
 compiler emits for CPU linears) ran the step's products in 0.66-1.04x MKL's time on this
 project's AVX-512 EPYC, the tied output projection's (256, 576) x (576, 49152) in 0.74x
-(`benchmarks/bench_gemm.py`, BENCHMARKS.md, issue 16). Results differ from MKL's by fp32 rounding only (summation order).
+(`benchmarks/bench_gemm.py`, BENCHMARKS.md, issue 16). Results differ from MKL's by fp32
+rounding only (summation order).
 
 Only where no gradient has to flow through the op itself (it has no backward): inside
 autograd Functions, and for frozen weights on inputs that need no gradient. The NF4 base's
