@@ -87,6 +87,8 @@ def use(mode: str, model: Any = None) -> None:
     """int8: patch the non-gated projections' function (what the int8 arm measured); bf16:
     `fedlm train --compute bf16`'s own path (`edge_sdk.training.lora_bf16`), set on `model`."""
     lora._MergedNF4LoRA = _Int8NF4LoRA if mode == "int8" else FP32  # type: ignore[misc]
+    # int8 replaces the per-projection function: the fused q/k/v and MLP functions step aside
+    lora.FUSED_PROJECTIONS = mode != "int8"
     if model is not None:
         lora.set_base_compute(model, "bf16" if mode == "bf16" else "fp32")
 

@@ -94,8 +94,12 @@ class NF4Linear(nn.Module):
         time is ~0.9 GB of short-lived allocations per SmolLM2 step. Callers use the buffer and
         drop it before returning.
         """
-        buf = scratch_buffer("nf4", self.shape)
-        return dequantize_nf4(self.weight, self.absmax, self.blocksize, out=buf)
+        return self.dequantize_into(scratch_buffer("nf4", self.shape))
+
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """The fp32 (out, in) weight written into `out` (contiguous, fp32), which is returned:
+        e.g. a block of rows of a buffer that stacks several layers' weights."""
+        return dequantize_nf4(self.weight, self.absmax, self.blocksize, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

@@ -250,12 +250,15 @@ def restore_gate_up(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A gated backward's saved gate and up (`save_16bit`) in `dtype`, bf16 copies widened into
     this thread's buffers (`scratch_buffer`)."""
-    if gate.dtype == dtype:
-        return gate, up
-    return (
-        scratch_buffer("saved_gate", tuple(gate.shape), dtype).copy_(gate),
-        scratch_buffer("saved_up", tuple(up.shape), dtype).copy_(up),
-    )
+    return restore_saved(gate, dtype, "saved_gate"), restore_saved(up, dtype, "saved_up")
+
+
+def restore_saved(t: torch.Tensor, dtype: torch.dtype, tag: str) -> torch.Tensor:
+    """A saved activation (`save_16bit`) in `dtype`: itself, or its bf16 copy widened into
+    this thread's buffer `tag` (`scratch_buffer`)."""
+    if t.dtype == dtype:
+        return t
+    return scratch_buffer(tag, tuple(t.shape), dtype).copy_(t)
 
 
 class _GatedActFn(torch.autograd.Function):
@@ -382,6 +385,13 @@ def _window_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
     return (diff >= 0) & (diff < window)
 
 
+def _stacked(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...] | None:
+    """The outputs of `layers` on x, with one autograd node and one input-gradient product for
+    all of them (LoRA over NF4, `LoRALinear.forward_stacked`), or None."""
+    fn = getattr(layers[0], "forward_stacked", None)
+    return cast("tuple[torch.Tensor, ...] | None", fn(x, layers[1:])) if fn is not None else None
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention, optionally with q/k norms and a sliding window.
 
@@ -460,9 +470,11 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: Spans | None = None
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
+        qkv = _stacked(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = qkv if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if spans is not None:
@@ -486,6 +498,12 @@ class MLP(nn.Module):
         self.gelu = config.activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # LoRA over NF4 runs the whole MLP as one function (`LoRALinear.forward_mlp`), in every
+        # grad mode, so that a disabled adapter (DPO's reference) computes as the policy does.
+        whole = getattr(self.gate_proj, "forward_mlp", None) if LEAN_BACKWARD else None
+        y = whole(x, self.up_proj, self.down_proj, self.gelu) if whole is not None else None
+        if y is not None:
+            return y  # (B, T, d_model)
         gate = self.gate_proj(x)  # (B, T, d_ff)
         up = self.up_proj(x)  # (B, T, d_ff)
         if LEAN_BACKWARD and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):

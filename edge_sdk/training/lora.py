@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,14 @@ from edge_sdk.models.config import model_config
 from edge_sdk.models.naming import LORA_TARGETS, hf_module, parse_hf_module
 from edge_sdk.models.nf4 import NF4Linear, scratch_buffer
 from edge_sdk.validators import is_int_in
+
+FUSED_PROJECTIONS = True
+"""Run the projections that read one input as one product: an attention block's q, k and v
+(`LoRALinear.forward_stacked`), and a gated MLP's gate and up, with its down projection, as one
+autograd function (`LoRALinear.forward_mlp`). Only for NF4 bases with fp32 adapters; the
+per-projection functions below remain for everything else. False: one function per
+projection, for measuring (`benchmarks/bench_train.py --stacks flag-ab --flag
+edge_sdk.training.lora:FUSED_PROJECTIONS`)."""
 
 
 @dataclass
@@ -151,6 +159,38 @@ class LoRALinear(nn.Module):
         fn = _GatedMergedNF4LoRA if self.compute == "fp32" else _bf16_functions()[1]
         return fn.apply(gate, up, gelu, self.lora_A, self.lora_B, self.scale, self.base)
 
+    def forward_stacked(
+        self, x: torch.Tensor, others: tuple[nn.Module, ...]
+    ) -> tuple[torch.Tensor, ...] | None:
+        """(self(x), *(m(x) for m in others)) as one autograd function (`_StackedNF4LoRA`), or
+        None when a layer cannot join (the caller then runs each itself).
+
+        For an attention block's q, k and v: backward runs one input-gradient product over the
+        three layers' stacked weights instead of three, and autograd adds no (tokens, in)
+        gradients.
+        """
+        layers = (self, *others)
+        if not FUSED_PROJECTIONS or not all(_fusable(m, x.shape[-1], x.dtype) for m in layers):
+            return None
+        outputs = _StackedNF4LoRA.apply(x, _specs(layers), *_adapters(layers))
+        return cast("tuple[torch.Tensor, ...]", outputs)
+
+    def forward_mlp(
+        self, x: torch.Tensor, up: nn.Module, down: nn.Module, gelu: bool
+    ) -> torch.Tensor | None:
+        """down(act(self(x)) ∘ up(x)) as one autograd function (`_NF4LoRAMLP`), this layer being
+        the gate projection, or None when a layer cannot join."""
+        if not (
+            FUSED_PROJECTIONS
+            and _fusable(self, x.shape[-1], x.dtype)
+            and _fusable(up, x.shape[-1], x.dtype)
+            and _fusable(down, self.out_features, x.dtype)
+            and cast(LoRALinear, up).out_features == self.out_features
+        ):
+            return None
+        layers = (self, up, down)
+        return cast(torch.Tensor, _NF4LoRAMLP.apply(x, gelu, _specs(layers), *_adapters(layers)))
+
     def delta_weight(self) -> torch.Tensor:
         """scale · B·A, (out, in): what merging adds to the base weight."""
         return (self.lora_B @ self.lora_A) * self.scale
@@ -252,8 +292,17 @@ def _gated_act(gate: torch.Tensor, gelu: bool, out: torch.Tensor | None = None) 
     )
 
 
-def _gated_act_backward(grad: torch.Tensor, gate: torch.Tensor, gelu: bool) -> torch.Tensor:
-    """d act(gate) / d gate applied to `grad`: the kernel autograd's own backward calls."""
+def _gated_act_backward(
+    grad: torch.Tensor, gate: torch.Tensor, gelu: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """d act(gate) / d gate applied to `grad`: the kernel autograd's own backward calls, into
+    `out` when given."""
+    if out is not None:
+        if gelu:
+            return torch.ops.aten.gelu_backward.grad_input(
+                grad, gate, approximate="tanh", grad_input=out
+            )
+        return torch.ops.aten.silu_backward.grad_input(grad, gate, grad_input=out)
     if gelu:
         return torch.ops.aten.gelu_backward(grad, gate, approximate="tanh")
     return torch.ops.aten.silu_backward(grad, gate)
@@ -322,6 +371,164 @@ class _GatedMergedNF4LoRA(torch.autograd.Function):
             h2 = h.reshape(-1, h.shape[-1])  # (N, d_ff)
             grad_a, grad_b = _lora_grads(h2, g2, lora_A, lora_B, s, *ctx.needs_input_grad[3:5])
         return grad_gate, grad_up, None, grad_a, grad_b, None, None
+
+
+_Spec = tuple[NF4Linear, float, bool]
+"""A layer in a stacked product: its NF4 base, its adapter's scale, whether the adapter is on."""
+
+
+def _fusable(m: nn.Module, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether `m` can join a stacked product (`_StackedNF4LoRA`, `_NF4LoRAMLP`)."""
+    return (
+        isinstance(m, LoRALinear)
+        and isinstance(m.base, NF4Linear)
+        and isinstance(m.dropout, nn.Identity)
+        and m.compute == "fp32"
+        and m.in_features == in_features
+        and dtype == torch.float32
+    )
+
+
+def _specs(layers: tuple[nn.Module, ...]) -> tuple[_Spec, ...]:
+    return tuple(
+        (cast(NF4Linear, m.base), cast(LoRALinear, m).scale, cast(LoRALinear, m).enabled)
+        for m in layers
+    )
+
+
+def _adapters(layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """A_1, B_1, A_2, B_2, ...: the autograd inputs of a stacked product."""
+    return [t for m in layers for t in (cast(LoRALinear, m).lora_A, cast(LoRALinear, m).lora_B)]
+
+
+def _stacked_weight(specs: tuple[_Spec, ...], ab: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """[W_1 + s_1·B_1·A_1; W_2 + s_2·B_2·A_2; ...], (sum of outs, in) fp32, in this thread's "nf4"
+    buffer (each layer dequantized into its block of rows; an adapter that is off adds nothing)."""
+    rows = sum(base.out_features for base, _, _ in specs)
+    w = scratch_buffer("nf4", (rows, specs[0][0].in_features))
+    o = 0
+    for i, (base, scale, on) in enumerate(specs):
+        part = base.dequantize_into(w[o : o + base.out_features])
+        if on:
+            part.addmm_(ab[2 * i + 1], ab[2 * i], alpha=scale)
+        o += base.out_features
+    return w
+
+
+def _stacked_bias(specs: tuple[_Spec, ...]) -> torch.Tensor | None:
+    biases = [base.bias for base, _, _ in specs]
+    if all(b is None for b in biases):
+        return None
+    if len(biases) == 1:
+        return biases[0]
+    return torch.cat(
+        [
+            b if b is not None else torch.zeros(base.out_features)
+            for (base, _, _), b in zip(specs, biases)
+        ]
+    )
+
+
+def _stacked_lora_grads(
+    x2: torch.Tensor,
+    g2: torch.Tensor,
+    specs: tuple[_Spec, ...],
+    ab: tuple[torch.Tensor, ...],
+    need: tuple[bool, ...],
+) -> list[torch.Tensor | None]:
+    """dA_1, dB_1, dA_2, ... of a stacked product from its input x2 (N, in) and output gradient
+    g2 (N, sum of outs), each layer's from its columns of g2 (`_lora_grads`)."""
+    grads: list[torch.Tensor | None] = []
+    o = 0
+    for i, (base, scale, on) in enumerate(specs):
+        g_i = g2[:, o : o + base.out_features]
+        o += base.out_features
+        if not on:
+            grads += [None, None]
+            continue
+        grads += _lora_grads(x2, g_i, ab[2 * i], ab[2 * i + 1], scale, need[2 * i], need[2 * i + 1])
+    return grads
+
+
+class _StackedNF4LoRA(torch.autograd.Function):
+    """`_MergedNF4LoRA` for several layers that read the same input x, returning one output
+    per layer. Forward runs one product per layer (each dequantized weight is read while it is
+    still in cache: one stacked product measured slower in the step); backward puts the
+    output gradients side by side and runs one input-gradient product g·[W_1 + s_1·B_1·A_1;
+    ...] over all of them, instead of autograd adding one (tokens, in) gradient per layer."""
+
+    @staticmethod
+    def forward(ctx, x, specs, *ab):
+        ctx.save_for_backward(x, *ab)
+        ctx.specs = specs
+        return tuple(
+            gemm.linear(x, _stacked_weight((spec,), ab[2 * i : 2 * i + 2]), spec[0].bias)
+            for i, spec in enumerate(specs)
+        )
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *ab = ctx.saved_tensors
+        specs = ctx.specs
+        outs = [base.out_features for base, _, _ in specs]
+        lead = x.shape[:-1]
+        g = torch.cat(
+            [gr if gr is not None else x.new_zeros(*lead, o) for gr, o in zip(grads, outs)],
+            dim=-1,
+            out=scratch_buffer("temp3", (*lead, sum(outs))),
+        )
+        grad_x = gemm.matmul(g, _stacked_weight(specs, ab)) if ctx.needs_input_grad[0] else None
+        lora_grads = _stacked_lora_grads(
+            x.reshape(-1, x.shape[-1]),
+            g.reshape(-1, g.shape[-1]),
+            specs,
+            ab,
+            ctx.needs_input_grad[2:],
+        )
+        return grad_x, None, *lora_grads
+
+
+class _NF4LoRAMLP(torch.autograd.Function):
+    """down(act(gate) ∘ up) for NF4 gate, up and down projections with merged adapters, as one
+    function: act(gate) ∘ up is recomputed in backward from gate and up (as
+    `_GatedMergedNF4LoRA`), and the gradients into gate and up are formed side by side in one
+    reused buffer that goes straight into one input-gradient product g·[W_gate + ...; W_up +
+    ...] and the adapters' gradients: no autograd node, fresh gradient tensor or gradient sum
+    per projection."""
+
+    @staticmethod
+    def forward(ctx, x, gelu, specs, *ab):
+        gate = gemm.linear(x, _stacked_weight(specs[:1], ab[:2]), specs[0][0].bias)
+        up = gemm.linear(x, _stacked_weight(specs[1:2], ab[2:4]), specs[1][0].bias)
+        h = _gated_act(gate, gelu, out=scratch_buffer("temp", gate.shape)).mul_(up)
+        y = gemm.linear(h, _stacked_weight(specs[2:], ab[4:]), specs[2][0].bias)
+        save = transformer.save_16bit
+        ctx.save_for_backward(x, save(gate), save(up), *ab)
+        ctx.gelu, ctx.specs, ctx.dtype = gelu, specs, gate.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, gate, up, *ab = ctx.saved_tensors
+        gate, up = transformer.restore_gate_up(gate, up, ctx.dtype)
+        specs, need = ctx.specs, ctx.needs_input_grad
+        d = gate.shape[-1]
+        act = _gated_act(gate, ctx.gelu, out=scratch_buffer("temp", gate.shape))
+        grad_h = gemm.matmul(
+            g, _stacked_weight(specs[2:], ab[4:]), partial(scratch_buffer, "temp2", gate.shape)
+        )  # (..., d_ff)
+        grad_gu = scratch_buffer("temp3", (*gate.shape[:-1], 2 * d))  # d/d gate, then d/d up
+        torch.mul(grad_h, act, out=grad_gu[..., d:])
+        _gated_act_backward(grad_h.mul_(up), gate, ctx.gelu, out=grad_gu[..., :d])
+        h = torch.mul(act, up, out=act)  # (..., d_ff): recomputed, never saved
+        down_grads = _stacked_lora_grads(
+            h.reshape(-1, d), g.reshape(-1, g.shape[-1]), specs[2:], ab[4:], need[7:9]
+        )
+        grad_x = gemm.matmul(grad_gu, _stacked_weight(specs[:2], ab[:4])) if need[0] else None
+        gu_grads = _stacked_lora_grads(
+            x.reshape(-1, x.shape[-1]), grad_gu.reshape(-1, 2 * d), specs[:2], ab[:4], need[3:7]
+        )
+        return grad_x, None, None, *gu_grads, *down_grads
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:

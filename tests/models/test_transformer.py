@@ -231,10 +231,11 @@ def test_recomputed_norm_outputs_give_the_same_grads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
     """The normed inputs of q/k/v and gate/up are recomputed in backward, not saved: the same
-    loss and LoRA gradients bit for bit, and 2 saves per block replaced by a recipe."""
+    loss and LoRA gradients bit for bit, and each such save replaced by a recipe."""
     import contextlib
 
     import edge_sdk.models.transformer as tr
+    from edge_sdk.training import lora
     from edge_sdk.training.lora import LoraConfig, lora_parameters
 
     path = write_family_gguf(tmp_path / "g.gguf", "gemma3")
@@ -262,11 +263,14 @@ def test_recomputed_norm_outputs_give_the_same_grads(
         return loss.detach(), [p.grad.clone() for p in lora_parameters(model)]
 
     loss_a, grads_a = run()
-    # q, k, v save attn_norm's output, gate and up save ffn_norm's: 5 per block, except
-    # block 0's attn_norm, whose input (the frozen embedding's output) needs no gradient.
+    # The fused q/k/v function saves attn_norm's output, the fused MLP ffn_norm's: 2 per
+    # block, except block 0's attn_norm, whose input (the frozen embedding's output) needs no
+    # gradient (one function per projection: q, k, v, gate and up each, 5 per block).
     # (fp32: autograd's own linear saves its input through a wrapper of its own, which the
     # identity check does not take for the norm's output, so it is saved as before.)
-    assert len(recipes) == (5 * model.config.n_layer - 3 if precision == "nf4" else 0)
+    n = model.config.n_layer
+    per_block = (2 * n - 1) if lora.FUSED_PROJECTIONS else (5 * n - 3)
+    assert len(recipes) == (per_block if precision == "nf4" else 0)
     monkeypatch.setattr(tr, "_recomputed_norm_outputs", contextlib.nullcontext)
     loss_b, grads_b = run()
     assert torch.equal(loss_a, loss_b)

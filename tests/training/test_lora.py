@@ -242,8 +242,8 @@ def test_bf16_saved_activations_keep_the_loss_and_move_gradients_by_rounding_onl
         saved = [  # the gate and up each gated MLP node saved
             t.dtype
             for node in _graph_nodes(loss.grad_fn)
-            if type(node).__name__ in ("_GatedActFnBackward", "_GatedMergedNF4LoRABackward")
-            for t in node.saved_tensors[:2]
+            if type(node).__name__ in _GATED_NODES
+            for t in node.saved_tensors[_GATED_NODES[type(node).__name__]]
         ]
         loss.backward()
         runs.append((loss.detach(), [p.grad.clone() for p in lora_parameters(model)], saved))
@@ -254,6 +254,14 @@ def test_bf16_saved_activations_keep_the_loss_and_move_gradients_by_rounding_onl
     diff = sum(float((a - b).pow(2).sum()) for a, b in zip(g16, g32)) ** 0.5
     norm = sum(float(b.pow(2).sum()) for b in g32) ** 0.5
     assert 0 < diff / norm < 1e-2, diff / norm
+
+
+_GATED_NODES = {
+    "_GatedActFnBackward": slice(0, 2),
+    "_GatedMergedNF4LoRABackward": slice(0, 2),
+    "_NF4LoRAMLPBackward": slice(1, 3),  # after the input x
+}
+"""The autograd nodes of a gated MLP, and where their saved gate and up are."""
 
 
 def _nf4_family_model(tmp_path: Path, arch: str) -> tuple[Any, torch.Tensor]:
@@ -341,3 +349,73 @@ def test_lean_backward_gives_plain_autograds_gradients(
         grads.append([loss.detach(), *(p.grad.clone() for p in lora_parameters(model))])
     for ours, ref in zip(*grads):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("arch", "targets", "packed", "freeze_a"),
+    [
+        ("llama", LORA_TARGETS, False, False),
+        ("gemma3", LORA_TARGETS, True, False),  # GeGLU, q/k norms, sliding window, packed
+        ("qwen2", LORA_TARGETS, False, True),  # q/k/v biases; B trains alone
+        ("llama", ("q_proj", "v_proj", "down_proj"), True, False),  # groups that cannot form
+    ],
+)
+def test_fused_projections_give_one_function_per_projections_numbers(
+    tmp_path: Path, arch: str, targets: tuple[str, ...], packed: bool, freeze_a: bool
+) -> None:
+    """q/k/v as one function (`forward_stacked`) and the whole MLP as one (`forward_mlp`) give
+    the loss and every LoRA gradient of one function per projection (FUSED_PROJECTIONS off),
+    within fp32 rounding (the input gradients are summed inside one product), and the fused
+    functions really ran."""
+    from edge_sdk.training import lora
+
+    model = load_model(
+        write_family_gguf(tmp_path / f"{arch}.gguf", arch),
+        precision="nf4",
+        lora=LoraConfig(rank=4, targets=targets, freeze_a=freeze_a),
+    )
+    _randomize_b(model, seed=7)
+    ids = torch.from_numpy(np.random.default_rng(8).integers(5, 290, size=(2, 16)))
+    positions = torch.tensor([[*range(7), *range(9)], [*range(16)]]) if packed else None
+    runs = []
+    for fused in (True, False):
+        lora.FUSED_PROJECTIONS = fused
+        try:
+            model.zero_grad()
+            loss = model(ids, ids, position_ids=positions)
+            nodes = {type(n).__name__ for n in _graph_nodes(loss.grad_fn)}
+            loss.backward()
+        finally:
+            lora.FUSED_PROJECTIONS = True
+        runs.append((loss.detach(), [p.grad for p in lora_parameters(model)], nodes))
+    (loss_f, grads_f, nodes_f), (loss_u, grads_u, nodes_u) = runs
+    full = targets == LORA_TARGETS
+    assert ("_StackedNF4LoRABackward" in nodes_f) == full
+    assert ("_NF4LoRAMLPBackward" in nodes_f) == full
+    assert not {"_StackedNF4LoRABackward", "_NF4LoRAMLPBackward"} & nodes_u
+    assert all(g is not None for g in grads_f)
+    assert len(grads_f) == (1 if freeze_a else 2) * len(list(lora_modules(model)))
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-6, atol=1e-6)
+    for ours, ref in zip(grads_f, grads_u):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_whole_model_with_disabled_adapters_equals_zero_adapters_bit_for_bit(
+    tmp_path: Path, arch: str
+) -> None:
+    """DPO's reference (adapters disabled, no grad) and a fresh policy (B = 0, in training)
+    must agree exactly, so that every pair is a tie before training: the fused q/k/v and MLP
+    functions run in every grad mode and with adapters off, adding nothing."""
+    model = load_model(
+        write_family_gguf(tmp_path / f"{arch}.gguf", arch), precision="nf4", lora=LoraConfig(rank=4)
+    )
+    ids = _ids(9)
+    policy = model(ids).detach()  # grad mode: the adapters are trainable, B = 0
+    with torch.no_grad():
+        set_lora_enabled(model, False)
+        reference = model(ids)
+        set_lora_enabled(model, True)
+        no_grad_policy = model(ids)
+    assert torch.equal(policy, reference)
+    assert torch.equal(no_grad_policy, reference)
