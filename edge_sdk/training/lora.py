@@ -437,7 +437,12 @@ def _stacked_lora_grads(
     need: tuple[bool, ...],
 ) -> list[torch.Tensor | None]:
     """dA_1, dB_1, dA_2, ... of a stacked product from its input x2 (N, in) and output gradient
-    g2 (N, sum of outs), each layer's from its columns of g2 (`_lora_grads`)."""
+    g2 (N, sum of outs), each layer's from its columns of g2 (`_lora_grads`).
+
+    With every adapter on and training A and B, the two products that read x2 run once for all
+    layers: x2·[A_1; A_2; ...]ᵀ and [(g_1·B_1)ᵀ; (g_2·B_2)ᵀ; ...]·x2."""
+    if len(specs) > 1 and all(on for _, _, on in specs) and all(need[: 2 * len(specs)]):
+        return _stacked_lora_grads_batched(x2, g2, specs, ab)
     grads: list[torch.Tensor | None] = []
     o = 0
     for i, (base, scale, on) in enumerate(specs):
@@ -447,6 +452,30 @@ def _stacked_lora_grads(
             grads += [None, None]
             continue
         grads += _lora_grads(x2, g_i, ab[2 * i], ab[2 * i + 1], scale, need[2 * i], need[2 * i + 1])
+    return grads
+
+
+def _stacked_lora_grads_batched(
+    x2: torch.Tensor, g2: torch.Tensor, specs: tuple[_Spec, ...], ab: tuple[torch.Tensor, ...]
+) -> list[torch.Tensor | None]:
+    """`_stacked_lora_grads` with one x2·Aᵀ and one (g·B)ᵀ·x2 product for all layers (each
+    layer's rows of the results are its own; operand orders as in `_lora_grads`)."""
+    ranks = [ab[2 * i].shape[0] for i in range(len(specs))]
+    xa = x2 @ torch.cat(ab[0::2]).T  # (N, sum of r)
+    gb_t = x2.new_empty(sum(ranks), x2.shape[0])  # (sum of r, N): (g_i·B_i)ᵀ, layer by layer
+    grad_b: list[torch.Tensor] = []
+    o = r0 = 0
+    for i, ((base, scale, _), r) in enumerate(zip(specs, ranks)):
+        g_i = g2[:, o : o + base.out_features]  # (N, out_i)
+        grad_b.append((xa[:, r0 : r0 + r].T @ g_i).T.mul_(scale))  # (out_i, r)
+        torch.mm(ab[2 * i + 1].T, g_i.T, out=gb_t[r0 : r0 + r])
+        o, r0 = o + base.out_features, r0 + r
+    grad_a_all = gb_t @ x2  # (sum of r, in)
+    grads: list[torch.Tensor | None] = []
+    r0 = 0
+    for (_, scale, _), r, db in zip(specs, ranks, grad_b):
+        grads += [grad_a_all[r0 : r0 + r].mul_(scale), db]
+        r0 += r
     return grads
 
 
