@@ -138,9 +138,10 @@ def scratch_buffer(
 
     Every shape asked under one tag shares one flat buffer, grown to the largest asked, so a
     tag names a role, not a tensor: a function holds a tag's view only while it calls nothing
-    that takes the same tag. The step uses three: "nf4" (a dequantized weight, one layer at a
-    time), "temp" and "temp2" (the element-wise chains' temporaries; "temp2" where a second
-    one is alive at the same time: the fused loss's logit chunk, the MLP's input gradient).
+    that takes the same tag. The step uses four: "nf4" (a dequantized weight, one layer or one
+    stack of layers at a time), "temp" and "temp2" (the element-wise chains' temporaries;
+    "temp2" where a second one is alive at the same time: the fused loss's logit chunk, the
+    MLP's input gradient), "temp3" (a fused function's output gradients side by side).
 
     Why: the step runs with glibc's mmap threshold pinned at 256 KiB (`loader.tune_malloc`,
     for peak RSS), so every fresh activation-sized tensor is a new mapping whose pages fault in

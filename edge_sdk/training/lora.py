@@ -31,12 +31,12 @@ from edge_sdk.models.nf4 import NF4Linear, scratch_buffer
 from edge_sdk.validators import is_int_in
 
 FUSED_PROJECTIONS = True
-"""Run the projections that read one input as one product: an attention block's q, k and v
-(`LoRALinear.forward_stacked`), and a gated MLP's gate and up, with its down projection, as one
-autograd function (`LoRALinear.forward_mlp`). Only for NF4 bases with fp32 adapters; the
-per-projection functions below remain for everything else. False: one function per
-projection, for measuring (`benchmarks/bench_train.py --stacks flag-ab --flag
-edge_sdk.training.lora:FUSED_PROJECTIONS`)."""
+"""Run an attention block's q, k and v as one autograd function (`LoRALinear.forward_stacked`)
+and a gated MLP as another (`LoRALinear.forward_mlp`), each with one input-gradient product
+over its layers' stacked weights. Only for NF4 bases with fp32 adapters and no dropout; the
+per-projection functions below serve everything else. False: one function per projection,
+for measuring (`benchmarks/bench_train.py --stacks flag-ab --flag
+edge_sdk.training.lora:FUSED_PROJECTIONS`: 0.95x step time on, BENCHMARKS.md)."""
 
 
 @dataclass
@@ -413,20 +413,6 @@ def _stacked_weight(specs: tuple[_Spec, ...], ab: tuple[torch.Tensor, ...]) -> t
             part.addmm_(ab[2 * i + 1], ab[2 * i], alpha=scale)
         o += base.out_features
     return w
-
-
-def _stacked_bias(specs: tuple[_Spec, ...]) -> torch.Tensor | None:
-    biases = [base.bias for base, _, _ in specs]
-    if all(b is None for b in biases):
-        return None
-    if len(biases) == 1:
-        return biases[0]
-    return torch.cat(
-        [
-            b if b is not None else torch.zeros(base.out_features)
-            for (base, _, _), b in zip(specs, biases)
-        ]
-    )
 
 
 def _stacked_lora_grads(
