@@ -143,10 +143,10 @@ def scratch_buffer(
     "temp2" where a second one is alive at the same time: the fused loss's logit chunk, the
     MLP's input gradient), "temp3" (a fused function's output gradients side by side).
 
-    Why: the step runs with glibc's mmap threshold pinned at 256 KiB (`loader.tune_malloc`,
-    for peak RSS), so every fresh activation-sized tensor is a new mapping whose pages fault in
-    on first write: a (256, 576) fp32 multiply measured ~300 us into a fresh tensor against
-    ~25 us into a reused one.
+    Why: the step runs with glibc's mmap threshold pinned (`loader.tune_malloc`, for peak
+    RSS), so every fresh tensor above it is a new mapping whose pages fault in on first write:
+    with the threshold at 256 KiB, a (256, 576) fp32 multiply measured ~300 us into a fresh
+    tensor against ~25 us into a reused one.
     """
     n = math.prod(shape)
     bufs: dict[tuple[str, torch.dtype], torch.Tensor] = _scratch.__dict__.setdefault("bufs", {})

@@ -33,8 +33,9 @@ from edge_sdk.validators import is_int_in
 FUSED_PROJECTIONS = True
 """Run an attention block's q, k and v as one autograd function (`LoRALinear.forward_stacked`)
 and a gated MLP as another (`LoRALinear.forward_mlp`), each with one input-gradient product
-over its layers' stacked weights. Only for NF4 bases with fp32 adapters and no dropout; the
-per-projection functions below serve everything else. False: one function per projection,
+over its layers' stacked weights. Only for NF4 bases with fp32 adapters and no dropout (the
+MLP's only with `transformer.LEAN_BACKWARD`, as it recomputes its activation in backward);
+the per-projection functions below serve everything else. False: one function per projection,
 for measuring (`benchmarks/bench_train.py --stacks flag-ab --flag
 edge_sdk.training.lora:FUSED_PROJECTIONS`: 0.95x step time on, BENCHMARKS.md)."""
 
