@@ -98,3 +98,61 @@ void nf4_dequantize(const uint8_t *packed, const float *absmax, int64_t n, int64
 #endif
     }
 }
+
+/* NF4 -> bfloat16: nf4_dequantize's fp32 value rounded to the nearest bf16 (ties to even, as
+ * torch's fp32 -> bf16 conversion rounds), for `--compute bf16`. The rounding happens on the
+ * block's 16-entry table, so each weight is one 16-bit lookup: half the bytes written of the
+ * fp32 kernel and no separate conversion pass. Values are finite (code * absmax). */
+static uint16_t bf16_round(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#if defined(__SSSE3__)
+#include <immintrin.h>
+#endif
+
+void nf4_dequantize_bf16(const uint8_t *packed, const float *absmax, int64_t n,
+                         int64_t blocksize, const float *code, uint16_t *out) {
+    int64_t blocks = n / blocksize;
+    int64_t half = blocksize / 2;
+#pragma omp parallel for schedule(static) if (blocks >= 1024)
+    for (int64_t b = 0; b < blocks; b++) {
+        uint16_t lut[16];
+        float m = absmax[b];
+        for (int k = 0; k < 16; k++) lut[k] = bf16_round(code[k] * m);
+        const uint8_t *p = packed + b * half;
+        uint16_t *o = out + b * blocksize;
+        int64_t i = 0;
+#if defined(__SSSE3__)
+        /* The table's low and high bytes as two 16-byte shuffle tables: a code picks its
+         * value's two bytes with one pshufb each. */
+        uint8_t lo_bytes[16], hi_bytes[16];
+        for (int k = 0; k < 16; k++) {
+            lo_bytes[k] = (uint8_t)(lut[k] & 0xff);
+            hi_bytes[k] = (uint8_t)(lut[k] >> 8);
+        }
+        __m128i t_lo = _mm_loadu_si128((const __m128i *)lo_bytes);
+        __m128i t_hi = _mm_loadu_si128((const __m128i *)hi_bytes);
+        __m128i nib = _mm_set1_epi8(0x0f);
+        for (; i + 16 <= half; i += 16) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(p + i));
+            __m128i qh = _mm_and_si128(_mm_srli_epi16(v, 4), nib), ql = _mm_and_si128(v, nib);
+            /* codes in order: high nibble first, then low, byte by byte */
+            __m128i c0 = _mm_unpacklo_epi8(qh, ql), c1 = _mm_unpackhi_epi8(qh, ql);
+            __m128i l0 = _mm_shuffle_epi8(t_lo, c0), h0 = _mm_shuffle_epi8(t_hi, c0);
+            __m128i l1 = _mm_shuffle_epi8(t_lo, c1), h1 = _mm_shuffle_epi8(t_hi, c1);
+            _mm_storeu_si128((__m128i *)(o + 2 * i), _mm_unpacklo_epi8(l0, h0));
+            _mm_storeu_si128((__m128i *)(o + 2 * i + 8), _mm_unpackhi_epi8(l0, h0));
+            _mm_storeu_si128((__m128i *)(o + 2 * i + 16), _mm_unpacklo_epi8(l1, h1));
+            _mm_storeu_si128((__m128i *)(o + 2 * i + 24), _mm_unpackhi_epi8(l1, h1));
+        }
+#endif
+        for (; i < half; i++) {
+            o[2 * i] = lut[p[i] >> 4];
+            o[2 * i + 1] = lut[p[i] & 0x0f];
+        }
+    }
+}

@@ -48,6 +48,8 @@ def native_lib() -> ctypes.CDLL | None:
             ctypes.c_void_p,
             ctypes.c_void_p,
         ]
+        lib.nf4_dequantize_bf16.restype = None
+        lib.nf4_dequantize_bf16.argtypes = lib.nf4_dequantize.argtypes
         lib.nf4_quantize.restype = None
         lib.nf4_quantize.argtypes = [
             ctypes.c_void_p,
@@ -109,8 +111,9 @@ def dequantize_nf4(
 ) -> torch.Tensor:
     """NF4 -> fp32 like bitsandbytes' `dequantize_4bit`: (n,) values, into `out` when given.
 
-    `out` (any shape with n elements, fp32, contiguous) is filled in place and returned; a
-    reused buffer spares the allocator ~0.9 GB of short-lived weights per SmolLM2 step.
+    `out` (any shape with n elements, contiguous) is filled in place and returned; a reused
+    buffer spares the allocator ~0.9 GB of short-lived weights per SmolLM2 step. A bf16 `out`
+    gets the fp32 values rounded to nearest-even (`--compute bf16`), written directly.
     """
     n = packed.numel() * 2
     lib = native_lib()
@@ -129,13 +132,13 @@ def dequantize_nf4(
         return out
     if out is None:
         out = torch.empty(n, dtype=torch.float32)
-    assert out.dtype == torch.float32 and out.is_contiguous() and out.numel() == n
+    assert out.dtype in (torch.float32, torch.bfloat16), out.dtype
+    assert out.is_contiguous() and out.numel() == n
     am = (
         absmax
         if absmax.dtype == torch.float32 and absmax.is_contiguous()
         else absmax.float().contiguous()
     )
-    lib.nf4_dequantize(
-        packed.data_ptr(), am.data_ptr(), n, blocksize, nf4_code().data_ptr(), out.data_ptr()
-    )
+    kernel = lib.nf4_dequantize if out.dtype == torch.float32 else lib.nf4_dequantize_bf16
+    kernel(packed.data_ptr(), am.data_ptr(), n, blocksize, nf4_code().data_ptr(), out.data_ptr())
     return out

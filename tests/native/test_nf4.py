@@ -98,3 +98,29 @@ def test_dequantize_matches_bitsandbytes_bit_for_bit(
     assert got.data_ptr() == out.data_ptr()  # filled in place
     assert torch.equal(got, ref)
     assert torch.equal(nf4.dequantize_nf4(packed, state.absmax, 64), ref)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize(("shape", "blocksize"), [((96, 64), 64), ((1536, 576), 64), ((7, 96), 32)])
+def test_dequantize_into_bf16_is_the_fp32_value_rounded_to_nearest_even(
+    shape: tuple[int, int], blocksize: int, use_kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bf16 `out` gets the fp32 dequantization rounded as torch rounds it (ties to even),
+    bit for bit: the C kernel rounds each block's 16-entry table (both of its loops: 32-byte
+    blocks take only the scalar tail), the torch twin copies."""
+    from native import nf4
+
+    if use_kernel and native_lib() is None:
+        pytest.skip("no C compiler: the torch twin is in use")
+    if not use_kernel:
+        monkeypatch.setattr(nf4, "native_lib", lambda: None)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 0.05
+    w[1, :8] = torch.tensor([1.0, -1.0, 3.0e-3, 0.0, 1.5, -2.5, 7.0e-4, 65504.0])
+    packed, absmax = quantize_nf4(w, blocksize)
+    fp32 = nf4.dequantize_nf4(packed, absmax, blocksize)
+    out = torch.zeros(w.numel(), dtype=torch.bfloat16)
+    got = nf4.dequantize_nf4(packed, absmax, blocksize, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got.view(torch.int16), fp32.to(torch.bfloat16).view(torch.int16))
+    if shape == (1536, 576):  # ties were met: values exactly halfway between two bf16s
+        assert bool(((fp32.view(torch.int32) & 0xFFFF) == 0x8000).any())
