@@ -15,10 +15,11 @@ Precision = Literal["nf4", "bf16", "fp32"]
 """Storage of the frozen base weights in training: NF4 4-bit (QLoRA), bfloat16 or float32."""
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
-Compute = Literal["fp32", "bf16"]
+Compute = Literal["auto", "fp32", "bf16"]
 """Arithmetic of the NF4 base's two matrix products in training (the forward and the input
 gradient): fp32, or bf16 (weights and activations rounded to bf16, products widened back; the
-adapter, its gradients, norms, attention, the loss and the optimizer stay fp32)."""
+adapter, its gradients, norms, attention, the loss and the optimizer stay fp32), or auto (bf16
+where the CPU has bf16 dot products, else fp32: `edge_sdk.compute`)."""
 COMPUTES: tuple[Compute, ...] = get_args(Compute)
 
 LoraMode = Literal["naive", "frozen-a", "exact"]

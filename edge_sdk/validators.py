@@ -65,11 +65,11 @@ def require_int_in(name: str, value: object, lo: int, hi: int) -> int:
 
 
 def require_compute(compute: object, precision: object) -> None:
-    """`compute` is one of COMPUTES, and anything but fp32 only over an NF4 base (a bf16 or
-    fp32 base computes in its own dtype)."""
+    """`compute` is one of COMPUTES, and bf16 only over an NF4 base (a bf16 or fp32 base
+    computes in its own dtype; auto then means fp32: `edge_sdk.compute.resolve_compute`)."""
     if compute not in COMPUTES:
         raise ValueError(f"`compute` should be one of {COMPUTES}, got {compute!r}")
-    if compute != "fp32" and precision != "nf4":
+    if compute == "bf16" and precision != "nf4":
         raise ValueError(
             f"`compute` {compute} applies to an NF4 base, not precision {precision} "
             "(use precision nf4, or compute fp32)"

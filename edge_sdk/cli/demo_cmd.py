@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compute",
         choices=COMPUTES,
         default=None,
-        help="the NF4 base's matrix products in every training run: fp32 (default), or bf16 "
-        "(as `fedlm train --compute`)",
+        help="the NF4 base's matrix products in every training run, as `fedlm train --compute` "
+        "(default auto)",
     )
     p.add_argument(
         "--in-process",

@@ -139,8 +139,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compute",
         choices=COMPUTES,
         default=_client_default("compute"),
-        help="the NF4 base's matrix products: fp32, or bf16 (faster on CPUs with bf16 dot "
-        "products, e.g. AVX512-BF16)",
+        help="the NF4 base's matrix products: bf16 (faster on CPUs with bf16 dot products, e.g. "
+        "AVX512-BF16), fp32, or auto (default): bf16 where the CPU has them",
     )
     p.add_argument(
         "--val-fraction",
@@ -257,7 +257,7 @@ def _join(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fedlm join: error: {exc}", file=sys.stderr)
         return 2
-    from edge_sdk.training.lora_bf16 import compute_warning
+    from edge_sdk.compute import compute_warning
 
     if warning := compute_warning(config.compute):
         print(f"fedlm join: warning: {warning}", file=sys.stderr)

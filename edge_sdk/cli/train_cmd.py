@@ -161,8 +161,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compute",
         choices=COMPUTES,
         default=_train_default("compute"),
-        help="the NF4 base's matrix products: fp32, or bf16 (faster on CPUs with bf16 dot "
-        "products, e.g. AVX512-BF16; the adapter and the optimizer stay fp32)",
+        help="the NF4 base's matrix products: bf16 (faster on CPUs with bf16 dot products, e.g. "
+        "AVX512-BF16; the adapter and the optimizer stay fp32), fp32, or auto (default): bf16 "
+        "where the CPU has them",
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
@@ -240,7 +241,7 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fedlm train: error: {exc}", file=sys.stderr)
         return 2
-    from edge_sdk.training.lora_bf16 import compute_warning
+    from edge_sdk.compute import compute_warning
 
     if warning := compute_warning(config.compute):
         print(f"fedlm train: warning: {warning}", file=sys.stderr)

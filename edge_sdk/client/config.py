@@ -70,9 +70,10 @@ class ClientConfig:
     """Clip + Gaussian noise on the update before it leaves the device; None = off."""
     precision: Precision = "nf4"
     """Frozen base precision for training: nf4 (QLoRA), bf16 or fp32."""
-    compute: Compute = "fp32"
+    compute: Compute = "auto"
     """The NF4 base's matrix products in training: fp32, or bf16 (faster on CPUs with bf16
-    dot products; the adapter and the optimizer stay fp32)."""
+    dot products; the adapter and the optimizer stay fp32), or auto: bf16 where the CPU has
+    them, else fp32."""
     checkpoint_every: int = 5
     """Training checkpoint interval in optimizer steps (what a crash can lose at most)."""
     eval_batches: int = 4

@@ -85,8 +85,8 @@ class DemoConfig:
     """Seeds the data, the adapter init and every run."""
     precision: Precision = "nf4"
     """Frozen base precision of every torch run: nf4 (QLoRA), bf16 or fp32."""
-    compute: Compute = "fp32"
-    """The NF4 base's matrix products in every torch run: fp32, or bf16 (as `fedlm train
+    compute: Compute = "auto"
+    """The NF4 base's matrix products in every torch run: auto, fp32 or bf16 (as `fedlm train
     --compute`)."""
     threads: int | None = None
     """torch threads of the in-process runs; None keeps torch's default (all cores). On a busy

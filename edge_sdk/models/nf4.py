@@ -97,8 +97,9 @@ class NF4Linear(nn.Module):
         return self.dequantize_into(scratch_buffer("nf4", self.shape))
 
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
-        """The fp32 (out, in) weight written into `out` (contiguous, fp32), which is returned:
-        e.g. a block of rows of a buffer that stacks several layers' weights."""
+        """The (out, in) weight written into `out` (contiguous, fp32 or bf16: rounded from the
+        fp32 values), which is returned: e.g. a block of rows of a buffer that stacks several
+        layers' weights."""
         return dequantize_nf4(self.weight, self.absmax, self.blocksize, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,10 +139,12 @@ def scratch_buffer(
 
     Every shape asked under one tag shares one flat buffer, grown to the largest asked, so a
     tag names a role, not a tensor: a function holds a tag's view only while it calls nothing
-    that takes the same tag. The step uses four: "nf4" (a dequantized weight, one layer or one
-    stack of layers at a time), "temp" and "temp2" (the element-wise chains' temporaries;
+    that takes the same tag. The fp32 step uses four: "nf4" (a dequantized weight, one layer or
+    one stack of layers at a time), "temp" and "temp2" (the element-wise chains' temporaries;
     "temp2" where a second one is alive at the same time: the fused loss's logit chunk, the
-    MLP's input gradient), "temp3" (a fused function's output gradients side by side).
+    MLP's input gradient), "temp3" (a fused function's output gradients side by side); bf16
+    compute (`lora_bf16`) adds three bf16 ones: "nf4-bf16" (the weights), "bf16-in" (a
+    product's rounded input) and "bf16-out" (its output before widening).
 
     Why: the step runs with glibc's mmap threshold pinned (`loader.tune_malloc`, for peak
     RSS), so every fresh tensor above it is a new mapping whose pages fault in on first write:

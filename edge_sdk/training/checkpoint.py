@@ -102,6 +102,8 @@ def load_checkpoint(path: str | os.PathLike[str], fingerprint: str | None = None
     if fingerprint is not None and state["fingerprint"] != fingerprint:
         raise CheckpointError(
             f"{p}: checkpoint was written by a run with another configuration, data or base model; "
-            "resume with the same arguments, or start afresh in another output directory"
+            "resume with the same arguments (a run from before `--compute auto` became the "
+            "default computed in fp32: add `--compute fp32`), or start afresh in another output "
+            "directory"
         )
     return state

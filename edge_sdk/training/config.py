@@ -8,6 +8,7 @@ from typing import Any
 
 from edge_sdk._docfields import document_fields
 from edge_sdk.choices import PRECISIONS, Compute, Precision
+from edge_sdk.compute import resolve_compute
 from edge_sdk.training.data import DataConfig
 from edge_sdk.training.lora import LoraConfig
 from edge_sdk.training.methods import (
@@ -85,9 +86,10 @@ class TrainConfig:
     """Frozen base precision: nf4 (QLoRA), bf16 or fp32."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward (less memory, about 30% slower)."""
-    compute: Compute = "fp32"
+    compute: Compute = "auto"
     """The NF4 base's matrix products: fp32, or bf16 (faster on CPUs with bf16 dot products,
-    AVX512-BF16 or AMX; the adapter and the optimizer stay fp32). Only with precision nf4."""
+    AVX512-BF16 or AMX; the adapter and the optimizer stay fp32; only with precision nf4), or
+    auto: bf16 where the CPU has them, else fp32 (`resolved_compute` says which)."""
 
     def __post_init__(self) -> None:
         require_positive_ints(self, "steps", "seq_len", "batch_size", "grad_accum")
@@ -127,6 +129,12 @@ class TrainConfig:
         require_compute(self.compute, self.precision)
         DataConfig(seq_len=self.seq_len, val_fraction=self.val_fraction, seed=self.seed)
 
+    @property
+    def resolved_compute(self) -> Compute:
+        """The arithmetic this run uses on this machine: `compute`, with auto resolved
+        (`edge_sdk.compute.resolve_compute`)."""
+        return resolve_compute(self.compute, self.precision)
+
     def data_config(self, skip_bad: bool = False) -> DataConfig:
         return DataConfig(
             seq_len=self.seq_len, val_fraction=self.val_fraction, seed=self.seed, skip_bad=skip_bad
@@ -146,7 +154,8 @@ class TrainConfig:
         if lora.pop("layers") is not None:
             lora["layers"] = self.lora.layers
         out.update(lora)
-        if self.compute == "fp32":
+        out["compute"] = self.resolved_compute  # what ran: an auto run resumes as it started
+        if out["compute"] == "fp32":
             del out["compute"]  # a checkpoint written before the field existed keeps resuming
         if self.method != "sft":
             out.update(method=self.method, **{k: getattr(self, k) for k in _DPO_FIELDS})

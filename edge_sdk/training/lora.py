@@ -33,9 +33,10 @@ from edge_sdk.validators import is_int_in
 FUSED_PROJECTIONS = True
 """Run an attention block's q, k and v as one autograd function (`LoRALinear.forward_stacked`)
 and a gated MLP as another (`LoRALinear.forward_mlp`), each with one input-gradient product
-over its layers' stacked weights. Only for NF4 bases with fp32 adapters and no dropout (the
-MLP's only with `transformer.LEAN_BACKWARD`, as it recomputes its activation in backward);
-the per-projection functions below serve everything else. False: one function per projection,
+over its layers' stacked weights. Only for NF4 bases with fp32 adapters and no dropout, in
+either compute (`Fp32Products`, `lora_bf16.Bf16Products`; the MLP's only with
+`transformer.LEAN_BACKWARD`, as it recomputes its activation in backward); the
+per-projection functions below serve everything else. False: one function per projection,
 for measuring (`benchmarks/bench_train.py --stacks flag-ab --flag
 edge_sdk.training.lora:FUSED_PROJECTIONS`: 0.95x step time on, BENCHMARKS.md)."""
 
@@ -127,15 +128,19 @@ class LoRALinear(nn.Module):
             self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return self.base(x)
-        if (
+        nf4 = (
             isinstance(self.base, NF4Linear)
             and isinstance(self.dropout, nn.Identity)
             and x.dtype == torch.float32
-        ):
-            fn = _MergedNF4LoRA if self.compute == "fp32" else _bf16_functions()[0]
-            return fn.apply(x, self.lora_A, self.lora_B, self.scale, self.base)
+        )
+        if nf4 and self.compute == "bf16":
+            # also with the adapter off: DPO's reference multiplies as the policy does
+            args = (x, self.lora_A, self.lora_B, self.scale, self.base, self.enabled)
+            return _bf16().Bf16NF4LoRA.apply(*args)
+        if not self.enabled:
+            return self.base(x)
+        if nf4:
+            return _MergedNF4LoRA.apply(x, self.lora_A, self.lora_B, self.scale, self.base)
         y = self.base(x)
         a = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T  # (..., r)
         return y + (a @ self.lora_B.T * self.scale).to(y.dtype)  # (..., out)
@@ -157,7 +162,7 @@ class LoRALinear(nn.Module):
             or gate.dtype != torch.float32
         ):
             return None
-        fn = _GatedMergedNF4LoRA if self.compute == "fp32" else _bf16_functions()[1]
+        fn = _GatedMergedNF4LoRA if self.compute == "fp32" else _bf16().Bf16GatedNF4LoRA
         return fn.apply(gate, up, gelu, self.lora_A, self.lora_B, self.scale, self.base)
 
     def forward_stacked(
@@ -171,9 +176,11 @@ class LoRALinear(nn.Module):
         gradients.
         """
         layers = (self, *others)
-        if not FUSED_PROJECTIONS or not all(_fusable(m, x.shape[-1], x.dtype) for m in layers):
+        if not FUSED_PROJECTIONS or not all(
+            _fusable(m, self, x.shape[-1], x.dtype) for m in layers
+        ):
             return None
-        outputs = _StackedNF4LoRA.apply(x, _specs(layers), *_adapters(layers))
+        outputs = _StackedNF4LoRA.apply(x, self._arith(), _specs(layers), *_adapters(layers))
         return cast("tuple[torch.Tensor, ...]", outputs)
 
     def forward_mlp(
@@ -183,14 +190,19 @@ class LoRALinear(nn.Module):
         the gate projection, or None when a layer cannot join."""
         if not (
             FUSED_PROJECTIONS
-            and _fusable(self, x.shape[-1], x.dtype)
-            and _fusable(up, x.shape[-1], x.dtype)
-            and _fusable(down, self.out_features, x.dtype)
+            and _fusable(self, self, x.shape[-1], x.dtype)
+            and _fusable(up, self, x.shape[-1], x.dtype)
+            and _fusable(down, self, self.out_features, x.dtype)
             and cast(LoRALinear, up).out_features == self.out_features
         ):
             return None
         layers = (self, up, down)
-        return cast(torch.Tensor, _NF4LoRAMLP.apply(x, gelu, _specs(layers), *_adapters(layers)))
+        y = _NF4LoRAMLP.apply(x, gelu, self._arith(), _specs(layers), *_adapters(layers))
+        return cast(torch.Tensor, y)
+
+    def _arith(self) -> Any:
+        """The fused functions' arithmetic for this layer's `compute`."""
+        return Fp32Products if self.compute == "fp32" else _bf16().Bf16Products
 
     def delta_weight(self) -> torch.Tensor:
         """scale · B·A, (out, in): what merging adds to the base weight."""
@@ -206,11 +218,12 @@ class LoRALinear(nn.Module):
         )
 
 
-def _bf16_functions() -> tuple[type[torch.autograd.Function], type[torch.autograd.Function]]:
-    """`lora_bf16`'s plain and gated functions (imported here: that module builds on this one)."""
+def _bf16() -> Any:
+    """`lora_bf16`, whose functions run `--compute bf16` (imported here: that module builds on
+    this one)."""
     from edge_sdk.training import lora_bf16
 
-    return lora_bf16.Bf16NF4LoRA, lora_bf16.Bf16GatedNF4LoRA
+    return lora_bf16
 
 
 def set_base_compute(model: nn.Module, compute: Compute) -> None:
@@ -378,13 +391,14 @@ _Spec = tuple[NF4Linear, float, bool]
 """A layer in a stacked product: its NF4 base, its adapter's scale, whether the adapter is on."""
 
 
-def _fusable(m: nn.Module, in_features: int, dtype: torch.dtype) -> bool:
-    """Whether `m` can join a stacked product (`_StackedNF4LoRA`, `_NF4LoRAMLP`)."""
+def _fusable(m: nn.Module, first: LoRALinear, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether `m` can join a stacked product (`_StackedNF4LoRA`, `_NF4LoRAMLP`) led by
+    `first` (the same `compute`, so one arithmetic serves all)."""
     return (
         isinstance(m, LoRALinear)
         and isinstance(m.base, NF4Linear)
         and isinstance(m.dropout, nn.Identity)
-        and m.compute == "fp32"
+        and m.compute == first.compute
         and m.in_features == in_features
         and dtype == torch.float32
     )
@@ -466,85 +480,121 @@ def _stacked_lora_grads_batched(
     return grads
 
 
-class _StackedNF4LoRA(torch.autograd.Function):
-    """`_MergedNF4LoRA` for several layers that read the same input x, returning one output
-    per layer. Forward runs one product per layer (each dequantized weight is read while it is
-    still in cache: one stacked product measured slower in the step); backward puts the
-    output gradients side by side and runs one input-gradient product g·[W_1 + s_1·B_1·A_1;
-    ...] over all of them, instead of autograd adding one (tokens, in) gradient per layer."""
+def _side_by_side(
+    grads: tuple[torch.Tensor | None, ...], specs: tuple[_Spec, ...], x: torch.Tensor
+) -> torch.Tensor:
+    """The output gradients of a stacked product side by side, (..., sum of outs), zeros for an
+    output that got none, in this thread's "temp3" buffer."""
+    outs = [base.out_features for base, _, _ in specs]
+    lead = x.shape[:-1]
+    return torch.cat(
+        [gr if gr is not None else x.new_zeros(*lead, o) for gr, o in zip(grads, outs)],
+        dim=-1,
+        out=scratch_buffer("temp3", (*lead, sum(outs))),
+    )
+
+
+def _gate_up_grads(
+    grad_h: torch.Tensor, act: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool
+) -> torch.Tensor:
+    """[d/d gate, d/d up] of h = act(gate) ∘ up side by side, (..., 2·d_ff), in this thread's
+    "temp3" buffer, from the gradient grad_h into h (overwritten)."""
+    d = gate.shape[-1]
+    grad_gu = scratch_buffer("temp3", (*gate.shape[:-1], 2 * d))
+    torch.mul(grad_h, act, out=grad_gu[..., d:])
+    _gated_act_backward(grad_h.mul_(up), gate, gelu, out=grad_gu[..., :d])
+    return grad_gu
+
+
+class Fp32Products:
+    """The fused functions' products in fp32 (`_StackedNF4LoRA`, `_NF4LoRAMLP`): each adapter
+    merged into its freshly dequantized weight, one product per layer forward, one over the
+    stacked weights for the input gradient. `lora_bf16.Bf16Products` is the bf16 twin."""
 
     @staticmethod
-    def forward(ctx, x, specs, *ab):
-        ctx.save_for_backward(x, *ab)
-        ctx.specs = specs
-        return tuple(
+    def forward(x: torch.Tensor, specs: tuple[_Spec, ...], ab: tuple) -> list[torch.Tensor]:
+        """One output (..., out_i) per layer of `specs` that reads x, bias included."""
+        return [
             gemm.linear(x, _stacked_weight((spec,), ab[2 * i : 2 * i + 2]), spec[0].bias)
             for i, spec in enumerate(specs)
-        )
+        ]
+
+    @staticmethod
+    def input_grad(
+        g: torch.Tensor, specs: tuple[_Spec, ...], ab: tuple, scratch: gemm.Scratch | None = None
+    ) -> torch.Tensor:
+        """g (..., sum of outs) -> (..., in), into `scratch()` when given."""
+        return gemm.matmul(g, _stacked_weight(specs, ab), scratch)
+
+
+class _StackedNF4LoRA(torch.autograd.Function):
+    """`_MergedNF4LoRA` for several layers that read the same input x, returning one output
+    per layer, in `arith`'s arithmetic (`Fp32Products` or `lora_bf16.Bf16Products`). Forward
+    runs one product per layer (each dequantized weight is read while it is still in cache:
+    one stacked product measured slower in the step); backward puts the output gradients side
+    by side and runs one input-gradient product g·[W_1 + s_1·B_1·A_1; ...] over all of them,
+    instead of autograd adding one (tokens, in) gradient per layer."""
+
+    @staticmethod
+    def forward(ctx, x, arith, specs, *ab):
+        ctx.save_for_backward(x, *ab)
+        ctx.arith, ctx.specs = arith, specs
+        return tuple(arith.forward(x, specs, ab))
 
     @staticmethod
     def backward(ctx, *grads):
         x, *ab = ctx.saved_tensors
         specs = ctx.specs
-        outs = [base.out_features for base, _, _ in specs]
-        lead = x.shape[:-1]
-        g = torch.cat(
-            [gr if gr is not None else x.new_zeros(*lead, o) for gr, o in zip(grads, outs)],
-            dim=-1,
-            out=scratch_buffer("temp3", (*lead, sum(outs))),
-        )
-        grad_x = gemm.matmul(g, _stacked_weight(specs, ab)) if ctx.needs_input_grad[0] else None
+        g = _side_by_side(grads, specs, x)
+        grad_x = ctx.arith.input_grad(g, specs, ab) if ctx.needs_input_grad[0] else None
         lora_grads = _stacked_lora_grads(
             x.reshape(-1, x.shape[-1]),
             g.reshape(-1, g.shape[-1]),
             specs,
             ab,
-            ctx.needs_input_grad[2:],
+            ctx.needs_input_grad[3:],
         )
-        return grad_x, None, *lora_grads
+        return grad_x, None, None, *lora_grads
 
 
 class _NF4LoRAMLP(torch.autograd.Function):
-    """down(act(gate) ∘ up) for NF4 gate, up and down projections with merged adapters, as one
-    function: act(gate) ∘ up is recomputed in backward from gate and up (as
-    `_GatedMergedNF4LoRA`), and the gradients into gate and up are formed side by side in one
-    reused buffer that goes straight into one input-gradient product g·[W_gate + ...; W_up +
-    ...] and the adapters' gradients: no autograd node, fresh gradient tensor or gradient sum
-    per projection."""
+    """down(act(gate) ∘ up) for NF4 gate, up and down projections with their adapters, as one
+    function, in `arith`'s arithmetic (as `_StackedNF4LoRA`): act(gate) ∘ up is recomputed in
+    backward from gate and up (as `_GatedMergedNF4LoRA`), and the gradients into gate and up
+    are formed side by side in one reused buffer that goes straight into one input-gradient
+    product g·[W_gate + ...; W_up + ...] and the adapters' gradients: no autograd node, fresh
+    gradient tensor or gradient sum per projection."""
 
     @staticmethod
-    def forward(ctx, x, gelu, specs, *ab):
-        gate = gemm.linear(x, _stacked_weight(specs[:1], ab[:2]), specs[0][0].bias)
-        up = gemm.linear(x, _stacked_weight(specs[1:2], ab[2:4]), specs[1][0].bias)
+    def forward(ctx, x, gelu, arith, specs, *ab):
+        gate, up = arith.forward(x, specs[:2], ab[:4])
         h = _gated_act(gate, gelu, out=scratch_buffer("temp", gate.shape)).mul_(up)
-        y = gemm.linear(h, _stacked_weight(specs[2:], ab[4:]), specs[2][0].bias)
+        (y,) = arith.forward(h, specs[2:], ab[4:])
         save = transformer.save_16bit
         ctx.save_for_backward(x, save(gate), save(up), *ab)
-        ctx.gelu, ctx.specs, ctx.dtype = gelu, specs, gate.dtype
+        ctx.gelu, ctx.arith, ctx.specs, ctx.dtype = gelu, arith, specs, gate.dtype
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, gate, up, *ab = ctx.saved_tensors
         gate, up = transformer.restore_gate_up(gate, up, ctx.dtype)
-        specs, need = ctx.specs, ctx.needs_input_grad
+        arith, specs, need = ctx.arith, ctx.specs, ctx.needs_input_grad
         d = gate.shape[-1]
         act = _gated_act(gate, ctx.gelu, out=scratch_buffer("temp", gate.shape))
-        grad_h = gemm.matmul(
-            g, _stacked_weight(specs[2:], ab[4:]), partial(scratch_buffer, "temp2", gate.shape)
+        grad_h = arith.input_grad(
+            g, specs[2:], ab[4:], partial(scratch_buffer, "temp2", gate.shape)
         )  # (..., d_ff)
-        grad_gu = scratch_buffer("temp3", (*gate.shape[:-1], 2 * d))  # d/d gate, then d/d up
-        torch.mul(grad_h, act, out=grad_gu[..., d:])
-        _gated_act_backward(grad_h.mul_(up), gate, ctx.gelu, out=grad_gu[..., :d])
+        grad_gu = _gate_up_grads(grad_h, act, gate, up, ctx.gelu)
         h = torch.mul(act, up, out=act)  # (..., d_ff): recomputed, never saved
         down_grads = _stacked_lora_grads(
-            h.reshape(-1, d), g.reshape(-1, g.shape[-1]), specs[2:], ab[4:], need[7:9]
+            h.reshape(-1, d), g.reshape(-1, g.shape[-1]), specs[2:], ab[4:], need[8:10]
         )
-        grad_x = gemm.matmul(grad_gu, _stacked_weight(specs[:2], ab[:4])) if need[0] else None
+        grad_x = arith.input_grad(grad_gu, specs[:2], ab[:4]) if need[0] else None
         gu_grads = _stacked_lora_grads(
-            x.reshape(-1, x.shape[-1]), grad_gu.reshape(-1, 2 * d), specs[:2], ab[:4], need[3:7]
+            x.reshape(-1, x.shape[-1]), grad_gu.reshape(-1, 2 * d), specs[:2], ab[:4], need[4:8]
         )
-        return grad_x, None, None, *gu_grads, *down_grads
+        return grad_x, None, None, None, *gu_grads, *down_grads
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:

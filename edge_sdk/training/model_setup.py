@@ -41,7 +41,7 @@ def load_for_training(
     model_path: str | os.PathLike[str], config: TrainConfig, *, progress: bool = False
 ) -> torch.nn.Module:
     """The frozen base (in `config.precision`) with LoRA layers attached, computing in
-    `config.compute`."""
+    `config.resolved_compute`."""
     from edge_sdk.models.loader import load_model
 
     model = load_model(
@@ -51,7 +51,7 @@ def load_for_training(
         gradient_checkpointing=config.gradient_checkpointing,
         progress=progress,
     )
-    set_base_compute(model, config.compute)
+    set_base_compute(model, config.resolved_compute)
     return model
 
 

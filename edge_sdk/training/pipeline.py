@@ -130,7 +130,8 @@ def run(
         "model": str(model),
         "model_path": str(model_path),
         "model_sha256": base_sha,
-        "config": dataclasses.asdict(config),
+        # what ran: auto's choice on this machine, not "auto"
+        "config": {**dataclasses.asdict(config), "compute": config.resolved_compute},
         "data": dataclasses.asdict(dataset.stats),
         "metrics": dataclasses.asdict(result.metrics),
     }

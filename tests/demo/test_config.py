@@ -49,6 +49,7 @@ def test_compute_reaches_every_run_of_the_demo() -> None:
 
     config = DemoConfig.quick().replace(compute="bf16")
     assert train_config(config, 2).compute == "bf16"
-    assert train_config(DemoConfig.quick(), 2).compute == "fp32"
+    assert train_config(DemoConfig.quick(), 2).compute == "auto"  # resolved where a run starts
+    assert train_config(DemoConfig.quick().replace(compute="fp32"), 2).compute == "fp32"
     with pytest.raises(ValueError, match="`compute` bf16 applies to an NF4 base"):
         DemoConfig(compute="bf16", precision="fp32")
