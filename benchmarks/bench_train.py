@@ -3,7 +3,9 @@
 Both stacks train the same configuration on the same GGUF, each in its own subprocess so that
 peak RSS is clean: SmolLM2-135M, sequence 256, batch 1, LoRA r=8 / alpha=16 on all seven
 projections of every block, frozen NF4 base (bitsandbytes `Linear4bit`, blocks of 64, fp32
-compute), AdamW on the adapter, no gradient checkpointing, no dropout.
+compute), AdamW on the adapter, no gradient checkpointing, no dropout. Ours runs what `fedlm
+train` picks by default (`--compute auto`: the base's products in bf16 on a CPU with bf16 dot
+products, fp32 elsewhere); `ours-fp32-compute` and `ours-bf16` pin it.
 
 HF transformers refuses to combine a GGUF file with a `BitsAndBytesConfig` ("You cannot
 combine Quantization and loading a model from a GGUF file"), so its QLoRA baseline is built
@@ -112,8 +114,7 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
         gradient_checkpointing=args.stack == "ours-ckpt",
     )
     load_s = time.perf_counter() - t0
-    if args.stack == "ours-bf16":
-        set_base_compute(model, "bf16")  # `fedlm train --compute bf16`
+    set_base_compute(model, _compute(args))
     model.train()
     # What `fedlm train` uses (torch.optim.AdamW would import torch._dynamo: ~70 MB RSS).
     opt = (
@@ -143,6 +144,18 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     return {"import_s": import_s, "load_s": load_s, "step_s": times, "heavy_imports": heavy}
 
 
+def _compute(args: argparse.Namespace) -> str:
+    """The stack's `--compute`: bf16 for *-bf16, fp32 for *-fp32-compute, else what `fedlm
+    train` picks here by default (auto: bf16 on CPUs with bf16 dot products)."""
+    from edge_sdk.compute import resolve_compute
+
+    if args.stack.endswith("-bf16"):
+        return "bf16"
+    if args.stack.endswith("-fp32-compute"):
+        return "fp32"
+    return resolve_compute("auto", args.precision)
+
+
 def _ab_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The default NF4 model with LoRA, its AdapterAdamW and the benchmark's token batch."""
     from edge_sdk.models import resolve
@@ -153,7 +166,7 @@ def _ab_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     model = load_model(
         resolve(args.model), precision="nf4", lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank)
     )
-    set_base_compute(model, "bf16" if args.stack.endswith("-bf16") else "fp32")
+    set_base_compute(model, _compute(args))
     model.train()
     opt = AdapterAdamW(lora_parameters(model), lr=1e-4)
     return model, opt, _batch(model.config.vocab_size, args.seq_len, args.seed, args.batch_size)
@@ -453,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         "(torch.optim.AdamW), ours-fp32, isolation-ab (paired isolated vs unisolated steps), "
         "floor-ab (paired: FEWER_PASSES off vs on), flag-ab (paired: --flag off vs on), "
         "floor-pair (paired: ours vs the floor's ops run back to back), ours-bf16 and "
-        "floor-pair-bf16 (the same with `--compute bf16`), floor-pair-onednn (ours against "
+        "floor-pair-bf16 (the same with `--compute bf16`), ours-fp32-compute and "
+        "floor-pair-fp32-compute (with `--compute fp32`), floor-pair-onednn (ours against "
         "the floor's products through oneDNN, as the step runs them), "
         "hf, hf-fp32, floor (the step's fp32 GEMMs + attention timed alone)",
     )
@@ -555,11 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         ("flag-ab", "--flag: on / off"),
         ("floor-pair", "ours / the floor's ops"),
         ("floor-pair-bf16", "ours --compute bf16 / the fp32 floor's ops"),
+        ("floor-pair-fp32-compute", "ours --compute fp32 / the fp32 floor's ops"),
         ("floor-pair-onednn", "ours / the floor's ops through oneDNN"),
     ):
         if stack in results:
             print(_paired_summary(what, runs[stack]))
-    for stack in ("floor-pair", "floor-pair-bf16", "floor-pair-onednn"):
+    for stack in ("floor-pair", "floor-pair-bf16", "floor-pair-fp32-compute", "floor-pair-onednn"):
         if stack in results:
             ratios = [x for r in runs[stack] for x in r["ratios"]]
             q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3

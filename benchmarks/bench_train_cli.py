@@ -10,8 +10,8 @@ the order flipping every round, so drift on a shared machine hits both alike; th
 of medians.
 
 - ours: `fedlm train MODEL --data FILE --seq-len L --batch-size 1 --rank R --steps S --out DIR`
-  (no other flags: the defaults are what is measured);
-- ours-bf16: the same with `--compute bf16`;
+  (no other flags: the defaults are what is measured, `--compute auto` included);
+- ours-bf16, ours-fp32-compute: the same with `--compute bf16` or `--compute fp32`;
 - hf: `benchmarks/hf_train_script.py` (transformers + peft + bitsandbytes NF4, same sizes).
 
 Neither gets an OMP_WAIT_POLICY from here: `fedlm train` chooses its own, the HF script gets
@@ -50,7 +50,8 @@ def _command(stack: str, args: argparse.Namespace, data: Path, out: Path) -> lis
     sizes += ["--steps", str(args.steps), "--out", str(out)]
     if stack.startswith("ours"):
         code = "import sys; from edge_sdk.cli import main; sys.exit(main(sys.argv[1:]))"
-        option = ["--compute", "bf16"] if stack == "ours-bf16" else []
+        options = {"ours-bf16": ["--compute", "bf16"], "ours-fp32-compute": ["--compute", "fp32"]}
+        option = options.get(stack, [])
         return [
             sys.executable,
             "-c",
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--stacks",
         default="ours,hf",
-        help="comma list of: ours (fedlm train's defaults), ours-bf16 (--compute bf16), hf",
+        help="comma list of: ours (fedlm train's defaults), ours-bf16 (--compute bf16), "
+        "ours-fp32-compute (--compute fp32), hf",
     )
     ap.add_argument("--json", type=Path, help="also write every run here")
     args = ap.parse_args(argv)

@@ -171,7 +171,8 @@ def quality(mode: str, steps: int, data: Path) -> float:
                 str(steps),
                 "--seed",
                 "0",
-                *(["--compute", "bf16"] if mode == "bf16" else []),
+                "--compute",
+                "bf16" if mode == "bf16" else "fp32",
             ]
         )
         assert rc == 0

@@ -1,7 +1,8 @@
 """Where one QLoRA training step spends its time: torch.profiler's table for fedlm-edge's step.
 
 Same configuration as `bench_train.py` (SmolLM2-135M, NF4 base, seq 256, batch 1, LoRA r=8 on
-all projections). Two warm-up steps, three timed steps, then one profiled step.
+all projections, `--compute` as `fedlm train` picks it unless given). Two warm-up steps, three
+timed steps, then one profiled step.
 
 Run: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/profile_train_step.py [--rows 25]`
 
@@ -24,10 +25,11 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from edge_sdk.compute import resolve_compute
 from edge_sdk.models import resolve
 from edge_sdk.models.loader import load_model
 from edge_sdk.training.adamw import AdapterAdamW
-from edge_sdk.training.lora import LoraConfig, lora_parameters
+from edge_sdk.training.lora import LoraConfig, lora_parameters, set_base_compute
 
 
 def main() -> None:
@@ -36,12 +38,16 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--timers", action="store_true", help="time the step's parts instead")
+    ap.add_argument("--compute", choices=("auto", "fp32", "bf16"), default="auto")
     args = ap.parse_args()
+    compute = resolve_compute(args.compute, "nf4")
+    print("compute:", compute)
     parts: dict[str, float] = defaultdict(float)
     if args.timers:
         _time_parts(parts)
 
     model = load_model(resolve(args.model), precision="nf4", lora=LoraConfig(rank=8, alpha=16.0))
+    set_base_compute(model, compute)
     model.train()
     opt = AdapterAdamW(lora_parameters(model), lr=1e-4)  # what `fedlm train` uses
     ids = torch.randint(
@@ -83,7 +89,7 @@ def _time_parts(parts: dict[str, float]) -> None:
     import torch.nn.functional as F
 
     from edge_sdk.models import gemm, nf4, transformer
-    from edge_sdk.training import lora
+    from edge_sdk.training import lora, lora_bf16
 
     def timed(owner: Any, name: str, label: str) -> None:
         fn: Callable[..., Any] = getattr(owner, name)
@@ -103,6 +109,10 @@ def _time_parts(parts: dict[str, float]) -> None:
     timed(nf4.NF4Linear, "dequantize_into", "NF4 dequantization")
     timed(lora, "_stacked_weight", "NF4 dequantization + s·B·A merges (fused functions)")
     timed(lora, "_stacked_lora_grads", "rank-8 LoRA gradients (fused functions)")
+    timed(lora_bf16, "_product", "bf16 products (widening included)")
+    timed(lora_bf16, "_rounded", "rounding inputs and gradients to bf16")
+    timed(lora_bf16, "_add_adapters_forward", "bf16: adapters beside, forward")
+    timed(lora_bf16, "_add_adapters_backward", "bf16: adapters beside, input gradient")
     timed(F, "scaled_dot_product_attention", "attention forward")
     timed(transformer, "fused_linear_cross_entropy", "fused loss (its products included)")
 
