@@ -1,7 +1,7 @@
 """Which arithmetic the NF4 base's products use in training: `--compute auto|fp32|bf16`.
 
 "auto" (the default) picks bf16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX: on
-this project's EPYC the step runs ~0.65x fp32's time, eval loss within 0.4 %, BENCHMARKS.md)
+this project's EPYC the step runs ~0.7x fp32's time, eval loss within 0.3 %, BENCHMARKS.md)
 and fp32 everywhere else: CPUs without those flags (torch would emulate bf16, slower than
 fp32), non-x86 CPUs such as a Jetson's (not measured), and bases that are not NF4 (a bf16 or
 fp32 base computes in its own dtype). Imports nothing heavy. Configs keep "auto" as asked (so
