@@ -130,9 +130,10 @@ def _adapter_grads(t: torch.Tensor, g: torch.Tensor, m: LoRALinear) -> tuple:
 
 
 def test_stacked_bf16_function_is_its_formula() -> None:
-    """q, k and v as one function (`lora._StackedNF4LoRA` with `Bf16Products`): each output is bf16(x)·bf16(W_i)ᵀ
-    widened + s_i·x·A_iᵀ·B_iᵀ (+ bias); the input gradient is one bf16 product over the
-    output gradients side by side plus every adapter's own in fp32; dA and dB are fp32."""
+    """q, k and v as one function (`lora._StackedNF4LoRA` with `Bf16Products`): each output
+    is bf16(x)·bf16(W_i)ᵀ widened + s_i·x·A_iᵀ·B_iᵀ (+ bias); the input gradient is one bf16
+    product over the output gradients side by side plus every adapter's own in fp32; dA and
+    dB are fp32."""
     q, k, v = _group((48, 16, 16), 64, seed=11)
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(12), requires_grad=True)
     ys = q.forward_stacked(x, (k, v))
@@ -160,9 +161,9 @@ def test_stacked_bf16_function_is_its_formula() -> None:
 
 @pytest.mark.parametrize("gelu", [False, True])
 def test_mlp_bf16_function_is_its_formula(gelu: bool) -> None:
-    """The gated MLP as one function (`lora._NF4LoRAMLP` with `Bf16Products`): gate and up as above, h = act(gate) ∘
-    up, down on h; backward forms the gate and up gradients side by side and multiplies them
-    by [W_gate; W_up] in one bf16 product."""
+    """The gated MLP as one function (`lora._NF4LoRAMLP` with `Bf16Products`): gate and up as
+    above, h = act(gate) ∘ up, down on h; backward forms the gate and up gradients side by side
+    and multiplies them by [W_gate; W_up] in one bf16 product."""
     gate, up = _group((96, 96), 64, seed=21)
     (down,) = _group((64,), 96, seed=22)
     down.base.bias = None
