@@ -311,3 +311,28 @@ def test_fedlm_train_records_the_arithmetic_it_used(tmp_path: Path, compute: str
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["compute"] == (compute or resolve_compute("auto", "nf4"))
     assert metrics["metrics"]["eval_loss"] > 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "has", "warns"),
+    [
+        ("fpu avx2 avx512f avx512_bf16 avx512_vnni", True, False),
+        ("fpu avx2 amx_bf16 amx_tile", True, False),
+        ("fpu avx2 fma", False, True),
+        (None, None, False),  # no flags line (e.g. ARM): unknown, no warning
+    ],
+)
+def test_bf16_products_are_read_from_cpuinfo(
+    tmp_path: Path, flags: str | None, has: bool | None, warns: bool
+) -> None:
+    from edge_sdk.compute import compute_warning, cpu_has_bf16_dot
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\n" + (f"flags\t\t: {flags}\n" if flags else "Features: asimd\n")
+    )
+    assert cpu_has_bf16_dot(info) is has
+    assert (compute_warning("bf16", info) is not None) is warns
+    assert compute_warning("fp32", info) is None
+    assert compute_warning("auto", info) is None  # auto never picks bf16 there
+    assert cpu_has_bf16_dot(tmp_path / "missing") is None
