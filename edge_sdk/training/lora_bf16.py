@@ -33,14 +33,10 @@ from edge_sdk.training import lora
 BF16 = torch.bfloat16
 
 
-def bf16_weight(base: Any) -> torch.Tensor:
-    """The NF4 layer's weight (out, in) in bf16, in this thread's buffer (valid until the next
-    call): the fp32 values rounded to nearest-even, written directly (`native.nf4`)."""
-    return base.dequantize_into(scratch_buffer("nf4-bf16", tuple(base.shape), BF16))
-
-
-def _stacked_bf16_weight(specs: tuple[lora._Spec, ...]) -> torch.Tensor:
-    """[W_1; W_2; ...] (sum of outs, in) in bf16, in the same buffer as `bf16_weight`."""
+def _bf16_weight(specs: tuple[lora._Spec, ...]) -> torch.Tensor:
+    """[W_1; W_2; ...] (sum of outs, in) of the specs' NF4 bases in bf16, in this thread's
+    buffer (valid until the next call): the fp32 values rounded to nearest-even, written
+    directly (`native.nf4`)."""
     rows = sum(base.out_features for base, _, _ in specs)
     w = scratch_buffer("nf4-bf16", (rows, specs[0][0].in_features), BF16)
     o = 0
@@ -100,7 +96,7 @@ def _layer_products(
     """One output (..., out_i) per layer of `specs` that reads x: its base in bf16, widened, its
     adapter in fp32, its bias."""
     x16 = _rounded(x)
-    ys = [_product(x16, bf16_weight(base).T) for base, _, _ in specs]
+    ys = [_product(x16, _bf16_weight((spec,)).T) for spec in specs]
     flat = [y.view(-1, y.shape[-1]) for y in ys]
     _add_adapters_forward(flat, x.reshape(-1, x.shape[-1]), specs, ab)
     for y, (base, _, _) in zip(ys, specs):
@@ -114,7 +110,7 @@ def _input_grad(
 ) -> torch.Tensor:
     """g (..., sum of outs) -> (..., in): the stacked bases' input gradient in bf16, widened,
     plus the adapters' in fp32."""
-    grad_x = _product(_rounded(g), _stacked_bf16_weight(specs), out)
+    grad_x = _product(_rounded(g), _bf16_weight(specs), out)
     _add_adapters_backward(grad_x.view(-1, grad_x.shape[-1]), g.reshape(-1, g.shape[-1]), specs, ab)
     return grad_x
 
